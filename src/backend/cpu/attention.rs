@@ -1,0 +1,137 @@
+//! Multi-head self-attention with an optional additive bias (BEiT's relative-position bias):
+//!   out_h = softmax(scale · q_h k_hᵀ + bias_h) v_h,   scale = Dh^-1/2,
+//! read straight out of the fused qkv activation [B·N, 3·D] (q | k | v, head h at h·Dh), written into
+//! out [B·N, D] with heads concatenated. One task per (image, head): the N×N score matrix lives in a
+//! per-task buffer that stays in cache, never the whole [B, H, N, N] tensor.
+
+use rayon::prelude::*;
+
+use super::matmul::{gemm_strided, MatMut, MatRef};
+use super::vecmath;
+
+pub struct Dims {
+    pub b: usize,
+    pub n: usize,
+    pub h: usize,
+    pub dh: usize,
+}
+
+/// A raw pointer that rayon tasks may share; each task writes a disjoint region.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+// SAFETY: tasks write disjoint (image, head) column blocks of the output; see `forward`.
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+/// qkv: [B·N, 3·D]; bias: [H, N, N] or none; out: [B·N, D] with D = H·Dh.
+pub fn forward(qkv: &[f32], bias: Option<&[f32]>, dims: &Dims, out: &mut [f32]) {
+    let Dims { b, n, h, dh } = *dims;
+    let d = h * dh;
+    assert!(qkv.len() == b * n * 3 * d && out.len() == b * n * d);
+    if let Some(bias) = bias {
+        assert!(bias.len() == h * n * n);
+    }
+    let scale = (dh as f32).powf(-0.5);
+    let out_ptr = SharedMut(out.as_mut_ptr());
+    (0..b * h).into_par_iter().for_each_init(
+        || vec![0.0f32; n * n],
+        |scores, task| {
+            let out_ptr = out_ptr;
+            let (img, head) = (task / h, task % h);
+            let base = img * n * 3 * d;
+            let q = MatRef {
+                ptr: qkv[base + head * dh..].as_ptr(),
+                rs: 3 * d as isize,
+                cs: 1,
+            };
+            // kᵀ: element (c, j) = k[j, c].
+            let kt = MatRef {
+                ptr: qkv[base + d + head * dh..].as_ptr(),
+                rs: 1,
+                cs: 3 * d as isize,
+            };
+            let v = MatRef {
+                ptr: qkv[base + 2 * d + head * dh..].as_ptr(),
+                rs: 3 * d as isize,
+                cs: 1,
+            };
+            if let Some(bias) = bias {
+                scores.copy_from_slice(&bias[head * n * n..(head + 1) * n * n]);
+            }
+            // SAFETY: q, kᵀ, v are views inside `qkv` bounded by the assertion above; `scores` is
+            // this task's own n×n buffer.
+            unsafe {
+                gemm_strided(
+                    n,
+                    n,
+                    dh,
+                    MatMut::row_major(scores, n),
+                    bias.is_some(),
+                    q,
+                    kt,
+                    scale,
+                    false,
+                );
+            }
+            vecmath::softmax_rows(scores, n);
+            let dst = MatMut {
+                // SAFETY: in bounds: row img·N, column head·Dh of out [B·N, D].
+                ptr: unsafe { out_ptr.0.add(img * n * d + head * dh) },
+                rs: d as isize,
+                cs: 1,
+            };
+            // SAFETY: dst covers rows img·N.. img·N+N, columns head·Dh.. +Dh, disjoint per task.
+            unsafe {
+                gemm_strided(
+                    n,
+                    dh,
+                    n,
+                    dst,
+                    false,
+                    MatRef::row_major(scores, n),
+                    v,
+                    1.0,
+                    false,
+                );
+            }
+        },
+    );
+}
+
+/// Plain reference: materialise every score, f64 accumulation. For tests.
+pub fn reference(qkv: &[f32], bias: Option<&[f32]>, dims: &Dims) -> Vec<f32> {
+    let Dims { b, n, h, dh } = *dims;
+    let d = h * dh;
+    let scale = (dh as f64).powf(-0.5);
+    let mut out = vec![0.0f32; b * n * d];
+    let at = |img: usize, tok: usize, part: usize, head: usize, c: usize| {
+        qkv[(img * n + tok) * 3 * d + part * d + head * dh + c] as f64
+    };
+    for img in 0..b {
+        for head in 0..h {
+            for i in 0..n {
+                let mut s: Vec<f64> = (0..n)
+                    .map(|j| {
+                        let dot: f64 = (0..dh)
+                            .map(|c| at(img, i, 0, head, c) * at(img, j, 1, head, c))
+                            .sum();
+                        dot * scale + bias.map_or(0.0, |bb| bb[(head * n + i) * n + j] as f64)
+                    })
+                    .collect();
+                let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = s
+                    .iter_mut()
+                    .map(|v| {
+                        *v = (*v - m).exp();
+                        *v
+                    })
+                    .sum();
+                for c in 0..dh {
+                    let acc: f64 = (0..n).map(|j| s[j] / z * at(img, j, 2, head, c)).sum();
+                    out[(img * n + i) * d + head * dh + c] = acc as f32;
+                }
+            }
+        }
+    }
+    out
+}

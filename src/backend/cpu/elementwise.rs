@@ -1,0 +1,49 @@
+//! Element-wise ops over token matrices: layer-scale residual, broadcast add, token assembly.
+
+use rayon::prelude::*;
+
+/// x[M, D] += γ ⊙ y[M, D] (γ: [D], or 1 when absent): the residual with BEiT's layer scale.
+pub fn residual_scaled(x: &mut [f32], y: &[f32], gamma: Option<&[f32]>, d: usize) {
+    assert_eq!(x.len(), y.len());
+    x.par_chunks_mut(d * 16)
+        .zip(y.par_chunks(d * 16))
+        .for_each(|(xs, ys)| match gamma {
+            Some(g) => {
+                for (xr, yr) in xs.chunks_exact_mut(d).zip(ys.chunks_exact(d)) {
+                    for ((a, b), s) in xr.iter_mut().zip(yr).zip(g) {
+                        *a += s * b;
+                    }
+                }
+            }
+            None => {
+                for (a, b) in xs.iter_mut().zip(ys) {
+                    *a += b;
+                }
+            }
+        });
+}
+
+/// tokens [B, 1+G, D] = [cls; patches[b]] (+ pos [1+G, D] if given).
+pub fn assemble_tokens(
+    patches: &[f32],
+    cls: &[f32],
+    pos: Option<&[f32]>,
+    b: usize,
+    g: usize,
+    d: usize,
+) -> Vec<f32> {
+    let n = g + 1;
+    let mut out = vec![0.0f32; b * n * d];
+    out.par_chunks_mut(n * d)
+        .enumerate()
+        .for_each(|(img, dst)| {
+            dst[..d].copy_from_slice(cls);
+            dst[d..].copy_from_slice(&patches[img * g * d..(img + 1) * g * d]);
+            if let Some(pos) = pos {
+                for (a, p) in dst.iter_mut().zip(pos) {
+                    *a += p;
+                }
+            }
+        });
+    out
+}

@@ -1,0 +1,129 @@
+//! Matrix products through the `gemm` crate: C = A·B (+ C), with arbitrary strides, so transposed
+//! weights ([N, K] as PyTorch stores Linear weights) are read in place, never copied.
+
+/// A strided view of a row-major-or-not f32 matrix: element (i, j) is at `ptr + i*rs + j*cs`.
+#[derive(Clone, Copy)]
+pub struct MatRef {
+    pub ptr: *const f32,
+    pub rs: isize,
+    pub cs: isize,
+}
+
+#[derive(Clone, Copy)]
+pub struct MatMut {
+    pub ptr: *mut f32,
+    pub rs: isize,
+    pub cs: isize,
+}
+
+impl MatRef {
+    /// Row-major [rows, cols] matrix stored contiguously.
+    pub fn row_major(data: &[f32], cols: usize) -> MatRef {
+        MatRef {
+            ptr: data.as_ptr(),
+            rs: cols as isize,
+            cs: 1,
+        }
+    }
+
+    /// The transpose of a contiguous row-major [rows, cols] matrix, i.e. a [cols, rows] view.
+    pub fn transposed(data: &[f32], cols: usize) -> MatRef {
+        MatRef {
+            ptr: data.as_ptr(),
+            rs: 1,
+            cs: cols as isize,
+        }
+    }
+}
+
+impl MatMut {
+    pub fn row_major(data: &mut [f32], cols: usize) -> MatMut {
+        MatMut {
+            ptr: data.as_mut_ptr(),
+            rs: cols as isize,
+            cs: 1,
+        }
+    }
+}
+
+/// dst[m, n] = (accumulate ? dst : 0) + scale · a[m, k] · b[k, n].
+///
+/// # Safety
+/// Every view must be valid for its extent (m×k, k×n, m×n) and `dst` must not alias `a` or `b`.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_strided(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: MatMut,
+    accumulate: bool,
+    a: MatRef,
+    b: MatRef,
+    scale: f32,
+    parallel: bool,
+) {
+    let par = if parallel && rayon::current_num_threads() > 1 {
+        gemm::Parallelism::Rayon(rayon::current_num_threads())
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: forwarded from the caller's contract. gemm's argument order is dst, lhs, rhs, each as
+    // (ptr, column stride, row stride); alpha multiplies the old dst, beta the product.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.ptr,
+            dst.cs,
+            dst.rs,
+            accumulate,
+            a.ptr,
+            a.cs,
+            a.rs,
+            b.ptr,
+            b.cs,
+            b.rs,
+            if accumulate { 1.0 } else { 0.0 },
+            scale,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// out[M, N] = x[M, K] · w[N, K]ᵀ, the matrix part of `nn.Linear` (no bias).
+pub fn linear_nobias(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, out: &mut [f32]) {
+    assert!(x.len() == m * k && w.len() == n * k && out.len() == m * n);
+    // SAFETY: the assertions above bound every view; `out` is a distinct &mut.
+    unsafe {
+        gemm_strided(
+            m,
+            n,
+            k,
+            MatMut::row_major(out, n),
+            false,
+            MatRef::row_major(x, k),
+            MatRef::transposed(w, k),
+            1.0,
+            true,
+        )
+    }
+}
+
+/// Plain triple-loop reference for tests (f64 accumulation).
+pub fn linear_reference(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+    let mut out = vec![0.0; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let mut s = 0.0f64;
+            for p in 0..k {
+                s += x[i * k + p] as f64 * w[j * k + p] as f64;
+            }
+            out[i * n + j] = s as f32;
+        }
+    }
+    out
+}

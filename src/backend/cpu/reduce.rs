@@ -1,0 +1,27 @@
+//! Token reductions: mean over tokens (BEiT's avg pooling skips the class token), or one token.
+
+/// x [B, N, D] → [B, D]: mean over tokens `skip..N`.
+pub fn mean_tokens(x: &[f32], b: usize, n: usize, d: usize, skip: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; b * d];
+    let count = (n - skip) as f32;
+    for img in 0..b {
+        let acc = &mut out[img * d..(img + 1) * d];
+        for t in skip..n {
+            let row = &x[(img * n + t) * d..(img * n + t + 1) * d];
+            for (a, v) in acc.iter_mut().zip(row) {
+                *a += v;
+            }
+        }
+        for a in acc.iter_mut() {
+            *a /= count;
+        }
+    }
+    out
+}
+
+/// x [B, N, D] → [B, D]: token `t` of every image.
+pub fn take_token(x: &[f32], b: usize, n: usize, d: usize, t: usize) -> Vec<f32> {
+    (0..b)
+        .flat_map(|img| x[(img * n + t) * d..(img * n + t + 1) * d].iter().copied())
+        .collect()
+}

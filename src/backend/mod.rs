@@ -1,0 +1,223 @@
+//! The op set the models, the OOD scores and (later) training are written against.
+//!
+//! Shape letters, used in every comment of the crate: `B` batch, `N` tokens (1 + G patches, 197 for
+//! a 224 image with patch 16), `G` patches, `D` channels, `H` heads, `Dh` head dim, `F` MLP hidden,
+//! `C` classes, `M` rows of a matrix, `K` inner dimension.
+//!
+//! Each function takes and returns `Tensor`s and dispatches on where the data lives. Today every
+//! tensor is on the CPU; the CUDA backend adds its arm to each op, with the same names
+//! (`cpu::layernorm::forward` / `cuda::layernorm::forward`), so the model code stays as it is.
+
+pub mod cpu;
+
+use crate::error::{Error, Result};
+use crate::profile;
+use crate::tensor::Tensor;
+
+fn check(what: &str, t: &Tensor, want: &[usize]) -> Result<()> {
+    if t.shape() != want {
+        return Err(Error::Data(format!(
+            "{what}: expected shape {want:?}, got {:?}",
+            t.shape()
+        )));
+    }
+    Ok(())
+}
+
+/// Epilogue applied to a linear layer's output, fused into one pass over it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    None,
+    /// Exact (erf) GELU, as torch.nn.GELU().
+    Gelu,
+}
+
+/// y[M, N] = act(x[M, K] · w[N, K]ᵀ + b[N]) (nn.Linear weight layout, read in place).
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Activation) -> Result<Tensor> {
+    let (m, k) = x.dims2("linear input")?;
+    let (n, k2) = w.dims2("linear weight")?;
+    if k != k2 {
+        return Err(Error::Data(format!(
+            "linear: input has {k} features but the weight expects {k2}"
+        )));
+    }
+    if let Some(b) = b {
+        check("linear bias", b, &[n])?;
+    }
+    let mut out = vec![0.0f32; m * n];
+    {
+        let _t = profile::scope("gemm");
+        cpu::matmul::linear_nobias(x.as_slice(), w.as_slice(), m, k, n, &mut out);
+    }
+    epilogue(&mut out, n, b.map(|b| b.as_slice()), act);
+    Tensor::from_vec(&[m, n], out)
+}
+
+fn epilogue(out: &mut [f32], n: usize, bias: Option<&[f32]>, act: Activation) {
+    use rayon::prelude::*;
+    let chunk = n * 8;
+    match (bias, act) {
+        (None, Activation::None) => {}
+        (Some(b), Activation::None) => {
+            let _t = profile::scope("bias");
+            out.par_chunks_mut(chunk)
+                .for_each(|c| cpu::vecmath::bias_rows(c, b));
+        }
+        (Some(b), Activation::Gelu) => {
+            let _t = profile::scope("gelu");
+            out.par_chunks_mut(chunk)
+                .for_each(|c| cpu::vecmath::bias_gelu_rows(c, b));
+        }
+        (None, Activation::Gelu) => {
+            let _t = profile::scope("gelu");
+            out.par_chunks_mut(chunk).for_each(cpu::vecmath::gelu_slice);
+        }
+    }
+}
+
+/// LayerNorm over the last dim of x [.., D] with γ, β [D].
+pub fn layernorm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<Tensor> {
+    let _t = profile::scope("layernorm");
+    let d = *x.shape().last().unwrap_or(&0);
+    check("layernorm weight", gamma, &[d])?;
+    check("layernorm bias", beta, &[d])?;
+    let mut out = vec![0.0f32; x.numel()];
+    cpu::layernorm::forward(
+        x.as_slice(),
+        gamma.as_slice(),
+        beta.as_slice(),
+        eps,
+        &mut out,
+    );
+    Tensor::from_vec(x.shape(), out)
+}
+
+/// Self-attention on a fused qkv activation [B·N, 3·D] → [B·N, D], with an optional additive
+/// bias [H, N, N] shared by all images (BEiT's relative-position bias).
+pub fn attention(
+    qkv: &Tensor,
+    bias: Option<&Tensor>,
+    b: usize,
+    n: usize,
+    heads: usize,
+) -> Result<Tensor> {
+    let _t = profile::scope("attention");
+    let (rows, three_d) = qkv.dims2("attention qkv")?;
+    if rows != b * n || three_d % (3 * heads) != 0 {
+        return Err(Error::Data(format!(
+            "attention: qkv shape {:?} does not fit B={b}, N={n}, H={heads}",
+            qkv.shape()
+        )));
+    }
+    let d = three_d / 3;
+    if let Some(bias) = bias {
+        check("attention bias", bias, &[heads, n, n])?;
+    }
+    let dims = cpu::attention::Dims {
+        b,
+        n,
+        h: heads,
+        dh: d / heads,
+    };
+    let mut out = vec![0.0f32; b * n * d];
+    cpu::attention::forward(qkv.as_slice(), bias.map(|t| t.as_slice()), &dims, &mut out);
+    Tensor::from_vec(&[b * n, d], out)
+}
+
+/// images [B, C, H, W] → patch tokens [B·G, D] through the conv weight [D, C, P, P] and bias [D].
+pub fn patch_embed(images: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let [b, c, hgt, wid] = images.shape()[..] else {
+        return Err(Error::Data(format!(
+            "patch_embed: expected images [B, C, H, W], got {:?}",
+            images.shape()
+        )));
+    };
+    let [d, wc, p, p2] = w.shape()[..] else {
+        return Err(Error::Data(format!(
+            "patch_embed: weight shape {:?}",
+            w.shape()
+        )));
+    };
+    if wc != c || p != p2 || hgt % p != 0 || wid % p != 0 {
+        return Err(Error::Data(format!(
+            "patch_embed: images {:?} do not fit the conv weight {:?}",
+            images.shape(),
+            w.shape()
+        )));
+    }
+    let cols = {
+        let _t = profile::scope("patch_embed");
+        cpu::patch_embed::im2col(images.as_slice(), b, c, hgt, wid, p)
+    };
+    let g = (hgt / p) * (wid / p);
+    let cols = Tensor::from_vec(&[b * g, c * p * p], cols)?;
+    let w2 = w.clone().reshape(&[d, c * p * p])?;
+    linear(&cols, &w2, Some(bias), Activation::None)
+}
+
+/// x [M, D] += γ ⊙ y [M, D].
+pub fn residual(x: &mut Tensor, y: &Tensor, gamma: Option<&Tensor>) -> Result<()> {
+    let _t = profile::scope("residual");
+    if x.shape() != y.shape() {
+        return Err(Error::Data(format!(
+            "residual: shapes {:?} and {:?} differ",
+            x.shape(),
+            y.shape()
+        )));
+    }
+    let d = *x.shape().last().unwrap_or(&1);
+    if let Some(g) = gamma {
+        check("layer scale", g, &[d])?;
+    }
+    cpu::elementwise::residual_scaled(
+        x.as_mut_slice(),
+        y.as_slice(),
+        gamma.map(|g| g.as_slice()),
+        d,
+    );
+    Ok(())
+}
+
+/// Patch tokens [B·G, D] → sequence [B·N, D] with the class token first, plus pos [N, D] if any.
+pub fn assemble_tokens(
+    patches: &Tensor,
+    cls: &Tensor,
+    pos: Option<&Tensor>,
+    b: usize,
+) -> Result<Tensor> {
+    let (bg, d) = patches.dims2("patch tokens")?;
+    let g = bg / b;
+    check("cls_token", cls, &[d])?;
+    if let Some(pos) = pos {
+        check("pos_embed", pos, &[g + 1, d])?;
+    }
+    let out = cpu::elementwise::assemble_tokens(
+        patches.as_slice(),
+        cls.as_slice(),
+        pos.map(|p| p.as_slice()),
+        b,
+        g,
+        d,
+    );
+    Tensor::from_vec(&[b * (g + 1), d], out)
+}
+
+/// Pooling of a token sequence [B·N, D] into [B, D].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pool {
+    /// Mean of the patch tokens (class token excluded): BEiT's `global_pool='avg'`.
+    MeanPatches,
+    /// The class token: ViT's `global_pool='token'`.
+    ClassToken,
+}
+
+pub fn pool(x: &Tensor, b: usize, how: Pool) -> Result<Tensor> {
+    let _t = profile::scope("pool");
+    let (bn, d) = x.dims2("pool input")?;
+    let n = bn / b;
+    let out = match how {
+        Pool::MeanPatches => cpu::reduce::mean_tokens(x.as_slice(), b, n, d, 1),
+        Pool::ClassToken => cpu::reduce::take_token(x.as_slice(), b, n, d, 0),
+    };
+    Tensor::from_vec(&[b, d], out)
+}

@@ -1,0 +1,122 @@
+//! `mood bench`: forward throughput on random weights and inputs, beside the sgemm rate the `gemm`
+//! crate reaches on the model's largest GEMM shape in the same process, so the two compare directly.
+
+use std::time::Instant;
+
+use crate::error::{Error, Result};
+use crate::model::{init, VisionTransformer, VitConfig};
+use crate::profile;
+use crate::tensor::Tensor;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Model preset (timm name).
+    #[arg(long, default_value = "beit_base_patch16_224")]
+    pub arch: String,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Timed forward passes (after one warm-up pass).
+    #[arg(long, default_value_t = 5)]
+    pub iters: usize,
+    /// Print a per-op time profile of the timed passes.
+    #[arg(long)]
+    pub profile: bool,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    if args.batch == 0 || args.iters == 0 {
+        return Err(Error::Usage(
+            "--batch and --iters must be at least 1".into(),
+        ));
+    }
+    let cfg = VitConfig::preset(&args.arch)?;
+    let store = init::random_store(&cfg, 0);
+    let model = VisionTransformer::load(&cfg, &store)?;
+    let mut rng = init::Rng::new(1);
+    let n_in = args.batch * cfg.in_chans * cfg.img_size * cfg.img_size;
+    let x = Tensor::from_vec(
+        &[args.batch, cfg.in_chans, cfg.img_size, cfg.img_size],
+        (0..n_in).map(|_| rng.normal() as f32).collect(),
+    )?;
+
+    model.forward(&x)?; // warm-up: page in weights, size the pools
+    profile::enable(args.profile);
+    profile::reset();
+    let pb = super::progress(args.iters as u64, "iter");
+    let mut times = Vec::new();
+    for _ in 0..args.iters {
+        let t = Instant::now();
+        model.forward(&x)?;
+        times.push(t.elapsed().as_secs_f64());
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    profile::enable(false);
+    times.sort_by(|a, b| a.total_cmp(b));
+    let median = times[times.len() / 2];
+    let img_s = args.batch as f64 / median;
+    let gflop = cfg.flops_per_image() / 1e9;
+
+    // The largest GEMM of the model: fc1, [B·N, D] x [D, F].
+    let (m, k, n) = (args.batch * cfg.tokens(), cfg.embed_dim, cfg.mlp_hidden);
+    let sgemm = sgemm_rate(m, k, n, args.iters.max(3));
+    let model_rate = img_s * gflop;
+    if args.json {
+        println!(
+            "{{\"arch\":\"{}\",\"batch\":{},\"threads\":{},\"img_per_s\":{img_s:.4},\"gflop_per_image\":{gflop:.3},\"gflop_per_s\":{model_rate:.2},\"sgemm_shape\":[{m},{k},{n}],\"sgemm_gflop_per_s\":{sgemm:.2},\"fraction_of_sgemm\":{:.4},\"median_s\":{median:.5}}}",
+            cfg.name,
+            args.batch,
+            rayon::current_num_threads(),
+            model_rate / sgemm
+        );
+    } else {
+        println!(
+            "{}: batch {}, {} threads: {img_s:.2} images/s ({median:.3} s per batch, median of {})",
+            cfg.name,
+            args.batch,
+            rayon::current_num_threads(),
+            args.iters
+        );
+        println!("  {model_rate:.1} GFLOP/s at {gflop:.2} GFLOP per image");
+        println!(
+            "  gemm crate sgemm on {m}x{k}x{n}: {sgemm:.1} GFLOP/s -> model runs at {:.1}% of it",
+            100.0 * model_rate / sgemm
+        );
+    }
+    if args.profile {
+        let rows = profile::snapshot();
+        let total: f64 = rows.iter().map(|r| r.1.as_secs_f64()).sum();
+        println!(
+            "  per-op profile over {} passes (wall time, % of profiled):",
+            args.iters
+        );
+        for (op, d, calls) in rows {
+            println!(
+                "    {op:<12} {:>8.1} ms/pass {:>5.1}%  ({} calls/pass)",
+                1e3 * d.as_secs_f64() / args.iters as f64,
+                100.0 * d.as_secs_f64() / total,
+                calls / args.iters as u64
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Best-of-`reps` GFLOP/s of out[m, n] = a[m, k]·w[n, k]ᵀ through the same call the model uses.
+pub fn sgemm_rate(m: usize, k: usize, n: usize, reps: usize) -> f64 {
+    let a = vec![0.5f32; m * k];
+    let w = vec![0.25f32; n * k];
+    let mut out = vec![0.0f32; m * n];
+    crate::backend::cpu::matmul::linear_nobias(&a, &w, m, k, n, &mut out);
+    let mut best = f64::MAX;
+    for _ in 0..reps {
+        let t = Instant::now();
+        crate::backend::cpu::matmul::linear_nobias(&a, &w, m, k, n, &mut out);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    2.0 * (m * n * k) as f64 / best / 1e9
+}

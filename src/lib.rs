@@ -1,0 +1,19 @@
+//! mood: out-of-distribution detection with vision transformers.
+//!
+//! The crate is a library (used by the `mood` binary, the tests and the benches) organised by concern:
+//! `backend` (the op set, CPU now, CUDA next), `model` (BEiT/ViT written once over the ops),
+//! `weights` (safetensors via mmap, restricted .pth reader, key maps), `npy`, and `cli` (one module
+//! per subcommand). See ARCHITECTURE.md for how the pieces grow.
+
+pub mod backend;
+pub mod cli;
+pub mod error;
+pub mod fsutil;
+pub mod model;
+pub mod npy;
+pub mod profile;
+pub mod tensor;
+pub mod weights;
+
+pub use error::{Error, Result};
+pub use tensor::Tensor;

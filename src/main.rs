@@ -1,0 +1,45 @@
+//! The `mood` binary: argument parsing only. Each subcommand is one function in `mood::cli`.
+
+use clap::{Parser, Subcommand};
+use mood::cli;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "mood",
+    version,
+    about = "Out-of-distribution detection with vision transformers"
+)]
+struct Cli {
+    /// Worker threads (0 = one per logical core).
+    #[arg(long, global = true, default_value_t = 0)]
+    threads: usize,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Version, CPU features, threads, CUDA availability.
+    Info(cli::info::Args),
+    /// Convert a PyTorch checkpoint to safetensors.
+    Convert(cli::convert::Args),
+    /// Features and logits of a .npy batch of images.
+    Forward(cli::forward::Args),
+    /// Forward throughput on random weights, beside the sgemm rate of the same machine.
+    Bench(cli::bench::Args),
+}
+
+fn main() {
+    let args = Cli::parse();
+    cli::init_threads(args.threads);
+    let result = match args.command {
+        Command::Info(a) => cli::info::run(a),
+        Command::Convert(a) => cli::convert::run(a),
+        Command::Forward(a) => cli::forward::run(a),
+        Command::Bench(a) => cli::bench::run(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}

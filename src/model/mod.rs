@@ -1,0 +1,9 @@
+//! Vision transformers: configs (named presets), the BEiT/ViT forward, relative positions, init.
+
+pub mod config;
+pub mod init;
+pub mod relpos;
+pub mod vit;
+
+pub use config::VitConfig;
+pub use vit::{Output, VisionTransformer};
