@@ -30,7 +30,25 @@ enum Command {
 }
 
 fn main() {
-    let args = Cli::parse();
+    let args = match Cli::try_parse() {
+        Ok(a) => a,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion)
+                || matches!(
+                    e.kind(),
+                    ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+                )
+            {
+                e.exit();
+            }
+            // One line, as for every other error; clap's first line names the bad option.
+            let msg = e.render().to_string();
+            let first = msg.lines().next().unwrap_or("error: bad arguments");
+            eprintln!("{first} (see `mood --help`)");
+            std::process::exit(2);
+        }
+    };
     cli::init_threads(args.threads);
     let result = match args.command {
         Command::Info(a) => cli::info::run(a),
