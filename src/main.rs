@@ -19,6 +19,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// The embedded default job: runs on a fresh machine with no downloads.
+    Demo(cli::demo::Args),
     /// Version, CPU features, threads, CUDA availability.
     Info(cli::info::Args),
     /// Convert a PyTorch checkpoint to safetensors.
@@ -51,6 +53,7 @@ fn main() {
     };
     cli::init_threads(args.threads);
     let result = match args.command {
+        Command::Demo(a) => cli::demo::run(a),
         Command::Info(a) => cli::info::run(a),
         Command::Convert(a) => cli::convert::run(a),
         Command::Forward(a) => cli::forward::run(a),

@@ -122,6 +122,17 @@ impl WeightStore {
         })
     }
 
+    /// Parses safetensors bytes held in memory (e.g. the demo's embedded model); tensors are copied.
+    pub fn from_safetensors_bytes(name: &str, bytes: &[u8]) -> Result<WeightStore> {
+        let entries = safetensors::parse_bytes(name, bytes)?;
+        Ok(WeightStore {
+            path: PathBuf::from(name),
+            map: None,
+            entries: keymap::normalise(entries),
+            used: Mutex::new(BTreeSet::new()),
+        })
+    }
+
     /// Builds a store from in-memory f32 tensors (random-weight benchmarks, tests).
     pub fn from_tensors(name: &str, tensors: Vec<(String, Tensor)>) -> WeightStore {
         let entries = tensors

@@ -81,6 +81,26 @@ pub fn open(path: &Path) -> Result<(Arc<Mmap>, Vec<(String, Entry)>)> {
     Ok((map.clone(), out))
 }
 
+/// Lists the tensors of safetensors bytes in memory, copying each one out.
+pub fn parse_bytes(name: &str, bytes: &[u8]) -> Result<Vec<(String, Entry)>> {
+    let st = SafeTensors::deserialize(bytes)
+        .map_err(|e| Error::format(name, format!("not a valid safetensors file: {e}")))?;
+    st.tensors()
+        .into_iter()
+        .map(|(k, view)| {
+            let dtype = wdtype(view.dtype()).ok_or_else(|| {
+                Error::format(name, format!("tensor `{k}` has unsupported dtype {:?}", view.dtype()))
+            })?;
+            let entry = Entry {
+                dtype,
+                shape: view.shape().to_vec(),
+                bytes: Bytes::Owned(Arc::new(view.data().to_vec())),
+            };
+            Ok((k, entry))
+        })
+        .collect()
+}
+
 /// Writes tensors (with optional string metadata) to `path` atomically.
 pub fn write(
     path: &Path,
