@@ -19,7 +19,9 @@ static TIMM_FEATURES: &[u8] = include_bytes!("../../tests/fixtures/timm/tiny_bei
 fn npy(name: &str, bytes: &[u8]) -> Result<(Vec<usize>, Vec<f32>)> {
     let f = npyz::NpyFile::new(bytes).map_err(|e| Error::format(name, e.to_string()))?;
     let shape = f.shape().iter().map(|&s| s as usize).collect();
-    let data = f.into_vec::<f32>().map_err(|e| Error::format(name, e.to_string()))?;
+    let data = f
+        .into_vec::<f32>()
+        .map_err(|e| Error::format(name, e.to_string()))?;
     Ok((shape, data))
 }
 
@@ -39,8 +41,16 @@ pub fn run(_args: Args) -> Result<()> {
         .zip(&want)
         .map(|(a, b)| (a - b).abs())
         .fold(0.0f32, f32::max);
-    println!("mood demo: {} on {} embedded images ({:.1} ms)", cfg.name, shape[0], dt.as_secs_f64() * 1e3);
-    println!("  features {:?}, max |ours - timm| = {max_diff:.2e}", out.features.shape());
+    println!(
+        "mood demo: {} on {} embedded images ({:.1} ms)",
+        cfg.name,
+        shape[0],
+        dt.as_secs_f64() * 1e3
+    );
+    println!(
+        "  features {:?}, max |ours - timm| = {max_diff:.2e}",
+        out.features.shape()
+    );
     if let Some(l) = &out.logits {
         let c = l.shape()[1];
         let preds: Vec<usize> = l
@@ -52,7 +62,9 @@ pub fn run(_args: Args) -> Result<()> {
     }
     println!("  (the digits OOD experiment joins this demo with the data pipeline and training)");
     if max_diff > 1e-4 {
-        return Err(Error::Data(format!("demo output differs from timm by {max_diff:.2e} (> 1e-4)")));
+        return Err(Error::Data(format!(
+            "demo output differs from timm by {max_diff:.2e} (> 1e-4)"
+        )));
     }
     Ok(())
 }

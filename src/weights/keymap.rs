@@ -46,9 +46,12 @@ fn from_mmpretrain(k: &str) -> String {
     let Some(k) = k.strip_prefix("backbone.") else {
         return k.to_string();
     };
+    let k = match k.strip_prefix("layers.") {
+        Some(rest) => format!("blocks.{rest}"),
+        None => k.to_string(),
+    };
     let k = k
         .replace("patch_embed.projection.", "patch_embed.proj.")
-        .replace("layers.", "blocks.")
         .replace(".ln1.", ".norm1.")
         .replace(".ln2.", ".norm2.")
         .replace(".ffn.layers.0.0.", ".mlp.fc1.")

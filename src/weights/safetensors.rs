@@ -89,7 +89,10 @@ pub fn parse_bytes(name: &str, bytes: &[u8]) -> Result<Vec<(String, Entry)>> {
         .into_iter()
         .map(|(k, view)| {
             let dtype = wdtype(view.dtype()).ok_or_else(|| {
-                Error::format(name, format!("tensor `{k}` has unsupported dtype {:?}", view.dtype()))
+                Error::format(
+                    name,
+                    format!("tensor `{k}` has unsupported dtype {:?}", view.dtype()),
+                )
             })?;
             let entry = Entry {
                 dtype,

@@ -34,8 +34,8 @@ pub fn forward(qkv: &[f32], bias: Option<&[f32]>, dims: &Dims, out: &mut [f32]) 
     let scale = (dh as f32).powf(-0.5);
     let out_ptr = SharedMut(out.as_mut_ptr());
     (0..b * h).into_par_iter().for_each_init(
-        || vec![0.0f32; n * n],
-        |scores, task| {
+        || (vec![0.0f32; n * n], vec![0.0f32; n]),
+        |(scores, sums), task| {
             let out_ptr = out_ptr;
             let (img, head) = (task / h, task % h);
             let base = img * n * 3 * d;
@@ -55,9 +55,6 @@ pub fn forward(qkv: &[f32], bias: Option<&[f32]>, dims: &Dims, out: &mut [f32]) 
                 rs: 3 * d as isize,
                 cs: 1,
             };
-            if let Some(bias) = bias {
-                scores.copy_from_slice(&bias[head * n * n..(head + 1) * n * n]);
-            }
             // SAFETY: q, kᵀ, v are views inside `qkv` bounded by the assertion above; `scores` is
             // this task's own n×n buffer.
             unsafe {
@@ -66,14 +63,15 @@ pub fn forward(qkv: &[f32], bias: Option<&[f32]>, dims: &Dims, out: &mut [f32]) 
                     n,
                     dh,
                     MatMut::row_major(scores, n),
-                    bias.is_some(),
+                    false,
                     q,
                     kt,
                     scale,
                     false,
                 );
             }
-            vecmath::softmax_rows(scores, n);
+            let bias_h = bias.map(|bb| &bb[head * n * n..(head + 1) * n * n]);
+            vecmath::softmax_rows_unnormalised(scores, bias_h, n, sums);
             let dst = MatMut {
                 // SAFETY: in bounds: row img·N, column head·Dh of out [B·N, D].
                 ptr: unsafe { out_ptr.0.add(img * n * d + head * dh) },
@@ -93,6 +91,15 @@ pub fn forward(qkv: &[f32], bias: Option<&[f32]>, dims: &Dims, out: &mut [f32]) 
                     1.0,
                     false,
                 );
+            }
+            // Softmax normalisation applied to the [N, Dh] output rather than the [N, N] scores.
+            for (i, s) in sums.iter().enumerate() {
+                let inv = 1.0 / s;
+                // SAFETY: row img·N+i, columns head·Dh..+Dh of out: this task's own block.
+                let row = unsafe {
+                    std::slice::from_raw_parts_mut(dst.ptr.offset(i as isize * dst.rs), dh)
+                };
+                row.iter_mut().for_each(|v| *v *= inv);
             }
         },
     );
