@@ -21,7 +21,7 @@ pub fn reset() {
 pub fn snapshot() -> Vec<(&'static str, Duration, u64)> {
     let totals = TOTALS.lock().unwrap_or_else(|e| e.into_inner());
     let mut v: Vec<_> = totals.iter().map(|(k, (d, n))| (*k, *d, *n)).collect();
-    v.sort_by(|a, b| b.1.cmp(&a.1));
+    v.sort_by_key(|e| std::cmp::Reverse(e.1));
     v
 }
 

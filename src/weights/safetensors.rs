@@ -43,8 +43,11 @@ fn st_dtype(d: WDType) -> Dtype {
     }
 }
 
-/// Maps `path` and lists its tensors (byte ranges into the map).
-pub fn open(path: &Path) -> Result<(Arc<Mmap>, Vec<(String, Entry)>)> {
+/// A mapped file and its tensors (byte ranges into the map).
+pub type Mapped = (Arc<Mmap>, Vec<(String, Entry)>);
+
+/// Maps `path` and lists its tensors.
+pub fn open(path: &Path) -> Result<Mapped> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     // SAFETY: the map is read-only; like every mmap user we rely on the file not being truncated by
     // another process while we run.

@@ -23,6 +23,13 @@ struct SharedMut(*mut f32);
 unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
 
+impl SharedMut {
+    // A method (not the field) so closures capture the Sync wrapper, not the raw pointer.
+    fn ptr(&self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// qkv: [B·N, 3·D]; bias: [H, N, N] or none; out: [B·N, D] with D = H·Dh.
 pub fn forward(qkv: &[f32], bias: Option<&[f32]>, dims: &Dims, out: &mut [f32]) {
     let Dims { b, n, h, dh } = *dims;
@@ -36,7 +43,6 @@ pub fn forward(qkv: &[f32], bias: Option<&[f32]>, dims: &Dims, out: &mut [f32]) 
     (0..b * h).into_par_iter().for_each_init(
         || (vec![0.0f32; n * n], vec![0.0f32; n]),
         |(scores, sums), task| {
-            let out_ptr = out_ptr;
             let (img, head) = (task / h, task % h);
             let base = img * n * 3 * d;
             let q = MatRef {
@@ -74,7 +80,7 @@ pub fn forward(qkv: &[f32], bias: Option<&[f32]>, dims: &Dims, out: &mut [f32]) 
             vecmath::softmax_rows_unnormalised(scores, bias_h, n, sums);
             let dst = MatMut {
                 // SAFETY: in bounds: row img·N, column head·Dh of out [B·N, D].
-                ptr: unsafe { out_ptr.0.add(img * n * d + head * dh) },
+                ptr: unsafe { out_ptr.ptr().add(img * n * d + head * dh) },
                 rs: d as isize,
                 cs: 1,
             };

@@ -81,7 +81,7 @@ pub fn erf_with<F: MulAdd>(x: f32) -> f32 {
     let p = F::mul_add(p, x2, -2.101_024e-6);
     let p = F::mul_add(p, x2, -5.692_506_4e-5);
     let p = F::mul_add(p, x2, -7.349_906e-4);
-    let p = F::mul_add(p, x2, -2.954_600e-3);
+    let p = F::mul_add(p, x2, -2.954_6e-3);
     let p = F::mul_add(p, x2, -1.609_603_3e-2);
     let q = -1.456_607_2e-5_f32;
     let q = F::mul_add(q, x2, -2.133_740_6e-4);
