@@ -111,6 +111,146 @@ pub fn forward(qkv: &[f32], bias: Option<&[f32]>, dims: &Dims, out: &mut [f32]) 
     );
 }
 
+/// Gradients of `forward` given dout [B·N, D]: dqkv [B·N, 3·D] and, with a bias, dbias [H, N, N]
+/// summed over images. Per (image, head), with P recomputed from q, k and the bias:
+///   dV = Pᵀ·dO,  dP = dO·Vᵀ,  dS = P ⊙ (dP − rowsum(dP ⊙ P)),  dQ = s·dS·K,  dK = s·dSᵀ·Q,  dB = dS.
+pub fn backward(
+    qkv: &[f32],
+    bias: Option<&[f32]>,
+    dims: &Dims,
+    dout: &[f32],
+) -> (Vec<f32>, Option<Vec<f32>>) {
+    let Dims { b, n, h, dh } = *dims;
+    let d = h * dh;
+    assert!(qkv.len() == b * n * 3 * d && dout.len() == b * n * d);
+    let scale = (dh as f32).powf(-0.5);
+    let mut dqkv = vec![0.0f32; b * n * 3 * d];
+    // dS of every (image, head), reduced over images into dbias afterwards.
+    let mut ds_all = vec![0.0f32; if bias.is_some() { b * h * n * n } else { 0 }];
+    let dq_ptr = SharedMut(dqkv.as_mut_ptr());
+    let ds_ptr = SharedMut(ds_all.as_mut_ptr());
+    let view = |base: *const f32, off: usize| MatRef {
+        // SAFETY (of every use below): offsets stay inside the [B·N, 3·D] or [B·N, D] buffers.
+        ptr: unsafe { base.add(off) },
+        rs: 3 * d as isize,
+        cs: 1,
+    };
+    (0..b * h).into_par_iter().for_each_init(
+        || (vec![0.0f32; n * n], vec![0.0f32; n * n], vec![0.0f32; n]),
+        |(p, dp, sums), task| {
+            let (img, head) = (task / h, task % h);
+            let base = img * n * 3 * d + head * dh;
+            let (q, k, v) = (
+                view(qkv.as_ptr(), base),
+                view(qkv.as_ptr(), base + d),
+                view(qkv.as_ptr(), base + 2 * d),
+            );
+            let kt = MatRef {
+                ptr: k.ptr,
+                rs: 1,
+                cs: k.rs,
+            };
+            let vt = MatRef {
+                ptr: v.ptr,
+                rs: 1,
+                cs: v.rs,
+            };
+            let d_o = MatRef {
+                ptr: dout[img * n * d + head * dh..].as_ptr(),
+                rs: d as isize,
+                cs: 1,
+            };
+            let out_view = |off: usize| MatMut {
+                // SAFETY: this task's own rows and head columns of dqkv.
+                ptr: unsafe { dq_ptr.ptr().add(base + off) },
+                rs: 3 * d as isize,
+                cs: 1,
+            };
+            // SAFETY: all views are bounded as stated above; p, dp are this task's buffers and
+            // the dqkv blocks written are disjoint between tasks.
+            unsafe {
+                gemm_strided(
+                    n,
+                    n,
+                    dh,
+                    MatMut::row_major(p, n),
+                    false,
+                    q,
+                    kt,
+                    scale,
+                    false,
+                );
+                let bias_h = bias.map(|bb| &bb[head * n * n..(head + 1) * n * n]);
+                vecmath::softmax_rows_unnormalised(p, bias_h, n, sums);
+                for (row, s) in p.chunks_exact_mut(n).zip(sums.iter()) {
+                    let inv = 1.0 / s;
+                    row.iter_mut().for_each(|x| *x *= inv);
+                }
+                let pt = MatRef {
+                    ptr: p.as_ptr(),
+                    rs: 1,
+                    cs: n as isize,
+                };
+                gemm_strided(n, dh, n, out_view(2 * d), false, pt, d_o, 1.0, false);
+                gemm_strided(
+                    n,
+                    n,
+                    dh,
+                    MatMut::row_major(dp, n),
+                    false,
+                    d_o,
+                    vt,
+                    1.0,
+                    false,
+                );
+            }
+            for (prow, dprow) in p.chunks_exact(n).zip(dp.chunks_exact_mut(n)) {
+                let dot: f32 = prow.iter().zip(dprow.iter()).map(|(a, b)| a * b).sum();
+                for (g, pv) in dprow.iter_mut().zip(prow) {
+                    *g = pv * (*g - dot);
+                }
+            }
+            // SAFETY: as above; dp now holds dS.
+            unsafe {
+                gemm_strided(
+                    n,
+                    dh,
+                    n,
+                    out_view(0),
+                    false,
+                    MatRef::row_major(dp, n),
+                    k,
+                    scale,
+                    false,
+                );
+                let dst = MatRef {
+                    ptr: dp.as_ptr(),
+                    rs: 1,
+                    cs: n as isize,
+                };
+                gemm_strided(n, dh, n, out_view(d), false, dst, q, scale, false);
+                if bias.is_some() {
+                    let dst = std::slice::from_raw_parts_mut(ds_ptr.ptr().add(task * n * n), n * n);
+                    dst.copy_from_slice(dp);
+                }
+            }
+        },
+    );
+    let dbias = bias.map(|_| {
+        let mut acc = vec![0.0f32; h * n * n];
+        for img in 0..b {
+            for (a, v) in acc
+                .iter_mut()
+                .zip(&ds_all[img * h * n * n..(img + 1) * h * n * n])
+            {
+                *a += v;
+            }
+        }
+        acc
+    });
+    (dqkv, dbias)
+}
+
 /// Plain reference: materialise every score, f64 accumulation. For tests.
 pub fn reference(qkv: &[f32], bias: Option<&[f32]>, dims: &Dims) -> Vec<f32> {
     let Dims { b, n, h, dh } = *dims;

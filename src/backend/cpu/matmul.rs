@@ -127,3 +127,50 @@ pub fn linear_reference(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> V
     }
     out
 }
+
+/// Gradients of y[M, N] = x[M, K]·w[N, K]ᵀ + b given dy[M, N]:
+/// dx = dy·w [M, K], dw = dyᵀ·x [N, K], db = Σ_rows dy [N].
+pub fn linear_backward(
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    assert!(x.len() == m * k && w.len() == n * k && dy.len() == m * n);
+    let mut dx = vec![0.0f32; m * k];
+    let mut dw = vec![0.0f32; n * k];
+    // SAFETY: every view is bounded by the assertion above; outputs are fresh buffers.
+    unsafe {
+        gemm_strided(
+            m,
+            k,
+            n,
+            MatMut::row_major(&mut dx, k),
+            false,
+            MatRef::row_major(dy, n),
+            MatRef::row_major(w, k),
+            1.0,
+            true,
+        );
+        gemm_strided(
+            n,
+            k,
+            m,
+            MatMut::row_major(&mut dw, k),
+            false,
+            MatRef::transposed(dy, n),
+            MatRef::row_major(x, k),
+            1.0,
+            true,
+        );
+    }
+    let mut db = vec![0.0f32; n];
+    for row in dy.chunks_exact(n) {
+        for (a, v) in db.iter_mut().zip(row) {
+            *a += v;
+        }
+    }
+    (dx, dw, db)
+}

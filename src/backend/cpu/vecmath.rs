@@ -97,6 +97,14 @@ pub fn gelu_with<F: MulAdd>(x: f32) -> f32 {
     0.5 * x * (1.0 + erf_with::<F>(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
+/// d GELU / dx = Φ(x) + x·φ(x), with Φ the standard normal CDF and φ its density.
+#[inline(always)]
+pub fn gelu_grad_with<F: MulAdd>(x: f32) -> f32 {
+    const INV_SQRT_2PI: f32 = 0.398_942_3;
+    let cdf = 0.5 * (1.0 + erf_with::<F>(x * std::f32::consts::FRAC_1_SQRT_2));
+    cdf + x * INV_SQRT_2PI * exp_with::<F>(-0.5 * x * x)
+}
+
 /// Declares `pub fn $name(args)` whose body is compiled once for AVX2+FMA and once for baseline
 /// x86-64, with the choice made per call from the cached CPU feature check.
 macro_rules! multiversion {
@@ -140,6 +148,15 @@ multiversion! {
             for (v, b) in row.iter_mut().zip(bias) {
                 *v = gelu_with::<F>(*v + *b);
             }
+        }
+    }
+}
+
+multiversion! {
+    /// dx = dy · GELU'(x), elementwise.
+    pub fn gelu_backward(x: &[f32], dy: &[f32], dx: &mut [f32]) {
+        for ((o, v), g) in dx.iter_mut().zip(x).zip(dy) {
+            *o = *g * gelu_grad_with::<F>(*v);
         }
     }
 }
