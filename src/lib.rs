@@ -13,6 +13,7 @@ pub mod model;
 pub mod npy;
 pub mod profile;
 pub mod tensor;
+pub mod train;
 pub mod weights;
 
 pub use error::{Error, Result};

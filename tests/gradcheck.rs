@@ -117,3 +117,89 @@ fn attention_backward_matches_finite_differences() {
         });
     }
 }
+
+#[test]
+fn patch_embed_col2im_is_the_adjoint_of_im2col() {
+    use mood::backend::cpu::patch_embed::{col2im, im2col};
+    let (b, c, s, p) = (2, 3, 16, 4);
+    let x = randn(b * c * s * s, 1.0, 20);
+    let cols_dir = randn(b * (s / p) * (s / p) * c * p * p, 1.0, 21);
+    let lhs = dot(&im2col(&x, b, c, s, s, p), &cols_dir);
+    let rhs = dot(&x, &col2im(&cols_dir, b, c, s, s, p));
+    assert!(
+        (lhs - rhs).abs() < 1e-3 * lhs.abs().max(1.0),
+        "{lhs} vs {rhs}"
+    );
+}
+
+#[test]
+fn residual_layer_scale_backward_matches_finite_differences() {
+    use mood::backend::cpu::elementwise::{residual_scaled, residual_scaled_backward};
+    let (m, d) = (5, 12);
+    let x = randn(m * d, 1.0, 22);
+    let y = randn(m * d, 1.0, 23);
+    let g = randn(d, 1.0, 24);
+    let r = randn(m * d, 1.0, 25);
+    let fwd = |y: &[f32], g: &[f32]| {
+        let mut out = x.clone();
+        residual_scaled(&mut out, y, Some(g), d);
+        dot(&out, &r)
+    };
+    let (dy, dg) = residual_scaled_backward(&y, Some(&g), &r, d);
+    check("residual dy", &y, &dy, |y| fwd(y, &g));
+    check("residual dgamma", &g, &dg.unwrap(), |g| fwd(&y, g));
+}
+
+#[test]
+fn mean_pool_and_relpos_scatter_backward_match_finite_differences() {
+    use mood::backend::cpu::reduce::{mean_tokens, mean_tokens_backward};
+    use mood::model::relpos::{
+        gather_bias, num_relative_distance, relative_position_index, scatter_bias_grad,
+    };
+    let (b, n, d) = (2, 5, 3);
+    let x = randn(b * n * d, 1.0, 26);
+    let r = randn(b * d, 1.0, 27);
+    let dx = mean_tokens_backward(&r, b, n, d, 1);
+    check("mean pool", &x, &dx, |x| {
+        dot(&mean_tokens(x, b, n, d, 1), &r)
+    });
+
+    let (wh, ww, heads) = (3, 4, 2);
+    let rows = num_relative_distance(wh, ww);
+    let index = relative_position_index(wh, ww);
+    let table = randn(rows * heads, 1.0, 28);
+    let rb = randn(heads * index.len(), 1.0, 29);
+    let dtable = scatter_bias_grad(&rb, heads, &index, rows);
+    check("relpos table", &table, &dtable, |t| {
+        dot(&gather_bias(t, heads, &index), &rb)
+    });
+}
+
+#[test]
+fn cross_entropy_with_label_smoothing_matches_torch() {
+    let fx = |n: &str| {
+        mood::npy::read_f32(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/train")
+                .join(n),
+        )
+        .unwrap()
+        .1
+    };
+    let (logits, labels, loss, grad) = (
+        fx("ce_logits.npy"),
+        fx("ce_labels.npy"),
+        fx("ce_loss.npy"),
+        fx("ce_grad.npy"),
+    );
+    let labels: Vec<usize> = labels.iter().map(|&l| l as usize).collect();
+    let (ours, dz) = mood::train::loss::cross_entropy(&logits, &labels, 10, 0.1);
+    assert!(
+        (ours - loss[0]).abs() < 1e-5,
+        "loss {ours} vs torch {}",
+        loss[0]
+    );
+    for (a, b) in dz.iter().zip(&grad) {
+        assert!((a - b).abs() < 1e-6, "grad {a} vs torch {b}");
+    }
+}

@@ -43,6 +43,19 @@ pub fn gather_bias(table: &[f32], heads: usize, index: &[usize]) -> Vec<f32> {
     out
 }
 
+/// The adjoint of `gather_bias`: accumulates a dense bias gradient [H, N+1, N+1] into the table
+/// gradient [R+3, H] (many (i, j) pairs share one table row).
+pub fn scatter_bias_grad(dbias: &[f32], heads: usize, index: &[usize], rows: usize) -> Vec<f32> {
+    let nn = index.len();
+    let mut dtable = vec![0.0f32; rows * heads];
+    for h in 0..heads {
+        for (g, &ix) in dbias[h * nn..(h + 1) * nn].iter().zip(index) {
+            dtable[ix * heads + h] += g;
+        }
+    }
+    dtable
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -47,3 +47,31 @@ pub fn assemble_tokens(
         });
     out
 }
+
+/// Gradients of x' = x + γ ⊙ y given dx' [M, D]: dx = dx' (identity, not returned),
+/// dy = γ ⊙ dx', dγ = Σ_rows dx' ⊙ y. Without γ, dy = dx'.
+pub fn residual_scaled_backward(
+    y: &[f32],
+    gamma: Option<&[f32]>,
+    dout: &[f32],
+    d: usize,
+) -> (Vec<f32>, Option<Vec<f32>>) {
+    match gamma {
+        None => (dout.to_vec(), None),
+        Some(g) => {
+            let mut dy = vec![0.0f32; dout.len()];
+            let mut dg = vec![0.0f32; d];
+            for ((dyr, dor), yr) in dy
+                .chunks_exact_mut(d)
+                .zip(dout.chunks_exact(d))
+                .zip(y.chunks_exact(d))
+            {
+                for i in 0..d {
+                    dyr[i] = g[i] * dor[i];
+                    dg[i] += dor[i] * yr[i];
+                }
+            }
+            (dy, Some(dg))
+        }
+    }
+}

@@ -22,3 +22,29 @@ pub fn im2col(images: &[f32], b: usize, c: usize, hgt: usize, wid: usize, p: usi
     });
     cols
 }
+
+/// The adjoint of `im2col`: scatters column gradients [B·G, C·P·P] back to image gradients
+/// [B, C, H, W] (patches do not overlap, so every pixel receives exactly one value, or none when
+/// H or W is not a multiple of P). Needed for input gradients (ODIN's perturbation).
+pub fn col2im(cols: &[f32], b: usize, c: usize, hgt: usize, wid: usize, p: usize) -> Vec<f32> {
+    let (gh, gw) = (hgt / p, wid / p);
+    let k = c * p * p;
+    assert_eq!(cols.len(), b * gh * gw * k);
+    let mut img = vec![0.0f32; b * c * hgt * wid];
+    img.par_chunks_mut(c * hgt * wid)
+        .enumerate()
+        .for_each(|(im, dst)| {
+            for cell in 0..gh * gw {
+                let (gy, gx) = (cell / gw, cell % gw);
+                let src = &cols[(im * gh * gw + cell) * k..(im * gh * gw + cell + 1) * k];
+                for ch in 0..c {
+                    for i in 0..p {
+                        let o = (ch * hgt + gy * p + i) * wid + gx * p;
+                        let s0 = (ch * p + i) * p;
+                        dst[o..o + p].copy_from_slice(&src[s0..s0 + p]);
+                    }
+                }
+            }
+        });
+    img
+}

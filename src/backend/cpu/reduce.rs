@@ -25,3 +25,19 @@ pub fn take_token(x: &[f32], b: usize, n: usize, d: usize, t: usize) -> Vec<f32>
         .flat_map(|img| x[(img * n + t) * d..(img * n + t + 1) * d].iter().copied())
         .collect()
 }
+
+/// Gradient of `mean_tokens`: each of the tokens `skip..N` receives dy / (N − skip); skipped
+/// tokens receive zero. dy [B, D] → dx [B, N, D].
+pub fn mean_tokens_backward(dy: &[f32], b: usize, n: usize, d: usize, skip: usize) -> Vec<f32> {
+    let mut dx = vec![0.0f32; b * n * d];
+    let inv = 1.0 / (n - skip) as f32;
+    for img in 0..b {
+        for t in skip..n {
+            let row = &mut dx[(img * n + t) * d..(img * n + t + 1) * d];
+            for (o, g) in row.iter_mut().zip(&dy[img * d..(img + 1) * d]) {
+                *o = g * inv;
+            }
+        }
+    }
+    dx
+}
