@@ -1,7 +1,9 @@
 //! Vision transformers: configs (named presets), the BEiT/ViT forward, relative positions, init.
 
 pub mod config;
+pub mod exec;
 pub mod init;
+pub mod layers;
 pub mod relpos;
 pub mod vit;
 

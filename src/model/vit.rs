@@ -9,78 +9,45 @@
 //!
 //! Weights are looked up by timm's names; every shape is checked and an error names the tensor.
 
-use crate::backend::{self, Activation, Pool};
+use std::sync::Arc;
+
+use crate::backend::{Activation, Pool};
 use crate::error::{Error, Result};
 use crate::model::config::{QkvBias, RelPos, VitConfig};
+use crate::model::exec::{Exec, Infer};
+use crate::model::layers::{Linear, LinearBias, Norm, Param, RelBias, SharedRelBias};
 use crate::model::relpos;
 use crate::tensor::Tensor;
 use crate::weights::WeightStore;
 
-struct Norm {
-    w: Tensor,
-    b: Tensor,
-}
-
-impl Norm {
-    fn load(store: &WeightStore, prefix: &str, d: usize) -> Result<Norm> {
-        Ok(Norm {
-            w: store.get(&format!("{prefix}.weight"), &[d])?,
-            b: store.get(&format!("{prefix}.bias"), &[d])?,
-        })
-    }
-
-    fn identity(d: usize) -> Norm {
-        Norm {
-            w: Tensor::from_vec(&[d], vec![1.0; d]).expect("shape matches"),
-            b: Tensor::zeros(&[d]),
-        }
-    }
-}
-
-struct Linear {
-    w: Tensor,
-    b: Option<Tensor>,
-}
-
-impl Linear {
-    fn load(store: &WeightStore, prefix: &str, out: usize, inp: usize) -> Result<Linear> {
-        Ok(Linear {
-            w: store.get(&format!("{prefix}.weight"), &[out, inp])?,
-            b: Some(store.get(&format!("{prefix}.bias"), &[out])?),
-        })
-    }
-
-    fn forward(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
-        backend::linear(x, &self.w, self.b.as_ref(), act)
-    }
-}
-
-struct Block {
-    norm1: Norm,
-    qkv: Linear,
-    /// Dense relative-position bias [H, N, N] of this block (or the shared one), if any.
-    rel_bias: Option<Tensor>,
-    proj: Linear,
-    norm2: Norm,
-    fc1: Linear,
-    fc2: Linear,
-    gamma1: Option<Tensor>,
-    gamma2: Option<Tensor>,
+pub struct Block {
+    pub norm1: Norm,
+    pub qkv: Linear,
+    /// This block's relative-position bias (or the shared one), if any.
+    pub rel_bias: Option<SharedRelBias>,
+    pub proj: Linear,
+    pub norm2: Norm,
+    pub fc1: Linear,
+    pub fc2: Linear,
+    pub gamma1: Option<Param>,
+    pub gamma2: Option<Param>,
 }
 
 /// A BEiT or ViT classifier ready for inference.
 pub struct VisionTransformer {
     pub cfg: VitConfig,
-    patch_w: Tensor,
-    patch_b: Tensor,
-    cls: Tensor,
-    pos: Option<Tensor>,
-    blocks: Vec<Block>,
+    pub patch_w: Param,
+    pub patch_b: Param,
+    /// [D] (stored as [1, 1, D])
+    pub cls: Param,
+    /// [N, D] (stored as [1, N, D])
+    pub pos: Option<Param>,
+    pub blocks: Vec<Block>,
     /// Final norm before taking the class token (ViT).
-    norm: Option<Norm>,
+    pub norm: Option<Norm>,
     /// Norm after mean pooling (BEiT).
-    fc_norm: Option<Norm>,
-    head: Option<Linear>,
+    pub fc_norm: Option<Norm>,
+    pub head: Option<Linear>,
 }
 
 /// What a forward returns: the pre-logits feature that OOD scores use, and the logits if the
@@ -92,12 +59,18 @@ pub struct Output {
     pub logits: Option<Tensor>,
 }
 
-fn dense_bias(table: &Tensor, cfg: &VitConfig) -> Tensor {
+fn rel_bias(table: Param, cfg: &VitConfig) -> SharedRelBias {
     let (wh, ww) = cfg.grid();
     let index = relpos::relative_position_index(wh, ww);
     let n = cfg.tokens();
-    let bias = relpos::gather_bias(table.as_slice(), cfg.num_heads, &index);
-    Tensor::from_vec(&[cfg.num_heads, n, n], bias).expect("gather_bias returns H·N·N values")
+    let bias = relpos::gather_bias(table.value.as_slice(), cfg.num_heads, &index);
+    let dense =
+        Tensor::from_vec(&[cfg.num_heads, n, n], bias).expect("gather_bias returns H·N·N values");
+    Arc::new(RelBias {
+        table,
+        dense,
+        index,
+    })
 }
 
 fn check_stored_index(store: &WeightStore, key: &str, cfg: &VitConfig) -> Result<()> {
@@ -130,8 +103,8 @@ impl VisionTransformer {
 
         let shared_key = "rel_pos_bias.relative_position_bias_table";
         let shared_bias = match cfg.rel_pos {
-            RelPos::Shared => Some(dense_bias(
-                &store.get(shared_key, &[table_rows, heads])?,
+            RelPos::Shared => Some(rel_bias(
+                Param::load(store, shared_key, &[table_rows, heads])?,
                 cfg,
             )),
             _ => None,
@@ -140,17 +113,25 @@ impl VisionTransformer {
         let mut blocks = Vec::with_capacity(cfg.depth);
         for i in 0..cfg.depth {
             let pre = format!("blocks.{i}");
-            let qkv_w = store.get(&format!("{pre}.attn.qkv.weight"), &[3 * d, d])?;
+            let qkv_w = Param::load(store, &format!("{pre}.attn.qkv.weight"), &[3 * d, d])?;
             let qkv_b = match cfg.qkv_bias {
-                QkvBias::None => None,
-                QkvBias::Full => Some(store.get(&format!("{pre}.attn.qkv.bias"), &[3 * d])?),
+                QkvBias::None => LinearBias::None,
+                QkvBias::Full => LinearBias::Full(Param::load(
+                    store,
+                    &format!("{pre}.attn.qkv.bias"),
+                    &[3 * d],
+                )?),
                 QkvBias::QV => {
-                    let q = store.get(&format!("{pre}.attn.q_bias"), &[d])?;
-                    let v = store.get(&format!("{pre}.attn.v_bias"), &[d])?;
+                    let q = Param::load(store, &format!("{pre}.attn.q_bias"), &[d])?;
+                    let v = Param::load(store, &format!("{pre}.attn.v_bias"), &[d])?;
                     let mut b = vec![0.0f32; 3 * d];
-                    b[..d].copy_from_slice(q.as_slice());
-                    b[2 * d..].copy_from_slice(v.as_slice());
-                    Some(Tensor::from_vec(&[3 * d], b)?)
+                    b[..d].copy_from_slice(q.value.as_slice());
+                    b[2 * d..].copy_from_slice(v.value.as_slice());
+                    LinearBias::QV {
+                        q,
+                        v,
+                        joined: Tensor::from_vec(&[3 * d], b)?,
+                    }
                 }
             };
             let rel_bias = match cfg.rel_pos {
@@ -158,14 +139,16 @@ impl VisionTransformer {
                 RelPos::Shared => shared_bias.clone(),
                 RelPos::PerBlock => {
                     let key = format!("{pre}.attn.relative_position_bias_table");
-                    // A self-supervised checkpoint keeps one shared table: copy it into every block.
-                    let key = if !store.contains(&key) && store.contains(shared_key) {
-                        shared_key.to_string()
-                    } else {
-                        key
-                    };
                     check_stored_index(store, &format!("{pre}.attn.relative_position_index"), cfg)?;
-                    Some(dense_bias(&store.get(&key, &[table_rows, heads])?, cfg))
+                    // A self-supervised checkpoint keeps one shared table: each block gets its own
+                    // copy under its own name (as MOOD does), so fine-tuning trains them apart.
+                    let source = if !store.contains(&key) && store.contains(shared_key) {
+                        shared_key
+                    } else {
+                        key.as_str()
+                    };
+                    let value = store.get(source, &[table_rows, heads])?;
+                    Some(rel_bias(Param { name: key, value }, cfg))
                 }
             };
             let (g1, g2) = if !cfg.layer_scale {
@@ -183,14 +166,17 @@ impl VisionTransformer {
             };
             blocks.push(Block {
                 norm1: Norm::load(store, &format!("{pre}.norm1"), d)?,
-                qkv: Linear { w: qkv_w, b: qkv_b },
+                qkv: Linear {
+                    w: qkv_w,
+                    bias: qkv_b,
+                },
                 rel_bias,
                 proj: Linear::load(store, &format!("{pre}.attn.proj"), d, d)?,
                 norm2: Norm::load(store, &format!("{pre}.norm2"), d)?,
                 fc1: Linear::load(store, &format!("{pre}.mlp.fc1"), cfg.mlp_hidden, d)?,
                 fc2: Linear::load(store, &format!("{pre}.mlp.fc2"), d, cfg.mlp_hidden)?,
-                gamma1: g1.map(|k| store.get(&k, &[d])).transpose()?,
-                gamma2: g2.map(|k| store.get(&k, &[d])).transpose()?,
+                gamma1: g1.map(|k| Param::load(store, &k, &[d])).transpose()?,
+                gamma2: g2.map(|k| Param::load(store, &k, &[d])).transpose()?,
             });
         }
 
@@ -199,7 +185,7 @@ impl VisionTransformer {
             Pool::MeanPatches => {
                 // Self-supervised checkpoints have no fc_norm; MOOD starts it at weight 1, bias 0.
                 let fc = if pretrain_ckpt && !store.contains("fc_norm.weight") {
-                    Norm::identity(d)
+                    Norm::identity("fc_norm", d)
                 } else {
                     Norm::load(store, "fc_norm", d)?
                 };
@@ -218,16 +204,22 @@ impl VisionTransformer {
             }
             None => None,
         };
-        let cls = store.get("cls_token", &[1, 1, d])?.reshape(&[d])?;
+        let cls = Param {
+            name: "cls_token".into(),
+            value: store.get("cls_token", &[1, 1, d])?.reshape(&[d])?,
+        };
         let pos = if cfg.abs_pos_emb {
-            Some(store.get("pos_embed", &[1, n, d])?.reshape(&[n, d])?)
+            Some(Param {
+                name: "pos_embed".into(),
+                value: store.get("pos_embed", &[1, n, d])?.reshape(&[n, d])?,
+            })
         } else {
             None
         };
         Ok(VisionTransformer {
             cfg: cfg.clone(),
-            patch_w: store.get("patch_embed.proj.weight", &[d, c, p, p])?,
-            patch_b: store.get("patch_embed.proj.bias", &[d])?,
+            patch_w: Param::load(store, "patch_embed.proj.weight", &[d, c, p, p])?,
+            patch_b: Param::load(store, "patch_embed.proj.bias", &[d])?,
             cls,
             pos,
             blocks,
@@ -238,11 +230,21 @@ impl VisionTransformer {
     }
 
     pub fn num_classes(&self) -> Option<usize> {
-        self.head.as_ref().map(|h| h.w.shape()[0])
+        self.head.as_ref().map(|h| h.w.value.shape()[0])
     }
 
     /// images [B, C, H, W], normalised → features [B, D] and logits [B, C].
     pub fn forward(&self, images: &Tensor) -> Result<Output> {
+        let (features, logits) = self.forward_with(&mut Infer, images)?;
+        Ok(Output { features, logits })
+    }
+
+    /// The forward pass on any executor (inference, or the training tape).
+    pub fn forward_with<E: Exec>(
+        &self,
+        e: &mut E,
+        images: &Tensor,
+    ) -> Result<(E::V, Option<E::V>)> {
         let cfg = &self.cfg;
         let s = cfg.img_size;
         match images.shape() {
@@ -256,36 +258,37 @@ impl VisionTransformer {
         }
         let b = images.shape()[0];
         let n = cfg.tokens();
-        let patches = backend::patch_embed(images, &self.patch_w, &self.patch_b)?;
-        let mut x = backend::assemble_tokens(&patches, &self.cls, self.pos.as_ref(), b)?;
+        let img = e.input(images)?;
+        let patches = e.patch_embed(&img, &self.patch_w, &self.patch_b)?;
+        let mut x = e.assemble_tokens(patches, &self.cls, self.pos.as_ref(), b)?;
         for blk in &self.blocks {
-            let h = backend::layernorm(&x, &blk.norm1.w, &blk.norm1.b, cfg.eps)?;
-            let qkv = blk.qkv.forward(&h, Activation::None)?;
-            let a = backend::attention(&qkv, blk.rel_bias.as_ref(), b, n, cfg.num_heads)?;
-            let a = blk.proj.forward(&a, Activation::None)?;
-            backend::residual(&mut x, &a, blk.gamma1.as_ref())?;
-            let h = backend::layernorm(&x, &blk.norm2.w, &blk.norm2.b, cfg.eps)?;
-            let h = blk.fc1.forward(&h, Activation::Gelu)?;
-            let h = blk.fc2.forward(&h, Activation::None)?;
-            backend::residual(&mut x, &h, blk.gamma2.as_ref())?;
+            let h = e.layernorm(&x, &blk.norm1, cfg.eps)?;
+            let qkv = e.linear(&h, &blk.qkv, Activation::None)?;
+            let a = e.attention(qkv, blk.rel_bias.as_deref(), b, n, cfg.num_heads)?;
+            let a = e.linear(&a, &blk.proj, Activation::None)?;
+            x = e.residual(x, a, blk.gamma1.as_ref())?;
+            let h = e.layernorm(&x, &blk.norm2, cfg.eps)?;
+            let h = e.linear(&h, &blk.fc1, Activation::Gelu)?;
+            let h = e.linear(&h, &blk.fc2, Activation::None)?;
+            x = e.residual(x, h, blk.gamma2.as_ref())?;
         }
         let features = match cfg.pool {
             Pool::MeanPatches => {
-                let pooled = backend::pool(&x, b, Pool::MeanPatches)?;
+                let pooled = e.pool(x, b, Pool::MeanPatches)?;
                 let nrm = self.fc_norm.as_ref().expect("BEiT has fc_norm");
-                backend::layernorm(&pooled, &nrm.w, &nrm.b, cfg.eps)?
+                e.layernorm(&pooled, nrm, cfg.eps)?
             }
             Pool::ClassToken => {
-                let cls = backend::pool(&x, b, Pool::ClassToken)?;
+                let cls = e.pool(x, b, Pool::ClassToken)?;
                 let nrm = self.norm.as_ref().expect("ViT has norm");
                 // LayerNorm is per token, so normalising the class token alone equals norm(x)[:, 0].
-                backend::layernorm(&cls, &nrm.w, &nrm.b, cfg.eps)?
+                e.layernorm(&cls, nrm, cfg.eps)?
             }
         };
         let logits = match &self.head {
-            Some(h) => Some(h.forward(&features, Activation::None)?),
+            Some(h) => Some(e.linear(&features, h, Activation::None)?),
             None => None,
         };
-        Ok(Output { features, logits })
+        Ok((features, logits))
     }
 }
