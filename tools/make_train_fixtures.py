@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
 """Training references from PyTorch for tests/train_*.rs (grows with the training issue).
 
-Now: cross-entropy with label smoothing (torch.nn.CrossEntropyLoss(label_smoothing=0.1)) on random
-logits: tests/fixtures/train/ce_{logits,labels,loss,grad}.npy (labels stored as float32).
+- cross-entropy with label smoothing (torch.nn.CrossEntropyLoss(label_smoothing=0.1)) on random
+  logits: tests/fixtures/train/ce_{logits,labels,loss,grad}.npy (labels stored as float32);
+- parameter gradients of the tiny timm models of tests/fixtures/timm/ (per-block and shared
+  relative-position BEiT, ViT) under that loss on their bundled input, labels [1, 4, 7, 2]:
+  tests/fixtures/train/<name>_grads.safetensors (timm's parameter names) and <name>_loss.npy.
 """
 import os
 import sys
@@ -14,6 +17,18 @@ ensure_venv()
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from timm.models.beit import Beit  # noqa: E402
+from timm.models.vision_transformer import VisionTransformer  # noqa: E402
+
+TIMM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "timm")
+TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, mlp_ratio=4, num_classes=10)
+MODELS = {
+    "tiny_beit": lambda: Beit(**TINY, use_abs_pos_emb=False, use_rel_pos_bias=True, init_values=0.1),
+    "tiny_beit_shared_relpos": lambda: Beit(**TINY, use_abs_pos_emb=False, use_rel_pos_bias=False,
+                                            use_shared_rel_pos_bias=True, init_values=0.1),
+    "tiny_vit": lambda: VisionTransformer(**TINY),
+}
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "train")
 
@@ -30,6 +45,17 @@ def main():
     np.save(os.path.join(OUT, "ce_loss.npy"), np.array([loss.item()], dtype=np.float32))
     np.save(os.path.join(OUT, "ce_grad.npy"), logits.grad.numpy().astype(np.float32))
     print(f"cross-entropy (label smoothing 0.1): {loss.item():.6f}")
+
+    for name, make in MODELS.items():
+        model = make().eval()  # eval: no dropout / drop-path, the same forward as inference
+        model.load_state_dict(load_file(os.path.join(TIMM, f"{name}.safetensors")), strict=False)
+        x = torch.from_numpy(np.load(os.path.join(TIMM, f"{name}_input.npy")))
+        loss = torch.nn.CrossEntropyLoss(label_smoothing=0.1)(model(x), torch.tensor([1, 4, 7, 2]))
+        loss.backward()
+        grads = {k: p.grad.contiguous() for k, p in model.named_parameters() if p.grad is not None}
+        save_file(grads, os.path.join(OUT, f"{name}_grads.safetensors"))
+        np.save(os.path.join(OUT, f"{name}_loss.npy"), np.array([loss.item()], dtype=np.float32))
+        print(f"{name}: loss {loss.item():.6f}, {len(grads)} parameter gradients")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,444 @@
+//! Reverse-mode autodiff for the model's op set: `Tape` is an `Exec` that runs each op on the
+//! backend and records what its backward needs (Arc-shared tensors, no copies). `backward` walks the
+//! records in reverse, accumulating parameter gradients by the checkpoint's names; each record, and
+//! the activations only it held, is dropped as soon as its backward has run.
+
+use std::collections::HashMap;
+
+use crate::backend::cpu::{
+    attention, elementwise, layernorm, matmul, patch_embed, reduce, vecmath,
+};
+use crate::backend::{self, Activation, Pool};
+use crate::error::{Error, Result};
+use crate::model::exec::Exec;
+use crate::model::layers::{Linear, LinearBias, Norm, Param, RelBias};
+use crate::model::relpos;
+use crate::tensor::Tensor;
+
+/// An activation on the tape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Var(usize);
+
+enum Record {
+    PatchEmbed {
+        img: Var,
+        cols: Tensor,
+        w: Param,
+        b: Param,
+        dims: [usize; 4],
+        out: Var,
+    },
+    Assemble {
+        patches: Var,
+        cls: Param,
+        pos: Option<Param>,
+        b: usize,
+        out: Var,
+    },
+    LayerNorm {
+        x: Var,
+        xv: Tensor,
+        norm: Norm,
+        eps: f32,
+        out: Var,
+    },
+    Linear {
+        x: Var,
+        xv: Tensor,
+        l: Linear,
+        pre_gelu: Option<Tensor>,
+        out: Var,
+    },
+    Attention {
+        qkv: Var,
+        qkvv: Tensor,
+        table: Option<(Param, Vec<usize>, Tensor)>,
+        dims: [usize; 4],
+        out: Var,
+    },
+    Residual {
+        x: Var,
+        y: Var,
+        yv: Tensor,
+        gamma: Option<Param>,
+        out: Var,
+    },
+    Pool {
+        x: Var,
+        b: usize,
+        n: usize,
+        how: Pool,
+        out: Var,
+    },
+}
+
+#[derive(Default)]
+pub struct Tape {
+    values: Vec<Option<Tensor>>,
+    records: Vec<Record>,
+    /// Also compute the gradient with respect to the input images (ODIN, input saliency).
+    pub want_input_grad: bool,
+}
+
+/// Gradients by parameter name (values laid out as the parameter's tensor), plus the images'.
+#[derive(Default)]
+pub struct Grads {
+    pub params: HashMap<String, Vec<f32>>,
+    pub input: Option<Vec<f32>>,
+}
+
+fn add_into(map: &mut HashMap<String, Vec<f32>>, name: &str, g: &[f32]) {
+    match map.get_mut(name) {
+        Some(acc) => acc.iter_mut().zip(g).for_each(|(a, b)| *a += b),
+        None => {
+            map.insert(name.to_string(), g.to_vec());
+        }
+    }
+}
+
+impl Tape {
+    pub fn new() -> Tape {
+        Tape::default()
+    }
+
+    fn push(&mut self, t: Tensor) -> Var {
+        self.values.push(Some(t));
+        Var(self.values.len() - 1)
+    }
+
+    fn get(&self, v: Var) -> &Tensor {
+        self.values[v.0]
+            .as_ref()
+            .expect("tape value read after backward freed it")
+    }
+
+    /// Runs backward from `out` with upstream gradient `dout` (same layout as `out`'s value).
+    pub fn backward(mut self, out: Var, dout: Vec<f32>) -> Result<Grads> {
+        if dout.len() != self.get(out).numel() {
+            return Err(Error::Data(format!(
+                "backward: gradient has {} values, output has {}",
+                dout.len(),
+                self.get(out).numel()
+            )));
+        }
+        let mut vg: Vec<Option<Vec<f32>>> = vec![None; self.values.len()];
+        vg[out.0] = Some(dout);
+        // Forward values are no longer needed: records hold what backward reads.
+        self.values.clear();
+        let mut grads = Grads::default();
+        let acc = |vg: &mut Vec<Option<Vec<f32>>>, v: Var, g: Vec<f32>| match &mut vg[v.0] {
+            Some(a) => a.iter_mut().zip(&g).for_each(|(x, y)| *x += y),
+            slot @ None => *slot = Some(g),
+        };
+        while let Some(rec) = self.records.pop() {
+            match rec {
+                Record::Pool { x, b, n, how, out } => {
+                    let Some(dy) = vg[out.0].take() else { continue };
+                    let d = dy.len() / b;
+                    let dx = match how {
+                        Pool::MeanPatches => reduce::mean_tokens_backward(&dy, b, n, d, 1),
+                        Pool::ClassToken => {
+                            let mut dx = vec![0.0f32; b * n * d];
+                            for img in 0..b {
+                                dx[img * n * d..img * n * d + d]
+                                    .copy_from_slice(&dy[img * d..(img + 1) * d]);
+                            }
+                            dx
+                        }
+                    };
+                    acc(&mut vg, x, dx);
+                }
+                Record::Residual {
+                    x,
+                    y,
+                    yv,
+                    gamma,
+                    out,
+                } => {
+                    let Some(dy) = vg[out.0].take() else { continue };
+                    let d = *yv.shape().last().unwrap_or(&1);
+                    let (dbranch, dgamma) = elementwise::residual_scaled_backward(
+                        yv.as_slice(),
+                        gamma.as_ref().map(|g| g.value.as_slice()),
+                        &dy,
+                        d,
+                    );
+                    if let (Some(g), Some(dg)) = (&gamma, dgamma) {
+                        add_into(&mut grads.params, &g.name, &dg);
+                    }
+                    acc(&mut vg, y, dbranch);
+                    acc(&mut vg, x, dy);
+                }
+                Record::Linear {
+                    x,
+                    xv,
+                    l,
+                    pre_gelu,
+                    out,
+                } => {
+                    let Some(mut dy) = vg[out.0].take() else {
+                        continue;
+                    };
+                    if let Some(pre) = pre_gelu {
+                        let mut dpre = vec![0.0f32; dy.len()];
+                        vecmath::gelu_backward(pre.as_slice(), &dy, &mut dpre);
+                        dy = dpre;
+                    }
+                    let (m, k) = (xv.shape()[0], xv.shape()[1]);
+                    let n = l.w.value.shape()[0];
+                    let (dx, dw, db) =
+                        matmul::linear_backward(xv.as_slice(), l.w.value.as_slice(), &dy, m, k, n);
+                    add_into(&mut grads.params, &l.w.name, &dw);
+                    match &l.bias {
+                        LinearBias::None => {}
+                        LinearBias::Full(p) => add_into(&mut grads.params, &p.name, &db),
+                        LinearBias::QV { q, v, .. } => {
+                            let d = n / 3;
+                            add_into(&mut grads.params, &q.name, &db[..d]);
+                            add_into(&mut grads.params, &v.name, &db[2 * d..]);
+                        }
+                    }
+                    acc(&mut vg, x, dx);
+                }
+                Record::Attention {
+                    qkv,
+                    qkvv,
+                    table,
+                    dims,
+                    out,
+                } => {
+                    let Some(dy) = vg[out.0].take() else { continue };
+                    let [b, n, h, dh] = dims;
+                    let ad = attention::Dims { b, n, h, dh };
+                    let dense = table.as_ref().map(|t| t.2.as_slice());
+                    let (dqkv, dbias) = attention::backward(qkvv.as_slice(), dense, &ad, &dy);
+                    if let (Some((param, index, _)), Some(db)) = (&table, dbias) {
+                        let rows = param.value.shape()[0];
+                        let dt = relpos::scatter_bias_grad(&db, h, index, rows);
+                        add_into(&mut grads.params, &param.name, &dt);
+                    }
+                    acc(&mut vg, qkv, dqkv);
+                }
+                Record::LayerNorm {
+                    x,
+                    xv,
+                    norm,
+                    eps,
+                    out,
+                } => {
+                    let Some(dy) = vg[out.0].take() else { continue };
+                    let (dx, dg, db) =
+                        layernorm::backward(xv.as_slice(), norm.w.value.as_slice(), eps, &dy);
+                    add_into(&mut grads.params, &norm.w.name, &dg);
+                    add_into(&mut grads.params, &norm.b.name, &db);
+                    acc(&mut vg, x, dx);
+                }
+                Record::Assemble {
+                    patches,
+                    cls,
+                    pos,
+                    b,
+                    out,
+                } => {
+                    let Some(dy) = vg[out.0].take() else { continue };
+                    let d = cls.value.numel();
+                    let n = dy.len() / (b * d);
+                    let mut dcls = vec![0.0f32; d];
+                    let mut dpos = vec![0.0f32; n * d];
+                    let mut dpatch = Vec::with_capacity(b * (n - 1) * d);
+                    for img in dy.chunks_exact(n * d) {
+                        dcls.iter_mut().zip(&img[..d]).for_each(|(a, g)| *a += g);
+                        dpos.iter_mut().zip(img).for_each(|(a, g)| *a += g);
+                        dpatch.extend_from_slice(&img[d..]);
+                    }
+                    add_into(&mut grads.params, &cls.name, &dcls);
+                    if let Some(p) = &pos {
+                        add_into(&mut grads.params, &p.name, &dpos);
+                    }
+                    acc(&mut vg, patches, dpatch);
+                }
+                Record::PatchEmbed {
+                    img,
+                    cols,
+                    w,
+                    b,
+                    dims,
+                    out,
+                } => {
+                    let Some(dy) = vg[out.0].take() else { continue };
+                    let [bb, c, hgt, wid] = dims;
+                    let (m, k) = (cols.shape()[0], cols.shape()[1]);
+                    let n = w.value.shape()[0];
+                    let (dcols, dw, db) =
+                        matmul::linear_backward(cols.as_slice(), w.value.as_slice(), &dy, m, k, n);
+                    add_into(&mut grads.params, &w.name, &dw);
+                    add_into(&mut grads.params, &b.name, &db);
+                    if self.want_input_grad {
+                        let p = w.value.shape()[2];
+                        acc(
+                            &mut vg,
+                            img,
+                            patch_embed::col2im(&dcols, bb, c, hgt, wid, p),
+                        );
+                    }
+                }
+            }
+        }
+        if self.want_input_grad {
+            grads.input = vg.first_mut().and_then(|g| g.take());
+        }
+        Ok(grads)
+    }
+}
+
+impl Exec for Tape {
+    type V = Var;
+
+    fn input(&mut self, images: &Tensor) -> Result<Var> {
+        Ok(self.push(images.clone()))
+    }
+
+    fn patch_embed(&mut self, images: &Var, w: &Param, b: &Param) -> Result<Var> {
+        let x = self.get(*images).clone();
+        let [bb, c, hgt, wid] = x.shape()[..] else {
+            return Err(Error::Data(format!(
+                "patch_embed: images of shape {:?}",
+                x.shape()
+            )));
+        };
+        let [d, _, p, _] = w.value.shape()[..] else {
+            return Err(Error::Data(format!(
+                "patch_embed: weight of shape {:?}",
+                w.value.shape()
+            )));
+        };
+        let cols = Tensor::from_vec(
+            &[bb * (hgt / p) * (wid / p), c * p * p],
+            patch_embed::im2col(x.as_slice(), bb, c, hgt, wid, p),
+        )?;
+        let w2 = Param {
+            name: w.name.clone(),
+            value: w.value.clone().reshape(&[d, c * p * p])?,
+        };
+        let y = backend::linear(&cols, &w2.value, Some(&b.value), Activation::None)?;
+        let out = self.push(y);
+        self.records.push(Record::PatchEmbed {
+            img: *images,
+            cols,
+            w: w2,
+            b: b.clone(),
+            dims: [bb, c, hgt, wid],
+            out,
+        });
+        Ok(out)
+    }
+
+    fn assemble_tokens(
+        &mut self,
+        patches: Var,
+        cls: &Param,
+        pos: Option<&Param>,
+        b: usize,
+    ) -> Result<Var> {
+        let y = backend::assemble_tokens(self.get(patches), &cls.value, pos.map(|p| &p.value), b)?;
+        let out = self.push(y);
+        self.records.push(Record::Assemble {
+            patches,
+            cls: cls.clone(),
+            pos: pos.cloned(),
+            b,
+            out,
+        });
+        Ok(out)
+    }
+
+    fn layernorm(&mut self, x: &Var, norm: &Norm, eps: f32) -> Result<Var> {
+        let xv = self.get(*x).clone();
+        let y = backend::layernorm(&xv, &norm.w.value, &norm.b.value, eps)?;
+        let out = self.push(y);
+        self.records.push(Record::LayerNorm {
+            x: *x,
+            xv,
+            norm: norm.clone(),
+            eps,
+            out,
+        });
+        Ok(out)
+    }
+
+    fn linear(&mut self, x: &Var, l: &Linear, act: Activation) -> Result<Var> {
+        let xv = self.get(*x).clone();
+        let (y, pre_gelu) = match act {
+            Activation::None => (
+                backend::linear(&xv, &l.w.value, l.bias.tensor(), act)?,
+                None,
+            ),
+            Activation::Gelu => {
+                let pre = backend::linear(&xv, &l.w.value, l.bias.tensor(), Activation::None)?;
+                let mut y = pre.clone();
+                vecmath::gelu_slice(y.as_mut_slice());
+                (y, Some(pre))
+            }
+        };
+        let out = self.push(y);
+        self.records.push(Record::Linear {
+            x: *x,
+            xv,
+            l: l.clone(),
+            pre_gelu,
+            out,
+        });
+        Ok(out)
+    }
+
+    fn attention(
+        &mut self,
+        qkv: Var,
+        bias: Option<&RelBias>,
+        b: usize,
+        n: usize,
+        heads: usize,
+    ) -> Result<Var> {
+        let qkvv = self.get(qkv).clone();
+        let y = backend::attention(&qkvv, bias.map(|r| &r.dense), b, n, heads)?;
+        let dh = qkvv.shape()[1] / 3 / heads;
+        let table = bias.map(|r| (r.table.clone(), r.index.clone(), r.dense.clone()));
+        let out = self.push(y);
+        self.records.push(Record::Attention {
+            qkv,
+            qkvv,
+            table,
+            dims: [b, n, heads, dh],
+            out,
+        });
+        Ok(out)
+    }
+
+    fn residual(&mut self, x: Var, y: Var, gamma: Option<&Param>) -> Result<Var> {
+        let mut xv = self.get(x).clone(); // shared with records: residual copies on write
+        let yv = self.get(y).clone();
+        backend::residual(&mut xv, &yv, gamma.map(|g| &g.value))?;
+        let out = self.push(xv);
+        self.records.push(Record::Residual {
+            x,
+            y,
+            yv,
+            gamma: gamma.cloned(),
+            out,
+        });
+        Ok(out)
+    }
+
+    fn pool(&mut self, x: Var, b: usize, how: Pool) -> Result<Var> {
+        let xv = self.get(x);
+        let n = xv.shape()[0] / b;
+        let y = backend::pool(xv, b, how)?;
+        let out = self.push(y);
+        self.records.push(Record::Pool { x, b, n, how, out });
+        Ok(out)
+    }
+
+    fn value<'a>(&'a self, v: &'a Var) -> &'a Tensor {
+        self.get(*v)
+    }
+}
