@@ -73,3 +73,48 @@ fn beit_shared_relpos_gradients_match_torch() {
 fn vit_gradients_match_torch() {
     check("test_tiny_vit", "tiny_vit");
 }
+
+#[test]
+fn adamw_finetune_steps_match_torch() {
+    use mood::train::optim::{warmup_cosine, AdamW};
+    use mood::train::step::{finetune_step, StepConfig};
+    use std::collections::BTreeMap;
+
+    let cfg = VitConfig::preset("test_tiny_beit").unwrap();
+    let store = WeightStore::open(&fixture("timm/tiny_beit.safetensors")).unwrap();
+    let mut params: BTreeMap<String, Tensor> = store
+        .names()
+        .map(|k| (k.clone(), store.get(k, store.shape_of(k).unwrap()).unwrap()))
+        .collect();
+    let (shape, x) = mood::npy::read_f32(&fixture("timm/tiny_beit_input.npy")).unwrap();
+    let x = Tensor::from_vec(&shape, x).unwrap();
+    let (_, want_lrs) = mood::npy::read_f32(&fixture("train/tiny_beit_adamw_lrs.npy")).unwrap();
+    let mut opt = AdamW::new(0.05, 0.75, cfg.depth);
+    let sc = StepConfig {
+        label_smoothing: 0.1,
+        clip_grad: 0.5,
+    };
+    for (step, want_lr) in want_lrs.iter().enumerate() {
+        let lr = warmup_cosine(step, 2e-3, 1e-5, 2, want_lrs.len());
+        assert!(
+            (lr - want_lr).abs() <= 1e-9 + 1e-6 * want_lr,
+            "step {step}: lr {lr} vs BEiT schedule {want_lr}"
+        );
+        finetune_step(&cfg, &mut params, &mut opt, &x, &[1, 4, 7, 2], lr, &sc).unwrap();
+    }
+    let want = WeightStore::open(&fixture("train/tiny_beit_adamw_params.safetensors")).unwrap();
+    let mut worst = 0.0f32;
+    for key in want.names() {
+        let w = want.get(key, want.shape_of(key).unwrap()).unwrap();
+        let ours = &params[key];
+        for (a, b) in ours.as_slice().iter().zip(w.as_slice()) {
+            let rel = (a - b).abs() / b.abs().max(1e-2);
+            worst = worst.max(rel);
+            assert!(rel <= 1e-4, "`{key}`: ours {a}, torch {b}");
+        }
+    }
+    eprintln!(
+        "after {} AdamW steps: worst relative weight error {worst:.2e}",
+        want_lrs.len()
+    );
+}

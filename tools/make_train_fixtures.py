@@ -5,7 +5,11 @@
   logits: tests/fixtures/train/ce_{logits,labels,loss,grad}.npy (labels stored as float32);
 - parameter gradients of the tiny timm models of tests/fixtures/timm/ (per-block and shared
   relative-position BEiT, ViT) under that loss on their bundled input, labels [1, 4, 7, 2]:
-  tests/fixtures/train/<name>_grads.safetensors (timm's parameter names) and <name>_loss.npy.
+  tests/fixtures/train/<name>_grads.safetensors (timm's parameter names) and <name>_loss.npy;
+- 4 AdamW fine-tuning steps of the tiny BEiT as BEiT/MOOD fine-tune it (param groups without weight
+  decay for 1-D / bias / token / table tensors, layer-wise lr decay 0.75, BEiT's cosine_scheduler with
+  2 warmup steps, clip_grad_norm_ 0.5, label smoothing 0.1, weight decay 0.05, base lr 2e-3):
+  tiny_beit_adamw_params.safetensors and tiny_beit_adamw_lrs.npy.
 """
 import os
 import sys
@@ -56,6 +60,48 @@ def main():
         save_file(grads, os.path.join(OUT, f"{name}_grads.safetensors"))
         np.save(os.path.join(OUT, f"{name}_loss.npy"), np.array([loss.item()], dtype=np.float32))
         print(f"{name}: loss {loss.item():.6f}, {len(grads)} parameter gradients")
+    adamw_steps()
+
+
+def layer_id(name, depth):
+    if name in ("cls_token", "pos_embed", "mask_token") or name.startswith("patch_embed"):
+        return 0
+    if name.startswith("rel_pos_bias"):
+        return depth + 1
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def adamw_steps():
+    depth, steps, base, final, warmup = 2, 4, 2e-3, 1e-5, 2
+    model = MODELS["tiny_beit"]().eval()
+    model.load_state_dict(load_file(os.path.join(TIMM, "tiny_beit.safetensors")), strict=False)
+    groups = []
+    for name, p in model.named_parameters():
+        no_decay = p.ndim == 1 or name.endswith(".bias") or name in ("cls_token", "pos_embed") \
+            or "relative_position_bias_table" in name
+        scale = 0.75 ** (depth + 1 - layer_id(name, depth))
+        groups.append({"params": [p], "weight_decay": 0.0 if no_decay else 0.05, "lr_scale": scale})
+    opt = torch.optim.AdamW(groups, lr=base, betas=(0.9, 0.999), eps=1e-8)
+    warm = np.linspace(0, base, warmup)
+    iters = np.arange(steps - warmup)
+    cos = final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / len(iters)))
+    lrs = np.concatenate((warm, cos))
+    x = torch.from_numpy(np.load(os.path.join(TIMM, "tiny_beit_input.npy")))
+    y = torch.tensor([1, 4, 7, 2])
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lrs[step] * g["lr_scale"]
+        opt.zero_grad()
+        loss = torch.nn.CrossEntropyLoss(label_smoothing=0.1)(model(x), y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        opt.step()
+        print(f"adamw step {step}: lr {lrs[step]:.3e}, loss {loss.item():.6f}")
+    save_file({k: p.detach().contiguous() for k, p in model.named_parameters()},
+              os.path.join(OUT, "tiny_beit_adamw_params.safetensors"))
+    np.save(os.path.join(OUT, "tiny_beit_adamw_lrs.npy"), lrs.astype(np.float32))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
-//! Training: the autodiff tape over the model's op set and the losses. The optimiser, schedules and
-//! the pretraining / fine-tuning loops arrive with the training issue.
+//! Training: the autodiff tape over the model's op set, losses, AdamW with BEiT's parameter groups
+//! and schedules, and the fine-tuning step. The pretraining objective and the CLI loops arrive with
+//! the rest of the training issue.
 
 pub mod loss;
+pub mod optim;
+pub mod step;
 pub mod tape;

@@ -56,6 +56,8 @@ pub enum Bytes {
         len: usize,
     },
     Owned(Arc<Vec<u8>>),
+    /// An in-memory f32 tensor (random init, training state), handed out without a copy.
+    Tensor(Tensor),
 }
 
 #[derive(Clone)]
@@ -133,18 +135,17 @@ impl WeightStore {
         })
     }
 
-    /// Builds a store from in-memory f32 tensors (random-weight benchmarks, tests).
+    /// Builds a store over in-memory f32 tensors (random init, training state); no copies.
     pub fn from_tensors(name: &str, tensors: Vec<(String, Tensor)>) -> WeightStore {
         let entries = tensors
             .into_iter()
             .map(|(k, t)| {
-                let bytes = bytemuck::cast_slice::<f32, u8>(t.as_slice()).to_vec();
                 (
                     k,
                     Entry {
                         dtype: WDType::F32,
                         shape: t.shape().to_vec(),
-                        bytes: Bytes::Owned(Arc::new(bytes)),
+                        bytes: Bytes::Tensor(t),
                     },
                 )
             })
@@ -180,6 +181,7 @@ impl WeightStore {
                 &map[*offset..*offset + *len]
             }
             Bytes::Owned(v) => v.as_slice(),
+            Bytes::Tensor(t) => bytemuck::cast_slice(t.as_slice()),
         }
     }
 
@@ -202,6 +204,9 @@ impl WeightStore {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(name.to_string());
+        if let Bytes::Tensor(t) = &e.bytes {
+            return Ok(t.clone());
+        }
         if let (WDType::F32, Bytes::Mapped { offset, .. }, Some(map)) =
             (e.dtype, &e.bytes, &self.map)
         {

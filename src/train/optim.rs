@@ -1,0 +1,142 @@
+//! AdamW as BEiT / MOOD fine-tune: decoupled weight decay skipped for norms, biases, layer scales,
+//! tokens and relative-position tables; layer-wise learning-rate decay; linear warmup then cosine;
+//! global gradient-norm clipping. Semantics follow torch.optim.AdamW and timm/BEiT's param groups.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::tensor::Tensor;
+
+/// BEiT's parameter grouping: no weight decay for 1-D tensors, `.bias`, tokens and position tables.
+pub fn uses_weight_decay(name: &str, shape: &[usize]) -> bool {
+    !(shape.len() == 1
+        || name.ends_with(".bias")
+        || matches!(name, "cls_token" | "pos_embed" | "mask_token")
+        || name.contains("relative_position_bias_table"))
+}
+
+/// BEiT's layer id for layer-wise lr decay: embeddings 0, block i → i + 1, the rest depth + 1.
+pub fn layer_id(name: &str, depth: usize) -> usize {
+    if matches!(name, "cls_token" | "pos_embed" | "mask_token") || name.starts_with("patch_embed") {
+        0
+    } else if name.starts_with("rel_pos_bias") {
+        depth + 1
+    } else if let Some(rest) = name.strip_prefix("blocks.") {
+        rest.split('.')
+            .next()
+            .and_then(|i| i.parse::<usize>().ok())
+            .map_or(depth + 1, |i| i + 1)
+    } else {
+        depth + 1
+    }
+}
+
+/// lr multiplier of `name`: decay^(depth + 1 − layer_id).
+pub fn layer_scale(name: &str, depth: usize, decay: f32) -> f32 {
+    decay.powi((depth + 1 - layer_id(name, depth)) as i32)
+}
+
+/// BEiT's per-step `cosine_scheduler`: warmup = linspace(0, base, warmup) (so the last warmup step
+/// is already `base`), then min + ½(base − min)(1 + cos(π·i / (total − warmup))).
+pub fn warmup_cosine(step: usize, base: f32, min: f32, warmup: usize, total: usize) -> f32 {
+    if step < warmup {
+        return if warmup == 1 {
+            0.0
+        } else {
+            base * step as f32 / (warmup - 1) as f32
+        };
+    }
+    let span = (total - warmup).max(1) as f32;
+    let t = ((step - warmup) as f32 / span).min(1.0);
+    min + 0.5 * (base - min) * (1.0 + (std::f32::consts::PI * t).cos())
+}
+
+/// Scales every gradient so that their joint L2 norm is at most `max_norm`; returns the norm before
+/// clipping (torch.nn.utils.clip_grad_norm_, with its 1e-6 in the denominator).
+pub fn clip_grad_norm(grads: &mut HashMap<String, Vec<f32>>, max_norm: f32) -> f32 {
+    let total = grads
+        .values()
+        .flat_map(|g| g.iter())
+        .map(|&v| (v as f64) * (v as f64))
+        .sum::<f64>()
+        .sqrt() as f32;
+    let coef = max_norm / (total + 1e-6);
+    if coef < 1.0 {
+        grads
+            .values_mut()
+            .flat_map(|g| g.iter_mut())
+            .for_each(|v| *v *= coef);
+    }
+    total
+}
+
+pub struct AdamW {
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    pub layer_decay: f32,
+    pub depth: usize,
+    pub step: u32,
+    m: HashMap<String, Vec<f32>>,
+    v: HashMap<String, Vec<f32>>,
+}
+
+impl AdamW {
+    pub fn new(weight_decay: f32, layer_decay: f32, depth: usize) -> AdamW {
+        AdamW {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay,
+            layer_decay,
+            depth,
+            step: 0,
+            m: HashMap::new(),
+            v: HashMap::new(),
+        }
+    }
+
+    /// One update of every parameter that has a gradient, at base learning rate `lr`.
+    pub fn update(
+        &mut self,
+        params: &mut BTreeMap<String, Tensor>,
+        grads: &HashMap<String, Vec<f32>>,
+        lr: f32,
+    ) {
+        self.step += 1;
+        let bc1 = 1.0 - self.beta1.powi(self.step as i32);
+        let bc2 = 1.0 - self.beta2.powi(self.step as i32);
+        for (name, p) in params.iter_mut() {
+            let Some(g) = grads.get(name) else { continue };
+            let lr_p = lr * layer_scale(name, self.depth, self.layer_decay);
+            let wd = if uses_weight_decay(name, p.shape()) {
+                self.weight_decay
+            } else {
+                0.0
+            };
+            let m = self
+                .m
+                .entry(name.clone())
+                .or_insert_with(|| vec![0.0; g.len()]);
+            let v = self
+                .v
+                .entry(name.clone())
+                .or_insert_with(|| vec![0.0; g.len()]);
+            let (b1, b2, eps) = (self.beta1, self.beta2, self.eps);
+            let step_size = lr_p / bc1;
+            let sqrt_bc2 = bc2.sqrt();
+            for (((x, gi), mi), vi) in p
+                .as_mut_slice()
+                .iter_mut()
+                .zip(g)
+                .zip(m.iter_mut())
+                .zip(v.iter_mut())
+            {
+                *x *= 1.0 - lr_p * wd;
+                *mi = b1 * *mi + (1.0 - b1) * gi;
+                *vi = b2 * *vi + (1.0 - b2) * gi * gi;
+                *x -= step_size * *mi / (vi.sqrt() / sqrt_bc2 + eps);
+            }
+        }
+    }
+}
