@@ -118,3 +118,64 @@ fn adamw_finetune_steps_match_torch() {
         want_lrs.len()
     );
 }
+
+#[test]
+fn masked_image_modelling_gradients_match_torch() {
+    use mood::model::layers::{Linear, LinearBias, Norm, Param};
+    use mood::train::mim::{masked_token_rows, mse, patch_targets};
+
+    let cfg = VitConfig::preset("test_tiny_beit").unwrap();
+    let store = WeightStore::open(&fixture("timm/tiny_beit.safetensors")).unwrap();
+    let model = VisionTransformer::load(&cfg, &store).unwrap();
+    let init = WeightStore::open(&fixture("train/tiny_beit_mim_init.safetensors")).unwrap();
+    let (d, k) = (48, 3 * 8 * 8);
+    let token = Param::load(&init, "mask_token", &[d]).unwrap();
+    let norm = Norm::load(&init, "norm", d).unwrap();
+    let head = Linear {
+        w: Param::load(&init, "mim_head.weight", &[k, d]).unwrap(),
+        bias: LinearBias::Full(Param::load(&init, "mim_head.bias", &[k]).unwrap()),
+    };
+    let (shape, x) = mood::npy::read_f32(&fixture("timm/tiny_beit_input.npy")).unwrap();
+    let (_, mask) = mood::npy::read_f32(&fixture("train/tiny_beit_mim_mask.npy")).unwrap();
+    let mask: Vec<bool> = mask.iter().map(|&m| m > 0.5).collect();
+    let (b, g) = (shape[0], 16);
+    let images = Tensor::from_vec(&shape, x.clone()).unwrap();
+
+    let mut tape = Tape::new();
+    let tokens = model
+        .forward_masked(&mut tape, &images, &mask, &token, &norm)
+        .unwrap();
+    let rows = masked_token_rows(&mask, b, g);
+    let sel = tape.gather_rows(tokens, &rows).unwrap();
+    let pred = tape
+        .linear(&sel, &head, mood::backend::Activation::None)
+        .unwrap();
+    let all = patch_targets(&x, b, 3, 32, 8);
+    let target: Vec<f32> = (0..b * g)
+        .filter(|&i| mask[i])
+        .flat_map(|i| all[i * k..(i + 1) * k].to_vec())
+        .collect();
+    let (loss, dpred) = mse(tape.value(&pred).as_slice(), &target);
+    let (_, want_loss) = mood::npy::read_f32(&fixture("train/tiny_beit_mim_loss.npy")).unwrap();
+    assert!(
+        (loss - want_loss[0]).abs() < 1e-5,
+        "mim loss {loss} vs torch {}",
+        want_loss[0]
+    );
+    let grads = tape.backward(pred, dpred).unwrap();
+    let want = WeightStore::open(&fixture("train/tiny_beit_mim_grads.safetensors")).unwrap();
+    for key in want.names() {
+        let w = want.get(key, want.shape_of(key).unwrap()).unwrap();
+        let ours = grads
+            .params
+            .get(key)
+            .unwrap_or_else(|| panic!("no gradient for `{key}`"));
+        let scale = w.as_slice().iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        for (i, (a, bb)) in ours.iter().zip(w.as_slice()).enumerate() {
+            assert!(
+                (a - bb).abs() <= 1e-4 * scale + 1e-6,
+                "`{key}`[{i}]: ours {a}, torch {bb}"
+            );
+        }
+    }
+}

@@ -9,7 +9,11 @@
 - 4 AdamW fine-tuning steps of the tiny BEiT as BEiT/MOOD fine-tune it (param groups without weight
   decay for 1-D / bias / token / table tensors, layer-wise lr decay 0.75, BEiT's cosine_scheduler with
   2 warmup steps, clip_grad_norm_ 0.5, label smoothing 0.1, weight decay 0.05, base lr 2e-3):
-  tiny_beit_adamw_params.safetensors and tiny_beit_adamw_lrs.npy.
+  tiny_beit_adamw_params.safetensors and tiny_beit_adamw_lrs.npy;
+- masked image modelling on the tiny BEiT: masked patches replaced by a mask token, final `norm`,
+  a linear `mim_head` on the masked tokens, MSE against per-patch normalised pixels (unbiased var,
+  eps 1e-6): tiny_beit_mim_{mask,loss}.npy, tiny_beit_mim_init.safetensors (mask token, norm, head)
+  and tiny_beit_mim_grads.safetensors.
 """
 import os
 import sys
@@ -61,6 +65,7 @@ def main():
         np.save(os.path.join(OUT, f"{name}_loss.npy"), np.array([loss.item()], dtype=np.float32))
         print(f"{name}: loss {loss.item():.6f}, {len(grads)} parameter gradients")
     adamw_steps()
+    mim_grads()
 
 
 def layer_id(name, depth):
@@ -102,6 +107,47 @@ def adamw_steps():
     save_file({k: p.detach().contiguous() for k, p in model.named_parameters()},
               os.path.join(OUT, "tiny_beit_adamw_params.safetensors"))
     np.save(os.path.join(OUT, "tiny_beit_adamw_lrs.npy"), lrs.astype(np.float32))
+
+
+def mim_grads():
+    g = torch.Generator().manual_seed(11)
+    model = MODELS["tiny_beit"]().eval()
+    model.load_state_dict(load_file(os.path.join(TIMM, "tiny_beit.safetensors")), strict=False)
+    d, p, gsz = 48, 8, 16
+    extra = {
+        "mask_token": torch.nn.Parameter(0.5 * torch.randn(d, generator=g)),
+        "norm.weight": torch.nn.Parameter(1 + 0.2 * torch.randn(d, generator=g)),
+        "norm.bias": torch.nn.Parameter(0.1 * torch.randn(d, generator=g)),
+        "mim_head.weight": torch.nn.Parameter(0.15 * torch.randn(3 * p * p, d, generator=g)),
+        "mim_head.bias": torch.nn.Parameter(0.1 * torch.randn(3 * p * p, generator=g)),
+    }
+    x = torch.from_numpy(np.load(os.path.join(TIMM, "tiny_beit_input.npy")))
+    b = x.shape[0]
+    mask = torch.zeros(b, gsz, dtype=torch.bool)
+    for i in range(b):
+        mask[i, torch.randperm(gsz, generator=g)[:6]] = True
+    t = model.patch_embed(x)  # [B, G, D]
+    w = mask.unsqueeze(-1).float()
+    t = t * (1 - w) + extra["mask_token"] * w
+    t = torch.cat((model.cls_token.expand(b, -1, -1), t), dim=1)
+    for blk in model.blocks:
+        t = blk(t, shared_rel_pos_bias=None)
+    t = torch.nn.functional.layer_norm(t, (d,), extra["norm.weight"], extra["norm.bias"], eps=1e-6)
+    pred = torch.nn.functional.linear(t[:, 1:][mask], extra["mim_head.weight"], extra["mim_head.bias"])
+    # targets: patches in im2col order (c, i, j), normalised per patch
+    tgt = x.unfold(2, p, p).unfold(3, p, p)  # [B, C, gh, gw, p, p]
+    tgt = tgt.permute(0, 2, 3, 1, 4, 5).reshape(b, gsz, 3 * p * p)[mask]
+    mean, var = tgt.mean(-1, keepdim=True), tgt.var(-1, keepdim=True)
+    tgt = (tgt - mean) / (var + 1e-6) ** 0.5
+    loss = ((pred - tgt) ** 2).mean()
+    loss.backward()
+    grads = {k: p.grad.contiguous() for k, p in model.named_parameters() if p.grad is not None}
+    grads.update({k: v.grad.contiguous() for k, v in extra.items()})
+    save_file(grads, os.path.join(OUT, "tiny_beit_mim_grads.safetensors"))
+    save_file({k: v.detach().contiguous() for k, v in extra.items()}, os.path.join(OUT, "tiny_beit_mim_init.safetensors"))
+    np.save(os.path.join(OUT, "tiny_beit_mim_mask.npy"), mask.reshape(-1).numpy().astype(np.float32))
+    np.save(os.path.join(OUT, "tiny_beit_mim_loss.npy"), np.array([loss.item()], dtype=np.float32))
+    print(f"mim: loss {loss.item():.6f}, {int(mask.sum())} masked patches")
 
 
 if __name__ == "__main__":

@@ -221,3 +221,32 @@ pub fn pool(x: &Tensor, b: usize, how: Pool) -> Result<Tensor> {
     };
     Tensor::from_vec(&[b, d], out)
 }
+
+/// Rows of x [M, D] whose mask is set are replaced by `token` [D].
+pub fn mask_rows(x: &Tensor, mask: &[bool], token: &Tensor) -> Result<Tensor> {
+    let (m, d) = x.dims2("mask_rows input")?;
+    check("mask token", token, &[d])?;
+    if mask.len() != m {
+        return Err(Error::Data(format!(
+            "mask_rows: mask has {} entries for {m} rows",
+            mask.len()
+        )));
+    }
+    let mut y = x.clone();
+    cpu::elementwise::mask_rows(y.as_mut_slice(), mask, token.as_slice());
+    Ok(y)
+}
+
+/// x [M, D] → x[rows] [R, D].
+pub fn gather_rows(x: &Tensor, rows: &[usize]) -> Result<Tensor> {
+    let (m, d) = x.dims2("gather_rows input")?;
+    if let Some(&bad) = rows.iter().find(|&&r| r >= m) {
+        return Err(Error::Data(format!(
+            "gather_rows: row {bad} out of range for {m} rows"
+        )));
+    }
+    Tensor::from_vec(
+        &[rows.len(), d],
+        cpu::elementwise::gather_rows(x.as_slice(), rows, d),
+    )
+}

@@ -37,6 +37,10 @@ pub trait Exec {
     fn residual(&mut self, x: Self::V, y: Self::V, gamma: Option<&Param>) -> Result<Self::V>;
     /// [B·N, D] → [B, D]
     fn pool(&mut self, x: Self::V, b: usize, how: Pool) -> Result<Self::V>;
+    /// Rows of x [M, D] with mask set become `token` (masked image modelling).
+    fn mask_rows(&mut self, x: Self::V, mask: &[bool], token: &Param) -> Result<Self::V>;
+    /// x [M, D] → x[rows] [R, D]
+    fn gather_rows(&mut self, x: Self::V, rows: &[usize]) -> Result<Self::V>;
     fn value<'a>(&'a self, v: &'a Self::V) -> &'a Tensor;
 }
 
@@ -90,6 +94,14 @@ impl Exec for Infer {
 
     fn pool(&mut self, x: Tensor, b: usize, how: Pool) -> Result<Tensor> {
         backend::pool(&x, b, how)
+    }
+
+    fn mask_rows(&mut self, x: Tensor, mask: &[bool], token: &Param) -> Result<Tensor> {
+        backend::mask_rows(&x, mask, &token.value)
+    }
+
+    fn gather_rows(&mut self, x: Tensor, rows: &[usize]) -> Result<Tensor> {
+        backend::gather_rows(&x, rows)
     }
 
     fn value<'a>(&'a self, v: &'a Tensor) -> &'a Tensor {

@@ -239,6 +239,43 @@ impl VisionTransformer {
         Ok(Output { features, logits })
     }
 
+    /// The transformer blocks on a token sequence [B·N, D].
+    fn blocks_with<E: Exec>(&self, e: &mut E, mut x: E::V, b: usize) -> Result<E::V> {
+        let (cfg, n) = (&self.cfg, self.cfg.tokens());
+        for blk in &self.blocks {
+            let h = e.layernorm(&x, &blk.norm1, cfg.eps)?;
+            let qkv = e.linear(&h, &blk.qkv, Activation::None)?;
+            let a = e.attention(qkv, blk.rel_bias.as_deref(), b, n, cfg.num_heads)?;
+            let a = e.linear(&a, &blk.proj, Activation::None)?;
+            x = e.residual(x, a, blk.gamma1.as_ref())?;
+            let h = e.layernorm(&x, &blk.norm2, cfg.eps)?;
+            let h = e.linear(&h, &blk.fc1, Activation::Gelu)?;
+            let h = e.linear(&h, &blk.fc2, Activation::None)?;
+            x = e.residual(x, h, blk.gamma2.as_ref())?;
+        }
+        Ok(x)
+    }
+
+    /// Masked image modelling forward: patch tokens with `mask` set ([B·G], row-major per image) are
+    /// replaced by `mask_token` [D] before the blocks; returns every token [B·N, D] after
+    /// `final_norm` (the pretraining model's `norm`).
+    pub fn forward_masked<E: Exec>(
+        &self,
+        e: &mut E,
+        images: &Tensor,
+        mask: &[bool],
+        mask_token: &Param,
+        final_norm: &Norm,
+    ) -> Result<E::V> {
+        let b = images.shape()[0];
+        let img = e.input(images)?;
+        let patches = e.patch_embed(&img, &self.patch_w, &self.patch_b)?;
+        let patches = e.mask_rows(patches, mask, mask_token)?;
+        let x = e.assemble_tokens(patches, &self.cls, self.pos.as_ref(), b)?;
+        let x = self.blocks_with(e, x, b)?;
+        e.layernorm(&x, final_norm, self.cfg.eps)
+    }
+
     /// The forward pass on any executor (inference, or the training tape).
     pub fn forward_with<E: Exec>(
         &self,
@@ -257,21 +294,10 @@ impl VisionTransformer {
             }
         }
         let b = images.shape()[0];
-        let n = cfg.tokens();
         let img = e.input(images)?;
         let patches = e.patch_embed(&img, &self.patch_w, &self.patch_b)?;
-        let mut x = e.assemble_tokens(patches, &self.cls, self.pos.as_ref(), b)?;
-        for blk in &self.blocks {
-            let h = e.layernorm(&x, &blk.norm1, cfg.eps)?;
-            let qkv = e.linear(&h, &blk.qkv, Activation::None)?;
-            let a = e.attention(qkv, blk.rel_bias.as_deref(), b, n, cfg.num_heads)?;
-            let a = e.linear(&a, &blk.proj, Activation::None)?;
-            x = e.residual(x, a, blk.gamma1.as_ref())?;
-            let h = e.layernorm(&x, &blk.norm2, cfg.eps)?;
-            let h = e.linear(&h, &blk.fc1, Activation::Gelu)?;
-            let h = e.linear(&h, &blk.fc2, Activation::None)?;
-            x = e.residual(x, h, blk.gamma2.as_ref())?;
-        }
+        let x = e.assemble_tokens(patches, &self.cls, self.pos.as_ref(), b)?;
+        let x = self.blocks_with(e, x, b)?;
         let features = match cfg.pool {
             Pool::MeanPatches => {
                 let pooled = e.pool(x, b, Pool::MeanPatches)?;

@@ -3,6 +3,7 @@
 //! the rest of the training issue.
 
 pub mod loss;
+pub mod mim;
 pub mod optim;
 pub mod step;
 pub mod tape;

@@ -70,6 +70,18 @@ enum Record {
         how: Pool,
         out: Var,
     },
+    MaskRows {
+        x: Var,
+        mask: Vec<bool>,
+        token: Param,
+        out: Var,
+    },
+    GatherRows {
+        x: Var,
+        rows: Vec<usize>,
+        m: usize,
+        out: Var,
+    },
 }
 
 #[derive(Default)]
@@ -147,6 +159,26 @@ impl Tape {
                         }
                     };
                     acc(&mut vg, x, dx);
+                }
+                Record::MaskRows {
+                    x,
+                    mask,
+                    token,
+                    out,
+                } => {
+                    let Some(dy) = vg[out.0].take() else { continue };
+                    let (dx, dt) = elementwise::mask_rows_backward(&dy, &mask, token.value.numel());
+                    add_into(&mut grads.params, &token.name, &dt);
+                    acc(&mut vg, x, dx);
+                }
+                Record::GatherRows { x, rows, m, out } => {
+                    let Some(dy) = vg[out.0].take() else { continue };
+                    let d = dy.len() / rows.len().max(1);
+                    acc(
+                        &mut vg,
+                        x,
+                        elementwise::gather_rows_backward(&dy, &rows, m, d),
+                    );
                 }
                 Record::Residual {
                     x,
@@ -435,6 +467,31 @@ impl Exec for Tape {
         let y = backend::pool(xv, b, how)?;
         let out = self.push(y);
         self.records.push(Record::Pool { x, b, n, how, out });
+        Ok(out)
+    }
+
+    fn mask_rows(&mut self, x: Var, mask: &[bool], token: &Param) -> Result<Var> {
+        let y = backend::mask_rows(self.get(x), mask, &token.value)?;
+        let out = self.push(y);
+        self.records.push(Record::MaskRows {
+            x,
+            mask: mask.to_vec(),
+            token: token.clone(),
+            out,
+        });
+        Ok(out)
+    }
+
+    fn gather_rows(&mut self, x: Var, rows: &[usize]) -> Result<Var> {
+        let m = self.get(x).shape()[0];
+        let y = backend::gather_rows(self.get(x), rows)?;
+        let out = self.push(y);
+        self.records.push(Record::GatherRows {
+            x,
+            rows: rows.to_vec(),
+            m,
+            out,
+        });
         Ok(out)
     }
 

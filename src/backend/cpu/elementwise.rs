@@ -75,3 +75,45 @@ pub fn residual_scaled_backward(
         }
     }
 }
+
+/// Rows i of x [M, D] with mask[i] set are replaced by `token` [D] (BEiT's learnable mask token).
+pub fn mask_rows(x: &mut [f32], mask: &[bool], token: &[f32]) {
+    let d = token.len();
+    for (row, &m) in x.chunks_exact_mut(d).zip(mask) {
+        if m {
+            row.copy_from_slice(token);
+        }
+    }
+}
+
+/// Gradients of `mask_rows` given dy: dx = dy with masked rows zeroed; dtoken = Σ masked rows of dy.
+pub fn mask_rows_backward(dy: &[f32], mask: &[bool], d: usize) -> (Vec<f32>, Vec<f32>) {
+    let mut dx = dy.to_vec();
+    let mut dt = vec![0.0f32; d];
+    for (row, &m) in dx.chunks_exact_mut(d).zip(mask) {
+        if m {
+            dt.iter_mut().zip(row.iter()).for_each(|(a, g)| *a += g);
+            row.fill(0.0);
+        }
+    }
+    (dx, dt)
+}
+
+/// out [R, D] = x[rows[r], :].
+pub fn gather_rows(x: &[f32], rows: &[usize], d: usize) -> Vec<f32> {
+    rows.iter()
+        .flat_map(|&r| x[r * d..(r + 1) * d].iter().copied())
+        .collect()
+}
+
+/// The adjoint of `gather_rows`: dx [M, D] with dy's rows added at `rows`.
+pub fn gather_rows_backward(dy: &[f32], rows: &[usize], m: usize, d: usize) -> Vec<f32> {
+    let mut dx = vec![0.0f32; m * d];
+    for (g, &r) in dy.chunks_exact(d).zip(rows) {
+        dx[r * d..(r + 1) * d]
+            .iter_mut()
+            .zip(g)
+            .for_each(|(a, b)| *a += b);
+    }
+    dx
+}
