@@ -203,3 +203,32 @@ fn cross_entropy_with_label_smoothing_matches_torch() {
         assert!((a - b).abs() < 1e-6, "grad {a} vs torch {b}");
     }
 }
+
+#[test]
+fn mos_group_softmax_loss_matches_torch() {
+    let fx = |n: &str| {
+        mood::npy::read_f32(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/train")
+                .join(n),
+        )
+        .unwrap()
+    };
+    let (_, logits) = fx("mos_logits.npy");
+    let (lshape, labels) = fx("mos_labels.npy");
+    let labels: Vec<Vec<usize>> = labels
+        .chunks(lshape[1])
+        .map(|r| r.iter().map(|&v| v as usize).collect())
+        .collect();
+    let (ours, dz) = mood::train::loss::group_softmax(&logits, &[3, 1, 4], &labels);
+    let (_, loss) = fx("mos_loss.npy");
+    let (_, grad) = fx("mos_grad.npy");
+    assert!(
+        (ours - loss[0]).abs() < 1e-5,
+        "loss {ours} vs torch {}",
+        loss[0]
+    );
+    for (a, b) in dz.iter().zip(&grad) {
+        assert!((a - b).abs() < 1e-6, "grad {a} vs torch {b}");
+    }
+}

@@ -13,7 +13,8 @@
 - masked image modelling on the tiny BEiT: masked patches replaced by a mask token, final `norm`,
   a linear `mim_head` on the masked tokens, MSE against per-patch normalised pixels (unbiased var,
   eps 1e-6): tiny_beit_mim_{mask,loss}.npy, tiny_beit_mim_init.safetensors (mask token, norm, head)
-  and tiny_beit_mim_grads.safetensors.
+  and tiny_beit_mim_grads.safetensors;
+- MOS's group-softmax loss on random logits: mos_{logits,labels,loss,grad}.npy.
 """
 import os
 import sys
@@ -66,6 +67,7 @@ def main():
         print(f"{name}: loss {loss.item():.6f}, {len(grads)} parameter gradients")
     adamw_steps()
     mim_grads()
+    group_softmax()
 
 
 def layer_id(name, depth):
@@ -148,6 +150,24 @@ def mim_grads():
     np.save(os.path.join(OUT, "tiny_beit_mim_mask.npy"), mask.reshape(-1).numpy().astype(np.float32))
     np.save(os.path.join(OUT, "tiny_beit_mim_loss.npy"), np.array([loss.item()], dtype=np.float32))
     print(f"mim: loss {loss.item():.6f}, {int(mask.sum())} masked patches")
+
+
+def group_softmax():
+    """MOS: groups [3, 1, 4] (+1 'others' slot each), loss = sum over groups of batch-mean CE."""
+    g = torch.Generator().manual_seed(13)
+    sizes = [3, 1, 4]
+    logits = torch.randn(5, sum(s + 1 for s in sizes), generator=g, requires_grad=True)
+    labels = torch.tensor([[2, 0, 0], [0, 1, 0], [0, 0, 4], [0, 0, 1], [3, 0, 0]])
+    loss, start = 0.0, 0
+    for k, s in enumerate(sizes):
+        loss = loss + torch.nn.functional.cross_entropy(logits[:, start:start + s + 1], labels[:, k])
+        start += s + 1
+    loss.backward()
+    np.save(os.path.join(OUT, "mos_logits.npy"), logits.detach().numpy())
+    np.save(os.path.join(OUT, "mos_labels.npy"), labels.numpy().astype(np.float32))
+    np.save(os.path.join(OUT, "mos_loss.npy"), np.array([loss.item()], dtype=np.float32))
+    np.save(os.path.join(OUT, "mos_grad.npy"), logits.grad.numpy())
+    print(f"mos group softmax: loss {loss.item():.6f}")
 
 
 if __name__ == "__main__":

@@ -32,3 +32,38 @@ pub fn cross_entropy(
     }
     ((total / b as f64) as f32, grad)
 }
+
+/// MOS's group-softmax loss: logits [B, Σ(size_g + 1)] split into contiguous group slices, slot 0 of
+/// each slice being the group's "others" category; `labels[i][g]` is the within-slice target of
+/// image i in group g (0 = others, k + 1 = class k of the group). Loss = Σ_g mean_i CE(slice_g, label_g)
+/// (a sum over groups, each a batch mean). Returns (loss, dlogits).
+pub fn group_softmax(
+    logits: &[f32],
+    group_sizes: &[usize],
+    labels: &[Vec<usize>],
+) -> (f32, Vec<f32>) {
+    let width: usize = group_sizes.iter().map(|s| s + 1).sum();
+    let b = labels.len();
+    assert_eq!(logits.len(), b * width);
+    let mut grad = vec![0.0f32; logits.len()];
+    let mut total = 0.0f32;
+    let mut start = 0;
+    for (g, &size) in group_sizes.iter().enumerate() {
+        let w = size + 1;
+        let slice: Vec<f32> = (0..b)
+            .flat_map(|i| {
+                logits[i * width + start..i * width + start + w]
+                    .iter()
+                    .copied()
+            })
+            .collect();
+        let y: Vec<usize> = labels.iter().map(|l| l[g]).collect();
+        let (l, dg) = cross_entropy(&slice, &y, w, 0.0);
+        total += l;
+        for i in 0..b {
+            grad[i * width + start..i * width + start + w].copy_from_slice(&dg[i * w..(i + 1) * w]);
+        }
+        start += w;
+    }
+    (total, grad)
+}
