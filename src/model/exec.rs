@@ -33,8 +33,14 @@ pub trait Exec {
         n: usize,
         heads: usize,
     ) -> Result<Self::V>;
-    /// x + γ ⊙ y
-    fn residual(&mut self, x: Self::V, y: Self::V, gamma: Option<&Param>) -> Result<Self::V>;
+    /// x + γ ⊙ y, the residual of block `block` (training executors apply drop-path there).
+    fn residual(
+        &mut self,
+        x: Self::V,
+        y: Self::V,
+        gamma: Option<&Param>,
+        block: usize,
+    ) -> Result<Self::V>;
     /// [B·N, D] → [B, D]
     fn pool(&mut self, x: Self::V, b: usize, how: Pool) -> Result<Self::V>;
     /// Rows of x [M, D] with mask set become `token` (masked image modelling).
@@ -87,7 +93,13 @@ impl Exec for Infer {
         backend::attention(&qkv, bias.map(|r| &r.dense), b, n, heads)
     }
 
-    fn residual(&mut self, mut x: Tensor, y: Tensor, gamma: Option<&Param>) -> Result<Tensor> {
+    fn residual(
+        &mut self,
+        mut x: Tensor,
+        y: Tensor,
+        gamma: Option<&Param>,
+        _block: usize,
+    ) -> Result<Tensor> {
         backend::residual(&mut x, &y, gamma.map(|g| &g.value))?;
         Ok(x)
     }

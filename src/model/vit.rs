@@ -242,16 +242,16 @@ impl VisionTransformer {
     /// The transformer blocks on a token sequence [B·N, D].
     fn blocks_with<E: Exec>(&self, e: &mut E, mut x: E::V, b: usize) -> Result<E::V> {
         let (cfg, n) = (&self.cfg, self.cfg.tokens());
-        for blk in &self.blocks {
+        for (i, blk) in self.blocks.iter().enumerate() {
             let h = e.layernorm(&x, &blk.norm1, cfg.eps)?;
             let qkv = e.linear(&h, &blk.qkv, Activation::None)?;
             let a = e.attention(qkv, blk.rel_bias.as_deref(), b, n, cfg.num_heads)?;
             let a = e.linear(&a, &blk.proj, Activation::None)?;
-            x = e.residual(x, a, blk.gamma1.as_ref())?;
+            x = e.residual(x, a, blk.gamma1.as_ref(), i)?;
             let h = e.layernorm(&x, &blk.norm2, cfg.eps)?;
             let h = e.linear(&h, &blk.fc1, Activation::Gelu)?;
             let h = e.linear(&h, &blk.fc2, Activation::None)?;
-            x = e.residual(x, h, blk.gamma2.as_ref())?;
+            x = e.residual(x, h, blk.gamma2.as_ref(), i)?;
         }
         Ok(x)
     }

@@ -11,6 +11,7 @@ use crate::backend::cpu::{
 use crate::backend::{self, Activation, Pool};
 use crate::error::{Error, Result};
 use crate::model::exec::Exec;
+use crate::model::init::Rng;
 use crate::model::layers::{Linear, LinearBias, Norm, Param, RelBias};
 use crate::model::relpos;
 use crate::tensor::Tensor;
@@ -59,8 +60,11 @@ enum Record {
     Residual {
         x: Var,
         y: Var,
+        /// The branch as added (after drop-path scaling).
         yv: Tensor,
         gamma: Option<Param>,
+        /// Drop-path factors per image and tokens per image, when drop-path was applied.
+        row_scale: Option<(Vec<f32>, usize)>,
         out: Var,
     },
     Pool {
@@ -84,12 +88,28 @@ enum Record {
     },
 }
 
-#[derive(Default)]
 pub struct Tape {
     values: Vec<Option<Tensor>>,
     records: Vec<Record>,
     /// Also compute the gradient with respect to the input images (ODIN, input saliency).
     pub want_input_grad: bool,
+    /// Drop-path rate of each block (empty: none), as timm's linspace(0, rate, depth).
+    pub drop_path: Vec<f32>,
+    batch: usize,
+    rng: Rng,
+}
+
+impl Default for Tape {
+    fn default() -> Tape {
+        Tape {
+            values: Vec::new(),
+            records: Vec::new(),
+            want_input_grad: false,
+            drop_path: Vec::new(),
+            batch: 1,
+            rng: Rng::new(0),
+        }
+    }
 }
 
 /// Gradients by parameter name (values laid out as the parameter's tensor), plus the images'.
@@ -111,6 +131,24 @@ fn add_into(map: &mut HashMap<String, Vec<f32>>, name: &str, g: &[f32]) {
 impl Tape {
     pub fn new() -> Tape {
         Tape::default()
+    }
+
+    /// A tape that applies drop-path with rates linspace(0, `rate`, depth), seeded by `seed`.
+    pub fn with_drop_path(rate: f32, depth: usize, seed: u64) -> Tape {
+        let drop_path = (0..depth)
+            .map(|i| {
+                if depth > 1 {
+                    rate * i as f32 / (depth - 1) as f32
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        Tape {
+            drop_path,
+            rng: Rng::new(seed),
+            ..Tape::default()
+        }
     }
 
     fn push(&mut self, t: Tensor) -> Var {
@@ -185,6 +223,7 @@ impl Tape {
                     y,
                     yv,
                     gamma,
+                    row_scale,
                     out,
                 } => {
                     let Some(dy) = vg[out.0].take() else { continue };
@@ -197,6 +236,13 @@ impl Tape {
                     );
                     if let (Some(g), Some(dg)) = (&gamma, dgamma) {
                         add_into(&mut grads.params, &g.name, &dg);
+                    }
+                    let mut dbranch = dbranch;
+                    if let Some((keep, n)) = &row_scale {
+                        for (r, row) in dbranch.chunks_exact_mut(d).enumerate() {
+                            let s = keep[r / n];
+                            row.iter_mut().for_each(|v| *v *= s);
+                        }
                     }
                     acc(&mut vg, y, dbranch);
                     acc(&mut vg, x, dy);
@@ -327,6 +373,7 @@ impl Exec for Tape {
     type V = Var;
 
     fn input(&mut self, images: &Tensor) -> Result<Var> {
+        self.batch = images.shape()[0];
         Ok(self.push(images.clone()))
     }
 
@@ -446,9 +493,33 @@ impl Exec for Tape {
         Ok(out)
     }
 
-    fn residual(&mut self, x: Var, y: Var, gamma: Option<&Param>) -> Result<Var> {
+    fn residual(&mut self, x: Var, y: Var, gamma: Option<&Param>, block: usize) -> Result<Var> {
         let mut xv = self.get(x).clone(); // shared with records: residual copies on write
-        let yv = self.get(y).clone();
+        let mut yv = self.get(y).clone();
+        // Drop-path: each image's branch is kept with probability 1 − p and then scaled by 1/(1 − p)
+        // (timm's DropPath); the scaled branch is what backward sees, so dγ and dy follow.
+        let rate = self.drop_path.get(block).copied().unwrap_or(0.0);
+        let mut row_scale = None;
+        if rate > 0.0 {
+            let rows = yv.shape()[0];
+            let b = self.batch.max(1);
+            let n = rows / b;
+            let keep: Vec<f32> = (0..b)
+                .map(|_| {
+                    if self.rng.uniform() < rate as f64 {
+                        0.0
+                    } else {
+                        1.0 / (1.0 - rate)
+                    }
+                })
+                .collect();
+            let d = yv.shape()[1];
+            for (r, row) in yv.as_mut_slice().chunks_exact_mut(d).enumerate() {
+                let s = keep[r / n];
+                row.iter_mut().for_each(|v| *v *= s);
+            }
+            row_scale = Some((keep, n));
+        }
         backend::residual(&mut xv, &yv, gamma.map(|g| &g.value))?;
         let out = self.push(xv);
         self.records.push(Record::Residual {
@@ -456,6 +527,7 @@ impl Exec for Tape {
             y,
             yv,
             gamma: gamma.cloned(),
+            row_scale,
             out,
         });
         Ok(out)
