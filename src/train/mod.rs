@@ -2,6 +2,8 @@
 //! and schedules, and the fine-tuning step. The pretraining objective and the CLI loops arrive with
 //! the rest of the training issue.
 
+pub mod checkpoint;
+pub mod loops;
 pub mod loss;
 pub mod mim;
 pub mod optim;

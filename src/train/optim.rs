@@ -96,6 +96,23 @@ impl AdamW {
         }
     }
 
+    /// The moment estimates, by parameter name (for checkpoints).
+    pub fn moments(&self) -> (&HashMap<String, Vec<f32>>, &HashMap<String, Vec<f32>>) {
+        (&self.m, &self.v)
+    }
+
+    /// Restores moment estimates and the step count from a checkpoint.
+    pub fn restore(
+        &mut self,
+        step: u32,
+        m: HashMap<String, Vec<f32>>,
+        v: HashMap<String, Vec<f32>>,
+    ) {
+        self.step = step;
+        self.m = m;
+        self.v = v;
+    }
+
     /// One update of every parameter that has a gradient, at base learning rate `lr`.
     pub fn update(
         &mut self,

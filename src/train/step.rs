@@ -18,6 +18,21 @@ pub struct StepConfig {
     pub label_smoothing: f32,
     /// Global gradient-norm clip (none if 0).
     pub clip_grad: f32,
+    /// Stochastic depth: drop-path rate of the last block (linspace from 0).
+    pub drop_path: f32,
+    /// Seed of this step's drop-path draws.
+    pub seed: u64,
+}
+
+impl Default for StepConfig {
+    fn default() -> StepConfig {
+        StepConfig {
+            label_smoothing: 0.0,
+            clip_grad: 0.0,
+            drop_path: 0.0,
+            seed: 0,
+        }
+    }
 }
 
 pub struct StepStats {
@@ -50,7 +65,7 @@ pub fn finetune_step(
             "label {bad} out of range for {classes} classes"
         )));
     }
-    let mut tape = Tape::new();
+    let mut tape = Tape::with_drop_path(sc.drop_path, cfg.depth, sc.seed);
     let (_, logits) = model.forward_with(&mut tape, images)?;
     let logits = logits.expect("head checked above");
     let (loss, dlogits) = cross_entropy(
@@ -72,6 +87,133 @@ pub fn finetune_step(
     } else {
         clip_grad_norm(&mut grads.params, f32::INFINITY)
     };
+    opt.update(params, &grads.params, lr);
+    Ok(StepStats { loss, grad_norm })
+}
+
+/// The parameters that masked image modelling adds to the encoder: `mask_token` [D], the final
+/// `norm` and the pixel-regression head `mim_head` [C·P·P, D].
+pub fn add_mim_params(params: &mut BTreeMap<String, Tensor>, cfg: &VitConfig, seed: u64) {
+    let d = cfg.embed_dim;
+    let k = cfg.in_chans * cfg.patch_size * cfg.patch_size;
+    let mut rng = crate::model::init::Rng::new(seed);
+    let mut normal = |n: usize| (0..n).map(|_| rng.trunc_normal(0.02)).collect::<Vec<f32>>();
+    let mut put = |name: &str, shape: &[usize], v: Vec<f32>| {
+        params
+            .entry(name.to_string())
+            .or_insert_with(|| Tensor::from_vec(shape, v).expect("sizes match"));
+    };
+    put("mask_token", &[d], normal(d));
+    put("norm.weight", &[d], vec![1.0; d]);
+    put("norm.bias", &[d], vec![0.0; d]);
+    put("mim_head.weight", &[k, d], normal(k * d));
+    put("mim_head.bias", &[k], vec![0.0; k]);
+}
+
+/// Adds what classification fine-tuning needs and a checkpoint may lack: `fc_norm` (weight 1,
+/// bias 0) for mean-pooled models, and a `head` for `classes` classes (truncated normal 0.02 scaled
+/// by BEiT's init_scale 0.001, bias 0). A head of another size is replaced. Pretraining-only
+/// tensors (`mask_token`, `mim_head.*`, `lm_head.*`) are dropped.
+pub fn prepare_for_finetune(
+    params: &mut BTreeMap<String, Tensor>,
+    cfg: &VitConfig,
+    classes: usize,
+    seed: u64,
+) {
+    let d = cfg.embed_dim;
+    params.retain(|k, _| {
+        !(k == "mask_token" || k.starts_with("mim_head.") || k.starts_with("lm_head."))
+    });
+    if cfg.pool == crate::backend::Pool::MeanPatches && !params.contains_key("fc_norm.weight") {
+        params.insert(
+            "fc_norm.weight".into(),
+            Tensor::from_vec(&[d], vec![1.0; d]).expect("d"),
+        );
+        params.insert("fc_norm.bias".into(), Tensor::zeros(&[d]));
+        params.retain(|k, _| !k.starts_with("norm."));
+    }
+    if params
+        .get("head.weight")
+        .map(|w| w.shape() != [classes, d])
+        .unwrap_or(true)
+    {
+        let mut rng = crate::model::init::Rng::new(seed);
+        let w = (0..classes * d)
+            .map(|_| rng.trunc_normal(0.02) * 1e-3)
+            .collect();
+        params.insert(
+            "head.weight".into(),
+            Tensor::from_vec(&[classes, d], w).expect("sizes"),
+        );
+        params.insert("head.bias".into(), Tensor::zeros(&[classes]));
+    }
+}
+
+/// One masked-image-modelling step (see `train::mim`): returns the reconstruction loss.
+#[allow(clippy::too_many_arguments)]
+pub fn mim_step(
+    cfg: &VitConfig,
+    params: &mut BTreeMap<String, Tensor>,
+    opt: &mut AdamW,
+    images: &Tensor,
+    mask: &[bool],
+    lr: f32,
+    sc: &StepConfig,
+) -> Result<StepStats> {
+    use crate::model::layers::{Linear, LinearBias, Norm, Param};
+    use crate::train::mim::{masked_token_rows, mse, patch_targets};
+    if !lr.is_finite() {
+        return Err(Error::Usage(format!("learning rate {lr} is not finite")));
+    }
+    let store = WeightStore::from_tensors(
+        "<training state>",
+        params.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+    );
+    let model = VisionTransformer::load(cfg, &store)?;
+    let d = cfg.embed_dim;
+    let k = cfg.in_chans * cfg.patch_size * cfg.patch_size;
+    let token = Param::load(&store, "mask_token", &[d])?;
+    let norm = Norm::load(&store, "norm", d)?;
+    let head = Linear {
+        w: Param::load(&store, "mim_head.weight", &[k, d])?,
+        bias: LinearBias::Full(Param::load(&store, "mim_head.bias", &[k])?),
+    };
+    let b = images.shape()[0];
+    let (gh, gw) = cfg.grid();
+    let g = gh * gw;
+    let rows = masked_token_rows(mask, b, g);
+    if rows.is_empty() {
+        return Err(Error::Usage("the mask hides no patch".into()));
+    }
+    let mut tape = Tape::with_drop_path(sc.drop_path, cfg.depth, sc.seed);
+    let tokens = model.forward_masked(&mut tape, images, mask, &token, &norm)?;
+    let sel = tape.gather_rows(tokens, &rows)?;
+    let pred = tape.linear(&sel, &head, crate::backend::Activation::None)?;
+    let all = patch_targets(
+        images.as_slice(),
+        b,
+        cfg.in_chans,
+        cfg.img_size,
+        cfg.patch_size,
+    );
+    let target: Vec<f32> = (0..b * g)
+        .filter(|&i| mask[i])
+        .flat_map(|i| all[i * k..(i + 1) * k].iter().copied())
+        .collect();
+    let (loss, dpred) = mse(tape.value(&pred).as_slice(), &target);
+    if !loss.is_finite() {
+        return Err(Error::Data(format!(
+            "loss became {loss}: lower the learning rate"
+        )));
+    }
+    drop((model, store));
+    let mut grads = tape.backward(pred, dpred)?;
+    let limit = if sc.clip_grad > 0.0 {
+        sc.clip_grad
+    } else {
+        f32::INFINITY
+    };
+    let grad_norm = clip_grad_norm(&mut grads.params, limit);
     opt.update(params, &grads.params, lr);
     Ok(StepStats { loss, grad_norm })
 }

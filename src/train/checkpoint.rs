@@ -1,0 +1,124 @@
+//! Training checkpoints as one safetensors file: the parameters under the checkpoint's own names
+//! (so `mood forward --weights` and timm read it directly), the AdamW moments under `optim.m.*` /
+//! `optim.v.*`, and a JSON header with the progress and settings. Written atomically (temporary
+//! name, then rename): an interrupted save leaves the previous checkpoint intact.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+use crate::train::optim::AdamW;
+use crate::weights::{safetensors, RawTensor, WDType, WeightStore};
+
+/// Progress saved with a checkpoint.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct Progress {
+    pub arch: String,
+    /// "pretrain" or "finetune"
+    pub stage: String,
+    pub epoch: usize,
+    pub step: usize,
+    pub optimizer_step: u32,
+    /// The command's settings, for the record and to detect a resume with other settings.
+    pub settings: serde_json::Value,
+}
+
+fn raw(name: String, t: &Tensor) -> RawTensor {
+    RawTensor {
+        name,
+        dtype: WDType::F32,
+        shape: t.shape().to_vec(),
+        data: bytemuck::cast_slice(t.as_slice()).to_vec(),
+    }
+}
+
+pub fn save(
+    path: &Path,
+    params: &BTreeMap<String, Tensor>,
+    opt: &AdamW,
+    progress: &Progress,
+) -> Result<()> {
+    let mut tensors: Vec<RawTensor> = params.iter().map(|(k, t)| raw(k.clone(), t)).collect();
+    let (m, v) = opt.moments();
+    for (prefix, map) in [("optim.m.", m), ("optim.v.", v)] {
+        for (k, vals) in map {
+            let shape = params
+                .get(k)
+                .map(|t| t.shape().to_vec())
+                .unwrap_or_else(|| vec![vals.len()]);
+            tensors.push(RawTensor {
+                name: format!("{prefix}{k}"),
+                dtype: WDType::F32,
+                shape,
+                data: bytemuck::cast_slice(vals).to_vec(),
+            });
+        }
+    }
+    let meta = HashMap::from([(
+        "mood_progress".to_string(),
+        serde_json::to_string(progress).map_err(|e| Error::Data(e.to_string()))?,
+    )]);
+    safetensors::write(path, &tensors, Some(meta))
+}
+
+/// Parameters, optimizer moments and progress of a checkpoint written by `save`.
+pub struct Loaded {
+    pub params: BTreeMap<String, Tensor>,
+    pub m: HashMap<String, Vec<f32>>,
+    pub v: HashMap<String, Vec<f32>>,
+    pub progress: Option<Progress>,
+}
+
+pub fn load(path: &Path) -> Result<Loaded> {
+    let store = WeightStore::open(path)?;
+    let mut out = Loaded {
+        params: BTreeMap::new(),
+        m: HashMap::new(),
+        v: HashMap::new(),
+        progress: None,
+    };
+    for name in store.names() {
+        let shape = store.shape_of(name).expect("listed").to_vec();
+        let t = store.get(name, &shape)?;
+        if let Some(k) = name.strip_prefix("optim.m.") {
+            out.m.insert(k.to_string(), t.as_slice().to_vec());
+        } else if let Some(k) = name.strip_prefix("optim.v.") {
+            out.v.insert(k.to_string(), t.as_slice().to_vec());
+        } else {
+            // An owned copy: training updates it in place, the file stays as it is.
+            out.params.insert(
+                name.clone(),
+                Tensor::from_vec(&shape, t.as_slice().to_vec())?,
+            );
+        }
+    }
+    out.progress = read_progress(path)?;
+    Ok(out)
+}
+
+/// The `mood_progress` header of a safetensors file, if it has one.
+pub fn read_progress(path: &Path) -> Result<Option<Progress>> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(|e| Error::io(path, e))?;
+    let n = u64::from_le_bytes(len) as usize;
+    if n > 100 << 20 {
+        return Err(Error::format(path, "safetensors header larger than 100 MB"));
+    }
+    let mut header = vec![0u8; n];
+    f.read_exact(&mut header).map_err(|e| Error::io(path, e))?;
+    let json: serde_json::Value = serde_json::from_slice(&header)
+        .map_err(|e| Error::format(path, format!("bad header: {e}")))?;
+    match json
+        .get("__metadata__")
+        .and_then(|m| m.get("mood_progress"))
+        .and_then(|p| p.as_str())
+    {
+        None => Ok(None),
+        Some(s) => serde_json::from_str(s)
+            .map(Some)
+            .map_err(|e| Error::format(path, format!("bad mood_progress: {e}"))),
+    }
+}

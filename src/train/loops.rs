@@ -1,0 +1,297 @@
+//! The fine-tuning and masked-image-modelling loops over an in-memory labelled image set:
+//! seeded shuffling per epoch (drop-last batches, as BEiT's loaders), BEiT's per-step cosine
+//! schedule, a checkpoint after every epoch, and resume from one. Every random draw is derived from
+//! (seed, epoch, step), so a run resumed from a checkpoint ends with the same weights as one that
+//! was never interrupted.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::model::init::Rng;
+use crate::model::{VisionTransformer, VitConfig};
+use crate::tensor::Tensor;
+use crate::train::checkpoint::{self, Progress};
+use crate::train::mim::block_mask;
+use crate::train::optim::{warmup_cosine, AdamW};
+use crate::train::step::{finetune_step, mim_step, StepConfig};
+use crate::weights::WeightStore;
+
+/// Normalised images [n, C, H, W] with labels, all in memory.
+pub struct Dataset {
+    pub images: Vec<f32>,
+    pub chw: [usize; 3],
+    pub labels: Vec<usize>,
+}
+
+impl Dataset {
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    pub fn batch(&self, idx: &[usize]) -> Result<(Tensor, Vec<usize>)> {
+        let per: usize = self.chw.iter().product();
+        let mut v = Vec::with_capacity(idx.len() * per);
+        for &i in idx {
+            v.extend_from_slice(&self.images[i * per..(i + 1) * per]);
+        }
+        let [c, h, w] = self.chw;
+        Ok((
+            Tensor::from_vec(&[idx.len(), c, h, w], v)?,
+            idx.iter().map(|&i| self.labels[i]).collect(),
+        ))
+    }
+
+    /// The subset at `idx`.
+    pub fn subset(&self, idx: &[usize]) -> Dataset {
+        let per: usize = self.chw.iter().product();
+        Dataset {
+            images: idx
+                .iter()
+                .flat_map(|&i| self.images[i * per..(i + 1) * per].iter().copied())
+                .collect(),
+            chw: self.chw,
+            labels: idx.iter().map(|&i| self.labels[i]).collect(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Schedule {
+    pub epochs: usize,
+    pub batch: usize,
+    pub lr: f32,
+    pub min_lr: f32,
+    pub warmup_epochs: usize,
+    pub weight_decay: f32,
+    pub layer_decay: f32,
+    pub drop_path: f32,
+    pub clip_grad: f32,
+    pub seed: u64,
+}
+
+/// Called after every step with (epoch, step in epoch, steps per epoch, loss); returning false stops
+/// the run at once, as a kill would (the last checkpoint is the one of the last finished epoch).
+pub type OnStep<'a> = dyn FnMut(usize, usize, usize, f32) -> bool + 'a;
+
+fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
+    let mut rng = Rng::new(seed ^ (0x5eed_0000 + epoch as u64));
+    let mut order: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+        order.swap(i, j);
+    }
+    order
+}
+
+fn check_batch(data: &Dataset, batch: usize) -> Result<usize> {
+    if batch == 0 || batch > data.len() {
+        return Err(Error::Usage(format!(
+            "--batch {batch} does not fit a data set of {} images (use 1..={})",
+            data.len(),
+            data.len()
+        )));
+    }
+    Ok(data.len() / batch)
+}
+
+struct Run<'a> {
+    cfg: &'a VitConfig,
+    stage: &'static str,
+    s: &'a Schedule,
+    settings: serde_json::Value,
+    checkpoint: Option<&'a Path>,
+}
+
+impl Run<'_> {
+    /// Sets up the optimizer, restoring it and the start epoch from `resume` when given.
+    fn start(
+        &self,
+        params: &mut BTreeMap<String, Tensor>,
+        resume: Option<checkpoint::Loaded>,
+    ) -> Result<(AdamW, usize)> {
+        let mut opt = AdamW::new(self.s.weight_decay, self.s.layer_decay, self.cfg.depth);
+        let mut first = 0;
+        if let Some(r) = resume {
+            let p = r.progress.ok_or_else(|| {
+                Error::Usage("the checkpoint to resume has no training progress".into())
+            })?;
+            if p.stage != self.stage || p.arch != self.cfg.name {
+                return Err(Error::Usage(format!(
+                    "cannot resume: the checkpoint is {} of {}, this run is {} of {}",
+                    p.stage, p.arch, self.stage, self.cfg.name
+                )));
+            }
+            *params = r.params;
+            opt.restore(p.optimizer_step, r.m, r.v);
+            first = p.epoch + 1;
+        }
+        Ok((opt, first))
+    }
+
+    fn save(
+        &self,
+        params: &BTreeMap<String, Tensor>,
+        opt: &AdamW,
+        epoch: usize,
+        step: usize,
+    ) -> Result<()> {
+        if let Some(path) = self.checkpoint {
+            let progress = Progress {
+                arch: self.cfg.name.clone(),
+                stage: self.stage.into(),
+                epoch,
+                step,
+                optimizer_step: opt.step,
+                settings: self.settings.clone(),
+            };
+            checkpoint::save(path, params, opt, &progress)?;
+        }
+        Ok(())
+    }
+}
+
+/// Supervised fine-tuning (cross-entropy with label smoothing). Returns the mean loss per epoch run.
+#[allow(clippy::too_many_arguments)]
+pub fn finetune(
+    cfg: &VitConfig,
+    params: &mut BTreeMap<String, Tensor>,
+    data: &Dataset,
+    s: &Schedule,
+    label_smoothing: f32,
+    checkpoint: Option<&Path>,
+    resume: Option<checkpoint::Loaded>,
+    on_step: &mut OnStep,
+) -> Result<Vec<f32>> {
+    let per_epoch = check_batch(data, s.batch)?;
+    let settings = serde_json::json!({"schedule": s, "label_smoothing": label_smoothing});
+    let run = Run {
+        cfg,
+        stage: "finetune",
+        s,
+        settings,
+        checkpoint,
+    };
+    let (mut opt, first) = run.start(params, resume)?;
+    let total = s.epochs * per_epoch;
+    let mut history = Vec::new();
+    for epoch in first..s.epochs {
+        let order = epoch_order(data.len(), s.seed, epoch);
+        let mut sum = 0.0;
+        for it in 0..per_epoch {
+            let step = epoch * per_epoch + it;
+            let (x, y) = data.batch(&order[it * s.batch..(it + 1) * s.batch])?;
+            let lr = warmup_cosine(step, s.lr, s.min_lr, s.warmup_epochs * per_epoch, total);
+            let sc = StepConfig {
+                label_smoothing,
+                clip_grad: s.clip_grad,
+                drop_path: s.drop_path,
+                seed: s.seed.wrapping_add(step as u64),
+            };
+            let st = finetune_step(cfg, params, &mut opt, &x, &y, lr, &sc)?;
+            sum += st.loss;
+            if !on_step(epoch, it, per_epoch, st.loss) {
+                return Ok(history);
+            }
+        }
+        history.push(sum / per_epoch as f32);
+        run.save(params, &opt, epoch, (epoch + 1) * per_epoch)?;
+    }
+    Ok(history)
+}
+
+/// Masked image modelling with BEiT's block-wise masks over `mask_ratio` of the patches.
+#[allow(clippy::too_many_arguments)]
+pub fn pretrain(
+    cfg: &VitConfig,
+    params: &mut BTreeMap<String, Tensor>,
+    data: &Dataset,
+    s: &Schedule,
+    mask_ratio: f32,
+    checkpoint: Option<&Path>,
+    resume: Option<checkpoint::Loaded>,
+    on_step: &mut OnStep,
+) -> Result<Vec<f32>> {
+    let per_epoch = check_batch(data, s.batch)?;
+    if !(0.0..1.0).contains(&mask_ratio) || !mask_ratio.is_finite() {
+        return Err(Error::Usage(format!(
+            "--mask-ratio {mask_ratio} must be in [0, 1)"
+        )));
+    }
+    let (gh, gw) = cfg.grid();
+    let num_mask = ((gh * gw) as f32 * mask_ratio).round().max(1.0) as usize;
+    let min_patches = 4.min(num_mask);
+    let settings = serde_json::json!({"schedule": s, "mask_ratio": mask_ratio});
+    let run = Run {
+        cfg,
+        stage: "pretrain",
+        s,
+        settings,
+        checkpoint,
+    };
+    let (mut opt, first) = run.start(params, resume)?;
+    let total = s.epochs * per_epoch;
+    let mut history = Vec::new();
+    for epoch in first..s.epochs {
+        let order = epoch_order(data.len(), s.seed, epoch);
+        let mut sum = 0.0;
+        for it in 0..per_epoch {
+            let step = epoch * per_epoch + it;
+            let (x, _) = data.batch(&order[it * s.batch..(it + 1) * s.batch])?;
+            let mut rng = Rng::new(s.seed ^ (0x3a5c_0000_0000 + step as u64));
+            let mask: Vec<bool> = (0..s.batch)
+                .flat_map(|_| block_mask(gh, gw, num_mask, min_patches, &mut rng))
+                .collect();
+            let lr = warmup_cosine(step, s.lr, s.min_lr, s.warmup_epochs * per_epoch, total);
+            let sc = StepConfig {
+                label_smoothing: 0.0,
+                clip_grad: s.clip_grad,
+                drop_path: s.drop_path,
+                seed: s.seed.wrapping_add(step as u64),
+            };
+            let st = mim_step(cfg, params, &mut opt, &x, &mask, lr, &sc)?;
+            sum += st.loss;
+            if !on_step(epoch, it, per_epoch, st.loss) {
+                return Ok(history);
+            }
+        }
+        history.push(sum / per_epoch as f32);
+        run.save(params, &opt, epoch, (epoch + 1) * per_epoch)?;
+    }
+    Ok(history)
+}
+
+/// Top-1 accuracy of the classifier in `params` on `data`.
+pub fn accuracy(
+    cfg: &VitConfig,
+    params: &BTreeMap<String, Tensor>,
+    data: &Dataset,
+    batch: usize,
+) -> Result<f32> {
+    let store = WeightStore::from_tensors(
+        "<params>",
+        params.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+    );
+    let model = VisionTransformer::load(cfg, &store)?;
+    let mut correct = 0;
+    let idx: Vec<usize> = (0..data.len()).collect();
+    for chunk in idx.chunks(batch.max(1)) {
+        let (x, y) = data.batch(chunk)?;
+        let logits = model
+            .forward(&x)?
+            .logits
+            .ok_or_else(|| Error::Usage("the model has no head".into()))?;
+        let c = logits.shape()[1];
+        for (row, &label) in logits.as_slice().chunks(c).zip(&y) {
+            let pred = (0..c)
+                .max_by(|&a, &b| row[a].total_cmp(&row[b]))
+                .unwrap_or(0);
+            correct += usize::from(pred == label);
+        }
+    }
+    Ok(correct as f32 / data.len().max(1) as f32)
+}
