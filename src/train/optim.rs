@@ -69,6 +69,9 @@ pub fn clip_grad_norm(grads: &mut HashMap<String, Vec<f32>>, max_norm: f32) -> f
     total
 }
 
+/// Per-parameter moment estimates, by parameter name.
+pub type Moments = HashMap<String, Vec<f32>>;
+
 pub struct AdamW {
     pub beta1: f32,
     pub beta2: f32,
@@ -97,7 +100,7 @@ impl AdamW {
     }
 
     /// The moment estimates, by parameter name (for checkpoints).
-    pub fn moments(&self) -> (&HashMap<String, Vec<f32>>, &HashMap<String, Vec<f32>>) {
+    pub fn moments(&self) -> (&Moments, &Moments) {
         (&self.m, &self.v)
     }
 
