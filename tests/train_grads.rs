@@ -93,6 +93,7 @@ fn adamw_finetune_steps_match_torch() {
     let sc = StepConfig {
         label_smoothing: 0.1,
         clip_grad: 0.5,
+        ..StepConfig::default()
     };
     for (step, want_lr) in want_lrs.iter().enumerate() {
         let lr = warmup_cosine(step, 2e-3, 1e-5, 2, want_lrs.len());
