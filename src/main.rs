@@ -31,7 +31,20 @@ enum Command {
     Bench(cli::bench::Args),
 }
 
+/// Keeps freed activation buffers inside the process: glibc otherwise returns every large block
+/// to the kernel on free (mmap threshold, heap trimming), so each forward and training step pays
+/// page faults and zeroing for memory it just released.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator thresholds; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
+
 fn main() {
+    tune_allocator();
     let args = match Cli::try_parse() {
         Ok(a) => a,
         Err(e) => {

@@ -25,6 +25,10 @@ pub struct Args {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Time full fine-tuning steps (forward on the tape, cross-entropy, backward, AdamW) instead
+    /// of inference forwards.
+    #[arg(long)]
+    pub train: bool,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -43,14 +47,29 @@ pub fn run(args: Args) -> Result<()> {
         (0..n_in).map(|_| rng.normal() as f32).collect(),
     )?;
 
-    model.forward(&x)?; // warm-up: page in weights, size the pools
+    let mut params: std::collections::BTreeMap<String, Tensor> = store
+        .names()
+        .map(|k| Ok((k.clone(), store.get(k, store.shape_of(k).unwrap_or(&[]))?)))
+        .collect::<Result<_>>()?;
+    let mut opt = crate::train::optim::AdamW::new(0.05, 0.75, cfg.depth);
+    let labels: Vec<usize> = (0..args.batch).map(|i| i % cfg.num_classes).collect();
+    let sc = crate::train::step::StepConfig { label_smoothing: 0.1, clip_grad: 1.0, ..Default::default() };
+    let mut run_once = |params: &mut std::collections::BTreeMap<String, Tensor>| -> Result<()> {
+        if args.train {
+            crate::train::step::finetune_step(&cfg, params, &mut opt, &x, &labels, 1e-5, &sc)?;
+        } else {
+            model.forward(&x)?;
+        }
+        Ok(())
+    };
+    run_once(&mut params)?; // warm-up: page in weights, size the pools
     profile::enable(args.profile);
     profile::reset();
     let pb = super::progress(args.iters as u64, "iter");
     let mut times = Vec::new();
     for _ in 0..args.iters {
         let t = Instant::now();
-        model.forward(&x)?;
+        run_once(&mut params)?;
         times.push(t.elapsed().as_secs_f64());
         pb.inc(1);
     }
@@ -59,7 +78,8 @@ pub fn run(args: Args) -> Result<()> {
     times.sort_by(|a, b| a.total_cmp(b));
     let median = times[times.len() / 2];
     let img_s = args.batch as f64 / median;
-    let gflop = cfg.flops_per_image() / 1e9;
+    // A training step costs about three forwards (forward, input and weight gradients).
+    let gflop = cfg.flops_per_image() / 1e9 * if args.train { 3.0 } else { 1.0 };
 
     // The largest GEMM of the model: fc1, [B·N, D] x [D, F].
     let (m, k, n) = (args.batch * cfg.tokens(), cfg.embed_dim, cfg.mlp_hidden);
@@ -67,7 +87,8 @@ pub fn run(args: Args) -> Result<()> {
     let model_rate = img_s * gflop;
     if args.json {
         println!(
-            "{{\"arch\":\"{}\",\"batch\":{},\"threads\":{},\"img_per_s\":{img_s:.4},\"gflop_per_image\":{gflop:.3},\"gflop_per_s\":{model_rate:.2},\"sgemm_shape\":[{m},{k},{n}],\"sgemm_gflop_per_s\":{sgemm:.2},\"fraction_of_sgemm\":{:.4},\"median_s\":{median:.5}}}",
+            "{{\"mode\":\"{}\",\"arch\":\"{}\",\"batch\":{},\"threads\":{},\"img_per_s\":{img_s:.4},\"gflop_per_image\":{gflop:.3},\"gflop_per_s\":{model_rate:.2},\"sgemm_shape\":[{m},{k},{n}],\"sgemm_gflop_per_s\":{sgemm:.2},\"fraction_of_sgemm\":{:.4},\"median_s\":{median:.5}}}",
+            if args.train { "train" } else { "forward" },
             cfg.name,
             args.batch,
             rayon::current_num_threads(),
@@ -75,8 +96,9 @@ pub fn run(args: Args) -> Result<()> {
         );
     } else {
         println!(
-            "{}: batch {}, {} threads: {img_s:.2} images/s ({median:.3} s per batch, median of {})",
+            "{} {}: batch {}, {} threads: {img_s:.2} images/s ({median:.3} s per batch, median of {})",
             cfg.name,
+            if args.train { "training steps" } else { "forward" },
             args.batch,
             rayon::current_num_threads(),
             args.iters

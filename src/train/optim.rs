@@ -123,6 +123,7 @@ impl AdamW {
         grads: &HashMap<String, Vec<f32>>,
         lr: f32,
     ) {
+        let _t = crate::profile::scope("adamw");
         self.step += 1;
         let bc1 = 1.0 - self.beta1.powi(self.step as i32);
         let bc2 = 1.0 - self.beta2.powi(self.step as i32);

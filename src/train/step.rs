@@ -52,6 +52,7 @@ pub fn finetune_step(
     if !lr.is_finite() {
         return Err(Error::Usage(format!("learning rate {lr} is not finite")));
     }
+    let build = crate::profile::scope("model_build");
     let store = WeightStore::from_tensors(
         "<training state>",
         params.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
@@ -65,6 +66,7 @@ pub fn finetune_step(
             "label {bad} out of range for {classes} classes"
         )));
     }
+    drop(build);
     let mut tape = Tape::with_drop_path(sc.drop_path, cfg.depth, sc.seed);
     let (_, logits) = model.forward_with(&mut tape, images)?;
     let logits = logits.expect("head checked above");
@@ -82,11 +84,13 @@ pub fn finetune_step(
     drop(model);
     drop(store);
     let mut grads = tape.backward(logits, dlogits)?;
+    let _clip = crate::profile::scope("clip_grad");
     let grad_norm = if sc.clip_grad > 0.0 {
         clip_grad_norm(&mut grads.params, sc.clip_grad)
     } else {
         clip_grad_norm(&mut grads.params, f32::INFINITY)
     };
+    drop(_clip);
     opt.update(params, &grads.params, lr);
     Ok(StepStats { loss, grad_norm })
 }

@@ -113,17 +113,34 @@ impl Default for Tape {
 }
 
 /// Gradients by parameter name (values laid out as the parameter's tensor), plus the images'.
+impl Record {
+    fn profile_name(&self) -> &'static str {
+        match self {
+            Record::PatchEmbed { .. } => "patch_embed_bwd",
+            Record::Assemble { .. } => "tokens_bwd",
+            Record::LayerNorm { .. } => "layernorm_bwd",
+            Record::Linear { .. } => "linear_bwd",
+            Record::Attention { .. } => "attention_bwd",
+            Record::Residual { .. } => "residual_bwd",
+            Record::Pool { .. } => "pool_bwd",
+            Record::MaskRows { .. } => "mask_bwd",
+            Record::GatherRows { .. } => "gather_bwd",
+        }
+    }
+}
+
 #[derive(Default)]
 pub struct Grads {
     pub params: HashMap<String, Vec<f32>>,
     pub input: Option<Vec<f32>>,
 }
 
-fn add_into(map: &mut HashMap<String, Vec<f32>>, name: &str, g: &[f32]) {
+/// Adds `g` to the gradient of `name`, taking ownership of it when it is the first.
+fn add_into(map: &mut HashMap<String, Vec<f32>>, name: &str, g: Vec<f32>) {
     match map.get_mut(name) {
-        Some(acc) => acc.iter_mut().zip(g).for_each(|(a, b)| *a += b),
+        Some(acc) => acc.iter_mut().zip(&g).for_each(|(a, b)| *a += b),
         None => {
-            map.insert(name.to_string(), g.to_vec());
+            map.insert(name.to_string(), g);
         }
     }
 }
@@ -181,6 +198,7 @@ impl Tape {
             slot @ None => *slot = Some(g),
         };
         while let Some(rec) = self.records.pop() {
+            let _t = crate::profile::scope(rec.profile_name());
             match rec {
                 Record::Pool { x, b, n, how, out } => {
                     let Some(dy) = vg[out.0].take() else { continue };
@@ -206,7 +224,7 @@ impl Tape {
                 } => {
                     let Some(dy) = vg[out.0].take() else { continue };
                     let (dx, dt) = elementwise::mask_rows_backward(&dy, &mask, token.value.numel());
-                    add_into(&mut grads.params, &token.name, &dt);
+                    add_into(&mut grads.params, &token.name, dt);
                     acc(&mut vg, x, dx);
                 }
                 Record::GatherRows { x, rows, m, out } => {
@@ -235,7 +253,7 @@ impl Tape {
                         d,
                     );
                     if let (Some(g), Some(dg)) = (&gamma, dgamma) {
-                        add_into(&mut grads.params, &g.name, &dg);
+                        add_into(&mut grads.params, &g.name, dg);
                     }
                     let mut dbranch = dbranch;
                     if let Some((keep, n)) = &row_scale {
@@ -266,14 +284,14 @@ impl Tape {
                     let n = l.w.value.shape()[0];
                     let (dx, dw, db) =
                         matmul::linear_backward(xv.as_slice(), l.w.value.as_slice(), &dy, m, k, n);
-                    add_into(&mut grads.params, &l.w.name, &dw);
+                    add_into(&mut grads.params, &l.w.name, dw);
                     match &l.bias {
                         LinearBias::None => {}
-                        LinearBias::Full(p) => add_into(&mut grads.params, &p.name, &db),
+                        LinearBias::Full(p) => add_into(&mut grads.params, &p.name, db),
                         LinearBias::QV { q, v, .. } => {
                             let d = n / 3;
-                            add_into(&mut grads.params, &q.name, &db[..d]);
-                            add_into(&mut grads.params, &v.name, &db[2 * d..]);
+                            add_into(&mut grads.params, &q.name, db[..d].to_vec());
+                            add_into(&mut grads.params, &v.name, db[2 * d..].to_vec());
                         }
                     }
                     acc(&mut vg, x, dx);
@@ -293,7 +311,7 @@ impl Tape {
                     if let (Some((param, index, _)), Some(db)) = (&table, dbias) {
                         let rows = param.value.shape()[0];
                         let dt = relpos::scatter_bias_grad(&db, h, index, rows);
-                        add_into(&mut grads.params, &param.name, &dt);
+                        add_into(&mut grads.params, &param.name, dt);
                     }
                     acc(&mut vg, qkv, dqkv);
                 }
@@ -307,8 +325,8 @@ impl Tape {
                     let Some(dy) = vg[out.0].take() else { continue };
                     let (dx, dg, db) =
                         layernorm::backward(xv.as_slice(), norm.w.value.as_slice(), eps, &dy);
-                    add_into(&mut grads.params, &norm.w.name, &dg);
-                    add_into(&mut grads.params, &norm.b.name, &db);
+                    add_into(&mut grads.params, &norm.w.name, dg);
+                    add_into(&mut grads.params, &norm.b.name, db);
                     acc(&mut vg, x, dx);
                 }
                 Record::Assemble {
@@ -329,9 +347,9 @@ impl Tape {
                         dpos.iter_mut().zip(img).for_each(|(a, g)| *a += g);
                         dpatch.extend_from_slice(&img[d..]);
                     }
-                    add_into(&mut grads.params, &cls.name, &dcls);
+                    add_into(&mut grads.params, &cls.name, dcls);
                     if let Some(p) = &pos {
-                        add_into(&mut grads.params, &p.name, &dpos);
+                        add_into(&mut grads.params, &p.name, dpos);
                     }
                     acc(&mut vg, patches, dpatch);
                 }
@@ -349,8 +367,8 @@ impl Tape {
                     let n = w.value.shape()[0];
                     let (dcols, dw, db) =
                         matmul::linear_backward(cols.as_slice(), w.value.as_slice(), &dy, m, k, n);
-                    add_into(&mut grads.params, &w.name, &dw);
-                    add_into(&mut grads.params, &b.name, &db);
+                    add_into(&mut grads.params, &w.name, dw);
+                    add_into(&mut grads.params, &b.name, db);
                     if self.want_input_grad {
                         let p = w.value.shape()[2];
                         acc(
@@ -454,9 +472,15 @@ impl Exec for Tape {
             ),
             Activation::Gelu => {
                 let pre = backend::linear(&xv, &l.w.value, l.bias.tensor(), Activation::None)?;
-                let mut y = pre.clone();
-                vecmath::gelu_slice(y.as_mut_slice());
-                (y, Some(pre))
+                let mut y = vec![0.0f32; pre.numel()];
+                {
+                    use rayon::prelude::*;
+                    let _t = crate::profile::scope("gelu");
+                    y.par_chunks_mut(1 << 14)
+                        .zip(pre.as_slice().par_chunks(1 << 14))
+                        .for_each(|(o, i)| vecmath::gelu_into(i, o));
+                }
+                (Tensor::from_vec(pre.shape(), y)?, Some(pre))
             }
         };
         let out = self.push(y);

@@ -153,6 +153,15 @@ multiversion! {
 }
 
 multiversion! {
+    /// dst = GELU(src), elementwise.
+    pub fn gelu_into(src: &[f32], dst: &mut [f32]) {
+        for (o, v) in dst.iter_mut().zip(src) {
+            *o = gelu_with::<F>(*v);
+        }
+    }
+}
+
+multiversion! {
     /// dx = dy · GELU'(x), elementwise.
     pub fn gelu_backward(x: &[f32], dy: &[f32], dx: &mut [f32]) {
         for ((o, v), g) in dx.iter_mut().zip(x).zip(dy) {
