@@ -53,7 +53,11 @@ pub fn run(args: Args) -> Result<()> {
         .collect::<Result<_>>()?;
     let mut opt = crate::train::optim::AdamW::new(0.05, 0.75, cfg.depth);
     let labels: Vec<usize> = (0..args.batch).map(|i| i % cfg.num_classes).collect();
-    let sc = crate::train::step::StepConfig { label_smoothing: 0.1, clip_grad: 1.0, ..Default::default() };
+    let sc = crate::train::step::StepConfig {
+        label_smoothing: 0.1,
+        clip_grad: 1.0,
+        ..Default::default()
+    };
     let mut run_once = |params: &mut std::collections::BTreeMap<String, Tensor>| -> Result<()> {
         if args.train {
             crate::train::step::finetune_step(&cfg, params, &mut opt, &x, &labels, 1e-5, &sc)?;

@@ -127,29 +127,49 @@ impl AdamW {
         self.step += 1;
         let bc1 = 1.0 - self.beta1.powi(self.step as i32);
         let bc2 = 1.0 - self.beta2.powi(self.step as i32);
+        // Moment buffers exist for every parameter with a gradient before the parallel update.
+        for (name, g) in grads {
+            self.m
+                .entry(name.clone())
+                .or_insert_with(|| vec![0.0; g.len()]);
+            self.v
+                .entry(name.clone())
+                .or_insert_with(|| vec![0.0; g.len()]);
+        }
+        let (b1, b2, eps) = (self.beta1, self.beta2, self.eps);
+        let (depth, layer_decay, weight_decay) = (self.depth, self.layer_decay, self.weight_decay);
+        type Work<'a> = (
+            &'a String,
+            &'a mut Tensor,
+            &'a Vec<f32>,
+            &'a mut Vec<f32>,
+            &'a mut Vec<f32>,
+        );
+        let mut work: Vec<Work> = Vec::new();
+        let (ms, vs) = (&mut self.m, &mut self.v);
+        let mut mref: HashMap<&String, &mut Vec<f32>> = ms.iter_mut().collect();
+        let mut vref: HashMap<&String, &mut Vec<f32>> = vs.iter_mut().collect();
         for (name, p) in params.iter_mut() {
             let Some(g) = grads.get(name) else { continue };
-            let lr_p = lr * layer_scale(name, self.depth, self.layer_decay);
+            let (Some(m), Some(v)) = (mref.remove(name), vref.remove(name)) else {
+                continue;
+            };
+            work.push((name, p, g, m, v));
+        }
+        use rayon::prelude::*;
+        work.par_iter_mut().for_each(|(name, p, g, m, v)| {
+            let lr_p = lr * layer_scale(name, depth, layer_decay);
             let wd = if uses_weight_decay(name, p.shape()) {
-                self.weight_decay
+                weight_decay
             } else {
                 0.0
             };
-            let m = self
-                .m
-                .entry(name.clone())
-                .or_insert_with(|| vec![0.0; g.len()]);
-            let v = self
-                .v
-                .entry(name.clone())
-                .or_insert_with(|| vec![0.0; g.len()]);
-            let (b1, b2, eps) = (self.beta1, self.beta2, self.eps);
             let step_size = lr_p / bc1;
             let sqrt_bc2 = bc2.sqrt();
             for (((x, gi), mi), vi) in p
                 .as_mut_slice()
                 .iter_mut()
-                .zip(g)
+                .zip(g.iter())
                 .zip(m.iter_mut())
                 .zip(v.iter_mut())
             {
@@ -158,6 +178,6 @@ impl AdamW {
                 *vi = b2 * *vi + (1.0 - b2) * gi * gi;
                 *x -= step_size * *mi / (vi.sqrt() / sqrt_bc2 + eps);
             }
-        }
+        });
     }
 }
