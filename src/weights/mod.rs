@@ -5,6 +5,7 @@
 //! mmpretrain names are mapped onto timm's, so model code only ever asks for timm names.
 
 pub mod keymap;
+pub mod pickle;
 pub mod pth;
 pub mod safetensors;
 
@@ -94,6 +95,12 @@ impl WeightStore {
             if n < 4 {
                 return Err(Error::format(path, "file too short to be a weights file"));
             }
+        }
+        if head[0] == 0x80 && head[1] <= 5 {
+            return Err(Error::format(
+                path,
+                "a legacy (pre-1.6, non-zip) PyTorch file: re-save it with a current torch, e.g. torch.save(torch.load(f), g)",
+            ));
         }
         let (map, raw) = if &head == b"PK\x03\x04" {
             let tensors = pth::read(path)?;

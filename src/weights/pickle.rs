@@ -1,0 +1,446 @@
+//! A restricted pickle reader: a stack machine over the opcodes `torch.save` emits that builds
+//! plain values and never executes anything. `GLOBAL` yields a symbolic name; `REDUCE` of the few
+//! callables a state dict needs (`OrderedDict`, `_rebuild_tensor_v2`, `_rebuild_parameter`, ...)
+//! builds the value, and of any other callable an opaque placeholder, so a checkpoint that also
+//! pickles training arguments or optimizer state still yields its tensors.
+
+use std::collections::HashMap;
+
+/// A tensor as pickled by torch: a view (offset, size, stride, in elements) into a storage.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorRef {
+    pub storage_key: String,
+    /// Storage class name, e.g. `FloatStorage`.
+    pub storage_type: String,
+    pub offset: usize,
+    pub size: Vec<usize>,
+    pub stride: Vec<usize>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    None,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(String),
+    Bytes(Vec<u8>),
+    Tuple(Vec<Value>),
+    List(Vec<Value>),
+    Dict(Vec<(Value, Value)>),
+    Global(String, String),
+    /// ('storage', type, key, location, numel) from a persistent id.
+    Storage {
+        storage_type: String,
+        key: String,
+    },
+    Tensor(TensorRef),
+    /// The result of calling something we do not model (kept so the stack stays consistent).
+    Opaque(String),
+    Mark,
+}
+
+pub struct Error {
+    pub offset: usize,
+    pub msg: String,
+}
+
+type R<T> = Result<T, Error>;
+
+struct Reader<'a> {
+    b: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn err<T>(&self, msg: impl Into<String>) -> R<T> {
+        Err(Error {
+            offset: self.pos,
+            msg: msg.into(),
+        })
+    }
+
+    fn take(&mut self, n: usize) -> R<&'a [u8]> {
+        if self.b.len() - self.pos < n {
+            return self.err("unexpected end of pickle data (truncated file?)");
+        }
+        let s = &self.b[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+
+    fn u8(&mut self) -> R<u8> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u16(&mut self) -> R<u16> {
+        Ok(u16::from_le_bytes(
+            self.take(2)?.try_into().expect("2 bytes"),
+        ))
+    }
+
+    fn u32(&mut self) -> R<u32> {
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+
+    fn u64(&mut self) -> R<u64> {
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+
+    fn line(&mut self) -> R<String> {
+        let rest = &self.b[self.pos..];
+        let Some(n) = rest.iter().position(|&c| c == b'\n') else {
+            return self.err("unterminated text argument");
+        };
+        let s = String::from_utf8_lossy(&rest[..n]).into_owned();
+        self.pos += n + 1;
+        Ok(s)
+    }
+
+    fn string(&mut self, n: usize) -> R<String> {
+        let bytes = self.take(n)?;
+        match std::str::from_utf8(bytes) {
+            Ok(s) => Ok(s.to_string()),
+            Err(_) => self.err("string is not UTF-8"),
+        }
+    }
+}
+
+fn storage_of(v: &Value) -> Option<(String, String)> {
+    match v {
+        Value::Storage { storage_type, key } => Some((storage_type.clone(), key.clone())),
+        _ => None,
+    }
+}
+
+fn usizes(v: &Value) -> Option<Vec<usize>> {
+    match v {
+        Value::Tuple(items) | Value::List(items) => items
+            .iter()
+            .map(|x| match x {
+                Value::Int(i) if *i >= 0 => Some(*i as usize),
+                _ => None,
+            })
+            .collect(),
+        _ => None,
+    }
+}
+
+/// What calling `module.name(args)` gives, for the callables a state dict uses.
+fn call(module: &str, name: &str, args: Vec<Value>) -> Value {
+    match (module, name) {
+        ("collections", "OrderedDict") | ("builtins", "dict") => Value::Dict(Vec::new()),
+        ("torch._utils", "_rebuild_tensor_v2") | ("torch._utils", "_rebuild_tensor") => {
+            let built = (|| {
+                let (storage_type, key) = storage_of(args.first()?)?;
+                let offset = match args.get(1)? {
+                    Value::Int(i) if *i >= 0 => *i as usize,
+                    _ => return None,
+                };
+                Some(Value::Tensor(TensorRef {
+                    storage_key: key,
+                    storage_type,
+                    offset,
+                    size: usizes(args.get(2)?)?,
+                    stride: usizes(args.get(3)?)?,
+                }))
+            })();
+            built.unwrap_or_else(|| Value::Opaque(format!("malformed {name} call")))
+        }
+        ("torch._utils", "_rebuild_parameter")
+        | ("torch._utils", "_rebuild_parameter_with_state") => {
+            args.into_iter().next().unwrap_or(Value::None)
+        }
+        // _rebuild_from_type_v2(func, type, args, state): a tensor subclass; rebuild with func(args).
+        ("torch._tensor", "_rebuild_from_type_v2") => {
+            let mut it = args.into_iter();
+            match (it.next(), it.next(), it.next()) {
+                (Some(Value::Global(m, n)), _, Some(Value::Tuple(a))) => call(&m, &n, a),
+                _ => Value::Opaque("tensor subclass".into()),
+            }
+        }
+        _ => Value::Opaque(format!("{module}.{name}")),
+    }
+}
+
+/// Runs the pickle program in `data` and returns the object it builds.
+pub fn load(data: &[u8]) -> R<Value> {
+    let mut r = Reader { b: data, pos: 0 };
+    let mut stack: Vec<Value> = Vec::new();
+    let mut memo: HashMap<u32, Value> = HashMap::new();
+    let pop = |stack: &mut Vec<Value>, r: &Reader| -> R<Value> {
+        stack.pop().map_or_else(|| r.err("stack underflow"), Ok)
+    };
+    let pop_mark = |stack: &mut Vec<Value>, r: &Reader| -> R<Vec<Value>> {
+        match stack.iter().rposition(|v| matches!(v, Value::Mark)) {
+            Some(i) => {
+                let items = stack.split_off(i + 1);
+                stack.pop();
+                Ok(items)
+            }
+            None => r.err("MARK not found"),
+        }
+    };
+    loop {
+        let at = r.pos;
+        let op = r.u8()?;
+        match op {
+            0x80 => {
+                r.u8()?; // PROTO
+            }
+            0x95 => {
+                r.u64()?; // FRAME
+            }
+            b'.' => return pop(&mut stack, &r),
+            b'}' => stack.push(Value::Dict(Vec::new())),
+            b']' => stack.push(Value::List(Vec::new())),
+            b')' => stack.push(Value::Tuple(Vec::new())),
+            b'(' => stack.push(Value::Mark),
+            b'N' => stack.push(Value::None),
+            0x88 => stack.push(Value::Bool(true)),
+            0x89 => stack.push(Value::Bool(false)),
+            b'J' => stack.push(Value::Int(r.u32()? as i32 as i64)),
+            b'K' => stack.push(Value::Int(r.u8()? as i64)),
+            b'M' => stack.push(Value::Int(r.u16()? as i64)),
+            0x8a | 0x8b => {
+                let n = if op == 0x8a {
+                    r.u8()? as usize
+                } else {
+                    r.u32()? as usize
+                };
+                let bytes = r.take(n)?;
+                if n > 8 {
+                    stack.push(Value::Opaque("big integer".into()));
+                } else {
+                    let mut v: i64 = 0;
+                    for (i, b) in bytes.iter().enumerate() {
+                        v |= (*b as i64) << (8 * i);
+                    }
+                    if n > 0 && n < 8 && bytes[n - 1] & 0x80 != 0 {
+                        v -= 1i64 << (8 * n); // sign-extend
+                    }
+                    stack.push(Value::Int(v));
+                }
+            }
+            b'G' => stack.push(Value::Float(f64::from_be_bytes(
+                r.take(8)?.try_into().expect("8"),
+            ))),
+            b'I' | b'L' => {
+                let s = r.line()?;
+                let s = s.trim_end_matches('L');
+                stack.push(match s {
+                    "00" => Value::Bool(false),
+                    "01" => Value::Bool(true),
+                    _ => Value::Int(s.parse().map_err(|_| Error {
+                        offset: at,
+                        msg: format!("bad integer {s:?}"),
+                    })?),
+                });
+            }
+            b'F' => {
+                let s = r.line()?;
+                stack.push(Value::Float(s.parse().map_err(|_| Error {
+                    offset: at,
+                    msg: format!("bad float {s:?}"),
+                })?));
+            }
+            b'X' => {
+                let n = r.u32()? as usize;
+                stack.push(Value::Str(r.string(n)?));
+            }
+            0x8c => {
+                let n = r.u8()? as usize;
+                stack.push(Value::Str(r.string(n)?));
+            }
+            0x8d => {
+                let n = r.u64()? as usize;
+                stack.push(Value::Str(r.string(n)?));
+            }
+            b'U' => {
+                let n = r.u8()? as usize;
+                stack.push(Value::Str(String::from_utf8_lossy(r.take(n)?).into_owned()));
+            }
+            b'T' => {
+                let n = r.u32()? as usize;
+                stack.push(Value::Str(String::from_utf8_lossy(r.take(n)?).into_owned()));
+            }
+            b'C' => {
+                let n = r.u8()? as usize;
+                stack.push(Value::Bytes(r.take(n)?.to_vec()));
+            }
+            b'B' => {
+                let n = r.u32()? as usize;
+                stack.push(Value::Bytes(r.take(n)?.to_vec()));
+            }
+            0x8e => {
+                let n = r.u64()? as usize;
+                stack.push(Value::Bytes(r.take(n)?.to_vec()));
+            }
+            b'q' | b'r' | 0x94 => {
+                let idx = match op {
+                    b'q' => r.u8()? as u32,
+                    b'r' => r.u32()?,
+                    _ => memo.len() as u32,
+                };
+                let top = stack
+                    .last()
+                    .cloned()
+                    .map_or_else(|| r.err("MEMOIZE on an empty stack"), Ok)?;
+                memo.insert(idx, top);
+            }
+            b'h' | b'j' => {
+                let idx = if op == b'h' { r.u8()? as u32 } else { r.u32()? };
+                let v = memo
+                    .get(&idx)
+                    .cloned()
+                    .map_or_else(|| r.err(format!("memo {idx} unset")), Ok)?;
+                stack.push(v);
+            }
+            b't' => {
+                let items = pop_mark(&mut stack, &r)?;
+                stack.push(Value::Tuple(items));
+            }
+            0x85..=0x87 => {
+                let n = (op - 0x84) as usize;
+                if stack.len() < n {
+                    return r.err("stack underflow");
+                }
+                let items = stack.split_off(stack.len() - n);
+                stack.push(Value::Tuple(items));
+            }
+            b'l' => {
+                let items = pop_mark(&mut stack, &r)?;
+                stack.push(Value::List(items));
+            }
+            b'd' => {
+                let items = pop_mark(&mut stack, &r)?;
+                let pairs = items
+                    .chunks(2)
+                    .filter(|c| c.len() == 2)
+                    .map(|c| (c[0].clone(), c[1].clone()))
+                    .collect();
+                stack.push(Value::Dict(pairs));
+            }
+            b'a' | b'e' => {
+                let items = if op == b'a' {
+                    vec![pop(&mut stack, &r)?]
+                } else {
+                    pop_mark(&mut stack, &r)?
+                };
+                match stack.last_mut() {
+                    Some(Value::List(l)) => l.extend(items),
+                    Some(_) => {}
+                    None => return r.err("APPEND on an empty stack"),
+                }
+            }
+            b's' | b'u' => {
+                let items = if op == b's' {
+                    let v = pop(&mut stack, &r)?;
+                    let k = pop(&mut stack, &r)?;
+                    vec![k, v]
+                } else {
+                    pop_mark(&mut stack, &r)?
+                };
+                match stack.last_mut() {
+                    Some(Value::Dict(d)) => d.extend(
+                        items
+                            .chunks(2)
+                            .filter(|c| c.len() == 2)
+                            .map(|c| (c[0].clone(), c[1].clone())),
+                    ),
+                    Some(_) => {}
+                    None => return r.err("SETITEM on an empty stack"),
+                }
+            }
+            b'c' => {
+                let module = r.line()?;
+                let name = r.line()?;
+                stack.push(Value::Global(module, name));
+            }
+            0x93 => {
+                let name = pop(&mut stack, &r)?;
+                let module = pop(&mut stack, &r)?;
+                match (module, name) {
+                    (Value::Str(m), Value::Str(n)) => stack.push(Value::Global(m, n)),
+                    _ => return r.err("STACK_GLOBAL needs two strings"),
+                }
+            }
+            b'R' | 0x81 => {
+                let args = pop(&mut stack, &r)?;
+                let f = pop(&mut stack, &r)?;
+                let args = match args {
+                    Value::Tuple(a) => a,
+                    other => vec![other],
+                };
+                stack.push(match f {
+                    Value::Global(m, n) => call(&m, &n, args),
+                    _ => Value::Opaque("call of a non-global".into()),
+                });
+            }
+            0x92 => {
+                let _kwargs = pop(&mut stack, &r)?;
+                let args = pop(&mut stack, &r)?;
+                let f = pop(&mut stack, &r)?;
+                let args = match args {
+                    Value::Tuple(a) => a,
+                    other => vec![other],
+                };
+                stack.push(match f {
+                    Value::Global(m, n) => call(&m, &n, args),
+                    _ => Value::Opaque("call of a non-global".into()),
+                });
+            }
+            b'b' => {
+                // BUILD: setstate. Dicts and opaque objects keep what they are.
+                pop(&mut stack, &r)?;
+                if stack.is_empty() {
+                    return r.err("BUILD on an empty stack");
+                }
+            }
+            b'Q' => {
+                let pid = pop(&mut stack, &r)?;
+                let v = match pid {
+                    Value::Tuple(items) if matches!(items.first(), Some(Value::Str(s)) if s == "storage") => {
+                        match (items.get(1), items.get(2)) {
+                            (Some(Value::Global(_, t)), Some(Value::Str(key))) => Value::Storage {
+                                storage_type: t.clone(),
+                                key: key.clone(),
+                            },
+                            _ => {
+                                return Err(Error {
+                                    offset: at,
+                                    msg: "malformed storage record".into(),
+                                })
+                            }
+                        }
+                    }
+                    _ => Value::Opaque("persistent id".into()),
+                };
+                stack.push(v);
+            }
+            b'0' => {
+                pop(&mut stack, &r)?;
+            }
+            b'1' => {
+                pop_mark(&mut stack, &r)?;
+            }
+            b'2' => {
+                let top = stack
+                    .last()
+                    .cloned()
+                    .map_or_else(|| r.err("DUP on an empty stack"), Ok)?;
+                stack.push(top);
+            }
+            other => {
+                return Err(Error {
+                    offset: at,
+                    msg: format!("unsupported pickle opcode 0x{other:02x}"),
+                });
+            }
+        }
+    }
+}
