@@ -6,8 +6,8 @@
 - parameter gradients of the tiny timm models of tests/fixtures/timm/ (per-block and shared
   relative-position BEiT, ViT) under that loss on their bundled input, labels [1, 4, 7, 2]:
   tests/fixtures/train/<name>_grads.safetensors (timm's parameter names) and <name>_loss.npy;
-- 4 AdamW fine-tuning steps of the tiny BEiT as BEiT/MOOD fine-tune it (param groups without weight
-  decay for 1-D / bias / token / table tensors, layer-wise lr decay 0.75, BEiT's cosine_scheduler with
+- 4 AdamW fine-tuning steps of the tiny BEiT as MOOD fine-tunes it (param groups without weight
+  decay for 1-D / bias / token tensors, the relative-position tables decayed, layer-wise lr decay 0.75, BEiT's cosine_scheduler with
   2 warmup steps, clip_grad_norm_ 0.5, label smoothing 0.1, weight decay 0.05, base lr 2e-3):
   tiny_beit_adamw_params.safetensors and tiny_beit_adamw_lrs.npy;
 - masked image modelling on the tiny BEiT: masked patches replaced by a mask token, final `norm`,
@@ -86,8 +86,8 @@ def adamw_steps():
     model.load_state_dict(load_file(os.path.join(TIMM, "tiny_beit.safetensors")), strict=False)
     groups = []
     for name, p in model.named_parameters():
-        no_decay = p.ndim == 1 or name.endswith(".bias") or name in ("cls_token", "pos_embed") \
-            or "relative_position_bias_table" in name
+        # MOOD's optim_factory: the 2-D relative-position tables are decayed
+        no_decay = p.ndim == 1 or name.endswith(".bias") or name in ("cls_token", "pos_embed")
         scale = 0.75 ** (depth + 1 - layer_id(name, depth))
         groups.append({"params": [p], "weight_decay": 0.0 if no_decay else 0.05, "lr_scale": scale})
     opt = torch.optim.AdamW(groups, lr=base, betas=(0.9, 0.999), eps=1e-8)

@@ -6,12 +6,14 @@ use std::collections::{BTreeMap, HashMap};
 
 use crate::tensor::Tensor;
 
-/// BEiT's parameter grouping: no weight decay for 1-D tensors, `.bias`, tokens and position tables.
-pub fn uses_weight_decay(name: &str, shape: &[usize]) -> bool {
+/// BEiT/MOOD's parameter grouping: no weight decay for 1-D tensors (norms, biases, q/v biases,
+/// layer scales), `.bias`, and the tokens. The 2-D relative-position tables are decayed, as in
+/// MOOD's optimizer, unless `decay_rel_pos` is off (timm's grouping, `--no-decay-rel-pos`).
+pub fn uses_weight_decay(name: &str, shape: &[usize], decay_rel_pos: bool) -> bool {
     !(shape.len() == 1
         || name.ends_with(".bias")
         || matches!(name, "cls_token" | "pos_embed" | "mask_token")
-        || name.contains("relative_position_bias_table"))
+        || (!decay_rel_pos && name.contains("relative_position_bias_table")))
 }
 
 /// BEiT's layer id for layer-wise lr decay: embeddings 0, block i → i + 1, the rest depth + 1.
@@ -78,6 +80,8 @@ pub struct AdamW {
     pub eps: f32,
     pub weight_decay: f32,
     pub layer_decay: f32,
+    /// Decay the relative-position tables (MOOD) or not (timm).
+    pub decay_rel_pos: bool,
     pub depth: usize,
     pub step: u32,
     m: HashMap<String, Vec<f32>>,
@@ -92,6 +96,7 @@ impl AdamW {
             eps: 1e-8,
             weight_decay,
             layer_decay,
+            decay_rel_pos: true,
             depth,
             step: 0,
             m: HashMap::new(),
@@ -138,6 +143,7 @@ impl AdamW {
         }
         let (b1, b2, eps) = (self.beta1, self.beta2, self.eps);
         let (depth, layer_decay, weight_decay) = (self.depth, self.layer_decay, self.weight_decay);
+        let decay_rel_pos = self.decay_rel_pos;
         type Work<'a> = (
             &'a String,
             &'a mut Tensor,
@@ -159,7 +165,7 @@ impl AdamW {
         use rayon::prelude::*;
         work.par_iter_mut().for_each(|(name, p, g, m, v)| {
             let lr_p = lr * layer_scale(name, depth, layer_decay);
-            let wd = if uses_weight_decay(name, p.shape()) {
+            let wd = if uses_weight_decay(name, p.shape(), decay_rel_pos) {
                 weight_decay
             } else {
                 0.0
