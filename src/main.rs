@@ -27,6 +27,10 @@ enum Command {
     Convert(cli::convert::Args),
     /// Features and logits of a .npy batch of images.
     Forward(cli::forward::Args),
+    /// Masked image modelling on unlabelled in-distribution images.
+    Pretrain(cli::pretrain::Args),
+    /// Supervised (multi-class or one-class) fine-tuning.
+    Finetune(cli::finetune::Args),
     /// Forward throughput on random weights, beside the sgemm rate of the same machine.
     Bench(cli::bench::Args),
 }
@@ -71,6 +75,8 @@ fn main() {
         Command::Convert(a) => cli::convert::run(a),
         Command::Forward(a) => cli::forward::run(a),
         Command::Bench(a) => cli::bench::run(a),
+        Command::Pretrain(a) => cli::pretrain::run(a),
+        Command::Finetune(a) => cli::finetune::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");

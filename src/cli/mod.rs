@@ -3,8 +3,11 @@
 pub mod bench;
 pub mod convert;
 pub mod demo;
+pub mod finetune;
 pub mod forward;
 pub mod info;
+pub mod pretrain;
+pub mod train_common;
 
 use indicatif::{ProgressBar, ProgressStyle};
 

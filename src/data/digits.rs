@@ -121,6 +121,58 @@ pub fn noise(count: usize, seed: u64) -> Vec<[u8; 64]> {
         .collect()
 }
 
+/// The fixed train/test split: every third image (index % 3 == 0) is test, the rest train.
+pub fn is_test(index: usize) -> bool {
+    index % 3 == 0
+}
+
+/// Rendered images [n, 3, S, S] (flattened) of the given 8×8 images.
+pub fn render_all(pixels: &[[u8; 64]], size: usize) -> Vec<f32> {
+    pixels.iter().flat_map(|p| render(p, size)).collect()
+}
+
+/// The digits of `classes` (all when empty) in the train or test part of the fixed split, rendered
+/// at `size`, with their labels.
+pub fn split(d: &Digits, classes: &[usize], test: bool, size: usize) -> (Vec<f32>, Vec<usize>) {
+    let keep: Vec<usize> = (0..d.labels.len())
+        .filter(|&i| is_test(i) == test && (classes.is_empty() || classes.contains(&d.labels[i])))
+        .collect();
+    let px: Vec<[u8; 64]> = keep.iter().map(|&i| d.pixels[i]).collect();
+    (
+        render_all(&px, size),
+        keep.iter().map(|&i| d.labels[i]).collect(),
+    )
+}
+
+/// Parses a class list such as `0-4`, `3` or `0,2,5-7`.
+pub fn parse_classes(spec: &str) -> Result<Vec<usize>> {
+    let mut out = Vec::new();
+    for part in spec.split(',').filter(|p| !p.is_empty()) {
+        let bad = || {
+            Error::Usage(format!(
+                "bad class list `{spec}`: use e.g. 0-4, 3 or 0,2,5-7 (digits 0..9)"
+            ))
+        };
+        let (a, b) = match part.split_once('-') {
+            Some((a, b)) => (
+                a.parse::<usize>().map_err(|_| bad())?,
+                b.parse::<usize>().map_err(|_| bad())?,
+            ),
+            None => {
+                let v = part.parse::<usize>().map_err(|_| bad())?;
+                (v, v)
+            }
+        };
+        if a > b || b > 9 {
+            return Err(bad());
+        }
+        out.extend(a..=b);
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -168,6 +168,15 @@ fn vit(name: &str, s: Size) -> VitConfig {
     }
 }
 
+/// The demo's model: 32×32 inputs (the 8×8 digits upsampled), 4×4 patches of 8 pixels.
+const DIGITS: Size = Size {
+    d: 64,
+    depth: 4,
+    heads: 4,
+    img: 32,
+    patch: 8,
+};
+
 const TINY: Size = Size {
     d: 48,
     depth: 2,
@@ -240,6 +249,14 @@ static PRESETS: &[Preset] = &[
     ("vit_base_patch16_224", || vit("vit_base_patch16_224", BASE)),
     ("vit_large_patch16_224", || {
         vit("vit_large_patch16_224", LARGE)
+    }),
+    ("beit_tiny_patch8_32", || {
+        let mut c = beit("beit_tiny_patch8_32", DIGITS, RelPos::PerBlock);
+        c.num_classes = 10;
+        // 16 tokens of 2×2 digit pixels carry little of their own: an absolute position embedding
+        // (BEiT's use_abs_pos_emb) lets the model know where each one is.
+        c.abs_pos_emb = true;
+        c
     }),
     ("test_tiny_beit", || {
         tiny(beit("test_tiny_beit", TINY, RelPos::PerBlock))

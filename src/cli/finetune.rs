@@ -1,0 +1,102 @@
+//! `mood finetune`: supervised fine-tuning as MOOD does it (AdamW, layer-wise lr decay, warmup +
+//! cosine, drop-path, label smoothing), multi-class or one-class, from a checkpoint or from scratch.
+
+use std::path::PathBuf;
+
+use super::train_common::{initial_params, resume_from, step_bar, training_data, ScheduleArgs};
+use crate::error::{Error, Result};
+use crate::model::VitConfig;
+use crate::train::loops::finetune;
+use crate::train::step::prepare_for_finetune;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Model preset (timm name), e.g. beit_tiny_patch8_32 for the digits.
+    #[arg(long)]
+    pub arch: String,
+    /// Start from this checkpoint (e.g. `mood pretrain` output); random init when absent.
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
+    /// Training data: `digits` or `digits:CLASSES` (e.g. digits:0-4; one class, e.g. digits:3, is
+    /// MOOD's one-class fine-tuning, where label smoothing keeps the task from being trivial).
+    #[arg(long)]
+    pub data: String,
+    /// Head size; default: the preset's classes (10 for the digits).
+    #[arg(long)]
+    pub num_classes: Option<usize>,
+    /// Label smoothing of the cross-entropy (MOOD: 0.1).
+    #[arg(long, default_value_t = 0.1)]
+    pub label_smoothing: f32,
+    #[command(flatten)]
+    pub schedule: ScheduleArgs,
+    /// Output checkpoint (safetensors; rewritten atomically after every epoch).
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Continue from `--output` if it exists (same settings), instead of starting over.
+    #[arg(long)]
+    pub resume: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let cfg = VitConfig::preset(&args.arch)?;
+    let s = args.schedule.schedule()?;
+    if !(0.0..1.0).contains(&args.label_smoothing) {
+        return Err(Error::Usage(format!(
+            "--label-smoothing must be in [0, 1), got {}",
+            args.label_smoothing
+        )));
+    }
+    let data = training_data(&args.data, &cfg)?;
+    let classes = args.num_classes.unwrap_or(cfg.num_classes);
+    if let Some(&bad) = data.labels.iter().find(|&&l| l >= classes) {
+        return Err(Error::Usage(format!(
+            "label {bad} does not fit --num-classes {classes}"
+        )));
+    }
+    let mut params = initial_params(&cfg, args.weights.as_deref(), s.seed)?;
+    prepare_for_finetune(&mut params, &cfg, classes, s.seed);
+    let resume = resume_from(&args.output, args.resume)?;
+    let per_epoch = (data.len() / s.batch.max(1)) as u64;
+    let done = resume
+        .as_ref()
+        .and_then(|r| r.progress.as_ref())
+        .map_or(0, |p| (p.epoch as u64 + 1) * per_epoch);
+    eprintln!(
+        "fine-tuning {} on {} images ({}), {} epochs of {} steps",
+        cfg.name,
+        data.len(),
+        args.data,
+        s.epochs,
+        per_epoch
+    );
+    let pb = step_bar(s.epochs as u64 * per_epoch, done);
+    let hist = finetune(
+        &cfg,
+        &mut params,
+        &data,
+        &s,
+        args.label_smoothing,
+        Some(&args.output),
+        resume,
+        &mut |e, _, _, loss| {
+            pb.set_message(format!("epoch {e} loss {loss:.4}"));
+            pb.inc(1);
+            true
+        },
+    )?;
+    pb.finish_and_clear();
+    if let Some(last) = hist.last() {
+        eprintln!(
+            "last epoch mean loss {last:.4}; wrote {}",
+            args.output.display()
+        );
+    }
+    let heldout = super::train_common::heldout_data(&args.data, &cfg)?;
+    let acc = crate::train::loops::accuracy(&cfg, &params, &heldout, 256)?;
+    println!(
+        "held-out accuracy: {:.2}% on {} images",
+        100.0 * acc,
+        heldout.len()
+    );
+    Ok(())
+}

@@ -1,0 +1,82 @@
+//! `mood pretrain`: masked image modelling on unlabelled in-distribution images (BEiT's block-wise
+//! masking, a learnable mask token, normalised-pixel regression; see `train::mim` for how this
+//! differs from BEiT's dVAE-token targets).
+
+use std::path::PathBuf;
+
+use super::train_common::{initial_params, resume_from, step_bar, training_data, ScheduleArgs};
+use crate::error::Result;
+use crate::model::VitConfig;
+use crate::train::loops::pretrain;
+use crate::train::step::add_mim_params;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Model preset (timm name), e.g. beit_tiny_patch8_32 for the digits.
+    #[arg(long)]
+    pub arch: String,
+    /// Continue pretraining this checkpoint; random init when absent.
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
+    /// Images: `digits` or `digits:CLASSES` (labels are not used).
+    #[arg(long)]
+    pub data: String,
+    /// Fraction of patches masked per image (BEiT: 75 of 196 ≈ 0.4).
+    #[arg(long, default_value_t = 0.4)]
+    pub mask_ratio: f32,
+    #[command(flatten)]
+    pub schedule: ScheduleArgs,
+    /// Output checkpoint (safetensors; rewritten atomically after every epoch).
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Continue from `--output` if it exists.
+    #[arg(long)]
+    pub resume: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let cfg = VitConfig::preset(&args.arch)?;
+    let s = args.schedule.schedule()?;
+    let data = training_data(&args.data, &cfg)?;
+    let mut params = initial_params(&cfg, args.weights.as_deref(), s.seed)?;
+    params.retain(|k, _| !k.starts_with("head.") && !k.starts_with("fc_norm."));
+    add_mim_params(&mut params, &cfg, s.seed);
+    let resume = resume_from(&args.output, args.resume)?;
+    let per_epoch = (data.len() / s.batch.max(1)) as u64;
+    let done = resume
+        .as_ref()
+        .and_then(|r| r.progress.as_ref())
+        .map_or(0, |p| (p.epoch as u64 + 1) * per_epoch);
+    eprintln!(
+        "masked image modelling: {} on {} images ({}), {} epochs of {} steps, mask ratio {}",
+        cfg.name,
+        data.len(),
+        args.data,
+        s.epochs,
+        per_epoch,
+        args.mask_ratio
+    );
+    let pb = step_bar(s.epochs as u64 * per_epoch, done);
+    let hist = pretrain(
+        &cfg,
+        &mut params,
+        &data,
+        &s,
+        args.mask_ratio,
+        Some(&args.output),
+        resume,
+        &mut |e, _, _, loss| {
+            pb.set_message(format!("epoch {e} loss {loss:.4}"));
+            pb.inc(1);
+            true
+        },
+    )?;
+    pb.finish_and_clear();
+    if let (Some(first), Some(last)) = (hist.first(), hist.last()) {
+        eprintln!(
+            "reconstruction loss {first:.4} (first epoch) -> {last:.4} (last); wrote {}",
+            args.output.display()
+        );
+    }
+    Ok(())
+}

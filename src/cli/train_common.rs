@@ -1,0 +1,164 @@
+//! What `mood pretrain` and `mood finetune` share: the schedule options, the data spec and the
+//! progress display.
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::model::VitConfig;
+use crate::train::loops::{Dataset, Schedule};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ScheduleArgs {
+    /// Epochs (passes over the training images).
+    #[arg(long, default_value_t = 30)]
+    pub epochs: usize,
+    /// Images per step.
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Peak learning rate (after warmup), before layer-wise decay.
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f32,
+    /// Final learning rate of the cosine schedule.
+    #[arg(long, default_value_t = 1e-6)]
+    pub min_lr: f32,
+    #[arg(long, default_value_t = 5)]
+    pub warmup_epochs: usize,
+    #[arg(long, default_value_t = 0.05)]
+    pub weight_decay: f32,
+    /// Layer-wise learning-rate decay (1 = none).
+    #[arg(long, default_value_t = 0.75)]
+    pub layer_decay: f32,
+    /// Stochastic depth of the last block (linearly less in earlier blocks).
+    #[arg(long, default_value_t = 0.1)]
+    pub drop_path: f32,
+    /// Global gradient-norm clip (0 = none, MOOD's default).
+    #[arg(long, default_value_t = 0.0)]
+    pub clip_grad: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl ScheduleArgs {
+    pub fn schedule(&self) -> Result<Schedule> {
+        for (name, v) in [
+            ("--lr", self.lr),
+            ("--min-lr", self.min_lr),
+            ("--weight-decay", self.weight_decay),
+            ("--layer-decay", self.layer_decay),
+            ("--drop-path", self.drop_path),
+            ("--clip-grad", self.clip_grad),
+        ] {
+            if !v.is_finite() || v < 0.0 {
+                return Err(Error::Usage(format!(
+                    "{name} must be a finite, non-negative number, got {v}"
+                )));
+            }
+        }
+        if self.drop_path >= 1.0 {
+            return Err(Error::Usage(format!(
+                "--drop-path must be below 1, got {}",
+                self.drop_path
+            )));
+        }
+        if self.epochs == 0 || self.warmup_epochs > self.epochs {
+            return Err(Error::Usage(format!(
+                "--epochs must be at least 1 and at least --warmup-epochs ({})",
+                self.warmup_epochs
+            )));
+        }
+        Ok(Schedule {
+            epochs: self.epochs,
+            batch: self.batch,
+            lr: self.lr,
+            min_lr: self.min_lr,
+            warmup_epochs: self.warmup_epochs,
+            weight_decay: self.weight_decay,
+            layer_decay: self.layer_decay,
+            drop_path: self.drop_path,
+            clip_grad: self.clip_grad,
+            seed: self.seed,
+        })
+    }
+}
+
+/// Training images from a data spec. Today: `digits` or `digits:CLASSES` (e.g. `digits:0-4`), the
+/// train part of the bundled digits' fixed split, rendered at the model's input size.
+pub fn training_data(spec: &str, cfg: &VitConfig) -> Result<Dataset> {
+    digits_part(spec, cfg, false)
+}
+
+/// The held-out part of the same data spec, to report accuracy after fine-tuning.
+pub fn heldout_data(spec: &str, cfg: &VitConfig) -> Result<Dataset> {
+    digits_part(spec, cfg, true)
+}
+
+fn digits_part(spec: &str, cfg: &VitConfig, test: bool) -> Result<Dataset> {
+    let (name, classes) = spec.split_once(':').unwrap_or((spec, ""));
+    if name != "digits" {
+        return Err(Error::Usage(format!(
+            "--data `{spec}`: only the bundled `digits[:CLASSES]` can be trained on in this version"
+        )));
+    }
+    if cfg.img_size % 8 != 0 || cfg.in_chans != 3 {
+        return Err(Error::Usage(format!(
+            "{} takes {}x{} inputs; the digits render at multiples of 8 with 3 channels",
+            cfg.name, cfg.img_size, cfg.img_size
+        )));
+    }
+    let classes = crate::data::digits::parse_classes(classes)?;
+    let d = crate::data::digits::load()?;
+    let (images, labels) = crate::data::digits::split(&d, &classes, test, cfg.img_size);
+    Ok(Dataset {
+        images,
+        chw: [3, cfg.img_size, cfg.img_size],
+        labels,
+    })
+}
+
+/// A progress bar over all steps showing the running loss.
+pub fn step_bar(total: u64, done: u64) -> indicatif::ProgressBar {
+    let pb = indicatif::ProgressBar::new(total);
+    pb.set_position(done);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps ({per_sec}, eta {eta}) {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    pb
+}
+
+/// Loads a checkpoint to resume from when `resume` is set and `out` exists.
+pub fn resume_from(out: &Path, resume: bool) -> Result<Option<crate::train::checkpoint::Loaded>> {
+    if resume && out.exists() {
+        Ok(Some(crate::train::checkpoint::load(out)?))
+    } else {
+        Ok(None)
+    }
+}
+
+/// Parameters to start from: a checkpoint's tensors, or a random initialisation.
+pub fn initial_params(
+    cfg: &VitConfig,
+    weights: Option<&Path>,
+    seed: u64,
+) -> Result<std::collections::BTreeMap<String, crate::tensor::Tensor>> {
+    let store = match weights {
+        Some(p) => crate::weights::WeightStore::open(p)?,
+        None => crate::model::init::random_store(cfg, seed),
+    };
+    store
+        .names()
+        // Integer buffers (a stored relative_position_index) are not parameters.
+        .filter(|k| store.entry(k).is_some_and(|e| e.dtype.is_float()))
+        .map(|k| {
+            let shape = store.shape_of(k).unwrap_or(&[]).to_vec();
+            let t = store.get(k, &shape)?;
+            // Owned copies: training updates them in place and must not touch a mapped file.
+            Ok((
+                k.clone(),
+                crate::tensor::Tensor::from_vec(&shape, t.as_slice().to_vec())?,
+            ))
+        })
+        .collect()
+}
