@@ -1,0 +1,88 @@
+//! Metrics and Mahalanobis against scikit-learn / scipy / numpy references
+//! (tools/make_ood_fixtures.py): metrics to 1e-9, scores to 1e-4 of the largest |score|.
+
+mod common;
+
+use common::fixture;
+use mood::metrics;
+use mood::ood::mahalanobis::Mahalanobis;
+
+fn f32s(name: &str) -> (Vec<usize>, Vec<f32>) {
+    mood::npy::read_f32(&fixture(&format!("ood/{name}.npy"))).unwrap()
+}
+
+fn f64s(name: &str) -> Vec<f64> {
+    let bytes = std::fs::read(fixture(&format!("ood/{name}.npy"))).unwrap();
+    npyz::NpyFile::new(&bytes[..])
+        .unwrap()
+        .into_vec::<f64>()
+        .unwrap()
+}
+
+#[test]
+fn metrics_match_sklearn_including_ties_and_constant_scores() {
+    for case in ["random", "ties", "constant"] {
+        let (_, id) = f32s(&format!("metrics_{case}_id"));
+        let (_, ood) = f32s(&format!("metrics_{case}_ood"));
+        let want = f64s(&format!("metrics_{case}_expected"));
+        let m = metrics::evaluate(&id, &ood).unwrap();
+        let got = [m.auroc, m.aupr_in, m.aupr_out, m.fpr95, m.detection_error];
+        for (name, (g, w)) in ["auroc", "aupr_in", "aupr_out", "fpr95", "detection_error"]
+            .iter()
+            .zip(got.iter().zip(&want))
+        {
+            assert!(
+                (g - w).abs() < 1e-9,
+                "{case} {name}: ours {g}, reference {w}"
+            );
+        }
+    }
+}
+
+#[test]
+fn metrics_refuse_empty_sets_and_nan_scores() {
+    assert!(metrics::evaluate(&[], &[1.0]).is_err());
+    let e = metrics::evaluate(&[1.0, f32::NAN], &[0.0])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("row 1"), "{e}");
+}
+
+#[test]
+fn mahalanobis_matches_scipy_pinvh_reference() {
+    for case in ["full", "singular", "c1000"] {
+        let (tshape, train) = f32s(&format!("maha_{case}_train"));
+        let (_, labels) = f32s(&format!("maha_{case}_labels"));
+        let (_, test) = f32s(&format!("maha_{case}_test"));
+        let want = f64s(&format!("maha_{case}_expected"));
+        let labels: Vec<usize> = labels.iter().map(|&l| l as usize).collect();
+        let m = Mahalanobis::fit(&train, &labels, tshape[1]).unwrap();
+        let got = m.score(&test).unwrap();
+        let scale = want.iter().fold(0.0f64, |a, b| a.max(b.abs()));
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (*g as f64 - w).abs() <= 1e-4 * scale,
+                "{case}[{i}]: ours {g}, scipy {w}"
+            );
+        }
+    }
+}
+
+#[test]
+fn mahalanobis_refuses_bad_input() {
+    let e = Mahalanobis::fit(&[1.0, 2.0, f32::NAN, 4.0], &[0, 1], 2)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("row 1"), "{e}");
+    let m = Mahalanobis::fit(&[1.0, 2.0, 3.0, 5.0, 0.0, 1.0], &[0, 1, 0], 2).unwrap();
+    assert!(
+        m.score(&[1.0, 2.0, 3.0]).is_err(),
+        "3 values are not rows of 2"
+    );
+    let e = Mahalanobis::fit(&[1.0, 2.0, 3.0, 4.0], &[0, 2], 2)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("class 1"), "{e}");
+}

@@ -1,0 +1,82 @@
+#!/usr/bin/env python3
+"""References for tests/ood_reference.rs from scikit-learn, scipy and numpy:
+
+  metrics_<case>_{id,ood}.npy + metrics_<case>_expected.npy
+      [roc_auc_score, average_precision_score (ID positive), average_precision_score (OOD positive,
+       score -s), FPR@95 (MOODv2 rule, numpy transcription), detection error (numpy transcription)]
+      cases: random, ties (scores rounded to 1 decimal), constant (all scores equal)
+  maha_<case>_{train,labels,test,expected}.npy
+      class-conditional tied-covariance Mahalanobis (SPEC D3): scipy.linalg.pinvh of the pooled
+      class-centred covariance; expected = -min_c (x-mu_c)^T P (x-mu_c) in float64.
+      cases: full (n=400, d=24, 5 classes), singular (n=30 < d=48, 3 classes), c1000 (1000 classes)
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _venv import ensure_venv  # noqa: E402
+
+ensure_venv()
+
+import numpy as np  # noqa: E402
+from scipy.linalg import pinvh  # noqa: E402
+from sklearn.metrics import average_precision_score, roc_auc_score  # noqa: E402
+
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "ood")
+
+
+def fpr95(id_s, ood_s):
+    r = int(np.floor(0.95 * len(id_s)))
+    t = np.sort(id_s)[::-1][max(r, 1) - 1]
+    return float(np.sum(ood_s >= t) / len(ood_s))
+
+
+def det_err(id_s, ood_s):
+    best = 0.5
+    for d in np.concatenate([id_s, ood_s]):
+        best = min(best, 0.5 * (np.mean(id_s < d) + np.mean(ood_s >= d)))
+    return best
+
+
+def metrics(name, id_s, ood_s):
+    id_s, ood_s = id_s.astype(np.float32), ood_s.astype(np.float32)
+    y = np.concatenate([np.ones(len(id_s)), np.zeros(len(ood_s))])
+    s = np.concatenate([id_s, ood_s]).astype(np.float64)
+    exp = [roc_auc_score(y, s), average_precision_score(y, s), average_precision_score(1 - y, -s),
+           fpr95(id_s, ood_s), det_err(id_s, ood_s)]
+    np.save(os.path.join(OUT, f"metrics_{name}_id.npy"), id_s)
+    np.save(os.path.join(OUT, f"metrics_{name}_ood.npy"), ood_s)
+    np.save(os.path.join(OUT, f"metrics_{name}_expected.npy"), np.array(exp, dtype=np.float64))
+    print(name, exp)
+
+
+def maha(name, n, d, c, n_test, rng):
+    centres = rng.normal(0, 3, size=(c, d))
+    labels = np.arange(n) % c
+    train = (centres[labels] + rng.normal(0, 1, size=(n, d)) @ rng.normal(0, 1, size=(d, d)) / np.sqrt(d)).astype(np.float32)
+    test = (centres[rng.integers(0, c, n_test)] + 2 * rng.normal(0, 1, size=(n_test, d))).astype(np.float32)
+    f = train.astype(np.float64)
+    mu = np.stack([f[labels == k].mean(0) for k in range(c)])
+    cen = f - mu[labels]
+    prec = pinvh(cen.T @ cen / n)
+    diff = test.astype(np.float64)[:, None, :] - mu[None]
+    dist = np.einsum("ncd,de,nce->nc", diff, prec, diff)
+    exp = -dist.min(1)
+    for k, v in (("train", train), ("labels", labels.astype(np.float32)), ("test", test), ("expected", exp)):
+        np.save(os.path.join(OUT, f"maha_{name}_{k}.npy"), v if k == "expected" else v.astype(np.float32))
+    print(name, "score range", exp.min(), exp.max())
+
+
+def main():
+    os.makedirs(OUT, exist_ok=True)
+    rng = np.random.default_rng(7)
+    metrics("random", rng.normal(1, 1, 300), rng.normal(0, 1, 250))
+    metrics("ties", np.round(rng.normal(1, 1, 200), 1), np.round(rng.normal(0, 1, 180), 1))
+    metrics("constant", np.zeros(50), np.zeros(40))
+    maha("full", 400, 24, 5, 100, rng)
+    maha("singular", 30, 48, 3, 40, rng)
+    maha("c1000", 3000, 16, 1000, 50, rng)
+
+
+if __name__ == "__main__":
+    main()
