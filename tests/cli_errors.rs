@@ -216,3 +216,25 @@ fn unwritable_output_leaves_nothing() {
         "nothing written"
     );
 }
+
+#[test]
+fn demo_runs_end_to_end_and_prints_the_table() {
+    let out = Command::new(env!("CARGO_BIN_EXE_mood"))
+        .args(["demo", "--pretrain-epochs", "1", "--finetune-epochs", "1"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("engine check") && stdout.contains("| MIM 1 ep -> fine-tune 1 ep |"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("| fine-tune 2 ep from scratch |"),
+        "{stdout}"
+    );
+}
