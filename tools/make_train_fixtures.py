@@ -14,7 +14,9 @@
   a linear `mim_head` on the masked tokens, MSE against per-patch normalised pixels (unbiased var,
   eps 1e-6): tiny_beit_mim_{mask,loss}.npy, tiny_beit_mim_init.safetensors (mask token, norm, head)
   and tiny_beit_mim_grads.safetensors;
-- MOS's group-softmax loss on random logits: mos_{logits,labels,loss,grad}.npy.
+- MOS's group-softmax loss on random logits: mos_{logits,labels,loss,grad}.npy;
+- ODIN (T = 1000, eps = 0.0014; LSO's sign rule, zero gradient -> +1) through the tiny BEiT on its
+  bundled input: tiny_beit_odin.npy.
 """
 import os
 import sys
@@ -68,6 +70,7 @@ def main():
     adamw_steps()
     mim_grads()
     group_softmax()
+    odin()
 
 
 def layer_id(name, depth):
@@ -168,6 +171,21 @@ def group_softmax():
     np.save(os.path.join(OUT, "mos_loss.npy"), np.array([loss.item()], dtype=np.float32))
     np.save(os.path.join(OUT, "mos_grad.npy"), logits.grad.numpy())
     print(f"mos group softmax: loss {loss.item():.6f}")
+
+
+def odin():
+    model = MODELS["tiny_beit"]().eval()
+    model.load_state_dict(load_file(os.path.join(TIMM, "tiny_beit.safetensors")), strict=False)
+    x = torch.from_numpy(np.load(os.path.join(TIMM, "tiny_beit_input.npy"))).requires_grad_(True)
+    t, eps = 1000.0, 0.0014
+    z = model(x)
+    loss = torch.nn.functional.cross_entropy(z / t, z.argmax(1))
+    loss.backward()
+    sign = torch.where(x.grad >= 0, 1.0, -1.0)
+    with torch.no_grad():
+        s = torch.softmax(model(x - eps * sign) / t, 1).max(1).values
+    np.save(os.path.join(OUT, "tiny_beit_odin.npy"), s.numpy().astype(np.float32))
+    print("odin:", s.numpy())
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 //! OOD score functions fitted on in-distribution train features. Every score is "higher = more
-//! in-distribution". Now: class-conditional Mahalanobis with a tied covariance (MOOD's score).
+//! in-distribution". Now: class-conditional Mahalanobis with a tied covariance (MOOD's score) and
+//! ODIN through the model.
 
 pub mod linalg;
 pub mod mahalanobis;
+pub mod odin;

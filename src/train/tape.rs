@@ -370,7 +370,8 @@ impl Tape {
                     add_into(&mut grads.params, &w.name, dw);
                     add_into(&mut grads.params, &b.name, db);
                     if self.want_input_grad {
-                        let p = w.value.shape()[2];
+                        // The weight was recorded as [D, C·P·P].
+                        let p = ((k / c) as f64).sqrt().round() as usize;
                         acc(
                             &mut vg,
                             img,
