@@ -26,7 +26,7 @@ pub fn scores(
     temperature: f32,
     epsilon: f32,
 ) -> Result<Vec<f32>> {
-    if !(temperature > 0.0) || !epsilon.is_finite() || epsilon < 0.0 {
+    if !temperature.is_finite() || temperature <= 0.0 || !epsilon.is_finite() || epsilon < 0.0 {
         return Err(Error::Usage(format!(
             "ODIN needs temperature > 0 and epsilon >= 0, got T = {temperature}, eps = {epsilon}"
         )));
