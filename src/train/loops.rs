@@ -155,6 +155,60 @@ impl Run<'_> {
     }
 }
 
+/// One training step of a loop: (params, optimizer, global step, image indices, lr) → loss.
+type StepFn<'a> =
+    dyn FnMut(&mut BTreeMap<String, Tensor>, &mut AdamW, usize, &[usize], f32) -> Result<f32> + 'a;
+
+impl Run<'_> {
+    /// The epoch loop both stages share: seeded order, drop-last batches, BEiT's schedule, a
+    /// checkpoint after each epoch. Returns the mean loss of every epoch run.
+    fn epochs(
+        &self,
+        params: &mut BTreeMap<String, Tensor>,
+        data: &Dataset,
+        resume: Option<checkpoint::Loaded>,
+        on_step: &mut OnStep,
+        step_fn: &mut StepFn,
+    ) -> Result<Vec<f32>> {
+        let s = self.s;
+        let per_epoch = check_batch(data, s.batch)?;
+        let (mut opt, first) = self.start(params, resume)?;
+        let total = s.epochs * per_epoch;
+        let mut history = Vec::new();
+        for epoch in first..s.epochs {
+            let order = epoch_order(data.len(), s.seed, epoch);
+            let mut sum = 0.0;
+            for it in 0..per_epoch {
+                let step = epoch * per_epoch + it;
+                let lr = warmup_cosine(step, s.lr, s.min_lr, s.warmup_epochs * per_epoch, total);
+                let loss = step_fn(
+                    params,
+                    &mut opt,
+                    step,
+                    &order[it * s.batch..(it + 1) * s.batch],
+                    lr,
+                )?;
+                sum += loss;
+                if !on_step(epoch, it, per_epoch, loss) {
+                    return Ok(history);
+                }
+            }
+            history.push(sum / per_epoch as f32);
+            self.save(params, &opt, epoch, (epoch + 1) * per_epoch)?;
+        }
+        Ok(history)
+    }
+
+    fn step_config(&self, step: usize, label_smoothing: f32) -> StepConfig {
+        StepConfig {
+            label_smoothing,
+            clip_grad: self.s.clip_grad,
+            drop_path: self.s.drop_path,
+            seed: self.s.seed.wrapping_add(step as u64),
+        }
+    }
+}
+
 /// Supervised fine-tuning (cross-entropy with label smoothing). Returns the mean loss per epoch run.
 #[allow(clippy::too_many_arguments)]
 pub fn finetune(
@@ -167,7 +221,6 @@ pub fn finetune(
     resume: Option<checkpoint::Loaded>,
     on_step: &mut OnStep,
 ) -> Result<Vec<f32>> {
-    let per_epoch = check_batch(data, s.batch)?;
     let settings = serde_json::json!({"schedule": s, "label_smoothing": label_smoothing});
     let run = Run {
         cfg,
@@ -176,32 +229,17 @@ pub fn finetune(
         settings,
         checkpoint,
     };
-    let (mut opt, first) = run.start(params, resume)?;
-    let total = s.epochs * per_epoch;
-    let mut history = Vec::new();
-    for epoch in first..s.epochs {
-        let order = epoch_order(data.len(), s.seed, epoch);
-        let mut sum = 0.0;
-        for it in 0..per_epoch {
-            let step = epoch * per_epoch + it;
-            let (x, y) = data.batch(&order[it * s.batch..(it + 1) * s.batch])?;
-            let lr = warmup_cosine(step, s.lr, s.min_lr, s.warmup_epochs * per_epoch, total);
-            let sc = StepConfig {
-                label_smoothing,
-                clip_grad: s.clip_grad,
-                drop_path: s.drop_path,
-                seed: s.seed.wrapping_add(step as u64),
-            };
-            let st = finetune_step(cfg, params, &mut opt, &x, &y, lr, &sc)?;
-            sum += st.loss;
-            if !on_step(epoch, it, per_epoch, st.loss) {
-                return Ok(history);
-            }
-        }
-        history.push(sum / per_epoch as f32);
-        run.save(params, &opt, epoch, (epoch + 1) * per_epoch)?;
-    }
-    Ok(history)
+    run.epochs(
+        params,
+        data,
+        resume,
+        on_step,
+        &mut |params, opt, step, idx, lr| {
+            let (x, y) = data.batch(idx)?;
+            let sc = run.step_config(step, label_smoothing);
+            Ok(finetune_step(cfg, params, opt, &x, &y, lr, &sc)?.loss)
+        },
+    )
 }
 
 /// Masked image modelling with BEiT's block-wise masks over `mask_ratio` of the patches.
@@ -216,7 +254,6 @@ pub fn pretrain(
     resume: Option<checkpoint::Loaded>,
     on_step: &mut OnStep,
 ) -> Result<Vec<f32>> {
-    let per_epoch = check_batch(data, s.batch)?;
     if !(0.0..1.0).contains(&mask_ratio) || !mask_ratio.is_finite() {
         return Err(Error::Usage(format!(
             "--mask-ratio {mask_ratio} must be in [0, 1)"
@@ -233,36 +270,21 @@ pub fn pretrain(
         settings,
         checkpoint,
     };
-    let (mut opt, first) = run.start(params, resume)?;
-    let total = s.epochs * per_epoch;
-    let mut history = Vec::new();
-    for epoch in first..s.epochs {
-        let order = epoch_order(data.len(), s.seed, epoch);
-        let mut sum = 0.0;
-        for it in 0..per_epoch {
-            let step = epoch * per_epoch + it;
-            let (x, _) = data.batch(&order[it * s.batch..(it + 1) * s.batch])?;
+    run.epochs(
+        params,
+        data,
+        resume,
+        on_step,
+        &mut |params, opt, step, idx, lr| {
+            let (x, _) = data.batch(idx)?;
             let mut rng = Rng::new(s.seed ^ (0x3a5c_0000_0000 + step as u64));
-            let mask: Vec<bool> = (0..s.batch)
+            let mask: Vec<bool> = (0..idx.len())
                 .flat_map(|_| block_mask(gh, gw, num_mask, min_patches, &mut rng))
                 .collect();
-            let lr = warmup_cosine(step, s.lr, s.min_lr, s.warmup_epochs * per_epoch, total);
-            let sc = StepConfig {
-                label_smoothing: 0.0,
-                clip_grad: s.clip_grad,
-                drop_path: s.drop_path,
-                seed: s.seed.wrapping_add(step as u64),
-            };
-            let st = mim_step(cfg, params, &mut opt, &x, &mask, lr, &sc)?;
-            sum += st.loss;
-            if !on_step(epoch, it, per_epoch, st.loss) {
-                return Ok(history);
-            }
-        }
-        history.push(sum / per_epoch as f32);
-        run.save(params, &opt, epoch, (epoch + 1) * per_epoch)?;
-    }
-    Ok(history)
+            let sc = run.step_config(step, 0.0);
+            Ok(mim_step(cfg, params, opt, &x, &mask, lr, &sc)?.loss)
+        },
+    )
 }
 
 /// Top-1 accuracy of the classifier in `params` on `data`.

@@ -40,6 +40,56 @@ pub struct StepStats {
     pub grad_norm: f32,
 }
 
+/// The model over the current parameters (no copies), and the store that names them.
+fn build(
+    cfg: &VitConfig,
+    params: &BTreeMap<String, Tensor>,
+    lr: f32,
+) -> Result<(WeightStore, VisionTransformer)> {
+    if !lr.is_finite() {
+        return Err(Error::Usage(format!("learning rate {lr} is not finite")));
+    }
+    let _t = crate::profile::scope("model_build");
+    let store = WeightStore::from_tensors(
+        "<training state>",
+        params.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+    );
+    let model = VisionTransformer::load(cfg, &store)?;
+    Ok((store, model))
+}
+
+/// Backward from `out`, gradient clipping and the AdamW update; returns the gradient norm.
+/// The caller drops its model first, so the parameters are updated in place, not copied.
+#[allow(clippy::too_many_arguments)]
+fn backward_and_update(
+    params: &mut BTreeMap<String, Tensor>,
+    opt: &mut AdamW,
+    tape: Tape,
+    out: crate::train::tape::Var,
+    dout: Vec<f32>,
+    loss: f32,
+    lr: f32,
+    sc: &StepConfig,
+) -> Result<f32> {
+    if !loss.is_finite() {
+        return Err(Error::Data(format!(
+            "loss became {loss}: lower the learning rate"
+        )));
+    }
+    let mut grads = tape.backward(out, dout)?;
+    let grad_norm = {
+        let _t = crate::profile::scope("clip_grad");
+        let limit = if sc.clip_grad > 0.0 {
+            sc.clip_grad
+        } else {
+            f32::INFINITY
+        };
+        clip_grad_norm(&mut grads.params, limit)
+    };
+    opt.update(params, &grads.params, lr);
+    Ok(grad_norm)
+}
+
 pub fn finetune_step(
     cfg: &VitConfig,
     params: &mut BTreeMap<String, Tensor>,
@@ -49,15 +99,7 @@ pub fn finetune_step(
     lr: f32,
     sc: &StepConfig,
 ) -> Result<StepStats> {
-    if !lr.is_finite() {
-        return Err(Error::Usage(format!("learning rate {lr} is not finite")));
-    }
-    let build = crate::profile::scope("model_build");
-    let store = WeightStore::from_tensors(
-        "<training state>",
-        params.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-    );
-    let model = VisionTransformer::load(cfg, &store)?;
+    let (store, model) = build(cfg, params, lr)?;
     let classes = model.num_classes().ok_or_else(|| {
         Error::Usage("fine-tuning needs a classification head (`head.weight`)".into())
     })?;
@@ -66,7 +108,6 @@ pub fn finetune_step(
             "label {bad} out of range for {classes} classes"
         )));
     }
-    drop(build);
     let mut tape = Tape::with_drop_path(sc.drop_path, cfg.depth, sc.seed);
     let (_, logits) = model.forward_with(&mut tape, images)?;
     let logits = logits.expect("head checked above");
@@ -76,22 +117,8 @@ pub fn finetune_step(
         classes,
         sc.label_smoothing,
     );
-    if !loss.is_finite() {
-        return Err(Error::Data(format!(
-            "loss became {loss}: lower the learning rate"
-        )));
-    }
-    drop(model);
-    drop(store);
-    let mut grads = tape.backward(logits, dlogits)?;
-    let _clip = crate::profile::scope("clip_grad");
-    let grad_norm = if sc.clip_grad > 0.0 {
-        clip_grad_norm(&mut grads.params, sc.clip_grad)
-    } else {
-        clip_grad_norm(&mut grads.params, f32::INFINITY)
-    };
-    drop(_clip);
-    opt.update(params, &grads.params, lr);
+    drop((model, store));
+    let grad_norm = backward_and_update(params, opt, tape, logits, dlogits, loss, lr, sc)?;
     Ok(StepStats { loss, grad_norm })
 }
 
@@ -166,14 +193,7 @@ pub fn mim_step(
 ) -> Result<StepStats> {
     use crate::model::layers::{Linear, LinearBias, Norm, Param};
     use crate::train::mim::{masked_token_rows, mse, patch_targets};
-    if !lr.is_finite() {
-        return Err(Error::Usage(format!("learning rate {lr} is not finite")));
-    }
-    let store = WeightStore::from_tensors(
-        "<training state>",
-        params.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-    );
-    let model = VisionTransformer::load(cfg, &store)?;
+    let (store, model) = build(cfg, params, lr)?;
     let d = cfg.embed_dim;
     let k = cfg.in_chans * cfg.patch_size * cfg.patch_size;
     let token = Param::load(&store, "mask_token", &[d])?;
@@ -205,19 +225,7 @@ pub fn mim_step(
         .flat_map(|i| all[i * k..(i + 1) * k].iter().copied())
         .collect();
     let (loss, dpred) = mse(tape.value(&pred).as_slice(), &target);
-    if !loss.is_finite() {
-        return Err(Error::Data(format!(
-            "loss became {loss}: lower the learning rate"
-        )));
-    }
-    drop((model, store));
-    let mut grads = tape.backward(pred, dpred)?;
-    let limit = if sc.clip_grad > 0.0 {
-        sc.clip_grad
-    } else {
-        f32::INFINITY
-    };
-    let grad_norm = clip_grad_norm(&mut grads.params, limit);
-    opt.update(params, &grads.params, lr);
+    drop((model, store, token, norm, head));
+    let grad_norm = backward_and_update(params, opt, tape, pred, dpred, loss, lr, sc)?;
     Ok(StepStats { loss, grad_norm })
 }
