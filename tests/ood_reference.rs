@@ -86,3 +86,35 @@ fn mahalanobis_refuses_bad_input() {
         .to_string();
     assert!(e.contains("class 1"), "{e}");
 }
+
+#[test]
+fn logit_scores_match_scipy_transcriptions() {
+    use mood::ood::logits;
+    let (zs, z) = f32s("logits_z");
+    let (fs, f) = f32s("logits_f");
+    let want = f64s("logits_expected");
+    let (n, c, d) = (zs[0], zs[1], fs[1]);
+    let got = [
+        logits::msp(&z, c, 1.0).unwrap(),
+        logits::msp(&z, c, 1000.0).unwrap(),
+        logits::maxlogit(&z, c).unwrap(),
+        logits::energy(&z, c, 1.0).unwrap(),
+        logits::energy(&z, c, 2.0).unwrap(),
+        logits::entropy(&z, c).unwrap(),
+        logits::gradnorm(&z, c, &f, d).unwrap(),
+    ];
+    for (k, scores) in got.iter().enumerate() {
+        for i in 0..n {
+            let w = want[k * n + i];
+            assert!(
+                (scores[i] as f64 - w).abs() <= 1e-5 * w.abs().max(1e-3),
+                "score {k} row {i}: ours {}, reference {w}",
+                scores[i]
+            );
+        }
+    }
+    let e = logits::msp(&[1.0, f32::INFINITY, 0.0, 0.0], 2, 1.0)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("row 0"), "{e}");
+}

@@ -9,6 +9,9 @@
       class-conditional tied-covariance Mahalanobis (SPEC D3): scipy.linalg.pinvh of the pooled
       class-centred covariance; expected = -min_c (x-mu_c)^T P (x-mu_c) in float64.
       cases: full (n=400, d=24, 5 classes), singular (n=30 < d=48, 3 classes), c1000 (1000 classes)
+  logits_{z,f,expected}.npy
+      scipy.special softmax/logsumexp transcriptions of SPEC's logit scores, rows:
+      msp (T=1), msp (T=1000), maxlogit, energy (T=1), energy (T=2), -entropy, gradnorm
 """
 import os
 import sys
@@ -67,6 +70,27 @@ def maha(name, n, d, c, n_test, rng):
     print(name, "score range", exp.min(), exp.max())
 
 
+def logit_scores(rng):
+    from scipy.special import logsumexp, softmax
+    z = (rng.normal(0, 3, size=(64, 10)) + np.array([8.0] + [0.0] * 9) * (rng.random((64, 1)) < 0.5)).astype(np.float32)
+    z[0] = 5.0  # a row of ties
+    f = rng.normal(0, 1, size=(64, 12)).astype(np.float32)
+    zd = z.astype(np.float64)
+    p = softmax(zd, axis=1)
+    exp = np.stack([
+        p.max(1),
+        softmax(zd / 1000.0, axis=1).max(1),
+        zd.max(1),
+        logsumexp(zd, axis=1),
+        2.0 * logsumexp(zd / 2.0, axis=1),
+        (p * np.log(p)).sum(1),
+        np.abs(f.astype(np.float64)).sum(1) * np.abs(10 * p - 1).sum(1),
+    ])
+    np.save(os.path.join(OUT, "logits_z.npy"), z)
+    np.save(os.path.join(OUT, "logits_f.npy"), f)
+    np.save(os.path.join(OUT, "logits_expected.npy"), exp)
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
     rng = np.random.default_rng(7)
@@ -76,6 +100,7 @@ def main():
     maha("full", 400, 24, 5, 100, rng)
     maha("singular", 30, 48, 3, 40, rng)
     maha("c1000", 3000, 16, 1000, 50, rng)
+    logit_scores(rng)
 
 
 if __name__ == "__main__":
