@@ -118,3 +118,27 @@ fn logit_scores_match_scipy_transcriptions() {
         .to_string();
     assert!(e.contains("row 0"), "{e}");
 }
+
+#[test]
+fn knn_matches_sklearn_nearest_neighbors() {
+    use mood::ood::knn::Knn;
+    let (ts, train) = f32s("knn_train");
+    let (_, test) = f32s("knn_test");
+    let want = f64s("knn_expected");
+    let n = test.len() / ts[1];
+    for (row, k) in [1usize, 5, 50].iter().enumerate() {
+        let got = Knn::fit(&train, ts[1], *k).unwrap().score(&test).unwrap();
+        for i in 0..n {
+            let w = want[row * n + i];
+            assert!(
+                (got[i] as f64 - w).abs() <= 1e-5 * w.abs().max(1e-2),
+                "k={k} row {i}: ours {}, sklearn {w}",
+                got[i]
+            );
+        }
+    }
+    assert!(
+        Knn::fit(&train, ts[1], 501).is_err(),
+        "k larger than the train set"
+    );
+}

@@ -12,6 +12,9 @@
   logits_{z,f,expected}.npy
       scipy.special softmax/logsumexp transcriptions of SPEC's logit scores, rows:
       msp (T=1), msp (T=1000), maxlogit, energy (T=1), energy (T=2), -entropy, gradnorm
+  knn_{train,test,expected}.npy
+      sklearn NearestNeighbors on L2-normalised features (x/(|x|+1e-10)); expected rows: minus the
+      squared distance to the k-th neighbour for k = 1, 5, 50
 """
 import os
 import sys
@@ -91,6 +94,19 @@ def logit_scores(rng):
     np.save(os.path.join(OUT, "logits_expected.npy"), exp)
 
 
+def knn(rng):
+    from sklearn.neighbors import NearestNeighbors
+    train = rng.normal(0, 1, size=(500, 32)).astype(np.float32)
+    test = np.concatenate([train[:20] + 0.1 * rng.normal(0, 1, size=(20, 32)), rng.normal(0, 1, size=(30, 32))]).astype(np.float32)
+    norm = lambda x: x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-10)  # noqa: E731
+    nn = NearestNeighbors(n_neighbors=50).fit(norm(train.astype(np.float64)))
+    dist, _ = nn.kneighbors(norm(test.astype(np.float64)))
+    exp = np.stack([-(dist[:, k - 1] ** 2) for k in (1, 5, 50)])
+    np.save(os.path.join(OUT, "knn_train.npy"), train)
+    np.save(os.path.join(OUT, "knn_test.npy"), test)
+    np.save(os.path.join(OUT, "knn_expected.npy"), exp)
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
     rng = np.random.default_rng(7)
@@ -101,6 +117,7 @@ def main():
     maha("singular", 30, 48, 3, 40, rng)
     maha("c1000", 3000, 16, 1000, 50, rng)
     logit_scores(rng)
+    knn(rng)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 //! in-distribution". Now: class-conditional Mahalanobis with a tied covariance (MOOD's score) and
 //! ODIN through the model; the logit scores (MSP, MaxLogit, Energy, Entropy, GradNorm).
 
+pub mod knn;
 pub mod linalg;
 pub mod logits;
 pub mod mahalanobis;
