@@ -8,6 +8,7 @@
 
 use crate::backend::cpu::matmul::linear_nobias;
 use crate::error::{Error, Result};
+use crate::ood::check_rows;
 
 pub struct Mahalanobis {
     pub dim: usize,
@@ -19,22 +20,6 @@ pub struct Mahalanobis {
     means_sq: Vec<f32>,
     rank: usize,
     classes: usize,
-}
-
-fn check_rows(x: &[f32], d: usize, what: &str) -> Result<usize> {
-    if d == 0 || x.len() % d != 0 {
-        return Err(Error::Data(format!(
-            "{what}: {} values do not form rows of {d}",
-            x.len()
-        )));
-    }
-    if let Some(i) = x.iter().position(|v| !v.is_finite()) {
-        return Err(Error::Data(format!(
-            "{what}: row {} has a non-finite value",
-            i / d
-        )));
-    }
-    Ok(x.len() / d)
 }
 
 impl Mahalanobis {

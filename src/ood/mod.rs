@@ -7,3 +7,23 @@ pub mod linalg;
 pub mod logits;
 pub mod mahalanobis;
 pub mod odin;
+
+use crate::error::{Error, Result};
+
+/// The number of rows of a row-major matrix of width `d`, refusing ragged input and non-finite
+/// values (the error names the first bad row). `what` names the matrix in the message.
+pub fn check_rows(x: &[f32], d: usize, what: &str) -> Result<usize> {
+    if d == 0 || x.len() % d != 0 {
+        return Err(Error::Data(format!(
+            "{what}: {} values do not form rows of {d}",
+            x.len()
+        )));
+    }
+    if let Some(i) = x.iter().position(|v| !v.is_finite()) {
+        return Err(Error::Data(format!(
+            "{what}: row {} has a non-finite value",
+            i / d
+        )));
+    }
+    Ok(x.len() / d)
+}
