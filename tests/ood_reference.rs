@@ -144,3 +144,38 @@ fn knn_matches_sklearn_nearest_neighbors() {
         "k larger than the train set"
     );
 }
+
+#[test]
+fn react_vim_residual_match_numpy_transcriptions() {
+    use mood::ood::subspace::{React, Vim};
+    let (ts, train) = f32s("head_train");
+    let (_, test) = f32s("head_test");
+    let (_, w) = f32s("head_w");
+    let (_, b) = f32s("head_b");
+    let want = f64s("head_expected");
+    let d = ts[1];
+    let n = test.len() / d;
+    let vim = Vim::fit(&train, &w, &b, d, 12).unwrap();
+    let got = [
+        React::fit(&train, d, 0.99)
+            .unwrap()
+            .score(&test, &w, &b, d)
+            .unwrap(),
+        React::fit(&train, d, 0.90)
+            .unwrap()
+            .score(&test, &w, &b, d)
+            .unwrap(),
+        vim.score(&test, &w, &b).unwrap(),
+        vim.residual(&test).unwrap().iter().map(|r| -r).collect(),
+    ];
+    for (k, scores) in got.iter().enumerate() {
+        for i in 0..n {
+            let wv = want[k * n + i];
+            assert!(
+                (scores[i] as f64 - wv).abs() <= 1e-4 * wv.abs().max(1.0),
+                "score {k} row {i}: ours {}, numpy {wv}",
+                scores[i]
+            );
+        }
+    }
+}

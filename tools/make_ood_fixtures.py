@@ -15,6 +15,9 @@
   knn_{train,test,expected}.npy
       sklearn NearestNeighbors on L2-normalised features (x/(|x|+1e-10)); expected rows: minus the
       squared distance to the k-th neighbour for k = 1, 5, 50
+  head_{train,test,w,b,expected}.npy
+      ReAct (q = 0.99 and 0.90), ViM and Residual (DIM = 12 of D = 24) by a numpy transcription of
+      SPEC D3 (np.linalg.pinv, np.linalg.eigh, np.quantile); rows: react99, react90, vim, residual
 """
 import os
 import sys
@@ -107,6 +110,32 @@ def knn(rng):
     np.save(os.path.join(OUT, "knn_expected.npy"), exp)
 
 
+def head_scores(rng):
+    from scipy.special import logsumexp
+    d, c = 24, 10
+    w = rng.normal(0, 0.3, size=(c, d)).astype(np.float32)
+    b = rng.normal(0, 0.5, size=c).astype(np.float32)
+    train = np.abs(rng.normal(0, 1, size=(300, d)) @ rng.normal(0, 1, size=(d, d)) / 3).astype(np.float32)
+    test = np.abs(rng.normal(0, 1.3, size=(60, d))).astype(np.float32)
+    W, B, F, X = (a.astype(np.float64) for a in (w, b, train, test))
+    exp = []
+    for q in (0.99, 0.90):
+        clip = np.quantile(train.reshape(-1), q)
+        exp.append(logsumexp(np.minimum(X, clip) @ W.T + B, axis=1))
+    u = -np.linalg.pinv(W) @ B
+    cov = (F - u).T @ (F - u) / len(F)
+    lam, vec = np.linalg.eigh(cov)
+    ns = vec[:, np.argsort(lam)[::-1][12:]]
+    r_train = np.linalg.norm((F - u) @ ns, axis=1)
+    alpha = (F @ W.T + B).max(1).mean() / r_train.mean()
+    r = np.linalg.norm((X - u) @ ns, axis=1)
+    exp.append(-alpha * r + logsumexp(X @ W.T + B, axis=1))
+    exp.append(-r)
+    for k, v in (("train", train), ("test", test), ("w", w), ("b", b)):
+        np.save(os.path.join(OUT, f"head_{k}.npy"), v)
+    np.save(os.path.join(OUT, "head_expected.npy"), np.stack(exp))
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
     rng = np.random.default_rng(7)
@@ -118,6 +147,7 @@ def main():
     maha("c1000", 3000, 16, 1000, 50, rng)
     logit_scores(rng)
     knn(rng)
+    head_scores(rng)
 
 
 if __name__ == "__main__":
