@@ -179,3 +179,21 @@ fn react_vim_residual_match_numpy_transcriptions() {
         }
     }
 }
+
+#[test]
+fn kl_matching_matches_numpy_loop_including_an_empty_class() {
+    use mood::ood::logits::KlMatching;
+    let (ts, train) = f32s("kl_train");
+    let (_, test) = f32s("kl_test");
+    let want = f64s("kl_expected");
+    let got = KlMatching::fit(&train, ts[1])
+        .unwrap()
+        .score(&test)
+        .unwrap();
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!(
+            (*g as f64 - w).abs() <= 1e-5 * w.abs().max(1e-2),
+            "row {i}: ours {g}, numpy {w}"
+        );
+    }
+}

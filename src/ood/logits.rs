@@ -94,3 +94,80 @@ pub fn gradnorm(z: &[f32], c: usize, features: &[f32], d: usize) -> Result<Vec<f
         })
         .collect())
 }
+
+/// KL-matching (MOODv2 / SPEC D3): templates q_c = mean softmax of the train rows predicted as c
+/// (argmax); score = −min_c KL(p‖q_c), KL(p‖q) = Σ_{p_i > 0} p_i log(p_i / q_i). A class no train
+/// row is predicted as has a zero template, an infinite KL, and so never wins the min. Computed as
+/// Σ p log p − P·(log Q)ᵀ, one GEMM, with log 0 replaced by −1e30 (p_i·(−1e30) is effectively −∞
+/// for any p_i that is not exactly 0, and exactly 0 when p_i is).
+pub struct KlMatching {
+    c: usize,
+    /// log q [C, C]
+    log_q: Vec<f32>,
+}
+
+fn softmax_rows(z: &[f32], c: usize) -> Vec<f32> {
+    z.chunks_exact(c)
+        .flat_map(|r| {
+            log_softmax(r, 1.0)
+                .0
+                .into_iter()
+                .map(|lp| lp.exp() as f32)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+impl KlMatching {
+    pub fn fit(train_logits: &[f32], c: usize) -> Result<KlMatching> {
+        rows(train_logits, c)?;
+        let p = softmax_rows(train_logits, c);
+        let mut q = vec![0.0f64; c * c];
+        let mut count = vec![0usize; c];
+        for (zr, pr) in train_logits.chunks_exact(c).zip(p.chunks_exact(c)) {
+            let y = (0..c).max_by(|&a, &b| zr[a].total_cmp(&zr[b])).unwrap_or(0);
+            count[y] += 1;
+            q[y * c..(y + 1) * c]
+                .iter_mut()
+                .zip(pr)
+                .for_each(|(a, v)| *a += *v as f64);
+        }
+        let log_q = q
+            .chunks_exact(c)
+            .zip(&count)
+            .flat_map(|(row, &k)| {
+                row.iter()
+                    .map(move |v| {
+                        if k > 0 && *v > 0.0 {
+                            (v / k as f64).ln() as f32
+                        } else {
+                            -1e30
+                        }
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        Ok(KlMatching { c, log_q })
+    }
+
+    pub fn score(&self, z: &[f32]) -> Result<Vec<f32>> {
+        rows(z, self.c)?;
+        let c = self.c;
+        let p = softmax_rows(z, c);
+        let n = p.len() / c;
+        let mut cross = vec![0.0f32; n * c];
+        crate::backend::cpu::matmul::linear_nobias(&p, &self.log_q, n, c, c, &mut cross);
+        Ok(p.chunks_exact(c)
+            .zip(cross.chunks_exact(c))
+            .map(|(pr, cr)| {
+                let plogp: f64 = pr
+                    .iter()
+                    .filter(|&&v| v > 0.0)
+                    .map(|&v| v as f64 * (v as f64).ln())
+                    .sum();
+                let best = cr.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64; // max Σ p log q
+                -(plogp - best) as f32
+            })
+            .collect())
+    }
+}

@@ -1,6 +1,7 @@
 //! OOD score functions fitted on in-distribution train features. Every score is "higher = more
 //! in-distribution". Now: class-conditional Mahalanobis with a tied covariance (MOOD's score) and
-//! ODIN through the model; exact kNN; the logit scores (MSP, MaxLogit, Energy, Entropy, GradNorm);
+//! ODIN through the model; exact kNN; the logit scores (MSP, MaxLogit, Energy, Entropy, GradNorm,
+//! KL-matching);
 //! ReAct, ViM and Residual over the linear head.
 
 pub mod knn;
