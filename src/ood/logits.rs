@@ -120,7 +120,7 @@ fn softmax_rows(z: &[f32], c: usize) -> Vec<f32> {
 
 impl KlMatching {
     pub fn fit(train_logits: &[f32], c: usize) -> Result<KlMatching> {
-        rows(train_logits, c)?;
+        crate::ood::check_rows(train_logits, c, "train logits")?;
         let p = softmax_rows(train_logits, c);
         let mut q = vec![0.0f64; c * c];
         let mut count = vec![0usize; c];
@@ -151,7 +151,7 @@ impl KlMatching {
     }
 
     pub fn score(&self, z: &[f32]) -> Result<Vec<f32>> {
-        rows(z, self.c)?;
+        crate::ood::check_rows(z, self.c, "logits")?;
         let c = self.c;
         let p = softmax_rows(z, c);
         let n = p.len() / c;
