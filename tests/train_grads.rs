@@ -82,10 +82,7 @@ fn adamw_finetune_steps_match_torch() {
 
     let cfg = VitConfig::preset("test_tiny_beit").unwrap();
     let store = WeightStore::open(&fixture("timm/tiny_beit.safetensors")).unwrap();
-    let mut params: BTreeMap<String, Tensor> = store
-        .names()
-        .map(|k| (k.clone(), store.get(k, store.shape_of(k).unwrap()).unwrap()))
-        .collect();
+    let mut params: BTreeMap<String, Tensor> = store.float_tensors().unwrap();
     let (shape, x) = mood::npy::read_f32(&fixture("timm/tiny_beit_input.npy")).unwrap();
     let x = Tensor::from_vec(&shape, x).unwrap();
     let (_, want_lrs) = mood::npy::read_f32(&fixture("train/tiny_beit_adamw_lrs.npy")).unwrap();
@@ -185,10 +182,7 @@ fn masked_image_modelling_gradients_match_torch() {
 fn drop_path_gradients_match_finite_differences() {
     let cfg = VitConfig::preset("test_tiny_beit").unwrap();
     let store = WeightStore::open(&fixture("timm/tiny_beit.safetensors")).unwrap();
-    let params: Vec<(String, Tensor)> = store
-        .names()
-        .map(|k| (k.clone(), store.get(k, store.shape_of(k).unwrap()).unwrap()))
-        .collect();
+    let params: Vec<(String, Tensor)> = store.float_tensors().unwrap().into_iter().collect();
     let (shape, x) = mood::npy::read_f32(&fixture("timm/tiny_beit_input.npy")).unwrap();
     let x = Tensor::from_vec(&shape, x).unwrap();
     let labels = [1, 4, 7, 2];

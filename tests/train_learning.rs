@@ -38,10 +38,7 @@ fn finetuning_on_digits_reaches_90_percent_held_out() {
     let cfg = VitConfig::preset("beit_tiny_patch8_32").unwrap();
     let (train, test) = (dataset(false, 32), dataset(true, 32));
     let store = mood::model::init::random_store(&cfg, 0);
-    let mut params = store
-        .names()
-        .map(|k| (k.clone(), store.get(k, store.shape_of(k).unwrap()).unwrap()))
-        .collect();
+    let mut params = store.float_tensors().unwrap();
     prepare_for_finetune(&mut params, &cfg, 10, 0);
     let hist = finetune(
         &cfg,
@@ -70,10 +67,7 @@ fn masked_image_modelling_lowers_reconstruction_loss() {
     let cfg = VitConfig::preset("beit_tiny_patch8_32").unwrap();
     let train = dataset(false, 32);
     let store = mood::model::init::random_store(&cfg, 0);
-    let mut params: std::collections::BTreeMap<_, _> = store
-        .names()
-        .map(|k| (k.clone(), store.get(k, store.shape_of(k).unwrap()).unwrap()))
-        .collect();
+    let mut params: std::collections::BTreeMap<_, _> = store.float_tensors().unwrap();
     params.retain(|k, _| !k.starts_with("head.") && !k.starts_with("fc_norm."));
     add_mim_params(&mut params, &cfg, 0);
     let hist = pretrain(

@@ -21,10 +21,7 @@ fn data(n: usize) -> Dataset {
 
 fn params(cfg: &VitConfig) -> BTreeMap<String, Tensor> {
     let store = random_store(cfg, 1);
-    store
-        .names()
-        .map(|k| (k.clone(), store.get(k, store.shape_of(k).unwrap()).unwrap()))
-        .collect()
+    store.float_tensors().unwrap()
 }
 
 fn schedule(epochs: usize) -> Schedule {

@@ -47,10 +47,7 @@ pub fn run(args: Args) -> Result<()> {
         (0..n_in).map(|_| rng.normal() as f32).collect(),
     )?;
 
-    let mut params: std::collections::BTreeMap<String, Tensor> = store
-        .names()
-        .map(|k| Ok((k.clone(), store.get(k, store.shape_of(k).unwrap_or(&[]))?)))
-        .collect::<Result<_>>()?;
+    let mut params = store.float_tensors()?;
     let mut opt = crate::train::optim::AdamW::new(0.05, 0.75, cfg.depth);
     let labels: Vec<usize> = (0..args.batch).map(|i| i % cfg.num_classes).collect();
     let sc = crate::train::step::StepConfig {

@@ -64,10 +64,7 @@ fn features(
     params: &BTreeMap<String, Tensor>,
     images: &[f32],
 ) -> Result<Vec<f32>> {
-    let store = WeightStore::from_tensors(
-        "<demo model>",
-        params.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-    );
+    let store = WeightStore::from_params("<demo model>", params);
     let model = VisionTransformer::load(cfg, &store)?;
     let per = 3 * cfg.img_size * cfg.img_size;
     let mut out = Vec::new();
@@ -189,10 +186,7 @@ pub fn run(args: Args) -> Result<()> {
             .join(", ")
     );
     let store = crate::model::init::random_store(&cfg, args.seed);
-    let init: BTreeMap<String, Tensor> = store
-        .names()
-        .map(|k| Ok((k.clone(), store.get(k, store.shape_of(k).unwrap_or(&[]))?)))
-        .collect::<Result<_>>()?;
+    let init = store.float_tensors()?;
     let (p, f) = (args.pretrain_epochs, args.finetune_epochs);
     let steps = |e: usize| (e * (sets.train.len() / 32)) as u64;
     let pb = super::train_common::step_bar(steps(p) + steps(f) + steps(p + f), 0);

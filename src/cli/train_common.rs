@@ -147,18 +147,7 @@ pub fn initial_params(
         Some(p) => crate::weights::WeightStore::open(p)?,
         None => crate::model::init::random_store(cfg, seed),
     };
-    store
-        .names()
-        // Integer buffers (a stored relative_position_index) are not parameters.
-        .filter(|k| store.entry(k).is_some_and(|e| e.dtype.is_float()))
-        .map(|k| {
-            let shape = store.shape_of(k).unwrap_or(&[]).to_vec();
-            let t = store.get(k, &shape)?;
-            // Owned copies: training updates them in place and must not touch a mapped file.
-            Ok((
-                k.clone(),
-                crate::tensor::Tensor::from_vec(&shape, t.as_slice().to_vec())?,
-            ))
-        })
-        .collect()
+    // Training updates tensors in place; a mapped one is copied on its first write (Tensor's
+    // copy-on-write), so the file is never touched.
+    store.float_tensors()
 }

@@ -294,10 +294,7 @@ pub fn accuracy(
     data: &Dataset,
     batch: usize,
 ) -> Result<f32> {
-    let store = WeightStore::from_tensors(
-        "<params>",
-        params.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-    );
+    let store = WeightStore::from_params("<params>", params);
     let model = VisionTransformer::load(cfg, &store)?;
     let mut correct = 0;
     let idx: Vec<usize> = (0..data.len()).collect();

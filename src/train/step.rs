@@ -50,10 +50,7 @@ fn build(
         return Err(Error::Usage(format!("learning rate {lr} is not finite")));
     }
     let _t = crate::profile::scope("model_build");
-    let store = WeightStore::from_tensors(
-        "<training state>",
-        params.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-    );
+    let store = WeightStore::from_params("<training state>", params);
     let model = VisionTransformer::load(cfg, &store)?;
     Ok((store, model))
 }

@@ -165,6 +165,24 @@ impl WeightStore {
         }
     }
 
+    /// A store over a name → tensor map (training state); no copies.
+    pub fn from_params(name: &str, params: &BTreeMap<String, Tensor>) -> WeightStore {
+        WeightStore::from_tensors(
+            name,
+            params.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        )
+    }
+
+    /// Every float tensor by name, as f32 (views where the file allows); integer buffers such as a
+    /// stored relative_position_index are skipped.
+    pub fn float_tensors(&self) -> Result<BTreeMap<String, Tensor>> {
+        self.entries
+            .iter()
+            .filter(|(_, e)| e.dtype.is_float())
+            .map(|(k, e)| Ok((k.clone(), self.get(k, &e.shape)?)))
+            .collect()
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
