@@ -4,7 +4,9 @@
 
 use std::path::PathBuf;
 
-use super::train_common::{initial_params, resume_from, step_bar, training_data, ScheduleArgs};
+use super::train_common::{
+    bar_callback, initial_params, resume_from, step_bar, steps_done, training_data, ScheduleArgs,
+};
 use crate::error::Result;
 use crate::model::VitConfig;
 use crate::train::loops::pretrain;
@@ -43,10 +45,7 @@ pub fn run(args: Args) -> Result<()> {
     add_mim_params(&mut params, &cfg, s.seed);
     let resume = resume_from(&args.output, args.resume)?;
     let per_epoch = (data.len() / s.batch.max(1)) as u64;
-    let done = resume
-        .as_ref()
-        .and_then(|r| r.progress.as_ref())
-        .map_or(0, |p| (p.epoch as u64 + 1) * per_epoch);
+    let done = steps_done(&resume, per_epoch);
     eprintln!(
         "masked image modelling: {} on {} images ({}), {} epochs of {} steps, mask ratio {}",
         cfg.name,
@@ -65,11 +64,7 @@ pub fn run(args: Args) -> Result<()> {
         args.mask_ratio,
         Some(&args.output),
         resume,
-        &mut |e, _, _, loss| {
-            pb.set_message(format!("epoch {e} loss {loss:.4}"));
-            pb.inc(1);
-            true
-        },
+        &mut bar_callback(&pb),
     )?;
     pb.finish_and_clear();
     if let (Some(first), Some(last)) = (hist.first(), hist.last()) {

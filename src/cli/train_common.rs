@@ -128,6 +128,25 @@ pub fn step_bar(total: u64, done: u64) -> indicatif::ProgressBar {
     pb
 }
 
+/// The `on_step` of the training loops for a command: advances `pb` and shows the epoch's loss.
+pub fn bar_callback(
+    pb: &indicatif::ProgressBar,
+) -> impl FnMut(usize, usize, usize, f32) -> bool + '_ {
+    move |e, _, _, loss| {
+        pb.set_message(format!("epoch {e} loss {loss:.4}"));
+        pb.inc(1);
+        true
+    }
+}
+
+/// Steps already done by the checkpoint `resume` continues from.
+pub fn steps_done(resume: &Option<crate::train::checkpoint::Loaded>, per_epoch: u64) -> u64 {
+    resume
+        .as_ref()
+        .and_then(|r| r.progress.as_ref())
+        .map_or(0, |p| (p.epoch as u64 + 1) * per_epoch)
+}
+
 /// Loads a checkpoint to resume from when `resume` is set and `out` exists.
 pub fn resume_from(out: &Path, resume: bool) -> Result<Option<crate::train::checkpoint::Loaded>> {
     if resume && out.exists() {

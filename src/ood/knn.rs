@@ -17,18 +17,7 @@ pub struct Knn {
 }
 
 fn normalise(x: &[f32], d: usize, what: &str) -> Result<Vec<f32>> {
-    if d == 0 || x.len() % d != 0 {
-        return Err(Error::Data(format!(
-            "{what}: {} values do not form rows of {d}",
-            x.len()
-        )));
-    }
-    if let Some(i) = x.iter().position(|v| !v.is_finite()) {
-        return Err(Error::Data(format!(
-            "{what}: row {} has a non-finite value",
-            i / d
-        )));
-    }
+    crate::ood::check_rows(x, d, what)?;
     let mut out = x.to_vec();
     out.par_chunks_mut(d).for_each(|r| {
         let norm = r.iter().map(|v| v * v).sum::<f32>().sqrt();

@@ -167,6 +167,18 @@ fn call(module: &str, name: &str, args: Vec<Value>) -> Value {
     }
 }
 
+/// REDUCE / NEWOBJ: `f(*args)` for a global `f`, an opaque value otherwise.
+fn apply(f: Value, args: Value) -> Value {
+    let args = match args {
+        Value::Tuple(a) => a,
+        other => vec![other],
+    };
+    match f {
+        Value::Global(m, n) => call(&m, &n, args),
+        _ => Value::Opaque("call of a non-global".into()),
+    }
+}
+
 /// Runs the pickle program in `data` and returns the object it builds.
 pub fn load(data: &[u8]) -> R<Value> {
     let mut r = Reader { b: data, pos: 0 };
@@ -369,30 +381,13 @@ pub fn load(data: &[u8]) -> R<Value> {
                     _ => return r.err("STACK_GLOBAL needs two strings"),
                 }
             }
-            b'R' | 0x81 => {
+            b'R' | 0x81 | 0x92 => {
+                if op == 0x92 {
+                    pop(&mut stack, &r)?; // NEWOBJ_EX's keyword arguments: unused
+                }
                 let args = pop(&mut stack, &r)?;
                 let f = pop(&mut stack, &r)?;
-                let args = match args {
-                    Value::Tuple(a) => a,
-                    other => vec![other],
-                };
-                stack.push(match f {
-                    Value::Global(m, n) => call(&m, &n, args),
-                    _ => Value::Opaque("call of a non-global".into()),
-                });
-            }
-            0x92 => {
-                let _kwargs = pop(&mut stack, &r)?;
-                let args = pop(&mut stack, &r)?;
-                let f = pop(&mut stack, &r)?;
-                let args = match args {
-                    Value::Tuple(a) => a,
-                    other => vec![other],
-                };
-                stack.push(match f {
-                    Value::Global(m, n) => call(&m, &n, args),
-                    _ => Value::Opaque("call of a non-global".into()),
-                });
+                stack.push(apply(f, args));
             }
             b'b' => {
                 // BUILD: setstate. Dicts and opaque objects keep what they are.
