@@ -5,7 +5,7 @@ mod common;
 
 use common::fixture;
 use mood::metrics;
-use mood::ood::mahalanobis::Mahalanobis;
+use mood::ood::gaussian::GaussianScore;
 
 fn f32s(name: &str) -> (Vec<usize>, Vec<f32>) {
     mood::npy::read_f32(&fixture(&format!("ood/{name}.npy"))).unwrap()
@@ -56,7 +56,7 @@ fn mahalanobis_matches_scipy_pinvh_reference() {
         let (_, test) = f32s(&format!("maha_{case}_test"));
         let want = f64s(&format!("maha_{case}_expected"));
         let labels: Vec<usize> = labels.iter().map(|&l| l as usize).collect();
-        let m = Mahalanobis::fit(&train, &labels, tshape[1]).unwrap();
+        let m = GaussianScore::tied(&train, &labels, tshape[1]).unwrap();
         let got = m.score(&test).unwrap();
         let scale = want.iter().fold(0.0f64, |a, b| a.max(b.abs()));
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
@@ -70,17 +70,17 @@ fn mahalanobis_matches_scipy_pinvh_reference() {
 
 #[test]
 fn mahalanobis_refuses_bad_input() {
-    let e = Mahalanobis::fit(&[1.0, 2.0, f32::NAN, 4.0], &[0, 1], 2)
+    let e = GaussianScore::tied(&[1.0, 2.0, f32::NAN, 4.0], &[0, 1], 2)
         .err()
         .unwrap()
         .to_string();
     assert!(e.contains("row 1"), "{e}");
-    let m = Mahalanobis::fit(&[1.0, 2.0, 3.0, 5.0, 0.0, 1.0], &[0, 1, 0], 2).unwrap();
+    let m = GaussianScore::tied(&[1.0, 2.0, 3.0, 5.0, 0.0, 1.0], &[0, 1, 0], 2).unwrap();
     assert!(
         m.score(&[1.0, 2.0, 3.0]).is_err(),
         "3 values are not rows of 2"
     );
-    let e = Mahalanobis::fit(&[1.0, 2.0, 3.0, 4.0], &[0, 2], 2)
+    let e = GaussianScore::tied(&[1.0, 2.0, 3.0, 4.0], &[0, 2], 2)
         .err()
         .unwrap()
         .to_string();

@@ -11,7 +11,7 @@ use crate::data::digits;
 use crate::error::{Error, Result};
 use crate::metrics;
 use crate::model::{VisionTransformer, VitConfig};
-use crate::ood::mahalanobis::Mahalanobis;
+use crate::ood::gaussian::GaussianScore;
 use crate::tensor::Tensor;
 use crate::train::loops::{accuracy, finetune, pretrain, Dataset, Schedule};
 use crate::train::step::{add_mim_params, prepare_for_finetune};
@@ -141,7 +141,7 @@ fn evaluate(
 ) -> Result<Row> {
     let d = cfg.embed_dim;
     let train_f = features(cfg, params, &sets.train.images)?;
-    let maha = Mahalanobis::fit(&train_f, &sets.train.labels, d)?;
+    let maha = GaussianScore::tied(&train_f, &sets.train.labels, d)?;
     let id_scores = maha.score(&features(cfg, params, &sets.id_test.images)?)?;
     let results = sets
         .ood

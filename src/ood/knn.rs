@@ -8,6 +8,7 @@ use rayon::prelude::*;
 
 use crate::backend::cpu::matmul::linear_nobias;
 use crate::error::{Error, Result};
+use crate::ood::stats::Stats;
 
 pub struct Knn {
     pub dim: usize,
@@ -43,11 +44,12 @@ impl Knn {
         })
     }
 
-    pub fn score(&self, features: &[f32]) -> Result<Vec<f32>> {
+    /// The k-th largest dot product of each normalised query row with the normalised train rows,
+    /// and the query rows' squared norms.
+    fn kth_dots(&self, features: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
         let q = normalise(features, self.dim, "features")?;
-        let rows = q.len() / self.dim;
         let block = 64;
-        let mut out = Vec::with_capacity(rows);
+        let (mut kth, mut norms) = (Vec::new(), Vec::new());
         let mut dots = vec![0.0f32; block * self.n];
         for chunk in q.chunks(block * self.dim) {
             let b = chunk.len() / self.dim;
@@ -59,26 +61,52 @@ impl Knn {
                 self.n,
                 &mut dots[..b * self.n],
             );
-            let kth: Vec<f32> = dots[..b * self.n]
-                .par_chunks_mut(self.n)
-                .map(|r| {
-                    // k-th largest dot = position n − k in ascending order.
-                    let (_, v, _) =
-                        r.select_nth_unstable_by(self.n - self.k, |a, b| a.total_cmp(b));
-                    *v
-                })
-                .collect();
-            let norms: Vec<f32> = chunk
-                .chunks(self.dim)
-                .map(|r| r.iter().map(|v| v * v).sum())
-                .collect();
-            // ‖q‖² + 1 − 2 q·t (‖q‖ is 1 up to the 1e-10 guard and rounding).
-            out.extend(
-                kth.iter()
-                    .zip(&norms)
-                    .map(|(dot, qq)| -(qq + 1.0 - 2.0 * dot).max(0.0)),
+            kth.par_extend(dots[..b * self.n].par_chunks_mut(self.n).map(|r| {
+                // k-th largest dot = position n − k in ascending order.
+                let (_, v, _) = r.select_nth_unstable_by(self.n - self.k, |a, b| a.total_cmp(b));
+                *v
+            }));
+            norms.extend(
+                chunk
+                    .chunks(self.dim)
+                    .map(|r| r.iter().map(|v| v * v).sum::<f32>()),
             );
         }
-        Ok(out)
+        Ok((kth, norms))
+    }
+
+    /// −‖q − t_(k)‖² = −(‖q‖² + 1 − 2 q·t_(k)) (‖q‖ is 1 up to the 1e-10 guard and rounding).
+    pub fn score(&self, features: &[f32]) -> Result<Vec<f32>> {
+        let (kth, norms) = self.kth_dots(features)?;
+        Ok(kth
+            .iter()
+            .zip(&norms)
+            .map(|(dot, qq)| -(qq + 1.0 - 2.0 * dot).max(0.0))
+            .collect())
+    }
+
+    /// The cosine similarity to the k-th most similar train row (k = 1: MOOD v1's `cos`).
+    pub fn cosine(&self, features: &[f32]) -> Result<Vec<f32>> {
+        Ok(self.kth_dots(features)?.0)
+    }
+
+    pub fn save(&self, s: &mut Stats) {
+        s.put("train", &[self.n, self.dim], &self.train);
+    }
+
+    pub fn load(s: &Stats, k: usize) -> Result<Knn> {
+        let (shape, train) = s.get("train", 2)?;
+        if k == 0 || k > shape[0] {
+            return Err(Error::Usage(format!(
+                "k = {k} must be in 1..={} (the train rows)",
+                shape[0]
+            )));
+        }
+        Ok(Knn {
+            dim: shape[1],
+            k,
+            train,
+            n: shape[0],
+        })
     }
 }

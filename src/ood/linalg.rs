@@ -1,62 +1,77 @@
-//! Symmetric eigendecomposition (cyclic Jacobi, f64) and the pseudo-inverse built on it.
-//! Jacobi is chosen for its accuracy and simplicity; it costs O(D³) per sweep and converges in a
-//! handful of sweeps (a few seconds at D = 768 on one core), which is paid once per fit.
+//! Dense f64 linear algebra for fitting detectors: covariance (Gram) matrices as blocked GEMMs and
+//! the symmetric eigendecomposition behind every pseudo-inverse, both through `faer` (blocked,
+//! multi-threaded; D = 1024 decomposes in about 0.2 s on 2 cores, where the Jacobi sweep this
+//! replaced took tens of seconds).
 
-/// Eigenvalues and eigenvectors (columns of the returned row-major D×D matrix) of symmetric `a`.
-pub fn eigh(a: &[f64], d: usize) -> (Vec<f64>, Vec<f64>) {
-    let mut a = a.to_vec();
+use faer::{Mat, Side};
+
+use crate::error::{Error, Result};
+
+/// Eigenvalues (ascending) and eigenvectors (columns of the returned row-major D×D matrix) of
+/// the symmetric matrix `a` (row-major D×D; only the lower triangle is read).
+pub fn eigh(a: &[f64], d: usize) -> Result<(Vec<f64>, Vec<f64>)> {
+    let m = Mat::<f64>::from_fn(d, d, |i, j| a[i * d + j]);
+    let e = m.self_adjoint_eigen(Side::Lower).map_err(|e| {
+        Error::Data(format!(
+            "eigendecomposition of a {d}x{d} matrix failed: {e:?}"
+        ))
+    })?;
+    let s = e.S().column_vector();
+    let u = e.U();
+    let lam = (0..d).map(|i| s[i]).collect();
     let mut v = vec![0.0f64; d * d];
     for i in 0..d {
-        v[i * d + i] = 1.0;
-    }
-    for _sweep in 0..60 {
-        let off: f64 = (0..d)
-            .flat_map(|i| (0..d).filter(move |&j| j != i).map(move |j| (i, j)))
-            .map(|(i, j)| a[i * d + j].powi(2))
-            .sum();
-        let scale: f64 = (0..d).map(|i| a[i * d + i].powi(2)).sum::<f64>() + off;
-        if off <= 1e-30 * scale.max(1e-300) {
-            break;
-        }
-        for p in 0..d {
-            for q in p + 1..d {
-                let apq = a[p * d + q];
-                if apq.abs() < 1e-300 {
-                    continue;
-                }
-                let (app, aqq) = (a[p * d + p], a[q * d + q]);
-                let theta = (aqq - app) / (2.0 * apq);
-                let t = theta.signum() / (theta.abs() + (theta * theta + 1.0).sqrt());
-                let t = if theta == 0.0 { 1.0 } else { t };
-                let c = 1.0 / (t * t + 1.0).sqrt();
-                let s = t * c;
-                for k in 0..d {
-                    let (akp, akq) = (a[k * d + p], a[k * d + q]);
-                    a[k * d + p] = c * akp - s * akq;
-                    a[k * d + q] = s * akp + c * akq;
-                }
-                for k in 0..d {
-                    let (apk, aqk) = (a[p * d + k], a[q * d + k]);
-                    a[p * d + k] = c * apk - s * aqk;
-                    a[q * d + k] = s * apk + c * aqk;
-                }
-                for k in 0..d {
-                    let (vkp, vkq) = (v[k * d + p], v[k * d + q]);
-                    v[k * d + p] = c * vkp - s * vkq;
-                    v[k * d + q] = s * vkp + c * vkq;
-                }
-            }
+        for j in 0..d {
+            v[i * d + j] = u[(i, j)];
         }
     }
-    ((0..d).map(|i| a[i * d + i]).collect(), v)
+    Ok((lam, v))
 }
 
-/// W with WᵀW = pinv(Σ) for symmetric positive semi-definite Σ: rows λ_i^{-1/2}·v_iᵀ for the
-/// eigenvalues above scipy's pinvh cutoff (D·ε·max|λ|); the rest are dropped.
-pub fn whitening(sigma: &[f64], d: usize) -> Vec<f64> {
-    let (lam, v) = eigh(sigma, d);
-    let max = lam.iter().fold(0.0f64, |m, l| m.max(l.abs()));
-    let cutoff = d as f64 * f64::EPSILON * max;
+/// Σ_i (x_i − c_i)(x_i − c_i)ᵀ over the rows of `x` [n, d] in f64, with c_i = `centre(i)` (a class
+/// mean, a global mean, an origin, or None for no centring). Rows go through a GEMM in blocks so
+/// memory stays at block × d doubles whatever n is.
+pub fn scatter<'c>(x: &[f32], d: usize, centre: impl Fn(usize) -> Option<&'c [f64]>) -> Vec<f64> {
+    const BLOCK: usize = 2048;
+    let n = x.len() / d;
+    let mut acc = Mat::<f64>::zeros(d, d);
+    for start in (0..n).step_by(BLOCK) {
+        let rows = BLOCK.min(n - start);
+        let block = Mat::<f64>::from_fn(rows, d, |i, j| {
+            let v = x[(start + i) * d + j] as f64;
+            match centre(start + i) {
+                Some(c) => v - c[j],
+                None => v,
+            }
+        });
+        faer::linalg::matmul::matmul(
+            acc.as_mut(),
+            faer::Accum::Add,
+            block.transpose(),
+            block.as_ref(),
+            1.0,
+            faer::get_global_parallelism(),
+        );
+    }
+    let mut out = vec![0.0f64; d * d];
+    for i in 0..d {
+        for j in 0..d {
+            out[i * d + j] = acc[(i, j)];
+        }
+    }
+    out
+}
+
+/// The eigenvalue cutoff of scipy's `pinvh` (and of sklearn's `precision_`): D·ε·max|λ|.
+fn pinvh_cutoff(lam: &[f64], d: usize) -> f64 {
+    d as f64 * f64::EPSILON * lam.iter().fold(0.0f64, |m, l| m.max(l.abs()))
+}
+
+/// W [R, D] with WᵀW = pinvh(Σ) for symmetric positive semi-definite Σ: rows λ_i^{-1/2}·v_iᵀ for
+/// the R eigenvalues above the pinvh cutoff; the rest (the null space) are dropped.
+pub fn whitening(sigma: &[f64], d: usize) -> Result<Vec<f64>> {
+    let (lam, v) = eigh(sigma, d)?;
+    let cutoff = pinvh_cutoff(&lam, d);
     let mut w = Vec::new();
     for (i, &l) in lam.iter().enumerate() {
         if l > cutoff {
@@ -64,5 +79,45 @@ pub fn whitening(sigma: &[f64], d: usize) -> Vec<f64> {
             w.extend((0..d).map(|k| s * v[k * d + i]));
         }
     }
-    w
+    Ok(w)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eigh_reconstructs_a_symmetric_matrix() {
+        let d = 7;
+        let a: Vec<f64> = (0..d * d)
+            .map(|k| {
+                let (i, j) = (k / d, k % d);
+                ((i * 3 + j * 3 + i * j) % 5) as f64 + if i == j { 4.0 } else { 0.0 }
+            })
+            .collect();
+        let (lam, v) = eigh(&a, d).unwrap();
+        assert!(lam.windows(2).all(|w| w[0] <= w[1]), "ascending");
+        for i in 0..d {
+            for j in 0..d {
+                let r: f64 = (0..d).map(|k| v[i * d + k] * lam[k] * v[j * d + k]).sum();
+                assert!((r - a[i * d + j]).abs() < 1e-10, "({i},{j}) {r}");
+            }
+        }
+    }
+
+    #[test]
+    fn scatter_matches_a_direct_sum() {
+        let (n, d) = (2100, 3);
+        let x: Vec<f32> = (0..n * d).map(|k| ((k * 37) % 11) as f32 - 5.0).collect();
+        let c = [0.5f64, -1.0, 2.0];
+        let s = scatter(&x, d, |_| Some(&c[..]));
+        for i in 0..d {
+            for j in 0..d {
+                let want: f64 = (0..n)
+                    .map(|r| (x[r * d + i] as f64 - c[i]) * (x[r * d + j] as f64 - c[j]))
+                    .sum();
+                assert!((s[i * d + j] - want).abs() < 1e-9 * want.abs().max(1.0));
+            }
+        }
+    }
 }

@@ -171,3 +171,35 @@ impl KlMatching {
             .collect())
     }
 }
+
+/// MOS (SPEC F): logits [N, Σ_g (size_g + 1)] in contiguous group slices, each with its "others"
+/// category first; score = −min_g softmax(z[slice_g])[0].
+pub fn mos(z: &[f32], groups: &[usize]) -> Result<Vec<f32>> {
+    let width: usize = groups.iter().map(|g| g + 1).sum();
+    Ok(rows(z, width)?
+        .map(|r| {
+            let mut start = 0;
+            let mut worst = f64::INFINITY;
+            for g in groups {
+                let slice = &r[start..start + g + 1];
+                worst = worst.min(log_softmax(slice, 1.0).0[0].exp());
+                start += g + 1;
+            }
+            -worst as f32
+        })
+        .collect())
+}
+
+/// MOS's ImageNet taxonomy (group_config/taxonomy_level0.npy): 8 groups, 1008 logits.
+pub const MOS_IMAGENET_GROUPS: [usize; 8] = [398, 521, 9, 7, 52, 8, 3, 2];
+
+impl KlMatching {
+    pub fn save(&self, s: &mut crate::ood::stats::Stats) {
+        s.put("kl.log_templates", &[self.c, self.c], &self.log_q);
+    }
+
+    pub fn load(s: &crate::ood::stats::Stats) -> Result<KlMatching> {
+        let (shape, log_q) = s.get("kl.log_templates", 2)?;
+        Ok(KlMatching { c: shape[0], log_q })
+    }
+}

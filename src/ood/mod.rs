@@ -1,14 +1,19 @@
-//! OOD score functions fitted on in-distribution train features. Every score is "higher = more
-//! in-distribution". Now: class-conditional Mahalanobis with a tied covariance (MOOD's score) and
-//! ODIN through the model; exact kNN; the logit scores (MSP, MaxLogit, Energy, Entropy, GradNorm,
-//! KL-matching);
-//! ReAct, ViM and Residual over the linear head.
+//! OOD score functions fitted on in-distribution train features, logits or patch tokens. Every
+//! score is "higher = more in-distribution". `detector` is the method registry (names, settings,
+//! save/load); the other modules are the scores, each a few GEMMs plus row reductions:
+//! `gaussian` (Mahalanobis family), `centroid` (distances to centroids, k-means), `knn` (exact
+//! kNN and 1-NN cosine), `csd` (MODE), `logits` (MSP, MaxLogit, Energy, Entropy, GradNorm,
+//! KL-matching, MOS), `subspace` (ReAct, ViM, Residual) and `odin` (through the model).
 
+pub mod centroid;
+pub mod csd;
+pub mod detector;
+pub mod gaussian;
 pub mod knn;
 pub mod linalg;
 pub mod logits;
-pub mod mahalanobis;
 pub mod odin;
+pub mod stats;
 pub mod subspace;
 
 use crate::error::{Error, Result};

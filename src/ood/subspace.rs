@@ -12,9 +12,10 @@
 use crate::backend::cpu::matmul::linear_nobias;
 use crate::error::{Error, Result};
 use crate::ood::check_rows;
-use crate::ood::linalg::eigh;
+use crate::ood::linalg::{eigh, scatter};
 
-fn logits(x: &[f32], w: &[f32], b: &[f32], d: usize) -> Vec<f32> {
+/// z = x·Wᵀ + b for rows of x [n, D].
+pub fn logits(x: &[f32], w: &[f32], b: &[f32], d: usize) -> Vec<f32> {
     let (n, c) = (x.len() / d, b.len());
     let mut z = vec![0.0f32; n * c];
     linear_nobias(x, w, n, d, c, &mut z);
@@ -112,15 +113,8 @@ impl Vim {
         }
         let c = b.len();
         // u = −W⁺b through the eigendecomposition of WᵀW: W⁺ = (WᵀW)⁺Wᵀ.
-        let mut wtw = vec![0.0f64; d * d];
-        for row in w.chunks_exact(d) {
-            for i in 0..d {
-                for j in 0..d {
-                    wtw[i * d + j] += row[i] as f64 * row[j] as f64;
-                }
-            }
-        }
-        let (lam, v) = eigh(&wtw, d);
+        let wtw = scatter(w, d, |_| None);
+        let (lam, v) = eigh(&wtw, d)?;
         let max = lam.iter().fold(0.0f64, |m, l| m.max(l.abs()));
         let wtb: Vec<f64> = (0..d)
             .map(|j| (0..c).map(|k| w[k * d + j] as f64 * b[k] as f64).sum())
@@ -134,25 +128,9 @@ impl Vim {
                 }
             }
         }
-        let mut sigma = vec![0.0f64; d * d];
-        let mut cen = vec![0.0f64; d];
-        for row in train.chunks_exact(d) {
-            for k in 0..d {
-                cen[k] = row[k] as f64 - origin[k];
-            }
-            for i in 0..d {
-                for j in i..d {
-                    sigma[i * d + j] += cen[i] * cen[j];
-                }
-            }
-        }
-        for i in 0..d {
-            for j in i..d {
-                sigma[i * d + j] /= n as f64;
-                sigma[j * d + i] = sigma[i * d + j];
-            }
-        }
-        let (lam, v) = eigh(&sigma, d);
+        let mut sigma = scatter(train, d, |_| Some(&origin[..]));
+        sigma.iter_mut().for_each(|v| *v /= n as f64);
+        let (lam, v) = eigh(&sigma, d)?;
         let mut order: Vec<usize> = (0..d).collect();
         order.sort_by(|&a, &b| lam[b].total_cmp(&lam[a]));
         let ns: Vec<f32> = order[dim..]
@@ -205,5 +183,31 @@ impl Vim {
             .zip(&r)
             .map(|(row, rr)| (lse(row) - self.alpha * *rr as f64) as f32)
             .collect())
+    }
+}
+
+impl Vim {
+    pub fn save(&self, s: &mut crate::ood::stats::Stats) {
+        let origin: Vec<f32> = self.origin.iter().map(|&v| v as f32).collect();
+        s.put("vim.origin", &[self.d], &origin);
+        s.put("vim.ns", &[self.ns.len() / self.d, self.d], &self.ns);
+        s.put("vim.alpha", &[1], &[self.alpha as f32]);
+    }
+
+    pub fn load(s: &crate::ood::stats::Stats) -> Result<Vim> {
+        let (_, origin) = s.get("vim.origin", 1)?;
+        let (shape, ns) = s.get("vim.ns", 2)?;
+        if shape[1] != origin.len() {
+            return Err(Error::Data(format!(
+                "vim.ns {shape:?} does not match an origin of {}",
+                origin.len()
+            )));
+        }
+        Ok(Vim {
+            d: origin.len(),
+            origin: origin.iter().map(|&v| v as f64).collect(),
+            ns,
+            alpha: s.get("vim.alpha", 1)?.1[0] as f64,
+        })
     }
 }

@@ -99,25 +99,9 @@ pub fn load(path: &Path) -> Result<Loaded> {
 
 /// The `mood_progress` header of a safetensors file, if it has one.
 pub fn read_progress(path: &Path) -> Result<Option<Progress>> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut len = [0u8; 8];
-    f.read_exact(&mut len).map_err(|e| Error::io(path, e))?;
-    let n = u64::from_le_bytes(len) as usize;
-    if n > 100 << 20 {
-        return Err(Error::format(path, "safetensors header larger than 100 MB"));
-    }
-    let mut header = vec![0u8; n];
-    f.read_exact(&mut header).map_err(|e| Error::io(path, e))?;
-    let json: serde_json::Value = serde_json::from_slice(&header)
-        .map_err(|e| Error::format(path, format!("bad header: {e}")))?;
-    match json
-        .get("__metadata__")
-        .and_then(|m| m.get("mood_progress"))
-        .and_then(|p| p.as_str())
-    {
+    match safetensors::read_metadata(path, "mood_progress")? {
         None => Ok(None),
-        Some(s) => serde_json::from_str(s)
+        Some(s) => serde_json::from_str(&s)
             .map(Some)
             .map_err(|e| Error::format(path, format!("bad mood_progress: {e}"))),
     }

@@ -126,3 +126,26 @@ pub fn write(
         .map_err(|e| Error::Data(format!("serialising {}: {e}", path.display())))?;
     crate::fsutil::write_atomic(path, &bytes)
 }
+
+/// The string under `key` in a safetensors file's `__metadata__`, reading only the header.
+pub fn read_metadata(path: &Path, key: &str) -> Result<Option<String>> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)
+        .map_err(|_| Error::format(path, "not a valid safetensors file (truncated?)"))?;
+    let n = u64::from_le_bytes(len) as usize;
+    if n > 100 << 20 {
+        return Err(Error::format(path, "safetensors header larger than 100 MB"));
+    }
+    let mut header = vec![0u8; n];
+    f.read_exact(&mut header)
+        .map_err(|_| Error::format(path, "not a valid safetensors file (truncated?)"))?;
+    let json: serde_json::Value = serde_json::from_slice(&header)
+        .map_err(|e| Error::format(path, format!("bad safetensors header: {e}")))?;
+    Ok(json
+        .get("__metadata__")
+        .and_then(|m| m.get(key))
+        .and_then(|p| p.as_str())
+        .map(str::to_string))
+}

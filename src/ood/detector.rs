@@ -1,0 +1,628 @@
+//! The method registry: every score of SPEC Part 1 by name, with its settings, what it needs from a
+//! feature store, how it fits, scores, saves and loads. `fit` → `Detector` → `score` / `save`;
+//! `Detector::load` rebuilds one from its file without the train set.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::ood::centroid::{Centroids, Distance};
+use crate::ood::csd::{Csd, FcNorm};
+use crate::ood::gaussian::{GaussianScore, Reduce};
+use crate::ood::knn::Knn;
+use crate::ood::logits::{self, KlMatching};
+use crate::ood::stats::{Header, Stats};
+use crate::ood::subspace::{self, principal_dim, React, Vim};
+
+/// What a method reads from a feature store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Need {
+    Features,
+    Labels,
+    /// Logits, or a linear head to compute them from the features.
+    Logits,
+    Head,
+    Local,
+}
+
+impl Need {
+    fn what(self) -> &'static str {
+        match self {
+            Need::Features => "features (features.npy)",
+            Need::Labels => "train labels (labels.npy)",
+            Need::Logits => "logits (logits.npy, or a head: head.safetensors / --head)",
+            Need::Head => "the linear head (head.safetensors or --head)",
+            Need::Local => "patch-token features (local.npy; extract with --local)",
+        }
+    }
+}
+
+pub struct Method {
+    pub name: &'static str,
+    pub needs: &'static [Need],
+    /// (setting, default, meaning)
+    pub args: &'static [(&'static str, &'static str, &'static str)],
+    pub about: &'static str,
+}
+
+use Need::*;
+
+pub const METHODS: &[Method] = &[
+    Method {
+        name: "mahalanobis",
+        needs: &[Features, Labels],
+        args: &[],
+        about: "class-conditional, tied covariance: -min_c Mahalanobis^2 (MOODv2, OpenOOD MDS)",
+    },
+    Method {
+        name: "mood-v1",
+        needs: &[Features],
+        args: &[],
+        about: "L2-normalised features, one Gaussian over all train features (MOOD v1)",
+    },
+    Method {
+        name: "mahalanobis-cc",
+        needs: &[Features, Labels],
+        args: &[],
+        about: "L2-normalised, a covariance per class, -min over classes",
+    },
+    Method {
+        name: "mahalanobis-avgcc",
+        needs: &[Features, Labels],
+        args: &[],
+        about: "L2-normalised, a covariance per class, -mean over classes",
+    },
+    Method {
+        name: "euclidean",
+        needs: &[Features],
+        args: &[],
+        about: "-L2 distance to the mean of the L2-normalised train features",
+    },
+    Method {
+        name: "minkowski",
+        needs: &[Features],
+        args: &[],
+        about: "-L1 distance to the mean of the L2-normalised train features",
+    },
+    Method {
+        name: "chebyshev",
+        needs: &[Features],
+        args: &[],
+        about: "-L-infinity distance to the mean of the L2-normalised train features",
+    },
+    Method {
+        name: "cos",
+        needs: &[Features],
+        args: &[],
+        about: "cosine similarity to the nearest train feature",
+    },
+    Method {
+        name: "projection",
+        needs: &[Features],
+        args: &[],
+        about: "max cos(x, f)·|x|^2 on L2-normalised features (ranks as cos)",
+    },
+    Method {
+        name: "gauss",
+        needs: &[Features],
+        args: &[],
+        about: "Ledoit-Wolf-shrunk Mahalanobis on L2-normalised features",
+    },
+    Method {
+        name: "kmeans",
+        needs: &[Features],
+        args: &[("k", "1", "clusters"), ("seed", "0", "k-means++ seed")],
+        about: "-L2 distance to the nearest k-means centroid (normalised features)",
+    },
+    Method {
+        name: "msp",
+        needs: &[Logits],
+        args: &[("t", "1", "temperature")],
+        about: "max softmax probability",
+    },
+    Method {
+        name: "maxlogit",
+        needs: &[Logits],
+        args: &[],
+        about: "max logit",
+    },
+    Method {
+        name: "entropy",
+        needs: &[Logits],
+        args: &[],
+        about: "negated softmax entropy",
+    },
+    Method {
+        name: "energy",
+        needs: &[Logits],
+        args: &[("t", "1", "temperature")],
+        about: "T·logsumexp(z/T)",
+    },
+    Method {
+        name: "react",
+        needs: &[Features, Head],
+        args: &[(
+            "percentile",
+            "0.99",
+            "clip quantile of all train activations (OpenOOD: 0.90)",
+        )],
+        about: "energy of the head on clipped features",
+    },
+    Method {
+        name: "vim",
+        needs: &[Features, Head],
+        args: &[("dim", "auto", "principal subspace size (auto: ViM's rule)")],
+        about: "virtual logit matching",
+    },
+    Method {
+        name: "residual",
+        needs: &[Features, Head],
+        args: &[("dim", "auto", "principal subspace size (auto: ViM's rule)")],
+        about: "-norm of the residual outside the principal subspace",
+    },
+    Method {
+        name: "gradnorm",
+        needs: &[Features, Logits],
+        args: &[],
+        about: "|f|_1 · sum_c |C·p_c - 1| (closed-form GradNorm of the head)",
+    },
+    Method {
+        name: "kl-matching",
+        needs: &[Logits],
+        args: &[],
+        about: "-min_c KL(p || mean softmax of train rows predicted c)",
+    },
+    Method {
+        name: "knn",
+        needs: &[Features],
+        args: &[("k", "50", "neighbour")],
+        about: "-squared distance to the k-th nearest normalised train feature",
+    },
+    Method {
+        name: "csd",
+        needs: &[Local],
+        args: &[("k", "10", "neighbour")],
+        about: "MODE's cross-scale decision over 6 pooled patch-token scales",
+    },
+    Method {
+        name: "mos",
+        needs: &[Logits],
+        args: &[(
+            "groups",
+            "auto",
+            "group sizes without 'others', e.g. 398,521,9 (auto: ImageNet's 8 for 1008 logits)",
+        )],
+        about: "-min_g p_g(others) over group-softmax logits",
+    },
+];
+
+pub fn method(name: &str) -> Result<&'static Method> {
+    METHODS.iter().find(|m| m.name == name).ok_or_else(|| {
+        Error::Usage(format!(
+            "unknown method `{name}`; known: {}",
+            METHODS
+                .iter()
+                .map(|m| m.name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    })
+}
+
+/// The settings of a method, defaults filled in, from `--method-arg key=value` strings.
+pub fn parse_args(m: &Method, given: &[String]) -> Result<BTreeMap<String, String>> {
+    let mut out: BTreeMap<String, String> = m
+        .args
+        .iter()
+        .map(|(k, v, _)| (k.to_string(), v.to_string()))
+        .collect();
+    for g in given {
+        let (k, v) = g
+            .split_once('=')
+            .ok_or_else(|| Error::Usage(format!("--method-arg `{g}` is not key=value")))?;
+        if !out.contains_key(k) {
+            let known: Vec<&str> = m.args.iter().map(|a| a.0).collect();
+            return Err(Error::Usage(format!(
+                "method `{}` has no setting `{k}`; its settings: {}",
+                m.name,
+                if known.is_empty() {
+                    "none".into()
+                } else {
+                    known.join(", ")
+                }
+            )));
+        }
+        out.insert(k.to_string(), v.to_string());
+    }
+    Ok(out)
+}
+
+fn arg<T: std::str::FromStr>(args: &BTreeMap<String, String>, key: &str) -> Result<T> {
+    let v = args.get(key).map(String::as_str).unwrap_or("");
+    v.parse()
+        .map_err(|_| Error::Usage(format!("--method-arg {key}={v}: not a valid value")))
+}
+
+/// A linear head W [C, D], b [C], and the fc_norm before it when known (for `csd`).
+#[derive(Clone)]
+pub struct Head {
+    pub weight: Vec<f32>,
+    pub bias: Vec<f32>,
+    pub fc_norm: Option<FcNorm>,
+}
+
+/// A row-major matrix view.
+#[derive(Clone, Copy)]
+pub struct Matrix<'a> {
+    pub data: &'a [f32],
+    pub cols: usize,
+}
+
+impl Matrix<'_> {
+    pub fn rows(&self) -> usize {
+        self.data.len() / self.cols.max(1)
+    }
+}
+
+/// What a store offers to fit on or to score.
+#[derive(Clone, Copy, Default)]
+pub struct Inputs<'a> {
+    pub features: Option<Matrix<'a>>,
+    pub logits: Option<Matrix<'a>>,
+    pub labels: Option<&'a [usize]>,
+    /// [n, T·D] with `local_tokens` = T.
+    pub local: Option<Matrix<'a>>,
+    pub local_tokens: usize,
+    pub head: Option<&'a Head>,
+}
+
+impl<'a> Inputs<'a> {
+    /// Which of `needs` are missing (logits count as present when a head can make them).
+    pub fn missing(&self, needs: &[Need]) -> Vec<Need> {
+        needs
+            .iter()
+            .copied()
+            .filter(|n| match n {
+                Features => self.features.is_none(),
+                Labels => self.labels.is_none(),
+                Logits => self.logits.is_none() && (self.head.is_none() || self.features.is_none()),
+                Head => self.head.is_none(),
+                Local => self.local.is_none(),
+            })
+            .collect()
+    }
+
+    fn features(&self) -> Result<Matrix<'a>> {
+        self.features
+            .ok_or_else(|| Error::Usage(format!("this method needs {}", Features.what())))
+    }
+}
+
+enum Kind {
+    Gaussian(GaussianScore),
+    Centroid(Centroids),
+    Knn(Knn),
+    Cosine(Knn),
+    Csd(Csd),
+    /// msp / maxlogit / entropy / energy / gradnorm / mos: no statistics
+    Logit,
+    Kl(KlMatching),
+    React(React),
+    Vim(Vim),
+    Residual(Vim),
+}
+
+pub struct Detector {
+    pub header: Header,
+    kind: Kind,
+    /// Kept for the methods that score through the head (and logit methods fitted on a head).
+    head: Option<Head>,
+}
+
+fn need_head<'h>(head: Option<&'h Head>, d: usize) -> Result<&'h Head> {
+    let h = head.ok_or_else(|| Error::Usage(format!("this method needs {}", Head.what())))?;
+    if h.bias.is_empty() || h.weight.len() != h.bias.len() * d {
+        return Err(Error::Data(format!(
+            "head: weight has {} values, which is not {} classes x {d} features",
+            h.weight.len(),
+            h.bias.len()
+        )));
+    }
+    Ok(h)
+}
+
+/// Logits from the store, else computed through the head.
+fn logits_of<'a>(
+    inputs: &Inputs<'a>,
+    head: Option<&Head>,
+) -> Result<(std::borrow::Cow<'a, [f32]>, usize)> {
+    if let Some(z) = inputs.logits {
+        return Ok((std::borrow::Cow::Borrowed(z.data), z.cols));
+    }
+    let head = head.or(inputs.head);
+    match (inputs.features, head) {
+        (Some(f), Some(h)) => {
+            let h = need_head(Some(h), f.cols)?;
+            crate::ood::check_rows(f.data, f.cols, "features")?;
+            Ok((
+                std::borrow::Cow::Owned(subspace::logits(f.data, &h.weight, &h.bias, f.cols)),
+                h.bias.len(),
+            ))
+        }
+        _ => Err(Error::Usage(format!("this method needs {}", Logits.what()))),
+    }
+}
+
+fn mos_groups(args: &BTreeMap<String, String>, width: usize) -> Result<Vec<usize>> {
+    let spec = args.get("groups").map(String::as_str).unwrap_or("auto");
+    let groups: Vec<usize> = if spec == "auto" {
+        logits::MOS_IMAGENET_GROUPS.to_vec()
+    } else {
+        spec.split(',')
+            .map(|s| s.trim().parse::<usize>())
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|_| {
+                Error::Usage(format!(
+                    "--method-arg groups={spec}: expected sizes like 398,521,9"
+                ))
+            })?
+    };
+    let total: usize = groups.iter().map(|g| g + 1).sum();
+    if total != width {
+        return Err(Error::Data(format!(
+            "mos: groups {groups:?} need {total} logits (each group plus its 'others'), the logits have {width}; set --method-arg groups=..."
+        )));
+    }
+    Ok(groups)
+}
+
+impl Detector {
+    /// Fits `method` with settings `args` (from `parse_args`) on ID train data.
+    pub fn fit(name: &str, args: BTreeMap<String, String>, inputs: &Inputs) -> Result<Detector> {
+        let m = method(name)?;
+        let missing = inputs.missing(m.needs);
+        if !missing.is_empty() {
+            return Err(Error::Usage(format!(
+                "method `{name}` needs {}",
+                missing
+                    .iter()
+                    .map(|n| n.what())
+                    .collect::<Vec<_>>()
+                    .join(" and ")
+            )));
+        }
+        let labels = || {
+            inputs
+                .labels
+                .ok_or_else(|| Error::Usage(format!("this method needs {}", Labels.what())))
+        };
+        let mut head = None;
+        let mut dim = inputs.features.map_or(0, |f| f.cols);
+        let kind = match name {
+            "mahalanobis" => {
+                let f = inputs.features()?;
+                Kind::Gaussian(GaussianScore::tied(f.data, labels()?, f.cols)?)
+            }
+            "mood-v1" | "gauss" => {
+                let f = inputs.features()?;
+                Kind::Gaussian(GaussianScore::single(f.data, f.cols, name == "gauss")?)
+            }
+            "mahalanobis-cc" | "mahalanobis-avgcc" => {
+                let f = inputs.features()?;
+                let reduce = if name == "mahalanobis-cc" {
+                    Reduce::Min
+                } else {
+                    Reduce::Mean
+                };
+                Kind::Gaussian(GaussianScore::per_class(f.data, labels()?, f.cols, reduce)?)
+            }
+            "euclidean" | "minkowski" | "chebyshev" | "kmeans" => {
+                let f = inputs.features()?;
+                let dist = match name {
+                    "minkowski" => Distance::L1,
+                    "chebyshev" => Distance::LInf,
+                    _ => Distance::L2,
+                };
+                let (k, seed) = if name == "kmeans" {
+                    (arg(&args, "k")?, arg(&args, "seed")?)
+                } else {
+                    (1, 0)
+                };
+                Kind::Centroid(Centroids::fit(f.data, f.cols, dist, k, seed)?)
+            }
+            "cos" | "projection" => {
+                let f = inputs.features()?;
+                Kind::Cosine(Knn::fit(f.data, f.cols, 1)?)
+            }
+            "knn" => {
+                let f = inputs.features()?;
+                Kind::Knn(Knn::fit(f.data, f.cols, arg(&args, "k")?)?)
+            }
+            "csd" => {
+                let l = inputs
+                    .local
+                    .ok_or_else(|| Error::Usage(format!("csd needs {}", Local.what())))?;
+                let t = inputs.local_tokens;
+                if t == 0 || l.cols % t != 0 {
+                    return Err(Error::Data(format!(
+                        "local features of width {} are not {t} tokens",
+                        l.cols
+                    )));
+                }
+                dim = l.cols / t;
+                let norm = inputs.head.and_then(|h| h.fc_norm.clone());
+                Kind::Csd(Csd::fit(l.data, t, dim, norm, arg(&args, "k")?)?)
+            }
+            "msp" | "maxlogit" | "entropy" | "energy" | "gradnorm" | "mos" => {
+                let (z, c) = logits_of(inputs, None)?;
+                crate::ood::check_rows(&z, c, "train logits")?;
+                if name == "mos" {
+                    mos_groups(&args, c)?;
+                }
+                if inputs.logits.is_none() {
+                    head = inputs.head.cloned();
+                }
+                Kind::Logit
+            }
+            "kl-matching" => {
+                let (z, c) = logits_of(inputs, None)?;
+                if inputs.logits.is_none() {
+                    head = inputs.head.cloned();
+                }
+                Kind::Kl(KlMatching::fit(&z, c)?)
+            }
+            "react" | "vim" | "residual" => {
+                let f = inputs.features()?;
+                let h = need_head(inputs.head, f.cols)?;
+                head = Some(h.clone());
+                match name {
+                    "react" => Kind::React(React::fit(f.data, f.cols, arg(&args, "percentile")?)?),
+                    _ => {
+                        let dim_arg = args.get("dim").map(String::as_str).unwrap_or("auto");
+                        let k = if dim_arg == "auto" {
+                            principal_dim(f.cols, h.bias.len(), name == "residual")
+                        } else {
+                            arg(&args, "dim")?
+                        };
+                        let vim = Vim::fit(f.data, &h.weight, &h.bias, f.cols, k)?;
+                        if name == "vim" {
+                            Kind::Vim(vim)
+                        } else {
+                            Kind::Residual(vim)
+                        }
+                    }
+                }
+            }
+            _ => unreachable!("every registered method is handled"),
+        };
+        Ok(Detector {
+            header: Header {
+                method: name.to_string(),
+                args,
+                dim,
+                mood_version: env!("CARGO_PKG_VERSION").to_string(),
+            },
+            kind,
+            head,
+        })
+    }
+
+    pub fn method(&self) -> &str {
+        &self.header.method
+    }
+
+    /// Scores (higher = more in-distribution), one per row of the inputs.
+    pub fn score(&self, inputs: &Inputs) -> Result<Vec<f32>> {
+        let name = self.header.method.as_str();
+        let features = || -> Result<&[f32]> {
+            let f = inputs.features()?;
+            if f.cols != self.header.dim {
+                return Err(Error::Data(format!(
+                    "features are {} wide but the `{name}` detector was fitted on {}-wide features",
+                    f.cols, self.header.dim
+                )));
+            }
+            Ok(f.data)
+        };
+        let args = &self.header.args;
+        match &self.kind {
+            Kind::Gaussian(g) => g.score(features()?),
+            Kind::Centroid(c) => c.score(features()?),
+            Kind::Knn(k) => k.score(features()?),
+            Kind::Cosine(k) => k.cosine(features()?),
+            Kind::Csd(c) => {
+                let l = inputs
+                    .local
+                    .ok_or_else(|| Error::Usage(format!("csd needs {}", Local.what())))?;
+                if l.cols != c.tokens * c.dim {
+                    return Err(Error::Data(format!(
+                        "local features are {} wide, the csd detector expects {} tokens x {}",
+                        l.cols, c.tokens, c.dim
+                    )));
+                }
+                c.score(l.data)
+            }
+            Kind::Kl(kl) => kl.score(&logits_of(inputs, self.head.as_ref())?.0),
+            Kind::React(r) => {
+                let h = need_head(self.head.as_ref(), self.header.dim)?;
+                r.score(features()?, &h.weight, &h.bias, self.header.dim)
+            }
+            Kind::Vim(v) => {
+                let h = need_head(self.head.as_ref(), self.header.dim)?;
+                v.score(features()?, &h.weight, &h.bias)
+            }
+            Kind::Residual(v) => Ok(v.residual(features()?)?.iter().map(|r| -r).collect()),
+            Kind::Logit => {
+                let (z, c) = logits_of(inputs, self.head.as_ref())?;
+                match name {
+                    "msp" => logits::msp(&z, c, arg(args, "t")?),
+                    "maxlogit" => logits::maxlogit(&z, c),
+                    "entropy" => logits::entropy(&z, c),
+                    "energy" => logits::energy(&z, c, arg(args, "t")?),
+                    "mos" => logits::mos(&z, &mos_groups(args, c)?),
+                    "gradnorm" => {
+                        let f = inputs.features()?;
+                        logits::gradnorm(&z, c, f.data, f.cols)
+                    }
+                    _ => unreachable!("logit methods are listed above"),
+                }
+            }
+        }
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let mut s = Stats::default();
+        match &self.kind {
+            Kind::Gaussian(g) => g.save(&mut s),
+            Kind::Centroid(c) => c.save(&mut s),
+            Kind::Knn(k) | Kind::Cosine(k) => k.save(&mut s),
+            Kind::Csd(c) => c.save(&mut s),
+            Kind::Kl(kl) => kl.save(&mut s),
+            Kind::React(r) => s.put("react.clip", &[1], &[r.clip]),
+            Kind::Vim(v) | Kind::Residual(v) => v.save(&mut s),
+            Kind::Logit => {}
+        }
+        if let Some(h) = &self.head {
+            let c = h.bias.len();
+            s.put("head.weight", &[c, h.weight.len() / c], &h.weight);
+            s.put("head.bias", &[c], &h.bias);
+        }
+        s.save(path, &self.header)
+    }
+
+    pub fn load(path: &Path) -> Result<Detector> {
+        let (s, header) = Stats::load(path)?;
+        let name = method(&header.method)?.name;
+        let args = &header.args;
+        let kind = match name {
+            "mahalanobis" => Kind::Gaussian(GaussianScore::load(&s, false, Reduce::Min)?),
+            "mood-v1" | "gauss" | "mahalanobis-cc" => {
+                Kind::Gaussian(GaussianScore::load(&s, true, Reduce::Min)?)
+            }
+            "mahalanobis-avgcc" => Kind::Gaussian(GaussianScore::load(&s, true, Reduce::Mean)?),
+            "euclidean" | "kmeans" => Kind::Centroid(Centroids::load(&s, Distance::L2)?),
+            "minkowski" => Kind::Centroid(Centroids::load(&s, Distance::L1)?),
+            "chebyshev" => Kind::Centroid(Centroids::load(&s, Distance::LInf)?),
+            "cos" | "projection" => Kind::Cosine(Knn::load(&s, 1)?),
+            "knn" => Kind::Knn(Knn::load(&s, arg(args, "k")?)?),
+            "csd" => Kind::Csd(Csd::load(&s, arg(args, "k")?)?),
+            "kl-matching" => Kind::Kl(KlMatching::load(&s)?),
+            "react" => Kind::React(React {
+                clip: s.get("react.clip", 1)?.1[0],
+            }),
+            "vim" => Kind::Vim(Vim::load(&s)?),
+            "residual" => Kind::Residual(Vim::load(&s)?),
+            _ => Kind::Logit,
+        };
+        let head = if s.contains("head.weight") {
+            Some(Head {
+                weight: s.get("head.weight", 2)?.1,
+                bias: s.get("head.bias", 1)?.1,
+                fc_norm: None,
+            })
+        } else {
+            None
+        };
+        Ok(Detector { header, kind, head })
+    }
+}
