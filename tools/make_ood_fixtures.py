@@ -20,6 +20,17 @@
       SPEC D3 (np.linalg.pinv, np.linalg.eigh, np.quantile); rows: react99, react90, vim, residual
   kl_{train,test,expected}.npy
       KL-matching (SPEC D3) by a direct numpy loop over classes (class 9 never predicted on train)
+  methods_{train,labels,test}.npy + methods_expected_<method>.npy
+      the MOOD v1 feature scores (SPEC D1) on L2-normalised features: mood-v1 (pinvh of np.cov
+      bias=True), mahalanobis-cc/-avgcc (per-class pinvh, min/mean), euclidean, minkowski (L1),
+      chebyshev, cos and projection (1-NN cosine), gauss (sklearn ledoit_wolf + pinvh), kmeans
+      (k = 3, sklearn KMeans on well-separated clusters); singular_{train,labels,test} +
+      singular_expected_<method>.npy: the same per-class scores with d = 40 > 12 rows per class
+  csd_{train,test,fcnorm_w,fcnorm_b,expected}.npy
+      MODE's CSD (SPEC E) on a 5x5 token grid: torch adaptive_avg_pool2d for the quadrants, LayerNorm
+      (eps 1e-6), sklearn NearestNeighbors on the pooled 6n vectors, k = 10
+  mos_{z,expected}.npy
+      MOS (SPEC F): groups [3, 2, 4] with 'others' first in each slice, scipy softmax per slice
 """
 import os
 import sys
@@ -161,6 +172,102 @@ def kl_matching(rng):
     np.save(os.path.join(OUT, "kl_expected.npy"), np.array(exp))
 
 
+def norm_rows(x):
+    return x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-10)
+
+
+def sq_mahal(x, mu, prec):
+    diff = x - mu
+    return np.einsum("nd,de,ne->n", diff, prec, diff)
+
+
+def feature_methods(prefix, train, labels, test, with_all=True):
+    from sklearn.cluster import KMeans
+    from sklearn.covariance import ledoit_wolf
+    F, X = norm_rows(train.astype(np.float64)), norm_rows(test.astype(np.float64))
+    c = labels.max() + 1
+    exp = {}
+    per_class = np.stack([sq_mahal(X, F[labels == k].mean(0), pinvh(np.cov(F[labels == k].T, bias=True)))
+                          for k in range(c)], 1)
+    exp["mahalanobis-cc"] = -per_class.min(1)
+    exp["mahalanobis-avgcc"] = -per_class.mean(1)
+    if with_all:
+        mu = F.mean(0)
+        exp["mood-v1"] = -sq_mahal(X, mu, pinvh(np.cov(F.T, bias=True)))
+        exp["euclidean"] = -np.linalg.norm(X - mu, axis=1)
+        exp["minkowski"] = -np.abs(X - mu).sum(1)
+        exp["chebyshev"] = -np.abs(X - mu).max(1)
+        cos = (X @ F.T).max(1)
+        exp["cos"] = cos
+        exp["projection"] = cos * np.linalg.norm(X, axis=1) ** 2
+        exp["gauss"] = -sq_mahal(X, mu, pinvh(ledoit_wolf(F)[0]))
+        km = KMeans(n_clusters=3, n_init=10, random_state=0).fit(F)
+        exp["kmeans"] = -km.transform(X).min(1)
+    for k, v in (("train", train), ("labels", labels.astype(np.float32)), ("test", test)):
+        np.save(os.path.join(OUT, f"{prefix}_{k}.npy"), v.astype(np.float32))
+    for name, v in exp.items():
+        np.save(os.path.join(OUT, f"{prefix}_expected_{name}.npy"), v)
+
+
+def methods(rng):
+    d, c = 16, 3
+    # Three well-separated directions, so k-means (k = 3) has one clear solution.
+    centres = 4 * np.eye(c, d) + 0.3 * rng.normal(0, 1, size=(c, d))
+    labels = np.arange(240) % c
+    train = centres[labels] + rng.normal(0, 0.5, size=(240, d)) @ rng.normal(0, 1, size=(d, d)) / np.sqrt(d)
+    test = np.concatenate([centres[rng.integers(0, c, 40)] + rng.normal(0, 0.8, size=(40, d)),
+                           rng.normal(0, 2, size=(20, d))])
+    feature_methods("methods", train, labels, test)
+    labels = np.arange(36) % 3
+    train = rng.normal(0, 1, size=(36, 40)) + 2 * np.eye(3, 40)[labels]
+    test = rng.normal(0, 1, size=(25, 40))
+    feature_methods("singular", train, labels, test, with_all=False)
+
+
+def csd(rng):
+    import torch
+    from sklearn.neighbors import NearestNeighbors
+    h, d = 5, 8
+    train = rng.normal(0, 1, size=(60, h * h, d)).astype(np.float32)
+    test = np.concatenate([train[:10] + 0.2 * rng.normal(0, 1, size=(10, h * h, d)),
+                           rng.normal(0.5, 1.5, size=(15, h * h, d))]).astype(np.float32)
+    w = rng.normal(1, 0.2, size=d).astype(np.float32)
+    b = rng.normal(0, 0.2, size=d).astype(np.float32)
+
+    def scales(local):
+        x = torch.from_numpy(local.astype(np.float64)).reshape(-1, h, h, d).permute(0, 3, 1, 2)
+        quads = torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(2).permute(0, 2, 1)  # [n, 4, d]
+        glob = x.mean((2, 3))[:, None]
+        c0 = h // 4
+        centre = x[:, :, c0:h - c0, c0:h - c0].mean((2, 3))[:, None]
+        v = torch.cat([quads, glob, centre], 1)
+        v = torch.nn.functional.layer_norm(v, (d,), torch.from_numpy(w.astype(np.float64)),
+                                           torch.from_numpy(b.astype(np.float64)), eps=1e-6).numpy()
+        v = v / (np.linalg.norm(v, axis=2, keepdims=True) + 1e-10)
+        return v
+
+    pool = scales(train).reshape(-1, d)
+    q = scales(test)
+    nn = NearestNeighbors(n_neighbors=10).fit(pool)
+    dist, _ = nn.kneighbors(q.reshape(-1, d))
+    exp = (-(dist[:, 9] ** 2)).reshape(-1, 6).max(1)
+    for k, v in (("train", train), ("test", test), ("fcnorm_w", w), ("fcnorm_b", b)):
+        np.save(os.path.join(OUT, f"csd_{k}.npy"), v)
+    np.save(os.path.join(OUT, "csd_expected.npy"), exp)
+
+
+def mos(rng):
+    from scipy.special import softmax
+    groups = [3, 2, 4]
+    z = rng.normal(0, 2, size=(40, sum(g + 1 for g in groups))).astype(np.float32)
+    others, start = [], 0
+    for g in groups:
+        others.append(softmax(z[:, start:start + g + 1].astype(np.float64), axis=1)[:, 0])
+        start += g + 1
+    np.save(os.path.join(OUT, "mos_z.npy"), z)
+    np.save(os.path.join(OUT, "mos_expected.npy"), -np.min(np.stack(others, 1), 1))
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
     rng = np.random.default_rng(7)
@@ -174,6 +281,9 @@ def main():
     knn(rng)
     head_scores(rng)
     kl_matching(rng)
+    methods(rng)
+    csd(rng)
+    mos(rng)
 
 
 if __name__ == "__main__":

@@ -319,7 +319,7 @@ pub struct Detector {
     head: Option<Head>,
 }
 
-fn need_head<'h>(head: Option<&'h Head>, d: usize) -> Result<&'h Head> {
+fn need_head(head: Option<&Head>, d: usize) -> Result<&Head> {
     let h = head.ok_or_else(|| Error::Usage(format!("this method needs {}", Head.what())))?;
     if h.bias.is_empty() || h.weight.len() != h.bias.len() * d {
         return Err(Error::Data(format!(

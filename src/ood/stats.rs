@@ -51,9 +51,13 @@ impl Stats {
     }
 
     pub fn save(&self, path: &Path, header: &Header) -> Result<()> {
+        // Every file holds at least this tensor: a safetensors file without tensors is too short
+        // for the weights reader to recognise, and it marks the layout version.
+        let version = (vec![1], vec![1.0f32]);
         let tensors: Vec<RawTensor> = self
             .tensors
             .iter()
+            .chain(std::iter::once((&"detector_format".to_string(), &version)))
             .map(|(name, (shape, data))| RawTensor {
                 name: name.clone(),
                 dtype: WDType::F32,

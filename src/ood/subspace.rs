@@ -128,6 +128,9 @@ impl Vim {
                 }
             }
         }
+        // Rounded to f32 here because detector files store f32: a loaded detector scores exactly
+        // as the fitted one.
+        origin.iter_mut().for_each(|u| *u = *u as f32 as f64);
         let mut sigma = scatter(train, d, |_| Some(&origin[..]));
         sigma.iter_mut().for_each(|v| *v /= n as f64);
         let (lam, v) = eigh(&sigma, d)?;
@@ -151,7 +154,7 @@ impl Vim {
             .sum::<f64>()
             / n as f64;
         let mean_r: f64 = r.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
-        vim.alpha = mean_max / mean_r.max(1e-30);
+        vim.alpha = (mean_max / mean_r.max(1e-30)) as f32 as f64; // f32 as stored
         Ok(vim)
     }
 

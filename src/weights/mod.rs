@@ -87,22 +87,25 @@ pub struct WeightStore {
 impl WeightStore {
     /// Opens a .safetensors (mapped) or a PyTorch zip .pth/.pt/.bin checkpoint, chosen by content.
     pub fn open(path: &Path) -> Result<WeightStore> {
-        let mut head = [0u8; 4];
-        {
+        let mut head = [0u8; 9];
+        let n = {
             use std::io::Read;
             let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-            let n = f.read(&mut head).map_err(|e| Error::io(path, e))?;
-            if n < 4 {
-                return Err(Error::format(path, "file too short to be a weights file"));
-            }
+            f.read(&mut head).map_err(|e| Error::io(path, e))?
+        };
+        if n < 4 {
+            return Err(Error::format(path, "file too short to be a weights file"));
         }
-        if head[0] == 0x80 && head[1] <= 5 {
+        // safetensors: a little-endian u64 header length, then the JSON header. Its first byte
+        // can be 0x80 like a pickle's, so the JSON brace decides.
+        let safetensors_like = n == 9 && head[8] == b'{';
+        if !safetensors_like && head[0] == 0x80 && head[1] <= 5 {
             return Err(Error::format(
                 path,
                 "a legacy (pre-1.6, non-zip) PyTorch file: re-save it with a current torch, e.g. torch.save(torch.load(f), g)",
             ));
         }
-        let (map, raw) = if &head == b"PK\x03\x04" {
+        let (map, raw) = if &head[..4] == b"PK\x03\x04" {
             let tensors = pth::read(path)?;
             let entries = tensors
                 .into_iter()
