@@ -129,3 +129,60 @@ fn every_kernel_compiles_without_spills() {
     }
     assert!(failures.is_empty(), "kernel compile checks: {failures:?}");
 }
+
+const CACHE_CHILD_ENV: &str = "MOOD_CUDA_CACHE_CHILD";
+
+/// The child's half of the cache check; XDG_CACHE_HOME points at a fresh directory.
+#[test]
+fn child_cache() {
+    if std::env::var_os(CACHE_CHILD_ENV).is_none() {
+        return;
+    }
+    let dir = nvrtc::cache_dir().expect("XDG_CACHE_HOME is set by the parent");
+    let first = nvrtc::compile("softmax", PTX_ARCH, &[]).expect("compile");
+    assert!(!first.from_cache, "an empty cache cannot hit");
+    let again = nvrtc::compile("softmax", PTX_ARCH, &[]).expect("compile");
+    assert!(
+        again.from_cache,
+        "the second compile must come from the cache"
+    );
+    assert_eq!(first.image, again.image);
+    let other =
+        nvrtc::compile("softmax", PTX_ARCH, &["-DMOOD_CACHE_PROBE=1".into()]).expect("compile");
+    assert!(!other.from_cache, "other options are another entry");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .expect("cache dir")
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 4, "two entries of .ptx + .log: {names:?}");
+    assert!(names.iter().all(|n| !n.ends_with(".tmp")), "{names:?}");
+    println!("REPORT cache entries: {}", names.join(" "));
+}
+
+#[test]
+fn nvrtc_disk_cache_roundtrip() {
+    if std::env::var_os(CHILD_ENV).is_some() || std::env::var_os(CACHE_CHILD_ENV).is_some() {
+        return;
+    }
+    if !nvrtc::available() {
+        return; // reported (or failed, under MOOD_REQUIRE_NVRTC=1) by the test above
+    }
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let out = Command::new(std::env::current_exe().expect("own path"))
+        .args(["child_cache", "--exact", "--nocapture", "--test-threads=1"])
+        .env(CACHE_CHILD_ENV, "1")
+        .env("XDG_CACHE_HOME", tmp.path())
+        .env_remove("MOOD_NVRTC_CACHE")
+        .output()
+        .expect("spawn the test binary");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for line in stdout.lines().filter_map(|l| l.split_once("REPORT ")) {
+        println!("{}", line.1);
+    }
+    assert!(
+        out.status.success(),
+        "cache check failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -95,22 +95,7 @@ pub fn version() -> Result<(i32, i32)> {
 /// The file the dynamic loader mapped for libnvrtc, once it is loaded (after `version()`), read
 /// from /proc/self/maps: cudarc keeps its handle private.
 pub fn library_path() -> Option<PathBuf> {
-    loaded_library("libnvrtc")
-}
-
-/// The first mapped file whose name is `prefix.so…` or `prefix64…` (builtins and other libraries
-/// that merely share the prefix are skipped).
-pub fn loaded_library(prefix: &str) -> Option<PathBuf> {
-    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
-    maps.lines()
-        .filter_map(|l| l.split_whitespace().nth(5))
-        .map(PathBuf::from)
-        .find(|p| {
-            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
-                n.strip_prefix(prefix)
-                    .is_some_and(|rest| rest.starts_with(".so") || rest.starts_with("64"))
-            })
-        })
+    super::loaded_library("libnvrtc")
 }
 
 fn has_headers(dir: &Path) -> bool {
@@ -267,15 +252,13 @@ pub fn compile_source(
     Ok((image, log))
 }
 
-/// `$XDG_CACHE_HOME/mood/nvrtc`, or `~/.cache/mood/nvrtc`; created on demand.
+/// `$XDG_CACHE_HOME/mood/nvrtc`, or `~/.cache/mood/nvrtc`; created when first written.
 pub fn cache_dir() -> Option<PathBuf> {
     let base = std::env::var_os("XDG_CACHE_HOME")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
-    let dir = base.join("mood").join("nvrtc");
-    std::fs::create_dir_all(&dir).ok()?;
-    Some(dir)
+    Some(base.join("mood").join("nvrtc"))
 }
 
 /// 64-bit FNV-1a over every input, each length-prefixed so that boundaries cannot shift. A cache
@@ -308,6 +291,9 @@ fn cache_write(base: &Path, target: Target, image: &[u8], log: &str) -> Result<(
     // Temporary names carry only the process id: serialise writers within one process.
     static LOCK: Mutex<()> = Mutex::new(());
     let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(dir) = base.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
     crate::fsutil::write_atomic(&base.with_extension("log"), log.as_bytes())?;
     crate::fsutil::write_atomic(&base.with_extension(target.ext()), image)
 }
