@@ -9,6 +9,8 @@
 //! (`cpu::layernorm::forward` / `cuda::layernorm::forward`), so the model code stays as it is.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 use crate::error::{Error, Result};
 use crate::profile;

@@ -10,6 +10,8 @@ pub fn run(_args: Args) -> Result<()> {
     println!("cpu features: {}", cpu_features());
     println!("threads: {}", rayon::current_num_threads());
     println!("cuda: {}", cuda_status());
+    #[cfg(feature = "cuda")]
+    cuda_libraries();
     Ok(())
 }
 
@@ -51,6 +53,38 @@ fn cuda_status() -> String {
         ),
         Err(e) => format!("driver found but unusable: {e}"),
     }
+}
+
+/// Where NVRTC, its headers and cuBLAS were found: the first things to check when kernels fail
+/// to compile or load on a new machine.
+#[cfg(feature = "cuda")]
+fn cuda_libraries() {
+    use crate::backend::cuda::{self, nvrtc};
+    let shown = |p: Option<std::path::PathBuf>| match p {
+        Some(p) => p.display().to_string(),
+        None => "not found".to_string(),
+    };
+    match nvrtc::version() {
+        Ok((major, minor)) => {
+            println!("nvrtc: {major}.{minor} at {}", shown(nvrtc::library_path()));
+            println!(
+                "nvrtc headers (cuda_fp16.h, cuda_bf16.h): {}",
+                match nvrtc::include_dir() {
+                    Some(p) => p.display().to_string(),
+                    None => "not found (set MOOD_CUDA_INCLUDE)".to_string(),
+                }
+            );
+        }
+        Err(_) => {
+            println!("nvrtc: not found (put the directory of libnvrtc.so.13 on LD_LIBRARY_PATH)")
+        }
+    }
+    let (blas, lt) = cuda::cublas_paths();
+    println!("cublas: {}", shown(blas));
+    println!("cublasLt: {}", shown(lt));
+    println!("nvrtc cache: {}", shown(nvrtc::cache_dir()));
+    let stems: Vec<&str> = cuda::kernel_sources().iter().map(|(s, _)| *s).collect();
+    println!("kernels: {}", stems.join(" "));
 }
 
 #[cfg(feature = "cuda")]

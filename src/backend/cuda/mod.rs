@@ -1,0 +1,90 @@
+//! CUDA backend. So far: the kernel sources (kernels/*.cu, embedded by build.rs) and their NVRTC
+//! compilation with a disk cache (`nvrtc`). Launchers, one per kernel family, come next and reuse
+//! the same stems as the CPU ops (`layernorm`, `attention`, `distance`, ...).
+//!
+//! Every entry point checks that the CUDA library it needs can be dlopened before touching cudarc,
+//! because cudarc panics when a library is missing; a missing library is an `Error::Cuda`.
+
+pub mod nvrtc;
+
+use std::path::PathBuf;
+
+mod generated {
+    include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+}
+
+/// (stem, CUDA C++ source) of every kernel family, sorted by stem: `attention`, `distance`, ...
+pub fn kernel_sources() -> &'static [(&'static str, &'static str)] {
+    generated::KERNEL_SOURCES
+}
+
+/// The source of one kernel family by stem.
+pub fn kernel_source(stem: &str) -> Option<&'static str> {
+    kernel_sources()
+        .iter()
+        .find(|(s, _)| *s == stem)
+        .map(|(_, src)| *src)
+}
+
+/// The file the dynamic loader mapped for a library already loaded in this process, read from
+/// /proc/self/maps (cudarc keeps its handles private). `prefix` is e.g. `libnvrtc`: names
+/// `prefix.so…` and `prefix64…` match, so libnvrtc-builtins and libcublasLt are not taken for
+/// libnvrtc and libcublas. Linux only; elsewhere None.
+pub fn loaded_library(prefix: &str) -> Option<PathBuf> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    maps.lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .map(PathBuf::from)
+        .find(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n.strip_prefix(prefix)
+                    .is_some_and(|rest| rest.starts_with(".so") || rest.starts_with("64"))
+            })
+        })
+}
+
+/// Where libcublas and libcublasLt were found, loading them if present (they load without a GPU);
+/// None for a library the loader cannot find.
+pub fn cublas_paths() -> (Option<PathBuf>, Option<PathBuf>) {
+    // SAFETY: is_culib_present only attempts dlopen; culib() runs only once it succeeded and just
+    // keeps the library loaded.
+    let blas = unsafe { cudarc::cublas::sys::is_culib_present() }
+        .then(|| {
+            unsafe { cudarc::cublas::sys::culib() };
+            loaded_library("libcublas")
+        })
+        .flatten();
+    // SAFETY: as above.
+    let lt = unsafe { cudarc::cublaslt::sys::is_culib_present() }
+        .then(|| {
+            unsafe { cudarc::cublaslt::sys::culib() };
+            loaded_library("libcublasLt")
+        })
+        .flatten();
+    (blas, lt)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kernel_file_is_embedded_with_its_header() {
+        let stems: Vec<&str> = kernel_sources().iter().map(|(s, _)| *s).collect();
+        for want in [
+            "attention",
+            "distance",
+            "elementwise",
+            "layernorm",
+            "patch_embed",
+            "softmax",
+        ] {
+            assert!(stems.contains(&want), "kernels/{want}.cu not embedded");
+        }
+        for (stem, src) in kernel_sources() {
+            // House rule: a kernel file opens with the math it computes and its launch shape.
+            assert!(src.starts_with("//"), "{stem}.cu must open with a comment");
+            assert!(src.contains("Launch shape"), "{stem}.cu: no launch shape");
+        }
+    }
+}
