@@ -15,6 +15,7 @@ pub mod model;
 pub mod npy;
 pub mod ood;
 pub mod profile;
+pub mod report;
 pub mod store;
 pub mod tensor;
 pub mod train;

@@ -31,6 +31,12 @@ enum Command {
     Pretrain(cli::pretrain::Args),
     /// Supervised (multi-class or one-class) fine-tuning.
     Finetune(cli::finetune::Args),
+    /// Fit an OOD detector on an ID train feature store.
+    Fit(cli::fit::FitArgs),
+    /// Score a feature store with a fitted detector.
+    Score(cli::fit::ScoreArgs),
+    /// Fit, score and compare methods: ID train/test stores against OOD stores.
+    Eval(cli::eval::Args),
     /// Forward throughput on random weights, beside the sgemm rate of the same machine.
     Bench(cli::bench::Args),
 }
@@ -75,6 +81,9 @@ fn main() {
         Command::Convert(a) => cli::convert::run(a),
         Command::Forward(a) => cli::forward::run(a),
         Command::Bench(a) => cli::bench::run(a),
+        Command::Fit(a) => cli::fit::run_fit(a),
+        Command::Score(a) => cli::fit::run_score(a),
+        Command::Eval(a) => cli::eval::run(a),
         Command::Pretrain(a) => cli::pretrain::run(a),
         Command::Finetune(a) => cli::finetune::run(a),
     };

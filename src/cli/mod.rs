@@ -3,7 +3,9 @@
 pub mod bench;
 pub mod convert;
 pub mod demo;
+pub mod eval;
 pub mod finetune;
+pub mod fit;
 pub mod forward;
 pub mod info;
 pub mod pretrain;

@@ -26,7 +26,7 @@ pub enum Need {
 }
 
 impl Need {
-    fn what(self) -> &'static str {
+    pub fn what(self) -> &'static str {
         match self {
             Need::Features => "features (features.npy)",
             Need::Labels => "train labels (labels.npy)",

@@ -1,0 +1,223 @@
+//! `mood eval`: fit each method once on the ID train store, score the ID test store and every OOD
+//! store, and report AUROC / AUPR / FPR@95 / detection error per OOD set and on average: a
+//! Markdown table on stdout, report.json, report.csv and one PNG per method.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::error::{Error, Result};
+use crate::metrics;
+use crate::ood::detector::{method, parse_args, Detector, Head, Need, METHODS};
+use crate::report::{average, MethodResult, OodResult, Report, Skip};
+use crate::store::FeatureStore;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// ID train feature store (fits the detectors).
+    #[arg(long)]
+    pub train: PathBuf,
+    /// ID test feature store.
+    #[arg(long)]
+    pub id: PathBuf,
+    /// An OOD test store as NAME=DIR (repeatable).
+    #[arg(long, value_name = "NAME=DIR", required = true)]
+    pub ood: Vec<String>,
+    /// `all` (every method the stores have the inputs for) or a comma-separated list.
+    #[arg(long, default_value = "all")]
+    pub methods: String,
+    /// A method setting, METHOD.KEY=VALUE, or KEY=VALUE for every method that has KEY.
+    #[arg(long = "method-arg", value_name = "[METHOD.]KEY=VALUE")]
+    pub method_args: Vec<String>,
+    /// Linear head (head.weight, head.bias) for stores without head.safetensors.
+    #[arg(long)]
+    pub head: Option<PathBuf>,
+    /// Directory for report.json, report.csv and plots/ (nothing is written without it).
+    #[arg(short, long)]
+    pub output: Option<PathBuf>,
+}
+
+/// The `--method-arg` values that apply to `name`, as key=value.
+fn args_for(name: &str, given: &[String]) -> Vec<String> {
+    let has = |key: &str| method(name).is_ok_and(|m| m.args.iter().any(|a| a.0 == key));
+    given
+        .iter()
+        .filter_map(|g| {
+            let (k, v) = g.split_once('=')?;
+            match k.split_once('.') {
+                Some((m, key)) if m == name => Some(format!("{key}={v}")),
+                Some(_) => None,
+                None if has(k) => Some(g.clone()),
+                None => None,
+            }
+        })
+        .collect()
+}
+
+pub fn run(args: Args) -> Result<()> {
+    for g in &args.method_args {
+        let (k, _) = g
+            .split_once('=')
+            .ok_or_else(|| Error::Usage(format!("--method-arg `{g}` is not [METHOD.]KEY=VALUE")))?;
+        let known = match k.split_once('.') {
+            Some((m, key)) => method(m)?.args.iter().any(|a| a.0 == key),
+            None => METHODS.iter().any(|m| m.args.iter().any(|a| a.0 == k)),
+        };
+        if !known {
+            return Err(Error::Usage(format!(
+                "--method-arg `{g}`: no method has the setting `{k}`"
+            )));
+        }
+    }
+    let oods: Vec<(String, PathBuf)> = args
+        .ood
+        .iter()
+        .map(|s| {
+            s.split_once('=')
+                .map(|(n, d)| (n.to_string(), PathBuf::from(d)))
+                .ok_or_else(|| Error::Usage(format!("--ood `{s}` is not NAME=DIR")))
+        })
+        .collect::<Result<_>>()?;
+    let names: Vec<&'static str> = if args.methods == "all" {
+        METHODS.iter().map(|m| m.name).collect()
+    } else {
+        args.methods
+            .split(',')
+            .map(|n| method(n.trim()).map(|m| m.name))
+            .collect::<Result<_>>()?
+    };
+    let head = crate::cli::fit::load_head(args.head.as_deref())?;
+    let train = FeatureStore::open(&args.train)?;
+    let id = FeatureStore::open(&args.id)?;
+    let ood_stores: Vec<FeatureStore> = oods
+        .iter()
+        .map(|(_, d)| FeatureStore::open(d))
+        .collect::<Result<_>>()?;
+    let report = evaluate(
+        &names,
+        &args.method_args,
+        head.as_ref(),
+        &train,
+        &id,
+        &oods,
+        &ood_stores,
+        args.methods == "all",
+        args.output.as_deref(),
+    )?;
+    print!("{}", report.markdown());
+    if let Some(dir) = &args.output {
+        report.write(dir)?;
+        eprintln!("wrote {}/report.json, report.csv and plots/", dir.display());
+    }
+    Ok(())
+}
+
+/// Fits and scores every method; with `skip_missing`, methods whose inputs a store lacks are
+/// listed as skipped instead of failing.
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate(
+    names: &[&'static str],
+    method_args: &[String],
+    head: Option<&Head>,
+    train: &FeatureStore,
+    id: &FeatureStore,
+    oods: &[(String, PathBuf)],
+    ood_stores: &[FeatureStore],
+    skip_missing: bool,
+    plots: Option<&Path>,
+) -> Result<Report> {
+    let mut report = Report {
+        train: train.dir.display().to_string(),
+        id: id.dir.display().to_string(),
+        ood: oods
+            .iter()
+            .map(|(n, d)| (n.clone(), d.display().to_string()))
+            .collect(),
+        methods: Vec::new(),
+        skipped: Vec::new(),
+    };
+    let bar = crate::cli::progress(names.len() as u64, "methods");
+    for &name in names {
+        bar.set_message(name);
+        let m = method(name)?;
+        // Labels are needed to fit only; the test stores need the rest.
+        let score_needs: Vec<Need> = m
+            .needs
+            .iter()
+            .copied()
+            .filter(|n| *n != Need::Labels)
+            .collect();
+        let mut missing = train.inputs(head).missing(m.needs);
+        for s in std::iter::once(id).chain(ood_stores) {
+            missing.extend(s.inputs(head).missing(&score_needs));
+        }
+        if !missing.is_empty() && skip_missing {
+            report.skipped.push(Skip {
+                method: name.into(),
+                reason: format!("needs {}", missing[0].what()),
+            });
+            bar.inc(1);
+            continue;
+        }
+        let settings = parse_args(m, &args_for(name, method_args))?;
+        let t = Instant::now();
+        let det = match Detector::fit(name, settings.clone(), &train.inputs(head)) {
+            Ok(d) => d,
+            // `all` means every method these stores can run: one that cannot (MOS without
+            // group-softmax logits, say) is listed with the reason, not fatal.
+            Err(e) if skip_missing => {
+                report.skipped.push(Skip {
+                    method: name.into(),
+                    reason: e.to_string(),
+                });
+                bar.inc(1);
+                continue;
+            }
+            Err(e) => return Err(Error::Data(format!("{name}: {e}"))),
+        };
+        let fit_seconds = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let id_scores = det.score(&id.inputs(head))?;
+        let ood_scores: Vec<Vec<f32>> = ood_stores
+            .iter()
+            .map(|s| det.score(&s.inputs(head)))
+            .collect::<Result<_>>()?;
+        let score_seconds = t.elapsed().as_secs_f64();
+        let results: Vec<OodResult> = oods
+            .iter()
+            .zip(&ood_scores)
+            .map(|((n, _), s)| {
+                Ok(OodResult {
+                    ood: n.clone(),
+                    metrics: metrics::evaluate(&id_scores, s)
+                        .map_err(|e| Error::Data(format!("{name} on {n}: {e}")))?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        if let Some(dir) = plots {
+            let pdir = dir.join("plots");
+            std::fs::create_dir_all(&pdir).map_err(|e| Error::io(&pdir, e))?;
+            let sets: Vec<(&str, &[f32])> = oods
+                .iter()
+                .zip(&ood_scores)
+                .map(|((n, _), s)| (n.as_str(), &s[..]))
+                .collect();
+            crate::report::plot::method_figure(
+                &pdir.join(format!("{name}.png")),
+                name,
+                &id_scores,
+                &sets,
+            )?;
+        }
+        report.methods.push(MethodResult {
+            method: name.into(),
+            args: settings,
+            fit_seconds,
+            score_seconds,
+            average: average(&results),
+            results,
+        });
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    Ok(report)
+}

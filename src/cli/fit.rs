@@ -1,0 +1,79 @@
+//! `mood fit` (a detector from an ID train store) and `mood score` (a detector over any store).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use crate::error::Result;
+use crate::ood::detector::{method, parse_args, Detector, Head};
+use crate::store::{read_head, FeatureStore};
+
+#[derive(clap::Args, Debug)]
+pub struct FitArgs {
+    /// Score function (`mood eval --help` or any wrong name lists them all).
+    #[arg(long)]
+    pub method: String,
+    /// A setting of the method, key=value (repeatable), e.g. k=50, t=1000, percentile=0.9.
+    #[arg(long = "method-arg", value_name = "KEY=VALUE")]
+    pub method_args: Vec<String>,
+    /// ID train feature store (from `mood extract`).
+    #[arg(long)]
+    pub train: PathBuf,
+    /// Linear head (head.weight, head.bias) when the store has none.
+    #[arg(long)]
+    pub head: Option<PathBuf>,
+    /// Detector file to write (safetensors).
+    #[arg(short, long)]
+    pub output: PathBuf,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ScoreArgs {
+    /// Detector written by `mood fit`.
+    #[arg(long)]
+    pub detector: PathBuf,
+    /// Feature store to score.
+    #[arg(long)]
+    pub features: PathBuf,
+    /// Scores to write (.npy, float32, higher = more in-distribution).
+    #[arg(short, long)]
+    pub output: PathBuf,
+}
+
+pub fn load_head(path: Option<&std::path::Path>) -> Result<Option<Head>> {
+    path.map(read_head).transpose()
+}
+
+pub fn run_fit(args: FitArgs) -> Result<()> {
+    let m = method(&args.method)?;
+    let settings = parse_args(m, &args.method_args)?;
+    let head = load_head(args.head.as_deref())?;
+    let store = FeatureStore::open(&args.train)?;
+    let t = Instant::now();
+    let det = Detector::fit(m.name, settings, &store.inputs(head.as_ref()))?;
+    det.save(&args.output)?;
+    eprintln!(
+        "fitted {} on {} rows of {} in {:.2} s -> {}",
+        m.name,
+        store.rows(),
+        args.train.display(),
+        t.elapsed().as_secs_f64(),
+        args.output.display()
+    );
+    Ok(())
+}
+
+pub fn run_score(args: ScoreArgs) -> Result<()> {
+    let det = Detector::load(&args.detector)?;
+    let store = FeatureStore::open(&args.features)?;
+    let t = Instant::now();
+    let scores = det.score(&store.inputs(None))?;
+    crate::npy::write_f32(&args.output, &[scores.len()], &scores)?;
+    eprintln!(
+        "{} scores of {} rows in {:.2} s -> {}",
+        det.method(),
+        scores.len(),
+        t.elapsed().as_secs_f64(),
+        args.output.display()
+    );
+    Ok(())
+}
