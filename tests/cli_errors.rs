@@ -230,11 +230,23 @@ fn demo_runs_end_to_end_and_prints_the_table() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        stdout.contains("engine check") && stdout.contains("| MIM 1 ep -> fine-tune 1 ep |"),
+        stdout.contains("engine check") && stdout.contains("### (a) MIM 1 ep -> fine-tune 1 ep"),
         "{stdout}"
     );
     assert!(
-        stdout.contains("| fine-tune 2 ep from scratch |"),
+        stdout.contains("### (b) fine-tune 2 ep from scratch"),
         "{stdout}"
     );
+    // Every method but MOS (no group-softmax head here) has a row in both tables.
+    for m in mood::ood::detector::METHODS
+        .iter()
+        .filter(|m| m.name != "mos")
+    {
+        assert_eq!(
+            stdout.matches(&format!("| {} |", m.name)).count(),
+            2,
+            "{}: {stdout}",
+            m.name
+        );
+    }
 }

@@ -2,16 +2,18 @@
 //! downloads. In-distribution = digits 0–4; near-OOD = digits 5–9; far-OOD = crops of two natural
 //! photographs and uniform noise, all rendered alike. Two models of equal training budget:
 //! (a) masked-image-modelling pretraining on the ID images, then fine-tuning; (b) fine-tuning from
-//! scratch. Both are scored by class-conditional Mahalanobis distance on their features (MOOD's
-//! detector), and the table shows whether MIM helps here.
+//! scratch. Each model's features, logits and patch tokens go into feature stores, and every OOD
+//! method is fitted and evaluated on them (`mood eval`'s code path); the tables show whether MIM
+//! helps here.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use crate::data::digits;
 use crate::error::{Error, Result};
-use crate::metrics;
 use crate::model::{VisionTransformer, VitConfig};
-use crate::ood::gaussian::GaussianScore;
+use crate::ood::detector::METHODS;
+use crate::report::Report;
 use crate::tensor::Tensor;
 use crate::train::loops::{accuracy, finetune, pretrain, Dataset, Schedule};
 use crate::train::step::{add_mim_params, prepare_for_finetune};
@@ -27,6 +29,9 @@ pub struct Args {
     pub finetune_epochs: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Keep the feature stores, report.json/csv and plots of both models here.
+    #[arg(long)]
+    pub out: Option<std::path::PathBuf>,
 }
 
 static WEIGHTS: &[u8] = include_bytes!("../../tests/fixtures/timm/tiny_beit.safetensors");
@@ -59,23 +64,109 @@ fn engine_check() -> Result<f32> {
         .fold(0.0, f32::max))
 }
 
-fn features(
-    cfg: &VitConfig,
-    params: &BTreeMap<String, Tensor>,
+/// Runs a model over normalised images and writes a feature store (features, logits, labels,
+/// patch tokens, head) to `dir`: what `mood extract` writes for image folders.
+fn extract_store(
+    model: &VisionTransformer,
     images: &[f32],
-) -> Result<Vec<f32>> {
-    let store = WeightStore::from_params("<demo model>", params);
-    let model = VisionTransformer::load(cfg, &store)?;
+    labels: Option<&[usize]>,
+    dir: &Path,
+    source: &str,
+) -> Result<()> {
+    let cfg = &model.cfg;
     let per = 3 * cfg.img_size * cfg.img_size;
-    let mut out = Vec::new();
+    let (mut f, mut z, mut l) = (Vec::new(), Vec::new(), Vec::new());
     for chunk in images.chunks(256 * per) {
         let x = Tensor::from_vec(
             &[chunk.len() / per, 3, cfg.img_size, cfg.img_size],
             chunk.to_vec(),
         )?;
-        out.extend_from_slice(model.forward(&x)?.features.as_slice());
+        let (out, local) = model.forward_local(&x)?;
+        f.extend_from_slice(out.features.as_slice());
+        if let Some(lg) = &out.logits {
+            z.extend_from_slice(lg.as_slice());
+        }
+        l.extend_from_slice(local.as_slice());
     }
-    Ok(out)
+    let n = images.len() / per;
+    let (d, g) = (cfg.embed_dim, cfg.grid().0 * cfg.grid().1);
+    let head = model.store_head();
+    let logits = match &head {
+        Some(h) => Some(Tensor::from_vec(&[n, h.bias.len()], z)?),
+        None => None,
+    };
+    crate::store::write(
+        dir,
+        crate::store::Contents {
+            features: &Tensor::from_vec(&[n, d], f)?,
+            logits: logits.as_ref(),
+            labels,
+            local: Some(&Tensor::from_vec(&[n, g, d], l)?),
+            head: head.as_ref(),
+            manifest: crate::store::Manifest {
+                model: cfg.name.clone(),
+                weights: "<trained by mood demo>".into(),
+                preprocess: "digits: 8x8 nearest upsampled, mean/std 0.5".into(),
+                sources: vec![source.into()],
+                ..Default::default()
+            },
+        },
+    )
+}
+
+/// Extracts every set into stores under `dir` and evaluates every method on them.
+fn evaluate(
+    cfg: &VitConfig,
+    params: &BTreeMap<String, Tensor>,
+    sets: &Sets,
+    dir: &Path,
+) -> Result<(f32, Report)> {
+    let store = WeightStore::from_params("<demo model>", params);
+    let model = VisionTransformer::load(cfg, &store)?;
+    extract_store(
+        &model,
+        &sets.train.images,
+        Some(&sets.train.labels),
+        &dir.join("train"),
+        "digits 0-4, train split",
+    )?;
+    extract_store(
+        &model,
+        &sets.id_test.images,
+        Some(&sets.id_test.labels),
+        &dir.join("id"),
+        "digits 0-4, test split",
+    )?;
+    let mut oods = Vec::new();
+    for (name, images) in &sets.ood {
+        let sub = dir.join(name.split(' ').next().unwrap_or("ood"));
+        extract_store(&model, images, None, &sub, name)?;
+        oods.push((name.to_string(), sub));
+    }
+    let open = crate::store::FeatureStore::open;
+    let ood_stores = oods
+        .iter()
+        .map(|(_, d)| open(d))
+        .collect::<Result<Vec<_>>>()?;
+    // MOS needs a group-softmax head, which this model does not have.
+    let names: Vec<&'static str> = METHODS
+        .iter()
+        .map(|m| m.name)
+        .filter(|&n| n != "mos")
+        .collect();
+    let report = crate::cli::eval::evaluate(
+        &names,
+        &[],
+        None,
+        &open(&dir.join("train"))?,
+        &open(&dir.join("id"))?,
+        &oods,
+        &ood_stores,
+        true,
+        Some(dir),
+    )?;
+    report.write(dir)?;
+    Ok((accuracy(cfg, params, &sets.id_test, 256)?, report))
 }
 
 fn schedule(epochs: usize, layer_decay: f32, seed: u64) -> Schedule {
@@ -124,34 +215,6 @@ fn data(size: usize, seed: u64) -> Result<Sets> {
             ("photo crops (far)", photos),
             ("noise (far)", noise),
         ],
-    })
-}
-
-struct Row {
-    name: String,
-    acc: f32,
-    results: Vec<metrics::Metrics>,
-}
-
-fn evaluate(
-    name: &str,
-    cfg: &VitConfig,
-    params: &BTreeMap<String, Tensor>,
-    sets: &Sets,
-) -> Result<Row> {
-    let d = cfg.embed_dim;
-    let train_f = features(cfg, params, &sets.train.images)?;
-    let maha = GaussianScore::tied(&train_f, &sets.train.labels, d)?;
-    let id_scores = maha.score(&features(cfg, params, &sets.id_test.images)?)?;
-    let results = sets
-        .ood
-        .iter()
-        .map(|(_, imgs)| metrics::evaluate(&id_scores, &maha.score(&features(cfg, params, imgs)?)?))
-        .collect::<Result<Vec<_>>>()?;
-    Ok(Row {
-        name: name.to_string(),
-        acc: accuracy(cfg, params, &sets.id_test, 256)?,
-        results,
     })
 }
 
@@ -237,45 +300,52 @@ pub fn run(args: Args) -> Result<()> {
     )?;
     pb.finish_and_clear();
 
-    let rows = [
-        evaluate(
-            &format!("MIM {p} ep -> fine-tune {f} ep"),
-            &cfg,
-            &mim,
-            &sets,
-        )?,
-        evaluate(
-            &format!("fine-tune {} ep from scratch", p + f),
-            &cfg,
+    let keep = args.out.is_some();
+    let root = match &args.out {
+        Some(d) => d.clone(),
+        None => std::env::temp_dir().join(format!("mood-demo-{}", std::process::id())),
+    };
+    let runs = [
+        ("mim", format!("(a) MIM {p} ep -> fine-tune {f} ep"), &mim),
+        (
+            "scratch",
+            format!("(b) fine-tune {} ep from scratch", p + f),
             &scratch,
-            &sets,
-        )?,
+        ),
     ];
+    let mut results = Vec::new();
+    for (dir, title, params) in runs {
+        results.push((title, evaluate(&cfg, params, &sets, &root.join(dir))?));
+    }
+    if !keep {
+        let _ = std::fs::remove_dir_all(&root);
+    }
     println!(
-        "  MIM reconstruction loss {:.3} -> {:.3}; detector: class-conditional Mahalanobis on fc_norm features",
+        "  MIM reconstruction loss {:.3} -> {:.3}",
         mim_hist.first().copied().unwrap_or(f32::NAN),
         mim_hist.last().copied().unwrap_or(f32::NAN)
     );
-    println!();
-    let mut header = String::from("| model | ID acc |");
-    let mut rule = String::from("|---|---:|");
-    for (n, _) in &sets.ood {
-        header += &format!(" {n} AUROC / FPR95 |");
-        rule += "---:|";
+    for (title, (acc, report)) in &results {
+        println!("\n### {title}: ID test accuracy {:.2}%\n", 100.0 * acc);
+        print!("{}", report.markdown());
     }
-    println!("{header}\n{rule}");
-    for r in &rows {
-        let cells: String = r
-            .results
+    println!();
+    let maha = |r: &Report| {
+        r.methods
             .iter()
-            .map(|m| format!(" {:.2} / {:.2} |", 100.0 * m.auroc, 100.0 * m.fpr95))
-            .collect();
-        println!("| {} | {:.2} |{cells}", r.name, 100.0 * r.acc);
-    }
-    println!();
+            .find(|m| m.method == "mahalanobis")
+            .map_or(f64::NAN, |m| 100.0 * m.average.auroc)
+    };
     println!(
-        "(AUROC and FPR@95%TPR in %, ID = positive class; {:.0} s in all)",
-        t0.elapsed().as_secs_f64()
+        "MOOD's detector (mahalanobis), average AUROC: (a) {:.2} vs (b) {:.2}. {:.0} s in all{}",
+        maha(&results[0].1 .1),
+        maha(&results[1].1 .1),
+        t0.elapsed().as_secs_f64(),
+        if keep {
+            format!("; stores, reports and plots in {}", root.display())
+        } else {
+            String::new()
+        }
     );
     Ok(())
 }

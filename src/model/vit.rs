@@ -282,6 +282,31 @@ impl VisionTransformer {
         e: &mut E,
         images: &Tensor,
     ) -> Result<(E::V, Option<E::V>)> {
+        let x = self.tokens_with(e, images)?;
+        self.head_with(e, x, images.shape()[0])
+    }
+
+    /// Features, logits and the last block's patch tokens [B, G, D] (the local features MODE's
+    /// CSD pools; the class token, where there is one, is left out).
+    pub fn forward_local(&self, images: &Tensor) -> Result<(Output, Tensor)> {
+        let e = &mut Infer;
+        let x = self.tokens_with(e, images)?;
+        let (b, n, g, d) = (
+            images.shape()[0],
+            self.cfg.tokens(),
+            self.cfg.grid().0 * self.cfg.grid().1,
+            self.cfg.embed_dim,
+        );
+        let rows: Vec<usize> = (0..b)
+            .flat_map(|i| (n - g..n).map(move |t| i * n + t))
+            .collect();
+        let local = e.gather_rows(x.clone(), &rows)?.reshape(&[b, g, d])?;
+        let (features, logits) = self.head_with(e, x, b)?;
+        Ok((Output { features, logits }, local))
+    }
+
+    /// Patch embedding and the blocks: every token [B·N, D] after the last block.
+    fn tokens_with<E: Exec>(&self, e: &mut E, images: &Tensor) -> Result<E::V> {
         let cfg = &self.cfg;
         let s = cfg.img_size;
         match images.shape() {
@@ -297,7 +322,12 @@ impl VisionTransformer {
         let img = e.input(images)?;
         let patches = e.patch_embed(&img, &self.patch_w, &self.patch_b)?;
         let x = e.assemble_tokens(patches, &self.cls, self.pos.as_ref(), b)?;
-        let x = self.blocks_with(e, x, b)?;
+        self.blocks_with(e, x, b)
+    }
+
+    /// Pooling, the final norm and the head on the tokens of `b` images.
+    fn head_with<E: Exec>(&self, e: &mut E, x: E::V, b: usize) -> Result<(E::V, Option<E::V>)> {
+        let cfg = &self.cfg;
         let features = match cfg.pool {
             Pool::MeanPatches => {
                 let pooled = e.pool(x, b, Pool::MeanPatches)?;
@@ -316,5 +346,24 @@ impl VisionTransformer {
             None => None,
         };
         Ok((features, logits))
+    }
+
+    /// The head and the norm before it, for a feature store's head.safetensors (vim, react,
+    /// gradnorm read the head; csd the norm).
+    pub fn store_head(&self) -> Option<crate::ood::detector::Head> {
+        let h = self.head.as_ref()?;
+        let nrm = match self.cfg.pool {
+            Pool::MeanPatches => self.fc_norm.as_ref(),
+            Pool::ClassToken => self.norm.as_ref(),
+        };
+        Some(crate::ood::detector::Head {
+            weight: h.w.value.as_slice().to_vec(),
+            bias: h.bias.tensor()?.as_slice().to_vec(),
+            fc_norm: nrm.map(|n| crate::ood::csd::FcNorm {
+                weight: n.w.value.as_slice().to_vec(),
+                bias: n.b.value.as_slice().to_vec(),
+                eps: self.cfg.eps,
+            }),
+        })
     }
 }
