@@ -17,7 +17,7 @@ use rayon::prelude::*;
 use crate::backend::cpu::matmul::linear_nobias;
 use crate::error::{Error, Result};
 use crate::ood::check_rows;
-use crate::ood::linalg::{scatter, whitening};
+use crate::ood::linalg::{matmul_nt, scatter, whitening};
 use crate::ood::stats::Stats;
 
 /// Means seen through a whitening W: everything needed to score squared Mahalanobis distances.
@@ -37,15 +37,12 @@ impl Whitened {
     pub fn new(sigma: &[f64], means: &[f64], d: usize) -> Result<Whitened> {
         let w = whitening(sigma, d)?;
         let rank = w.len() / d;
+        let wm: Vec<f32> = if rank == 0 {
+            Vec::new()
+        } else {
+            matmul_nt(means, &w, d).iter().map(|&v| v as f32).collect()
+        };
         let classes = means.len() / d;
-        let mut wm = vec![0.0f32; classes * rank];
-        for c in 0..classes {
-            let mu = &means[c * d..(c + 1) * d];
-            for r in 0..rank {
-                let wr = &w[r * d..(r + 1) * d];
-                wm[c * rank + r] = wr.iter().zip(mu).map(|(a, b)| a * b).sum::<f64>() as f32;
-            }
-        }
         let means_sq = if rank == 0 {
             vec![0.0; classes]
         } else {

@@ -48,7 +48,9 @@ impl Knn {
     /// and the query rows' squared norms.
     fn kth_dots(&self, features: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
         let q = normalise(features, self.dim, "features")?;
-        let block = 64;
+        // Query rows per GEMM: enough for an efficient GEMM, with the [block, n] dot products
+        // kept near 64 MB.
+        let block = ((16 << 20) / self.n.max(1)).clamp(64, 1024);
         let (mut kth, mut norms) = (Vec::new(), Vec::new());
         let mut dots = vec![0.0f32; block * self.n];
         for chunk in q.chunks(block * self.dim) {

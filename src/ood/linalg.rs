@@ -62,6 +62,29 @@ pub fn scatter<'c>(x: &[f32], d: usize, centre: impl Fn(usize) -> Option<&'c [f6
     out
 }
 
+/// a [m, k] · b [n, k]ᵀ → [m, n], all row-major f64.
+pub fn matmul_nt(a: &[f64], b: &[f64], k: usize) -> Vec<f64> {
+    let (m, n) = (a.len() / k.max(1), b.len() / k.max(1));
+    let a = faer::MatRef::from_row_major_slice(a, m, k);
+    let b = faer::MatRef::from_row_major_slice(b, n, k);
+    let mut c = Mat::<f64>::zeros(m, n);
+    faer::linalg::matmul::matmul(
+        c.as_mut(),
+        faer::Accum::Replace,
+        a,
+        b.transpose(),
+        1.0,
+        faer::get_global_parallelism(),
+    );
+    let mut out = vec![0.0f64; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            out[i * n + j] = c[(i, j)];
+        }
+    }
+    out
+}
+
 /// The eigenvalue cutoff of scipy's `pinvh` (and of sklearn's `precision_`): D·ε·max|λ|.
 fn pinvh_cutoff(lam: &[f64], d: usize) -> f64 {
     d as f64 * f64::EPSILON * lam.iter().fold(0.0f64, |m, l| m.max(l.abs()))
