@@ -136,6 +136,10 @@ fn fit_score_eval_end_to_end() {
         "knn.k=5",
         "--method-arg",
         "csd.k=3",
+        "--fpr",
+        "mos",
+        "--aupr",
+        "trapezoid",
         "-o",
         &p("report"),
     ]);
@@ -155,6 +159,8 @@ fn fit_score_eval_end_to_end() {
         .unwrap();
     let far_auroc = maha["results"][0]["metrics"]["auroc"].as_f64().unwrap();
     assert!(far_auroc > 0.99, "far OOD is easy: {far_auroc}");
+    assert_eq!(report["fpr_rule"], "mos");
+    assert_eq!(report["aupr"], "trapezoid");
     let knn = methods.iter().find(|m| m["method"] == "knn").unwrap();
     assert_eq!(knn["args"]["k"], "5");
     let csv = std::fs::read_to_string(p("report/report.csv")).unwrap();

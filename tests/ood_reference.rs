@@ -40,6 +40,41 @@ fn metrics_match_sklearn_including_ties_and_constant_scores() {
 }
 
 #[test]
+fn fpr_rules_and_trapezoid_aupr_match_their_repositories() {
+    use metrics::{aupr_trapezoid, fpr95, FprRule};
+    for case in ["random", "ties", "constant"] {
+        let (_, id) = f32s(&format!("metrics_{case}_id"));
+        let (_, ood) = f32s(&format!("metrics_{case}_ood"));
+        let want = f64s(&format!("metrics_{case}_variants"));
+        let neg = |v: &[f32]| v.iter().map(|x| -x).collect::<Vec<_>>();
+        let got = [
+            fpr95(&id, &ood, FprRule::MoodV1),
+            fpr95(&id, &ood, FprRule::Mos),
+            fpr95(&id, &ood, FprRule::OpenOod),
+            fpr95(&id, &ood, FprRule::KnnOod),
+            aupr_trapezoid(&id, &ood),
+            aupr_trapezoid(&neg(&ood), &neg(&id)),
+        ];
+        for (name, (g, w)) in [
+            "moodv1",
+            "mos",
+            "openood",
+            "knn",
+            "aupr_in_trapz",
+            "aupr_out_trapz",
+        ]
+        .iter()
+        .zip(got.iter().zip(&want))
+        {
+            assert!(
+                (g - w).abs() < 1e-9,
+                "{case} {name}: ours {g}, reference {w}"
+            );
+        }
+    }
+}
+
+#[test]
 fn metrics_refuse_empty_sets_and_nan_scores() {
     assert!(metrics::evaluate(&[], &[1.0]).is_err());
     let e = metrics::evaluate(&[1.0, f32::NAN], &[0.0])

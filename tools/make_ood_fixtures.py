@@ -5,6 +5,9 @@
       [roc_auc_score, average_precision_score (ID positive), average_precision_score (OOD positive,
        score -s), FPR@95 (MOODv2 rule, numpy transcription), detection error (numpy transcription)]
       cases: random, ties (scores rounded to 1 decimal), constant (all scores equal)
+  metrics_<case>_variants.npy
+      [FPR@95 by MOOD v1 (5th percentile), MOS (fpr_and_fdr_at_recall), OpenOOD v1.5 (roc_curve with
+       OOD positive), knn-ood; trapezoid AUPR-In, AUPR-Out (precision_recall_curve + auc)]
   maha_<case>_{train,labels,test,expected}.npy
       class-conditional tied-covariance Mahalanobis (SPEC D3): scipy.linalg.pinvh of the pooled
       class-centred covariance; expected = -min_c (x-mu_c)^T P (x-mu_c) in float64.
@@ -60,6 +63,35 @@ def det_err(id_s, ood_s):
     return best
 
 
+def fpr_variants(id_s, ood_s):
+    """SPEC G's other FPR@95 rules, transcribed from their repositories, and trapezoid AUPR."""
+    from sklearn.metrics import auc, precision_recall_curve, roc_curve
+    id_s, ood_s = id_s.astype(np.float64), ood_s.astype(np.float64)
+    moodv1 = np.sum(ood_s > np.percentile(id_s, 5)) / len(ood_s)
+    # MOS / Hendrycks fpr_and_fdr_at_recall
+    y = np.concatenate([np.ones(len(id_s)), np.zeros(len(ood_s))])
+    s = np.concatenate([id_s, ood_s])
+    order = np.argsort(s, kind="mergesort")[::-1]
+    s, yy = s[order], y[order]
+    thr_idx = np.r_[np.where(np.diff(s))[0], yy.size - 1]
+    tps = np.cumsum(yy)[thr_idx]
+    fps = 1 + thr_idx - tps
+    recall = tps / tps[-1]
+    last_ind = tps.searchsorted(tps[-1])
+    sl = slice(last_ind, None, -1)
+    recall, fps_r = np.r_[recall[sl], 1], np.r_[fps[sl], 0]
+    mos = fps_r[np.argmin(np.abs(recall - 0.95))] / np.sum(np.logical_not(y))
+    # OpenOOD v1.5: OOD positive, -s
+    fpr, tpr, _ = roc_curve(1 - y, -np.concatenate([id_s, ood_s]))
+    openood = fpr[np.argmax(tpr >= 0.95)]
+    # knn-ood
+    knn = np.sum(ood_s > np.sort(id_s)[int(round(0.05 * len(id_s)))]) / len(ood_s)
+    sc = np.concatenate([id_s, ood_s])
+    p_in, r_in, _ = precision_recall_curve(y, sc)
+    p_out, r_out, _ = precision_recall_curve(1 - y, -sc)
+    return [moodv1, mos, openood, knn, auc(r_in, p_in), auc(r_out, p_out)]
+
+
 def metrics(name, id_s, ood_s):
     id_s, ood_s = id_s.astype(np.float32), ood_s.astype(np.float32)
     y = np.concatenate([np.ones(len(id_s)), np.zeros(len(ood_s))])
@@ -69,6 +101,7 @@ def metrics(name, id_s, ood_s):
     np.save(os.path.join(OUT, f"metrics_{name}_id.npy"), id_s)
     np.save(os.path.join(OUT, f"metrics_{name}_ood.npy"), ood_s)
     np.save(os.path.join(OUT, f"metrics_{name}_expected.npy"), np.array(exp, dtype=np.float64))
+    np.save(os.path.join(OUT, f"metrics_{name}_variants.npy"), np.array(fpr_variants(id_s, ood_s), dtype=np.float64))
     print(name, exp)
 
 

@@ -154,16 +154,20 @@ fn evaluate(
         .map(|m| m.name)
         .filter(|&n| n != "mos")
         .collect();
+    let plan = crate::cli::eval::Plan {
+        names: &names,
+        method_args: &[],
+        head: None,
+        rules: Default::default(),
+        skip_missing: true,
+        plots: Some(dir),
+    };
     let report = crate::cli::eval::evaluate(
-        &names,
-        &[],
-        None,
+        &plan,
         &open(&dir.join("train"))?,
         &open(&dir.join("id"))?,
         &oods,
         &ood_stores,
-        true,
-        Some(dir),
     )?;
     report.write(dir)?;
     Ok((accuracy(cfg, params, &sets.id_test, 256)?, report))

@@ -31,6 +31,13 @@ pub struct Args {
     /// Linear head (head.weight, head.bias) for stores without head.safetensors.
     #[arg(long)]
     pub head: Option<PathBuf>,
+    /// FPR@95 rule: moodv2 (default: ⌊0.95·n⌋-th ID score, ties accepted), moodv1, mos, openood
+    /// (OOD positive), knn (SPEC G).
+    #[arg(long, default_value = "moodv2")]
+    pub fpr: String,
+    /// AUPR estimator: step (average precision, default) or trapezoid (MOODv2, OpenOOD).
+    #[arg(long, default_value = "step", value_parser = ["step", "trapezoid"])]
+    pub aupr: String,
     /// Directory for report.json, report.csv and plots/ (nothing is written without it).
     #[arg(short, long)]
     pub output: Option<PathBuf>,
@@ -85,6 +92,10 @@ pub fn run(args: Args) -> Result<()> {
             .map(|n| method(n.trim()).map(|m| m.name))
             .collect::<Result<_>>()?
     };
+    let rules = metrics::Rules {
+        fpr: metrics::FprRule::parse(&args.fpr)?,
+        aupr_trapezoid: args.aupr == "trapezoid",
+    };
     let head = crate::cli::fit::load_head(args.head.as_deref())?;
     let train = FeatureStore::open(&args.train)?;
     let id = FeatureStore::open(&args.id)?;
@@ -92,17 +103,15 @@ pub fn run(args: Args) -> Result<()> {
         .iter()
         .map(|(_, d)| FeatureStore::open(d))
         .collect::<Result<_>>()?;
-    let report = evaluate(
-        &names,
-        &args.method_args,
-        head.as_ref(),
-        &train,
-        &id,
-        &oods,
-        &ood_stores,
-        args.methods == "all",
-        args.output.as_deref(),
-    )?;
+    let plan = Plan {
+        names: &names,
+        method_args: &args.method_args,
+        head: head.as_ref(),
+        rules,
+        skip_missing: args.methods == "all",
+        plots: args.output.as_deref(),
+    };
+    let report = evaluate(&plan, &train, &id, &oods, &ood_stores)?;
     print!("{}", report.markdown());
     if let Some(dir) = &args.output {
         report.write(dir)?;
@@ -111,20 +120,35 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// Fits and scores every method; with `skip_missing`, methods whose inputs a store lacks are
-/// listed as skipped instead of failing.
-#[allow(clippy::too_many_arguments)]
+/// What `evaluate` runs and how it reports.
+pub struct Plan<'a> {
+    pub names: &'a [&'static str],
+    /// `--method-arg` values ([METHOD.]KEY=VALUE).
+    pub method_args: &'a [String],
+    /// Replaces the stores' own heads.
+    pub head: Option<&'a Head>,
+    pub rules: metrics::Rules,
+    /// List methods whose inputs the stores lack as skipped instead of failing.
+    pub skip_missing: bool,
+    /// Write one PNG per method under `plots/` here.
+    pub plots: Option<&'a Path>,
+}
+
+/// Fits every method of the plan on `train` and scores `id` against each OOD store.
 pub fn evaluate(
-    names: &[&'static str],
-    method_args: &[String],
-    head: Option<&Head>,
+    plan: &Plan,
     train: &FeatureStore,
     id: &FeatureStore,
     oods: &[(String, PathBuf)],
     ood_stores: &[FeatureStore],
-    skip_missing: bool,
-    plots: Option<&Path>,
 ) -> Result<Report> {
+    let (names, method_args, head, skip_missing, plots) = (
+        plan.names,
+        plan.method_args,
+        plan.head,
+        plan.skip_missing,
+        plan.plots,
+    );
     let mut report = Report {
         train: train.dir.display().to_string(),
         id: id.dir.display().to_string(),
@@ -132,6 +156,13 @@ pub fn evaluate(
             .iter()
             .map(|(n, d)| (n.clone(), d.display().to_string()))
             .collect(),
+        fpr_rule: format!("{:?}", plan.rules.fpr).to_lowercase(),
+        aupr: if plan.rules.aupr_trapezoid {
+            "trapezoid"
+        } else {
+            "step"
+        }
+        .into(),
         methods: Vec::new(),
         skipped: Vec::new(),
     };
@@ -188,7 +219,7 @@ pub fn evaluate(
             .map(|((n, _), s)| {
                 Ok(OodResult {
                     ood: n.clone(),
-                    metrics: metrics::evaluate(&id_scores, s)
+                    metrics: metrics::evaluate_with(&id_scores, s, plan.rules)
                         .map_err(|e| Error::Data(format!("{name} on {n}: {e}")))?,
                 })
             })

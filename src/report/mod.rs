@@ -36,6 +36,9 @@ pub struct Report {
     pub train: String,
     pub id: String,
     pub ood: Vec<(String, String)>,
+    /// FPR@95 rule and AUPR estimator used (SPEC G).
+    pub fpr_rule: String,
+    pub aupr: String,
     pub methods: Vec<MethodResult>,
     pub skipped: Vec<Skip>,
 }
