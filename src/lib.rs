@@ -9,6 +9,7 @@ pub mod backend;
 pub mod cli;
 pub mod data;
 pub mod error;
+pub mod extract;
 pub mod fsutil;
 pub mod metrics;
 pub mod model;

@@ -31,6 +31,10 @@ enum Command {
     Pretrain(cli::pretrain::Args),
     /// Supervised (multi-class or one-class) fine-tuning.
     Finetune(cli::finetune::Args),
+    /// Images through a model into a feature store (resumable, shardable).
+    Extract(cli::extract::Args),
+    /// Join shard stores of `mood extract --shard` in source order.
+    Merge(cli::extract::MergeArgs),
     /// Fit an OOD detector on an ID train feature store.
     Fit(cli::fit::FitArgs),
     /// Score a feature store with a fitted detector.
@@ -81,6 +85,8 @@ fn main() {
         Command::Convert(a) => cli::convert::run(a),
         Command::Forward(a) => cli::forward::run(a),
         Command::Bench(a) => cli::bench::run(a),
+        Command::Extract(a) => cli::extract::run(a),
+        Command::Merge(a) => cli::extract::run_merge(a),
         Command::Fit(a) => cli::fit::run_fit(a),
         Command::Score(a) => cli::fit::run_score(a),
         Command::Eval(a) => cli::eval::run(a),

@@ -209,3 +209,53 @@ pub fn write_i64(path: &Path, data: &[i64]) -> Result<()> {
         npy.finish()
     })
 }
+
+/// A version-1 .npy header for a little-endian array of `descr` ('<f4', '<i8', ...), padded so the
+/// data starts at a multiple of 64 bytes (numpy's own layout, so readers can map it aligned).
+pub fn header_bytes(descr: &str, shape: &[usize]) -> Vec<u8> {
+    let dims = match shape {
+        [one] => format!("({one},)"),
+        _ => format!(
+            "({})",
+            shape
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    let mut dict = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {dims}, }}");
+    let unpadded = 10 + dict.len() + 1;
+    dict.push_str(&" ".repeat((64 - unpadded % 64) % 64));
+    dict.push('\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend_from_slice(&(dict.len() as u16).to_le_bytes());
+    out.extend_from_slice(dict.as_bytes());
+    out
+}
+
+/// Writes a float32 .npy of `shape` atomically from row blocks produced one at a time (the
+/// whole array never has to be in memory). `fill` gets a sink for the blocks, in order.
+pub fn write_f32_blocks(
+    path: &Path,
+    shape: &[usize],
+    fill: impl FnOnce(&mut dyn FnMut(&[f32]) -> std::io::Result<()>) -> std::io::Result<()>,
+) -> Result<()> {
+    let want: usize = shape.iter().product();
+    crate::fsutil::with_atomic_file(path, |w| {
+        use std::io::Write;
+        w.write_all(&header_bytes("<f4", shape))?;
+        let mut written = 0usize;
+        let mut sink = |block: &[f32]| -> std::io::Result<()> {
+            written += block.len();
+            w.write_all(bytemuck::cast_slice(block))
+        };
+        fill(&mut sink)?;
+        if written != want {
+            return Err(std::io::Error::other(format!(
+                "wrote {written} values for shape {shape:?}"
+            )));
+        }
+        Ok(())
+    })
+}

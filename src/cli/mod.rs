@@ -4,6 +4,7 @@ pub mod bench;
 pub mod convert;
 pub mod demo;
 pub mod eval;
+pub mod extract;
 pub mod finetune;
 pub mod fit;
 pub mod forward;

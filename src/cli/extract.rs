@@ -1,0 +1,146 @@
+//! `mood extract` (images → feature store, resumable, shardable) and `mood merge` (shards → one
+//! store in source order).
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::extract::{self, source, Options, Source};
+use crate::store::Manifest;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Architecture preset (see `mood info`).
+    #[arg(long)]
+    pub arch: String,
+    /// Checkpoint (.safetensors or .pth) for the architecture.
+    #[arg(long)]
+    pub weights: PathBuf,
+    /// What to read: an image folder (class sub-folders or flat), or `digits[:CLASSES][@train|@test]`.
+    #[arg(long)]
+    pub data: String,
+    /// Store directory to write (resumed if a previous run was interrupted).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Rows per on-disk chunk: the work lost to a kill is at most one chunk.
+    #[arg(long, default_value_t = 4096)]
+    pub chunk: usize,
+    /// Take only the rows whose index mod N == i (one machine of N), as i/N.
+    #[arg(long, default_value = "0/1")]
+    pub shard: String,
+    /// Also write the last block's patch tokens (local.npy, for `csd`).
+    #[arg(long)]
+    pub local: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct MergeArgs {
+    /// Shard stores written by `mood extract --shard i/N`.
+    #[arg(required = true)]
+    pub stores: Vec<PathBuf>,
+    #[arg(short, long)]
+    pub output: PathBuf,
+}
+
+fn parse_shard(s: &str) -> Result<(usize, usize)> {
+    let bad = || {
+        Error::Usage(format!(
+            "--shard `{s}`: expected i/N with 0 <= i < N, e.g. 3/8"
+        ))
+    };
+    let (i, n) = s.split_once('/').ok_or_else(bad)?;
+    let (i, n) = (
+        i.parse::<usize>().map_err(|_| bad())?,
+        n.parse::<usize>().map_err(|_| bad())?,
+    );
+    if n == 0 || i >= n {
+        return Err(bad());
+    }
+    Ok((i, n))
+}
+
+fn sha256(path: &Path) -> Result<String> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(format!("{:x}", h.finalize()))
+}
+
+pub fn open_source(spec: &str, img_size: usize) -> Result<(Box<dyn Source>, String)> {
+    if spec == "digits" || spec.starts_with("digits:") || spec.starts_with("digits@") {
+        let s = source::Digits::parse(spec, img_size)?;
+        return Ok((
+            Box::new(s),
+            "digits: 8x8 nearest-upsampled, mean/std 0.5".into(),
+        ));
+    }
+    Err(Error::Usage(format!(
+        "--data `{spec}`: not a known data set (digits[:CLASSES][@train|@test])"
+    )))
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let shard = parse_shard(&args.shard)?;
+    let model = super::load_model(&args.arch, &args.weights)?;
+    let (source, preprocess) = open_source(&args.data, model.cfg.img_size)?;
+    if source.is_empty() {
+        return Err(Error::Data(format!("--data `{}` has no images", args.data)));
+    }
+    let manifest = Manifest {
+        model: args.arch.clone(),
+        weights: args.weights.display().to_string(),
+        weights_sha256: sha256(&args.weights)?,
+        preprocess,
+        sources: vec![args.data.clone()],
+        ..Default::default()
+    };
+    let opts = Options {
+        batch: args.batch,
+        chunk: args.chunk,
+        shard,
+        local: args.local,
+    };
+    let s = extract::extract(&model, source.as_ref(), &args.out, &opts, manifest)?;
+    eprintln!(
+        "{} rows -> {} in {:.1} s ({:.1} images/s; model busy {:.0}% of the time){}{}",
+        s.rows,
+        args.out.display(),
+        s.seconds,
+        s.processed as f64 / s.seconds.max(1e-9),
+        100.0 * s.model_seconds / s.seconds.max(1e-9),
+        if s.skipped > 0 {
+            format!(
+                "; {} unreadable files skipped (listed in manifest.json)",
+                s.skipped
+            )
+        } else {
+            String::new()
+        },
+        if s.chunks_reused > 0 {
+            format!("; resumed: {} chunks were already done", s.chunks_reused)
+        } else {
+            String::new()
+        },
+    );
+    Ok(())
+}
+
+pub fn run_merge(args: MergeArgs) -> Result<()> {
+    let n = crate::extract::merge::merge(&args.stores, &args.output)?;
+    eprintln!(
+        "{n} rows from {} stores -> {}",
+        args.stores.len(),
+        args.output.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,301 @@
+//! Feature extraction: a data source through a model into a feature store, in chunks that survive
+//! a kill. Every `chunk` rows of this shard go through the model and land in
+//! `OUT/.partial/chunk-NNNNNN.safetensors` (written atomically); a rerun skips the chunks already
+//! there, so a killed run resumes. When all chunks exist they are concatenated into the store's
+//! files, the manifest is written last and `.partial` removed. The output depends only on the
+//! source, model, chunking and shard, so a resumed run writes the same bytes as an uninterrupted one.
+//!
+//! Batches are decoded and preprocessed on a loader thread while the model runs on the previous
+//! one. An image that cannot be read is skipped with a warning and listed in the manifest.
+//! `--shard i/N` takes the rows whose index mod N == i; `merge` joins shards in source order
+//! through the per-row source index kept in `index.npy`.
+
+pub mod merge;
+pub mod source;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::error::{Error, Result};
+use crate::model::VisionTransformer;
+use crate::store::{Manifest, Skipped};
+use crate::tensor::Tensor;
+use crate::weights::{safetensors, RawTensor, WDType, WeightStore};
+
+pub use source::Source;
+
+pub struct Options {
+    pub batch: usize,
+    /// Rows per chunk file (a multiple of `batch` keeps batches whole).
+    pub chunk: usize,
+    /// (i, N): this run takes the rows with index mod N == i.
+    pub shard: (usize, usize),
+    /// Also keep the last block's patch tokens (local.npy).
+    pub local: bool,
+}
+
+/// What one run did, for the closing line.
+pub struct Summary {
+    pub rows: usize,
+    /// Images read and run through the model by this run (not counting resumed chunks).
+    pub processed: usize,
+    pub skipped: usize,
+    pub chunks_reused: usize,
+    pub seconds: f64,
+    /// Seconds inside the model's forward.
+    pub model_seconds: f64,
+}
+
+struct Chunk {
+    index: Vec<i64>,
+    labels: Vec<i64>,
+    features: Vec<f32>,
+    logits: Vec<f32>,
+    local: Vec<f32>,
+    skipped: Vec<Skipped>,
+}
+
+fn raw_f32(name: &str, shape: Vec<usize>, v: &[f32]) -> RawTensor {
+    RawTensor {
+        name: name.into(),
+        dtype: WDType::F32,
+        shape,
+        data: bytemuck::cast_slice(v).to_vec(),
+    }
+}
+
+fn raw_i64(name: &str, v: &[i64]) -> RawTensor {
+    RawTensor {
+        name: name.into(),
+        dtype: WDType::I64,
+        shape: vec![v.len()],
+        data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+    }
+}
+
+fn save_chunk(path: &Path, c: &Chunk, d: usize, classes: usize, tokens: usize) -> Result<()> {
+    let n = c.index.len();
+    let mut t = vec![
+        raw_i64("index", &c.index),
+        raw_i64("labels", &c.labels),
+        raw_f32("features", vec![n, d], &c.features),
+    ];
+    if classes > 0 {
+        t.push(raw_f32("logits", vec![n, classes], &c.logits));
+    }
+    if tokens > 0 {
+        t.push(raw_f32("local", vec![n, tokens, d], &c.local));
+    }
+    let meta = HashMap::from([(
+        "skipped".to_string(),
+        serde_json::to_string(&c.skipped).map_err(|e| Error::Data(e.to_string()))?,
+    )]);
+    safetensors::write(path, &t, Some(meta))
+}
+
+/// A chunk file as its tensors (f32 data, i64 index/labels) and skipped list.
+pub(crate) struct LoadedChunk {
+    pub store: WeightStore,
+    pub index: Vec<i64>,
+    pub labels: Vec<i64>,
+    pub skipped: Vec<Skipped>,
+}
+
+pub(crate) fn load_chunk(path: &Path) -> Result<LoadedChunk> {
+    let store = WeightStore::open(path)?;
+    let ints = |name: &str| {
+        store
+            .get_i64(name)
+            .ok_or_else(|| Error::format(path, format!("chunk has no integer `{name}`")))
+    };
+    let (index, labels) = (ints("index")?, ints("labels")?);
+    let skipped = match safetensors::read_metadata(path, "skipped")? {
+        Some(s) => serde_json::from_str(&s).map_err(|e| Error::format(path, e.to_string()))?,
+        None => Vec::new(),
+    };
+    Ok(LoadedChunk {
+        store,
+        index,
+        labels,
+        skipped,
+    })
+}
+
+/// The rows of this shard, split into chunks.
+fn plan(len: usize, opts: &Options) -> Vec<Vec<usize>> {
+    let (i, n) = opts.shard;
+    let rows: Vec<usize> = (0..len).filter(|r| r % n == i).collect();
+    rows.chunks(opts.chunk.max(1)).map(|c| c.to_vec()).collect()
+}
+
+/// Runs `source` through `model` into the store at `out`. `manifest` carries the model, weights
+/// and source descriptions; counts, classes and skipped files are filled in here.
+pub fn extract(
+    model: &VisionTransformer,
+    source: &dyn Source,
+    out: &Path,
+    opts: &Options,
+    mut manifest: Manifest,
+) -> Result<Summary> {
+    let (si, sn) = opts.shard;
+    if sn == 0 || si >= sn {
+        return Err(Error::Usage(format!(
+            "--shard {si}/{sn}: expected i/N with i < N"
+        )));
+    }
+    if opts.batch == 0 || opts.chunk == 0 {
+        return Err(Error::Usage(
+            "--batch and --chunk must be at least 1".into(),
+        ));
+    }
+    let cfg = &model.cfg;
+    let sample = source.sample_len();
+    if sample != cfg.in_chans * cfg.img_size * cfg.img_size {
+        return Err(Error::Usage(format!(
+            "the source gives {sample}-value images, {} takes {}x{}x{}",
+            cfg.name, cfg.in_chans, cfg.img_size, cfg.img_size
+        )));
+    }
+    let partial = out.join(".partial");
+    std::fs::create_dir_all(&partial).map_err(|e| Error::io(&partial, e))?;
+    let chunks = plan(source.len(), opts);
+    let d = cfg.embed_dim;
+    let classes = model.head.as_ref().map_or(0, |h| h.w.value.shape()[0]);
+    let tokens = if opts.local {
+        cfg.grid().0 * cfg.grid().1
+    } else {
+        0
+    };
+    let chunk_path = |k: usize| partial.join(format!("chunk-{k:06}.safetensors"));
+    let todo: Vec<usize> = (0..chunks.len())
+        .filter(|&k| !chunk_path(k).exists())
+        .collect();
+    let reused = chunks.len() - todo.len();
+    let total_rows: usize = todo.iter().map(|&k| chunks[k].len()).sum();
+    let bar = crate::cli::progress(total_rows as u64, "images");
+    let t0 = Instant::now();
+    let mut model_seconds = 0.0;
+    // Batches of (chunk, batch rows) in order; the loader thread runs one batch ahead.
+    let batches: Vec<(usize, Vec<usize>)> = todo
+        .iter()
+        .flat_map(|&k| chunks[k].chunks(opts.batch).map(move |b| (k, b.to_vec())))
+        .collect();
+    std::thread::scope(|scope| -> Result<()> {
+        let (tx, rx) =
+            std::sync::mpsc::sync_channel::<(usize, Vec<usize>, Vec<f32>, Vec<Result<()>>)>(1);
+        let loader = scope.spawn(move || {
+            for (k, rows) in batches {
+                let mut buf = vec![0.0f32; rows.len() * sample];
+                let results = source.load(&rows, &mut buf);
+                if tx.send((k, rows, buf, results)).is_err() {
+                    break; // the consumer stopped on an error
+                }
+            }
+        });
+        let mut current: Option<(usize, Chunk)> = None;
+        // Fault injection for the restart tests: abort (no unwinding, no cleanup, as a kill)
+        // after this many chunks of this run are on disk.
+        let fault_after: Option<usize> = std::env::var("MOOD_FAULT_AFTER_CHUNKS")
+            .ok()
+            .and_then(|v| v.parse().ok());
+        let mut written = 0usize;
+        let mut finish = |k: usize, c: Chunk| -> Result<()> {
+            save_chunk(&chunk_path(k), &c, d, classes, tokens)?;
+            written += 1;
+            if fault_after == Some(written) {
+                std::process::abort();
+            }
+            Ok(())
+        };
+        for (k, rows, buf, results) in rx {
+            if current.as_ref().is_some_and(|(ck, _)| *ck != k) {
+                let (ck, c) = current.take().expect("checked");
+                finish(ck, c)?;
+            }
+            let chunk = &mut current
+                .get_or_insert_with(|| {
+                    (
+                        k,
+                        Chunk {
+                            index: vec![],
+                            labels: vec![],
+                            features: vec![],
+                            logits: vec![],
+                            local: vec![],
+                            skipped: vec![],
+                        },
+                    )
+                })
+                .1;
+            let mut good = Vec::new();
+            let mut images = Vec::with_capacity(buf.len());
+            for ((&r, res), img) in rows.iter().zip(results).zip(buf.chunks_exact(sample)) {
+                match res {
+                    Ok(()) => {
+                        good.push(r);
+                        images.extend_from_slice(img);
+                    }
+                    Err(e) => {
+                        bar.suspend(|| eprintln!("warning: skipping {}: {e}", source.item_name(r)));
+                        chunk.skipped.push(Skipped {
+                            path: source.item_name(r),
+                            reason: e.to_string(),
+                        });
+                    }
+                }
+            }
+            if !good.is_empty() {
+                let x = Tensor::from_vec(
+                    &[good.len(), cfg.in_chans, cfg.img_size, cfg.img_size],
+                    images,
+                )?;
+                let t = Instant::now();
+                let (o, local) = if opts.local {
+                    let (o, l) = model.forward_local(&x)?;
+                    (o, Some(l))
+                } else {
+                    (model.forward(&x)?, None)
+                };
+                model_seconds += t.elapsed().as_secs_f64();
+                chunk.features.extend_from_slice(o.features.as_slice());
+                if let Some(z) = &o.logits {
+                    chunk.logits.extend_from_slice(z.as_slice());
+                }
+                if let Some(l) = local {
+                    chunk.local.extend_from_slice(l.as_slice());
+                }
+                for &r in &good {
+                    chunk.index.push(r as i64);
+                    chunk.labels.push(source.label(r).map_or(-1, |l| l as i64));
+                }
+            }
+            bar.inc(rows.len() as u64);
+        }
+        if let Some((k, c)) = current.take() {
+            finish(k, c)?;
+        }
+        loader
+            .join()
+            .map_err(|_| Error::Data("the image loader thread panicked".into()))?;
+        Ok(())
+    })?;
+    bar.finish_and_clear();
+    let seconds = t0.elapsed().as_secs_f64();
+    manifest.classes = source.classes();
+    if sn > 1 {
+        manifest.sources.push(format!("shard {si}/{sn}"));
+    }
+    let paths: Vec<PathBuf> = (0..chunks.len()).map(chunk_path).collect();
+    let head = model.store_head();
+    let (rows, skipped) = merge::assemble(&paths, out, head.as_ref(), manifest, tokens)?;
+    std::fs::remove_dir_all(&partial).map_err(|e| Error::io(&partial, e))?;
+    Ok(Summary {
+        rows,
+        processed: total_rows,
+        skipped,
+        chunks_reused: reused,
+        seconds,
+        model_seconds,
+    })
+}

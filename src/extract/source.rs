@@ -1,0 +1,97 @@
+//! Where extraction reads images from: the bundled digits, or an image folder / CIFAR through the
+//! data readers. A source hands out preprocessed images (CHW, normalised) by row index.
+
+use crate::error::{Error, Result};
+
+pub trait Source: Sync {
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Values per preprocessed image (C·H·W).
+    fn sample_len(&self) -> usize;
+    /// A name for messages and the manifest (a path, or `digits[17]`).
+    fn item_name(&self, i: usize) -> String;
+    fn label(&self, i: usize) -> Option<usize>;
+    fn classes(&self) -> Vec<String>;
+    /// Preprocessed images of `rows` into `out` (rows.len() × sample_len()), one result each: a
+    /// row that fails is skipped by the caller.
+    fn load(&self, rows: &[usize], out: &mut [f32]) -> Vec<Result<()>>;
+}
+
+/// The bundled digits (`digits[:CLASSES][@train|@test]`), rendered at the model's input size.
+pub struct Digits {
+    images: Vec<f32>,
+    labels: Vec<usize>,
+    sample: usize,
+    names: Vec<String>,
+}
+
+impl Digits {
+    pub fn parse(spec: &str, img_size: usize) -> Result<Digits> {
+        let (spec, part) = match spec.split_once('@') {
+            Some((s, p)) => (s, Some(p)),
+            None => (spec, None),
+        };
+        let (_, classes) = spec.split_once(':').unwrap_or((spec, ""));
+        let classes = crate::data::digits::parse_classes(classes)?;
+        if img_size % 8 != 0 {
+            return Err(Error::Usage(format!(
+                "the digits render at multiples of 8 pixels, not {img_size}"
+            )));
+        }
+        let d = crate::data::digits::load()?;
+        let parts: Vec<bool> = match part {
+            None => vec![false, true],
+            Some("train") => vec![false],
+            Some("test") => vec![true],
+            Some(p) => {
+                return Err(Error::Usage(format!(
+                    "digits@{p}: the digits have `train` and `test` parts"
+                )))
+            }
+        };
+        let (mut images, mut labels) = (Vec::new(), Vec::new());
+        for test in parts {
+            let (i, l) = crate::data::digits::split(&d, &classes, test, img_size);
+            images.extend(i);
+            labels.extend(l);
+        }
+        let names = (0..labels.len()).map(|i| format!("digits[{i}]")).collect();
+        Ok(Digits {
+            images,
+            labels,
+            sample: 3 * img_size * img_size,
+            names,
+        })
+    }
+}
+
+impl Source for Digits {
+    fn len(&self) -> usize {
+        self.labels.len()
+    }
+    fn sample_len(&self) -> usize {
+        self.sample
+    }
+    fn item_name(&self, i: usize) -> String {
+        self.names[i].clone()
+    }
+    fn label(&self, i: usize) -> Option<usize> {
+        Some(self.labels[i])
+    }
+    fn classes(&self) -> Vec<String> {
+        (0..=self.labels.iter().copied().max().unwrap_or(0))
+            .map(|c| c.to_string())
+            .collect()
+    }
+    fn load(&self, rows: &[usize], out: &mut [f32]) -> Vec<Result<()>> {
+        rows.iter()
+            .zip(out.chunks_exact_mut(self.sample))
+            .map(|(&r, slot)| {
+                slot.copy_from_slice(&self.images[r * self.sample..(r + 1) * self.sample]);
+                Ok(())
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,209 @@
+//! `mood extract` / `mood merge` through the binary: the store matches the library's forward,
+//! a run killed after some chunks and rerun gives byte-identical files, shards merge back into the
+//! unsharded store, and bad input fails on one line with nothing half-written.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::fixture;
+
+fn mood(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_mood"))
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run mood");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn weights() -> String {
+    fixture("timm/tiny_beit.safetensors")
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn extract(out: &Path, extra: &[&str], env: &[(&str, &str)]) -> (i32, String) {
+    let o = out.to_string_lossy().into_owned();
+    let w = weights();
+    let mut args = vec![
+        "--threads",
+        "2",
+        "extract",
+        "--arch",
+        "test_tiny_beit",
+        "--weights",
+        &w,
+        "--data",
+        "digits:0-4@test",
+        "--out",
+        &o,
+        "--batch",
+        "8",
+        "--chunk",
+        "32",
+    ];
+    args.extend_from_slice(extra);
+    mood(&args, env)
+}
+
+fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file())
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                std::fs::read(&p).unwrap(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn extracted_store_matches_the_forward_and_the_manifest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("store");
+    let (code, err) = extract(&out, &["--local"], &[]);
+    assert_eq!(code, 0, "{err}");
+    let s = mood::store::FeatureStore::open(&out).unwrap();
+    let src = mood::extract::source::Digits::parse("digits:0-4@test", 32).unwrap();
+    use mood::extract::Source;
+    assert_eq!(s.rows(), src.len());
+    assert_eq!(s.manifest.count, src.len());
+    assert_eq!(s.manifest.model, "test_tiny_beit");
+    assert_eq!(s.manifest.weights_sha256.len(), 64);
+    assert_eq!(s.manifest.local_tokens, 16);
+    let labels = s.labels.as_ref().unwrap();
+    assert!((0..src.len()).all(|i| Some(labels[i]) == src.label(i)));
+    // The library forward on the same images.
+    let cfg = mood::model::VitConfig::preset("test_tiny_beit").unwrap();
+    let store = mood::weights::WeightStore::open(Path::new(&weights())).unwrap();
+    let model = mood::model::VisionTransformer::load(&cfg, &store).unwrap();
+    let rows = [0usize, 37, src.len() - 1];
+    let mut buf = vec![0.0f32; rows.len() * src.sample_len()];
+    src.load(&rows, &mut buf);
+    let x = mood::Tensor::from_vec(&[rows.len(), 3, 32, 32], buf).unwrap();
+    let (o, local) = model.forward_local(&x).unwrap();
+    let d = cfg.embed_dim;
+    for (k, &r) in rows.iter().enumerate() {
+        let ours = &s.features.as_slice()[r * d..(r + 1) * d];
+        let want = &o.features.as_slice()[k * d..(k + 1) * d];
+        assert!(
+            ours.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-5),
+            "row {r}"
+        );
+        let l = 16 * d;
+        assert!(s.local.as_ref().unwrap().as_slice()[r * l..(r + 1) * l]
+            .iter()
+            .zip(&local.as_slice()[k * l..(k + 1) * l])
+            .all(|(a, b)| (a - b).abs() < 1e-5));
+    }
+    assert!(
+        s.head.as_ref().unwrap().fc_norm.is_some(),
+        "head.safetensors carries fc_norm"
+    );
+    assert!(
+        !out.join(".partial").exists(),
+        "chunks removed after assembly"
+    );
+}
+
+#[test]
+fn a_killed_extraction_resumes_to_identical_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let (code, err) = extract(&a, &[], &[]);
+    assert_eq!(code, 0, "{err}");
+    // Abort (as a kill) after 3 of the 10 chunks.
+    let (code, _) = extract(&b, &[], &[("MOOD_FAULT_AFTER_CHUNKS", "3")]);
+    assert_ne!(code, 0, "the fault hook aborts");
+    assert!(
+        !b.join("manifest.json").exists() && !b.join("features.npy").exists(),
+        "nothing final yet"
+    );
+    let chunks = std::fs::read_dir(b.join(".partial")).unwrap().count();
+    assert_eq!(chunks, 3, "three chunks survived");
+    // A half-written temporary from the kill is ignored.
+    std::fs::write(
+        b.join(".partial/.chunk-000003.safetensors.999.tmp"),
+        b"junk",
+    )
+    .unwrap();
+    let (code, err) = extract(&b, &[], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("resumed: 3 chunks"), "{err}");
+    assert_eq!(
+        files(&a),
+        files(&b),
+        "resumed output differs from an uninterrupted run"
+    );
+}
+
+#[test]
+fn shards_merge_back_into_the_unsharded_store() {
+    let tmp = tempfile::tempdir().unwrap();
+    let whole = tmp.path().join("whole");
+    assert_eq!(extract(&whole, &[], &[]).0, 0);
+    let mut shards = Vec::new();
+    for i in 0..3 {
+        let dir = tmp.path().join(format!("shard{i}"));
+        let (code, err) = extract(&dir, &["--shard", &format!("{i}/3")], &[]);
+        assert_eq!(code, 0, "{err}");
+        shards.push(dir.to_string_lossy().into_owned());
+    }
+    let merged = tmp.path().join("merged");
+    let m = merged.to_string_lossy().into_owned();
+    let mut args = vec!["merge"];
+    args.extend(shards.iter().map(String::as_str));
+    args.extend(["-o", &m]);
+    let (code, err) = mood(&args, &[]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        files(&whole),
+        files(&merged),
+        "merged shards differ from the unsharded store"
+    );
+    // The same shard twice is refused.
+    let dup = tmp.path().join("dup").to_string_lossy().into_owned();
+    let (code, err) = mood(&["merge", &shards[0], &shards[0], "-o", &dup], &[]);
+    assert_ne!(code, 0);
+    assert!(err.contains("two of the stores"), "{err}");
+}
+
+#[test]
+fn bad_extraction_input_fails_on_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("s");
+    let o = out.to_string_lossy().into_owned();
+    let w = weights();
+    let base = [
+        "extract",
+        "--arch",
+        "test_tiny_beit",
+        "--weights",
+        &w,
+        "--out",
+        &o,
+    ];
+    for (extra, want) in [
+        (&["--data", "digits", "--shard", "3/2"][..], "--shard"),
+        (&["--data", "imagenet-21k"][..], "not a known data set"),
+        (&["--data", "digits@val"][..], "train` and `test"),
+        (&["--data", "digits", "--batch", "0"][..], "at least 1"),
+    ] {
+        let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+        let (code, err) = mood(&args, &[]);
+        assert_ne!(code, 0);
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains(want), "{err}");
+    }
+    assert!(!out.join("features.npy").exists());
+}
