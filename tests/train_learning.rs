@@ -87,3 +87,51 @@ fn masked_image_modelling_lowers_reconstruction_loss() {
     let last = hist[hist.len() - 1];
     assert!(last < 0.75 * hist[0] && last < 0.6, "{hist:?}");
 }
+
+#[test]
+fn mos_group_softmax_fine_tuning_learns_and_predicts_by_group() {
+    use mood::train::loops::{accuracy_with, FinetuneLoss};
+    // Digits 0-4 in two groups (0-1 and 2-3-4); the head has 2 + 3 classes + 2 "others" = 7 outputs.
+    let cfg = VitConfig::preset("beit_tiny_patch8_32").unwrap();
+    let keep = |d: Dataset| {
+        let per = 3 * 32 * 32;
+        let rows: Vec<usize> = (0..d.labels.len()).filter(|&i| d.labels[i] < 5).collect();
+        Dataset {
+            images: rows
+                .iter()
+                .flat_map(|&i| d.images[i * per..(i + 1) * per].to_vec())
+                .collect(),
+            chw: d.chw,
+            labels: rows.iter().map(|&i| d.labels[i]).collect(),
+        }
+    };
+    let (train, test) = (keep(dataset(false, 32)), keep(dataset(true, 32)));
+    let groups = vec![2, 3];
+    let mut params = mood::model::init::random_store(&cfg, 0)
+        .float_tensors()
+        .unwrap();
+    prepare_for_finetune(&mut params, &cfg, 7, 0);
+    let hist = finetune(
+        &cfg,
+        &mut params,
+        &train,
+        &schedule(30, 1e-3),
+        FinetuneLoss::GroupSoftmax {
+            groups: groups.clone(),
+        },
+        None,
+        None,
+        &mut |_, _, _, _| true,
+    )
+    .unwrap();
+    let acc = accuracy_with(&cfg, &params, &test, 256, Some(&groups)).unwrap();
+    eprintln!(
+        "MOS: loss {:.3} -> {:.3}, held-out accuracy {:.1}%",
+        hist[0],
+        hist[hist.len() - 1],
+        100.0 * acc
+    );
+    // Measured: 84.8% with the CLI's schedule; chance is 20%.
+    assert!(acc >= 0.75, "held-out accuracy {acc}");
+    assert!(hist[hist.len() - 1] < 0.6 * hist[0], "{hist:?}");
+}

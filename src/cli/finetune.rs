@@ -9,6 +9,7 @@ use super::train_common::{
 use crate::error::{Error, Result};
 use crate::model::VitConfig;
 use crate::train::loops::finetune;
+use crate::train::loops::FinetuneLoss;
 use crate::train::step::prepare_for_finetune;
 
 #[derive(clap::Args, Debug)]
@@ -29,6 +30,11 @@ pub struct Args {
     /// Label smoothing of the cross-entropy (MOOD: 0.1).
     #[arg(long, default_value_t = 0.1)]
     pub label_smoothing: f32,
+    /// MOS group-softmax fine-tuning: group sizes, classes assigned in order (e.g. `2,3` puts
+    /// classes 0-1 in one group and 2-4 in another). The head gets one "others" output per group;
+    /// score the result with `mood eval --methods mos --method-arg mos.groups=2,3`.
+    #[arg(long, value_name = "SIZES")]
+    pub mos_groups: Option<String>,
     #[command(flatten)]
     pub schedule: ScheduleArgs,
     /// Output checkpoint (safetensors; rewritten atomically after every epoch).
@@ -49,14 +55,38 @@ pub fn run(args: Args) -> Result<()> {
         )));
     }
     let data = training_data(&args.data, &cfg)?;
-    let classes = args.num_classes.unwrap_or(cfg.num_classes);
+    let groups: Option<Vec<usize>> = match &args.mos_groups {
+        None => None,
+        Some(spec) => Some(
+            spec.split(',')
+                .map(|g| g.trim().parse::<usize>().ok().filter(|&n| n > 0))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| {
+                    Error::Usage(format!(
+                        "--mos-groups `{spec}`: expected positive sizes like 2,3"
+                    ))
+                })?,
+        ),
+    };
+    let classes = match &groups {
+        Some(g) => g.iter().sum(),
+        None => args.num_classes.unwrap_or(cfg.num_classes),
+    };
     if let Some(&bad) = data.labels.iter().find(|&&l| l >= classes) {
         return Err(Error::Usage(format!(
-            "label {bad} does not fit --num-classes {classes}"
+            "label {bad} does not fit {classes} classes{}",
+            if groups.is_some() {
+                " (the sum of --mos-groups)"
+            } else {
+                " (--num-classes)"
+            }
         )));
     }
+    let outputs = groups
+        .as_ref()
+        .map_or(classes, |g| g.iter().map(|s| s + 1).sum());
     let mut params = initial_params(&cfg, args.weights.as_deref(), s.seed)?;
-    prepare_for_finetune(&mut params, &cfg, classes, s.seed);
+    prepare_for_finetune(&mut params, &cfg, outputs, s.seed);
     let resume = resume_from(&args.output, args.resume)?;
     let per_epoch = (data.len() / s.batch.max(1)) as u64;
     let done = steps_done(&resume, per_epoch);
@@ -74,7 +104,10 @@ pub fn run(args: Args) -> Result<()> {
         &mut params,
         &data,
         &s,
-        args.label_smoothing,
+        match &groups {
+            Some(g) => FinetuneLoss::GroupSoftmax { groups: g.clone() },
+            None => FinetuneLoss::from(args.label_smoothing),
+        },
         Some(&args.output),
         resume,
         &mut bar_callback(&pb),
@@ -87,7 +120,7 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
     let heldout = super::train_common::heldout_data(&args.data, &cfg)?;
-    let acc = crate::train::loops::accuracy(&cfg, &params, &heldout, 256)?;
+    let acc = crate::train::loops::accuracy_with(&cfg, &params, &heldout, 256, groups.as_deref())?;
     println!(
         "held-out accuracy: {:.2}% on {} images",
         100.0 * acc,

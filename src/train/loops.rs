@@ -199,9 +199,14 @@ impl Run<'_> {
         Ok(history)
     }
 
-    fn step_config(&self, step: usize, label_smoothing: f32) -> StepConfig {
+    fn step_config(&self, step: usize, loss: &FinetuneLoss) -> StepConfig {
+        let (label_smoothing, groups) = match loss {
+            FinetuneLoss::CrossEntropy { smoothing } => (*smoothing, None),
+            FinetuneLoss::GroupSoftmax { groups } => (0.0, Some(groups.clone())),
+        };
         StepConfig {
             label_smoothing,
+            groups,
             clip_grad: self.s.clip_grad,
             drop_path: self.s.drop_path,
             seed: self.s.seed.wrapping_add(step as u64),
@@ -209,19 +214,41 @@ impl Run<'_> {
     }
 }
 
-/// Supervised fine-tuning (cross-entropy with label smoothing). Returns the mean loss per epoch run.
+/// The fine-tuning objective: cross-entropy with label smoothing (MOOD), or MOS's group softmax
+/// over groups of consecutive classes. A bare number means cross-entropy with that smoothing.
+#[derive(Clone, Debug, serde::Serialize)]
+pub enum FinetuneLoss {
+    CrossEntropy { smoothing: f32 },
+    GroupSoftmax { groups: Vec<usize> },
+}
+
+impl From<f32> for FinetuneLoss {
+    fn from(smoothing: f32) -> FinetuneLoss {
+        FinetuneLoss::CrossEntropy { smoothing }
+    }
+}
+
+/// Supervised fine-tuning. Returns the mean loss per epoch run.
 #[allow(clippy::too_many_arguments)]
 pub fn finetune(
     cfg: &VitConfig,
     params: &mut BTreeMap<String, Tensor>,
     data: &Dataset,
     s: &Schedule,
-    label_smoothing: f32,
+    loss: impl Into<FinetuneLoss>,
     checkpoint: Option<&Path>,
     resume: Option<checkpoint::Loaded>,
     on_step: &mut OnStep,
 ) -> Result<Vec<f32>> {
-    let settings = serde_json::json!({"schedule": s, "label_smoothing": label_smoothing});
+    let loss = loss.into();
+    let settings = match &loss {
+        FinetuneLoss::CrossEntropy { smoothing } => {
+            serde_json::json!({"schedule": s, "label_smoothing": smoothing})
+        }
+        FinetuneLoss::GroupSoftmax { groups } => {
+            serde_json::json!({"schedule": s, "mos_groups": groups})
+        }
+    };
     let run = Run {
         cfg,
         stage: "finetune",
@@ -236,7 +263,7 @@ pub fn finetune(
         on_step,
         &mut |params, opt, step, idx, lr| {
             let (x, y) = data.batch(idx)?;
-            let sc = run.step_config(step, label_smoothing);
+            let sc = run.step_config(step, &loss);
             Ok(finetune_step(cfg, params, opt, &x, &y, lr, &sc)?.loss)
         },
     )
@@ -281,7 +308,7 @@ pub fn pretrain(
             let mask: Vec<bool> = (0..idx.len())
                 .flat_map(|_| block_mask(gh, gw, num_mask, min_patches, &mut rng))
                 .collect();
-            let sc = run.step_config(step, 0.0);
+            let sc = run.step_config(step, &FinetuneLoss::from(0.0));
             Ok(mim_step(cfg, params, opt, &x, &mask, lr, &sc)?.loss)
         },
     )
@@ -293,6 +320,17 @@ pub fn accuracy(
     params: &BTreeMap<String, Tensor>,
     data: &Dataset,
     batch: usize,
+) -> Result<f32> {
+    accuracy_with(cfg, params, data, batch, None)
+}
+
+/// Accuracy with argmax predictions, or MOS's group-softmax prediction when `groups` is given.
+pub fn accuracy_with(
+    cfg: &VitConfig,
+    params: &BTreeMap<String, Tensor>,
+    data: &Dataset,
+    batch: usize,
+    groups: Option<&[usize]>,
 ) -> Result<f32> {
     let store = WeightStore::from_params("<params>", params);
     let model = VisionTransformer::load(cfg, &store)?;
@@ -306,9 +344,12 @@ pub fn accuracy(
             .ok_or_else(|| Error::Usage("the model has no head".into()))?;
         let c = logits.shape()[1];
         for (row, &label) in logits.as_slice().chunks(c).zip(&y) {
-            let pred = (0..c)
-                .max_by(|&a, &b| row[a].total_cmp(&row[b]))
-                .unwrap_or(0);
+            let pred = match groups {
+                Some(g) => crate::train::loss::group_predict(row, g),
+                None => (0..c)
+                    .max_by(|&a, &b| row[a].total_cmp(&row[b]))
+                    .unwrap_or(0),
+            };
             correct += usize::from(pred == label);
         }
     }

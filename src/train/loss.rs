@@ -67,3 +67,59 @@ pub fn group_softmax(
     }
     (total, grad)
 }
+
+/// MOS's labels for class `c` when classes are assigned to groups in order (group g holds
+/// `group_sizes[g]` consecutive classes): the class's own group gets its index + 1, every other
+/// group 0 ("others"). None if `c` is beyond the groups.
+pub fn group_labels(c: usize, group_sizes: &[usize]) -> Option<Vec<usize>> {
+    let mut start = 0;
+    let mut out = vec![0; group_sizes.len()];
+    for (g, &size) in group_sizes.iter().enumerate() {
+        if c < start + size {
+            out[g] = c - start + 1;
+            return Some(out);
+        }
+        start += size;
+    }
+    None
+}
+
+/// MOS's prediction (SPEC F): in each group the best non-"others" probability; the class of the
+/// group where it is highest, numbered as in `group_labels`.
+pub fn group_predict(row: &[f32], group_sizes: &[usize]) -> usize {
+    let (mut start, mut first_class) = (0, 0);
+    let (mut best, mut best_p) = (0, f64::NEG_INFINITY);
+    for &size in group_sizes {
+        let slice = &row[start..start + size + 1];
+        let m = slice.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+        let sum: f64 = slice.iter().map(|&v| (v as f64 - m).exp()).sum();
+        for k in 0..size {
+            let p = (slice[k + 1] as f64 - m).exp() / sum;
+            if p > best_p {
+                (best, best_p) = (first_class + k, p);
+            }
+        }
+        start += size + 1;
+        first_class += size;
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_labels_and_prediction_follow_the_class_order() {
+        let g = [2, 3];
+        assert_eq!(group_labels(0, &g), Some(vec![1, 0]));
+        assert_eq!(group_labels(1, &g), Some(vec![2, 0]));
+        assert_eq!(group_labels(4, &g), Some(vec![0, 3]));
+        assert_eq!(group_labels(5, &g), None);
+        // Group 0: others dominates; group 1: its third class (class 4) is confident.
+        let row = [5.0, 0.0, 0.0, -1.0, 0.0, 0.0, 4.0];
+        assert_eq!(group_predict(&row, &g), 4);
+        let row = [0.0, 3.0, 0.0, 2.0, 0.0, 0.0, 0.0];
+        assert_eq!(group_predict(&row, &g), 0);
+    }
+}

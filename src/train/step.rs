@@ -9,13 +9,16 @@ use crate::error::{Error, Result};
 use crate::model::exec::Exec;
 use crate::model::{VisionTransformer, VitConfig};
 use crate::tensor::Tensor;
-use crate::train::loss::cross_entropy;
+use crate::train::loss::{cross_entropy, group_labels, group_softmax};
 use crate::train::optim::{clip_grad_norm, AdamW};
 use crate::train::tape::Tape;
 use crate::weights::WeightStore;
 
 pub struct StepConfig {
     pub label_smoothing: f32,
+    /// MOS group-softmax fine-tuning: group sizes (classes assigned in order); the head then has
+    /// Σ(size + 1) outputs and the loss is `group_softmax` (label smoothing does not apply).
+    pub groups: Option<Vec<usize>>,
     /// Global gradient-norm clip (none if 0).
     pub clip_grad: f32,
     /// Stochastic depth: drop-path rate of the last block (linspace from 0).
@@ -28,6 +31,7 @@ impl Default for StepConfig {
     fn default() -> StepConfig {
         StepConfig {
             label_smoothing: 0.0,
+            groups: None,
             clip_grad: 0.0,
             drop_path: 0.0,
             seed: 0,
@@ -100,20 +104,35 @@ pub fn finetune_step(
     let classes = model.num_classes().ok_or_else(|| {
         Error::Usage("fine-tuning needs a classification head (`head.weight`)".into())
     })?;
-    if let Some(&bad) = labels.iter().find(|&&l| l >= classes) {
+    let width = sc
+        .groups
+        .as_ref()
+        .map_or(classes, |g| g.iter().map(|s| s + 1).sum());
+    if width != classes {
+        return Err(Error::Usage(format!(
+            "MOS groups need a head of {width} outputs (each group plus its 'others'); the head has {classes}"
+        )));
+    }
+    let n_classes = sc.groups.as_ref().map_or(classes, |g| g.iter().sum());
+    if let Some(&bad) = labels.iter().find(|&&l| l >= n_classes) {
         return Err(Error::Data(format!(
-            "label {bad} out of range for {classes} classes"
+            "label {bad} out of range for {n_classes} classes"
         )));
     }
     let mut tape = Tape::with_drop_path(sc.drop_path, cfg.depth, sc.seed);
     let (_, logits) = model.forward_with(&mut tape, images)?;
     let logits = logits.expect("head checked above");
-    let (loss, dlogits) = cross_entropy(
-        tape.value(&logits).as_slice(),
-        labels,
-        classes,
-        sc.label_smoothing,
-    );
+    let z = tape.value(&logits).as_slice();
+    let (loss, dlogits) = match &sc.groups {
+        None => cross_entropy(z, labels, classes, sc.label_smoothing),
+        Some(groups) => {
+            let per_group: Vec<Vec<usize>> = labels
+                .iter()
+                .map(|&l| group_labels(l, groups).expect("labels checked above"))
+                .collect();
+            group_softmax(z, groups, &per_group)
+        }
+    };
     drop((model, store));
     let grad_norm = backward_and_update(params, opt, tape, logits, dlogits, loss, lr, sc)?;
     Ok(StepStats { loss, grad_norm })

@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 /// Keys that a classification model never reads, on purpose.
 pub fn is_ignored(name: &str) -> bool {
     name.starts_with("lm_head.")
+        || name.starts_with("optim.") // AdamW state in our training checkpoints
         || name == "mask_token"
         || name.ends_with("relative_position_index")
         || name.ends_with("attn.k_bias")
