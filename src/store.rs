@@ -191,6 +191,16 @@ impl FeatureStore {
                 if let Some(i) = raw.iter().position(|&l| l < 0) {
                     return Err(Error::format(&p, format!("row {i} has label {}", raw[i])));
                 }
+                let known = manifest.classes.len() as i64;
+                if let Some(i) = raw.iter().position(|&l| known > 0 && l >= known) {
+                    return Err(Error::format(
+                        &p,
+                        format!(
+                            "row {i} has label {}, but the manifest lists {known} classes",
+                            raw[i]
+                        ),
+                    ));
+                }
                 Some(raw.into_iter().map(|l| l as usize).collect())
             }
             None => None,
