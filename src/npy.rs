@@ -234,21 +234,28 @@ pub fn header_bytes(descr: &str, shape: &[usize]) -> Vec<u8> {
     out
 }
 
-/// Writes a float32 .npy of `shape` atomically from row blocks produced one at a time (the
-/// whole array never has to be in memory). `fill` gets a sink for the blocks, in order.
+/// Writes a float .npy of `shape` atomically from row blocks produced one at a time (the whole
+/// array never has to be in memory), as float32, or float16 when `half` is set (rounded to
+/// nearest). `fill` gets a sink for the blocks, in order.
 pub fn write_f32_blocks(
     path: &Path,
     shape: &[usize],
+    half: bool,
     fill: impl FnOnce(&mut dyn FnMut(&[f32]) -> std::io::Result<()>) -> std::io::Result<()>,
 ) -> Result<()> {
     let want: usize = shape.iter().product();
     crate::fsutil::with_atomic_file(path, |w| {
         use std::io::Write;
-        w.write_all(&header_bytes("<f4", shape))?;
+        w.write_all(&header_bytes(if half { "<f2" } else { "<f4" }, shape))?;
         let mut written = 0usize;
         let mut sink = |block: &[f32]| -> std::io::Result<()> {
             written += block.len();
-            w.write_all(bytemuck::cast_slice(block))
+            if half {
+                let h: Vec<half::f16> = block.iter().map(|&v| half::f16::from_f32(v)).collect();
+                w.write_all(bytemuck::cast_slice(&h))
+            } else {
+                w.write_all(bytemuck::cast_slice(block))
+            }
         };
         fill(&mut sink)?;
         if written != want {

@@ -49,6 +49,8 @@ pub struct Manifest {
     pub skipped: Vec<Skipped>,
     /// Patch tokens per row of local.npy (0 without local features).
     pub local_tokens: usize,
+    /// Element type of features.npy and local.npy: "f32" or "f16" (logits are always f32).
+    pub dtype: String,
 }
 
 pub struct FeatureStore {
@@ -294,6 +296,7 @@ pub fn write(dir: &Path, c: Contents) -> Result<()> {
     }
     let mut m = c.manifest;
     m.format = 1;
+    m.dtype = "f32".into();
     m.count = c.features.shape()[0];
     m.dim = c.features.shape()[1];
     m.local_tokens = c.local.map_or(0, |t| t.shape()[1]);

@@ -207,3 +207,33 @@ fn bad_extraction_input_fails_on_one_line() {
     }
     assert!(!out.join("features.npy").exists());
 }
+
+#[test]
+fn f16_stores_hold_the_f32_features_rounded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("f32"), tmp.path().join("f16"));
+    assert_eq!(extract(&a, &["--local"], &[]).0, 0);
+    let (code, err) = extract(&b, &["--local", "--dtype", "f16"], &[]);
+    assert_eq!(code, 0, "{err}");
+    let bytes = std::fs::read(b.join("features.npy")).unwrap();
+    assert!(String::from_utf8_lossy(&bytes[..128]).contains("'<f2'"));
+    let (sa, sb) = (
+        mood::store::FeatureStore::open(&a).unwrap(),
+        mood::store::FeatureStore::open(&b).unwrap(),
+    );
+    assert_eq!(sb.manifest.dtype, "f16");
+    for (x, y) in [
+        (&sa.features, &sb.features),
+        (sa.local.as_ref().unwrap(), sb.local.as_ref().unwrap()),
+    ] {
+        assert_eq!(x.shape(), y.shape());
+        for (p, q) in x.as_slice().iter().zip(y.as_slice()) {
+            assert!((p - q).abs() <= 1e-3 * p.abs().max(1e-2), "{p} vs {q}");
+        }
+    }
+    assert_eq!(
+        std::fs::read(a.join("logits.npy")).unwrap(),
+        std::fs::read(b.join("logits.npy")).unwrap(),
+        "logits stay f32"
+    );
+}

@@ -32,6 +32,9 @@ pub struct Args {
     /// Also write the last block's patch tokens (local.npy, for `csd`).
     #[arg(long)]
     pub local: bool,
+    /// Element type of features.npy and local.npy (f16 halves the disk; logits stay f32).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "f16"])]
+    pub dtype: String,
 }
 
 #[derive(clap::Args, Debug)]
@@ -102,6 +105,7 @@ pub fn run(args: Args) -> Result<()> {
         weights_sha256: sha256(&args.weights)?,
         preprocess,
         sources: vec![args.data.clone()],
+        dtype: args.dtype.clone(),
         ..Default::default()
     };
     let opts = Options {

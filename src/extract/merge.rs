@@ -32,6 +32,8 @@ fn write(
 ) -> Result<usize> {
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let n = order.len();
+    // Logits stay f32 (small, and softmax-based scores are sensitive to rounding).
+    let f16 = manifest.dtype == "f16";
     let first = parts
         .iter()
         .find(|p| !p.index.is_empty())
@@ -42,30 +44,33 @@ fn write(
         s
     };
     let f_shape = shape_of(&first.features);
-    let column =
-        |name: &str, get: &dyn Fn(&Part) -> Option<&Tensor>, shape: Vec<usize>| -> Result<()> {
-            let w: usize = shape[1..].iter().product();
-            crate::npy::write_f32_blocks(&out.join(name), &shape, |sink| {
-                for &(p, r) in order {
-                    let t = get(&parts[p])
-                        .ok_or_else(|| std::io::Error::other("a part lacks a column"))?;
-                    if width(t) != w {
-                        return Err(std::io::Error::other(format!(
-                            "{name}: rows of {} values, expected {w}",
-                            width(t)
-                        )));
-                    }
-                    sink(&t.as_slice()[r * w..(r + 1) * w])?;
+    let column = |name: &str,
+                  get: &dyn Fn(&Part) -> Option<&Tensor>,
+                  shape: Vec<usize>,
+                  half: bool|
+     -> Result<()> {
+        let w: usize = shape[1..].iter().product();
+        crate::npy::write_f32_blocks(&out.join(name), &shape, half, |sink| {
+            for &(p, r) in order {
+                let t =
+                    get(&parts[p]).ok_or_else(|| std::io::Error::other("a part lacks a column"))?;
+                if width(t) != w {
+                    return Err(std::io::Error::other(format!(
+                        "{name}: rows of {} values, expected {w}",
+                        width(t)
+                    )));
                 }
-                Ok(())
-            })
-        };
-    column("features.npy", &|p| Some(&p.features), f_shape)?;
+                sink(&t.as_slice()[r * w..(r + 1) * w])?;
+            }
+            Ok(())
+        })
+    };
+    column("features.npy", &|p| Some(&p.features), f_shape, f16)?;
     if let Some(z) = &first.logits {
-        column("logits.npy", &|p| p.logits.as_ref(), shape_of(z))?;
+        column("logits.npy", &|p| p.logits.as_ref(), shape_of(z), false)?;
     }
     if let Some(l) = &first.local {
-        column("local.npy", &|p| p.local.as_ref(), shape_of(l))?;
+        column("local.npy", &|p| p.local.as_ref(), shape_of(l), f16)?;
     }
     let index: Vec<i64> = order.iter().map(|&(p, r)| parts[p].index[r]).collect();
     crate::npy::write_i64(&out.join("index.npy"), &index)?;
@@ -77,6 +82,9 @@ fn write(
         crate::store::write_head(&out.join("head.safetensors"), h)?;
     }
     manifest.format = 1;
+    if manifest.dtype.is_empty() {
+        manifest.dtype = "f32".into();
+    }
     manifest.count = n;
     manifest.dim = first.features.shape()[1];
     manifest.local_tokens = first.local.as_ref().map_or(0, |l| l.shape()[1]);
