@@ -2,6 +2,7 @@
 //! and schedules, and the fine-tuning step. The pretraining objective and the CLI loops arrive with
 //! the rest of the training issue.
 
+pub mod alpa;
 pub mod checkpoint;
 pub mod loops;
 pub mod loss;
