@@ -57,3 +57,65 @@ fn alpa_loss_and_gradients_match_torch_autograd() {
     }
     check("features", &out.d_features);
 }
+
+/// The ALPA step's gradients through the whole model (patch tokens gathered on the tape, two
+/// backward seeds) against central finite differences of its loss in f32 (h = 1e-2; tolerance 2%
+/// plus 5e-5, the f32 rounding of the loss over 2h).
+#[test]
+fn alpa_fine_tuning_gradients_match_finite_differences() {
+    use mood::model::VitConfig;
+    use mood::train::step::{
+        add_alpa_params, alpa_loss_and_grads, prepare_for_finetune, AlpaConfig, StepConfig,
+    };
+    let cfg = VitConfig::preset("test_tiny_beit").unwrap();
+    let mut params = mood::model::init::random_store(&cfg, 1)
+        .float_tensors()
+        .unwrap();
+    prepare_for_finetune(&mut params, &cfg, 10, 1);
+    add_alpa_params(&mut params, &cfg, 6, 1);
+    let mut rng = mood::model::init::Rng::new(9);
+    let x: Vec<f32> = (0..3 * 3 * 32 * 32).map(|_| rng.normal() as f32).collect();
+    let images = mood::Tensor::from_vec(&[3, 3, 32, 32], x).unwrap();
+    let labels = [0usize, 1, 0];
+    let sc = StepConfig {
+        label_smoothing: 0.1,
+        seed: 3,
+        ..Default::default()
+    };
+    let alpa = AlpaConfig {
+        weight: 0.5,
+        proj: 6,
+        shift: 2,
+    };
+    let (_, grads) = alpa_loss_and_grads(&cfg, &params, &images, &labels, &sc, &alpa).unwrap();
+    for name in [
+        "alpa.key.0.weight",
+        "alpa.query.2.weight",
+        "alpa.value.2.weight",
+        "blocks.1.mlp.fc2.weight",
+        "blocks.0.attn.qkv.weight",
+        "blocks.0.norm1.weight",
+        "patch_embed.proj.weight",
+        "head.weight",
+    ] {
+        // The entry with the largest gradient, so the check is well above f32 noise.
+        let gs = &grads.params[name];
+        let idx = (0..gs.len())
+            .max_by(|&a, &b| gs[a].abs().total_cmp(&gs[b].abs()))
+            .unwrap();
+        let h = 1e-2f32;
+        let mut at = |delta: f32| {
+            let mut p = params.clone();
+            p.get_mut(name).unwrap().as_mut_slice()[idx] += delta;
+            alpa_loss_and_grads(&cfg, &p, &images, &labels, &sc, &alpa)
+                .unwrap()
+                .0
+        };
+        let fd = (at(h) - at(-h)) / (2.0 * h);
+        let g = grads.params[name][idx];
+        assert!(
+            (fd - g).abs() <= 2e-2 * g.abs() + 5e-5,
+            "{name}[{idx}]: backward {g}, finite difference {fd}"
+        );
+    }
+}

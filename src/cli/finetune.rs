@@ -35,6 +35,15 @@ pub struct Args {
     /// score the result with `mood eval --methods mos --method-arg mos.groups=2,3`.
     #[arg(long, value_name = "SIZES")]
     pub mos_groups: Option<String>,
+    /// Add MODE's ALPA loss with this weight (L = CE + w·L_ALPA over the image and a shifted view).
+    #[arg(long, value_name = "WEIGHT")]
+    pub alpa: Option<f32>,
+    /// Projection width d of ALPA's query/key/value MLPs (MODE: 80).
+    #[arg(long, default_value_t = 80)]
+    pub alpa_dim: usize,
+    /// Largest shift in pixels of ALPA's second view.
+    #[arg(long, default_value_t = 2)]
+    pub alpa_shift: usize,
     #[command(flatten)]
     pub schedule: ScheduleArgs,
     /// Output checkpoint (safetensors; rewritten atomically after every epoch).
@@ -85,8 +94,18 @@ pub fn run(args: Args) -> Result<()> {
     let outputs = groups
         .as_ref()
         .map_or(classes, |g| g.iter().map(|s| s + 1).sum());
+    if let Some(w) = args.alpa {
+        if !w.is_finite() || w <= 0.0 || groups.is_some() || args.alpa_dim == 0 {
+            return Err(Error::Usage(format!(
+                "--alpa {w}: needs a positive weight, --alpa-dim > 0, and no --mos-groups"
+            )));
+        }
+    }
     let mut params = initial_params(&cfg, args.weights.as_deref(), s.seed)?;
     prepare_for_finetune(&mut params, &cfg, outputs, s.seed);
+    if args.alpa.is_some() {
+        crate::train::step::add_alpa_params(&mut params, &cfg, args.alpa_dim, s.seed);
+    }
     let resume = resume_from(&args.output, args.resume)?;
     let per_epoch = (data.len() / s.batch.max(1)) as u64;
     let done = steps_done(&resume, per_epoch);
@@ -104,9 +123,17 @@ pub fn run(args: Args) -> Result<()> {
         &mut params,
         &data,
         &s,
-        match &groups {
-            Some(g) => FinetuneLoss::GroupSoftmax { groups: g.clone() },
-            None => FinetuneLoss::from(args.label_smoothing),
+        match (&groups, args.alpa) {
+            (Some(g), _) => FinetuneLoss::GroupSoftmax { groups: g.clone() },
+            (None, Some(weight)) => FinetuneLoss::CrossEntropyAlpa {
+                smoothing: args.label_smoothing,
+                alpa: crate::train::step::AlpaConfig {
+                    weight,
+                    proj: args.alpa_dim,
+                    shift: args.alpa_shift,
+                },
+            },
+            (None, None) => FinetuneLoss::from(args.label_smoothing),
         },
         Some(&args.output),
         resume,

@@ -305,6 +305,27 @@ impl VisionTransformer {
         Ok((Output { features, logits }, local))
     }
 
+    /// Logits (if there is a head) and the last block's patch tokens [B·G, D] on any executor: what
+    /// a loss over local features (MODE's ALPA) trains through.
+    pub fn forward_local_with<E: Exec>(
+        &self,
+        e: &mut E,
+        images: &Tensor,
+    ) -> Result<(Option<E::V>, E::V)>
+    where
+        E::V: Clone,
+    {
+        let x = self.tokens_with(e, images)?;
+        let (b, n) = (images.shape()[0], self.cfg.tokens());
+        let g = self.cfg.grid().0 * self.cfg.grid().1;
+        let rows: Vec<usize> = (0..b)
+            .flat_map(|i| (n - g..n).map(move |t| i * n + t))
+            .collect();
+        let local = e.gather_rows(x.clone(), &rows)?;
+        let (_, logits) = self.head_with(e, x, b)?;
+        Ok((logits, local))
+    }
+
     /// Patch embedding and the blocks: every token [B·N, D] after the last block.
     fn tokens_with<E: Exec>(&self, e: &mut E, images: &Tensor) -> Result<E::V> {
         let cfg = &self.cfg;

@@ -14,6 +14,7 @@ use crate::tensor::Tensor;
 use crate::train::checkpoint::{self, Progress};
 use crate::train::mim::block_mask;
 use crate::train::optim::{warmup_cosine, AdamW};
+use crate::train::step::alpa_finetune_step;
 use crate::train::step::{finetune_step, mim_step, StepConfig};
 use crate::weights::WeightStore;
 
@@ -201,7 +202,8 @@ impl Run<'_> {
 
     fn step_config(&self, step: usize, loss: &FinetuneLoss) -> StepConfig {
         let (label_smoothing, groups) = match loss {
-            FinetuneLoss::CrossEntropy { smoothing } => (*smoothing, None),
+            FinetuneLoss::CrossEntropy { smoothing }
+            | FinetuneLoss::CrossEntropyAlpa { smoothing, .. } => (*smoothing, None),
             FinetuneLoss::GroupSoftmax { groups } => (0.0, Some(groups.clone())),
         };
         StepConfig {
@@ -218,8 +220,17 @@ impl Run<'_> {
 /// over groups of consecutive classes. A bare number means cross-entropy with that smoothing.
 #[derive(Clone, Debug, serde::Serialize)]
 pub enum FinetuneLoss {
-    CrossEntropy { smoothing: f32 },
-    GroupSoftmax { groups: Vec<usize> },
+    CrossEntropy {
+        smoothing: f32,
+    },
+    GroupSoftmax {
+        groups: Vec<usize>,
+    },
+    /// Cross-entropy plus MODE's ALPA over two views of each image.
+    CrossEntropyAlpa {
+        smoothing: f32,
+        alpa: crate::train::step::AlpaConfig,
+    },
 }
 
 impl From<f32> for FinetuneLoss {
@@ -248,6 +259,9 @@ pub fn finetune(
         FinetuneLoss::GroupSoftmax { groups } => {
             serde_json::json!({"schedule": s, "mos_groups": groups})
         }
+        FinetuneLoss::CrossEntropyAlpa { smoothing, alpa } => {
+            serde_json::json!({"schedule": s, "label_smoothing": smoothing, "alpa": alpa})
+        }
     };
     let run = Run {
         cfg,
@@ -264,7 +278,12 @@ pub fn finetune(
         &mut |params, opt, step, idx, lr| {
             let (x, y) = data.batch(idx)?;
             let sc = run.step_config(step, &loss);
-            Ok(finetune_step(cfg, params, opt, &x, &y, lr, &sc)?.loss)
+            Ok(match &loss {
+                FinetuneLoss::CrossEntropyAlpa { alpa, .. } => {
+                    alpa_finetune_step(cfg, params, opt, &x, &y, lr, &sc, alpa)?.loss
+                }
+                _ => finetune_step(cfg, params, opt, &x, &y, lr, &sc)?.loss,
+            })
         },
     )
 }

@@ -245,3 +245,164 @@ pub fn mim_step(
     let grad_norm = backward_and_update(params, opt, tape, pred, dpred, loss, lr, sc)?;
     Ok(StepStats { loss, grad_norm })
 }
+
+/// ALPA as an extra fine-tuning loss (SPEC E, MODE-T with cross-entropy in place of SupCon):
+/// L = CE + weight·L_ALPA over two views of each image (the image and a copy shifted by up to
+/// `shift` pixels), the attention MLPs `alpa.{query,key,value}.{0,2}.weight` trained alongside.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct AlpaConfig {
+    pub weight: f32,
+    /// d, the projection width of the query/key/value MLPs (MODE: 80).
+    pub proj: usize,
+    pub shift: usize,
+}
+
+/// The ALPA MLP weights, initialised as nn.Linear does (uniform ±1/√fan_in), if absent.
+pub fn add_alpa_params(
+    params: &mut BTreeMap<String, Tensor>,
+    cfg: &VitConfig,
+    proj: usize,
+    seed: u64,
+) {
+    let d = cfg.embed_dim;
+    let mut rng = crate::model::init::Rng::new(seed ^ 0xA1FA);
+    for name in crate::train::alpa::WEIGHT_NAMES {
+        let rows = if name.ends_with(".2") { proj } else { d };
+        let bound = 1.0 / (d as f64).sqrt();
+        let w = (0..rows * d)
+            .map(|_| ((2.0 * rng.uniform() - 1.0) * bound) as f32)
+            .collect();
+        params
+            .entry(format!("alpa.{name}.weight"))
+            .or_insert_with(|| Tensor::from_vec(&[rows, d], w).expect("sizes"));
+    }
+}
+
+/// Each image shifted by a random offset in [−s, s]² (seeded), uncovered pixels set to the
+/// image's minimum (the background of the rendered digits).
+fn shifted_views(images: &Tensor, s: usize, seed: u64) -> Vec<f32> {
+    let [b, c, h, w] = images.shape() else {
+        return images.as_slice().to_vec();
+    };
+    let (b, c, h, w) = (*b, *c, *h, *w);
+    let mut rng = crate::model::init::Rng::new(seed ^ 0x5A1F7);
+    let per = c * h * w;
+    let mut out = vec![0.0f32; b * per];
+    for i in 0..b {
+        let src = &images.as_slice()[i * per..(i + 1) * per];
+        let fill = src.iter().fold(f32::INFINITY, |a, &v| a.min(v));
+        let span = 2 * s + 1;
+        let dy = (rng.next_u64() % span as u64) as isize - s as isize;
+        let dx = (rng.next_u64() % span as u64) as isize - s as isize;
+        for ch in 0..c {
+            for y in 0..h {
+                for x in 0..w {
+                    let (sy, sx) = (y as isize - dy, x as isize - dx);
+                    out[i * per + ch * h * w + y * w + x] =
+                        if sy >= 0 && sx >= 0 && (sy as usize) < h && (sx as usize) < w {
+                            src[ch * h * w + sy as usize * w + sx as usize]
+                        } else {
+                            fill
+                        };
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Loss (CE + weight·ALPA) and gradients of every parameter, ALPA's MLPs included, for one batch:
+/// the whole of an ALPA step but the update.
+pub fn alpa_loss_and_grads(
+    cfg: &VitConfig,
+    params: &BTreeMap<String, Tensor>,
+    images: &Tensor,
+    labels: &[usize],
+    sc: &StepConfig,
+    alpa: &AlpaConfig,
+) -> Result<(f32, crate::train::tape::Grads)> {
+    use crate::train::alpa::{Alpa, WEIGHT_NAMES};
+    let mut views = images.as_slice().to_vec();
+    views.extend(shifted_views(images, alpa.shift, sc.seed));
+    let mut shape = images.shape().to_vec();
+    shape[0] *= 2;
+    let views = Tensor::from_vec(&shape, views)?;
+    let labels2: Vec<usize> = labels.iter().chain(labels).copied().collect();
+    let weights: Vec<Tensor> = WEIGHT_NAMES
+        .iter()
+        .map(|n| {
+            params
+                .get(&format!("alpa.{n}.weight"))
+                .cloned()
+                .ok_or_else(|| {
+                    Error::Usage(format!("ALPA needs `alpa.{n}.weight` (add_alpa_params)"))
+                })
+        })
+        .collect::<Result<_>>()?;
+    let store = WeightStore::from_params("<training state>", params);
+    let model = VisionTransformer::load(cfg, &store)?;
+    let classes = model.num_classes().ok_or_else(|| {
+        Error::Usage("fine-tuning needs a classification head (`head.weight`)".into())
+    })?;
+    if let Some(&bad) = labels.iter().find(|&&l| l >= classes) {
+        return Err(Error::Data(format!(
+            "label {bad} out of range for {classes} classes"
+        )));
+    }
+    let mut tape = Tape::with_drop_path(sc.drop_path, cfg.depth, sc.seed);
+    let (logits, local) = model.forward_local_with(&mut tape, &views)?;
+    let logits = logits.expect("head checked above");
+    let (ce, dlogits) = cross_entropy(
+        tape.value(&logits).as_slice(),
+        &labels2,
+        classes,
+        sc.label_smoothing,
+    );
+    let head = Alpa {
+        weights: std::array::from_fn(|i| weights[i].as_slice()),
+        dim: cfg.embed_dim,
+        proj: alpa.proj,
+        scale: 10.0,
+    };
+    let g = cfg.grid().0 * cfg.grid().1;
+    let out = head.forward_backward(tape.value(&local).as_slice(), &labels2, g);
+    drop((model, store));
+    let loss = ce + alpa.weight * out.loss;
+    let dlocal: Vec<f32> = out.d_features.iter().map(|v| v * alpa.weight).collect();
+    let mut grads = tape.backward_many(vec![(logits, dlogits), (local, dlocal)])?;
+    for (n, dw) in WEIGHT_NAMES.iter().zip(out.d_weights) {
+        grads.params.insert(
+            format!("alpa.{n}.weight"),
+            dw.into_iter().map(|v| v * alpa.weight).collect(),
+        );
+    }
+    Ok((loss, grads))
+}
+
+/// One fine-tuning step with cross-entropy plus ALPA on two views per image.
+#[allow(clippy::too_many_arguments)]
+pub fn alpa_finetune_step(
+    cfg: &VitConfig,
+    params: &mut BTreeMap<String, Tensor>,
+    opt: &mut AdamW,
+    images: &Tensor,
+    labels: &[usize],
+    lr: f32,
+    sc: &StepConfig,
+    alpa: &AlpaConfig,
+) -> Result<StepStats> {
+    let (loss, mut grads) = alpa_loss_and_grads(cfg, params, images, labels, sc, alpa)?;
+    if !loss.is_finite() {
+        return Err(Error::Data(format!(
+            "loss became {loss}: lower the learning rate"
+        )));
+    }
+    let limit = if sc.clip_grad > 0.0 {
+        sc.clip_grad
+    } else {
+        f32::INFINITY
+    };
+    let grad_norm = clip_grad_norm(&mut grads.params, limit);
+    opt.update(params, &grads.params, lr);
+    Ok(StepStats { loss, grad_norm })
+}

@@ -180,16 +180,27 @@ impl Tape {
     }
 
     /// Runs backward from `out` with upstream gradient `dout` (same layout as `out`'s value).
-    pub fn backward(mut self, out: Var, dout: Vec<f32>) -> Result<Grads> {
-        if dout.len() != self.get(out).numel() {
-            return Err(Error::Data(format!(
-                "backward: gradient has {} values, output has {}",
-                dout.len(),
-                self.get(out).numel()
-            )));
-        }
+    pub fn backward(self, out: Var, dout: Vec<f32>) -> Result<Grads> {
+        self.backward_many(vec![(out, dout)])
+    }
+
+    /// Backward from several outputs at once (a loss over logits plus one over patch tokens):
+    /// each seed's gradient enters at its output and they add up where the graph joins.
+    pub fn backward_many(mut self, seeds: Vec<(Var, Vec<f32>)>) -> Result<Grads> {
         let mut vg: Vec<Option<Vec<f32>>> = vec![None; self.values.len()];
-        vg[out.0] = Some(dout);
+        for (out, dout) in seeds {
+            if dout.len() != self.get(out).numel() {
+                return Err(Error::Data(format!(
+                    "backward: gradient has {} values, output has {}",
+                    dout.len(),
+                    self.get(out).numel()
+                )));
+            }
+            match &mut vg[out.0] {
+                Some(a) => a.iter_mut().zip(&dout).for_each(|(x, y)| *x += y),
+                slot @ None => *slot = Some(dout),
+            }
+        }
         // Forward values are no longer needed: records hold what backward reads.
         self.values.clear();
         let mut grads = Grads::default();

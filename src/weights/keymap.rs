@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 pub fn is_ignored(name: &str) -> bool {
     name.starts_with("lm_head.")
         || name.starts_with("optim.") // AdamW state in our training checkpoints
+        || name.starts_with("alpa.") // ALPA's attention MLPs: a training-time module
         || name == "mask_token"
         || name.ends_with("relative_position_index")
         || name.ends_with("attn.k_bias")
