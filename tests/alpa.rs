@@ -104,7 +104,7 @@ fn alpa_fine_tuning_gradients_match_finite_differences() {
             .max_by(|&a, &b| gs[a].abs().total_cmp(&gs[b].abs()))
             .unwrap();
         let h = 1e-2f32;
-        let mut at = |delta: f32| {
+        let at = |delta: f32| {
             let mut p = params.clone();
             p.get_mut(name).unwrap().as_mut_slice()[idx] += delta;
             alpa_loss_and_grads(&cfg, &p, &images, &labels, &sc, &alpa)
