@@ -53,11 +53,30 @@ fn mlp(
 }
 
 /// Small dense helpers on row-major matrices (T and d are tens, so plain loops suffice).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight independent partial sums, so the loop vectorises (a single running sum cannot be
+    // reordered by the compiler).
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 fn mm_nt(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
     let mut c = vec![0.0f32; m * n];
     for i in 0..m {
         for j in 0..n {
-            c[i * n + j] = (0..k).map(|x| a[i * k + x] * b[j * k + x]).sum();
+            c[i * n + j] = dot(&a[i * k..(i + 1) * k], &b[j * k..(j + 1) * k]);
         }
     }
     c
