@@ -1,4 +1,6 @@
 // Element-wise ops over token matrices [M, D] (row-major, D innermost):
+//   bias_add:         y = y + b              b: [D]  (the linear epilogue without activation;
+//                     cuBLAS' plain GEMM has no bias term)
 //   bias_gelu:        y = GELU(y + b)        b: [D]; exact erf GELU as torch.nn.GELU():
 //                     GELU(x) = x · Φ(x),  Φ(x) = ½ (1 + erf(x / √2))   (not the tanh approximation)
 //   gelu_bwd:         dx = dy · (Φ(x) + x · φ(x)),  φ(x) = exp(−x²/2) / √(2π);  x is the
@@ -26,6 +28,16 @@ __device__ __forceinline__ float gelu_erf_grad(float x) {
     const float cdf = 0.5f * (1.f + erff(x * 0.70710678118654752f));
     const float pdf = 0.39894228040143268f * expf(-0.5f * x * x);
     return cdf + x * pdf;
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+bias_add_f32(float* y, const float* bias, long long n, int D) {
+    GRID_STRIDE(i, n) { y[i] += bias[i % D]; }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+bias_add_bf16(__nv_bfloat16* y, const float* bias, long long n, int D) {
+    GRID_STRIDE(i, n) { y[i] = __float2bfloat16(__bfloat162float(y[i]) + bias[i % D]); }
 }
 
 extern "C" __global__ void __launch_bounds__(256)
