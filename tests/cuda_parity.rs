@@ -13,9 +13,8 @@
 //!     and the intermediates the GPU keeps in bf16 (a GEMM output before its bias/GELU).
 //!   - casts, im2col, k-th smallest and top-k: exact (0).
 //!
-//! Without a usable GPU this prints a loud SKIPPED line with the reason and passes, unless
-//! `MOOD_REQUIRE_CUDA=1` (tools/gpu_session.sh sets it). `MOOD_PARITY_FILTER=substr` runs only
-//! the cases whose op name contains it.
+//! Without a usable GPU: a loud SKIPPED line with the reason, and a pass unless MOOD_REQUIRE_CUDA=1
+//! (tools/gpu_session.sh sets it). MOOD_PARITY_FILTER=substr runs only the ops containing it.
 
 #![cfg(feature = "cuda")]
 
@@ -59,22 +58,14 @@ fn down<T: Storage>(dev: &CudaDevice, s: &CudaSlice<T>) -> Result<Vec<f32>> {
 }
 
 fn tol_for<T: Storage>(f32_tol: f32) -> f32 {
-    if T::NAME == "f32" {
-        f32_tol
-    } else {
-        HALF_TOL
-    }
+    [HALF_TOL, f32_tol][(T::NAME == "f32") as usize]
 }
 
 fn layernorm_fwd<T: Storage>(m: usize, d: usize) -> Case {
     let run: Run = Box::new(move |dev, rng| {
         // A large mean offset: the two-pass variance must not cancel.
-        let x = rounded::<T>(
-            &randn(rng, m * d, 1.0)
-                .iter()
-                .map(|v| v + 3.0)
-                .collect::<Vec<_>>(),
-        );
+        let x: Vec<f32> = randn(rng, m * d, 1.0).iter().map(|v| v + 3.0).collect();
+        let x = rounded::<T>(&x);
         let (g, b) = (randn(rng, d, 1.0), randn(rng, d, 1.0));
         let mut want = vec![0.0; m * d];
         cpu::layernorm::forward(&x, &g, &b, 1e-6, &mut want);
@@ -245,15 +236,23 @@ fn attention<T: Storage>(b: usize, n: usize, h: usize, dh: usize, bias: bool) ->
         let rd = dev.upload(&rel)?;
         let mut out = dev.zeros::<T>(b * n * d)?;
         let gd = cu::attention::Dims { b, n, h, dh };
-        let scale = (dh as f32).powf(-0.5);
-        cu::attention::forward(dev, &qd, bias.then_some(&rd), &mut out, &gd, scale)?;
+        let (scale, bias_d) = ((dh as f32).powf(-0.5), bias.then_some(&rd));
+        if T::NAME == "f32" {
+            // The cuBLAS path (any Dh); T = f32 here, so the buffers are f32 ones.
+            let (qd, mut o32) = (dev.upload(&qkv)?, dev.zeros::<f32>(b * n * d)?);
+            let mut sc = (dev.zeros::<f32>(h * n * n)?, dev.zeros::<f32>(h * n * n)?);
+            let scratch = (&mut sc.0, &mut sc.1);
+            cu::attention::forward_f32(dev, &qd, bias_d, &mut o32, &gd, scale, scratch)?;
+            return Ok(vec![Out("out", dev.download(&o32)?, want)]);
+        }
+        cu::attention::forward(dev, &qd, bias_d, &mut out, &gd, scale)?;
         Ok(vec![Out("out", down(dev, &out)?, want)])
     });
     let shape = format!(
         "B={b} N={n} H={h} Dh={dh}{}",
         if bias { " +bias" } else { "" }
     );
-    Case("attention", shape, T::NAME, HALF_TOL, run)
+    Case("attention", shape, T::NAME, tol_for::<T>(F32_SUM_TOL), run)
 }
 
 fn im2col<T: Storage>(b: usize, c: usize, s: usize, p: usize) -> Case {
@@ -490,6 +489,8 @@ fn cases() -> Vec<Case> {
         attention::<f16>(1, 197, 12, 64, true),
         attention::<bf16>(1, 257, 16, 80, true),
         attention::<bf16>(3, 5, 2, 64, true),
+        attention::<f32>(2, 197, 12, 64, true),
+        attention::<f32>(2, 17, 3, 16, false),
         im2col::<f32>(2, 3, 224, 16),
         im2col::<bf16>(1, 3, 224, 14),
         patch_embed(2, 224, 16, d),
@@ -526,8 +527,7 @@ fn errors(got: &[f32], want: &[f32]) -> (f32, f32) {
             (g - w).abs()
         };
         abs = abs.max(e);
-        let denom = w.abs() + rms;
-        rel = rel.max(if e == 0.0 { 0.0 } else { e / denom });
+        rel = rel.max(if e == 0.0 { 0.0 } else { e / (w.abs() + rms) });
     }
     (abs, rel)
 }

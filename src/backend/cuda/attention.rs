@@ -3,11 +3,17 @@
 //! and written as [B·N, D], heads concatenated; same layout and math as
 //! src/backend/cpu/attention.rs. bf16 or f16 storage, f32 softmax and accumulation; the head dim
 //! must be one the kernel was instantiated for (64 or 80).
+//!
+//! `forward_f32` is the exact-precision path for any head dim: per image, two strided-batched
+//! cuBLAS GEMMs over the heads around the bias add and the softmax kernel (the [H, N, N] scores
+//! go through memory, which the fused kernel avoids). It is what an f32 model forward uses.
 
+use cudarc::cublas::sys::cublasOperation_t;
+use cudarc::cublas::{Gemm, GemmConfig, StridedBatchedConfig};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::device::{as_i32, check_len, cuda_err, CudaDevice};
-use super::{ptr_or_null, Storage};
+use super::{elementwise, ptr_or_null, softmax, Storage};
 use crate::error::{Error, Result};
 
 /// Query rows per block (kernels/attention.cu ATT_BQ).
@@ -79,5 +85,92 @@ pub fn forward<T: Storage>(
             .launch(cfg)
     }
     .map_err(cuda_err(name))?;
+    Ok(())
+}
+
+/// f32 attention on cuBLAS, same contract as `forward`; `scratch` = two buffers of H·N·N floats
+/// (scores, then probabilities, for one image at a time).
+pub fn forward_f32(
+    dev: &CudaDevice,
+    qkv: &CudaSlice<f32>,
+    bias: Option<&CudaSlice<f32>>,
+    out: &mut CudaSlice<f32>,
+    dims: &Dims,
+    scale: f32,
+    scratch: (&mut CudaSlice<f32>, &mut CudaSlice<f32>),
+) -> Result<()> {
+    let Dims { b, n, h, dh } = *dims;
+    let d = h * dh;
+    check_len("attention qkv", qkv, b * n * 3 * d)?;
+    check_len("attention out", out, b * n * d)?;
+    if let Some(bias) = bias {
+        check_len("attention bias", bias, h * n * n)?;
+    }
+    let hnn = h * n * n;
+    let (scores, probs) = scratch;
+    check_len("attention scores", scores, hnn)?;
+    check_len("attention probs", probs, hnn)?;
+    if b * n * h == 0 {
+        return Ok(());
+    }
+    let (ni, dhi, hi) = (as_i32("N", n)?, as_i32("Dh", dh)?, as_i32("H", h)?);
+    let (ld_qkv, ld_out) = (as_i32("3·D", 3 * d)?, as_i32("D", d)?);
+    let (sdh, snn) = (dh as i64, (n * n) as i64);
+    for img in 0..b {
+        let base = img * n * 3 * d;
+        let q = qkv.slice(base..base + n * 3 * d);
+        let k = qkv.slice(base + d..base + n * 3 * d);
+        let v = qkv.slice(base + 2 * d..base + n * 3 * d);
+        // S_h[N, N] = scale · Q_h K_hᵀ: the nn.Linear layout again (K_h plays the weight).
+        let qk = StridedBatchedConfig {
+            gemm: GemmConfig {
+                transa: cublasOperation_t::CUBLAS_OP_T,
+                transb: cublasOperation_t::CUBLAS_OP_N,
+                m: ni,
+                n: ni,
+                k: dhi,
+                alpha: scale,
+                lda: ld_qkv,
+                ldb: ld_qkv,
+                beta: 0.0,
+                ldc: ni,
+            },
+            batch_size: hi,
+            stride_a: sdh,
+            stride_b: sdh,
+            stride_c: snn,
+        };
+        // SAFETY: head h of K/Q starts h·Dh into its view and spans N rows of stride 3·D inside
+        // this image's block; S holds H·N·N.
+        unsafe { dev.blas().gemm_strided_batched(qk, &k, &q, scores) }
+            .map_err(cuda_err("cuBLAS attention QKᵀ"))?;
+        if let Some(bias) = bias {
+            elementwise::bias_add(dev, scores, bias, (1, hnn))?;
+        }
+        softmax::rows(dev, scores, probs, (h * n, n), 1.0)?;
+        let mut o = out.slice_mut(img * n * d..(img + 1) * n * d);
+        // O_h[N, Dh] = P_h[N, N] · V_h[N, Dh], written at column h·Dh of the [N, D] output.
+        let pv = StridedBatchedConfig {
+            gemm: GemmConfig {
+                transa: cublasOperation_t::CUBLAS_OP_N,
+                transb: cublasOperation_t::CUBLAS_OP_N,
+                m: dhi,
+                n: ni,
+                k: ni,
+                alpha: 1.0,
+                lda: ld_qkv,
+                ldb: ni,
+                beta: 0.0,
+                ldc: ld_out,
+            },
+            batch_size: hi,
+            stride_a: sdh,
+            stride_b: snn,
+            stride_c: sdh,
+        };
+        // SAFETY: V_h as above; P holds H·N·N; O_h spans N rows of stride D in this image's rows.
+        unsafe { dev.blas().gemm_strided_batched(pv, &v, &*probs, &mut o) }
+            .map_err(cuda_err("cuBLAS attention PV"))?;
+    }
     Ok(())
 }

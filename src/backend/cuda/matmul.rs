@@ -86,3 +86,43 @@ where
         (b, Activation::Gelu) => elementwise::bias_gelu(dev, out, b, (m, n)),
     }
 }
+
+/// out[M, N] = a[M, K] · b[K, N], all row-major (pooling by a [B, B·N] averaging matrix).
+pub fn matmul_nn<T: Storage>(
+    dev: &CudaDevice,
+    a: &CudaSlice<T>,
+    b: &CudaSlice<T>,
+    out: &mut CudaSlice<T>,
+    (m, k, n): (usize, usize, usize),
+) -> Result<()>
+where
+    CudaBlas: Gemm<T>,
+{
+    check_len("matmul_nn a", a, m * k)?;
+    check_len("matmul_nn b", b, k * n)?;
+    check_len("matmul_nn out", out, m * n)?;
+    if m == 0 || n == 0 || k == 0 {
+        return dev
+            .stream()
+            .memset_zeros(out)
+            .map_err(cuda_err("zero matmul output"));
+    }
+    let (mi, ki, ni) = (as_i32("M", m)?, as_i32("K", k)?, as_i32("N", n)?);
+    // Row-major C = A·B is column-major Cᵀ = Bᵀ·Aᵀ, and each row-major operand already is the
+    // column-major transpose: no transposition flags.
+    let cfg = GemmConfig {
+        transa: cublasOperation_t::CUBLAS_OP_N,
+        transb: cublasOperation_t::CUBLAS_OP_N,
+        m: ni,
+        n: mi,
+        k: ki,
+        alpha: T::from_f32(1.0),
+        lda: ni,
+        ldb: ki,
+        beta: T::from_f32(0.0),
+        ldc: ni,
+    };
+    // SAFETY: b is [K, N] (lda N), a [M, K] (ldb K), out [M, N] (ldc N), checked above.
+    unsafe { dev.blas().gemm(cfg, b, a, out) }
+        .map_err(cuda_err(format!("cuBLAS {} gemm_nn {m}x{k}x{n}", T::NAME)))
+}

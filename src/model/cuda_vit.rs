@@ -1,0 +1,362 @@
+//! BEiT / ViT inference on one CUDA device: the same forward as `vit.rs`, with the weights of a
+//! loaded `VisionTransformer` uploaded once and every op a CUDA launcher.
+//!
+//! Precision is the type parameter T of the GEMM operands and activations between ops:
+//!   - f32: cuBLAS sgemm (no TF32) and the cuBLAS attention path; meant to match the CPU and
+//!     timm at f32 tolerance.
+//!   - bf16: bf16 GEMMs with f32 accumulation and the fused attention kernel (head dim 64 or 80);
+//!     what a GPU throughput figure should be taken on.
+//!
+//! In both, the residual stream x [B·N, D], the patch embedding, the pooling, the final norm and
+//! the head stay f32 (they are a sliver of the FLOPs, and x accumulates over every block).
+//! Written against the launchers directly rather than the `Exec` trait: that trait hands out host
+//! `Tensor`s (`value`) and takes host `Param`s, which would mean a copy per op.
+
+use cudarc::cublas::{CudaBlas, Gemm};
+use cudarc::driver::CudaSlice;
+
+use crate::backend::cuda::attention::Dims as AttDims;
+use crate::backend::cuda::device::cuda_err;
+use crate::backend::cuda::{self as cu, CudaDevice, Storage};
+use crate::backend::{Activation, Pool};
+use crate::error::{Error, Result};
+use crate::model::layers::{Linear, Norm};
+use crate::model::{Output, VisionTransformer, VitConfig};
+use crate::tensor::Tensor;
+
+/// What differs between the precisions: the LayerNorm input and the attention op.
+pub trait Compute: Storage {
+    /// Whether attention needs the two [H, N, N] f32 score buffers (the cuBLAS path).
+    const NEEDS_SCORES: bool;
+
+    /// The residual stream as LayerNorm's input type: x itself, or its cast into `tmp`.
+    fn ln_input<'a>(
+        dev: &CudaDevice,
+        x: &'a CudaSlice<f32>,
+        tmp: &'a mut CudaSlice<Self>,
+    ) -> Result<&'a CudaSlice<Self>>;
+
+    fn attention(
+        dev: &CudaDevice,
+        qkv: &CudaSlice<Self>,
+        bias: Option<&CudaSlice<f32>>,
+        out: &mut CudaSlice<Self>,
+        dims: &AttDims,
+        scratch: (&mut CudaSlice<f32>, &mut CudaSlice<f32>),
+    ) -> Result<()>;
+}
+
+impl Compute for f32 {
+    const NEEDS_SCORES: bool = true;
+
+    fn ln_input<'a>(
+        _dev: &CudaDevice,
+        x: &'a CudaSlice<f32>,
+        _tmp: &'a mut CudaSlice<f32>,
+    ) -> Result<&'a CudaSlice<f32>> {
+        Ok(x)
+    }
+
+    fn attention(
+        dev: &CudaDevice,
+        qkv: &CudaSlice<f32>,
+        bias: Option<&CudaSlice<f32>>,
+        out: &mut CudaSlice<f32>,
+        dims: &AttDims,
+        scratch: (&mut CudaSlice<f32>, &mut CudaSlice<f32>),
+    ) -> Result<()> {
+        let scale = (dims.dh as f32).powf(-0.5);
+        cu::attention::forward_f32(dev, qkv, bias, out, dims, scale, scratch)
+    }
+}
+
+impl Compute for half::bf16 {
+    const NEEDS_SCORES: bool = false;
+
+    fn ln_input<'a>(
+        dev: &CudaDevice,
+        x: &'a CudaSlice<f32>,
+        tmp: &'a mut CudaSlice<half::bf16>,
+    ) -> Result<&'a CudaSlice<half::bf16>> {
+        cu::elementwise::cast(dev, x, tmp)?;
+        Ok(tmp)
+    }
+
+    fn attention(
+        dev: &CudaDevice,
+        qkv: &CudaSlice<half::bf16>,
+        bias: Option<&CudaSlice<f32>>,
+        out: &mut CudaSlice<half::bf16>,
+        dims: &AttDims,
+        _scratch: (&mut CudaSlice<f32>, &mut CudaSlice<f32>),
+    ) -> Result<()> {
+        let scale = (dims.dh as f32).powf(-0.5);
+        cu::attention::forward(dev, qkv, bias, out, dims, scale)
+    }
+}
+
+struct DLinear<T> {
+    w: CudaSlice<T>,
+    b: Option<CudaSlice<f32>>,
+    /// (out features N, in features K)
+    nk: (usize, usize),
+}
+
+struct DNorm {
+    w: CudaSlice<f32>,
+    b: CudaSlice<f32>,
+}
+
+struct DBlock<T> {
+    norm1: DNorm,
+    qkv: DLinear<T>,
+    rel_bias: Option<CudaSlice<f32>>,
+    proj: DLinear<T>,
+    norm2: DNorm,
+    fc1: DLinear<T>,
+    fc2: DLinear<T>,
+    gamma1: Option<CudaSlice<f32>>,
+    gamma2: Option<CudaSlice<f32>>,
+}
+
+pub struct CudaVit<T: Compute> {
+    pub cfg: VitConfig,
+    /// [D, C·P·P], f32
+    patch: DLinear<f32>,
+    cls: CudaSlice<f32>,
+    pos: Option<CudaSlice<f32>>,
+    blocks: Vec<DBlock<T>>,
+    /// `norm` (ViT, class token) or `fc_norm` (BEiT, mean of patches)
+    final_norm: DNorm,
+    head: Option<DLinear<f32>>,
+}
+
+fn up<T: Storage>(dev: &CudaDevice, t: &Tensor) -> Result<CudaSlice<T>> {
+    let host: Vec<T> = t.as_slice().iter().map(|&v| T::from_f32(v)).collect();
+    dev.upload(&host)
+}
+
+fn up_linear<T: Storage>(dev: &CudaDevice, l: &Linear) -> Result<DLinear<T>> {
+    let (n, k) = l.w.value.dims2(&l.w.name)?;
+    Ok(DLinear {
+        w: up(dev, &l.w.value)?,
+        b: l.bias.tensor().map(|b| up(dev, b)).transpose()?,
+        nk: (n, k),
+    })
+}
+
+fn up_norm(dev: &CudaDevice, n: &Norm) -> Result<DNorm> {
+    Ok(DNorm {
+        w: up(dev, &n.w.value)?,
+        b: up(dev, &n.b.value)?,
+    })
+}
+
+impl<T: Compute> CudaVit<T>
+where
+    CudaBlas: Gemm<T>,
+{
+    /// Uploads every weight of `model` (relative-position biases expanded to [H, N, N]).
+    pub fn load(dev: &CudaDevice, model: &VisionTransformer) -> Result<CudaVit<T>> {
+        let cfg = model.cfg.clone();
+        if T::NAME != "f32" && !cu::attention::HEAD_DIMS.contains(&cfg.head_dim()) {
+            return Err(Error::Cuda(format!(
+                "{}: head dim {} has no fused attention kernel (have {:?}); use f32",
+                cfg.name,
+                cfg.head_dim(),
+                cu::attention::HEAD_DIMS
+            )));
+        }
+        let d = cfg.embed_dim;
+        let patch_w = model
+            .patch_w
+            .value
+            .clone()
+            .reshape(&[d, cfg.in_chans * cfg.patch_size * cfg.patch_size])?;
+        let patch = DLinear {
+            w: up(dev, &patch_w)?,
+            b: Some(up(dev, &model.patch_b.value)?),
+            nk: (d, patch_w.shape()[1]),
+        };
+        let mut blocks = Vec::with_capacity(model.blocks.len());
+        for b in &model.blocks {
+            blocks.push(DBlock {
+                norm1: up_norm(dev, &b.norm1)?,
+                qkv: up_linear(dev, &b.qkv)?,
+                rel_bias: b
+                    .rel_bias
+                    .as_deref()
+                    .map(|r| up(dev, &r.dense))
+                    .transpose()?,
+                proj: up_linear(dev, &b.proj)?,
+                norm2: up_norm(dev, &b.norm2)?,
+                fc1: up_linear(dev, &b.fc1)?,
+                fc2: up_linear(dev, &b.fc2)?,
+                gamma1: b.gamma1.as_ref().map(|g| up(dev, &g.value)).transpose()?,
+                gamma2: b.gamma2.as_ref().map(|g| up(dev, &g.value)).transpose()?,
+            });
+        }
+        let final_norm = match cfg.pool {
+            Pool::ClassToken => model.norm.as_ref(),
+            Pool::MeanPatches => model.fc_norm.as_ref(),
+        }
+        .ok_or_else(|| Error::Cuda(format!("{}: no final norm", cfg.name)))?;
+        Ok(CudaVit {
+            patch,
+            cls: up(dev, &model.cls.value)?,
+            pos: model.pos.as_ref().map(|p| up(dev, &p.value)).transpose()?,
+            blocks,
+            final_norm: up_norm(dev, final_norm)?,
+            head: model.head.as_ref().map(|h| up_linear(dev, h)).transpose()?,
+            cfg,
+        })
+    }
+
+    /// images [B, C, H, W], normalised → features [B, D] and logits [B, C], as
+    /// `VisionTransformer::forward`.
+    pub fn forward(&self, dev: &CudaDevice, images: &Tensor) -> Result<Output> {
+        let cfg = &self.cfg;
+        let s = cfg.img_size;
+        let b = match images.shape() {
+            [b, c, h, w] if *c == cfg.in_chans && *h == s && *w == s => *b,
+            other => {
+                return Err(Error::Data(format!(
+                    "{} expects images [B, {}, {s}, {s}], got {other:?}",
+                    cfg.name, cfg.in_chans
+                )))
+            }
+        };
+        let (n, d, f, h) = (cfg.tokens(), cfg.embed_dim, cfg.mlp_hidden, cfg.num_heads);
+        let (g, bn) = (n - 1, b * n);
+        let dims = cu::patch_embed::Dims {
+            b,
+            c: cfg.in_chans,
+            h: s,
+            w: s,
+            p: cfg.patch_size,
+        };
+        let img = dev.upload(images.as_slice())?;
+        let pb = self.patch.b.as_ref().expect("patch embed has a bias");
+        let patches =
+            cu::patch_embed::forward::<f32>(dev, &img, &self.patch.w, pb, dims, self.patch.nk.0)?;
+
+        // x = [cls; patches] per image (+ pos, one [N·D] row broadcast over the batch).
+        let mut x = dev.zeros::<f32>(bn * d)?;
+        let st = dev.stream();
+        for i in 0..b {
+            let row = i * n * d;
+            st.memcpy_dtod::<f32, _, _>(&self.cls, &mut x.slice_mut(row..row + d))
+                .map_err(cuda_err("copy class token"))?;
+            st.memcpy_dtod::<f32, _, _>(
+                &patches.slice(i * g * d..(i + 1) * g * d),
+                &mut x.slice_mut(row + d..row + n * d),
+            )
+            .map_err(cuda_err("copy patch tokens"))?;
+        }
+        if let Some(pos) = &self.pos {
+            cu::elementwise::bias_add(dev, &mut x, pos, (b, n * d))?;
+        }
+
+        let mut xt = dev.zeros::<T>(if T::NAME == "f32" { 1 } else { bn * d })?;
+        let mut hbuf = dev.zeros::<T>(bn * d)?;
+        let mut qkv = dev.zeros::<T>(bn * 3 * d)?;
+        let mut att = dev.zeros::<T>(bn * d)?;
+        let mut ybuf = dev.zeros::<T>(bn * d)?;
+        let mut mlp = dev.zeros::<T>(bn * f)?;
+        let hnn = if T::NEEDS_SCORES { h * n * n } else { 1 };
+        let (mut scores, mut probs) = (dev.zeros::<f32>(hnn)?, dev.zeros::<f32>(hnn)?);
+        let ad = AttDims {
+            b,
+            n,
+            h,
+            dh: cfg.head_dim(),
+        };
+        let lin = |x: &CudaSlice<T>, l: &DLinear<T>, act, out: &mut CudaSlice<T>| {
+            cu::matmul::linear(dev, x, &l.w, l.b.as_ref(), act, out, (bn, l.nk.1, l.nk.0))
+        };
+        for blk in &self.blocks {
+            let xin = T::ln_input(dev, &x, &mut xt)?;
+            cu::layernorm::forward(
+                dev,
+                xin,
+                &blk.norm1.w,
+                &blk.norm1.b,
+                &mut hbuf,
+                None,
+                (bn, d),
+                cfg.eps,
+            )?;
+            lin(&hbuf, &blk.qkv, Activation::None, &mut qkv)?;
+            T::attention(
+                dev,
+                &qkv,
+                blk.rel_bias.as_ref(),
+                &mut att,
+                &ad,
+                (&mut scores, &mut probs),
+            )?;
+            lin(&att, &blk.proj, Activation::None, &mut ybuf)?;
+            cu::elementwise::residual(dev, &mut x, &ybuf, blk.gamma1.as_ref(), (bn, d))?;
+            let xin = T::ln_input(dev, &x, &mut xt)?;
+            cu::layernorm::forward(
+                dev,
+                xin,
+                &blk.norm2.w,
+                &blk.norm2.b,
+                &mut hbuf,
+                None,
+                (bn, d),
+                cfg.eps,
+            )?;
+            lin(&hbuf, &blk.fc1, Activation::Gelu, &mut mlp)?;
+            lin(&mlp, &blk.fc2, Activation::None, &mut ybuf)?;
+            cu::elementwise::residual(dev, &mut x, &ybuf, blk.gamma2.as_ref(), (bn, d))?;
+        }
+
+        // Pooling as one GEMM with a [B, B·N] weight matrix: the mean of the patch tokens, or a
+        // one-hot on the class token; then the final norm (per row, so norm-then-take = take-then-norm).
+        let mut pw = vec![0.0f32; b * bn];
+        for i in 0..b {
+            match cfg.pool {
+                Pool::MeanPatches => {
+                    pw[i * bn + i * n + 1..i * bn + (i + 1) * n].fill(1.0 / g as f32)
+                }
+                Pool::ClassToken => pw[i * bn + i * n] = 1.0,
+            }
+        }
+        let mut pooled = dev.zeros::<f32>(b * d)?;
+        cu::matmul::matmul_nn::<f32>(dev, &dev.upload(&pw)?, &x, &mut pooled, (b, bn, d))?;
+        let mut feats = dev.zeros::<f32>(b * d)?;
+        let fnorm = &self.final_norm;
+        cu::layernorm::forward(
+            dev,
+            &pooled,
+            &fnorm.w,
+            &fnorm.b,
+            &mut feats,
+            None,
+            (b, d),
+            cfg.eps,
+        )?;
+        let logits = match &self.head {
+            Some(hd) => {
+                let mut out = dev.zeros::<f32>(b * hd.nk.0)?;
+                cu::matmul::linear::<f32>(
+                    dev,
+                    &feats,
+                    &hd.w,
+                    hd.b.as_ref(),
+                    Activation::None,
+                    &mut out,
+                    (b, d, hd.nk.0),
+                )?;
+                Some(Tensor::from_vec(&[b, hd.nk.0], dev.download(&out)?)?)
+            }
+            None => None,
+        };
+        Ok(Output {
+            features: Tensor::from_vec(&[b, d], dev.download(&feats)?)?,
+            logits,
+        })
+    }
+}
