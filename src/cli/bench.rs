@@ -1,5 +1,7 @@
 //! `mood bench`: forward throughput on random weights and inputs, beside the sgemm rate the `gemm`
 //! crate reaches on the model's largest GEMM shape in the same process, so the two compare directly.
+//! `--device cuda` times the CUDA forward instead (src/model/cuda_vit.rs); `--device auto` takes
+//! CUDA when a device is usable and says why not when it falls back to the CPU.
 
 use std::time::Instant;
 
@@ -29,6 +31,30 @@ pub struct Args {
     /// of inference forwards.
     #[arg(long)]
     pub train: bool,
+    /// Where to run: cpu, cuda, or auto (cuda if a device is usable, else cpu with a note).
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    pub device: Device,
+    /// CUDA only: element type of the GEMM operands and activations (accumulation is f32).
+    #[arg(long, value_enum, default_value_t = Precision::Bf16)]
+    pub precision: Precision,
+    /// CUDA only: the peak TFLOP/s that MFU is quoted against; default: the dense tensor-core
+    /// peak of an H100/H200 SXM for the precision (989 bf16, 67 f32 without TF32), when the
+    /// device is one.
+    #[arg(long)]
+    pub peak_tflops: Option<f64>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda,
+    Auto,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    F32,
+    Bf16,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -38,6 +64,14 @@ pub fn run(args: Args) -> Result<()> {
         ));
     }
     let cfg = VitConfig::preset(&args.arch)?;
+    match args.device {
+        Device::Cpu => {}
+        Device::Cuda => return cuda_bench(&args, &cfg),
+        Device::Auto => match cuda_usable() {
+            Ok(()) => return cuda_bench(&args, &cfg),
+            Err(e) => eprintln!("note: --device auto: {e}; benchmarking on the CPU"),
+        },
+    }
     let store = init::random_store(&cfg, 0);
     let model = VisionTransformer::load(&cfg, &store)?;
     let mut rng = init::Rng::new(1);
@@ -145,4 +179,118 @@ pub fn sgemm_rate(m: usize, k: usize, n: usize, reps: usize) -> f64 {
         .collect();
     times.sort_by(|a, b| a.total_cmp(b));
     2.0 * (m * n * k) as f64 / times[times.len() / 2] / 1e9
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_usable() -> Result<()> {
+    crate::backend::cuda::probe().map(|_| ())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_usable() -> Result<()> {
+    Err(Error::Cuda(
+        "this binary was built without the `cuda` feature".into(),
+    ))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_bench(_args: &Args, _cfg: &VitConfig) -> Result<()> {
+    cuda_usable()
+}
+
+/// Median forward time of the CUDA model, from host images to host features and logits (the
+/// upload and download are part of what feature extraction pays).
+#[cfg(feature = "cuda")]
+fn cuda_bench(args: &Args, cfg: &VitConfig) -> Result<()> {
+    use crate::backend::cuda::CudaDevice;
+    use crate::model::cuda_vit::{Compute, CudaVit};
+    use cudarc::cublas::{CudaBlas, Gemm};
+
+    fn timed<T: Compute>(
+        dev: &CudaDevice,
+        model: &VisionTransformer,
+        x: &Tensor,
+        iters: usize,
+    ) -> Result<Vec<f64>>
+    where
+        CudaBlas: Gemm<T>,
+    {
+        let gpu = CudaVit::<T>::load(dev, model)?;
+        for _ in 0..2 {
+            gpu.forward(dev, x)?; // warm-up: cuBLAS heuristics, allocator
+        }
+        let pb = super::progress(iters as u64, "iter");
+        let mut times = Vec::with_capacity(iters);
+        for _ in 0..iters {
+            let t = Instant::now();
+            gpu.forward(dev, x)?; // returns host tensors, so the device work is finished
+            times.push(t.elapsed().as_secs_f64());
+            pb.inc(1);
+        }
+        pb.finish_and_clear();
+        Ok(times)
+    }
+
+    if args.train {
+        return Err(Error::Usage(
+            "--train is CPU only: there is no CUDA training step yet".into(),
+        ));
+    }
+    if args.profile {
+        eprintln!("note: --profile is CPU only (CUDA ops are asynchronous); ignored");
+    }
+    let dev = CudaDevice::new(0)?;
+    dev.load_all()?; // NVRTC compiles (or reads its cache) before any timing
+    let store = init::random_store(cfg, 0);
+    let model = VisionTransformer::load(cfg, &store)?;
+    let mut rng = init::Rng::new(1);
+    let shape = [args.batch, cfg.in_chans, cfg.img_size, cfg.img_size];
+    let n_in = shape.iter().product();
+    let x = Tensor::from_vec(&shape, (0..n_in).map(|_| rng.normal() as f32).collect())?;
+    let mut times = match args.precision {
+        Precision::F32 => timed::<f32>(&dev, &model, &x, args.iters)?,
+        Precision::Bf16 => timed::<half::bf16>(&dev, &model, &x, args.iters)?,
+    };
+    times.sort_by(|a, b| a.total_cmp(b));
+    let median = times[times.len() / 2];
+    let img_s = args.batch as f64 / median;
+    let gflop = cfg.flops_per_image() / 1e9;
+    let tflops = img_s * gflop / 1e3;
+    let precision = format!("{:?}", args.precision).to_lowercase();
+    let hopper = ["H100", "H200"].iter().any(|n| dev.name().contains(n));
+    let peak = args.peak_tflops.or(match (hopper, args.precision) {
+        (true, Precision::Bf16) => Some(989.0),
+        (true, Precision::F32) => Some(67.0),
+        _ => None,
+    });
+    let mfu = peak.map(|p| tflops / p);
+    if args.json {
+        println!(
+            "{{\"mode\":\"forward\",\"device\":{:?},\"precision\":\"{precision}\",\"arch\":\"{}\",\"batch\":{},\"img_per_s\":{img_s:.4},\"gflop_per_image\":{gflop:.3},\"tflop_per_s\":{tflops:.3},\"peak_tflop_per_s\":{},\"mfu\":{},\"median_s\":{median:.6}}}",
+            dev.name(),
+            cfg.name,
+            args.batch,
+            peak.map_or("null".into(), |p| format!("{p}")),
+            mfu.map_or("null".into(), |m| format!("{m:.4}")),
+        );
+    } else {
+        println!(
+            "{} forward on {}, {precision}: batch {}: {img_s:.1} images/s ({:.2} ms per batch, median of {})",
+            cfg.name,
+            dev.describe(),
+            args.batch,
+            1e3 * median,
+            args.iters
+        );
+        match (peak, mfu) {
+            (Some(p), Some(m)) => println!(
+                "  {tflops:.1} TFLOP/s at {gflop:.2} GFLOP per image: MFU {:.1}% of {p} TFLOP/s",
+                100.0 * m
+            ),
+            _ => println!(
+                "  {tflops:.1} TFLOP/s at {gflop:.2} GFLOP per image (pass --peak-tflops for MFU)"
+            ),
+        }
+    }
+    Ok(())
 }
