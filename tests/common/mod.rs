@@ -3,8 +3,13 @@
 
 use std::path::PathBuf;
 
+/// tests/fixtures/<rel>. The repository root is the build's, unless `MOOD_REPO_ROOT` names another:
+/// test binaries built here and run on another machine (tools/gpu_session.sh) find their fixtures.
 pub fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("MOOD_REPO_ROOT")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
         .join("tests/fixtures")
         .join(rel)
 }
