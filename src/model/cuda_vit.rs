@@ -213,7 +213,7 @@ where
     }
 
     /// images [B, C, H, W], normalised → features [B, D] and logits [B, C], as
-    /// `VisionTransformer::forward`.
+    /// `VisionTransformer::forward`: upload, `forward_device`, download.
     pub fn forward(&self, dev: &CudaDevice, images: &Tensor) -> Result<Output> {
         let cfg = &self.cfg;
         let s = cfg.img_size;
@@ -226,6 +226,31 @@ where
                 )))
             }
         };
+        let img = dev.upload(images.as_slice())?;
+        let (feats, logits) = self.forward_device(dev, &img, b)?;
+        let logits = match logits {
+            Some(l) => Some(Tensor::from_vec(
+                &[b, l.len() / b.max(1)],
+                dev.download(&l)?,
+            )?),
+            None => None,
+        };
+        Ok(Output {
+            features: Tensor::from_vec(&[b, cfg.embed_dim], dev.download(&feats)?)?,
+            logits,
+        })
+    }
+
+    /// The forward on device memory: images [B, C, S, S] (f32, already on the device) → features
+    /// [B, D] and logits [B, C], queued on the device's stream (call `dev.sync()` to wait).
+    pub fn forward_device(
+        &self,
+        dev: &CudaDevice,
+        img: &CudaSlice<f32>,
+        b: usize,
+    ) -> Result<(CudaSlice<f32>, Option<CudaSlice<f32>>)> {
+        let cfg = &self.cfg;
+        let s = cfg.img_size;
         let (n, d, f, h) = (cfg.tokens(), cfg.embed_dim, cfg.mlp_hidden, cfg.num_heads);
         let (g, bn) = (n - 1, b * n);
         let dims = cu::patch_embed::Dims {
@@ -235,10 +260,9 @@ where
             w: s,
             p: cfg.patch_size,
         };
-        let img = dev.upload(images.as_slice())?;
         let pb = self.patch.b.as_ref().expect("patch embed has a bias");
         let patches =
-            cu::patch_embed::forward::<f32>(dev, &img, &self.patch.w, pb, dims, self.patch.nk.0)?;
+            cu::patch_embed::forward::<f32>(dev, img, &self.patch.w, pb, dims, self.patch.nk.0)?;
 
         // x = [cls; patches] per image (+ pos, one [N·D] row broadcast over the batch).
         let mut x = dev.zeros::<f32>(bn * d)?;
@@ -350,13 +374,10 @@ where
                     &mut out,
                     (b, d, hd.nk.0),
                 )?;
-                Some(Tensor::from_vec(&[b, hd.nk.0], dev.download(&out)?)?)
+                Some(out)
             }
             None => None,
         };
-        Ok(Output {
-            features: Tensor::from_vec(&[b, d], dev.download(&feats)?)?,
-            logits,
-        })
+        Ok((feats, logits))
     }
 }
