@@ -200,7 +200,21 @@ impl CudaDevice {
     }
 
     fn load_module(&self, stem: &str) -> Result<Arc<CudaModule>> {
-        let compiled = nvrtc::compile(stem, &self.arch, &[])?;
+        match self.load_module_for(stem, &self.arch) {
+            Ok(m) => Ok(m),
+            // A CUBIN the driver refuses (or an NVRTC that does not know this sm_XY) may still
+            // work as PTX, which the driver JIT-compiles; say both reasons if that fails too.
+            Err(first) if self.arch.starts_with("sm_") => {
+                let ptx_arch = self.arch.replacen("sm_", "compute_", 1);
+                self.load_module_for(stem, &ptx_arch)
+                    .map_err(|second| Error::Cuda(format!("{first}; then as PTX: {second}")))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn load_module_for(&self, stem: &str, arch: &str) -> Result<Arc<CudaModule>> {
+        let compiled = nvrtc::compile(stem, arch, &[])?;
         let image = match compiled.target {
             Target::Cubin => Ptx::from_binary(compiled.image),
             Target::Ptx => {
@@ -211,7 +225,7 @@ impl CudaDevice {
         };
         self.ctx
             .load_module(image)
-            .map_err(cuda_err(format!("load {stem}.cu ({})", self.arch)))
+            .map_err(cuda_err(format!("load {stem}.cu ({arch})")))
     }
 
     /// Compiles and loads every kernel family now (so that timings exclude NVRTC).
