@@ -18,7 +18,7 @@
 #      cuda_compile.txt every kernel through NVRTC (CUBIN sm_90 + PTX), registers and spills
 #      cuda_parity.txt  every CUDA op against the CPU op (max abs / rel error per case)
 #      cuda_model.txt   timm fixtures through the CUDA f32 forward; BEiT-B CUDA f32/bf16 vs CPU
-#      bench.txt        mood bench --device cuda, BEiT-B and BEiT-L, bf16 and f32
+#      bench.txt        mood bench --device cuda, BEiT-B and BEiT-L, bf16 and f32, per-op profiles
 #      bench_pytorch.txt timm eager / torch.compile under bf16 autocast (only if torch+timm import)
 #      summary.txt      exit status of every step and its PASS/FAIL/SKIPPED lines
 #    (the device returns at most 8 files from $OUT, hence exactly these.)
@@ -160,9 +160,9 @@ run() {
     step cuda_parity 180 "$BIN/cuda_parity" --nocapture --test-threads=1
     step cuda_model 150 "$BIN/cuda_model" --nocapture --test-threads=1
     for arch in beit_base_patch16_224 beit_large_patch16_224; do
-        step bench 60 "$BIN/mood" bench --device cuda --precision bf16 --arch "$arch" --batch 64 --iters 20
+        step bench 90 "$BIN/mood" bench --device cuda --precision bf16 --arch "$arch" --batch 64 --iters 20 --profile
     done
-    step bench 60 "$BIN/mood" bench --device cuda --precision f32 --arch beit_base_patch16_224 --batch 32 --iters 10
+    step bench 60 "$BIN/mood" bench --device cuda --precision f32 --arch beit_base_patch16_224 --batch 32 --iters 10 --profile
     step bench 60 "$BIN/mood" bench --device cuda --precision bf16 --arch beit_base_patch16_224 --batch 256 --iters 10 --json
     if [ -n "${PY:-}" ] && "$PY" -c 'import torch, timm' 2>/dev/null; then
         step bench_pytorch 240 "$PY" tools/bench_pytorch.py --device cuda --mood "$BIN/mood" \

@@ -21,7 +21,8 @@ pub struct Args {
     /// Timed forward passes (after one warm-up pass).
     #[arg(long, default_value_t = 5)]
     pub iters: usize,
-    /// Print a per-op time profile of the timed passes.
+    /// Print a per-op time profile: of the timed passes (CPU), or of each op run alone at the
+    /// model's shapes (CUDA).
     #[arg(long)]
     pub profile: bool,
     /// Print one JSON object instead of text.
@@ -198,121 +199,7 @@ fn cuda_bench(_args: &Args, _cfg: &VitConfig) -> Result<()> {
     cuda_usable()
 }
 
-/// Median forward time of the CUDA model, from host images to host features and logits (the
-/// upload and download are part of what feature extraction pays).
 #[cfg(feature = "cuda")]
 fn cuda_bench(args: &Args, cfg: &VitConfig) -> Result<()> {
-    use crate::backend::cuda::CudaDevice;
-    use crate::model::cuda_vit::{Compute, CudaVit};
-    use cudarc::cublas::{CudaBlas, Gemm};
-
-    /// (device-resident forward times, host-to-host forward times), seconds.
-    fn timed<T: Compute>(
-        dev: &CudaDevice,
-        model: &VisionTransformer,
-        x: &Tensor,
-        iters: usize,
-    ) -> Result<(Vec<f64>, Vec<f64>)>
-    where
-        CudaBlas: Gemm<T>,
-    {
-        let gpu = CudaVit::<T>::load(dev, model)?;
-        let b = x.shape()[0];
-        let img = dev.upload(x.as_slice())?;
-        for _ in 0..3 {
-            gpu.forward_device(dev, &img, b)?; // warm-up: cuBLAS heuristics, allocator pool
-        }
-        dev.sync()?;
-        let pb = super::progress(2 * iters as u64, "iter");
-        let mut resident = Vec::with_capacity(iters);
-        for _ in 0..iters {
-            let t = Instant::now();
-            let out = gpu.forward_device(dev, &img, b)?;
-            dev.sync()?;
-            resident.push(t.elapsed().as_secs_f64());
-            drop(out);
-            pb.inc(1);
-        }
-        let mut host = Vec::with_capacity(iters);
-        for _ in 0..iters {
-            let t = Instant::now();
-            gpu.forward(dev, x)?; // returns host tensors, so the device work is finished
-            host.push(t.elapsed().as_secs_f64());
-            pb.inc(1);
-        }
-        pb.finish_and_clear();
-        Ok((resident, host))
-    }
-
-    if args.train {
-        return Err(Error::Usage(
-            "--train is CPU only: there is no CUDA training step yet".into(),
-        ));
-    }
-    if args.profile {
-        eprintln!("note: --profile is CPU only (CUDA ops are asynchronous); ignored");
-    }
-    let dev = CudaDevice::new(0)?;
-    dev.load_all()?; // NVRTC compiles (or reads its cache) before any timing
-    let store = init::random_store(cfg, 0);
-    let model = VisionTransformer::load(cfg, &store)?;
-    let mut rng = init::Rng::new(1);
-    let shape = [args.batch, cfg.in_chans, cfg.img_size, cfg.img_size];
-    let n_in = shape.iter().product();
-    let x = Tensor::from_vec(&shape, (0..n_in).map(|_| rng.normal() as f32).collect())?;
-    let (mut times, mut host) = match args.precision {
-        Precision::F32 => timed::<f32>(&dev, &model, &x, args.iters)?,
-        Precision::Bf16 => timed::<half::bf16>(&dev, &model, &x, args.iters)?,
-    };
-    let med = |v: &mut Vec<f64>| {
-        v.sort_by(|a, b| a.total_cmp(b));
-        v[v.len() / 2]
-    };
-    // The headline: images already on the device, as PyTorch benchmarks measure; the host-to-host
-    // figure (upload of the batch, download of features and logits) is printed beside it.
-    let (median, median_host) = (med(&mut times), med(&mut host));
-    let img_s = args.batch as f64 / median;
-    let img_s_host = args.batch as f64 / median_host;
-    let gflop = cfg.flops_per_image() / 1e9;
-    let tflops = img_s * gflop / 1e3;
-    let precision = format!("{:?}", args.precision).to_lowercase();
-    let hopper = ["H100", "H200"].iter().any(|n| dev.name().contains(n));
-    let peak = args.peak_tflops.or(match (hopper, args.precision) {
-        (true, Precision::Bf16) => Some(989.0),
-        (true, Precision::F32) => Some(67.0),
-        _ => None,
-    });
-    let mfu = peak.map(|p| tflops / p);
-    if args.json {
-        println!(
-            "{{\"mode\":\"forward\",\"device\":{:?},\"precision\":\"{precision}\",\"arch\":\"{}\",\"batch\":{},\"img_per_s\":{img_s:.4},\"gflop_per_image\":{gflop:.3},\"tflop_per_s\":{tflops:.3},\"peak_tflop_per_s\":{},\"mfu\":{},\"median_s\":{median:.6},\"img_per_s_host_to_host\":{img_s_host:.4}}}",
-            dev.name(),
-            cfg.name,
-            args.batch,
-            peak.map_or("null".into(), |p| format!("{p}")),
-            mfu.map_or("null".into(), |m| format!("{m:.4}")),
-        );
-    } else {
-        println!(
-            "{} forward on {}, {precision}: batch {}: {img_s:.1} images/s ({:.2} ms per batch, images on the device, median of {})",
-            cfg.name,
-            dev.describe(),
-            args.batch,
-            1e3 * median,
-            args.iters
-        );
-        match (peak, mfu) {
-            (Some(p), Some(m)) => println!(
-                "  {tflops:.1} TFLOP/s at {gflop:.2} GFLOP per image: MFU {:.1}% of {p} TFLOP/s",
-                100.0 * m
-            ),
-            _ => println!(
-                "  {tflops:.1} TFLOP/s at {gflop:.2} GFLOP per image (pass --peak-tflops for MFU)"
-            ),
-        }
-        println!(
-            "  host to host (upload images, download features and logits): {img_s_host:.1} images/s"
-        );
-    }
-    Ok(())
+    super::bench_cuda::run(args, cfg)
 }
