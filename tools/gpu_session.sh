@@ -10,8 +10,8 @@
 #    compiler-artifact). The copies are stripped to stay well under the 64 MiB carry limit.
 #    The device call sends the checkout of the session that makes it: these files (this script,
 #    the tests' fixtures, tools/bench_pytorch.py) must be in that checkout.
-# 2. On the device machine, from the repository root (device tool: carry ["gpu-bin"]):
-#        bash tools/gpu_session.sh run
+# 2. On the device machine, from the repository root, as one device call:
+#        run(command="bash tools/gpu_session.sh run", carry=["gpu-bin"], timeout_s=600)
 #    Steps, each under its own timeout, none stopping the others; about 9 minutes at most:
 #      env.txt          nvidia-smi, the libraries found, LD_LIBRARY_PATH, include dir
 #      info.txt         mood info
