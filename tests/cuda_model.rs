@@ -1,8 +1,9 @@
 //! Whole-model CUDA forwards (src/model/cuda_vit.rs):
 //!   - the timm fixtures (tiny BEiT with per-block and shared relative positions, tiny ViT; see
 //!     tests/timm_parity.rs) through the f32 CUDA forward, at the CPU test's 1e-4 absolute;
-//!   - BEiT-Base/16 with random weights, batch 2, CUDA f32 and bf16 against the CPU forward,
-//!     with rel = |gpu − cpu| / (|cpu| + rms(cpu)) as in tests/cuda_parity.rs: f32 within 1e-3
+//!   - BEiT-Base/16 with random weights, batch 2, CUDA f32 and bf16 (fused and cuBLAS attention)
+//!     against the CPU forward, with rel = |gpu − cpu| / (|cpu| + rms(cpu)) as in
+//!     tests/cuda_parity.rs: f32 within 1e-3
 //!     (12 blocks of GEMMs summed in another order), bf16 within 1e-1 (bf16 activations between
 //!     every op for 12 blocks; a loose bound that catches a wrong kernel, not a rounding budget).
 //!
@@ -131,8 +132,19 @@ fn beit_base_cuda_matches_cpu() {
     };
     let f32_model = CudaVit::<f32>::load(&dev, &model).unwrap();
     check("f32", f32_model.forward(&dev, &x).unwrap(), 1e-3);
-    let bf16_model = CudaVit::<half::bf16>::load(&dev, &model).unwrap();
-    check("bf16", bf16_model.forward(&dev, &x).unwrap(), 1e-1);
+    let mut bf16_model = CudaVit::<half::bf16>::load(&dev, &model).unwrap();
+    bf16_model.attention_gemm = false;
+    check(
+        "bf16 fused attention",
+        bf16_model.forward(&dev, &x).unwrap(),
+        1e-1,
+    );
+    bf16_model.attention_gemm = true;
+    check(
+        "bf16 cuBLAS attention",
+        bf16_model.forward(&dev, &x).unwrap(),
+        1e-1,
+    );
     assert!(
         failures.is_empty(),
         "CUDA forward differs from CPU: {failures:?}"

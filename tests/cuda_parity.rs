@@ -26,6 +26,9 @@ use mood::backend::{self, cpu, Activation};
 use mood::model::init::Rng;
 use mood::{Result, Tensor};
 
+mod common;
+use common::parity_errors as errors;
+
 /// One output of a case: its name, the GPU values and the CPU reference (both as f32).
 struct Out(&'static str, Vec<f32>, Vec<f32>);
 
@@ -224,7 +227,8 @@ fn softmax(m: usize, n: usize, scale: f32) -> Case {
     )
 }
 
-fn attention<T: Storage>(b: usize, n: usize, h: usize, dh: usize, bias: bool) -> Case {
+/// `gemm`: the cuBLAS path (`forward_bf16_gemm` for bf16; f32 always takes `forward_f32`).
+fn attention<T: Storage>(b: usize, n: usize, h: usize, dh: usize, bias: bool, gemm: bool) -> Case {
     let run: Run = Box::new(move |dev, rng| {
         let d = h * dh;
         let qkv = rounded::<T>(&randn(rng, b * n * 3 * d, 1.0));
@@ -232,24 +236,41 @@ fn attention<T: Storage>(b: usize, n: usize, h: usize, dh: usize, bias: bool) ->
         let dims = cpu::attention::Dims { b, n, h, dh };
         let mut want = vec![0.0; b * n * d];
         cpu::attention::forward(&qkv, bias.then_some(&rel[..]), &dims, &mut want);
-        let qd = up::<T>(dev, &qkv)?;
         let rd = dev.upload(&rel)?;
-        let mut out = dev.zeros::<T>(b * n * d)?;
         let gd = cu::attention::Dims { b, n, h, dh };
         let (scale, bias_d) = ((dh as f32).powf(-0.5), bias.then_some(&rd));
-        if T::NAME == "f32" {
-            // The cuBLAS path (any Dh); T = f32 here, so the buffers are f32 ones.
-            let (qd, mut o32) = (dev.upload(&qkv)?, dev.zeros::<f32>(b * n * d)?);
-            let mut sc = (dev.zeros::<f32>(h * n * n)?, dev.zeros::<f32>(h * n * n)?);
-            let scratch = (&mut sc.0, &mut sc.1);
-            cu::attention::forward_f32(dev, &qd, bias_d, &mut o32, &gd, scale, scratch)?;
-            return Ok(vec![Out("out", dev.download(&o32)?, want)]);
-        }
-        cu::attention::forward(dev, &qd, bias_d, &mut out, &gd, scale)?;
-        Ok(vec![Out("out", down(dev, &out)?, want)])
+        let hnn = h * n * n;
+        let got = match (T::NAME, gemm) {
+            ("f32", _) => {
+                let (qd, mut o) = (dev.upload(&qkv)?, dev.zeros::<f32>(b * n * d)?);
+                let mut sc = (dev.zeros::<f32>(hnn)?, dev.zeros::<f32>(hnn)?);
+                let scratch = (&mut sc.0, &mut sc.1);
+                cu::attention::forward_f32(dev, &qd, bias_d, &mut o, &gd, scale, scratch)?;
+                dev.download(&o)?
+            }
+            ("bf16", true) => {
+                let (qd, mut o) = (up::<bf16>(dev, &qkv)?, dev.zeros::<bf16>(b * n * d)?);
+                let (s1, s2) = (dev.zeros::<f32>(hnn)?, dev.zeros::<f32>(hnn)?);
+                let mut sc = (s1, s2, dev.zeros::<bf16>(hnn)?);
+                let scratch = (&mut sc.0, &mut sc.1, &mut sc.2);
+                cu::attention::forward_bf16_gemm(dev, &qd, bias_d, &mut o, &gd, scale, scratch)?;
+                down(dev, &o)?
+            }
+            _ => {
+                let (qd, mut o) = (up::<T>(dev, &qkv)?, dev.zeros::<T>(b * n * d)?);
+                cu::attention::forward(dev, &qd, bias_d, &mut o, &gd, scale)?;
+                down(dev, &o)?
+            }
+        };
+        Ok(vec![Out("out", got, want)])
     });
+    let path = if gemm || T::NAME == "f32" {
+        "cuBLAS"
+    } else {
+        "fused"
+    };
     let shape = format!(
-        "B={b} N={n} H={h} Dh={dh}{}",
+        "B={b} N={n} H={h} Dh={dh} {path}{}",
         if bias { " +bias" } else { "" }
     );
     Case("attention", shape, T::NAME, tol_for::<T>(F32_SUM_TOL), run)
@@ -484,13 +505,15 @@ fn cases() -> Vec<Case> {
         cast::<f16>(100_003),
         softmax(12 * 197, 197, 0.125),
         softmax(3, 1000, 1.0),
-        attention::<bf16>(2, 197, 12, 64, true),
-        attention::<bf16>(2, 197, 12, 64, false),
-        attention::<f16>(1, 197, 12, 64, true),
-        attention::<bf16>(1, 257, 16, 80, true),
-        attention::<bf16>(3, 5, 2, 64, true),
-        attention::<f32>(2, 197, 12, 64, true),
-        attention::<f32>(2, 17, 3, 16, false),
+        attention::<bf16>(2, 197, 12, 64, true, false),
+        attention::<bf16>(2, 197, 12, 64, false, false),
+        attention::<f16>(1, 197, 12, 64, true, false),
+        attention::<bf16>(1, 257, 16, 80, true, false),
+        attention::<bf16>(3, 5, 2, 64, true, false),
+        attention::<bf16>(2, 197, 12, 64, true, true),
+        attention::<bf16>(2, 17, 3, 16, false, true),
+        attention::<f32>(2, 197, 12, 64, true, true),
+        attention::<f32>(2, 17, 3, 16, false, true),
         im2col::<f32>(2, 3, 224, 16),
         im2col::<bf16>(1, 3, 224, 14),
         patch_embed(2, 224, 16, d),
@@ -511,25 +534,6 @@ fn cases() -> Vec<Case> {
         topk(64, 1000, 10),
         topk(5, 300, 300),
     ]
-}
-
-/// (max abs error, max rel error) under the module doc's measure; NaN/inf mismatches are inf.
-fn errors(got: &[f32], want: &[f32]) -> (f32, f32) {
-    let rms = (want.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / want.len().max(1) as f64)
-        .sqrt() as f32;
-    let (mut abs, mut rel) = (0.0f32, 0.0f32);
-    for (&g, &w) in got.iter().zip(want) {
-        let e = if g == w || (g.is_nan() && w.is_nan()) {
-            0.0
-        } else if !g.is_finite() || !w.is_finite() {
-            f32::INFINITY
-        } else {
-            (g - w).abs()
-        };
-        abs = abs.max(e);
-        rel = rel.max(if e == 0.0 { 0.0 } else { e / (w.abs() + rms) });
-    }
-    (abs, rel)
 }
 
 #[test]

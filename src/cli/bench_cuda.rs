@@ -12,7 +12,7 @@ use crate::backend::cuda::attention::Dims as AttDims;
 use crate::backend::cuda::{self as cu, CudaDevice};
 use crate::backend::Activation;
 use crate::error::{Error, Result};
-use crate::model::cuda_vit::{Compute, CudaVit};
+use crate::model::cuda_vit::{attention_by_gemm, Compute, CudaVit, Scratch};
 use crate::model::{init, VisionTransformer, VitConfig};
 use crate::tensor::Tensor;
 
@@ -183,8 +183,6 @@ where
     let mut qkv = up(rand(bn * 3 * d, 1.0))?;
     let (mut att, mut mlp) = (dev.zeros::<T>(bn * d)?, dev.zeros::<T>(bn * f)?);
     let bias = dev.upload(&rand(h * n * n, 0.5))?;
-    let hnn = if T::NEEDS_SCORES { h * n * n } else { 1 };
-    let (mut s1, mut s2) = (dev.zeros::<f32>(hnn)?, dev.zeros::<f32>(hnn)?);
     let ad = AttDims {
         b,
         n,
@@ -257,16 +255,28 @@ where
         f,
         d,
     )?;
-    let t = per_call(dev, iters, || {
-        T::attention(dev, &qkv, Some(&bias), &mut att, &ad, (&mut s1, &mut s2))
-    })?;
-    rows.push((
-        "attention",
-        format!("B={b} N={n} H={h} Dh={}", ad.dh),
-        1,
-        t,
-        4.0 * (b * n * n * d) as f64,
-    ));
+    // Both attention paths where both exist (bf16: the fused kernel and cuBLAS), so that a GPU run
+    // shows which to keep; the forward uses the one MOOD_CUDA_ATTENTION selects.
+    let paths: &[bool] = if T::NAME == "f32" {
+        &[true]
+    } else {
+        &[false, true]
+    };
+    for &gemm in paths {
+        let mut scratch = Scratch::new::<T>(dev, &ad, gemm)?;
+        let t = per_call(dev, iters, || {
+            T::attention(dev, &qkv, Some(&bias), &mut att, &ad, &mut scratch)
+        })?;
+        let name = if gemm {
+            "attention cuBLAS"
+        } else {
+            "attention fused"
+        };
+        let shape = format!("B={b} N={n} H={h} Dh={}", ad.dh);
+        // Only the path the forward takes counts towards the per-forward sum.
+        let calls = usize::from(gemm == (T::NAME == "f32" || attention_by_gemm()));
+        rows.push((name, shape, calls, t, 4.0 * (b * n * n * d) as f64));
+    }
     let t = per_call(dev, iters, || {
         cu::elementwise::residual(dev, &mut resid, &yt, Some(&gamma), (bn, d))
     })?;

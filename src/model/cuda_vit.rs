@@ -4,8 +4,9 @@
 //! Precision is the type parameter T of the GEMM operands and activations between ops:
 //!   - f32: cuBLAS sgemm (no TF32) and the cuBLAS attention path; meant to match the CPU and
 //!     timm at f32 tolerance.
-//!   - bf16: bf16 GEMMs with f32 accumulation and the fused attention kernel (head dim 64 or 80);
-//!     what a GPU throughput figure should be taken on.
+//!   - bf16: bf16 GEMMs with f32 accumulation and the fused attention kernel (head dim 64 or 80),
+//!     or with `MOOD_CUDA_ATTENTION=gemm` attention on cuBLAS too (any head dim); what a GPU
+//!     throughput figure should be taken on.
 //!
 //! In both, the residual stream x [B·N, D], the patch embedding, the pooling, the final norm and
 //! the head stay f32 (they are a sliver of the FLOPs, and x accumulates over every block).
@@ -24,11 +25,37 @@ use crate::model::layers::{Linear, Norm};
 use crate::model::{Output, VisionTransformer, VitConfig};
 use crate::tensor::Tensor;
 
+/// Buffers the attention paths need beyond their input and output (one image at a time).
+pub struct Scratch {
+    /// Whether attention runs as cuBLAS GEMMs around the softmax kernel: always in f32; in bf16
+    /// when `MOOD_CUDA_ATTENTION=gemm` (default there: the fused kernel).
+    pub gemm: bool,
+    scores: CudaSlice<f32>,
+    probs: CudaSlice<f32>,
+    probs_bf16: CudaSlice<half::bf16>,
+}
+
+impl Scratch {
+    pub fn new<T: Compute>(dev: &CudaDevice, dims: &AttDims, gemm: bool) -> Result<Scratch> {
+        let gemm = gemm || T::NAME == "f32";
+        let hnn = if gemm { dims.h * dims.n * dims.n } else { 1 };
+        let hnn_bf16 = if gemm && T::NAME != "f32" { hnn } else { 1 };
+        Ok(Scratch {
+            gemm,
+            scores: dev.zeros(hnn)?,
+            probs: dev.zeros(hnn)?,
+            probs_bf16: dev.zeros(hnn_bf16)?,
+        })
+    }
+}
+
+/// `MOOD_CUDA_ATTENTION=gemm`: bf16 attention through cuBLAS instead of the fused kernel.
+pub fn attention_by_gemm() -> bool {
+    std::env::var("MOOD_CUDA_ATTENTION").is_ok_and(|v| v == "gemm")
+}
+
 /// What differs between the precisions: the LayerNorm input and the attention op.
 pub trait Compute: Storage {
-    /// Whether attention needs the two [H, N, N] f32 score buffers (the cuBLAS path).
-    const NEEDS_SCORES: bool;
-
     /// The residual stream as LayerNorm's input type: x itself, or its cast into `tmp`.
     fn ln_input<'a>(
         dev: &CudaDevice,
@@ -42,13 +69,11 @@ pub trait Compute: Storage {
         bias: Option<&CudaSlice<f32>>,
         out: &mut CudaSlice<Self>,
         dims: &AttDims,
-        scratch: (&mut CudaSlice<f32>, &mut CudaSlice<f32>),
+        scratch: &mut Scratch,
     ) -> Result<()>;
 }
 
 impl Compute for f32 {
-    const NEEDS_SCORES: bool = true;
-
     fn ln_input<'a>(
         _dev: &CudaDevice,
         x: &'a CudaSlice<f32>,
@@ -63,16 +88,15 @@ impl Compute for f32 {
         bias: Option<&CudaSlice<f32>>,
         out: &mut CudaSlice<f32>,
         dims: &AttDims,
-        scratch: (&mut CudaSlice<f32>, &mut CudaSlice<f32>),
+        scratch: &mut Scratch,
     ) -> Result<()> {
         let scale = (dims.dh as f32).powf(-0.5);
-        cu::attention::forward_f32(dev, qkv, bias, out, dims, scale, scratch)
+        let buffers = (&mut scratch.scores, &mut scratch.probs);
+        cu::attention::forward_f32(dev, qkv, bias, out, dims, scale, buffers)
     }
 }
 
 impl Compute for half::bf16 {
-    const NEEDS_SCORES: bool = false;
-
     fn ln_input<'a>(
         dev: &CudaDevice,
         x: &'a CudaSlice<f32>,
@@ -88,10 +112,16 @@ impl Compute for half::bf16 {
         bias: Option<&CudaSlice<f32>>,
         out: &mut CudaSlice<half::bf16>,
         dims: &AttDims,
-        _scratch: (&mut CudaSlice<f32>, &mut CudaSlice<f32>),
+        scratch: &mut Scratch,
     ) -> Result<()> {
         let scale = (dims.dh as f32).powf(-0.5);
-        cu::attention::forward(dev, qkv, bias, out, dims, scale)
+        if scratch.gemm {
+            let s = scratch;
+            let buffers = (&mut s.scores, &mut s.probs, &mut s.probs_bf16);
+            cu::attention::forward_bf16_gemm(dev, qkv, bias, out, dims, scale, buffers)
+        } else {
+            cu::attention::forward(dev, qkv, bias, out, dims, scale)
+        }
     }
 }
 
@@ -121,6 +151,9 @@ struct DBlock<T> {
 
 pub struct CudaVit<T: Compute> {
     pub cfg: VitConfig,
+    /// bf16: attention on cuBLAS rather than the fused kernel (set from `MOOD_CUDA_ATTENTION=gemm`
+    /// at load; needed for head dims the kernel lacks). f32 always uses cuBLAS.
+    pub attention_gemm: bool,
     /// [D, C·P·P], f32
     patch: DLinear<f32>,
     cls: CudaSlice<f32>,
@@ -159,9 +192,11 @@ where
     /// Uploads every weight of `model` (relative-position biases expanded to [H, N, N]).
     pub fn load(dev: &CudaDevice, model: &VisionTransformer) -> Result<CudaVit<T>> {
         let cfg = model.cfg.clone();
-        if T::NAME != "f32" && !cu::attention::HEAD_DIMS.contains(&cfg.head_dim()) {
+        let attention_gemm = attention_by_gemm();
+        let fused = T::NAME != "f32" && !attention_gemm;
+        if fused && !cu::attention::HEAD_DIMS.contains(&cfg.head_dim()) {
             return Err(Error::Cuda(format!(
-                "{}: head dim {} has no fused attention kernel (have {:?}); use f32",
+                "{}: head dim {} has no fused attention kernel (have {:?}); use f32 or MOOD_CUDA_ATTENTION=gemm",
                 cfg.name,
                 cfg.head_dim(),
                 cu::attention::HEAD_DIMS
@@ -202,6 +237,7 @@ where
         }
         .ok_or_else(|| Error::Cuda(format!("{}: no final norm", cfg.name)))?;
         Ok(CudaVit {
+            attention_gemm,
             patch,
             cls: up(dev, &model.cls.value)?,
             pos: model.pos.as_ref().map(|p| up(dev, &p.value)).transpose()?,
@@ -287,14 +323,19 @@ where
         let mut att = dev.zeros::<T>(bn * d)?;
         let mut ybuf = dev.zeros::<T>(bn * d)?;
         let mut mlp = dev.zeros::<T>(bn * f)?;
-        let hnn = if T::NEEDS_SCORES { h * n * n } else { 1 };
-        let (mut scores, mut probs) = (dev.zeros::<f32>(hnn)?, dev.zeros::<f32>(hnn)?);
         let ad = AttDims {
             b,
             n,
             h,
             dh: cfg.head_dim(),
         };
+        if !self.attention_gemm && T::NAME != "f32" && !cu::attention::HEAD_DIMS.contains(&ad.dh) {
+            return Err(Error::Cuda(format!(
+                "{}: head dim {} has no fused attention kernel; set attention_gemm",
+                cfg.name, ad.dh
+            )));
+        }
+        let mut scratch = Scratch::new::<T>(dev, &ad, self.attention_gemm)?;
         let lin = |x: &CudaSlice<T>, l: &DLinear<T>, act, out: &mut CudaSlice<T>| {
             cu::matmul::linear(dev, x, &l.w, l.b.as_ref(), act, out, (bn, l.nk.1, l.nk.0))
         };
@@ -317,7 +358,7 @@ where
                 blk.rel_bias.as_ref(),
                 &mut att,
                 &ad,
-                (&mut scores, &mut probs),
+                &mut scratch,
             )?;
             lin(&att, &blk.proj, Activation::None, &mut ybuf)?;
             cu::elementwise::residual(dev, &mut x, &ybuf, blk.gamma1.as_ref(), (bn, d))?;

@@ -38,3 +38,23 @@ pub fn assert_max_abs(ours: &[f32], reference: &[f32], tol: f32, what: &str) -> 
     );
     worst.0
 }
+
+/// (max abs error, max rel error), rel_i = |got_i − want_i| / (|want_i| + rms(want)): the measure of
+/// tests/cuda_parity.rs. NaN or inf where the other side differs counts as an infinite error.
+pub fn parity_errors(got: &[f32], want: &[f32]) -> (f32, f32) {
+    let rms = (want.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / want.len().max(1) as f64)
+        .sqrt() as f32;
+    let (mut abs, mut rel) = (0.0f32, 0.0f32);
+    for (&g, &w) in got.iter().zip(want) {
+        let e = if g == w || (g.is_nan() && w.is_nan()) {
+            0.0
+        } else if !g.is_finite() || !w.is_finite() {
+            f32::INFINITY
+        } else {
+            (g - w).abs()
+        };
+        abs = abs.max(e);
+        rel = rel.max(if e == 0.0 { 0.0 } else { e / (w.abs() + rms) });
+    }
+    (abs, rel)
+}

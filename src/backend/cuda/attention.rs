@@ -174,3 +174,121 @@ pub fn forward_f32(
     }
     Ok(())
 }
+
+/// bf16 attention on tensor cores through cuBLAS, same contract as `forward` for any head dim:
+/// per image, scores = scale·Q Kᵀ from bf16 operands into f32 (GemmEx, f32 accumulation), the
+/// bias add and softmax in f32, the probabilities rounded to bf16, then O = P V (bf16 GEMM, f32
+/// accumulation). Trades the fused kernel's FMA loops for tensor-core GEMMs plus four passes over
+/// the [H, N, N] scores; `scratch` = (scores, probs) f32 and probs bf16, H·N·N each.
+pub fn forward_bf16_gemm(
+    dev: &CudaDevice,
+    qkv: &CudaSlice<half::bf16>,
+    bias: Option<&CudaSlice<f32>>,
+    out: &mut CudaSlice<half::bf16>,
+    dims: &Dims,
+    scale: f32,
+    scratch: (
+        &mut CudaSlice<f32>,
+        &mut CudaSlice<f32>,
+        &mut CudaSlice<half::bf16>,
+    ),
+) -> Result<()> {
+    use cudarc::cublas::result::gemm_strided_batched_ex;
+    use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType_t};
+    use cudarc::driver::{DevicePtr, DevicePtrMut};
+
+    let Dims { b, n, h, dh } = *dims;
+    let d = h * dh;
+    check_len("attention qkv", qkv, b * n * 3 * d)?;
+    check_len("attention out", out, b * n * d)?;
+    if let Some(bias) = bias {
+        check_len("attention bias", bias, h * n * n)?;
+    }
+    let hnn = h * n * n;
+    let (scores, probs, probs_bf16) = scratch;
+    check_len("attention scores", scores, hnn)?;
+    check_len("attention probs", probs, hnn)?;
+    check_len("attention probs bf16", probs_bf16, hnn)?;
+    if b * n * h == 0 {
+        return Ok(());
+    }
+    let (ni, dhi, hi) = (as_i32("N", n)?, as_i32("Dh", dh)?, as_i32("H", h)?);
+    let (ld_qkv, ld_out) = (as_i32("3·D", 3 * d)?, as_i32("D", d)?);
+    let (sdh, snn) = (dh as i64, (n * n) as i64);
+    let s = dev.stream();
+    let zero = 0.0f32;
+    for img in 0..b {
+        let base = img * n * 3 * d;
+        let q = qkv.slice(base..base + n * 3 * d);
+        let k = qkv.slice(base + d..base + n * 3 * d);
+        let v = qkv.slice(base + 2 * d..base + n * 3 * d);
+        {
+            let (pq, _gq) = q.device_ptr(s);
+            let (pk, _gk) = k.device_ptr(s);
+            let (ps, _gs) = scores.device_ptr_mut(s);
+            // S_h = scale · Q_h K_hᵀ, laid out as in `forward_f32`, bf16 in and f32 out: cudarc's
+            // safe wrapper ties C's type to A's, hence the raw call.
+            // SAFETY: pointers into live buffers with the extents checked above; alpha/beta are
+            // f32 as CUBLAS_COMPUTE_32F requires.
+            unsafe {
+                gemm_strided_batched_ex(
+                    *dev.blas().handle(),
+                    cublasOperation_t::CUBLAS_OP_T,
+                    cublasOperation_t::CUBLAS_OP_N,
+                    ni,
+                    ni,
+                    dhi,
+                    (&scale) as *const f32 as *const _,
+                    pk as *const _,
+                    cudaDataType_t::CUDA_R_16BF,
+                    ld_qkv,
+                    sdh,
+                    pq as *const _,
+                    cudaDataType_t::CUDA_R_16BF,
+                    ld_qkv,
+                    sdh,
+                    (&zero) as *const f32 as *const _,
+                    ps as *mut _,
+                    cudaDataType_t::CUDA_R_32F,
+                    ni,
+                    snn,
+                    hi,
+                    cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            }
+            .map_err(cuda_err("cuBLAS attention QKᵀ (bf16 → f32)"))?;
+        }
+        if let Some(bias) = bias {
+            elementwise::bias_add(dev, scores, bias, (1, hnn))?;
+        }
+        softmax::rows(dev, scores, probs, (h * n, n), 1.0)?;
+        elementwise::cast(dev, probs, probs_bf16)?;
+        let mut o = out.slice_mut(img * n * d..(img + 1) * n * d);
+        let pv = StridedBatchedConfig {
+            gemm: GemmConfig {
+                transa: cublasOperation_t::CUBLAS_OP_N,
+                transb: cublasOperation_t::CUBLAS_OP_N,
+                m: dhi,
+                n: ni,
+                k: ni,
+                alpha: half::bf16::ONE,
+                lda: ld_qkv,
+                ldb: ni,
+                beta: half::bf16::ZERO,
+                ldc: ld_out,
+            },
+            batch_size: hi,
+            stride_a: sdh,
+            stride_b: snn,
+            stride_c: sdh,
+        };
+        // SAFETY: as in `forward_f32`, with bf16 elements.
+        unsafe {
+            dev.blas()
+                .gemm_strided_batched(pv, &v, &*probs_bf16, &mut o)
+        }
+        .map_err(cuda_err("cuBLAS attention PV (bf16)"))?;
+    }
+    Ok(())
+}
