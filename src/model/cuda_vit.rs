@@ -13,11 +13,12 @@
 //! Written against the launchers directly rather than the `Exec` trait: that trait hands out host
 //! `Tensor`s (`value`) and takes host `Param`s, which would mean a copy per op.
 
-use cudarc::cublas::{CudaBlas, Gemm};
+use cudarc::cublas::sys::cublasOperation_t;
+use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, StridedBatchedConfig};
 use cudarc::driver::CudaSlice;
 
 use crate::backend::cuda::attention::Dims as AttDims;
-use crate::backend::cuda::device::cuda_err;
+use crate::backend::cuda::device::{as_i32, cuda_err};
 use crate::backend::cuda::{self as cu, CudaDevice, Storage};
 use crate::backend::{Activation, Pool};
 use crate::error::{Error, Result};
@@ -159,6 +160,9 @@ pub struct CudaVit<T: Compute> {
     cls: CudaSlice<f32>,
     pos: Option<CudaSlice<f32>>,
     blocks: Vec<DBlock<T>>,
+    /// Token weights of the pooling [N]: 1/(N−1) on the patches (BEiT) or one-hot on the class
+    /// token (ViT).
+    pool_w: CudaSlice<f32>,
     /// `norm` (ViT, class token) or `fc_norm` (BEiT, mean of patches)
     final_norm: DNorm,
     head: Option<DLinear<f32>>,
@@ -236,8 +240,15 @@ where
             Pool::MeanPatches => model.fc_norm.as_ref(),
         }
         .ok_or_else(|| Error::Cuda(format!("{}: no final norm", cfg.name)))?;
+        let n = cfg.tokens();
+        let mut pool_w = vec![0.0f32; n];
+        match cfg.pool {
+            Pool::MeanPatches => pool_w[1..].fill(1.0 / (n - 1) as f32),
+            Pool::ClassToken => pool_w[0] = 1.0,
+        }
         Ok(CudaVit {
             attention_gemm,
+            pool_w: dev.upload(&pool_w)?,
             patch,
             cls: up(dev, &model.cls.value)?,
             pos: model.pos.as_ref().map(|p| up(dev, &p.value)).transpose()?,
@@ -378,19 +389,39 @@ where
             cu::elementwise::residual(dev, &mut x, &ybuf, blk.gamma2.as_ref(), (bn, d))?;
         }
 
-        // Pooling as one GEMM with a [B, B·N] weight matrix: the mean of the patch tokens, or a
-        // one-hot on the class token; then the final norm (per row, so norm-then-take = take-then-norm).
-        let mut pw = vec![0.0f32; b * bn];
-        for i in 0..b {
-            match cfg.pool {
-                Pool::MeanPatches => {
-                    pw[i * bn + i * n + 1..i * bn + (i + 1) * n].fill(1.0 / g as f32)
-                }
-                Pool::ClassToken => pw[i * bn + i * n] = 1.0,
-            }
-        }
+        // Pooling as a batched GEMV: pooled_i [D] = x_i [N, D]ᵀ · pool_w [N] for every image i,
+        // then the final norm (per row, so norm-then-take = take-then-norm for the class token).
+        // Column-major, x_i is [D, N] with ld D and pool_w [N, 1], shared (stride 0).
         let mut pooled = dev.zeros::<f32>(b * d)?;
-        cu::matmul::matmul_nn::<f32>(dev, &dev.upload(&pw)?, &x, &mut pooled, (b, bn, d))?;
+        let pool_cfg = StridedBatchedConfig {
+            gemm: GemmConfig {
+                transa: cublasOperation_t::CUBLAS_OP_N,
+                transb: cublasOperation_t::CUBLAS_OP_N,
+                m: as_i32("D", d)?,
+                n: 1,
+                k: as_i32("N", n)?,
+                alpha: 1.0f32,
+                lda: as_i32("D", d)?,
+                ldb: as_i32("N", n)?,
+                beta: 0.0f32,
+                ldc: as_i32("D", d)?,
+            },
+            batch_size: as_i32("B", b)?,
+            stride_a: (n * d) as i64,
+            stride_b: 0,
+            stride_c: d as i64,
+        };
+        // SAFETY: x holds B·N·D values, pool_w N, pooled B·D: the strides above stay inside.
+        unsafe {
+            <CudaBlas as Gemm<f32>>::gemm_strided_batched(
+                dev.blas(),
+                pool_cfg,
+                &x,
+                &self.pool_w,
+                &mut pooled,
+            )
+        }
+        .map_err(cuda_err("cuBLAS pooling"))?;
         let mut feats = dev.zeros::<f32>(b * d)?;
         let fnorm = &self.final_norm;
         cu::layernorm::forward(
