@@ -6,6 +6,8 @@
 //   gelu_bwd:         dx = dy · (Φ(x) + x · φ(x)),  φ(x) = exp(−x²/2) / √(2π);  x is the
 //                     pre-activation (bias already added)
 //   residual_scale:   x += γ ⊙ y              γ: [D] (BEiT layer scale), or null for γ = 1
+//   assemble_tokens:  x[b·N + t, :] = (t = 0 ? cls : patches[b·G + t − 1, :]) + pos[t, :]
+//                     N = G + 1 tokens, the class token first; pos [N, D] or null. f32 only.
 //   cast_f32_bf16:    out = bf16(in), round to nearest even
 //   cast_f32_f16:     out = f16(in),  round to nearest even
 // The sizes M·D and D are arguments. bf16 variants read and write bf16 storage and compute in f32.
@@ -83,6 +85,22 @@ residual_scale_bf16(float* x, const __nv_bfloat16* y, const float* gamma, long l
     GRID_STRIDE(i, n) {
         const float g = gamma ? gamma[i % D] : 1.f;
         x[i] += g * __bfloat162float(y[i]);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+assemble_tokens_f32(const float* patches, const float* cls, const float* pos, float* x, int B,
+                    int N, int D) {
+    // One pass instead of a copy per image and a broadcast add: B·N·D is small, launches are not.
+    const long long n = (long long)B * N * D;
+    GRID_STRIDE(i, n) {
+        const long long row = i / D;
+        const int c = (int)(i - row * D);
+        const int t = (int)(row % N);
+        const long long b = row / N;
+        float v = t == 0 ? cls[c] : patches[(b * (N - 1) + t - 1) * D + c];
+        if (pos) v += pos[(long long)t * D + c];
+        x[i] = v;
     }
 }
 

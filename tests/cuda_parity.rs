@@ -29,6 +29,11 @@ use mood::{Result, Tensor};
 mod common;
 use common::parity_errors as errors;
 
+// The distance-score cases (GEMM epilogues, k-th smallest, top-k), kept apart for length.
+#[path = "cuda_parity/distance.rs"]
+mod distance;
+use distance::{kth, mahalanobis, sqdist, topk};
+
 /// One output of a case: its name, the GPU values and the CPU reference (both as f32).
 struct Out(&'static str, Vec<f32>, Vec<f32>);
 
@@ -191,6 +196,28 @@ fn residual<T: Storage>(m: usize, d: usize, gamma: bool) -> Case {
     });
     let op = if gamma { "residual_gamma" } else { "residual" };
     Case(op, format!("[{m}, {d}]"), T::NAME, F32_TOL, run)
+}
+
+fn assemble(b: usize, g: usize, d: usize, pos: bool) -> Case {
+    let run: Run = Box::new(move |dev, rng| {
+        let (p, c, ps) = (
+            randn(rng, b * g * d, 1.0),
+            randn(rng, d, 1.0),
+            randn(rng, (g + 1) * d, 1.0),
+        );
+        let want = cpu::elementwise::assemble_tokens(&p, &c, pos.then_some(&ps[..]), b, g, d);
+        let (pd, cd, psd) = (dev.upload(&p)?, dev.upload(&c)?, dev.upload(&ps)?);
+        let mut x = dev.zeros::<f32>(b * (g + 1) * d)?;
+        cu::elementwise::assemble_tokens(dev, &pd, &cd, pos.then_some(&psd), &mut x, (b, g, d))?;
+        Ok(vec![Out("x", dev.download(&x)?, want)])
+    });
+    Case(
+        "assemble_tokens",
+        format!("B={b} G={g} D={d} pos={pos}"),
+        "f32",
+        F32_TOL,
+        run,
+    )
 }
 
 fn cast<T: Storage>(n: usize) -> Case {
@@ -367,121 +394,6 @@ where
     )
 }
 
-fn sqdist_ref(q: &[f32], t: &[f32], d: usize) -> Vec<f32> {
-    let mut out = Vec::new();
-    for qr in q.chunks_exact(d) {
-        for tr in t.chunks_exact(d) {
-            let s: f64 = qr
-                .iter()
-                .zip(tr)
-                .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
-                .sum();
-            out.push(s as f32);
-        }
-    }
-    out
-}
-
-fn sqdist(m: usize, n: usize, d: usize) -> Case {
-    let run: Run = Box::new(move |dev, rng| {
-        let (q, t) = (randn(rng, m * d, 1.0), randn(rng, n * d, 1.0));
-        let want = sqdist_ref(&q, &t, d);
-        let out = cu::distance::sqdist(dev, &dev.upload(&q)?, &dev.upload(&t)?, (m, n, d))?;
-        let mut norms = dev.zeros::<f32>(m)?;
-        cu::distance::row_sqnorm(dev, &dev.upload(&q)?, &mut norms, (m, d))?;
-        let norms_want = q
-            .chunks_exact(d)
-            .map(|r| r.iter().map(|v| v * v).sum())
-            .collect();
-        Ok(vec![
-            Out("sqdist", dev.download(&out)?, want),
-            Out("row_sqnorm", dev.download(&norms)?, norms_want),
-        ])
-    });
-    Case(
-        "sqdist",
-        format!("q [{m}, {d}] t [{n}, {d}]"),
-        "f32",
-        F32_SUM_TOL,
-        run,
-    )
-}
-
-fn mahalanobis(m: usize, c: usize, d: usize) -> Case {
-    let run: Run = Box::new(move |dev, rng| {
-        let (z, mu) = (randn(rng, m * d, 1.0), randn(rng, c * d, 0.3));
-        let all = sqdist_ref(&z, &mu, d);
-        let want = all
-            .chunks_exact(c)
-            .map(|r| -r.iter().fold(f32::INFINITY, |a, &b| a.min(b)))
-            .collect();
-        let s =
-            cu::distance::mahalanobis_score(dev, &dev.upload(&z)?, &dev.upload(&mu)?, (m, c, d))?;
-        Ok(vec![Out("score", dev.download(&s)?, want)])
-    });
-    Case(
-        "mahalanobis_min",
-        format!("z [{m}, {d}] C={c}"),
-        "f32",
-        F32_SUM_TOL,
-        run,
-    )
-}
-
-/// Values on a coarse grid, so that rows hold many ties (the selection must still be exact).
-fn tied_rows(rng: &mut Rng, m: usize, n: usize) -> Vec<f32> {
-    randn(rng, m * n, 4.0)
-        .iter()
-        .map(|v| (v * 2.0).round() / 2.0)
-        .collect()
-}
-
-fn kth(m: usize, n: usize, k: usize) -> Case {
-    let run: Run = Box::new(move |dev, rng| {
-        let d = tied_rows(rng, m, n);
-        let want = d
-            .chunks_exact(n)
-            .map(|r| {
-                let mut s = r.to_vec();
-                s.sort_by(f32::total_cmp);
-                s[k - 1]
-            })
-            .collect();
-        let mut out = dev.zeros::<f32>(m)?;
-        cu::distance::kth_smallest(dev, &dev.upload(&d)?, &mut out, (m, n), k)?;
-        Ok(vec![Out("kth", dev.download(&out)?, want)])
-    });
-    Case("kth_smallest", format!("[{m}, {n}] k={k}"), "f32", 0.0, run)
-}
-
-fn topk(m: usize, n: usize, k: usize) -> Case {
-    let run: Run = Box::new(move |dev, rng| {
-        let d = tied_rows(rng, m, n);
-        let (mut vals, mut idx) = (Vec::new(), Vec::new());
-        for r in d.chunks_exact(n) {
-            let mut order: Vec<usize> = (0..n).collect();
-            // Stable sort: equal values keep ascending index, the kernel's tie rule.
-            order.sort_by(|&a, &b| r[a].total_cmp(&r[b]));
-            vals.extend(order[..k].iter().map(|&j| r[j]));
-            idx.extend(order[..k].iter().map(|&j| j as f32));
-        }
-        let (mut vd, mut id) = (dev.zeros::<f32>(m * k)?, dev.zeros::<i32>(m * k)?);
-        cu::distance::topk_smallest(dev, &dev.upload(&d)?, &mut vd, &mut id, (m, n), k)?;
-        let got_idx = dev.download(&id)?.into_iter().map(|i| i as f32).collect();
-        Ok(vec![
-            Out("vals", dev.download(&vd)?, vals),
-            Out("idx", got_idx, idx),
-        ])
-    });
-    Case(
-        "topk_smallest",
-        format!("[{m}, {n}] k={k}"),
-        "f32",
-        0.0,
-        run,
-    )
-}
-
 /// THE table. Shapes follow BEiT/ViT-Base at batch 2 (M = 2·197 tokens, D = 768, F = 3072,
 /// H = 12 × 64), Large-style heads (Dh = 80, N = 257), and odd sizes that exercise the tails.
 fn cases() -> Vec<Case> {
@@ -501,6 +413,8 @@ fn cases() -> Vec<Case> {
         residual::<f32>(m, d, true),
         residual::<f32>(m, d, false),
         residual::<bf16>(m, d, true),
+        assemble(3, 196, 768, true),
+        assemble(2, 4, 48, false),
         cast::<bf16>(100_003),
         cast::<f16>(100_003),
         softmax(12 * 197, 197, 0.125),

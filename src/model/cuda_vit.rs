@@ -311,22 +311,9 @@ where
         let patches =
             cu::patch_embed::forward::<f32>(dev, img, &self.patch.w, pb, dims, self.patch.nk.0)?;
 
-        // x = [cls; patches] per image (+ pos, one [N·D] row broadcast over the batch).
         let mut x = dev.zeros::<f32>(bn * d)?;
-        let st = dev.stream();
-        for i in 0..b {
-            let row = i * n * d;
-            st.memcpy_dtod::<f32, _, _>(&self.cls, &mut x.slice_mut(row..row + d))
-                .map_err(cuda_err("copy class token"))?;
-            st.memcpy_dtod::<f32, _, _>(
-                &patches.slice(i * g * d..(i + 1) * g * d),
-                &mut x.slice_mut(row + d..row + n * d),
-            )
-            .map_err(cuda_err("copy patch tokens"))?;
-        }
-        if let Some(pos) = &self.pos {
-            cu::elementwise::bias_add(dev, &mut x, pos, (b, n * d))?;
-        }
+        let pos = self.pos.as_ref();
+        cu::elementwise::assemble_tokens(dev, &patches, &self.cls, pos, &mut x, (b, g, d))?;
 
         let mut xt = dev.zeros::<T>(if T::NAME == "f32" { 1 } else { bn * d })?;
         let mut hbuf = dev.zeros::<T>(bn * d)?;

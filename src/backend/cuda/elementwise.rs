@@ -1,6 +1,6 @@
 //! Launchers of kernels/elementwise.cu over token matrices [M, D]: the linear epilogues (bias,
-//! bias + exact GELU), GELU's backward, the layer-scaled residual x += γ ⊙ y (x stays f32), and
-//! the f32 → bf16/f16 casts. Same math as src/backend/cpu/{elementwise,vecmath}.rs.
+//! bias + exact GELU), GELU's backward, the layer-scaled residual x += γ ⊙ y (x stays f32), the
+//! token assembly [cls; patches] + pos, and the f32 → bf16/f16 casts. Same math as src/backend/cpu/{elementwise,vecmath}.rs.
 
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
@@ -165,5 +165,44 @@ pub fn cast<T: Storage>(
             .launch(dev.grid_stride(n))
     }
     .map_err(cuda_err(name))?;
+    Ok(())
+}
+
+/// x [B·N, D] = per image [cls; patches_b] (+ pos [N, D]), N = G + 1; patches [B·G, D], cls [D].
+pub fn assemble_tokens(
+    dev: &CudaDevice,
+    patches: &CudaSlice<f32>,
+    cls: &CudaSlice<f32>,
+    pos: Option<&CudaSlice<f32>>,
+    x: &mut CudaSlice<f32>,
+    (b, g, d): (usize, usize, usize),
+) -> Result<()> {
+    let n = g + 1;
+    check_len("assemble_tokens patches", patches, b * g * d)?;
+    check_len("assemble_tokens cls", cls, d)?;
+    if let Some(p) = pos {
+        check_len("assemble_tokens pos", p, n * d)?;
+    }
+    check_len("assemble_tokens x", x, b * n * d)?;
+    let (bi, ni, di) = (as_i32("B", b)?, as_i32("N", n)?, as_i32("D", d)?);
+    if b * d == 0 {
+        return Ok(());
+    }
+    let f = dev.function("elementwise", "assemble_tokens_f32")?;
+    let s = dev.stream();
+    let pp = ptr_or_null(s, pos);
+    // SAFETY: shapes checked above; pos may be null.
+    unsafe {
+        s.launch_builder(&f)
+            .arg(patches)
+            .arg(cls)
+            .arg(&pp)
+            .arg(x)
+            .arg(&bi)
+            .arg(&ni)
+            .arg(&di)
+            .launch(dev.grid_stride(b * n * d))
+    }
+    .map_err(cuda_err("assemble_tokens_f32"))?;
     Ok(())
 }
