@@ -250,3 +250,28 @@ fn demo_runs_end_to_end_and_prints_the_table() {
         );
     }
 }
+
+/// Without a usable GPU, `--device cuda` is a one-line `cuda:` error and `--device auto` runs on
+/// the CPU after a one-line note. (With a GPU both run; nothing to check here then.)
+#[test]
+fn cuda_device_without_gpu_is_one_line() {
+    #[cfg(feature = "cuda")]
+    if mood::backend::cuda::probe().is_ok() {
+        return;
+    }
+    let (code, err) = mood(&["bench", "--device", "cuda", "--arch", "test_tiny_vit"]);
+    assert_one_line_error(code, &err, &["cuda:"]);
+    let (code, err) = mood(&[
+        "bench",
+        "--device",
+        "auto",
+        "--arch",
+        "test_tiny_vit",
+        "--iters",
+        "1",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let notes: Vec<&str> = err.lines().filter(|l| l.starts_with("note:")).collect();
+    assert_eq!(notes.len(), 1, "{err}");
+    assert!(notes[0].contains("CPU"), "{err}");
+}

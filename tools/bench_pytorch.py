@@ -2,6 +2,7 @@
 """`mood bench` and timm side by side on the same machine, threads and batch, with the ratio.
 
     python3 tools/bench_pytorch.py [--arch beit_base_patch16_224] [--batch 8] [--iters 5] [--threads 2] [--train]
+    python3 tools/bench_pytorch.py --device cuda [--arch beit_large_patch16_224] [--batch 256] [--peak-tflops 989]
 
 Each side runs `--rounds` times, alternating (mood, torch, mood, torch, ...), and the best median of
 each is compared, so a noisy neighbour hurts both alike. PyTorch: timm model with random weights,
@@ -12,6 +13,15 @@ is ~90% GEMM on this CPU and that rate is the physical limit.
 --train times full fine-tuning steps on both sides instead: forward, cross-entropy with label
 smoothing 0.1, backward, clip_grad_norm_(1.0), AdamW (timm model in train mode with drop-path 0, as
 `mood bench --train`).
+
+--device cuda compares on one GPU instead (inference only), all in bf16 with f32 accumulation:
+`mood bench --device cuda --precision bf16`, timm eager under torch.autocast(bfloat16), and the same
+model through torch.compile (inductor, default mode). Timing: CUDA events around each forward after
+warm-up (compile warm-up included before timing), median of --iters. GFLOP per image is 35.2 for
+*_base_patch16_224 and 123.2 for *_large_patch16_224 (2 x timm's 17.58 / 61.6 GMACs), else
+mood's own count; MFU is against --peak-tflops (default 989: H100/H200 SXM dense bf16).
+With --device cuda the script uses the interpreter's own torch and timm (no tools/.venv: a GPU box
+may have no network, and its torch must match its driver).
 """
 import os
 import sys
@@ -19,7 +29,18 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _venv import ensure_venv  # noqa: E402
 
-ensure_venv()
+
+def _device_from_argv(argv):
+    for i, arg in enumerate(argv):
+        if arg == "--device" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--device="):
+            return arg.split("=", 1)[1]
+    return "cpu"
+
+
+if _device_from_argv(sys.argv) != "cuda":
+    ensure_venv()
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -75,6 +96,70 @@ def bench_torch_train(model, x, iters):
     return x.shape[0] / times[len(times) // 2]
 
 
+def bench_mood_cuda(binary, arch, batch, iters):
+    cmd = [binary, "bench", "--device", "cuda", "--precision", "bf16", "--arch", arch, "--batch", str(batch),
+           "--iters", str(iters), "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        print(f"mood bench --device cuda failed: {out.stderr.strip()}", file=sys.stderr)
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_torch_cuda(model, x, iters, warmup):
+    """Median img/s of model(x) under bf16 autocast, timed with CUDA events."""
+    times = []
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        for _ in range(warmup):
+            model(x)
+        torch.cuda.synchronize()
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            model(x)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+    times.sort()
+    return x.shape[0] / times[len(times) // 2]
+
+
+def gflop_per_image(arch, mood_result):
+    if "_large_patch16_224" in arch:
+        return 123.2
+    if "_base_patch16_224" in arch:
+        return 35.2
+    return mood_result["gflop_per_image"] if mood_result else float("nan")
+
+
+def main_cuda(a):
+    if not torch.cuda.is_available():
+        sys.exit("--device cuda: torch sees no CUDA device")
+    torch.backends.cuda.matmul.allow_tf32 = False  # bf16 autocast covers the GEMMs; keep f32 ops exact
+    name = torch.cuda.get_device_name(0)
+    model = timm.create_model(a.arch, pretrained=False).eval().cuda()
+    size = model.pretrained_cfg.get("input_size", (3, 224, 224))[-1] if hasattr(model, "pretrained_cfg") else 224
+    x = torch.randn(a.batch, 3, size, size, device="cuda")
+    rows = []
+    ours = bench_mood_cuda(a.mood, a.arch, a.batch, a.iters) if os.path.exists(a.mood) else None
+    gflop = gflop_per_image(a.arch, ours)
+    if ours:
+        rows.append(("mood (bf16 GEMMs, fused attention)", ours["img_per_s"]))
+    rows.append(("timm eager, autocast bf16", bench_torch_cuda(model, x, a.iters, warmup=3)))
+    compiled = torch.compile(model)
+    rows.append(("timm torch.compile, autocast bf16", bench_torch_cuda(compiled, x, a.iters, warmup=5)))
+    print(f"# {a.arch} inference, bf16, batch {a.batch}, {name}, torch {torch.__version__}, timm {timm.__version__}, "
+          f"{gflop} GFLOP/image, peak {a.peak_tflops} TFLOP/s")
+    print("| engine | images/s | TFLOP/s | MFU |")
+    print("|---|---:|---:|---:|")
+    for label, ips in rows:
+        tflops = ips * gflop / 1e3
+        print(f"| {label} | {ips:.1f} | {tflops:.1f} | {100 * tflops / a.peak_tflops:.1f}% |")
+    if ours:
+        print(f"\nratio mood / timm eager: {ours['img_per_s'] / rows[1][1]:.3f}x, "
+              f"mood / torch.compile: {ours['img_per_s'] / rows[2][1]:.3f}x")
+
+
 def torch_sgemm(m, k, n, reps=5):
     a, w = torch.randn(m, k), torch.randn(n, k)
     torch.nn.functional.linear(a, w)
@@ -96,7 +181,13 @@ def main():
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--mood", default=os.path.join(ROOT, "target", "release", "mood"))
     p.add_argument("--train", action="store_true")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="--device cuda: MFU denominator")
     a = p.parse_args()
+    if a.device == "cuda":
+        if a.train:
+            sys.exit("--train is CPU only")
+        return main_cuda(a)
 
     torch.set_num_threads(a.threads)
     model = timm.create_model(a.arch, pretrained=False).eval()

@@ -1,5 +1,7 @@
 //! `mood bench`: forward throughput on random weights and inputs, beside the sgemm rate the `gemm`
 //! crate reaches on the model's largest GEMM shape in the same process, so the two compare directly.
+//! `--device cuda` times the CUDA forward instead (src/model/cuda_vit.rs); `--device auto` takes
+//! CUDA when a device is usable and says why not when it falls back to the CPU.
 
 use std::time::Instant;
 
@@ -19,7 +21,8 @@ pub struct Args {
     /// Timed forward passes (after one warm-up pass).
     #[arg(long, default_value_t = 5)]
     pub iters: usize,
-    /// Print a per-op time profile of the timed passes.
+    /// Print a per-op time profile: of the timed passes (CPU), or of each op run alone at the
+    /// model's shapes (CUDA).
     #[arg(long)]
     pub profile: bool,
     /// Print one JSON object instead of text.
@@ -29,6 +32,30 @@ pub struct Args {
     /// of inference forwards.
     #[arg(long)]
     pub train: bool,
+    /// Where to run: cpu, cuda, or auto (cuda if a device is usable, else cpu with a note).
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    pub device: Device,
+    /// CUDA only: element type of the GEMM operands and activations (accumulation is f32).
+    #[arg(long, value_enum, default_value_t = Precision::Bf16)]
+    pub precision: Precision,
+    /// CUDA only: the peak TFLOP/s that MFU is quoted against; default: the dense tensor-core
+    /// peak of an H100/H200 SXM for the precision (989 bf16, 67 f32 without TF32), when the
+    /// device is one.
+    #[arg(long)]
+    pub peak_tflops: Option<f64>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda,
+    Auto,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    F32,
+    Bf16,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -38,6 +65,14 @@ pub fn run(args: Args) -> Result<()> {
         ));
     }
     let cfg = VitConfig::preset(&args.arch)?;
+    match args.device {
+        Device::Cpu => {}
+        Device::Cuda => return cuda_bench(&args, &cfg),
+        Device::Auto => match cuda_usable() {
+            Ok(()) => return cuda_bench(&args, &cfg),
+            Err(e) => eprintln!("note: --device auto: {e}; benchmarking on the CPU"),
+        },
+    }
     let store = init::random_store(&cfg, 0);
     let model = VisionTransformer::load(&cfg, &store)?;
     let mut rng = init::Rng::new(1);
@@ -145,4 +180,26 @@ pub fn sgemm_rate(m: usize, k: usize, n: usize, reps: usize) -> f64 {
         .collect();
     times.sort_by(|a, b| a.total_cmp(b));
     2.0 * (m * n * k) as f64 / times[times.len() / 2] / 1e9
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_usable() -> Result<()> {
+    crate::backend::cuda::probe().map(|_| ())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_usable() -> Result<()> {
+    Err(Error::Cuda(
+        "this binary was built without the `cuda` feature".into(),
+    ))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_bench(_args: &Args, _cfg: &VitConfig) -> Result<()> {
+    cuda_usable()
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_bench(args: &Args, cfg: &VitConfig) -> Result<()> {
+    super::bench_cuda::run(args, cfg)
 }

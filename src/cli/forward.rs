@@ -2,7 +2,9 @@
 
 use std::path::PathBuf;
 
+use super::bench::{Device, Precision};
 use crate::error::{Error, Result};
+use crate::model::{Output, VisionTransformer};
 use crate::tensor::Tensor;
 
 #[derive(clap::Args, Debug)]
@@ -25,6 +27,56 @@ pub struct Args {
     /// Images per forward pass.
     #[arg(long, default_value_t = 8)]
     pub batch: usize,
+    /// Where to run: cpu, cuda, or auto (cuda if a device is usable, else cpu with a note).
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    pub device: Device,
+    /// CUDA only: f32 (features as the CPU's, to f32 rounding) or bf16 (faster, ~1e-2 off).
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    pub precision: Precision,
+}
+
+type ForwardFn<'a> = Box<dyn Fn(&Tensor) -> Result<Output> + 'a>;
+
+/// The forward to run the batches through: the CPU model, or its weights uploaded to device 0.
+fn runner(
+    model: &VisionTransformer,
+    device: Device,
+    precision: Precision,
+) -> Result<ForwardFn<'_>> {
+    let cpu: ForwardFn<'_> = Box::new(|x| model.forward(x));
+    match device {
+        Device::Cpu => Ok(cpu),
+        Device::Cuda => cuda_runner(model, precision),
+        Device::Auto => cuda_runner(model, precision).or_else(|e| {
+            eprintln!("note: --device auto: {e}; running on the CPU");
+            Ok(cpu)
+        }),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_runner(model: &VisionTransformer, precision: Precision) -> Result<ForwardFn<'_>> {
+    use crate::backend::cuda::CudaDevice;
+    use crate::model::cuda_vit::CudaVit;
+    let dev = CudaDevice::new(0)?;
+    eprintln!("cuda: {}", dev.describe());
+    Ok(match precision {
+        Precision::F32 => {
+            let gpu = CudaVit::<f32>::load(&dev, model)?;
+            Box::new(move |x| gpu.forward(&dev, x))
+        }
+        Precision::Bf16 => {
+            let gpu = CudaVit::<half::bf16>::load(&dev, model)?;
+            Box::new(move |x| gpu.forward(&dev, x))
+        }
+    })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_runner(_model: &VisionTransformer, _precision: Precision) -> Result<ForwardFn<'_>> {
+    Err(Error::Cuda(
+        "this binary was built without the `cuda` feature".into(),
+    ))
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -55,6 +107,7 @@ pub fn run(args: Args) -> Result<()> {
             ))
         }
     }
+    let forward = runner(&model, args.device, args.precision)?;
     let total = shape[0];
     let pb = super::progress(total as u64, "img");
     let mut feats = Vec::new();
@@ -66,7 +119,7 @@ pub fn run(args: Args) -> Result<()> {
             &[end - start, cfg.in_chans, cfg.img_size, cfg.img_size],
             data[start * per_image..end * per_image].to_vec(),
         )?;
-        let out = model.forward(&x)?;
+        let out = forward(&x)?;
         d = out.features.shape()[1];
         feats.extend_from_slice(out.features.as_slice());
         if let Some(l) = out.logits {

@@ -85,6 +85,11 @@ fn cuda_libraries() {
     println!("nvrtc cache: {}", shown(nvrtc::cache_dir()));
     let stems: Vec<&str> = cuda::kernel_sources().iter().map(|(s, _)| *s).collect();
     println!("kernels: {}", stems.join(" "));
+    // The full check a CUDA run makes first (driver version, every library), then device 0.
+    match cuda::CudaDevice::new(0) {
+        Ok(dev) => println!("cuda device 0: {}", dev.describe()),
+        Err(e) => println!("cuda device 0: unusable: {e}"),
+    }
 }
 
 #[cfg(feature = "cuda")]

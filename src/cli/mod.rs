@@ -1,6 +1,8 @@
 //! One module per subcommand; each exposes `Args` (clap) and `run(args) -> Result<()>`.
 
 pub mod bench;
+#[cfg(feature = "cuda")]
+pub mod bench_cuda;
 pub mod convert;
 pub mod demo;
 pub mod eval;

@@ -1,6 +1,8 @@
 //! Vision transformers: configs (named presets), the BEiT/ViT forward, relative positions, init.
 
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda_vit;
 pub mod exec;
 pub mod init;
 pub mod layers;

@@ -3,8 +3,13 @@
 
 use std::path::PathBuf;
 
+/// tests/fixtures/<rel>. The repository root is the build's, unless `MOOD_REPO_ROOT` names another:
+/// test binaries built here and run on another machine (tools/gpu_session.sh) find their fixtures.
 pub fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("MOOD_REPO_ROOT")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
         .join("tests/fixtures")
         .join(rel)
 }
@@ -32,4 +37,24 @@ pub fn assert_max_abs(ours: &[f32], reference: &[f32], tol: f32, what: &str) -> 
         reference[i]
     );
     worst.0
+}
+
+/// (max abs error, max rel error), rel_i = |got_i − want_i| / (|want_i| + rms(want)): the measure of
+/// tests/cuda_parity.rs. NaN or inf where the other side differs counts as an infinite error.
+pub fn parity_errors(got: &[f32], want: &[f32]) -> (f32, f32) {
+    let rms = (want.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / want.len().max(1) as f64)
+        .sqrt() as f32;
+    let (mut abs, mut rel) = (0.0f32, 0.0f32);
+    for (&g, &w) in got.iter().zip(want) {
+        let e = if g == w || (g.is_nan() && w.is_nan()) {
+            0.0
+        } else if !g.is_finite() || !w.is_finite() {
+            f32::INFINITY
+        } else {
+            (g - w).abs()
+        };
+        abs = abs.max(e);
+        rel = rel.max(if e == 0.0 { 0.0 } else { e / (w.abs() + rms) });
+    }
+    (abs, rel)
 }

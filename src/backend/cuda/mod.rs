@@ -1,11 +1,81 @@
-//! CUDA backend. So far: the kernel sources (kernels/*.cu, embedded by build.rs) and their NVRTC
-//! compilation with a disk cache (`nvrtc`). Launchers, one per kernel family, come next and reuse
-//! the same stems as the CPU ops (`layernorm`, `attention`, `distance`, ...).
+//! CUDA backend: the kernel sources (kernels/*.cu, embedded by build.rs), their NVRTC compilation
+//! with a disk cache (`nvrtc`), the device (`device`: context, stream, cuBLAS, loaded modules) and
+//! one launcher file per kernel family, with the same stems as the CPU ops (`layernorm`,
+//! `attention`, `distance`, ...) plus `matmul` (cuBLAS).
 //!
 //! Every entry point checks that the CUDA library it needs can be dlopened before touching cudarc,
 //! because cudarc panics when a library is missing; a missing library is an `Error::Cuda`.
 
+pub mod attention;
+pub mod device;
+pub mod distance;
+pub mod elementwise;
+pub mod layernorm;
+pub mod matmul;
 pub mod nvrtc;
+pub mod patch_embed;
+pub mod softmax;
+
+pub use device::{probe, CudaDevice};
+
+/// An element type the kernels store: the entry-point suffix it selects (`layernorm_fwd_bf16`) and
+/// the host-side conversions the tests and uploads need. Arithmetic is always f32 in the kernels.
+pub trait Storage:
+    cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Copy + Default + 'static
+{
+    const NAME: &'static str;
+    fn from_f32(v: f32) -> Self;
+    fn to_f32(self) -> f32;
+}
+
+impl Storage for f32 {
+    const NAME: &'static str = "f32";
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl Storage for half::bf16 {
+    const NAME: &'static str = "bf16";
+    fn from_f32(v: f32) -> Self {
+        half::bf16::from_f32(v)
+    }
+    fn to_f32(self) -> f32 {
+        half::bf16::to_f32(self)
+    }
+}
+
+impl Storage for half::f16 {
+    const NAME: &'static str = "f16";
+    fn from_f32(v: f32) -> Self {
+        half::f16::from_f32(v)
+    }
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+}
+
+/// The raw device address of an optional buffer, 0 (the kernels' null) for None. Event tracking
+/// is off (`CudaDevice::new`), so the guard cudarc returns records nothing and can drop here.
+pub(crate) fn ptr_or_null<T>(
+    stream: &cudarc::driver::CudaStream,
+    s: Option<&cudarc::driver::CudaSlice<T>>,
+) -> u64 {
+    use cudarc::driver::DevicePtr;
+    s.map_or(0, |s| s.device_ptr(stream).0)
+}
+
+/// As `ptr_or_null`, for a buffer the kernel writes.
+pub(crate) fn ptr_mut_or_null<T>(
+    stream: &cudarc::driver::CudaStream,
+    s: Option<&mut cudarc::driver::CudaSlice<T>>,
+) -> u64 {
+    use cudarc::driver::DevicePtrMut;
+    s.map_or(0, |s| s.device_ptr_mut(stream).0)
+}
 
 use std::path::PathBuf;
 

@@ -1,0 +1,208 @@
+//! Launchers of kernels/elementwise.cu over token matrices [M, D]: the linear epilogues (bias,
+//! bias + exact GELU), GELU's backward, the layer-scaled residual x += γ ⊙ y (x stays f32), the
+//! token assembly [cls; patches] + pos, and the f32 → bf16/f16 casts. Same math as src/backend/cpu/{elementwise,vecmath}.rs.
+
+use cudarc::driver::{CudaSlice, PushKernelArg};
+
+use super::device::{as_i32, check_len, cuda_err, CudaDevice};
+use super::{ptr_or_null, Storage};
+use crate::error::{Error, Result};
+
+fn not_f16<T: Storage>(op: &str) -> Result<()> {
+    if T::NAME == "f16" {
+        return Err(Error::Cuda(format!("{op}: f32 or bf16 only")));
+    }
+    Ok(())
+}
+
+/// Shared by bias_add and bias_gelu: y [M, D] (in place) with bias [D] (optional for GELU).
+fn bias_epilogue<T: Storage>(
+    dev: &CudaDevice,
+    kernel: &str,
+    y: &mut CudaSlice<T>,
+    bias: Option<&CudaSlice<f32>>,
+    (m, d): (usize, usize),
+) -> Result<()> {
+    not_f16::<T>(kernel)?;
+    check_len(kernel, y, m * d)?;
+    if let Some(b) = bias {
+        check_len(&format!("{kernel} bias"), b, d)?;
+    }
+    let n = (m * d) as i64;
+    let di = as_i32("D", d.max(1))?;
+    if n == 0 {
+        return Ok(());
+    }
+    let name = format!("{kernel}_{}", T::NAME);
+    let f = dev.function("elementwise", &name)?;
+    let s = dev.stream();
+    let pb = ptr_or_null(s, bias);
+    // SAFETY: y holds M·D elements and bias D (or is null where the kernel allows it).
+    unsafe {
+        s.launch_builder(&f)
+            .arg(y)
+            .arg(&pb)
+            .arg(&n)
+            .arg(&di)
+            .launch(dev.grid_stride(n as usize))
+    }
+    .map_err(cuda_err(name))?;
+    Ok(())
+}
+
+/// y [M, D] += b [D].
+pub fn bias_add<T: Storage>(
+    dev: &CudaDevice,
+    y: &mut CudaSlice<T>,
+    bias: &CudaSlice<f32>,
+    md: (usize, usize),
+) -> Result<()> {
+    bias_epilogue(dev, "bias_add", y, Some(bias), md)
+}
+
+/// y [M, D] = GELU(y + b), exact erf GELU; no bias when `bias` is None.
+pub fn bias_gelu<T: Storage>(
+    dev: &CudaDevice,
+    y: &mut CudaSlice<T>,
+    bias: Option<&CudaSlice<f32>>,
+    md: (usize, usize),
+) -> Result<()> {
+    bias_epilogue(dev, "bias_gelu", y, bias, md)
+}
+
+/// dx = dy · GELU'(x), x the pre-activation; all [n].
+pub fn gelu_backward<T: Storage>(
+    dev: &CudaDevice,
+    x: &CudaSlice<T>,
+    dy: &CudaSlice<T>,
+    dx: &mut CudaSlice<T>,
+) -> Result<()> {
+    not_f16::<T>("gelu_bwd")?;
+    let n = x.len();
+    check_len("gelu_bwd dy", dy, n)?;
+    check_len("gelu_bwd dx", dx, n)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let ni = n as i64;
+    let name = format!("gelu_bwd_{}", T::NAME);
+    let f = dev.function("elementwise", &name)?;
+    let s = dev.stream();
+    // SAFETY: all three buffers hold n elements.
+    unsafe {
+        s.launch_builder(&f)
+            .arg(x)
+            .arg(dy)
+            .arg(dx)
+            .arg(&ni)
+            .launch(dev.grid_stride(n))
+    }
+    .map_err(cuda_err(name))?;
+    Ok(())
+}
+
+/// x [M, D] (f32, the residual stream) += γ ⊙ y [M, D]; γ [D] or None for 1.
+pub fn residual<T: Storage>(
+    dev: &CudaDevice,
+    x: &mut CudaSlice<f32>,
+    y: &CudaSlice<T>,
+    gamma: Option<&CudaSlice<f32>>,
+    (m, d): (usize, usize),
+) -> Result<()> {
+    not_f16::<T>("residual_scale")?;
+    check_len("residual x", x, m * d)?;
+    check_len("residual y", y, m * d)?;
+    if let Some(g) = gamma {
+        check_len("layer scale", g, d)?;
+    }
+    let n = (m * d) as i64;
+    let di = as_i32("D", d.max(1))?;
+    if n == 0 {
+        return Ok(());
+    }
+    let name = format!("residual_scale_{}", T::NAME);
+    let f = dev.function("elementwise", &name)?;
+    let s = dev.stream();
+    let pg = ptr_or_null(s, gamma);
+    // SAFETY: x and y hold M·D elements, γ D or null.
+    unsafe {
+        s.launch_builder(&f)
+            .arg(x)
+            .arg(y)
+            .arg(&pg)
+            .arg(&n)
+            .arg(&di)
+            .launch(dev.grid_stride(n as usize))
+    }
+    .map_err(cuda_err(name))?;
+    Ok(())
+}
+
+/// out = T(in), round to nearest even; T is bf16 or f16.
+pub fn cast<T: Storage>(
+    dev: &CudaDevice,
+    input: &CudaSlice<f32>,
+    out: &mut CudaSlice<T>,
+) -> Result<()> {
+    if T::NAME == "f32" {
+        return Err(Error::Cuda("cast: target must be bf16 or f16".into()));
+    }
+    let n = input.len();
+    check_len("cast output", out, n)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let ni = n as i64;
+    let name = format!("cast_f32_{}", T::NAME);
+    let f = dev.function("elementwise", &name)?;
+    let s = dev.stream();
+    // SAFETY: both buffers hold n elements.
+    unsafe {
+        s.launch_builder(&f)
+            .arg(input)
+            .arg(out)
+            .arg(&ni)
+            .launch(dev.grid_stride(n))
+    }
+    .map_err(cuda_err(name))?;
+    Ok(())
+}
+
+/// x [B·N, D] = per image [cls; patches_b] (+ pos [N, D]), N = G + 1; patches [B·G, D], cls [D].
+pub fn assemble_tokens(
+    dev: &CudaDevice,
+    patches: &CudaSlice<f32>,
+    cls: &CudaSlice<f32>,
+    pos: Option<&CudaSlice<f32>>,
+    x: &mut CudaSlice<f32>,
+    (b, g, d): (usize, usize, usize),
+) -> Result<()> {
+    let n = g + 1;
+    check_len("assemble_tokens patches", patches, b * g * d)?;
+    check_len("assemble_tokens cls", cls, d)?;
+    if let Some(p) = pos {
+        check_len("assemble_tokens pos", p, n * d)?;
+    }
+    check_len("assemble_tokens x", x, b * n * d)?;
+    let (bi, ni, di) = (as_i32("B", b)?, as_i32("N", n)?, as_i32("D", d)?);
+    if b * d == 0 {
+        return Ok(());
+    }
+    let f = dev.function("elementwise", "assemble_tokens_f32")?;
+    let s = dev.stream();
+    let pp = ptr_or_null(s, pos);
+    // SAFETY: shapes checked above; pos may be null.
+    unsafe {
+        s.launch_builder(&f)
+            .arg(patches)
+            .arg(cls)
+            .arg(&pp)
+            .arg(x)
+            .arg(&bi)
+            .arg(&ni)
+            .arg(&di)
+            .launch(dev.grid_stride(b * n * d))
+    }
+    .map_err(cuda_err("assemble_tokens_f32"))?;
+    Ok(())
+}

@@ -1,0 +1,149 @@
+//! Launchers of kernels/layernorm.cu: LayerNorm over the last dim of x [M, D] with γ, β [D] (f32),
+//! forward (optionally saving mean and rstd [M] for the backward) and backward (dx, dγ, dβ).
+//! Same math as src/backend/cpu/layernorm.rs.
+
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+
+use super::device::{as_i32, check_len, cuda_err, CudaDevice};
+use super::{ptr_mut_or_null, Storage};
+use crate::error::{Error, Result};
+
+/// Warps per block of the backward (each warp owns one row at a time and a [2, D] smem slice).
+const BWD_WARPS: usize = 4;
+
+/// y = LN(x)·γ + β; `stats` = (mean, rstd) [M] to save for the backward.
+#[allow(clippy::too_many_arguments)]
+pub fn forward<T: Storage>(
+    dev: &CudaDevice,
+    x: &CudaSlice<T>,
+    gamma: &CudaSlice<f32>,
+    beta: &CudaSlice<f32>,
+    y: &mut CudaSlice<T>,
+    stats: Option<(&mut CudaSlice<f32>, &mut CudaSlice<f32>)>,
+    (m, d): (usize, usize),
+    eps: f32,
+) -> Result<()> {
+    if T::NAME == "f16" {
+        return Err(Error::Cuda("layernorm: f32 or bf16 only".into()));
+    }
+    check_len("layernorm x", x, m * d)?;
+    check_len("layernorm y", y, m * d)?;
+    check_len("layernorm weight", gamma, d)?;
+    check_len("layernorm bias", beta, d)?;
+    let (mean, rstd) = match stats {
+        Some((mu, rs)) => {
+            check_len("layernorm mean", mu, m)?;
+            check_len("layernorm rstd", rs, m)?;
+            (Some(mu), Some(rs))
+        }
+        None => (None, None),
+    };
+    let (mi, di) = (as_i32("M", m)?, as_i32("D", d)?);
+    if m == 0 {
+        return Ok(());
+    }
+    let name = format!("layernorm_fwd_{}", T::NAME);
+    let f = dev.function("layernorm", &name)?;
+    let s = dev.stream();
+    let (pm, pr) = (ptr_mut_or_null(s, mean), ptr_mut_or_null(s, rstd));
+    // SAFETY: every buffer was checked against (M, D) above; null stats are allowed by the kernel.
+    unsafe {
+        s.launch_builder(&f)
+            .arg(x)
+            .arg(gamma)
+            .arg(beta)
+            .arg(y)
+            .arg(&pm)
+            .arg(&pr)
+            .arg(&mi)
+            .arg(&di)
+            .arg(&eps)
+            .launch(dev.warp_per_row(m))
+    }
+    .map_err(cuda_err(name))?;
+    Ok(())
+}
+
+/// Gradients given dy [M, D] and the forward's saved mean, rstd [M]: writes dx [M, D], returns
+/// (dγ, dβ) [D], summed in a fixed order (deterministic).
+#[allow(clippy::too_many_arguments)]
+pub fn backward<T: Storage>(
+    dev: &CudaDevice,
+    x: &CudaSlice<T>,
+    gamma: &CudaSlice<f32>,
+    mean: &CudaSlice<f32>,
+    rstd: &CudaSlice<f32>,
+    dy: &CudaSlice<T>,
+    dx: &mut CudaSlice<T>,
+    (m, d): (usize, usize),
+) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
+    if T::NAME == "f16" {
+        return Err(Error::Cuda("layernorm backward: f32 or bf16 only".into()));
+    }
+    for (what, buf) in [("x", x), ("dy", dy)] {
+        check_len(&format!("layernorm backward {what}"), buf, m * d)?;
+    }
+    check_len("layernorm backward dx", dx, m * d)?;
+    check_len("layernorm backward weight", gamma, d)?;
+    check_len("layernorm backward mean", mean, m)?;
+    check_len("layernorm backward rstd", rstd, m)?;
+    let smem = BWD_WARPS * 2 * d * 4;
+    if smem > 48 * 1024 {
+        return Err(Error::Cuda(format!(
+            "layernorm backward: D = {d} needs {smem} B of shared memory (48 KiB max)"
+        )));
+    }
+    let (mi, di) = (as_i32("M", m)?, as_i32("D", d)?);
+    // Enough blocks to fill the GPU twice over, but no block without a row.
+    let parts = (2 * dev.sm_count() as usize)
+        .min(m.div_ceil(BWD_WARPS))
+        .max(1);
+    let pi = parts as i32;
+    let mut dg_part = dev.zeros::<f32>(parts * d)?;
+    let mut db_part = dev.zeros::<f32>(parts * d)?;
+    let mut dgamma = dev.zeros::<f32>(d)?;
+    let mut dbeta = dev.zeros::<f32>(d)?;
+    let name = format!("layernorm_bwd_{}", T::NAME);
+    let f = dev.function("layernorm", &name)?;
+    let s = dev.stream();
+    let cfg = LaunchConfig {
+        grid_dim: (parts as u32, 1, 1),
+        block_dim: (32 * BWD_WARPS as u32, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    // SAFETY: shapes checked above; the partial buffers are [P, D] with P = the grid size.
+    unsafe {
+        s.launch_builder(&f)
+            .arg(x)
+            .arg(gamma)
+            .arg(mean)
+            .arg(rstd)
+            .arg(dy)
+            .arg(dx)
+            .arg(&mut dg_part)
+            .arg(&mut db_part)
+            .arg(&mi)
+            .arg(&di)
+            .launch(cfg)
+    }
+    .map_err(cuda_err(name))?;
+    let f = dev.function("layernorm", "layernorm_bwd_reduce")?;
+    let cfg = LaunchConfig {
+        grid_dim: (d.div_ceil(256) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the partials are [P, D], the outputs [D].
+    unsafe {
+        s.launch_builder(&f)
+            .arg(&dg_part)
+            .arg(&db_part)
+            .arg(&mut dgamma)
+            .arg(&mut dbeta)
+            .arg(&pi)
+            .arg(&di)
+            .launch(cfg)
+    }
+    .map_err(cuda_err("layernorm_bwd_reduce"))?;
+    Ok((dgamma, dbeta))
+}

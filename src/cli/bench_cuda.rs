@@ -1,0 +1,314 @@
+//! `mood bench --device cuda`: the CUDA forward's throughput (src/model/cuda_vit.rs) with the batch
+//! resident on the device, its host-to-host rate, and with `--profile` the time of each op at the
+//! model's shapes, run alone, so that a GPU session sees where a forward's time goes.
+
+use std::time::Instant;
+
+use cudarc::cublas::{CudaBlas, Gemm};
+use cudarc::driver::CudaSlice;
+
+use super::bench::{Args, Precision};
+use crate::backend::cuda::attention::Dims as AttDims;
+use crate::backend::cuda::{self as cu, CudaDevice};
+use crate::backend::Activation;
+use crate::error::{Error, Result};
+use crate::model::cuda_vit::{attention_by_gemm, Compute, CudaVit, Scratch};
+use crate::model::{init, VisionTransformer, VitConfig};
+use crate::tensor::Tensor;
+
+/// Median forward time of the CUDA model, from host images to host features and logits (the
+/// upload and download are part of what feature extraction pays).
+pub fn run(args: &Args, cfg: &VitConfig) -> Result<()> {
+    /// (device-resident forward times, host-to-host forward times), seconds.
+    fn timed<T: Compute>(
+        dev: &CudaDevice,
+        model: &VisionTransformer,
+        x: &Tensor,
+        iters: usize,
+    ) -> Result<(Vec<f64>, Vec<f64>)>
+    where
+        CudaBlas: Gemm<T>,
+    {
+        let gpu = CudaVit::<T>::load(dev, model)?;
+        let b = x.shape()[0];
+        let img = dev.upload(x.as_slice())?;
+        for _ in 0..3 {
+            gpu.forward_device(dev, &img, b)?; // warm-up: cuBLAS heuristics, allocator pool
+        }
+        dev.sync()?;
+        let pb = super::progress(2 * iters as u64, "iter");
+        let mut resident = Vec::with_capacity(iters);
+        for _ in 0..iters {
+            let t = Instant::now();
+            let out = gpu.forward_device(dev, &img, b)?;
+            dev.sync()?;
+            resident.push(t.elapsed().as_secs_f64());
+            drop(out);
+            pb.inc(1);
+        }
+        let mut host = Vec::with_capacity(iters);
+        for _ in 0..iters {
+            let t = Instant::now();
+            gpu.forward(dev, x)?; // returns host tensors, so the device work is finished
+            host.push(t.elapsed().as_secs_f64());
+            pb.inc(1);
+        }
+        pb.finish_and_clear();
+        Ok((resident, host))
+    }
+
+    if args.train {
+        return Err(Error::Usage(
+            "--train is CPU only: there is no CUDA training step yet".into(),
+        ));
+    }
+    let dev = CudaDevice::new(0)?;
+    dev.load_all()?; // NVRTC compiles (or reads its cache) before any timing
+    let store = init::random_store(cfg, 0);
+    let model = VisionTransformer::load(cfg, &store)?;
+    let mut rng = init::Rng::new(1);
+    let shape = [args.batch, cfg.in_chans, cfg.img_size, cfg.img_size];
+    let n_in = shape.iter().product();
+    let x = Tensor::from_vec(&shape, (0..n_in).map(|_| rng.normal() as f32).collect())?;
+    let (mut times, mut host) = match args.precision {
+        Precision::F32 => timed::<f32>(&dev, &model, &x, args.iters)?,
+        Precision::Bf16 => timed::<half::bf16>(&dev, &model, &x, args.iters)?,
+    };
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    // The headline: images already on the device, as PyTorch benchmarks measure; the host-to-host
+    // figure (upload of the batch, download of features and logits) is printed beside it.
+    let (median, median_host) = (med(&mut times), med(&mut host));
+    let img_s = args.batch as f64 / median;
+    let img_s_host = args.batch as f64 / median_host;
+    let gflop = cfg.flops_per_image() / 1e9;
+    let tflops = img_s * gflop / 1e3;
+    let precision = format!("{:?}", args.precision).to_lowercase();
+    let hopper = ["H100", "H200"].iter().any(|n| dev.name().contains(n));
+    let peak = args.peak_tflops.or(match (hopper, args.precision) {
+        (true, Precision::Bf16) => Some(989.0),
+        (true, Precision::F32) => Some(67.0),
+        _ => None,
+    });
+    let mfu = peak.map(|p| tflops / p);
+    if args.json {
+        println!(
+            "{{\"mode\":\"forward\",\"device\":{:?},\"precision\":\"{precision}\",\"arch\":\"{}\",\"batch\":{},\"img_per_s\":{img_s:.4},\"gflop_per_image\":{gflop:.3},\"tflop_per_s\":{tflops:.3},\"peak_tflop_per_s\":{},\"mfu\":{},\"median_s\":{median:.6},\"img_per_s_host_to_host\":{img_s_host:.4}}}",
+            dev.name(),
+            cfg.name,
+            args.batch,
+            peak.map_or("null".into(), |p| format!("{p}")),
+            mfu.map_or("null".into(), |m| format!("{m:.4}")),
+        );
+    } else {
+        println!(
+            "{} forward on {}, {precision}: batch {}: {img_s:.1} images/s ({:.2} ms per batch, images on the device, median of {})",
+            cfg.name,
+            dev.describe(),
+            args.batch,
+            1e3 * median,
+            args.iters
+        );
+        match (peak, mfu) {
+            (Some(p), Some(m)) => println!(
+                "  {tflops:.1} TFLOP/s at {gflop:.2} GFLOP per image: MFU {:.1}% of {p} TFLOP/s",
+                100.0 * m
+            ),
+            _ => println!(
+                "  {tflops:.1} TFLOP/s at {gflop:.2} GFLOP per image (pass --peak-tflops for MFU)"
+            ),
+        }
+        println!(
+            "  host to host (upload images, download features and logits): {img_s_host:.1} images/s"
+        );
+    }
+    if args.profile {
+        match args.precision {
+            Precision::F32 => op_profile::<f32>(&dev, cfg, args.batch, args.iters, median)?,
+            Precision::Bf16 => op_profile::<half::bf16>(&dev, cfg, args.batch, args.iters, median)?,
+        }
+    }
+    Ok(())
+}
+
+/// Seconds per call of `f`, over `iters` calls after one warm-up, with the device drained before
+/// and after (so launch overhead counts, as it does inside a forward).
+fn per_call(dev: &CudaDevice, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    dev.sync()?;
+    let t = Instant::now();
+    for _ in 0..iters {
+        f()?;
+    }
+    dev.sync()?;
+    Ok(t.elapsed().as_secs_f64() / iters as f64)
+}
+
+/// One row of the op profile: op, shape, calls per block, seconds per call, FLOPs per call.
+type OpRow = (&'static str, String, usize, f64, f64);
+
+/// Each op of a transformer block alone at the model's shapes (random data), its time per call and
+/// per forward (× calls per block × depth), beside the measured forward. Patch embedding, pooling
+/// and the head are left out (well under 1% of the FLOPs).
+fn op_profile<T: Compute>(
+    dev: &CudaDevice,
+    cfg: &VitConfig,
+    b: usize,
+    iters: usize,
+    forward_s: f64,
+) -> Result<()>
+where
+    CudaBlas: Gemm<T>,
+{
+    let (n, d, f, h) = (cfg.tokens(), cfg.embed_dim, cfg.mlp_hidden, cfg.num_heads);
+    let bn = b * n;
+    let iters = iters.max(10);
+    let mut rng = init::Rng::new(3);
+    let mut rand = |len: usize, std: f32| -> Vec<f32> {
+        (0..len).map(|_| rng.normal() as f32 * std).collect()
+    };
+    let up = |v: Vec<f32>| -> Result<CudaSlice<T>> {
+        dev.upload(&v.into_iter().map(T::from_f32).collect::<Vec<T>>())
+    };
+    let x32 = dev.upload(&rand(bn * d, 1.0))?;
+    let xt = up(rand(bn * d, 1.0))?;
+    let (gamma, beta) = (dev.upload(&vec![1.0f32; d])?, dev.zeros::<f32>(d)?);
+    let mut yt = dev.zeros::<T>(bn * d)?;
+    let (w_qkv, b_qkv) = (up(rand(3 * d * d, 0.02))?, dev.zeros::<f32>(3 * d)?);
+    let (w_proj, b_d) = (up(rand(d * d, 0.02))?, dev.zeros::<f32>(d)?);
+    let (w_fc1, b_f) = (up(rand(f * d, 0.02))?, dev.zeros::<f32>(f)?);
+    let w_fc2 = up(rand(d * f, 0.02))?;
+    let mut qkv = up(rand(bn * 3 * d, 1.0))?;
+    let (mut att, mut mlp) = (dev.zeros::<T>(bn * d)?, dev.zeros::<T>(bn * f)?);
+    let bias = dev.upload(&rand(h * n * n, 0.5))?;
+    let ad = AttDims {
+        b,
+        n,
+        h,
+        dh: cfg.head_dim(),
+    };
+    let mut resid = dev.upload(&rand(bn * d, 1.0))?;
+    let gemm = |k: usize, nn: usize| 2.0 * (bn * k * nn) as f64;
+    let mut rows: Vec<OpRow> = Vec::new();
+    let ln = per_call(dev, iters, || {
+        cu::layernorm::forward(dev, &xt, &gamma, &beta, &mut yt, None, (bn, d), cfg.eps)
+    })?;
+    rows.push(("layernorm", format!("[{bn}, {d}]"), 2, ln, 0.0));
+    if T::NAME != "f32" {
+        let t = per_call(dev, iters, || cu::elementwise::cast(dev, &x32, &mut yt))?;
+        rows.push(("cast f32->T", format!("[{bn}, {d}]"), 2, t, 0.0));
+    }
+    let mut lin = |name,
+                   w: &CudaSlice<T>,
+                   bias: &CudaSlice<f32>,
+                   act,
+                   x: &CudaSlice<T>,
+                   out: &mut CudaSlice<T>,
+                   k: usize,
+                   nn: usize|
+     -> Result<()> {
+        let t = per_call(dev, iters, || {
+            cu::matmul::linear(dev, x, w, Some(bias), act, out, (bn, k, nn))
+        })?;
+        rows.push((name, format!("{bn}x{k}x{nn}"), 1, t, gemm(k, nn)));
+        Ok(())
+    };
+    lin(
+        "linear qkv",
+        &w_qkv,
+        &b_qkv,
+        Activation::None,
+        &yt,
+        &mut qkv,
+        d,
+        3 * d,
+    )?;
+    lin(
+        "linear proj",
+        &w_proj,
+        &b_d,
+        Activation::None,
+        &att,
+        &mut yt,
+        d,
+        d,
+    )?;
+    lin(
+        "linear fc1+gelu",
+        &w_fc1,
+        &b_f,
+        Activation::Gelu,
+        &yt,
+        &mut mlp,
+        d,
+        f,
+    )?;
+    lin(
+        "linear fc2",
+        &w_fc2,
+        &b_d,
+        Activation::None,
+        &mlp,
+        &mut yt,
+        f,
+        d,
+    )?;
+    // Both attention paths where both exist (bf16: the fused kernel and cuBLAS), so that a GPU run
+    // shows which to keep; the forward uses the one MOOD_CUDA_ATTENTION selects.
+    let paths: &[bool] = if T::NAME == "f32" {
+        &[true]
+    } else {
+        &[false, true]
+    };
+    for &gemm in paths {
+        let mut scratch = Scratch::new::<T>(dev, &ad, gemm)?;
+        let t = per_call(dev, iters, || {
+            T::attention(dev, &qkv, Some(&bias), &mut att, &ad, &mut scratch)
+        })?;
+        let name = if gemm {
+            "attention cuBLAS"
+        } else {
+            "attention fused"
+        };
+        let shape = format!("B={b} N={n} H={h} Dh={}", ad.dh);
+        // Only the path the forward takes counts towards the per-forward sum.
+        let calls = usize::from(gemm == (T::NAME == "f32" || attention_by_gemm()));
+        rows.push((name, shape, calls, t, 4.0 * (b * n * n * d) as f64));
+    }
+    let t = per_call(dev, iters, || {
+        cu::elementwise::residual(dev, &mut resid, &yt, Some(&gamma), (bn, d))
+    })?;
+    rows.push(("residual", format!("[{bn}, {d}]"), 2, t, 0.0));
+
+    println!("  per-op profile, each op alone at the model's shapes ({iters} calls each):");
+    println!(
+        "    {:<16} {:<24} {:>9} {:>9} {:>12} {:>6}",
+        "op", "shape", "us/call", "TFLOP/s", "ms/forward", "share"
+    );
+    let per_forward = |r: &OpRow| r.3 * (r.2 * cfg.depth) as f64;
+    let total: f64 = rows.iter().map(per_forward).sum();
+    for r in &rows {
+        let tf = if r.4 > 0.0 {
+            format!("{:.1}", r.4 / r.3 / 1e12)
+        } else {
+            "-".into()
+        };
+        println!(
+            "    {:<16} {:<24} {:>9.1} {:>9} {:>12.3} {:>5.1}%",
+            r.0,
+            r.1,
+            1e6 * r.3,
+            tf,
+            1e3 * per_forward(r),
+            100.0 * per_forward(r) / total
+        );
+    }
+    println!(
+        "    sum of the ops: {:.3} ms per forward; measured forward: {:.3} ms",
+        1e3 * total,
+        1e3 * forward_s
+    );
+    Ok(())
+}

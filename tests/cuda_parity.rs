@@ -1,0 +1,518 @@
+//! Every CUDA op against its CPU op on random inputs, from ONE table of cases (op, shape, dtype,
+//! tolerance), in the style of ggml's test-backend-ops. Each case prints one line per output with
+//! the max abs and max rel error; the test fails at the end if any case failed or errored, so one
+//! bad kernel does not hide the others (a kernel fault, though, poisons the context for the rest).
+//!
+//! Error measure: rel_i = |gpu_i − cpu_i| / (|cpu_i| + rms(cpu)). The rms term keeps outputs that
+//! happen to be near zero (a GEMM entry, a GELU of a negative) from turning rounding noise into a
+//! huge relative error. Tolerances:
+//!   - f32: 1e-5, except 3e-5 where the GPU sums K ≥ 768 products in another order than the CPU
+//!     (GEMMs, the [D]-sums of dγ/dβ over M rows, the ‖q‖² − 2q·t + ‖t‖² distance identity).
+//!   - bf16/f16 storage: 2e-2. Inputs are rounded to the storage type on the host and the CPU op
+//!     runs on the rounded values in f32, so what is left is the output rounding (2^-8 for bf16)
+//!     and the intermediates the GPU keeps in bf16 (a GEMM output before its bias/GELU).
+//!   - casts, im2col, k-th smallest and top-k: exact (0).
+//!
+//! Without a usable GPU: a loud SKIPPED line with the reason, and a pass unless MOOD_REQUIRE_CUDA=1
+//! (tools/gpu_session.sh sets it). MOOD_PARITY_FILTER=substr runs only the ops containing it.
+
+#![cfg(feature = "cuda")]
+
+use cudarc::cublas::{CudaBlas, Gemm};
+use cudarc::driver::CudaSlice;
+use half::{bf16, f16};
+use mood::backend::cuda::{self as cu, CudaDevice, Storage};
+use mood::backend::{self, cpu, Activation};
+use mood::model::init::Rng;
+use mood::{Result, Tensor};
+
+mod common;
+use common::parity_errors as errors;
+
+// The distance-score cases (GEMM epilogues, k-th smallest, top-k), kept apart for length.
+#[path = "cuda_parity/distance.rs"]
+mod distance;
+use distance::{kth, mahalanobis, sqdist, topk};
+
+/// One output of a case: its name, the GPU values and the CPU reference (both as f32).
+struct Out(&'static str, Vec<f32>, Vec<f32>);
+
+type Run = Box<dyn Fn(&CudaDevice, &mut Rng) -> Result<Vec<Out>>>;
+
+/// (op name, shape, dtype, tolerance on the rel error, the run returning its outputs).
+struct Case(&'static str, String, &'static str, f32, Run);
+
+const F32_TOL: f32 = 1e-5;
+/// f32 results whose long sums run in a different order on the two sides (see the module doc).
+const F32_SUM_TOL: f32 = 3e-5;
+const HALF_TOL: f32 = 2e-2;
+
+fn randn(rng: &mut Rng, n: usize, std: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.normal() as f32 * std).collect()
+}
+
+/// The values the device will see once stored as T.
+fn rounded<T: Storage>(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|&x| T::from_f32(x).to_f32()).collect()
+}
+
+fn up<T: Storage>(dev: &CudaDevice, v: &[f32]) -> Result<CudaSlice<T>> {
+    let host: Vec<T> = v.iter().map(|&x| T::from_f32(x)).collect();
+    dev.upload(&host)
+}
+
+fn down<T: Storage>(dev: &CudaDevice, s: &CudaSlice<T>) -> Result<Vec<f32>> {
+    Ok(dev.download(s)?.into_iter().map(T::to_f32).collect())
+}
+
+fn tol_for<T: Storage>(f32_tol: f32) -> f32 {
+    [HALF_TOL, f32_tol][(T::NAME == "f32") as usize]
+}
+
+fn layernorm_fwd<T: Storage>(m: usize, d: usize) -> Case {
+    let run: Run = Box::new(move |dev, rng| {
+        // A large mean offset: the two-pass variance must not cancel.
+        let x: Vec<f32> = randn(rng, m * d, 1.0).iter().map(|v| v + 3.0).collect();
+        let x = rounded::<T>(&x);
+        let (g, b) = (randn(rng, d, 1.0), randn(rng, d, 1.0));
+        let mut want = vec![0.0; m * d];
+        cpu::layernorm::forward(&x, &g, &b, 1e-6, &mut want);
+        let xd = up::<T>(dev, &x)?;
+        let mut y = dev.zeros::<T>(m * d)?;
+        let (gd, bd) = (dev.upload(&g)?, dev.upload(&b)?);
+        cu::layernorm::forward(dev, &xd, &gd, &bd, &mut y, None, (m, d), 1e-6)?;
+        Ok(vec![Out("y", down(dev, &y)?, want)])
+    });
+    Case(
+        "layernorm_fwd",
+        format!("[{m}, {d}]"),
+        T::NAME,
+        tol_for::<T>(F32_TOL),
+        run,
+    )
+}
+
+fn layernorm_bwd(m: usize, d: usize) -> Case {
+    let run: Run = Box::new(move |dev, rng| {
+        let x = randn(rng, m * d, 2.0);
+        let (g, b, dy) = (
+            randn(rng, d, 1.0),
+            randn(rng, d, 1.0),
+            randn(rng, m * d, 1.0),
+        );
+        let (dx_want, dg_want, db_want) = cpu::layernorm::backward(&x, &g, 1e-6, &dy);
+        let (xd, gd, bd, dyd) = (
+            dev.upload(&x)?,
+            dev.upload(&g)?,
+            dev.upload(&b)?,
+            dev.upload(&dy)?,
+        );
+        let mut y = dev.zeros::<f32>(m * d)?;
+        let (mut mu, mut rs) = (dev.zeros::<f32>(m)?, dev.zeros::<f32>(m)?);
+        let stats = Some((&mut mu, &mut rs));
+        cu::layernorm::forward(dev, &xd, &gd, &bd, &mut y, stats, (m, d), 1e-6)?;
+        let mut dx = dev.zeros::<f32>(m * d)?;
+        let (dg, db) = cu::layernorm::backward(dev, &xd, &gd, &mu, &rs, &dyd, &mut dx, (m, d))?;
+        Ok(vec![
+            Out("dx", dev.download(&dx)?, dx_want),
+            Out("dgamma", dev.download(&dg)?, dg_want),
+            Out("dbeta", dev.download(&db)?, db_want),
+        ])
+    });
+    Case(
+        "layernorm_bwd",
+        format!("[{m}, {d}]"),
+        "f32",
+        F32_SUM_TOL,
+        run,
+    )
+}
+
+fn bias_act<T: Storage>(m: usize, d: usize, gelu: bool) -> Case {
+    let run: Run = Box::new(move |dev, rng| {
+        let y = rounded::<T>(&randn(rng, m * d, 2.0));
+        let b = randn(rng, d, 1.0);
+        let mut want = y.clone();
+        if gelu {
+            cpu::vecmath::bias_gelu_rows(&mut want, &b);
+        } else {
+            cpu::vecmath::bias_rows(&mut want, &b);
+        }
+        let mut yd = up::<T>(dev, &y)?;
+        let bd = dev.upload(&b)?;
+        if gelu {
+            cu::elementwise::bias_gelu(dev, &mut yd, Some(&bd), (m, d))?;
+        } else {
+            cu::elementwise::bias_add(dev, &mut yd, &bd, (m, d))?;
+        }
+        Ok(vec![Out("y", down(dev, &yd)?, want)])
+    });
+    let op = if gelu { "bias_gelu" } else { "bias_add" };
+    Case(
+        op,
+        format!("[{m}, {d}]"),
+        T::NAME,
+        tol_for::<T>(F32_TOL),
+        run,
+    )
+}
+
+fn gelu_bwd<T: Storage>(n: usize) -> Case {
+    let run: Run = Box::new(move |dev, rng| {
+        let (x, dy) = (
+            rounded::<T>(&randn(rng, n, 2.0)),
+            rounded::<T>(&randn(rng, n, 1.0)),
+        );
+        let mut want = vec![0.0; n];
+        cpu::vecmath::gelu_backward(&x, &dy, &mut want);
+        let (xd, dyd) = (up::<T>(dev, &x)?, up::<T>(dev, &dy)?);
+        let mut dx = dev.zeros::<T>(n)?;
+        cu::elementwise::gelu_backward(dev, &xd, &dyd, &mut dx)?;
+        Ok(vec![Out("dx", down(dev, &dx)?, want)])
+    });
+    Case(
+        "gelu_bwd",
+        format!("[{n}]"),
+        T::NAME,
+        tol_for::<T>(F32_TOL),
+        run,
+    )
+}
+
+fn residual<T: Storage>(m: usize, d: usize, gamma: bool) -> Case {
+    let run: Run = Box::new(move |dev, rng| {
+        let (x, y) = (
+            randn(rng, m * d, 1.0),
+            rounded::<T>(&randn(rng, m * d, 1.0)),
+        );
+        let g = randn(rng, d, 0.1);
+        let mut want = x.clone();
+        cpu::elementwise::residual_scaled(&mut want, &y, gamma.then_some(&g[..]), d);
+        let mut xd = dev.upload(&x)?;
+        let (yd, gd) = (up::<T>(dev, &y)?, dev.upload(&g)?);
+        cu::elementwise::residual(dev, &mut xd, &yd, gamma.then_some(&gd), (m, d))?;
+        // x stays f32 whatever y is: f32 tolerance for every storage type.
+        Ok(vec![Out("x", dev.download(&xd)?, want)])
+    });
+    let op = if gamma { "residual_gamma" } else { "residual" };
+    Case(op, format!("[{m}, {d}]"), T::NAME, F32_TOL, run)
+}
+
+fn assemble(b: usize, g: usize, d: usize, pos: bool) -> Case {
+    let run: Run = Box::new(move |dev, rng| {
+        let (p, c, ps) = (
+            randn(rng, b * g * d, 1.0),
+            randn(rng, d, 1.0),
+            randn(rng, (g + 1) * d, 1.0),
+        );
+        let want = cpu::elementwise::assemble_tokens(&p, &c, pos.then_some(&ps[..]), b, g, d);
+        let (pd, cd, psd) = (dev.upload(&p)?, dev.upload(&c)?, dev.upload(&ps)?);
+        let mut x = dev.zeros::<f32>(b * (g + 1) * d)?;
+        cu::elementwise::assemble_tokens(dev, &pd, &cd, pos.then_some(&psd), &mut x, (b, g, d))?;
+        Ok(vec![Out("x", dev.download(&x)?, want)])
+    });
+    Case(
+        "assemble_tokens",
+        format!("B={b} G={g} D={d} pos={pos}"),
+        "f32",
+        F32_TOL,
+        run,
+    )
+}
+
+fn cast<T: Storage>(n: usize) -> Case {
+    let run: Run = Box::new(move |dev, rng| {
+        // Wide range, so that rounding, subnormals (f16) and overflow to inf (f16) all occur.
+        let x: Vec<f32> = randn(rng, n, 1.0)
+            .iter()
+            .map(|v| v * 10f32.powf(v * 3.0))
+            .collect();
+        let xd = dev.upload(&x)?;
+        let mut out = dev.zeros::<T>(n)?;
+        cu::elementwise::cast(dev, &xd, &mut out)?;
+        Ok(vec![Out("out", down(dev, &out)?, rounded::<T>(&x))])
+    });
+    Case("cast", format!("[{n}]"), T::NAME, 0.0, run)
+}
+
+fn softmax(m: usize, n: usize, scale: f32) -> Case {
+    let run: Run = Box::new(move |dev, rng| {
+        let x = randn(rng, m * n, 3.0);
+        let mut want: Vec<f32> = x.iter().map(|v| v * scale).collect();
+        cpu::vecmath::softmax_rows(&mut want, None, n);
+        let xd = dev.upload(&x)?;
+        let mut y = dev.zeros::<f32>(m * n)?;
+        cu::softmax::rows(dev, &xd, &mut y, (m, n), scale)?;
+        Ok(vec![Out("y", dev.download(&y)?, want)])
+    });
+    Case(
+        "softmax",
+        format!("[{m}, {n}] s={scale}"),
+        "f32",
+        F32_TOL,
+        run,
+    )
+}
+
+/// `gemm`: the cuBLAS path (`forward_bf16_gemm` for bf16; f32 always takes `forward_f32`).
+fn attention<T: Storage>(b: usize, n: usize, h: usize, dh: usize, bias: bool, gemm: bool) -> Case {
+    let run: Run = Box::new(move |dev, rng| {
+        let d = h * dh;
+        let qkv = rounded::<T>(&randn(rng, b * n * 3 * d, 1.0));
+        let rel = randn(rng, h * n * n, 0.5);
+        let dims = cpu::attention::Dims { b, n, h, dh };
+        let mut want = vec![0.0; b * n * d];
+        cpu::attention::forward(&qkv, bias.then_some(&rel[..]), &dims, &mut want);
+        let rd = dev.upload(&rel)?;
+        let gd = cu::attention::Dims { b, n, h, dh };
+        let (scale, bias_d) = ((dh as f32).powf(-0.5), bias.then_some(&rd));
+        let hnn = h * n * n;
+        let got = match (T::NAME, gemm) {
+            ("f32", _) => {
+                let (qd, mut o) = (dev.upload(&qkv)?, dev.zeros::<f32>(b * n * d)?);
+                let mut sc = (dev.zeros::<f32>(hnn)?, dev.zeros::<f32>(hnn)?);
+                let scratch = (&mut sc.0, &mut sc.1);
+                cu::attention::forward_f32(dev, &qd, bias_d, &mut o, &gd, scale, scratch)?;
+                dev.download(&o)?
+            }
+            ("bf16", true) => {
+                let (qd, mut o) = (up::<bf16>(dev, &qkv)?, dev.zeros::<bf16>(b * n * d)?);
+                let (s1, s2) = (dev.zeros::<f32>(hnn)?, dev.zeros::<f32>(hnn)?);
+                let mut sc = (s1, s2, dev.zeros::<bf16>(hnn)?);
+                let scratch = (&mut sc.0, &mut sc.1, &mut sc.2);
+                cu::attention::forward_bf16_gemm(dev, &qd, bias_d, &mut o, &gd, scale, scratch)?;
+                down(dev, &o)?
+            }
+            _ => {
+                let (qd, mut o) = (up::<T>(dev, &qkv)?, dev.zeros::<T>(b * n * d)?);
+                cu::attention::forward(dev, &qd, bias_d, &mut o, &gd, scale)?;
+                down(dev, &o)?
+            }
+        };
+        Ok(vec![Out("out", got, want)])
+    });
+    let path = if gemm || T::NAME == "f32" {
+        "cuBLAS"
+    } else {
+        "fused"
+    };
+    let shape = format!(
+        "B={b} N={n} H={h} Dh={dh} {path}{}",
+        if bias { " +bias" } else { "" }
+    );
+    Case("attention", shape, T::NAME, tol_for::<T>(F32_SUM_TOL), run)
+}
+
+fn im2col<T: Storage>(b: usize, c: usize, s: usize, p: usize) -> Case {
+    let run: Run = Box::new(move |dev, rng| {
+        let img = randn(rng, b * c * s * s, 1.0);
+        let want = rounded::<T>(&cpu::patch_embed::im2col(&img, b, c, s, s, p));
+        let dims = cu::patch_embed::Dims {
+            b,
+            c,
+            h: s,
+            w: s,
+            p,
+        };
+        let imd = dev.upload(&img)?;
+        let mut cols = dev.zeros::<T>(b * dims.patches() * dims.patch_len())?;
+        cu::patch_embed::im2col(dev, &imd, &mut cols, dims)?;
+        Ok(vec![Out("cols", down(dev, &cols)?, want)])
+    });
+    Case(
+        "im2col",
+        format!("[{b}, {c}, {s}, {s}] P={p}"),
+        T::NAME,
+        0.0,
+        run,
+    )
+}
+
+fn patch_embed(b: usize, s: usize, p: usize, d: usize) -> Case {
+    let run: Run = Box::new(move |dev, rng| {
+        let c = 3;
+        let img = randn(rng, b * c * s * s, 1.0);
+        let w = randn(rng, d * c * p * p, 0.02);
+        let bias = randn(rng, d, 0.1);
+        let want = backend::patch_embed(
+            &Tensor::from_vec(&[b, c, s, s], img.clone())?,
+            &Tensor::from_vec(&[d, c, p, p], w.clone())?,
+            &Tensor::from_vec(&[d], bias.clone())?,
+        )?
+        .into_vec();
+        let dims = cu::patch_embed::Dims {
+            b,
+            c,
+            h: s,
+            w: s,
+            p,
+        };
+        let (imd, wd, bd) = (dev.upload(&img)?, dev.upload(&w)?, dev.upload(&bias)?);
+        let out = cu::patch_embed::forward(dev, &imd, &wd, &bd, dims, d)?;
+        Ok(vec![Out("tokens", dev.download(&out)?, want)])
+    });
+    Case(
+        "patch_embed",
+        format!("[{b}, 3, {s}, {s}] P={p} D={d}"),
+        "f32",
+        F32_SUM_TOL,
+        run,
+    )
+}
+
+fn linear<T: Storage>(m: usize, k: usize, n: usize, act: Activation) -> Case
+where
+    CudaBlas: Gemm<T>,
+{
+    let run: Run = Box::new(move |dev, rng| {
+        let x = rounded::<T>(&randn(rng, m * k, 1.0));
+        let w = rounded::<T>(&randn(rng, n * k, (k as f32).powf(-0.5)));
+        let b = randn(rng, n, 0.5);
+        let want = backend::linear(
+            &Tensor::from_vec(&[m, k], x.clone())?,
+            &Tensor::from_vec(&[n, k], w.clone())?,
+            Some(&Tensor::from_vec(&[n], b.clone())?),
+            act,
+        )?
+        .into_vec();
+        let (xd, wd, bd) = (up::<T>(dev, &x)?, up::<T>(dev, &w)?, dev.upload(&b)?);
+        let mut y = dev.zeros::<T>(m * n)?;
+        cu::matmul::linear(dev, &xd, &wd, Some(&bd), act, &mut y, (m, k, n))?;
+        Ok(vec![Out("y", down(dev, &y)?, want)])
+    });
+    let op = if act == Activation::Gelu {
+        "linear_gelu"
+    } else {
+        "linear"
+    };
+    Case(
+        op,
+        format!("M={m} K={k} N={n}"),
+        T::NAME,
+        tol_for::<T>(F32_SUM_TOL),
+        run,
+    )
+}
+
+/// THE table. Shapes follow BEiT/ViT-Base at batch 2 (M = 2·197 tokens, D = 768, F = 3072,
+/// H = 12 × 64), Large-style heads (Dh = 80, N = 257), and odd sizes that exercise the tails.
+fn cases() -> Vec<Case> {
+    let (m, d, f) = (2 * 197, 768, 3072);
+    vec![
+        layernorm_fwd::<f32>(m, d),
+        layernorm_fwd::<f32>(7, 1000),
+        layernorm_fwd::<bf16>(m, d),
+        layernorm_bwd(m, d),
+        layernorm_bwd(5, 100),
+        bias_act::<f32>(m, f, false),
+        bias_act::<bf16>(m, f, false),
+        bias_act::<f32>(m, f, true),
+        bias_act::<bf16>(m, f, true),
+        gelu_bwd::<f32>(m * f),
+        gelu_bwd::<bf16>(m * f + 3),
+        residual::<f32>(m, d, true),
+        residual::<f32>(m, d, false),
+        residual::<bf16>(m, d, true),
+        assemble(3, 196, 768, true),
+        assemble(2, 4, 48, false),
+        cast::<bf16>(100_003),
+        cast::<f16>(100_003),
+        softmax(12 * 197, 197, 0.125),
+        softmax(3, 1000, 1.0),
+        attention::<bf16>(2, 197, 12, 64, true, false),
+        attention::<bf16>(2, 197, 12, 64, false, false),
+        attention::<f16>(1, 197, 12, 64, true, false),
+        attention::<bf16>(1, 257, 16, 80, true, false),
+        attention::<bf16>(3, 5, 2, 64, true, false),
+        attention::<bf16>(2, 197, 12, 64, true, true),
+        attention::<bf16>(2, 17, 3, 16, false, true),
+        attention::<f32>(2, 197, 12, 64, true, true),
+        attention::<f32>(2, 17, 3, 16, false, true),
+        im2col::<f32>(2, 3, 224, 16),
+        im2col::<bf16>(1, 3, 224, 14),
+        patch_embed(2, 224, 16, d),
+        linear::<f32>(m, d, 3 * d, Activation::None),
+        linear::<f32>(m, d, f, Activation::Gelu),
+        linear::<f32>(m, f, d, Activation::None),
+        linear::<f32>(2, d, 1000, Activation::None),
+        linear::<f32>(3, 5, 7, Activation::Gelu),
+        linear::<bf16>(m, d, 3 * d, Activation::None),
+        linear::<bf16>(m, d, f, Activation::Gelu),
+        linear::<bf16>(m, f, d, Activation::None),
+        sqdist(64, 1000, d),
+        mahalanobis(64, 10, d),
+        mahalanobis(33, 1000, 100),
+        kth(64, 1000, 1),
+        kth(64, 1000, 10),
+        kth(3, 1000, 1000),
+        topk(64, 1000, 10),
+        topk(5, 300, 300),
+    ]
+}
+
+#[test]
+fn error_measure() {
+    assert_eq!(errors(&[1.0, 2.0], &[1.0, 2.0]), (0.0, 0.0));
+    let (a, r) = errors(&[1.0, 0.0], &[1.0, 1e-3]);
+    assert!((a - 1e-3).abs() < 1e-9 && r < 2e-3, "{a} {r}");
+    assert_eq!(errors(&[f32::NAN], &[1.0]).0, f32::INFINITY);
+    assert_eq!(errors(&[f32::INFINITY], &[f32::INFINITY]), (0.0, 0.0));
+}
+
+#[test]
+fn cuda_ops_match_cpu() {
+    let required = std::env::var("MOOD_REQUIRE_CUDA").is_ok_and(|v| v == "1");
+    let dev = match CudaDevice::new(0) {
+        Ok(d) => d,
+        Err(e) => {
+            assert!(!required, "MOOD_REQUIRE_CUDA=1 but {e}");
+            eprintln!("\n{}", "=".repeat(72));
+            eprintln!("SKIPPED: no CUDA device ({e})");
+            eprintln!("         NO CUDA OP WAS CHECKED. Set MOOD_REQUIRE_CUDA=1 to fail instead.");
+            eprintln!("{}\n", "=".repeat(72));
+            return;
+        }
+    };
+    println!("device: {}", dev.describe());
+    let filter = std::env::var("MOOD_PARITY_FILTER").unwrap_or_default();
+    let mut failures = Vec::new();
+    let mut ran = 0;
+    for (i, c) in cases().into_iter().enumerate() {
+        let Case(op, shape, dtype, tol, run) = c;
+        if !op.contains(filter.as_str()) {
+            continue;
+        }
+        ran += 1;
+        let mut rng = Rng::new(1000 + i as u64);
+        let label = format!("{op:<15} {dtype:<6} {shape:<28}");
+        match run(&dev, &mut rng) {
+            Err(e) => {
+                println!("ERROR {label} {e}");
+                failures.push(format!("{label}: {e}"));
+            }
+            Ok(outs) => {
+                for Out(name, got, want) in outs {
+                    let (abs, rel) = if got.len() == want.len() {
+                        errors(&got, &want)
+                    } else {
+                        (f32::INFINITY, f32::INFINITY)
+                    };
+                    let ok = rel <= tol;
+                    println!(
+                        "{} {label} {name:<10} max_abs {abs:.3e} max_rel {rel:.3e} tol {tol:.1e}",
+                        if ok { "PASS " } else { "FAIL " }
+                    );
+                    if !ok {
+                        failures.push(format!("{label} {name}: rel {rel:.3e} > {tol:.1e}"));
+                    }
+                }
+            }
+        }
+    }
+    println!("{ran} cases run, {} failed", failures.len());
+    assert!(
+        failures.is_empty(),
+        "CUDA parity failures:\n{}",
+        failures.join("\n")
+    );
+}
