@@ -63,7 +63,10 @@ impl Whitened {
         self.means_sq.len()
     }
 
-    /// Squared distances [n, C] of the rows of x [n, D] to every mean.
+    /// Squared distances [n, C] of the rows of x [n, D] to every mean. The GEMM expansion
+    /// ‖z‖² − 2z·m + ‖m‖² loses digits to cancellation when a distance is small next to the norms,
+    /// so each row's nearest few means (by the expansion) are recomputed directly as ‖z − m‖² in
+    /// f64: the minimum, which the scores use, is then exact to f32 rounding.
     pub fn distances(&self, x: &[f32]) -> Vec<f32> {
         let n = x.len() / self.dim;
         let (r, c) = (self.rank, self.classes());
@@ -82,6 +85,20 @@ impl Whitened {
                 row.iter_mut()
                     .zip(&self.means_sq)
                     .for_each(|(x, m)| *x = (zz - 2.0 * *x + m).max(0.0));
+                const REFINE: usize = 4;
+                let mut cand: Vec<usize> = (0..c).collect();
+                if c > REFINE {
+                    cand.select_nth_unstable_by(REFINE - 1, |&a, &b| row[a].total_cmp(&row[b]));
+                    cand.truncate(REFINE);
+                }
+                for k in cand {
+                    let m = &self.means[k * r..(k + 1) * r];
+                    row[k] = zr
+                        .iter()
+                        .zip(m)
+                        .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+                        .sum::<f64>() as f32;
+                }
             });
         cross
     }
