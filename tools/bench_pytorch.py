@@ -76,7 +76,7 @@ def bench_torch(model, x, iters):
 def bench_torch_train(model, x, iters):
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.05)
-    y = torch.arange(x.shape[0]) % 1000
+    y = torch.arange(x.shape[0]) % model.num_classes
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
 
     def step():
@@ -132,13 +132,23 @@ def gflop_per_image(arch, mood_result):
     return mood_result["gflop_per_image"] if mood_result else float("nan")
 
 
+def make_model(arch):
+    """timm's model for `arch`; mood's own small presets, which timm does not register, are built
+    from timm's Beit class with the same configuration."""
+    if arch == "beit_tiny_patch8_32":  # the demo model: 32x32 digits, 4x4 patches, abs + rel pos
+        from timm.models.beit import Beit
+        return Beit(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=4, mlp_ratio=4,
+                    num_classes=10, use_abs_pos_emb=True, use_rel_pos_bias=True, init_values=0.1)
+    return timm.create_model(arch, pretrained=False)
+
+
 def main_cuda(a):
     if not torch.cuda.is_available():
         sys.exit("--device cuda: torch sees no CUDA device")
     torch.backends.cuda.matmul.allow_tf32 = False  # bf16 autocast covers the GEMMs; keep f32 ops exact
     name = torch.cuda.get_device_name(0)
-    model = timm.create_model(a.arch, pretrained=False).eval().cuda()
-    size = model.pretrained_cfg.get("input_size", (3, 224, 224))[-1] if hasattr(model, "pretrained_cfg") else 224
+    model = make_model(a.arch).eval().cuda()
+    size = model.patch_embed.img_size[0]
     x = torch.randn(a.batch, 3, size, size, device="cuda")
     rows = []
     ours = bench_mood_cuda(a.mood, a.arch, a.batch, a.iters) if os.path.exists(a.mood) else None
@@ -190,8 +200,8 @@ def main():
         return main_cuda(a)
 
     torch.set_num_threads(a.threads)
-    model = timm.create_model(a.arch, pretrained=False).eval()
-    size = model.pretrained_cfg.get("input_size", (3, 224, 224))[-1] if hasattr(model, "pretrained_cfg") else 224
+    model = make_model(a.arch).eval()
+    size = model.patch_embed.img_size[0]
     x = torch.randn(a.batch, 3, size, size)
     ours, theirs = [], []
     for _ in range(a.rounds):
