@@ -195,7 +195,11 @@ fn bad_extraction_input_fails_on_one_line() {
     ];
     for (extra, want) in [
         (&["--data", "digits", "--shard", "3/2"][..], "--shard"),
-        (&["--data", "imagenet-21k"][..], "not a known data set"),
+        (
+            &["--data", "imagenet-21k"][..],
+            "not a directory or a known data set",
+        ),
+        (&["--data", "/nonexistent/images"][..], "no such directory"),
         (&["--data", "digits@val"][..], "train` and `test"),
         (&["--data", "digits", "--batch", "0"][..], "at least 1"),
     ] {
@@ -236,4 +240,94 @@ fn f16_stores_hold_the_f32_features_rounded() {
         std::fs::read(b.join("logits.npy")).unwrap(),
         "logits stay f32"
     );
+}
+
+#[test]
+fn image_folders_extract_with_unreadable_files_skipped_and_listed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let data = tmp.path().join("images");
+    for class in ["a_photos", "b_flowers"] {
+        std::fs::create_dir_all(data.join(class)).unwrap();
+    }
+    std::fs::copy(
+        root.join("data/china.jpg"),
+        data.join("a_photos/1_china.jpg"),
+    )
+    .unwrap();
+    std::fs::copy(
+        root.join("data/flower.jpg"),
+        data.join("b_flowers/1_flower.jpg"),
+    )
+    .unwrap();
+    std::fs::copy(
+        fixture("preprocess/flower_grey.jpg"),
+        data.join("b_flowers/2_grey.JPG"),
+    )
+    .unwrap();
+    let jpeg = std::fs::read(root.join("data/china.jpg")).unwrap();
+    std::fs::write(
+        data.join("a_photos/2_truncated.jpg"),
+        &jpeg[..jpeg.len() / 3],
+    )
+    .unwrap();
+    std::fs::write(data.join("a_photos/3_empty.jpg"), b"").unwrap();
+    std::fs::write(data.join("b_flowers/3_text.jpg"), b"this is not an image").unwrap();
+    let out = tmp.path().join("store");
+    let (o, d, w) = (
+        out.to_string_lossy().into_owned(),
+        data.to_string_lossy().into_owned(),
+        weights(),
+    );
+    let (code, err) = mood(
+        &[
+            "extract",
+            "--arch",
+            "test_tiny_beit",
+            "--weights",
+            &w,
+            "--data",
+            &d,
+            "--out",
+            &o,
+            "--batch",
+            "2",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let s = mood::store::FeatureStore::open(&out).unwrap();
+    assert_eq!(s.manifest.classes, vec!["a_photos", "b_flowers"]);
+    let skipped: Vec<&str> = s.manifest.skipped.iter().map(|k| k.path.as_str()).collect();
+    assert_eq!(skipped.len(), 3, "{skipped:?}");
+    for name in ["2_truncated.jpg", "3_empty.jpg", "3_text.jpg"] {
+        assert!(
+            skipped.iter().any(|p| p.ends_with(name)),
+            "{name} not listed: {skipped:?}"
+        );
+        assert!(err.contains(name), "no warning for {name}: {err}");
+    }
+    assert_eq!(s.rows(), 3, "china, flower and the greyscale flower");
+    assert_eq!(s.labels.as_deref(), Some(&[0usize, 1, 1][..]));
+    // An output path under a regular file cannot be created: one line, nothing written.
+    let blocker = tmp.path().join("file");
+    std::fs::write(&blocker, b"x").unwrap();
+    let bad_out = blocker.join("store").to_string_lossy().into_owned();
+    let (code, err) = mood(
+        &[
+            "extract",
+            "--arch",
+            "test_tiny_beit",
+            "--weights",
+            &w,
+            "--data",
+            &d,
+            "--out",
+            &bad_out,
+        ],
+        &[],
+    );
+    assert_ne!(code, 0);
+    assert_eq!(err.lines().count(), 1, "{err}");
 }

@@ -18,6 +18,10 @@ pub struct Args {
     /// What to read: an image folder (class sub-folders or flat), or `digits[:CLASSES][@train|@test]`.
     #[arg(long)]
     pub data: String,
+    /// Preprocessing of image folders: mood (256/224 bicubic, mean/std 0.5; BEiT's), moodv2
+    /// (square bilinear), imagenet (256/224 bicubic, ImageNet mean/std) or cifar.
+    #[arg(long, default_value = "mood")]
+    pub preset: String,
     /// Store directory to write (resumed if a previous run was interrupted).
     #[arg(long)]
     pub out: PathBuf,
@@ -79,7 +83,7 @@ fn sha256(path: &Path) -> Result<String> {
     Ok(format!("{:x}", h.finalize()))
 }
 
-pub fn open_source(spec: &str, img_size: usize) -> Result<(Box<dyn Source>, String)> {
+pub fn open_source(spec: &str, preset: &str, img_size: usize) -> Result<(Box<dyn Source>, String)> {
     if spec == "digits" || spec.starts_with("digits:") || spec.starts_with("digits@") {
         let s = source::Digits::parse(spec, img_size)?;
         return Ok((
@@ -87,15 +91,24 @@ pub fn open_source(spec: &str, img_size: usize) -> Result<(Box<dyn Source>, Stri
             "digits: 8x8 nearest-upsampled, mean/std 0.5".into(),
         ));
     }
+    let path = Path::new(spec);
+    if path.is_dir() {
+        let s = source::Folder::open(path, preset, img_size)?;
+        let p = crate::data::Preprocess::preset(preset, img_size)?;
+        return Ok((Box::new(s), format!("{preset}: {p:?}")));
+    }
+    if spec.contains('/') || path.exists() {
+        return Err(Error::Usage(format!("--data {spec}: no such directory")));
+    }
     Err(Error::Usage(format!(
-        "--data `{spec}`: not a known data set (digits[:CLASSES][@train|@test])"
+        "--data `{spec}`: not a directory or a known data set (digits[:CLASSES][@train|@test])"
     )))
 }
 
 pub fn run(args: Args) -> Result<()> {
     let shard = parse_shard(&args.shard)?;
     let model = super::load_model(&args.arch, &args.weights)?;
-    let (source, preprocess) = open_source(&args.data, model.cfg.img_size)?;
+    let (source, preprocess) = open_source(&args.data, &args.preset, model.cfg.img_size)?;
     if source.is_empty() {
         return Err(Error::Data(format!("--data `{}` has no images", args.data)));
     }

@@ -1,4 +1,9 @@
-//! Data sets and image preprocessing. Now: the bundled digits and photographs used by the demo and
-//! the training tests.
+//! Data sets and image preprocessing: the bundled digits and photographs used by the demo and
+//! the training tests, image folders, and torchvision-compatible preprocessing.
 
 pub mod digits;
+pub mod image_folder;
+pub mod preprocess;
+
+pub use image_folder::{decode_bytes, decode_file, ImageFolder, RgbImage};
+pub use preprocess::{preprocess_batch, Interp, Preprocess, Resize};

@@ -95,3 +95,44 @@ impl Source for Digits {
             .collect()
     }
 }
+
+/// An image folder (class sub-folders or flat) through a preprocessing preset.
+pub struct Folder {
+    folder: crate::data::image_folder::ImageFolder,
+    pre: crate::data::preprocess::Preprocess,
+}
+
+impl Folder {
+    pub fn open(root: &std::path::Path, preset: &str, img_size: usize) -> Result<Folder> {
+        Ok(Folder {
+            folder: crate::data::image_folder::ImageFolder::open(root)?,
+            pre: crate::data::preprocess::Preprocess::preset(preset, img_size)?,
+        })
+    }
+}
+
+impl Source for Folder {
+    fn len(&self) -> usize {
+        self.folder.items.len()
+    }
+    fn sample_len(&self) -> usize {
+        self.pre.sample_len()
+    }
+    fn item_name(&self, i: usize) -> String {
+        self.folder.items[i].0.display().to_string()
+    }
+    fn label(&self, i: usize) -> Option<usize> {
+        self.folder.items[i].1
+    }
+    fn classes(&self) -> Vec<String> {
+        self.folder.classes.clone()
+    }
+    fn load(&self, rows: &[usize], out: &mut [f32]) -> Vec<Result<()>> {
+        use rayon::prelude::*;
+        let n = self.pre.sample_len();
+        rows.par_iter()
+            .zip(out.par_chunks_mut(n))
+            .map(|(&r, slot)| self.pre.apply_file(&self.folder.items[r].0, slot))
+            .collect()
+    }
+}
