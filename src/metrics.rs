@@ -79,31 +79,13 @@ pub fn auroc(id: &[f32], ood: &[f32]) -> f64 {
 /// Average precision with `pos` the positive class: Σ_k (R_k − R_{k−1})·P_k over distinct
 /// thresholds in decreasing order, as scikit-learn computes it.
 pub fn average_precision(pos: &[f32], neg: &[f32]) -> f64 {
-    let mut all: Vec<(f32, bool)> = pos
-        .iter()
-        .map(|&s| (s, true))
-        .chain(neg.iter().map(|&s| (s, false)))
-        .collect();
-    all.sort_by(|a, b| b.0.total_cmp(&a.0));
     let total_pos = pos.len() as f64;
-    let (mut tp, mut fp) = (0.0f64, 0.0f64);
     let mut prev_recall = 0.0;
     let mut ap = 0.0;
-    let mut i = 0;
-    while i < all.len() {
-        let mut j = i;
-        while j < all.len() && all[j].0 == all[i].0 {
-            if all[j].1 {
-                tp += 1.0;
-            } else {
-                fp += 1.0;
-            }
-            j += 1;
-        }
+    for (tp, fp) in curve(pos, neg) {
         let recall = tp / total_pos;
         ap += (recall - prev_recall) * tp / (tp + fp);
         prev_recall = recall;
-        i = j;
     }
     ap
 }
@@ -133,8 +115,9 @@ pub fn detection_error(id: &[f32], ood: &[f32]) -> f64 {
     best
 }
 
-/// Cumulative (true, false) positives at each distinct score, in decreasing score order.
-fn curve(pos: &[f32], neg: &[f32]) -> Vec<(f64, f64)> {
+/// Cumulative (true, false) positives at each distinct score, in decreasing score order: the
+/// points of the ROC and precision-recall curves.
+pub fn curve(pos: &[f32], neg: &[f32]) -> Vec<(f64, f64)> {
     let mut all: Vec<(f32, bool)> = pos
         .iter()
         .map(|&s| (s, true))

@@ -22,28 +22,14 @@ fn register_font() {
 /// (false positive rate, true positive rate) with ID positive and higher score = ID, one point per
 /// distinct threshold (thinned to at most ~1000 points).
 pub fn roc_points(id: &[f32], ood: &[f32]) -> Vec<(f64, f64)> {
-    let mut all: Vec<(f32, bool)> = id
-        .iter()
-        .map(|&s| (s, true))
-        .chain(ood.iter().map(|&s| (s, false)))
-        .collect();
-    all.sort_by(|a, b| b.0.total_cmp(&a.0));
     let (p, n) = (id.len() as f64, ood.len() as f64);
-    let mut pts = vec![(0.0, 0.0)];
-    let (mut tp, mut fp) = (0.0, 0.0);
-    let mut i = 0;
-    while i < all.len() {
-        let t = all[i].0;
-        while i < all.len() && all[i].0 == t {
-            if all[i].1 {
-                tp += 1.0;
-            } else {
-                fp += 1.0;
-            }
-            i += 1;
-        }
-        pts.push((fp / n, tp / p));
-    }
+    let pts: Vec<(f64, f64)> = std::iter::once((0.0, 0.0))
+        .chain(
+            crate::metrics::curve(id, ood)
+                .into_iter()
+                .map(|(tp, fp)| (fp / n, tp / p)),
+        )
+        .collect();
     let step = (pts.len() / 1000).max(1);
     let last = *pts.last().expect("at least the origin");
     let mut out: Vec<(f64, f64)> = pts.into_iter().step_by(step).collect();
