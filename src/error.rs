@@ -38,6 +38,10 @@ pub enum Error {
     /// The CUDA backend is unavailable or failed.
     #[error("cuda: {0}")]
     Cuda(String),
+    /// A device allocation failed with CUDA_ERROR_OUT_OF_MEMORY (what was being allocated). The
+    /// CUDA forward turns it into a message naming a batch that fits.
+    #[error("cuda: out of GPU memory ({0}): free GPU memory, or use a smaller batch or model")]
+    CudaOutOfMemory(String),
 }
 
 fn in_file(file: &Option<PathBuf>) -> String {

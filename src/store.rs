@@ -51,6 +51,9 @@ pub struct Manifest {
     pub local_tokens: usize,
     /// Element type of features.npy and local.npy: "f32" or "f16" (logits are always f32).
     pub dtype: String,
+    /// (temperature, epsilon) of odin.npy, when the extraction computed ODIN scores.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub odin: Option<(f32, f32)>,
 }
 
 pub struct FeatureStore {
@@ -61,6 +64,8 @@ pub struct FeatureStore {
     pub labels: Option<Vec<usize>>,
     pub local: Option<Tensor>,
     pub head: Option<Head>,
+    /// [n] ODIN scores (`extract --odin`).
+    pub odin: Option<Tensor>,
 }
 
 fn optional(dir: &Path, name: &str) -> Option<PathBuf> {
@@ -221,6 +226,20 @@ impl FeatureStore {
             }
             None => None,
         };
+        let odin = match optional(dir, "odin.npy") {
+            Some(p) => {
+                let t = crate::npy::map_float(&p)?;
+                if t.shape().len() != 1 {
+                    return Err(Error::format(
+                        &p,
+                        format!("expected [rows], found {:?}", t.shape()),
+                    ));
+                }
+                rows_match(&p, t.shape()[0])?;
+                Some(t)
+            }
+            None => None,
+        };
         let head = optional(dir, "head.safetensors")
             .map(|p| read_head(&p))
             .transpose()?;
@@ -232,6 +251,7 @@ impl FeatureStore {
             labels,
             local,
             head,
+            odin,
         })
     }
 
@@ -261,6 +281,7 @@ impl FeatureStore {
             }),
             local_tokens: self.local.as_ref().map_or(0, |t| t.shape()[1]),
             head: head.or(self.head.as_ref()),
+            odin: self.odin.as_ref().map(|t| t.as_slice()),
         }
     }
 }
@@ -272,6 +293,8 @@ pub struct Contents<'a> {
     pub labels: Option<&'a [usize]>,
     pub local: Option<&'a Tensor>,
     pub head: Option<&'a Head>,
+    /// [n] ODIN scores and the (temperature, epsilon) that made them.
+    pub odin: Option<(&'a [f32], (f32, f32))>,
     pub manifest: Manifest,
 }
 
@@ -295,6 +318,10 @@ pub fn write(dir: &Path, c: Contents) -> Result<()> {
         write_head(&dir.join("head.safetensors"), h)?;
     }
     let mut m = c.manifest;
+    if let Some((scores, params)) = c.odin {
+        crate::npy::write_f32(&dir.join("odin.npy"), &[scores.len()], scores)?;
+        m.odin = Some(params);
+    }
     m.format = 1;
     m.dtype = "f32".into();
     m.count = c.features.shape()[0];

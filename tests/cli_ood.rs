@@ -64,6 +64,7 @@ fn store(dir: &Path, n: usize, seed: u64, shift: Option<f32>, labels: bool) {
             labels: labels.then_some(&y[..]),
             local: None,
             head: Some(&head),
+            odin: None,
             manifest: Manifest {
                 model: "synthetic".into(),
                 ..Default::default()

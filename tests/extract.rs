@@ -331,3 +331,139 @@ fn image_folders_extract_with_unreadable_files_skipped_and_listed() {
     assert_ne!(code, 0);
     assert_eq!(err.lines().count(), 1, "{err}");
 }
+
+/// Whether this machine can run the CUDA forward (then `--device cuda` succeeds and `auto` takes
+/// the GPU, so the CPU-only assertions below do not apply).
+fn cuda_usable() -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        mood::backend::cuda::probe().is_ok()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        false
+    }
+}
+
+#[test]
+fn device_cuda_fails_on_one_line_without_a_gpu_and_auto_equals_cpu() {
+    if cuda_usable() {
+        eprintln!("SKIPPED: a CUDA device is usable here, so --device cuda/auto run on it");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (cpu, auto, cuda) = (
+        tmp.path().join("cpu"),
+        tmp.path().join("auto"),
+        tmp.path().join("cuda"),
+    );
+    let (code, err) = extract(&cuda, &["--device", "cuda"], &[]);
+    assert_ne!(code, 0, "--device cuda succeeded without a GPU: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("error: cuda: "), "{err}");
+    assert!(!cuda.join("features.npy").exists());
+    let (code, err) = extract(&cuda, &["--device", "cuda", "--local"], &[]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--local needs --device cpu"), "{err}");
+
+    let (code, err) = extract(&cpu, &["--device", "cpu"], &[]);
+    assert_eq!(code, 0, "{err}");
+    let (code, err) = extract(&auto, &["--device", "auto", "--precision", "bf16"], &[]);
+    assert_eq!(code, 0, "{err}");
+    let notes: Vec<&str> = err.lines().filter(|l| l.starts_with("note:")).collect();
+    assert_eq!(notes.len(), 1, "one fallback note expected: {err}");
+    assert!(notes[0].contains("running on the CPU"), "{err}");
+    assert!(
+        files(&cpu) == files(&auto),
+        "--device auto (CPU fallback) wrote a different store than --device cpu"
+    );
+}
+
+/// `--odin` scores every image through the model (ood::odin, itself checked against PyTorch in
+/// tests/train_grads.rs) into odin.npy, survives a kill and resume, and `mood eval` reads it as
+/// the `odin` method.
+#[test]
+fn odin_scores_are_extracted_and_evaluated() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("odin");
+    let (code, _) = extract(
+        &out,
+        &["--odin", "100,0.002"],
+        &[("MOOD_FAULT_AFTER_CHUNKS", "2")],
+    );
+    assert_ne!(code, 0, "the fault hook aborts");
+    let (code, err) = extract(&out, &["--odin", "100,0.002"], &[]);
+    assert_eq!(code, 0, "{err}");
+    let s = mood::store::FeatureStore::open(&out).unwrap();
+    assert_eq!(s.manifest.odin, Some((100.0, 0.002)));
+    let odin = s.odin.as_ref().expect("odin.npy").as_slice();
+    assert_eq!(odin.len(), s.rows());
+
+    use mood::extract::Source;
+    let src = mood::extract::source::Digits::parse("digits:0-4@test", 32).unwrap();
+    let cfg = mood::model::VitConfig::preset("test_tiny_beit").unwrap();
+    let store = mood::weights::WeightStore::open(Path::new(&weights())).unwrap();
+    let model = mood::model::VisionTransformer::load(&cfg, &store).unwrap();
+    let rows = [0usize, 41, src.len() - 1];
+    let mut buf = vec![0.0f32; rows.len() * src.sample_len()];
+    src.load(&rows, &mut buf);
+    let x = mood::Tensor::from_vec(&[rows.len(), 3, 32, 32], buf).unwrap();
+    // Alone, not in its batch of 8: the scores are per image, so only rounding may differ.
+    let want = mood::ood::odin::scores(&model, &x, 100.0, 0.002).unwrap();
+    for (k, &r) in rows.iter().enumerate() {
+        assert!(
+            (odin[r] - want[k]).abs() < 1e-5,
+            "row {r}: {} vs {}",
+            odin[r],
+            want[k]
+        );
+    }
+
+    let ood = tmp.path().join("ood");
+    let o = ood.to_string_lossy().into_owned();
+    let w = weights();
+    let (code, err) = mood(
+        &[
+            "extract",
+            "--arch",
+            "test_tiny_beit",
+            "--weights",
+            &w,
+            "--data",
+            "digits:5-9@test",
+            "--out",
+            &o,
+            "--odin",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    let o_id = out.to_string_lossy().into_owned();
+    let report = tmp.path().join("report");
+    let out = Command::new(env!("CARGO_BIN_EXE_mood"))
+        .args([
+            "eval",
+            "--train",
+            &o_id,
+            "--id",
+            &o_id,
+            "--ood",
+            &format!("near={o}"),
+            "--methods",
+            "odin,msp",
+        ])
+        .args(["-o", report.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.lines().any(|l| l.starts_with("| odin |")),
+        "{stdout}"
+    );
+}

@@ -150,6 +150,7 @@ struct Synthetic {
     logits: Vec<f32>,
     labels: Vec<usize>,
     local: Vec<f32>,
+    odin: Vec<f32>,
     head: Head,
 }
 
@@ -170,11 +171,13 @@ fn synthetic(n: usize, seed: u64) -> Synthetic {
         fc_norm: None,
     };
     let logits = mood::ood::subspace::logits(&features, &head.weight, &head.bias, D);
+    let odin = (0..n).map(|_| rng.normal() as f32).collect();
     Synthetic {
         features,
         logits,
         labels,
         local,
+        odin,
         head,
     }
 }
@@ -197,6 +200,7 @@ impl Synthetic {
             }),
             local_tokens: T,
             head: Some(&self.head),
+            odin: Some(&self.odin),
         }
     }
 }

@@ -10,18 +10,21 @@ use std::path::PathBuf;
 use common::fixture;
 use mood::data::{decode_file, preprocess_batch, Preprocess};
 
-/// The target is 2/255 after normalisation. Reached today (printed per case), in 8-bit
-/// pixel levels, i.e. max |diff| × std × 255: for the bilinear presets (moodv2, cifar) 1 level from
-/// PIL's pixels and 2 from the file (JPEG decoders differ by a level), up to 5 levels for bicubic
-/// (mood, imagenet), where
-/// fast_image_resize's Catmull-Rom convolution and Pillow's fixed-point bicubic round apart.
-/// These bounds guard against regressions; closing the bicubic gap is open work.
-fn level_bound(preset: &str) -> f32 {
+/// The target is 2/255 after normalisation. Reached (printed per case), in 8-bit pixel
+/// levels, i.e. max |diff| × std × 255:
+/// - From PIL's decoded pixels (the resize, crop and normalisation alone): 0 levels, bit-exact,
+///   except one square resize of a non-square image (`flower_rgba/moodv2`), 1 level: Pillow 13
+///   sometimes runs the vertical pass before the horizontal one there, by a rule its published
+///   source does not show yet; we keep the published order (see src/data/resample.rs).
+/// - From the file through our decoder: up to 2 levels, all of it from zune-jpeg's and
+///   libjpeg-turbo's IDCT/upsampling rounding (PNG inputs are exact).
+fn pil_level_bound(preset: &str) -> f32 {
     match preset {
-        "moodv2" | "cifar" => 2.01,
-        _ => 5.01,
+        "moodv2" | "cifar" => 1.01,
+        _ => 0.01,
     }
 }
+const FILE_LEVEL_BOUND: f32 = 2.01;
 
 #[derive(serde::Deserialize)]
 struct Case {
@@ -76,8 +79,8 @@ fn presets_match_torchvision() {
             d_file * 255.0,
             d_pil,
         );
-        if l_file > level_bound(&c.preset) || l_pil > level_bound(&c.preset) {
-            failures.push(format!("{} ({l_file:.2} levels)", c.name));
+        if l_file > FILE_LEVEL_BOUND || l_pil > pil_level_bound(&c.preset) {
+            failures.push(format!("{} ({l_file:.2} / {l_pil:.2} levels)", c.name));
         }
     }
     assert!(failures.is_empty(), "over the bound: {failures:?}");

@@ -43,6 +43,15 @@ pub struct Args {
     /// device is one.
     #[arg(long)]
     pub peak_tflops: Option<f64>,
+    /// Time decoding + preprocessing of this image folder instead of a model (no model is run).
+    #[arg(long, value_name = "DIR")]
+    pub data: Option<std::path::PathBuf>,
+    /// With --data: the preprocessing preset (mood, moodv2, imagenet, cifar).
+    #[arg(long, default_value = "mood")]
+    pub preset: String,
+    /// With --data: the model input side the preset produces.
+    #[arg(long, default_value_t = 224)]
+    pub img_size: usize,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,6 +72,9 @@ pub fn run(args: Args) -> Result<()> {
         return Err(Error::Usage(
             "--batch and --iters must be at least 1".into(),
         ));
+    }
+    if let Some(dir) = &args.data {
+        return super::bench_data::run(dir, &args.preset, args.img_size, args.iters, args.json);
     }
     let cfg = VitConfig::preset(&args.arch)?;
     match args.device {

@@ -31,6 +31,7 @@ pub fn run(args: &Args, cfg: &VitConfig) -> Result<()> {
     {
         let gpu = CudaVit::<T>::load(dev, model)?;
         let b = x.shape()[0];
+        gpu.check_batch_fits(dev, b)?; // before the batch's buffers: fail with a batch that fits
         let img = dev.upload(x.as_slice())?;
         for _ in 0..3 {
             gpu.forward_device(dev, &img, b)?; // warm-up: cuBLAS heuristics, allocator pool

@@ -64,6 +64,9 @@ fn engine_check() -> Result<f32> {
         .fold(0.0, f32::max))
 }
 
+/// ODIN's (temperature, epsilon): the defaults of `mood extract --odin`.
+const ODIN: (f32, f32) = (1000.0, 0.0014);
+
 /// Runs a model over normalised images and writes a feature store (features, logits, labels,
 /// patch tokens, head) to `dir`: what `mood extract` writes for image folders.
 fn extract_store(
@@ -75,7 +78,7 @@ fn extract_store(
 ) -> Result<()> {
     let cfg = &model.cfg;
     let per = 3 * cfg.img_size * cfg.img_size;
-    let (mut f, mut z, mut l) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut f, mut z, mut l, mut o) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for chunk in images.chunks(256 * per) {
         let x = Tensor::from_vec(
             &[chunk.len() / per, 3, cfg.img_size, cfg.img_size],
@@ -87,6 +90,9 @@ fn extract_store(
             z.extend_from_slice(lg.as_slice());
         }
         l.extend_from_slice(local.as_slice());
+        if out.logits.is_some() {
+            o.extend(crate::ood::odin::scores(model, &x, ODIN.0, ODIN.1)?);
+        }
     }
     let n = images.len() / per;
     let (d, g) = (cfg.embed_dim, cfg.grid().0 * cfg.grid().1);
@@ -103,6 +109,7 @@ fn extract_store(
             labels,
             local: Some(&Tensor::from_vec(&[n, g, d], l)?),
             head: head.as_ref(),
+            odin: (o.len() == n).then_some((o.as_slice(), ODIN)),
             manifest: crate::store::Manifest {
                 model: cfg.name.clone(),
                 weights: "<trained by mood demo>".into(),

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use super::bench::{Device, Precision};
 use crate::error::{Error, Result};
 use crate::extract::{self, source, Options, Source};
 use crate::store::Manifest;
@@ -39,6 +40,18 @@ pub struct Args {
     /// Element type of features.npy and local.npy (f16 halves the disk; logits stay f32).
     #[arg(long, default_value = "f32", value_parser = ["f32", "f16"])]
     pub dtype: String,
+    /// Where to run the model: cpu, cuda, or auto (cuda if a device is usable, else cpu with a
+    /// note). The CPU and CUDA features agree to f32 rounding, not bit for bit.
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    pub device: Device,
+    /// CUDA only: f32 (features as the CPU's, to f32 rounding) or bf16 (faster, ~1e-2 off).
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    pub precision: Precision,
+    /// Also score every image by ODIN through the model (odin.npy, for `mood eval --methods
+    /// odin`): temperature and input step, default 1000,0.0014. Costs a backward and a second
+    /// forward per batch, on the CPU.
+    #[arg(long, value_name = "T,EPS", num_args = 0..=1, default_missing_value = "1000,0.0014")]
+    pub odin: Option<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -107,6 +120,25 @@ pub fn open_source(spec: &str, preset: &str, img_size: usize) -> Result<(Box<dyn
 
 pub fn run(args: Args) -> Result<()> {
     let shard = parse_shard(&args.shard)?;
+    let odin = args.odin.as_deref().map(parse_odin).transpose()?;
+    // The CUDA forward returns pooled features only, not the patch tokens `--local` keeps.
+    let device = match (args.local, args.device) {
+        (true, Device::Cuda) => {
+            return Err(Error::Usage(
+                "--local needs --device cpu: the CUDA forward does not return patch tokens".into(),
+            ))
+        }
+        (true, Device::Auto) => {
+            eprintln!("note: --device auto: --local runs on the CPU (the CUDA forward does not return patch tokens)");
+            Device::Cpu
+        }
+        (_, d) => d,
+    };
+    if args.batch == 0 || args.chunk == 0 {
+        return Err(Error::Usage(
+            "--batch and --chunk must be at least 1".into(),
+        ));
+    }
     let model = super::load_model(&args.arch, &args.weights)?;
     let (source, preprocess) = open_source(&args.data, &args.preset, model.cfg.img_size)?;
     if source.is_empty() {
@@ -119,6 +151,7 @@ pub fn run(args: Args) -> Result<()> {
         preprocess,
         sources: vec![args.data.clone()],
         dtype: args.dtype.clone(),
+        odin,
         ..Default::default()
     };
     let opts = Options {
@@ -126,8 +159,20 @@ pub fn run(args: Args) -> Result<()> {
         chunk: args.chunk,
         shard,
         local: args.local,
+        odin,
     };
-    let s = extract::extract(&model, source.as_ref(), &args.out, &opts, manifest)?;
+    // The largest batch actually run (batches never span chunks): a smaller one needs less
+    // device memory.
+    let largest = args.batch.min(args.chunk).min(source.len()).max(1);
+    let forward = super::runner::runner(&model, device, args.precision, largest)?;
+    let s = extract::extract(
+        &model,
+        &*forward,
+        source.as_ref(),
+        &args.out,
+        &opts,
+        manifest,
+    )?;
     eprintln!(
         "{} rows -> {} in {:.1} s ({:.1} images/s; model busy {:.0}% of the time){}{}",
         s.rows,
@@ -160,4 +205,22 @@ pub fn run_merge(args: MergeArgs) -> Result<()> {
         args.output.display()
     );
     Ok(())
+}
+
+/// `T,EPS` of `--odin`: a positive temperature and a non-negative input step.
+fn parse_odin(s: &str) -> Result<(f32, f32)> {
+    let bad = || {
+        Error::Usage(format!(
+            "--odin {s}: expected T,EPS with T > 0 and EPS >= 0, e.g. 1000,0.0014"
+        ))
+    };
+    let (t, e) = s.split_once(',').ok_or_else(bad)?;
+    let (t, e): (f32, f32) = (
+        t.trim().parse().map_err(|_| bad())?,
+        e.trim().parse().map_err(|_| bad())?,
+    );
+    if !(t.is_finite() && t > 0.0 && e.is_finite() && e >= 0.0) {
+        return Err(bad());
+    }
+    Ok((t, e))
 }

@@ -21,10 +21,18 @@ pub struct Args {
     #[arg(long)]
     pub weights: Option<PathBuf>,
     /// Training data: `digits` or `digits:CLASSES` (e.g. digits:0-4; one class, e.g. digits:3, is
-    /// MOOD's one-class fine-tuning, where label smoothing keeps the task from being trivial).
+    /// MOOD's one-class fine-tuning, where label smoothing keeps the task from being trivial), an
+    /// image folder with class sub-folders, or `cifar10:DIR@train` / `cifar100:DIR@train`.
     #[arg(long)]
     pub data: String,
-    /// Head size; default: the preset's classes (10 for the digits).
+    /// Held-out images for the closing accuracy (same forms as --data); default: the digits'
+    /// test part for a digits spec, none otherwise.
+    #[arg(long)]
+    pub val: Option<String>,
+    /// Preprocessing of image folders and CIFAR (as `mood extract --preset`).
+    #[arg(long, default_value = "mood")]
+    pub preset: String,
+    /// Head size; default: the data's classes (the preset's 10 for the digits).
     #[arg(long)]
     pub num_classes: Option<usize>,
     /// Label smoothing of the cross-entropy (MOOD: 0.1).
@@ -63,7 +71,7 @@ pub fn run(args: Args) -> Result<()> {
             args.label_smoothing
         )));
     }
-    let data = training_data(&args.data, &cfg)?;
+    let (data, data_classes) = training_data(&args.data, &args.preset, &cfg, true)?;
     let groups: Option<Vec<usize>> = match &args.mos_groups {
         None => None,
         Some(spec) => Some(
@@ -79,7 +87,7 @@ pub fn run(args: Args) -> Result<()> {
     };
     let classes = match &groups {
         Some(g) => g.iter().sum(),
-        None => args.num_classes.unwrap_or(cfg.num_classes),
+        None => args.num_classes.or(data_classes).unwrap_or(cfg.num_classes),
     };
     if let Some(&bad) = data.labels.iter().find(|&&l| l >= classes) {
         return Err(Error::Usage(format!(
@@ -146,12 +154,19 @@ pub fn run(args: Args) -> Result<()> {
             args.output.display()
         );
     }
-    let heldout = super::train_common::heldout_data(&args.data, &cfg)?;
-    let acc = crate::train::loops::accuracy_with(&cfg, &params, &heldout, 256, groups.as_deref())?;
-    println!(
-        "held-out accuracy: {:.2}% on {} images",
-        100.0 * acc,
-        heldout.len()
-    );
+    let heldout =
+        super::train_common::heldout_data(&args.data, args.val.as_deref(), &args.preset, &cfg)?;
+    match heldout {
+        Some(h) => {
+            let acc =
+                crate::train::loops::accuracy_with(&cfg, &params, &h, 256, groups.as_deref())?;
+            println!(
+                "held-out accuracy: {:.2}% on {} images",
+                100.0 * acc,
+                h.len()
+            );
+        }
+        None => eprintln!("no --val given: held-out accuracy not measured"),
+    }
     Ok(())
 }

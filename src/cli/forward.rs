@@ -4,7 +4,6 @@ use std::path::PathBuf;
 
 use super::bench::{Device, Precision};
 use crate::error::{Error, Result};
-use crate::model::{Output, VisionTransformer};
 use crate::tensor::Tensor;
 
 #[derive(clap::Args, Debug)]
@@ -35,50 +34,6 @@ pub struct Args {
     pub precision: Precision,
 }
 
-type ForwardFn<'a> = Box<dyn Fn(&Tensor) -> Result<Output> + 'a>;
-
-/// The forward to run the batches through: the CPU model, or its weights uploaded to device 0.
-fn runner(
-    model: &VisionTransformer,
-    device: Device,
-    precision: Precision,
-) -> Result<ForwardFn<'_>> {
-    let cpu: ForwardFn<'_> = Box::new(|x| model.forward(x));
-    match device {
-        Device::Cpu => Ok(cpu),
-        Device::Cuda => cuda_runner(model, precision),
-        Device::Auto => cuda_runner(model, precision).or_else(|e| {
-            eprintln!("note: --device auto: {e}; running on the CPU");
-            Ok(cpu)
-        }),
-    }
-}
-
-#[cfg(feature = "cuda")]
-fn cuda_runner(model: &VisionTransformer, precision: Precision) -> Result<ForwardFn<'_>> {
-    use crate::backend::cuda::CudaDevice;
-    use crate::model::cuda_vit::CudaVit;
-    let dev = CudaDevice::new(0)?;
-    eprintln!("cuda: {}", dev.describe());
-    Ok(match precision {
-        Precision::F32 => {
-            let gpu = CudaVit::<f32>::load(&dev, model)?;
-            Box::new(move |x| gpu.forward(&dev, x))
-        }
-        Precision::Bf16 => {
-            let gpu = CudaVit::<half::bf16>::load(&dev, model)?;
-            Box::new(move |x| gpu.forward(&dev, x))
-        }
-    })
-}
-
-#[cfg(not(feature = "cuda"))]
-fn cuda_runner(_model: &VisionTransformer, _precision: Precision) -> Result<ForwardFn<'_>> {
-    Err(Error::Cuda(
-        "this binary was built without the `cuda` feature".into(),
-    ))
-}
-
 pub fn run(args: Args) -> Result<()> {
     if args.batch == 0 {
         return Err(Error::Usage("--batch must be at least 1".into()));
@@ -107,7 +62,9 @@ pub fn run(args: Args) -> Result<()> {
             ))
         }
     }
-    let forward = runner(&model, args.device, args.precision)?;
+    // The largest batch actually run: fewer images than --batch need less device memory.
+    let largest = args.batch.min(shape[0]).max(1);
+    let forward = super::runner::runner(&model, args.device, args.precision, largest)?;
     let total = shape[0];
     let pb = super::progress(total as u64, "img");
     let mut feats = Vec::new();

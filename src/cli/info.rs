@@ -1,4 +1,5 @@
-//! `mood info`: version, CPU features, threads, and whether the CUDA libraries can be loaded.
+//! `mood info`: version, CPU features, threads, whether the CUDA libraries can be loaded and from
+//! where, and device 0 (name, compute capability, memory, driver) when there is one.
 
 use crate::error::Result;
 
@@ -85,6 +86,21 @@ fn cuda_libraries() {
     println!("nvrtc cache: {}", shown(nvrtc::cache_dir()));
     let stems: Vec<&str> = cuda::kernel_sources().iter().map(|(s, _)| *s).collect();
     println!("kernels: {}", stems.join(" "));
+    let mut archs: Vec<&str> = cuda::kernel_ptx().iter().map(|(_, a, _)| *a).collect();
+    archs.sort_unstable();
+    archs.dedup();
+    println!(
+        "embedded PTX: {}",
+        if archs.is_empty() {
+            "none (built without nvcc; NVRTC compiles the kernels at run time)".to_string()
+        } else {
+            format!("{} (nvcc at build time)", archs.join(" "))
+        }
+    );
+    // SAFETY: only attempts dlopen. Without libcuda the `cuda:` line above has said so already.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return;
+    }
     // The full check a CUDA run makes first (driver version, every library), then device 0.
     match cuda::CudaDevice::new(0) {
         Ok(dev) => println!("cuda device 0: {}", dev.describe()),

@@ -3,6 +3,7 @@
 pub mod bench;
 #[cfg(feature = "cuda")]
 pub mod bench_cuda;
+pub mod bench_data;
 pub mod convert;
 pub mod demo;
 pub mod eval;
@@ -12,6 +13,7 @@ pub mod fit;
 pub mod forward;
 pub mod info;
 pub mod pretrain;
+pub mod runner;
 pub mod train_common;
 
 use indicatif::{ProgressBar, ProgressStyle};

@@ -20,9 +20,13 @@ pub struct Args {
     /// Continue pretraining this checkpoint; random init when absent.
     #[arg(long)]
     pub weights: Option<PathBuf>,
-    /// Images: `digits` or `digits:CLASSES` (labels are not used).
+    /// Images: `digits` or `digits:CLASSES`, an image folder, or `cifar10:DIR@train` (labels are
+    /// not used: a flat folder works).
     #[arg(long)]
     pub data: String,
+    /// Preprocessing of image folders and CIFAR (as `mood extract --preset`).
+    #[arg(long, default_value = "mood")]
+    pub preset: String,
     /// Fraction of patches masked per image (BEiT: 75 of 196 ≈ 0.4).
     #[arg(long, default_value_t = 0.4)]
     pub mask_ratio: f32,
@@ -39,7 +43,7 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     let cfg = VitConfig::preset(&args.arch)?;
     let s = args.schedule.schedule()?;
-    let data = training_data(&args.data, &cfg)?;
+    let (data, _) = training_data(&args.data, &args.preset, &cfg, false)?;
     let mut params = initial_params(&cfg, args.weights.as_deref(), s.seed)?;
     params.retain(|k, _| !k.starts_with("head.") && !k.starts_with("fc_norm."));
     add_mim_params(&mut params, &cfg, s.seed);

@@ -81,15 +81,113 @@ impl ScheduleArgs {
     }
 }
 
-/// Training images from a data spec. Today: `digits` or `digits:CLASSES` (e.g. `digits:0-4`), the
-/// train part of the bundled digits' fixed split, rendered at the model's input size.
-pub fn training_data(spec: &str, cfg: &VitConfig) -> Result<Dataset> {
-    digits_part(spec, cfg, false)
+/// Training images from a data spec: `digits[:CLASSES]` (the train part of the bundled digits'
+/// fixed split, rendered at the model's input size), or anything `mood extract --data` reads (an
+/// image folder with class sub-folders, `cifar10:DIR@train`, ...) through `preset`, loaded into
+/// memory once. Also returns the number of classes the data names (None for the digits, whose
+/// head keeps the preset's 10).
+pub fn training_data(
+    spec: &str,
+    preset: &str,
+    cfg: &VitConfig,
+    need_labels: bool,
+) -> Result<(Dataset, Option<usize>)> {
+    if is_digits(spec) {
+        return Ok((digits_part(spec, cfg, false)?, None));
+    }
+    let (source, _) = super::extract::open_source(spec, preset, cfg.img_size)?;
+    let classes = source.classes().len();
+    Ok((
+        load_all(spec, source.as_ref(), cfg, need_labels)?,
+        (classes > 0).then_some(classes),
+    ))
 }
 
-/// The held-out part of the same data spec, to report accuracy after fine-tuning.
-pub fn heldout_data(spec: &str, cfg: &VitConfig) -> Result<Dataset> {
-    digits_part(spec, cfg, true)
+/// The held-out images to report accuracy on: `--val SPEC` when given, else the digits' test
+/// part for a digits spec, else none.
+pub fn heldout_data(
+    spec: &str,
+    val: Option<&str>,
+    preset: &str,
+    cfg: &VitConfig,
+) -> Result<Option<Dataset>> {
+    match val {
+        Some(v) if is_digits(v) => Ok(Some(digits_part(v, cfg, true)?)),
+        Some(v) => {
+            let (source, _) = super::extract::open_source(v, preset, cfg.img_size)?;
+            Ok(Some(load_all(v, source.as_ref(), cfg, true)?))
+        }
+        None if is_digits(spec) => Ok(Some(digits_part(spec, cfg, true)?)),
+        None => Ok(None),
+    }
+}
+
+fn is_digits(spec: &str) -> bool {
+    spec == "digits" || spec.starts_with("digits:")
+}
+
+/// Training keeps its images in memory (random order every epoch); beyond this it asks for a
+/// smaller set instead of swapping.
+const MAX_IN_MEMORY: usize = 16 << 30;
+
+/// Every readable image of `source` with its label, decoded and preprocessed in parallel;
+/// unreadable files are skipped with a warning, as `mood extract` does. Without `need_labels`,
+/// unlabelled images (a flat folder) get label 0.
+fn load_all(
+    spec: &str,
+    source: &dyn crate::extract::Source,
+    cfg: &VitConfig,
+    need_labels: bool,
+) -> Result<Dataset> {
+    let (n, sample) = (source.len(), source.sample_len());
+    if n == 0 {
+        return Err(Error::Usage(format!("--data {spec}: no images")));
+    }
+    if sample != cfg.in_chans * cfg.img_size * cfg.img_size {
+        return Err(Error::Usage(format!(
+            "--data {spec} gives {sample}-value images, {} takes {}x{}x{}",
+            cfg.name, cfg.in_chans, cfg.img_size, cfg.img_size
+        )));
+    }
+    if n.saturating_mul(sample * 4) > MAX_IN_MEMORY {
+        return Err(Error::Usage(format!(
+            "--data {spec}: {n} images of {sample} floats need {:.1} GiB in memory, over the {} GiB \
+             training holds; train on a subset (a smaller folder)",
+            (n * sample * 4) as f64 / (1u64 << 30) as f64,
+            MAX_IN_MEMORY >> 30
+        )));
+    }
+    let pb = super::progress(n as u64, "images");
+    let (mut images, mut labels) = (Vec::with_capacity(n * sample), Vec::with_capacity(n));
+    let rows: Vec<usize> = (0..n).collect();
+    for batch in rows.chunks(64) {
+        let mut buf = vec![0f32; batch.len() * sample];
+        let results = source.load(batch, &mut buf);
+        for ((&r, res), img) in batch.iter().zip(results).zip(buf.chunks_exact(sample)) {
+            if let Err(e) = res {
+                pb.suspend(|| eprintln!("warning: skipping {}: {e}", source.item_name(r)));
+                continue;
+            }
+            let label = source
+                .label(r)
+                .or((!need_labels).then_some(0))
+                .ok_or_else(|| {
+                    Error::Usage(format!(
+                        "--data {spec}: {} has no label; fine-tuning needs class sub-folders",
+                        source.item_name(r)
+                    ))
+                })?;
+            images.extend_from_slice(img);
+            labels.push(label);
+        }
+        pb.inc(batch.len() as u64);
+    }
+    pb.finish_and_clear();
+    Ok(Dataset {
+        images,
+        chw: [cfg.in_chans, cfg.img_size, cfg.img_size],
+        labels,
+    })
 }
 
 fn digits_part(spec: &str, cfg: &VitConfig, test: bool) -> Result<Dataset> {

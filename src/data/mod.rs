@@ -4,6 +4,7 @@
 pub mod digits;
 pub mod image_folder;
 pub mod preprocess;
+pub mod resample;
 
 pub use image_folder::{decode_bytes, decode_file, ImageFolder, RgbImage};
 pub use preprocess::{preprocess_batch, Interp, Preprocess, Resize};

@@ -16,6 +16,7 @@ pub(crate) struct Part {
     pub features: Tensor,
     pub logits: Option<Tensor>,
     pub local: Option<Tensor>,
+    pub odin: Option<Tensor>,
 }
 
 fn width(t: &Tensor) -> usize {
@@ -72,6 +73,9 @@ fn write(
     if let Some(l) = &first.local {
         column("local.npy", &|p| p.local.as_ref(), shape_of(l), f16)?;
     }
+    if let Some(o) = &first.odin {
+        column("odin.npy", &|p| p.odin.as_ref(), shape_of(o), false)?;
+    }
     let index: Vec<i64> = order.iter().map(|&(p, r)| parts[p].index[r]).collect();
     crate::npy::write_i64(&out.join("index.npy"), &index)?;
     let labels: Vec<i64> = order.iter().map(|&(p, r)| parts[p].labels[r]).collect();
@@ -100,6 +104,7 @@ pub(crate) fn assemble(
     head: Option<&Head>,
     mut manifest: Manifest,
     tokens: usize,
+    odin: bool,
 ) -> Result<(usize, usize)> {
     let mut parts = Vec::new();
     for path in chunks {
@@ -113,7 +118,8 @@ pub(crate) fn assemble(
         };
         let features =
             get("features")?.ok_or_else(|| Error::format(path, "chunk has no features"))?;
-        if features.shape()[0] != n || (tokens > 0 && get("local")?.is_none()) {
+        let lacks = |name: &str| -> Result<bool> { Ok(n > 0 && get(name)?.is_none()) };
+        if features.shape()[0] != n || (tokens > 0 && lacks("local")?) || (odin && lacks("odin")?) {
             return Err(Error::format(
                 path,
                 "chunk is inconsistent; delete it and rerun",
@@ -125,6 +131,7 @@ pub(crate) fn assemble(
             labels: c.labels.clone(),
             logits: get("logits")?,
             local: get("local")?,
+            odin: get("odin")?,
             features,
         });
     }
@@ -187,6 +194,7 @@ pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<usize> {
             features: s.features.clone(),
             logits: s.logits.clone(),
             local: s.local.clone(),
+            odin: s.odin.clone(),
         });
     }
     let mut order: Vec<(usize, usize)> = parts

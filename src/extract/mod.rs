@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::model::VisionTransformer;
+use crate::model::{Output, VisionTransformer};
 use crate::store::{Manifest, Skipped};
 use crate::tensor::Tensor;
 use crate::weights::{safetensors, RawTensor, WDType, WeightStore};
@@ -33,6 +33,8 @@ pub struct Options {
     pub shard: (usize, usize),
     /// Also keep the last block's patch tokens (local.npy).
     pub local: bool,
+    /// (temperature, epsilon): also score every image by ODIN through the CPU model (odin.npy).
+    pub odin: Option<(f32, f32)>,
 }
 
 /// What one run did, for the closing line.
@@ -53,6 +55,7 @@ struct Chunk {
     features: Vec<f32>,
     logits: Vec<f32>,
     local: Vec<f32>,
+    odin: Vec<f32>,
     skipped: Vec<Skipped>,
 }
 
@@ -86,6 +89,9 @@ fn save_chunk(path: &Path, c: &Chunk, d: usize, classes: usize, tokens: usize) -
     }
     if tokens > 0 {
         t.push(raw_f32("local", vec![n, tokens, d], &c.local));
+    }
+    if c.odin.len() == n && n > 0 {
+        t.push(raw_f32("odin", vec![n], &c.odin));
     }
     let meta = HashMap::from([(
         "skipped".to_string(),
@@ -129,10 +135,12 @@ fn plan(len: usize, opts: &Options) -> Vec<Vec<usize>> {
     rows.chunks(opts.chunk.max(1)).map(|c| c.to_vec()).collect()
 }
 
-/// Runs `source` through `model` into the store at `out`. `manifest` carries the model, weights
-/// and source descriptions; counts, classes and skipped files are filled in here.
+/// Runs `source` through `forward` (the CPU `model` or its CUDA copy) into the store at `out`;
+/// `--local` patch tokens always come from `model.forward_local` on the CPU. `manifest` carries
+/// the model, weights and source descriptions; counts, classes and skipped files are filled in here.
 pub fn extract(
     model: &VisionTransformer,
+    forward: &dyn Fn(&Tensor) -> Result<Output>,
     source: &dyn Source,
     out: &Path,
     opts: &Options,
@@ -223,6 +231,7 @@ pub fn extract(
                             features: vec![],
                             logits: vec![],
                             local: vec![],
+                            odin: vec![],
                             skipped: vec![],
                         },
                     )
@@ -255,8 +264,14 @@ pub fn extract(
                     let (o, l) = model.forward_local(&x)?;
                     (o, Some(l))
                 } else {
-                    (model.forward(&x)?, None)
+                    (forward(&x)?, None)
                 };
+                if let Some((temp, eps)) = opts.odin {
+                    // ODIN needs the input gradient, which only the CPU model's tape gives.
+                    chunk
+                        .odin
+                        .extend(crate::ood::odin::scores(model, &x, temp, eps)?);
+                }
                 model_seconds += t.elapsed().as_secs_f64();
                 chunk.features.extend_from_slice(o.features.as_slice());
                 if let Some(z) = &o.logits {
@@ -288,7 +303,14 @@ pub fn extract(
     }
     let paths: Vec<PathBuf> = (0..chunks.len()).map(chunk_path).collect();
     let head = model.store_head();
-    let (rows, skipped) = merge::assemble(&paths, out, head.as_ref(), manifest, tokens)?;
+    let (rows, skipped) = merge::assemble(
+        &paths,
+        out,
+        head.as_ref(),
+        manifest,
+        tokens,
+        opts.odin.is_some(),
+    )?;
     std::fs::remove_dir_all(&partial).map_err(|e| Error::io(&partial, e))?;
     Ok(Summary {
         rows,

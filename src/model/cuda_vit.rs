@@ -21,7 +21,9 @@ use crate::backend::cuda::attention::Dims as AttDims;
 use crate::backend::cuda::device::{as_i32, cuda_err};
 use crate::backend::cuda::{self as cu, CudaDevice, Storage};
 use crate::backend::{Activation, Pool};
+use crate::cli::bench::Precision;
 use crate::error::{Error, Result};
+use crate::model::gpu_memory;
 use crate::model::layers::{Linear, Norm};
 use crate::model::{Output, VisionTransformer, VitConfig};
 use crate::tensor::Tensor;
@@ -259,6 +261,51 @@ where
         })
     }
 
+    /// The precision this forward runs at, for the memory estimate.
+    fn precision() -> Precision {
+        if T::NAME == "f32" {
+            Precision::F32
+        } else {
+            Precision::Bf16
+        }
+    }
+
+    /// (bytes per image, fixed bytes) a forward batch allocates (src/model/gpu_memory.rs).
+    fn batch_bytes(&self) -> (usize, usize) {
+        let p = Self::precision();
+        (
+            gpu_memory::activation_bytes_per_image(&self.cfg, p),
+            gpu_memory::fixed_bytes(&self.cfg, p, self.attention_gemm || T::NAME == "f32"),
+        )
+    }
+
+    /// Fails, before anything is allocated, when a batch of `b` images would not fit in the
+    /// device's free memory; the message names the largest batch that would.
+    pub fn check_batch_fits(&self, dev: &CudaDevice, b: usize) -> Result<()> {
+        let (free, _) = dev.memory()?;
+        let (per_image, fixed) = self.batch_bytes();
+        if b > gpu_memory::max_batch_that_fits(free, per_image, fixed) {
+            return Err(Error::Cuda(gpu_memory::batch_too_large(
+                b, free, per_image, fixed,
+            )));
+        }
+        Ok(())
+    }
+
+    /// An out-of-memory error from a batch of `b` (the estimate was short, or another process took
+    /// memory since the check) as the same advice; other errors unchanged.
+    fn batch_error(&self, dev: &CudaDevice, b: usize, e: Error) -> Error {
+        match e {
+            Error::CudaOutOfMemory(_) => {
+                // The failed forward's buffers are freed by now, so this is what a batch can use.
+                let free = dev.memory().map_or(0, |(free, _)| free);
+                let (per_image, fixed) = self.batch_bytes();
+                Error::Cuda(gpu_memory::batch_too_large(b, free, per_image, fixed))
+            }
+            e => e,
+        }
+    }
+
     /// images [B, C, H, W], normalised → features [B, D] and logits [B, C], as
     /// `VisionTransformer::forward`: upload, `forward_device`, download.
     pub fn forward(&self, dev: &CudaDevice, images: &Tensor) -> Result<Output> {
@@ -273,7 +320,9 @@ where
                 )))
             }
         };
-        let img = dev.upload(images.as_slice())?;
+        let img = dev
+            .upload(images.as_slice())
+            .map_err(|e| self.batch_error(dev, b, e))?;
         let (feats, logits) = self.forward_device(dev, &img, b)?;
         let logits = match logits {
             Some(l) => Some(Tensor::from_vec(
@@ -289,8 +338,19 @@ where
     }
 
     /// The forward on device memory: images [B, C, S, S] (f32, already on the device) → features
-    /// [B, D] and logits [B, C], queued on the device's stream (call `dev.sync()` to wait).
+    /// [B, D] and logits [B, C], queued on the device's stream (call `dev.sync()` to wait). Out of
+    /// device memory, the error names a batch that fits.
     pub fn forward_device(
+        &self,
+        dev: &CudaDevice,
+        img: &CudaSlice<f32>,
+        b: usize,
+    ) -> Result<(CudaSlice<f32>, Option<CudaSlice<f32>>)> {
+        self.forward_batch(dev, img, b)
+            .map_err(|e| self.batch_error(dev, b, e))
+    }
+
+    fn forward_batch(
         &self,
         dev: &CudaDevice,
         img: &CudaSlice<f32>,

@@ -4,6 +4,7 @@ pub mod config;
 #[cfg(feature = "cuda")]
 pub mod cuda_vit;
 pub mod exec;
+pub mod gpu_memory;
 pub mod init;
 pub mod layers;
 pub mod relpos;

@@ -23,6 +23,8 @@ pub enum Need {
     Logits,
     Head,
     Local,
+    /// ODIN scores computed through the model at extraction time.
+    Odin,
 }
 
 impl Need {
@@ -33,6 +35,7 @@ impl Need {
             Need::Logits => "logits (logits.npy, or a head: head.safetensors / --head)",
             Need::Head => "the linear head (head.safetensors or --head)",
             Need::Local => "patch-token features (local.npy; extract with --local)",
+            Need::Odin => "ODIN scores (odin.npy; extract with --odin)",
         }
     }
 }
@@ -167,6 +170,12 @@ pub const METHODS: &[Method] = &[
         about: "|f|_1 · sum_c |C·p_c - 1| (closed-form GradNorm of the head)",
     },
     Method {
+        name: "odin",
+        needs: &[Odin],
+        args: &[],
+        about: "max softmax(z(x')/T), x' = x - eps·sign(grad_x CE(z(x)/T, argmax)); through the model at `mood extract --odin T,EPS` (default 1000,0.0014)",
+    },
+    Method {
         name: "kl-matching",
         needs: &[Logits],
         args: &[],
@@ -274,6 +283,8 @@ pub struct Inputs<'a> {
     pub local: Option<Matrix<'a>>,
     pub local_tokens: usize,
     pub head: Option<&'a Head>,
+    /// [n] ODIN scores from the extraction (`mood extract --odin`).
+    pub odin: Option<&'a [f32]>,
 }
 
 impl<'a> Inputs<'a> {
@@ -288,6 +299,7 @@ impl<'a> Inputs<'a> {
                 Logits => self.logits.is_none() && (self.head.is_none() || self.features.is_none()),
                 Head => self.head.is_none(),
                 Local => self.local.is_none(),
+                Odin => self.odin.is_none(),
             })
             .collect()
     }
@@ -306,6 +318,8 @@ enum Kind {
     Csd(Csd),
     /// msp / maxlogit / entropy / energy / gradnorm / mos: no statistics
     Logit,
+    /// odin: the store's own per-row scores, no statistics
+    Precomputed,
     Kl(KlMatching),
     React(React),
     Vim(Vim),
@@ -493,6 +507,8 @@ impl Detector {
                     }
                 }
             }
+            // Nothing to fit: the scores came from the model at extraction.
+            "odin" => Kind::Precomputed,
             _ => unreachable!("every registered method is handled"),
         };
         Ok(Detector {
@@ -543,6 +559,13 @@ impl Detector {
                 c.score(l.data)
             }
             Kind::Kl(kl) => kl.score(&logits_of(inputs, self.head.as_ref())?.0),
+            Kind::Precomputed => {
+                let s = inputs
+                    .odin
+                    .ok_or_else(|| Error::Usage(format!("odin needs {}", Odin.what())))?;
+                crate::ood::check_rows(s, 1, "ODIN scores")?;
+                Ok(s.to_vec())
+            }
             Kind::React(r) => {
                 let h = need_head(self.head.as_ref(), self.header.dim)?;
                 r.score(features()?, &h.weight, &h.bias, self.header.dim)
@@ -580,7 +603,7 @@ impl Detector {
             Kind::Kl(kl) => kl.save(&mut s),
             Kind::React(r) => s.put("react.clip", &[1], &[r.clip]),
             Kind::Vim(v) | Kind::Residual(v) => v.save(&mut s),
-            Kind::Logit => {}
+            Kind::Logit | Kind::Precomputed => {}
         }
         if let Some(h) = &self.head {
             let c = h.bias.len();
@@ -612,6 +635,7 @@ impl Detector {
             }),
             "vim" => Kind::Vim(Vim::load(&s)?),
             "residual" => Kind::Residual(Vim::load(&s)?),
+            "odin" => Kind::Precomputed,
             _ => Kind::Logit,
         };
         let head = if s.contains("head.weight") {

@@ -52,59 +52,76 @@ fn mlp(
     (h, out)
 }
 
-/// Small dense helpers on row-major matrices (T and d are tens, so plain loops suffice).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight independent partial sums, so the loop vectorises (a single running sum cannot be
-    // reordered by the compiler).
-    let mut acc = [0.0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
+/// c[m, n] (+)= a · b, where a is [m, k] (or its transpose, stored [k, m]) and b is [k, n] (or
+/// its transpose, stored [n, k]); single-threaded, as callers run one per rayon task.
+fn gemm(
+    a: (&[f32], bool),
+    b: (&[f32], bool),
+    m: usize,
+    k: usize,
+    n: usize,
+    c: &mut [f32],
+    accumulate: bool,
+) {
+    gemm_par(a, b, (m, k, n), c, accumulate, false)
 }
 
-fn mm_nt(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
-    let mut c = vec![0.0f32; m * n];
-    for i in 0..m {
-        for j in 0..n {
-            c[i * n + j] = dot(&a[i * k..(i + 1) * k], &b[j * k..(j + 1) * k]);
+/// `gemm`, optionally spread over the rayon pool (for the MLPs' large products).
+fn gemm_par(
+    (a, a_t): (&[f32], bool),
+    (b, b_t): (&[f32], bool),
+    (m, k, n): (usize, usize, usize),
+    c: &mut [f32],
+    accumulate: bool,
+    parallel: bool,
+) {
+    use crate::backend::cpu::matmul::{gemm_strided, MatMut, MatRef};
+    assert!(a.len() == m * k && b.len() == k * n && c.len() == m * n);
+    let a = if a_t {
+        MatRef::transposed(a, m)
+    } else {
+        MatRef::row_major(a, k)
+    };
+    let b = if b_t {
+        MatRef::transposed(b, k)
+    } else {
+        MatRef::row_major(b, n)
+    };
+    // SAFETY: the assertion bounds every view; `c` is a distinct &mut.
+    unsafe {
+        gemm_strided(
+            m,
+            n,
+            k,
+            MatMut::row_major(c, n),
+            accumulate,
+            a,
+            b,
+            1.0,
+            parallel,
+        )
+    }
+}
+
+/// cos(u, v) with torch's eps (1e-8) on each norm; with `g`, adds g·∂cos/∂u to `du` and
+/// g·∂cos/∂v to `dv`.
+fn cosine(u: &[f32], v: &[f32], g: Option<(f32, &mut [f32], &mut [f32])>) -> f32 {
+    let (mut uu, mut vv, mut uv) = (0.0f32, 0.0f32, 0.0f32);
+    for (a, b) in u.iter().zip(v) {
+        uu += a * a;
+        vv += b * b;
+        uv += a * b;
+    }
+    let (nu, nv) = (uu.sqrt().max(1e-8), vv.sqrt().max(1e-8));
+    let c = uv / (nu * nv);
+    if let Some((g, du, dv)) = g {
+        let (inv_uv, cu, cv) = (g / (nu * nv), g * c / (nu * nu), g * c / (nv * nv));
+        for (((a, b), da), db) in u.iter().zip(v).zip(du.iter_mut()).zip(dv.iter_mut()) {
+            *da += b * inv_uv - a * cu;
+            *db += a * inv_uv - b * cv;
         }
     }
     c
-}
-
-fn mm_nn(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
-    let mut c = vec![0.0f32; m * n];
-    for i in 0..m {
-        for x in 0..k {
-            let av = a[i * k + x];
-            for j in 0..n {
-                c[i * n + j] += av * b[x * n + j];
-            }
-        }
-    }
-    c
-}
-
-fn mm_tn_add(a: &[f32], b: &[f32], m: usize, k: usize, n: usize, out: &mut [f32]) {
-    // out [k, n] += aᵀ [k, m] · b [m, n]
-    for i in 0..m {
-        for x in 0..k {
-            let av = a[i * k + x];
-            for j in 0..n {
-                out[x * n + j] += av * b[i * n + j];
-            }
-        }
-    }
 }
 
 fn softmax_rows(s: &mut [f32], n: usize) {
@@ -121,77 +138,119 @@ fn softmax_rows(s: &mut [f32], n: usize) {
     }
 }
 
-/// cos(u, v) and its gradients with respect to u and v, with torch's eps (1e-8) on each norm.
-fn cosine(u: &[f32], v: &[f32]) -> (f32, Vec<f32>, Vec<f32>) {
-    let nu = u.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-8);
-    let nv = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-8);
-    let dot: f32 = u.iter().zip(v).map(|(a, b)| a * b).sum();
-    let c = dot / (nu * nv);
-    let du = u
-        .iter()
-        .zip(v)
-        .map(|(a, b)| b / (nu * nv) - c * a / (nu * nu))
-        .collect();
-    let dv = u
-        .iter()
-        .zip(v)
-        .map(|(a, b)| a / (nu * nv) - c * b / (nv * nv))
-        .collect();
-    (c, du, dv)
+/// Per-thread sums of the cross terms' pass: terms [M, M] and, with gradients, dQ, dK, dV [M·T, d].
+struct CrossSums {
+    terms: Vec<f32>,
+    dq: Vec<f32>,
+    dk: Vec<f32>,
+    dv: Vec<f32>,
 }
 
-/// Gradient buffers of one cross term: [∂Q_b, ∂K_a, ∂V_a, ∂V_b], each [T, d].
-type TermGrads = [Vec<f32>; 4];
+impl CrossSums {
+    fn zeros(m: usize, rows: usize, d: usize, grads: bool) -> Self {
+        let g = if grads { rows * d } else { 0 };
+        CrossSums {
+            terms: vec![0.0; m * m],
+            dq: vec![0.0; g],
+            dk: vec![0.0; g],
+            dv: vec![0.0; g],
+        }
+    }
 
-/// One direction of the cross-attention: X̃ = softmax(Q_b K_aᵀ/√d)·V_a and the term
-/// Σ_p cos(V_b[p], X̃[p]); with `grads` = (g = ∂L/∂term, buffers), adds the gradients into Q_b,
-/// K_a, V_a and V_b.
-#[allow(clippy::too_many_arguments)]
-fn cross_term(
-    qb: &[f32],
-    ka: &[f32],
-    va: &[f32],
-    vb: &[f32],
+    fn add(mut self, o: CrossSums) -> Self {
+        for (x, y) in [
+            (&mut self.terms, o.terms),
+            (&mut self.dq, o.dq),
+            (&mut self.dk, o.dk),
+            (&mut self.dv, o.dv),
+        ] {
+            x.iter_mut().zip(y).for_each(|(p, q)| *p += q);
+        }
+        self
+    }
+}
+
+/// Every ordered cross term t(b←a) = Σ_p cos(V_b[p], X̃_ba[p]), X̃_ba = softmax(Q_b K_aᵀ/√d)·V_a,
+/// as `terms[b·M + a]`; with `g` = ∂L/∂t (same layout), also dQ, dK, dV.
+///
+/// One task per source view a computes the terms of every b against it with two GEMMs over all
+/// M·T query rows at once (S = Q·K_aᵀ [M·T, T], then X̃ = P·V_a [M·T, d]), instead of M² small
+/// products; the backward pass is four more GEMMs per a.
+fn cross_terms(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    m: usize,
     t: usize,
     d: usize,
-    grads: Option<(f32, &mut TermGrads)>,
-) -> f32 {
+    g: Option<&[f32]>,
+) -> CrossSums {
+    let rows = m * t;
+    let blk = t * d;
     let inv = 1.0 / (d as f32).sqrt();
-    let mut p = mm_nt(qb, ka, t, d, t);
-    p.iter_mut().for_each(|v| *v *= inv);
-    softmax_rows(&mut p, t);
-    let x = mm_nn(&p, va, t, t, d);
-    let mut total = 0.0;
-    let mut dx = vec![0.0f32; t * d];
-    let mut dvb = vec![0.0f32; t * d];
-    for r in 0..t {
-        let (c, du, dv) = cosine(&vb[r * d..(r + 1) * d], &x[r * d..(r + 1) * d]);
-        total += c;
-        dvb[r * d..(r + 1) * d].copy_from_slice(&du);
-        dx[r * d..(r + 1) * d].copy_from_slice(&dv);
-    }
-    if let Some((g, [dqb, dka, dva, dvb_out])) = grads {
-        dvb.iter_mut().for_each(|v| *v *= g);
-        dx.iter_mut().for_each(|v| *v *= g);
-        dvb_out.iter_mut().zip(&dvb).for_each(|(a, b)| *a += b);
-        // X = P V_a: dP = dX V_aᵀ, dV_a += Pᵀ dX.
-        let dp = mm_nt(&dx, va, t, d, t);
-        mm_tn_add(&p, &dx, t, t, d, dva);
-        // Softmax backward, then S = Q_b K_aᵀ/√d.
-        let mut ds = vec![0.0f32; t * t];
-        for r in 0..t {
-            let pr = &p[r * t..(r + 1) * t];
-            let dpr = &dp[r * t..(r + 1) * t];
-            let dot: f32 = pr.iter().zip(dpr).map(|(a, b)| a * b).sum();
-            for c in 0..t {
-                ds[r * t + c] = pr[c] * (dpr[c] - dot) * inv;
-            }
-        }
-        let dq = mm_nn(&ds, ka, t, t, d);
-        dqb.iter_mut().zip(&dq).for_each(|(a, b)| *a += b);
-        mm_tn_add(&ds, qb, t, t, d, dka);
-    }
-    total
+    (0..m)
+        .into_par_iter()
+        .fold(
+            || CrossSums::zeros(m, rows, d, g.is_some()),
+            |mut acc, a| {
+                let (ka, va) = (&k[a * blk..(a + 1) * blk], &v[a * blk..(a + 1) * blk]);
+                let mut p = vec![0.0f32; rows * t];
+                gemm((q, false), (ka, true), rows, d, t, &mut p, false);
+                p.iter_mut().for_each(|x| *x *= inv);
+                softmax_rows(&mut p, t);
+                let mut x = vec![0.0f32; rows * d];
+                gemm((&p, false), (va, false), rows, t, d, &mut x, false);
+                let Some(g) = g else {
+                    for (r, (vr, xr)) in v.chunks_exact(d).zip(x.chunks_exact(d)).enumerate() {
+                        acc.terms[(r / t) * m + a] += cosine(vr, xr, None);
+                    }
+                    return acc;
+                };
+                let mut dx = vec![0.0f32; rows * d];
+                for (r, ((vr, xr), dxr)) in v
+                    .chunks_exact(d)
+                    .zip(x.chunks_exact(d))
+                    .zip(dx.chunks_exact_mut(d))
+                    .enumerate()
+                {
+                    let gb = g[(r / t) * m + a];
+                    let dvr = &mut acc.dv[r * d..(r + 1) * d];
+                    acc.terms[(r / t) * m + a] +=
+                        cosine(vr, xr, (gb != 0.0).then_some((gb, dvr, dxr)));
+                }
+                // X̃ = P V_a: dP = dX̃ V_aᵀ, dV_a += Pᵀ dX̃.
+                let mut dp = vec![0.0f32; rows * t];
+                gemm((&dx, false), (va, true), rows, d, t, &mut dp, false);
+                gemm(
+                    (&p, true),
+                    (&dx, false),
+                    t,
+                    rows,
+                    d,
+                    &mut acc.dv[a * blk..(a + 1) * blk],
+                    true,
+                );
+                // Softmax backward, then S = Q K_aᵀ/√d: dQ += dS K_a, dK_a += dSᵀ Q.
+                for (pr, dpr) in p.chunks_exact(t).zip(dp.chunks_exact_mut(t)) {
+                    let dot: f32 = pr.iter().zip(dpr.iter()).map(|(x, y)| x * y).sum();
+                    for (pc, dc) in pr.iter().zip(dpr.iter_mut()) {
+                        *dc = pc * (*dc - dot) * inv;
+                    }
+                }
+                gemm((&dp, false), (ka, false), rows, t, d, &mut acc.dq, true);
+                gemm(
+                    (&dp, true),
+                    (q, false),
+                    t,
+                    rows,
+                    d,
+                    &mut acc.dk[a * blk..(a + 1) * blk],
+                    true,
+                );
+                acc
+            },
+        )
+        .reduce(|| CrossSums::zeros(m, rows, d, g.is_some()), CrossSums::add)
 }
 
 impl Alpa<'_> {
@@ -210,38 +269,13 @@ impl Alpa<'_> {
             .map(|i| mlp(features, w[2 * i], w[2 * i + 1], n, dim, d))
             .collect();
         let (q, k, v) = (&branches[0].1, &branches[1].1, &branches[2].1);
-        let blk = t * d;
-        let view = |x: &[f32], i: usize| -> Vec<f32> { x[i * blk..(i + 1) * blk].to_vec() };
-        // s(a, b) for a ≤ b (the diagonal is reported, not used by the loss).
-        let upper: Vec<(usize, usize)> = (0..m).flat_map(|a| (a..m).map(move |b| (a, b))).collect();
-        let sims: Vec<f32> = upper
-            .par_iter()
-            .map(|&(a, b)| {
-                let t1 = cross_term(
-                    &view(q, b),
-                    &view(k, a),
-                    &view(v, a),
-                    &view(v, b),
-                    t,
-                    d,
-                    None,
-                );
-                let t2 = cross_term(
-                    &view(q, a),
-                    &view(k, b),
-                    &view(v, b),
-                    &view(v, a),
-                    t,
-                    d,
-                    None,
-                );
-                (t1 + t2) / t as f32
-            })
-            .collect();
+        // s(a, b) = (t(b←a) + t(a←b)) / T (the diagonal is reported, not used by the loss).
+        let terms = cross_terms(q, k, v, m, t, d, None).terms;
         let mut s = vec![0.0f32; m * m];
-        for (&(a, b), &v) in upper.iter().zip(&sims) {
-            s[a * m + b] = v;
-            s[b * m + a] = v;
+        for a in 0..m {
+            for b in 0..m {
+                s[a * m + b] = (terms[b * m + a] + terms[a * m + b]) / t as f32;
+            }
         }
         // Contrastive loss over logits τ·s and its gradient ∂L/∂s (symmetric pairs summed).
         let mut loss = 0.0f64;
@@ -274,68 +308,61 @@ impl Alpa<'_> {
                 ds[i * m + j] += (self.scale as f64 * dl) as f32;
             }
         }
-        // Back through each pair's similarity into Q, K, V.
-        let pairs: Vec<(usize, usize)> = upper.into_iter().filter(|(a, b)| a != b).collect();
-        let zero = || vec![0.0f32; n * d];
-        let (dq, dk, dv) = pairs
-            .par_iter()
-            .fold(
-                || (zero(), zero(), zero()),
-                |(mut dq, mut dk, mut dv), &(a, b)| {
-                    let g = (ds[a * m + b] + ds[b * m + a]) / t as f32;
-                    if g != 0.0 {
-                        let add = |dst: &mut [f32], i: usize, src: &[f32]| {
-                            dst[i * blk..(i + 1) * blk]
-                                .iter_mut()
-                                .zip(src)
-                                .for_each(|(x, y)| *x += y)
-                        };
-                        // s(a, b) has two terms: (Q_b, K_a, V_a, V_b) and (Q_a, K_b, V_b, V_a).
-                        for (x, y) in [(a, b), (b, a)] {
-                            let mut buf: TermGrads = std::array::from_fn(|_| vec![0.0f32; blk]);
-                            cross_term(
-                                &view(q, y),
-                                &view(k, x),
-                                &view(v, x),
-                                &view(v, y),
-                                t,
-                                d,
-                                Some((g, &mut buf)),
-                            );
-                            add(&mut dq, y, &buf[0]);
-                            add(&mut dk, x, &buf[1]);
-                            add(&mut dv, x, &buf[2]);
-                            add(&mut dv, y, &buf[3]);
-                        }
-                    }
-                    (dq, dk, dv)
-                },
-            )
-            .reduce(
-                || (zero(), zero(), zero()),
-                |(mut a1, mut a2, mut a3), (b1, b2, b3)| {
-                    for (x, y) in [(&mut a1, b1), (&mut a2, b2), (&mut a3, b3)] {
-                        x.iter_mut().zip(y).for_each(|(p, q)| *p += q);
-                    }
-                    (a1, a2, a3)
-                },
-            );
+        // Back through each pair's similarity into Q, K, V: both terms of s(a, b) get
+        // ∂L/∂s(a, b) + ∂L/∂s(b, a), over T.
+        let mut g = vec![0.0f32; m * m];
+        for a in 0..m {
+            for b in (0..m).filter(|&b| b != a) {
+                g[b * m + a] = (ds[a * m + b] + ds[b * m + a]) / t as f32;
+            }
+        }
+        let CrossSums { dq, dk, dv, .. } = cross_terms(q, k, v, m, t, d, Some(&g));
         // Back through the MLPs: out = relu(F W1ᵀ) W2ᵀ.
         let mut d_features = vec![0.0f32; n * dim];
         let mut d_weights: [Vec<f32>; 6] = Default::default();
         for (i, dout) in [dq, dk, dv].into_iter().enumerate() {
             let h = &branches[i].0;
             let mut dw2 = vec![0.0f32; d * dim];
-            mm_tn_add(&dout, h, n, d, dim, &mut dw2);
-            let mut dh = mm_nn(&dout, w[2 * i + 1], n, d, dim);
+            gemm_par(
+                (&dout, true),
+                (h, false),
+                (d, n, dim),
+                &mut dw2,
+                false,
+                true,
+            );
+            let mut dh = vec![0.0f32; n * dim];
+            gemm_par(
+                (&dout, false),
+                (w[2 * i + 1], false),
+                (n, d, dim),
+                &mut dh,
+                false,
+                true,
+            );
             dh.iter_mut().zip(h).for_each(|(g, hv)| {
                 if *hv <= 0.0 {
                     *g = 0.0
                 }
             });
             let mut dw1 = vec![0.0f32; dim * dim];
-            mm_tn_add(&dh, features, n, dim, dim, &mut dw1);
-            let df = mm_nn(&dh, w[2 * i], n, dim, dim);
+            gemm_par(
+                (&dh, true),
+                (features, false),
+                (dim, n, dim),
+                &mut dw1,
+                false,
+                true,
+            );
+            let mut df = vec![0.0f32; n * dim];
+            gemm_par(
+                (&dh, false),
+                (w[2 * i], false),
+                (n, dim, dim),
+                &mut df,
+                false,
+                true,
+            );
             d_features.iter_mut().zip(&df).for_each(|(a, b)| *a += b);
             d_weights[2 * i] = dw1;
             d_weights[2 * i + 1] = dw2;

@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{
-    sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchConfig,
-    ValidAsZeroBits,
+    sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, DriverError,
+    LaunchConfig, ValidAsZeroBits,
 };
 use cudarc::nvrtc::Ptx;
 
@@ -29,6 +29,18 @@ pub const MIN_DRIVER_VERSION: i32 = 13000;
 pub fn cuda_err<E: Debug>(what: impl Into<String>) -> impl FnOnce(E) -> Error {
     let what = what.into();
     move |e| Error::Cuda(format!("{what}: {e:?}"))
+}
+
+/// As `cuda_err` for allocations and uploads: CUDA_ERROR_OUT_OF_MEMORY becomes
+/// `Error::CudaOutOfMemory`, which callers that know the batch turn into advice.
+fn alloc_err(what: String) -> impl FnOnce(DriverError) -> Error {
+    move |e| {
+        if e.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+            Error::CudaOutOfMemory(what)
+        } else {
+            Error::Cuda(format!("{what}: {e:?}"))
+        }
+    }
 }
 
 /// What `probe` found: the number of devices and the driver's CUDA version (e.g. 13000).
@@ -98,6 +110,8 @@ pub struct CudaDevice {
     driver_version: i32,
     /// NVRTC target: `sm_XY` (a CUBIN, no JIT at load) unless `MOOD_CUDA_ARCH` says otherwise.
     arch: String,
+    /// `MOOD_CUDA_ARCH` was set: compile for it with NVRTC, never load the embedded nvcc PTX.
+    arch_forced: bool,
     modules: Mutex<HashMap<String, Arc<CudaModule>>>,
 }
 
@@ -125,10 +139,11 @@ impl CudaDevice {
         let sm_count = ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(cuda_err("SM count"))? as u32;
-        let arch = std::env::var("MOOD_CUDA_ARCH")
+        let forced = std::env::var("MOOD_CUDA_ARCH")
             .ok()
-            .filter(|a| !a.is_empty())
-            .unwrap_or_else(|| format!("sm_{}{}", capability.0, capability.1));
+            .filter(|a| !a.is_empty());
+        let arch_forced = forced.is_some();
+        let arch = forced.unwrap_or_else(|| format!("sm_{}{}", capability.0, capability.1));
         Target::of_arch(&arch)?;
         Ok(CudaDevice {
             ctx,
@@ -139,21 +154,33 @@ impl CudaDevice {
             sm_count: sm_count.max(1),
             driver_version: p.driver_version,
             arch,
+            arch_forced,
             modules: Mutex::new(HashMap::new()),
         })
     }
 
-    /// One line for logs: name, compute capability, SMs, driver, NVRTC target.
+    /// One line for logs: name, compute capability, SMs, memory, driver, where kernels come from.
     pub fn describe(&self) -> String {
+        let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+        let memory = match self.memory() {
+            Ok((free, total)) => format!("{:.1} GiB, {:.1} GiB free", gib(total), gib(free)),
+            Err(_) => "memory unknown".to_string(),
+        };
+        // Every kernel file is embedded for the same archs, so one stem stands for all.
+        let embedded = super::embedded_ptx_for(super::kernel_ptx(), "softmax", self.capability)
+            .filter(|_| !self.arch_forced);
+        let kernels = match embedded {
+            Some((arch, _)) => format!("kernels: nvcc PTX {arch} embedded at build time"),
+            None => format!("kernels built by NVRTC for {}", self.arch),
+        };
         format!(
-            "{} (sm_{}{}, {} SMs, driver CUDA {}.{}, kernels built for {})",
+            "{} (sm_{}{}, {} SMs, {memory}, driver CUDA {}.{}, {kernels})",
             self.name,
             self.capability.0,
             self.capability.1,
             self.sm_count,
             self.driver_version / 1000,
             self.driver_version % 1000 / 10,
-            self.arch
         )
     }
 
@@ -175,6 +202,11 @@ impl CudaDevice {
 
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
+    }
+
+    /// (free, total) device memory in bytes.
+    pub fn memory(&self) -> Result<(usize, usize)> {
+        self.ctx.mem_get_info().map_err(cuda_err("device memory"))
     }
 
     pub fn blas(&self) -> &CudaBlas {
@@ -199,7 +231,23 @@ impl CudaDevice {
             .map_err(cuda_err(format!("kernel `{name}` in {stem}.cu")))
     }
 
+    /// nvcc's PTX embedded at build time when there is one this GPU runs (`embedded_ptx_for`),
+    /// else NVRTC. A driver that refuses the embedded PTX (e.g. newer than it can JIT) only costs
+    /// a note and the NVRTC path.
     fn load_module(&self, stem: &str) -> Result<Arc<CudaModule>> {
+        let embedded = super::embedded_ptx_for(super::kernel_ptx(), stem, self.capability);
+        if let Some((arch, ptx)) = embedded.filter(|_| !self.arch_forced) {
+            match self.ctx.load_module(Ptx::from_src(ptx.to_string())) {
+                Ok(m) => return Ok(m),
+                Err(e) => eprintln!(
+                    "note: embedded {stem}.cu PTX ({arch}) refused by the driver ({e:?}); compiling with NVRTC"
+                ),
+            }
+        }
+        self.load_module_nvrtc(stem)
+    }
+
+    fn load_module_nvrtc(&self, stem: &str) -> Result<Arc<CudaModule>> {
         match self.load_module_for(stem, &self.arch) {
             Ok(m) => Ok(m),
             // A CUBIN the driver refuses (or an NVRTC that does not know this sm_XY) may still
@@ -243,7 +291,7 @@ impl CudaDevice {
     pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
         self.stream
             .clone_htod(host)
-            .map_err(cuda_err(format!("upload {} elements", host.len())))
+            .map_err(alloc_err(format!("upload {} elements", host.len())))
     }
 
     /// Copies device memory back (waits for the queued work that produces it).
@@ -259,7 +307,7 @@ impl CudaDevice {
     pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>> {
         self.stream
             .alloc_zeros(n)
-            .map_err(cuda_err(format!("allocate {n} elements")))
+            .map_err(alloc_err(format!("allocate {n} elements")))
     }
 
     /// Waits for everything queued; a kernel fault surfaces here.

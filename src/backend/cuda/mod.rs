@@ -96,6 +96,30 @@ pub fn kernel_source(stem: &str) -> Option<&'static str> {
         .map(|(_, src)| *src)
 }
 
+/// (stem, arch, PTX) compiled by nvcc at build time (build.rs); empty when the build had no nvcc.
+pub fn kernel_ptx() -> &'static [(&'static str, &'static str, &'static str)] {
+    generated::KERNEL_PTX
+}
+
+/// The embedded PTX of `stem` for the newest `compute_XY` a device of `capability` (major, minor)
+/// can run, i.e. XY <= its capability: (arch, PTX). None if there is none (then NVRTC compiles).
+pub fn embedded_ptx_for<'a>(
+    entries: &[(&'a str, &'a str, &'a str)],
+    stem: &str,
+    capability: (i32, i32),
+) -> Option<(&'a str, &'a str)> {
+    let device = capability.0 * 10 + capability.1;
+    entries
+        .iter()
+        .filter(|(s, _, _)| *s == stem)
+        .filter_map(|&(_, arch, ptx)| {
+            let n: i32 = arch.strip_prefix("compute_")?.parse().ok()?;
+            (n <= device).then_some((n, arch, ptx))
+        })
+        .max_by_key(|(n, _, _)| *n)
+        .map(|(_, arch, ptx)| (arch, ptx))
+}
+
 /// The file the dynamic loader mapped for a library already loaded in this process, read from
 /// /proc/self/maps (cudarc keeps its handles private). `prefix` is e.g. `libnvrtc`: names
 /// `prefix.so…` and `prefix64…` match, so libnvrtc-builtins and libcublasLt are not taken for
@@ -137,6 +161,56 @@ pub fn cublas_paths() -> (Option<PathBuf>, Option<PathBuf>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn embedded_ptx_when_built_with_nvcc_covers_every_kernel_file() {
+        let ptx = kernel_ptx();
+        if ptx.is_empty() {
+            return; // built without nvcc (CI): NVRTC is the only path
+        }
+        for (stem, _) in kernel_sources() {
+            for arch in ["compute_80", "compute_90"] {
+                let (_, _, text) = ptx
+                    .iter()
+                    .find(|(s, a, _)| s == stem && *a == arch)
+                    .unwrap_or_else(|| panic!("no embedded PTX for {stem}.cu {arch}"));
+                let target = arch.replace("compute_", ".target sm_");
+                assert!(text.contains(&target), "{stem}.cu {arch}: no `{target}`");
+                assert!(
+                    text.contains(".visible .entry"),
+                    "{stem}.cu {arch}: no entry"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn embedded_ptx_is_the_newest_arch_the_device_runs() {
+        let e = [
+            ("softmax", "compute_80", "ptx80"),
+            ("softmax", "compute_90", "ptx90"),
+            ("layernorm", "compute_80", "ln80"),
+            ("softmax", "sm_70", "not ptx"),
+        ];
+        assert_eq!(
+            embedded_ptx_for(&e, "softmax", (9, 0)),
+            Some(("compute_90", "ptx90"))
+        );
+        assert_eq!(
+            embedded_ptx_for(&e, "softmax", (10, 0)),
+            Some(("compute_90", "ptx90"))
+        );
+        assert_eq!(
+            embedded_ptx_for(&e, "softmax", (8, 9)),
+            Some(("compute_80", "ptx80"))
+        );
+        assert_eq!(embedded_ptx_for(&e, "softmax", (7, 5)), None);
+        assert_eq!(embedded_ptx_for(&e, "attention", (9, 0)), None);
+        assert_eq!(
+            embedded_ptx_for(&e, "layernorm", (9, 0)),
+            Some(("compute_80", "ln80"))
+        );
+    }
 
     #[test]
     fn every_kernel_file_is_embedded_with_its_header() {

@@ -1,0 +1,65 @@
+//! The forward that `mood forward` and `mood extract` run their batches through: the CPU model,
+//! or its weights uploaded to CUDA device 0 (`--device cuda`), with `--device auto` falling back to
+//! the CPU with a one-line note when no device is usable.
+
+use super::bench::{Device, Precision};
+use crate::error::Result;
+use crate::model::{Output, VisionTransformer};
+use crate::tensor::Tensor;
+
+/// A forward pass: images [B, C, S, S] → features (and logits), on host tensors.
+pub type ForwardFn<'a> = Box<dyn Fn(&Tensor) -> Result<Output> + 'a>;
+
+/// The forward for `device`. On CUDA, `batch` (the largest batch it will be given) is checked
+/// against the free device memory first, so that a batch too big fails now with one that fits.
+pub fn runner(
+    model: &VisionTransformer,
+    device: Device,
+    precision: Precision,
+    batch: usize,
+) -> Result<ForwardFn<'_>> {
+    let cpu: ForwardFn<'_> = Box::new(|x| model.forward(x));
+    match device {
+        Device::Cpu => Ok(cpu),
+        Device::Cuda => cuda_runner(model, precision, batch),
+        Device::Auto => cuda_runner(model, precision, batch).or_else(|e| {
+            eprintln!("note: --device auto: {e}; running on the CPU");
+            Ok(cpu)
+        }),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_runner(
+    model: &VisionTransformer,
+    precision: Precision,
+    batch: usize,
+) -> Result<ForwardFn<'_>> {
+    use crate::backend::cuda::CudaDevice;
+    use crate::model::cuda_vit::CudaVit;
+    let dev = CudaDevice::new(0)?;
+    eprintln!("cuda: {}", dev.describe());
+    Ok(match precision {
+        Precision::F32 => {
+            let gpu = CudaVit::<f32>::load(&dev, model)?;
+            gpu.check_batch_fits(&dev, batch)?;
+            Box::new(move |x| gpu.forward(&dev, x))
+        }
+        Precision::Bf16 => {
+            let gpu = CudaVit::<half::bf16>::load(&dev, model)?;
+            gpu.check_batch_fits(&dev, batch)?;
+            Box::new(move |x| gpu.forward(&dev, x))
+        }
+    })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_runner(
+    _model: &VisionTransformer,
+    _precision: Precision,
+    _batch: usize,
+) -> Result<ForwardFn<'_>> {
+    Err(crate::error::Error::Cuda(
+        "this binary was built without the `cuda` feature".into(),
+    ))
+}
