@@ -16,10 +16,11 @@ pub struct Args {
     /// Checkpoint (.safetensors or .pth) for the architecture.
     #[arg(long)]
     pub weights: PathBuf,
-    /// What to read: an image folder (class sub-folders or flat), or `digits[:CLASSES][@train|@test]`.
+    /// What to read: an image folder (class sub-folders or flat), `digits[:CLASSES][@train|@test]`,
+    /// or `cifar10:DIR[@train|@test]` / `cifar100:DIR[@train|@test]` (python or binary version).
     #[arg(long)]
     pub data: String,
-    /// Preprocessing of image folders: mood (256/224 bicubic, mean/std 0.5; BEiT's), moodv2
+    /// Preprocessing of image folders and CIFAR: mood (256/224 bicubic, mean/std 0.5; BEiT's), moodv2
     /// (square bilinear), imagenet (256/224 bicubic, ImageNet mean/std) or cifar.
     #[arg(long, default_value = "mood")]
     pub preset: String,
@@ -104,6 +105,11 @@ pub fn open_source(spec: &str, preset: &str, img_size: usize) -> Result<(Box<dyn
             "digits: 8x8 nearest-upsampled, mean/std 0.5".into(),
         ));
     }
+    if let Some(cifar) = crate::data::cifar::parse_spec(spec) {
+        let s = source::Cifar::open(&cifar?, preset, img_size)?;
+        let p = crate::data::Preprocess::preset(preset, img_size)?;
+        return Ok((Box::new(s), format!("{preset}: {p:?}")));
+    }
     let path = Path::new(spec);
     if path.is_dir() {
         let s = source::Folder::open(path, preset, img_size)?;
@@ -114,7 +120,8 @@ pub fn open_source(spec: &str, preset: &str, img_size: usize) -> Result<(Box<dyn
         return Err(Error::Usage(format!("--data {spec}: no such directory")));
     }
     Err(Error::Usage(format!(
-        "--data `{spec}`: not a directory or a known data set (digits[:CLASSES][@train|@test])"
+        "--data `{spec}`: not a directory or a known data set (digits[:CLASSES][@train|@test], \
+         cifar10:DIR[@train|@test], cifar100:DIR[@train|@test])"
     )))
 }
 

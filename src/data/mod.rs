@@ -1,6 +1,7 @@
 //! Data sets and image preprocessing: the bundled digits and photographs used by the demo and
-//! the training tests, image folders, and torchvision-compatible preprocessing.
+//! the training tests, image folders, CIFAR-10/100, and torchvision-compatible preprocessing.
 
+pub mod cifar;
 pub mod digits;
 pub mod image_folder;
 pub mod preprocess;

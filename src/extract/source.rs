@@ -136,3 +136,50 @@ impl Source for Folder {
             .collect()
     }
 }
+
+/// CIFAR-10/100 (`cifar10:DIR[@train|@test]`), either layout, through a preprocessing preset: the
+/// 32×32 images take the same resize path as decoded image files.
+pub struct Cifar {
+    data: crate::data::cifar::Cifar,
+    pre: crate::data::preprocess::Preprocess,
+}
+
+impl Cifar {
+    pub fn open(spec: &crate::data::cifar::Spec, preset: &str, img_size: usize) -> Result<Cifar> {
+        let pre = crate::data::preprocess::Preprocess::preset(preset, img_size)?;
+        Ok(Cifar {
+            data: crate::data::cifar::Cifar::open(&spec.dir, spec.kind, spec.split)?,
+            pre,
+        })
+    }
+
+    pub fn data(&self) -> &crate::data::cifar::Cifar {
+        &self.data
+    }
+}
+
+impl Source for Cifar {
+    fn len(&self) -> usize {
+        self.data.len()
+    }
+    fn sample_len(&self) -> usize {
+        self.pre.sample_len()
+    }
+    fn item_name(&self, i: usize) -> String {
+        self.data.item_name(i)
+    }
+    fn label(&self, i: usize) -> Option<usize> {
+        Some(self.data.labels[i])
+    }
+    fn classes(&self) -> Vec<String> {
+        self.data.classes.clone()
+    }
+    fn load(&self, rows: &[usize], out: &mut [f32]) -> Vec<Result<()>> {
+        use rayon::prelude::*;
+        let n = self.pre.sample_len();
+        rows.par_iter()
+            .zip(out.par_chunks_mut(n))
+            .map(|(&r, slot)| self.pre.apply(&self.data.image(r), slot))
+            .collect()
+    }
+}

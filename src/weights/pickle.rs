@@ -3,8 +3,18 @@
 //! callables a state dict needs (`OrderedDict`, `_rebuild_tensor_v2`, `_rebuild_parameter`, ...)
 //! builds the value, and of any other callable an opaque placeholder, so a checkpoint that also
 //! pickles training arguments or optimizer state still yields its tensors.
+//!
+//! [`load_allowing`] with [`Globals::Numpy`] builds numpy arrays instead (CIFAR's python batches):
+//! `_reconstruct` + `BUILD`, `dtype`, `scalar`, `_frombuffer` and protocol 2's bytes
+//! (`_codecs.encode`) become values. Nothing is imported or called; other globals stay opaque.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+
+mod numpy;
+
+pub use numpy::NdArray;
+use numpy::{build_numpy, call_numpy};
 
 /// A tensor as pickled by torch: a view (offset, size, stride, in elements) into a storage.
 #[derive(Clone, Debug, PartialEq)]
@@ -24,7 +34,8 @@ pub enum Value {
     Int(i64),
     Float(f64),
     Str(String),
-    Bytes(Vec<u8>),
+    /// Shared so that memoizing a large byte string (an array's data) does not copy it.
+    Bytes(Arc<[u8]>),
     Tuple(Vec<Value>),
     List(Vec<Value>),
     Dict(Vec<(Value, Value)>),
@@ -35,9 +46,24 @@ pub enum Value {
         key: String,
     },
     Tensor(TensorRef),
+    /// A numpy array ([`Globals::Numpy`] only).
+    Array(NdArray),
+    /// A numpy dtype: its type string, with the byte order (`|u1`, `<i8`) once `BUILD` gave it.
+    Dtype(String),
     /// The result of calling something we do not model (kept so the stack stays consistent).
     Opaque(String),
     Mark,
+}
+
+/// Which callables `REDUCE` builds values for; any other global gives an opaque placeholder.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Globals {
+    /// `torch.save`'s: `OrderedDict`, tensors rebuilt from storages, parameters.
+    Torch,
+    /// numpy arrays, dtypes and scalars, and protocol 2's bytes (`_codecs.encode`), as in CIFAR's
+    /// python batches. Python 2 strings (`U`/`T`) are bytes here, as with
+    /// `pickle.load(f, encoding='bytes')`.
+    Numpy,
 }
 
 pub struct Error {
@@ -131,7 +157,15 @@ fn usizes(v: &Value) -> Option<Vec<usize>> {
 }
 
 /// What calling `module.name(args)` gives, for the callables a state dict uses.
-fn call(module: &str, name: &str, args: Vec<Value>) -> Value {
+fn call(module: &str, name: &str, args: Vec<Value>, globals: Globals) -> Value {
+    if globals == Globals::Numpy {
+        return call_numpy(module, name, &args).unwrap_or_else(|| match (module, name) {
+            ("collections", "OrderedDict") | ("builtins" | "__builtin__", "dict") => {
+                Value::Dict(Vec::new())
+            }
+            _ => Value::Opaque(format!("{module}.{name}")),
+        });
+    }
     match (module, name) {
         ("collections", "OrderedDict") | ("builtins", "dict") => Value::Dict(Vec::new()),
         ("torch._utils", "_rebuild_tensor_v2") | ("torch._utils", "_rebuild_tensor") => {
@@ -159,7 +193,9 @@ fn call(module: &str, name: &str, args: Vec<Value>) -> Value {
         ("torch._tensor", "_rebuild_from_type_v2") => {
             let mut it = args.into_iter();
             match (it.next(), it.next(), it.next()) {
-                (Some(Value::Global(m, n)), _, Some(Value::Tuple(a))) => call(&m, &n, a),
+                (Some(Value::Global(m, n)), _, Some(Value::Tuple(a))) => {
+                    call(&m, &n, a, Globals::Torch)
+                }
                 _ => Value::Opaque("tensor subclass".into()),
             }
         }
@@ -168,19 +204,24 @@ fn call(module: &str, name: &str, args: Vec<Value>) -> Value {
 }
 
 /// REDUCE / NEWOBJ: `f(*args)` for a global `f`, an opaque value otherwise.
-fn apply(f: Value, args: Value) -> Value {
+fn apply(f: Value, args: Value, globals: Globals) -> Value {
     let args = match args {
         Value::Tuple(a) => a,
         other => vec![other],
     };
     match f {
-        Value::Global(m, n) => call(&m, &n, args),
+        Value::Global(m, n) => call(&m, &n, args, globals),
         _ => Value::Opaque("call of a non-global".into()),
     }
 }
 
-/// Runs the pickle program in `data` and returns the object it builds.
+/// Runs the pickle program in `data` (a `torch.save` one) and returns the object it builds.
 pub fn load(data: &[u8]) -> R<Value> {
+    load_allowing(data, Globals::Torch)
+}
+
+/// Runs the pickle program in `data`, building the values of `globals`' callables.
+pub fn load_allowing(data: &[u8], globals: Globals) -> R<Value> {
     let mut r = Reader { b: data, pos: 0 };
     let mut stack: Vec<Value> = Vec::new();
     let mut memo: HashMap<u32, Value> = HashMap::new();
@@ -272,25 +313,31 @@ pub fn load(data: &[u8]) -> R<Value> {
                 let n = r.u64()? as usize;
                 stack.push(Value::Str(r.string(n)?));
             }
-            b'U' => {
-                let n = r.u8()? as usize;
-                stack.push(Value::Str(String::from_utf8_lossy(r.take(n)?).into_owned()));
-            }
-            b'T' => {
-                let n = r.u32()? as usize;
-                stack.push(Value::Str(String::from_utf8_lossy(r.take(n)?).into_owned()));
+            // Python 2 strings: bytes for numpy pickles (an array's data is one), text otherwise.
+            b'U' | b'T' => {
+                let n = if op == b'U' {
+                    r.u8()? as usize
+                } else {
+                    r.u32()? as usize
+                };
+                let raw = r.take(n)?;
+                stack.push(match globals {
+                    Globals::Numpy => Value::Bytes(raw.into()),
+                    Globals::Torch => Value::Str(String::from_utf8_lossy(raw).into_owned()),
+                });
             }
             b'C' => {
                 let n = r.u8()? as usize;
-                stack.push(Value::Bytes(r.take(n)?.to_vec()));
+                stack.push(Value::Bytes(r.take(n)?.into()));
             }
             b'B' => {
                 let n = r.u32()? as usize;
-                stack.push(Value::Bytes(r.take(n)?.to_vec()));
+                stack.push(Value::Bytes(r.take(n)?.into()));
             }
-            0x8e => {
-                let n = r.u64()? as usize;
-                stack.push(Value::Bytes(r.take(n)?.to_vec()));
+            // BINBYTES8, and BYTEARRAY8 (protocol 5's in-band array buffers), read as bytes.
+            0x8e | 0x96 => {
+                let n = usize::try_from(r.u64()?).unwrap_or(usize::MAX);
+                stack.push(Value::Bytes(r.take(n)?.into()));
             }
             b'q' | b'r' | 0x94 => {
                 let idx = match op {
@@ -387,13 +434,16 @@ pub fn load(data: &[u8]) -> R<Value> {
                 }
                 let args = pop(&mut stack, &r)?;
                 let f = pop(&mut stack, &r)?;
-                stack.push(apply(f, args));
+                stack.push(apply(f, args, globals));
             }
             b'b' => {
-                // BUILD: setstate. Dicts and opaque objects keep what they are.
-                pop(&mut stack, &r)?;
-                if stack.is_empty() {
-                    return r.err("BUILD on an empty stack");
+                // BUILD: setstate. numpy arrays and dtypes take theirs; dicts and opaque objects
+                // keep what they are.
+                let state = pop(&mut stack, &r)?;
+                match stack.last_mut() {
+                    Some(obj) if globals == Globals::Numpy => build_numpy(obj, state),
+                    Some(_) => {}
+                    None => return r.err("BUILD on an empty stack"),
                 }
             }
             b'Q' => {
