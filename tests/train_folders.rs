@@ -119,3 +119,35 @@ fn finetune_and_pretrain_read_image_folders() {
     );
     assert!(!dir.path().join("x.safetensors").exists());
 }
+
+/// A held-out set with labels beyond the trained head is refused before any training step, not
+/// scored as 0% after the last epoch.
+#[test]
+fn val_labels_beyond_the_head_fail_before_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("ft.safetensors");
+    let (code, _, err) = mood(&[
+        "finetune",
+        "--arch",
+        "beit_tiny_patch8_32",
+        "--data",
+        "digits:0,1",
+        "--num-classes",
+        "2",
+        "--val",
+        "digits",
+        "--epochs",
+        "1",
+        "--warmup-epochs",
+        "0",
+        "-o",
+        ck.to_str().unwrap(),
+    ]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("--val digits: label") && err.contains("2 classes"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(!ck.exists(), "nothing trained, nothing written");
+}

@@ -99,6 +99,19 @@ pub fn run(args: Args) -> Result<()> {
             }
         )));
     }
+    // Read (and check) the held-out set before training, so that a wrong --val fails in seconds
+    // rather than after the last epoch.
+    let heldout =
+        super::train_common::heldout_data(&args.data, args.val.as_deref(), &args.preset, &cfg)?;
+    if let Some(&bad) = heldout
+        .as_ref()
+        .and_then(|h| h.labels.iter().find(|&&l| l >= classes))
+    {
+        return Err(Error::Usage(format!(
+            "--val {}: label {bad} does not fit the {classes} classes being trained",
+            args.val.as_deref().unwrap_or(&args.data)
+        )));
+    }
     let outputs = groups
         .as_ref()
         .map_or(classes, |g| g.iter().map(|s| s + 1).sum());
@@ -154,8 +167,6 @@ pub fn run(args: Args) -> Result<()> {
             args.output.display()
         );
     }
-    let heldout =
-        super::train_common::heldout_data(&args.data, args.val.as_deref(), &args.preset, &cfg)?;
     match heldout {
         Some(h) => {
             let acc =
