@@ -360,6 +360,122 @@ mod tests {
         assert_eq!(centred(&[], 0), (vec![], vec![], vec![]), "rank 0");
     }
 
+    /// The GPU algorithm of `score_resident`, step for step in f32 on the CPU's GEMM: what the
+    /// device computes up to summation order, so its distance from the CPU detector is the
+    /// precision the module doc states.
+    fn emulate(det: &Detector, x: &[f32]) -> Vec<f32> {
+        use crate::backend::cpu::matmul::linear_nobias;
+        let d = det.header.dim;
+        let n = x.len() / d;
+        match det.fitted() {
+            Fitted::Gaussian(g) => {
+                let x = if g.normalise {
+                    l2_normalised(x, d)
+                } else {
+                    x.to_vec()
+                };
+                let mut best = vec![f32::NEG_INFINITY; n];
+                for p in &g.parts {
+                    let (w, m, _) = p.parts();
+                    let (r, c) = (p.rank, p.classes());
+                    let (neg, m, mm) = centred(m, r);
+                    let mut z = vec![0.0f32; n * r];
+                    linear_nobias(&x, w, n, d, r, &mut z);
+                    z.chunks_mut(r).for_each(|row| {
+                        row.iter_mut().zip(&neg).for_each(|(v, b)| *v += b);
+                    });
+                    let mut cross = vec![0.0f32; n * c];
+                    linear_nobias(&z, &m, n, r, c, &mut cross);
+                    for i in 0..n {
+                        let zz: f32 = z[i * r..][..r].iter().map(|v| v * v).sum();
+                        let min = (0..c)
+                            .map(|k| zz - 2.0 * cross[i * c + k] + mm[k])
+                            .fold(f32::INFINITY, f32::min);
+                        best[i] = best[i].max(-min.max(0.0));
+                    }
+                }
+                best
+            }
+            Fitted::Knn(k) => {
+                let q = l2_normalised(x, d);
+                let (bank, nb) = k.bank();
+                let mut dots = vec![0.0f32; n * nb];
+                linear_nobias(&q, bank, n, d, nb, &mut dots);
+                (0..n)
+                    .map(|i| {
+                        let qq: f32 = q[i * d..][..d].iter().map(|v| v * v).sum();
+                        let mut row: Vec<f32> = dots[i * nb..][..nb]
+                            .iter()
+                            .map(|t| (qq - 2.0 * t + 1.0).max(0.0))
+                            .collect();
+                        row.sort_by(f32::total_cmp);
+                        -row[k.k - 1]
+                    })
+                    .collect()
+            }
+            Fitted::Other => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn the_gpu_algorithm_is_within_its_stated_tolerance_of_the_cpu() {
+        use crate::model::init::Rng;
+        use crate::ood::detector::{Inputs, Matrix};
+        // tests/cuda_parity.rs's cases: (method, k, (train rows, queries, classes, D)), features
+        // with a common offset of 5 and every other query shifted away.
+        let cases = [
+            ("mahalanobis", "", (4000, 300, 100, 256)),
+            ("mahalanobis", "", (40, 50, 5, 64)),
+            ("mood-v1", "", (1000, 300, 5, 32)),
+            ("gauss", "", (1000, 300, 5, 32)),
+            ("mahalanobis-cc", "", (800, 300, 4, 16)),
+            ("knn", "50", (3000, 300, 10, 128)),
+            ("knn", "1", (500, 301, 10, 64)),
+        ];
+        for (i, (method, k, (n, m, c, d))) in cases.into_iter().enumerate() {
+            let mut rng = Rng::new(1000 + i as u64);
+            let means: Vec<f32> = (0..c * d).map(|_| rng.normal() as f32).collect();
+            let mut rows = |k: usize, shift: bool| -> Vec<f32> {
+                (0..k * d)
+                    .map(|e| {
+                        let far = shift && (e / d) % 2 == 1;
+                        let mu = means[((e / d) % c) * d + e % d];
+                        5.0 + if far { 3.0 } else { mu } + rng.normal() as f32
+                    })
+                    .collect()
+            };
+            let (train, query) = (rows(n, false), rows(m, true));
+            let labels: Vec<usize> = (0..n).map(|i| i % c).collect();
+            let args = if k.is_empty() {
+                Default::default()
+            } else {
+                [("k".to_string(), k.to_string())].into()
+            };
+            let features = |x| Matrix { data: x, cols: d };
+            let fit = Inputs {
+                features: Some(features(&train)),
+                labels: Some(&labels),
+                ..Default::default()
+            };
+            let det = Detector::fit(method, args, &fit).unwrap();
+            let want = det
+                .score(&Inputs {
+                    features: Some(features(&query)),
+                    ..Default::default()
+                })
+                .unwrap();
+            let got = emulate(&det, &query);
+            let rms = (want.iter().map(|v| v * v).sum::<f32>() / m as f32).sqrt();
+            let rel = got
+                .iter()
+                .zip(&want)
+                .map(|(g, w)| (g - w).abs() / (w.abs() + rms))
+                .fold(0.0f32, f32::max);
+            println!("{method} {n} {m} {c} {d}: max rel {rel:.2e}");
+            assert!(rel < 1e-4, "{method} n={n} C={c} D={d}: max rel {rel:.2e}");
+        }
+    }
+
     #[test]
     fn every_gpu_method_is_a_registered_method() {
         for m in CUDA_METHODS {
