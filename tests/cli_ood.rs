@@ -321,3 +321,194 @@ fn bad_input_fails_on_one_line() {
         &["zz"],
     );
 }
+
+/// Whether this build reaches a CUDA device: then `--device cuda` scores instead of failing.
+fn gpu_present() -> bool {
+    #[cfg(feature = "cuda")]
+    return mood::backend::cuda::probe().is_ok();
+    #[cfg(not(feature = "cuda"))]
+    false
+}
+
+/// Max |a − b| / (|b| + 1): scores from the GPU are the f32 expansion (src/ood/cuda_score.rs).
+fn max_rel(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs() / (y.abs() + 1.0))
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn device_flag_of_score_and_eval() {
+    let gpu = gpu_present();
+    if !gpu {
+        eprintln!("no CUDA device: checking the CPU fallback and the one-line errors only");
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let p = |s: &str| tmp.path().join(s).to_string_lossy().into_owned();
+    store(&tmp.path().join("train"), 300, 1, None, true);
+    store(&tmp.path().join("id"), 90, 2, None, true);
+    store(&tmp.path().join("far"), 60, 3, Some(-3.0), false);
+    let train = p("train");
+    for (method, arg) in [("mahalanobis", None), ("knn", Some("k=5")), ("msp", None)] {
+        let det = p(&format!("{method}.safetensors"));
+        let mut fit = vec!["fit", "--method", method, "--train", &train, "-o", &det];
+        if let Some(a) = arg {
+            fit.extend(["--method-arg", a]);
+        }
+        let (code, _, err) = mood(&fit);
+        assert_eq!(code, 0, "{err}");
+        let score = |device: &str, out: &str| {
+            let out = p(out);
+            let r = mood(&[
+                "score",
+                "--detector",
+                &det,
+                "--features",
+                &p("far"),
+                "-o",
+                &out,
+                "--device",
+                device,
+            ]);
+            (r, out)
+        };
+        let ((code, _, err), cpu_out) = score("cpu", &format!("{method}_cpu.npy"));
+        assert_eq!(code, 0, "{err}");
+        let cpu = mood::npy::read_f32(Path::new(&cpu_out)).unwrap().1;
+
+        let ((code, _, err), auto_out) = score("auto", &format!("{method}_auto.npy"));
+        assert_eq!(code, 0, "{err}");
+        let auto = mood::npy::read_f32(Path::new(&auto_out)).unwrap().1;
+        if gpu {
+            assert!(max_rel(&auto, &cpu) < 1e-4, "{method}: auto vs cpu");
+        } else {
+            assert_eq!(auto, cpu, "{method}: auto without a GPU is the CPU");
+            let notes: Vec<&str> = err.lines().filter(|l| l.starts_with("note:")).collect();
+            assert_eq!(notes.len(), 1, "{err}");
+            assert!(notes[0].contains("--device auto") && notes[0].contains("CPU"));
+        }
+
+        let (r, cuda_out) = score("cuda", &format!("{method}_cuda.npy"));
+        if gpu {
+            assert_eq!(r.0, 0, "{}", r.2);
+            let cuda = mood::npy::read_f32(Path::new(&cuda_out)).unwrap().1;
+            assert!(max_rel(&cuda, &cpu) < 1e-4, "{method}: cuda vs cpu");
+            let note = r.2.contains("no CUDA scorer for msp");
+            assert_eq!(note, method == "msp", "{}", r.2);
+        } else {
+            assert_one_line_error(r, &["cuda"]);
+            assert!(!Path::new(&cuda_out).exists(), "no scores after a failure");
+        }
+    }
+
+    let eval = |device: &str| {
+        mood(&[
+            "eval",
+            "--train",
+            &p("train"),
+            "--id",
+            &p("id"),
+            "--ood",
+            &format!("far={}", p("far")),
+            "--methods",
+            "mahalanobis,knn,mood-v1,msp",
+            "--method-arg",
+            "knn.k=5",
+            "--device",
+            device,
+        ])
+    };
+    let (code, cpu_table, err) = eval("cpu");
+    assert_eq!(code, 0, "{err}");
+    assert!(cpu_table.contains("| knn |"), "{cpu_table}");
+    let (code, auto_table, err) = eval("auto");
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        auto_table, cpu_table,
+        "eval --device auto reports as the CPU"
+    );
+    if gpu {
+        let (code, cuda_table, err) = eval("cuda");
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(cuda_table, cpu_table);
+        let notes: Vec<&str> = err
+            .lines()
+            .filter(|l| l.contains("no CUDA scorer"))
+            .collect();
+        assert_eq!(notes.len(), 1, "said once: {err}");
+        assert!(
+            notes[0].contains("msp") && !notes[0].contains("knn"),
+            "{err}"
+        );
+    } else {
+        assert_one_line_error(eval("cuda"), &["cuda"]);
+    }
+}
+
+#[test]
+fn bench_ood_prints_its_figures() {
+    let (code, out, err) = mood(&[
+        "bench",
+        "--ood",
+        "mahalanobis",
+        "--rows",
+        "600",
+        "--dim",
+        "16",
+        "--classes",
+        "8",
+        "--train-rows",
+        "200",
+        "--iters",
+        "2",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("ood mahalanobis on cpu"), "{out}");
+    assert!(
+        out.contains("ms per 50k rows") && out.contains("rows/s"),
+        "{out}"
+    );
+    let (code, out, err) = mood(&[
+        "bench",
+        "--ood",
+        "knn",
+        "--rows",
+        "300",
+        "--dim",
+        "16",
+        "--train-rows",
+        "100",
+        "--method-arg",
+        "k=5",
+        "--iters",
+        "2",
+        "--device",
+        "auto",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["ood"], "knn");
+    assert_eq!(v["k"], "5");
+    assert_eq!(v["rows"], 300);
+    assert!(v["rows_per_s"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(v["ms_per_50k"].as_f64().unwrap() > 0.0, "{v}");
+    if !gpu_present() {
+        assert_eq!(v["device"], "cpu");
+        assert!(err.contains("note: --device auto"), "{err}");
+    }
+    assert_one_line_error(
+        mood(&["bench", "--ood", "msp", "--rows", "10"]),
+        &["mahalanobis or knn"],
+    );
+    if !gpu_present() {
+        assert_one_line_error(
+            mood(&[
+                "bench", "--ood", "knn", "--rows", "10", "--dim", "4", "--device", "cuda",
+            ]),
+            &["cuda"],
+        );
+    }
+}

@@ -12,6 +12,8 @@
 //!     runs on the rounded values in f32, so what is left is the output rounding (2^-8 for bf16)
 //!     and the intermediates the GPU keeps in bf16 (a GEMM output before its bias/GELU).
 //!   - casts, im2col, k-th smallest and top-k: exact (0).
+//!   - the OOD GPU scorer against the CPU detector: 1e-4 (f32 GEMM expansion against the CPU's
+//!     f64-refined nearest means; src/ood/cuda_score.rs states the bound).
 //!
 //! Without a usable GPU: a loud SKIPPED line with the reason, and a pass unless MOOD_REQUIRE_CUDA=1
 //! (tools/gpu_session.sh sets it). MOOD_PARITY_FILTER=substr runs only the ops containing it.
@@ -32,7 +34,7 @@ use common::parity_errors as errors;
 // The distance-score cases (GEMM epilogues, k-th smallest, top-k), kept apart for length.
 #[path = "cuda_parity/distance.rs"]
 mod distance;
-use distance::{kth, mahalanobis, sqdist, topk};
+use distance::{kth, mahalanobis, scorer, sqdist, topk};
 
 /// One output of a case: its name, the GPU values and the CPU reference (both as f32).
 struct Out(&'static str, Vec<f32>, Vec<f32>);
@@ -447,6 +449,15 @@ fn cases() -> Vec<Case> {
         kth(3, 1000, 1000),
         topk(64, 1000, 10),
         topk(5, 300, 300),
+        // The GPU scorer against the CPU detector (n train rows, m queries, C classes, D).
+        scorer("mahalanobis", (4000, 1000, 100, 256), &[], 0),
+        scorer("mahalanobis", (2000, 301, 10, 64), &[], 64),
+        scorer("mahalanobis", (40, 50, 5, 64), &[], 0), // rank 35 < D: pinvh drops the null space
+        scorer("mood-v1", (1000, 300, 5, 32), &[], 0),
+        scorer("gauss", (1000, 300, 5, 32), &[], 0),
+        scorer("mahalanobis-cc", (800, 300, 4, 16), &[], 100),
+        scorer("knn", (3000, 500, 10, 128), &[("k", "50")], 0),
+        scorer("knn", (500, 301, 10, 64), &[("k", "1")], 64),
     ]
 }
 

@@ -18,7 +18,9 @@
 #      cuda_compile.txt every kernel through NVRTC (CUBIN sm_90 + PTX), registers and spills
 #      cuda_parity.txt  every CUDA op against the CPU op (max abs / rel error per case)
 #      cuda_model.txt   timm fixtures through the CUDA f32 forward; BEiT-B CUDA f32/bf16 vs CPU
-#      bench.txt        mood bench --device cuda, BEiT-B and BEiT-L, bf16 and f32, per-op profiles
+#      bench.txt        mood bench --device cuda, BEiT-B and BEiT-L, bf16 and f32, per-op profiles;
+#                       mood bench --ood mahalanobis|knn --device cuda (OOD scoring of 50,000 x 1024,
+#                       host to host and device-resident, with the difference from the CPU)
 #      bench_pytorch.txt timm eager / torch.compile under bf16 autocast (only if torch+timm import)
 #      summary.txt      exit status of every step and its PASS/FAIL/SKIPPED lines
 #    (the device returns at most 8 files from $OUT, hence exactly these.)
@@ -159,6 +161,10 @@ run() {
     step cuda_compile 120 "$BIN/cuda_compile" --nocapture --test-threads=1
     step cuda_parity 180 "$BIN/cuda_parity" --nocapture --test-threads=1
     step cuda_model 150 "$BIN/cuda_model" --nocapture --test-threads=1
+    # OOD scoring on the GPU (src/ood/cuda_score.rs): the target, 50,000 x 1024 features
+    # against 1000 classes in under 50 ms, and kNN (k = 50) against a 50,000-row train bank.
+    step bench 90 "$BIN/mood" bench --ood mahalanobis --device cuda --rows 50000 --dim 1024 --classes 1000 --iters 20
+    step bench 90 "$BIN/mood" bench --ood knn --device cuda --rows 50000 --dim 1024 --classes 1000 --train-rows 50000 --iters 10
     for arch in beit_base_patch16_224 beit_large_patch16_224; do
         step bench 90 "$BIN/mood" bench --device cuda --precision bf16 --arch "$arch" --batch 64 --iters 20 --profile
     done
@@ -173,7 +179,7 @@ run() {
     {
         echo
         echo "--- verdict lines ---"
-        grep -hE "^(PASS|FAIL|ERROR)|SKIPPED|test result|panicked|images/s|MFU" "$OUT"/*.txt 2>/dev/null | grep -v '^---'
+        grep -hE "^(PASS|FAIL|ERROR)|SKIPPED|test result|panicked|images/s|MFU|rows/s|max \|diff\|" "$OUT"/*.txt 2>/dev/null | grep -v '^---'
     } >>"$OUT/summary.txt"
     cat "$OUT/summary.txt"
 }

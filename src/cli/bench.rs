@@ -1,7 +1,8 @@
 //! `mood bench`: forward throughput on random weights and inputs, beside the sgemm rate the `gemm`
 //! crate reaches on the model's largest GEMM shape in the same process, so the two compare directly.
 //! `--device cuda` times the CUDA forward instead (src/model/cuda_vit.rs); `--device auto` takes
-//! CUDA when a device is usable and says why not when it falls back to the CPU.
+//! CUDA when a device is usable and says why not when it falls back to the CPU. `--data` times
+//! image decoding instead (bench_data.rs), `--ood` OOD scoring (bench_ood.rs).
 
 use std::time::Instant;
 
@@ -52,6 +53,25 @@ pub struct Args {
     /// With --data: the model input side the preset produces.
     #[arg(long, default_value_t = 224)]
     pub img_size: usize,
+    /// Time OOD scoring instead of a model: fit METHOD (mahalanobis or knn) on synthetic Gaussian
+    /// features, then score --rows rows of --dim features (src/cli/bench_ood.rs).
+    #[arg(long, value_name = "METHOD")]
+    pub ood: Option<String>,
+    /// With --ood: rows scored per timed pass.
+    #[arg(long, default_value_t = 50_000)]
+    pub rows: usize,
+    /// With --ood: feature width.
+    #[arg(long, default_value_t = 1024)]
+    pub dim: usize,
+    /// With --ood: classes of the synthetic train set (the Mahalanobis means).
+    #[arg(long, default_value_t = 1000)]
+    pub classes: usize,
+    /// With --ood: rows the detector is fitted on (the kNN bank) [default: 10000].
+    #[arg(long)]
+    pub train_rows: Option<usize>,
+    /// With --ood: a setting of the method, key=value (repeatable), e.g. k=50 for knn.
+    #[arg(long = "method-arg", value_name = "KEY=VALUE")]
+    pub method_args: Vec<String>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,14 +96,12 @@ pub fn run(args: Args) -> Result<()> {
     if let Some(dir) = &args.data {
         return super::bench_data::run(dir, &args.preset, args.img_size, args.iters, args.json);
     }
+    if let Some(method) = &args.ood {
+        return super::bench_ood::run(&args, method);
+    }
     let cfg = VitConfig::preset(&args.arch)?;
-    match args.device {
-        Device::Cpu => {}
-        Device::Cuda => return cuda_bench(&args, &cfg),
-        Device::Auto => match cuda_usable() {
-            Ok(()) => return cuda_bench(&args, &cfg),
-            Err(e) => eprintln!("note: --device auto: {e}; benchmarking on the CPU"),
-        },
+    if super::runner::on_cuda(args.device, "benchmarking", cuda_usable)?.is_some() {
+        return cuda_bench(&args, &cfg);
     }
     let store = init::random_store(&cfg, 0);
     let model = VisionTransformer::load(&cfg, &store)?;

@@ -161,7 +161,9 @@ fn evaluate(
         .map(|m| m.name)
         .filter(|&n| n != "mos")
         .collect();
+    let cpu = crate::cli::score_device::ScoreDevice::cpu();
     let plan = crate::cli::eval::Plan {
+        device: &cpu,
         names: &names,
         method_args: &[],
         head: None,

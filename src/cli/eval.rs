@@ -5,6 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use super::bench::Device;
+use super::score_device::ScoreDevice;
 use crate::error::{Error, Result};
 use crate::metrics;
 use crate::ood::detector::{method, parse_args, Detector, Head, Need, METHODS};
@@ -41,6 +43,11 @@ pub struct Args {
     /// Directory for report.json, report.csv and plots/ (nothing is written without it).
     #[arg(short, long)]
     pub output: Option<PathBuf>,
+    /// Where to score: cpu, cuda (mahalanobis, mood-v1, gauss, mahalanobis-cc and knn on the
+    /// GPU, in f32; the other methods and every fit on the CPU), or auto (cuda if a device is
+    /// usable, else cpu with a note).
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    pub device: Device,
 }
 
 /// The `--method-arg` values that apply to `name`, as key=value.
@@ -103,7 +110,10 @@ pub fn run(args: Args) -> Result<()> {
         .iter()
         .map(|(_, d)| FeatureStore::open(d))
         .collect::<Result<_>>()?;
+    let device = ScoreDevice::open(args.device)?;
+    device.note_cpu_methods(&names);
     let plan = Plan {
+        device: &device,
         names: &names,
         method_args: &args.method_args,
         head: head.as_ref(),
@@ -122,6 +132,8 @@ pub fn run(args: Args) -> Result<()> {
 
 /// What `evaluate` runs and how it reports.
 pub struct Plan<'a> {
+    /// Where the detectors score (`ScoreDevice::cpu()` for the CPU only).
+    pub device: &'a ScoreDevice,
     pub names: &'a [&'static str],
     /// `--method-arg` values ([METHOD.]KEY=VALUE).
     pub method_args: &'a [String],
@@ -207,11 +219,16 @@ pub fn evaluate(
         };
         let fit_seconds = t.elapsed().as_secs_f64();
         let t = Instant::now();
-        let id_scores = det.score(&id.inputs(head))?;
-        let ood_scores: Vec<Vec<f32>> = ood_stores
-            .iter()
-            .map(|s| det.score(&s.inputs(head)))
-            .collect::<Result<_>>()?;
+        // The scorer (and its device copy of the statistics) lives for this method only.
+        let (id_scores, ood_scores) = {
+            let scorer = plan.device.prepare(&det)?;
+            let id_scores = scorer.score(&id.inputs(head))?;
+            let ood: Vec<Vec<f32>> = ood_stores
+                .iter()
+                .map(|s| scorer.score(&s.inputs(head)))
+                .collect::<Result<_>>()?;
+            (id_scores, ood)
+        };
         let score_seconds = t.elapsed().as_secs_f64();
         let results: Vec<OodResult> = oods
             .iter()

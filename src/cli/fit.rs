@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
+use super::bench::Device;
+use super::score_device::ScoreDevice;
 use crate::error::Result;
 use crate::ood::detector::{method, parse_args, Detector, Head};
 use crate::store::{read_head, FeatureStore};
@@ -37,6 +39,10 @@ pub struct ScoreArgs {
     /// Scores to write (.npy, float32, higher = more in-distribution).
     #[arg(short, long)]
     pub output: PathBuf,
+    /// Where to score: cpu, cuda (mahalanobis, mood-v1, gauss, mahalanobis-cc and knn on the
+    /// GPU, in f32), or auto (cuda if a device is usable, else cpu with a note).
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    pub device: Device,
 }
 
 pub fn load_head(path: Option<&std::path::Path>) -> Result<Option<Head>> {
@@ -65,13 +71,17 @@ pub fn run_fit(args: FitArgs) -> Result<()> {
 pub fn run_score(args: ScoreArgs) -> Result<()> {
     let det = Detector::load(&args.detector)?;
     let store = FeatureStore::open(&args.features)?;
+    let device = ScoreDevice::open(args.device)?;
+    device.note_cpu_methods(&[det.method()]);
     let t = Instant::now();
-    let scores = det.score(&store.inputs(None))?;
+    let scorer = device.prepare(&det)?;
+    let scores = scorer.score(&store.inputs(None))?;
     crate::npy::write_f32(&args.output, &[scores.len()], &scores)?;
     eprintln!(
-        "{} scores of {} rows in {:.2} s -> {}",
+        "{} scores of {} rows on the {} in {:.2} s -> {}",
         det.method(),
         scores.len(),
+        if scorer.on_gpu() { "GPU" } else { "CPU" },
         t.elapsed().as_secs_f64(),
         args.output.display()
     );

@@ -4,6 +4,7 @@ pub mod bench;
 #[cfg(feature = "cuda")]
 pub mod bench_cuda;
 pub mod bench_data;
+pub mod bench_ood;
 pub mod convert;
 pub mod demo;
 pub mod eval;
@@ -14,6 +15,7 @@ pub mod forward;
 pub mod info;
 pub mod pretrain;
 pub mod runner;
+pub mod score_device;
 pub mod train_common;
 
 use indicatif::{ProgressBar, ProgressStyle};

@@ -18,14 +18,24 @@ pub fn runner(
     precision: Precision,
     batch: usize,
 ) -> Result<ForwardFn<'_>> {
-    let cpu: ForwardFn<'_> = Box::new(|x| model.forward(x));
+    let cuda = on_cuda(device, "running", || cuda_runner(model, precision, batch))?;
+    Ok(cuda.unwrap_or_else(|| Box::new(|x| model.forward(x))))
+}
+
+/// The `--device` rule of every command that computes: `cpu` → None; `cuda` → `open()`, whose
+/// error (no usable device) is the command's one-line error; `auto` → `open()`, or None after a
+/// one-line note saying why and that the work is `doing` ("running", "scoring") on the CPU.
+pub fn on_cuda<T>(
+    device: Device,
+    doing: &str,
+    open: impl FnOnce() -> Result<T>,
+) -> Result<Option<T>> {
     match device {
-        Device::Cpu => Ok(cpu),
-        Device::Cuda => cuda_runner(model, precision, batch),
-        Device::Auto => cuda_runner(model, precision, batch).or_else(|e| {
-            eprintln!("note: --device auto: {e}; running on the CPU");
-            Ok(cpu)
-        }),
+        Device::Cpu => Ok(None),
+        Device::Cuda => open().map(Some),
+        Device::Auto => Ok(open()
+            .inspect_err(|e| eprintln!("note: --device auto: {e}; {doing} on the CPU"))
+            .ok()),
     }
 }
 

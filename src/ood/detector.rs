@@ -326,6 +326,15 @@ enum Kind {
     Residual(Vim),
 }
 
+/// What a fitted detector holds, for scorers outside this module (the GPU one).
+pub enum Fitted<'a> {
+    /// The Mahalanobis family: mahalanobis, mood-v1, gauss, mahalanobis-cc / -avgcc.
+    Gaussian(&'a GaussianScore),
+    /// knn (not cos / projection, which share the bank but score the k-th dot product).
+    Knn(&'a Knn),
+    Other,
+}
+
 pub struct Detector {
     pub header: Header,
     kind: Kind,
@@ -527,19 +536,31 @@ impl Detector {
         &self.header.method
     }
 
+    /// The features of `inputs`, refused unless they are as wide as the fitted ones.
+    pub fn check_features<'a>(&self, inputs: &Inputs<'a>) -> Result<&'a [f32]> {
+        let f = inputs.features()?;
+        if f.cols != self.header.dim {
+            return Err(Error::Data(format!(
+                "features are {} wide but the `{}` detector was fitted on {}-wide features",
+                f.cols, self.header.method, self.header.dim
+            )));
+        }
+        Ok(f.data)
+    }
+
+    /// The fitted statistics of the methods with a GPU scorer (src/ood/cuda_score.rs).
+    pub fn fitted(&self) -> Fitted<'_> {
+        match &self.kind {
+            Kind::Gaussian(g) => Fitted::Gaussian(g),
+            Kind::Knn(k) => Fitted::Knn(k),
+            _ => Fitted::Other,
+        }
+    }
+
     /// Scores (higher = more in-distribution), one per row of the inputs.
     pub fn score(&self, inputs: &Inputs) -> Result<Vec<f32>> {
         let name = self.header.method.as_str();
-        let features = || -> Result<&[f32]> {
-            let f = inputs.features()?;
-            if f.cols != self.header.dim {
-                return Err(Error::Data(format!(
-                    "features are {} wide but the `{name}` detector was fitted on {}-wide features",
-                    f.cols, self.header.dim
-                )));
-            }
-            Ok(f.data)
-        };
+        let features = || self.check_features(inputs);
         let args = &self.header.args;
         match &self.kind {
             Kind::Gaussian(g) => g.score(features()?),

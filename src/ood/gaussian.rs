@@ -63,6 +63,12 @@ impl Whitened {
         self.means_sq.len()
     }
 
+    /// W [R, D], the whitened means Wμ_c [C, R] and their squared norms [C] (the GPU scorer's
+    /// uploads).
+    pub fn parts(&self) -> (&[f32], &[f32], &[f32]) {
+        (&self.whiten, &self.means, &self.means_sq)
+    }
+
     /// Squared distances [n, C] of the rows of x [n, D] to every mean. The GEMM expansion
     /// ‖z‖² − 2z·m + ‖m‖² loses digits to cancellation when a distance is small next to the norms,
     /// so each row's nearest few means (by the expansion) are recomputed directly as ‖z − m‖² in

@@ -44,6 +44,11 @@ impl Knn {
         })
     }
 
+    /// The L2-normalised train rows [n, D] and n.
+    pub fn bank(&self) -> (&[f32], usize) {
+        (&self.train, self.n)
+    }
+
     /// The k-th largest dot product of each normalised query row with the normalised train rows,
     /// and the query rows' squared norms.
     fn kth_dots(&self, features: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {

@@ -4,9 +4,12 @@
 //! `gaussian` (Mahalanobis family), `centroid` (distances to centroids, k-means), `knn` (exact
 //! kNN and 1-NN cosine), `csd` (MODE), `logits` (MSP, MaxLogit, Energy, Entropy, GradNorm,
 //! KL-matching, MOS), `subspace` (ReAct, ViM, Residual) and `odin` (through the model).
+//! `cuda_score` (feature `cuda`) scores the Mahalanobis family and kNN on the GPU.
 
 pub mod centroid;
 pub mod csd;
+#[cfg(feature = "cuda")]
+pub mod cuda_score;
 pub mod detector;
 pub mod gaussian;
 pub mod knn;
@@ -15,6 +18,8 @@ pub mod logits;
 pub mod odin;
 pub mod stats;
 pub mod subspace;
+
+use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 
@@ -27,10 +32,13 @@ pub fn check_rows(x: &[f32], d: usize, what: &str) -> Result<usize> {
             x.len()
         )));
     }
-    if let Some(i) = x.iter().position(|v| !v.is_finite()) {
+    // In parallel: the GPU scorer checks every query row on the host before it uploads them.
+    if let Some(i) = x
+        .par_chunks(d)
+        .position_first(|r| r.iter().any(|v| !v.is_finite()))
+    {
         return Err(Error::Data(format!(
-            "{what}: row {} has a non-finite value",
-            i / d
+            "{what}: row {i} has a non-finite value"
         )));
     }
     Ok(x.len() / d)

@@ -1,6 +1,7 @@
 //! Case builders of tests/cuda_parity.rs for the distance-based OOD scores: squared L2 distances
 //! and the Mahalanobis minimum (GEMM + epilogue kernels) against f64 sums, and the k-th smallest /
-//! top-k selections against a sort, on rows full of ties.
+//! top-k selections against a sort, on rows full of ties; and the OOD GPU scorer
+//! (src/ood/cuda_score.rs) against the CPU detector it was built from.
 
 use super::{cu, randn, Case, Out, Run, F32_SUM_TOL};
 use mood::model::init::Rng;
@@ -116,6 +117,72 @@ pub fn topk(m: usize, n: usize, k: usize) -> Case {
         format!("[{m}, {n}] k={k}"),
         "f32",
         0.0,
+        run,
+    )
+}
+
+/// Agreement of the GPU scorer with the CPU detector (see src/ood/cuda_score.rs): the f32
+/// expansion against the CPU's f64-refined nearest means.
+const SCORER_TOL: f32 = 1e-4;
+
+/// `CudaScorer` against the CPU `Detector` it uploads: fitted on `n` rows around `c` class means
+/// (N(0, 1) per feature, noise N(0, 1)), scoring `m` rows of which every other one is shifted
+/// away (OOD-like), in batches of `batch` rows (0: as many as memory allows). The features carry a
+/// common offset of 5, as real ViT features do, so the means' centring is exercised.
+pub fn scorer(
+    method: &'static str,
+    (n, m, c, d): (usize, usize, usize, usize),
+    settings: &'static [(&'static str, &'static str)],
+    batch: usize,
+) -> Case {
+    use mood::ood::cuda_score::CudaScorer;
+    use mood::ood::detector::{Detector, Inputs, Matrix};
+    fn inputs<'a>(x: &'a [f32], d: usize, labels: Option<&'a [usize]>) -> Inputs<'a> {
+        Inputs {
+            features: Some(Matrix { data: x, cols: d }),
+            labels,
+            ..Default::default()
+        }
+    }
+    let run: Run = Box::new(move |dev, rng| {
+        let means = randn(rng, c * d, 1.0);
+        let rows = |rng: &mut Rng, k: usize, shift: bool| -> Vec<f32> {
+            (0..k * d)
+                .map(|e| {
+                    let far = shift && (e / d) % 2 == 1;
+                    let mu = means[((e / d) % c) * d + e % d];
+                    5.0 + if far { 3.0 } else { mu } + rng.normal() as f32
+                })
+                .collect()
+        };
+        let train = rows(rng, n, false);
+        let labels: Vec<usize> = (0..n).map(|i| i % c).collect();
+        let query = rows(rng, m, true);
+        let args = settings
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let det = Detector::fit(method, args, &inputs(&train, d, Some(&labels)))?;
+        let want = det.score(&inputs(&query, d, None))?;
+        let gpu = CudaScorer::new(dev, &det)?
+            .ok_or_else(|| mood::Error::Cuda(format!("no GPU scorer for {method}")))?;
+        let gpu = if batch > 0 {
+            gpu.with_batch(batch)
+        } else {
+            gpu
+        };
+        Ok(vec![Out("scores", gpu.score(&query)?, want)])
+    });
+    let batch = if batch > 0 {
+        format!(" batch {batch}")
+    } else {
+        String::new()
+    };
+    Case(
+        "cuda_scorer",
+        format!("{method} n={n} m={m} C={c} D={d}{batch}"),
+        "f32",
+        SCORER_TOL,
         run,
     )
 }
