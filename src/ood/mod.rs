@@ -1,6 +1,6 @@
 //! OOD score functions fitted on in-distribution train features, logits or patch tokens. Every
-//! score is "higher = more in-distribution". `detector` is the method registry (names, settings,
-//! save/load); the other modules are the scores, each a few GEMMs plus row reductions:
+//! score is "higher = more in-distribution". `methods` is the registry (names, needs, settings),
+//! `detector` fits, scores, saves and loads them; the other modules are the scores, each a few GEMMs plus row reductions:
 //! `gaussian` (Mahalanobis family), `centroid` (distances to centroids, k-means), `knn` (exact
 //! kNN and 1-NN cosine), `csd` (MODE), `logits` (MSP, MaxLogit, Energy, Entropy, GradNorm,
 //! KL-matching, MOS), `subspace` (ReAct, ViM, Residual) and `odin` (through the model).
@@ -15,6 +15,7 @@ pub mod gaussian;
 pub mod knn;
 pub mod linalg;
 pub mod logits;
+pub mod methods;
 pub mod odin;
 pub mod stats;
 pub mod subspace;

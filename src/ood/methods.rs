@@ -1,0 +1,244 @@
+//! The method registry: every score of SPEC Part 1 by name, what it needs from a feature store,
+//! its settings and their defaults. `detector` fits and scores them.
+
+use std::collections::BTreeMap;
+
+use crate::error::{Error, Result};
+
+/// What a method reads from a feature store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Need {
+    Features,
+    Labels,
+    /// Logits, or a linear head to compute them from the features.
+    Logits,
+    Head,
+    Local,
+    /// ODIN scores computed through the model at extraction time.
+    Odin,
+}
+
+impl Need {
+    pub fn what(self) -> &'static str {
+        match self {
+            Need::Features => "features (features.npy)",
+            Need::Labels => "train labels (labels.npy)",
+            Need::Logits => "logits (logits.npy, or a head: head.safetensors / --head)",
+            Need::Head => "the linear head (head.safetensors or --head)",
+            Need::Local => "patch-token features (local.npy; extract with --local)",
+            Need::Odin => "ODIN scores (odin.npy; extract with --odin)",
+        }
+    }
+}
+
+pub struct Method {
+    pub name: &'static str,
+    pub needs: &'static [Need],
+    /// (setting, default, meaning)
+    pub args: &'static [(&'static str, &'static str, &'static str)],
+    pub about: &'static str,
+}
+
+use Need::*;
+
+pub const METHODS: &[Method] = &[
+    Method {
+        name: "mahalanobis",
+        needs: &[Features, Labels],
+        args: &[],
+        about: "class-conditional, tied covariance: -min_c Mahalanobis^2 (MOODv2, OpenOOD MDS)",
+    },
+    Method {
+        name: "mood-v1",
+        needs: &[Features],
+        args: &[],
+        about: "L2-normalised features, one Gaussian over all train features (MOOD v1)",
+    },
+    Method {
+        name: "mahalanobis-cc",
+        needs: &[Features, Labels],
+        args: &[],
+        about: "L2-normalised, a covariance per class, -min over classes",
+    },
+    Method {
+        name: "mahalanobis-avgcc",
+        needs: &[Features, Labels],
+        args: &[],
+        about: "L2-normalised, a covariance per class, -mean over classes",
+    },
+    Method {
+        name: "euclidean",
+        needs: &[Features],
+        args: &[],
+        about: "-L2 distance to the mean of the L2-normalised train features",
+    },
+    Method {
+        name: "minkowski",
+        needs: &[Features],
+        args: &[],
+        about: "-L1 distance to the mean of the L2-normalised train features",
+    },
+    Method {
+        name: "chebyshev",
+        needs: &[Features],
+        args: &[],
+        about: "-L-infinity distance to the mean of the L2-normalised train features",
+    },
+    Method {
+        name: "cos",
+        needs: &[Features],
+        args: &[],
+        about: "cosine similarity to the nearest train feature",
+    },
+    Method {
+        name: "projection",
+        needs: &[Features],
+        args: &[],
+        about: "max cos(x, f)·|x|^2 on L2-normalised features (ranks as cos)",
+    },
+    Method {
+        name: "gauss",
+        needs: &[Features],
+        args: &[],
+        about: "Ledoit-Wolf-shrunk Mahalanobis on L2-normalised features",
+    },
+    Method {
+        name: "kmeans",
+        needs: &[Features],
+        args: &[("k", "1", "clusters"), ("seed", "0", "k-means++ seed")],
+        about: "-L2 distance to the nearest k-means centroid (normalised features)",
+    },
+    Method {
+        name: "msp",
+        needs: &[Logits],
+        args: &[("t", "1", "temperature")],
+        about: "max softmax probability",
+    },
+    Method {
+        name: "maxlogit",
+        needs: &[Logits],
+        args: &[],
+        about: "max logit",
+    },
+    Method {
+        name: "entropy",
+        needs: &[Logits],
+        args: &[],
+        about: "negated softmax entropy",
+    },
+    Method {
+        name: "energy",
+        needs: &[Logits],
+        args: &[("t", "1", "temperature")],
+        about: "T·logsumexp(z/T)",
+    },
+    Method {
+        name: "react",
+        needs: &[Features, Head],
+        args: &[(
+            "percentile",
+            "0.99",
+            "clip quantile of all train activations (OpenOOD: 0.90)",
+        )],
+        about: "energy of the head on clipped features",
+    },
+    Method {
+        name: "vim",
+        needs: &[Features, Head],
+        args: &[("dim", "auto", "principal subspace size (auto: ViM's rule)")],
+        about: "virtual logit matching",
+    },
+    Method {
+        name: "residual",
+        needs: &[Features, Head],
+        args: &[("dim", "auto", "principal subspace size (auto: ViM's rule)")],
+        about: "-norm of the residual outside the principal subspace",
+    },
+    Method {
+        name: "gradnorm",
+        needs: &[Features, Logits],
+        args: &[],
+        about: "|f|_1 · sum_c |C·p_c - 1| (closed-form GradNorm of the head)",
+    },
+    Method {
+        name: "odin",
+        needs: &[Odin],
+        args: &[],
+        about: "max softmax(z(x')/T), x' = x - eps·sign(grad_x CE(z(x)/T, argmax)); through the model at `mood extract --odin T,EPS` (default 1000,0.0014)",
+    },
+    Method {
+        name: "kl-matching",
+        needs: &[Logits],
+        args: &[],
+        about: "-min_c KL(p || mean softmax of train rows predicted c)",
+    },
+    Method {
+        name: "knn",
+        needs: &[Features],
+        args: &[("k", "50", "neighbour")],
+        about: "-squared distance to the k-th nearest normalised train feature",
+    },
+    Method {
+        name: "csd",
+        needs: &[Local],
+        args: &[("k", "10", "neighbour")],
+        about: "MODE's cross-scale decision over 6 pooled patch-token scales",
+    },
+    Method {
+        name: "mos",
+        needs: &[Logits],
+        args: &[(
+            "groups",
+            "auto",
+            "group sizes without 'others', e.g. 398,521,9 (auto: ImageNet's 8 for 1008 logits)",
+        )],
+        about: "-min_g p_g(others) over group-softmax logits",
+    },
+];
+
+pub fn method(name: &str) -> Result<&'static Method> {
+    METHODS.iter().find(|m| m.name == name).ok_or_else(|| {
+        Error::Usage(format!(
+            "unknown method `{name}`; known: {}",
+            METHODS
+                .iter()
+                .map(|m| m.name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    })
+}
+
+/// The settings of a method, defaults filled in, from `--method-arg key=value` strings.
+pub fn parse_args(m: &Method, given: &[String]) -> Result<BTreeMap<String, String>> {
+    let mut out: BTreeMap<String, String> = m
+        .args
+        .iter()
+        .map(|(k, v, _)| (k.to_string(), v.to_string()))
+        .collect();
+    for g in given {
+        let (k, v) = g
+            .split_once('=')
+            .ok_or_else(|| Error::Usage(format!("--method-arg `{g}` is not key=value")))?;
+        if !out.contains_key(k) {
+            let known: Vec<&str> = m.args.iter().map(|a| a.0).collect();
+            return Err(Error::Usage(format!(
+                "method `{}` has no setting `{k}`; its settings: {}",
+                m.name,
+                if known.is_empty() {
+                    "none".into()
+                } else {
+                    known.join(", ")
+                }
+            )));
+        }
+        out.insert(k.to_string(), v.to_string());
+    }
+    Ok(out)
+}
+
+pub(crate) fn arg<T: std::str::FromStr>(args: &BTreeMap<String, String>, key: &str) -> Result<T> {
+    let v = args.get(key).map(String::as_str).unwrap_or("");
+    v.parse()
+        .map_err(|_| Error::Usage(format!("--method-arg {key}={v}: not a valid value")))
+}
