@@ -219,15 +219,19 @@ thread_local! {
 /// a 256-entry table per channel; HWC bytes in, CHW floats out.
 fn normalise(rgb: &[u8], s: usize, mean: &[f32; 3], std: &[f32; 3], out: &mut [f32]) {
     let plane = s * s;
-    for c in 0..3 {
-        let mut lut = [0f32; 256];
-        for (v, l) in lut.iter_mut().enumerate() {
+    let mut lut = [[0f32; 256]; 3];
+    for (c, table) in lut.iter_mut().enumerate() {
+        for (v, l) in table.iter_mut().enumerate() {
             *l = (v as f32 / 255.0 - mean[c]) / std[c];
         }
-        let dst = &mut out[c * plane..(c + 1) * plane];
-        for (d, px) in dst.iter_mut().zip(rgb.chunks_exact(3)) {
-            *d = lut[px[c] as usize];
-        }
+    }
+    // One pass over the pixels, writing the three planes together.
+    let (r, gb) = out[..3 * plane].split_at_mut(plane);
+    let (g, b) = gb.split_at_mut(plane);
+    for (((px, r), g), b) in rgb.chunks_exact(3).zip(r).zip(g).zip(b) {
+        *r = lut[0][px[0] as usize];
+        *g = lut[1][px[1] as usize];
+        *b = lut[2][px[2] as usize];
     }
 }
 
