@@ -100,7 +100,9 @@ fn adamw_finetune_steps_match_torch() {
         );
         finetune_step(&cfg, &mut params, &mut opt, &x, &[1, 4, 7, 2], lr, &sc).unwrap();
     }
-    let want = WeightStore::open(&fixture("train/tiny_beit_adamw_params.safetensors")).unwrap();
+    // The reference is torch's run in float64: AdamW's m/sqrt(v) magnifies f32 summation-order
+    // noise in tiny gradients, so torch's own float32 run is 6.8e-5 from it (printed by the script).
+    let want = WeightStore::open(&fixture("train/tiny_beit_adamw_params_f64.safetensors")).unwrap();
     let mut worst = 0.0f32;
     for key in want.names() {
         let w = want.get(key, want.shape_of(key).unwrap()).unwrap();

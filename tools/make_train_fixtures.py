@@ -9,7 +9,9 @@
 - 4 AdamW fine-tuning steps of the tiny BEiT as MOOD fine-tunes it (param groups without weight
   decay for 1-D / bias / token tensors, the relative-position tables decayed, layer-wise lr decay 0.75, BEiT's cosine_scheduler with
   2 warmup steps, clip_grad_norm_ 0.5, label smoothing 0.1, weight decay 0.05, base lr 2e-3):
-  tiny_beit_adamw_params.safetensors and tiny_beit_adamw_lrs.npy;
+  tiny_beit_adamw_params.safetensors and tiny_beit_adamw_lrs.npy; the same steps in float64
+  (stored as float32): tiny_beit_adamw_params_f64.safetensors, the reference the test uses, since
+  AdamW's m/sqrt(v) magnifies f32 summation-order noise in tiny gradients to ~1e-4 (printed);
 - masked image modelling on the tiny BEiT: masked patches replaced by a mask token, final `norm`,
   a linear `mim_head` on the masked tokens, MSE against per-patch normalised pixels (unbiased var,
   eps 1e-6): tiny_beit_mim_{mask,loss}.npy, tiny_beit_mim_init.safetensors (mask token, norm, head)
@@ -67,7 +69,7 @@ def main():
         save_file(grads, os.path.join(OUT, f"{name}_grads.safetensors"))
         np.save(os.path.join(OUT, f"{name}_loss.npy"), np.array([loss.item()], dtype=np.float32))
         print(f"{name}: loss {loss.item():.6f}, {len(grads)} parameter gradients")
-    adamw_steps()
+    adamw_f64()
     mim_grads()
     group_softmax()
     odin()
@@ -83,10 +85,11 @@ def layer_id(name, depth):
     return depth + 1
 
 
-def adamw_steps():
+def adamw_steps(dtype=torch.float32, suffix=""):
     depth, steps, base, final, warmup = 2, 4, 2e-3, 1e-5, 2
     model = MODELS["tiny_beit"]().eval()
     model.load_state_dict(load_file(os.path.join(TIMM, "tiny_beit.safetensors")), strict=False)
+    model = model.to(dtype)
     groups = []
     for name, p in model.named_parameters():
         # MOOD's optim_factory: the 2-D relative-position tables are decayed
@@ -98,7 +101,7 @@ def adamw_steps():
     iters = np.arange(steps - warmup)
     cos = final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / len(iters)))
     lrs = np.concatenate((warm, cos))
-    x = torch.from_numpy(np.load(os.path.join(TIMM, "tiny_beit_input.npy")))
+    x = torch.from_numpy(np.load(os.path.join(TIMM, "tiny_beit_input.npy"))).to(dtype)
     y = torch.tensor([1, 4, 7, 2])
     for step in range(steps):
         for g in opt.param_groups:
@@ -108,10 +111,18 @@ def adamw_steps():
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
         opt.step()
-        print(f"adamw step {step}: lr {lrs[step]:.3e}, loss {loss.item():.6f}")
-    save_file({k: p.detach().contiguous() for k, p in model.named_parameters()},
-              os.path.join(OUT, "tiny_beit_adamw_params.safetensors"))
+        print(f"adamw {dtype} step {step}: lr {lrs[step]:.3e}, loss {loss.item():.6f}")
+    params = {k: p.detach().float().contiguous() for k, p in model.named_parameters()}
+    save_file(params, os.path.join(OUT, f"tiny_beit_adamw_params{suffix}.safetensors"))
     np.save(os.path.join(OUT, "tiny_beit_adamw_lrs.npy"), lrs.astype(np.float32))
+    return params
+
+
+def adamw_f64():
+    f32 = adamw_steps()
+    f64 = adamw_steps(torch.float64, "_f64")
+    worst = max(((f32[k] - f64[k]).abs() / f64[k].abs().clamp(min=1e-2)).max().item() for k in f64)
+    print(f"AdamW steps: torch float32 vs float64, worst relative weight error {worst:.2e}")
 
 
 def mim_grads():
@@ -189,4 +200,7 @@ def odin():
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["--adamw-only"]:
+        adamw_f64()
+    else:
+        main()

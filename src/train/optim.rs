@@ -55,18 +55,34 @@ pub fn warmup_cosine(step: usize, base: f32, min: f32, warmup: usize, total: usi
 /// Scales every gradient so that their joint L2 norm is at most `max_norm`; returns the norm before
 /// clipping (torch.nn.utils.clip_grad_norm_, with its 1e-6 in the denominator).
 pub fn clip_grad_norm(grads: &mut HashMap<String, Vec<f32>>, max_norm: f32) -> f32 {
+    use rayon::prelude::*;
+    // Eight independent f64 accumulators per tensor, so the sum vectorises instead of waiting
+    // on one long dependency chain (it runs every step, on every parameter).
+    let sum_sq = |g: &[f32]| -> f64 {
+        let mut acc = [0f64; 8];
+        let chunks = g.chunks_exact(8);
+        let tail: f64 = chunks
+            .remainder()
+            .iter()
+            .map(|&v| (v as f64) * (v as f64))
+            .sum();
+        for c in chunks {
+            for (a, &v) in acc.iter_mut().zip(c) {
+                *a += (v as f64) * (v as f64);
+            }
+        }
+        acc.iter().sum::<f64>() + tail
+    };
     let total = grads
-        .values()
-        .flat_map(|g| g.iter())
-        .map(|&v| (v as f64) * (v as f64))
+        .par_iter()
+        .map(|(_, g)| g.par_chunks(1 << 16).map(sum_sq).sum::<f64>())
         .sum::<f64>()
         .sqrt() as f32;
     let coef = max_norm / (total + 1e-6);
     if coef < 1.0 {
         grads
-            .values_mut()
-            .flat_map(|g| g.iter_mut())
-            .for_each(|v| *v *= coef);
+            .par_iter_mut()
+            .for_each(|(_, g)| g.par_iter_mut().for_each(|v| *v *= coef));
     }
     total
 }
