@@ -275,3 +275,39 @@ fn cuda_device_without_gpu_is_one_line() {
     assert_eq!(notes.len(), 1, "{err}");
     assert!(notes[0].contains("CPU"), "{err}");
 }
+
+/// Training and fitting have no CUDA path: `--device cuda` is refused in one line before any
+/// work, on every machine (with or without a GPU).
+#[test]
+fn training_and_fitting_refuse_cuda_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.safetensors");
+    let o = out.to_str().unwrap();
+    for cmd in ["finetune", "pretrain"] {
+        let (code, err) = mood(&[
+            cmd,
+            "--arch",
+            "beit_tiny_patch8_32",
+            "--data",
+            "digits",
+            "--device",
+            "cuda",
+            "-o",
+            o,
+        ]);
+        assert_one_line_error(code, &err, &["--device cuda: training runs on the CPU"]);
+    }
+    let (code, err) = mood(&[
+        "fit",
+        "--method",
+        "mahalanobis",
+        "--train",
+        dir.path().to_str().unwrap(),
+        "--device",
+        "cuda",
+        "-o",
+        o,
+    ]);
+    assert_one_line_error(code, &err, &["--device cuda: fitting runs on the CPU"]);
+    assert!(!out.exists(), "nothing written");
+}

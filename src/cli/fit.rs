@@ -26,6 +26,10 @@ pub struct FitArgs {
     /// Detector file to write (safetensors).
     #[arg(short, long)]
     pub output: PathBuf,
+    /// Fits (means, covariances, pseudo-inverses in f64) run on the CPU: cpu, or auto (with a
+    /// note); cuda is refused. `mood score --device cuda` scores on the GPU.
+    #[arg(long, value_enum, default_value_t = super::bench::Device::Cpu)]
+    pub device: super::bench::Device,
 }
 
 #[derive(clap::Args, Debug)]
@@ -50,6 +54,7 @@ pub fn load_head(path: Option<&std::path::Path>) -> Result<Option<Head>> {
 }
 
 pub fn run_fit(args: FitArgs) -> Result<()> {
+    super::runner::cpu_only(args.device, "fitting", "f64 statistics on the host")?;
     let m = method(&args.method)?;
     let settings = parse_args(m, &args.method_args)?;
     let head = load_head(args.head.as_deref())?;

@@ -39,6 +39,21 @@ pub fn on_cuda<T>(
     }
 }
 
+/// `--device` of a command whose work has no CUDA path yet (`what`, e.g. "training"): `cuda`
+/// is refused in one line, `auto` notes that it runs on the CPU.
+pub fn cpu_only(device: Device, what: &str, why: &str) -> Result<()> {
+    match device {
+        Device::Cpu => Ok(()),
+        Device::Cuda => Err(crate::error::Error::Usage(format!(
+            "--device cuda: {what} runs on the CPU in this version ({why}); use --device cpu or auto"
+        ))),
+        Device::Auto => {
+            eprintln!("note: --device auto: {what} runs on the CPU ({why})");
+            Ok(())
+        }
+    }
+}
+
 #[cfg(feature = "cuda")]
 fn cuda_runner(
     model: &VisionTransformer,

@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use super::bench::Device;
 use crate::error::{Error, Result};
 use crate::model::VitConfig;
 use crate::train::loops::{Dataset, Schedule};
@@ -36,10 +37,19 @@ pub struct ScheduleArgs {
     pub clip_grad: f32,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Where to train: cpu, or auto (runs on the CPU with a note); cuda is refused, since the
+    /// CUDA backend has no backward ops yet.
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    pub device: Device,
 }
 
 impl ScheduleArgs {
     pub fn schedule(&self) -> Result<Schedule> {
+        super::runner::cpu_only(
+            self.device,
+            "training",
+            "the CUDA backend has forward ops only",
+        )?;
         for (name, v) in [
             ("--lr", self.lr),
             ("--min-lr", self.min_lr),
