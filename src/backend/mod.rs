@@ -46,11 +46,10 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Activation) -> Re
     if let Some(b) = b {
         check("linear bias", b, &[n])?;
     }
-    let mut out = vec![0.0f32; m * n];
-    {
+    let mut out = {
         let _t = profile::scope("gemm");
-        cpu::matmul::linear_nobias(x.as_slice(), w.as_slice(), m, k, n, &mut out);
-    }
+        cpu::matmul::linear_new(x.as_slice(), w.as_slice(), m, k, n)
+    };
     epilogue(&mut out, n, b.map(|b| b.as_slice()), act);
     Tensor::from_vec(&[m, n], out)
 }

@@ -287,9 +287,10 @@ impl Tape {
                         continue;
                     };
                     if let Some(pre) = pre_gelu {
-                        let mut dpre = vec![0.0f32; dy.len()];
-                        vecmath::gelu_backward(pre.as_slice(), &dy, &mut dpre);
-                        dy = dpre;
+                        use rayon::prelude::*;
+                        dy.par_chunks_mut(1 << 14)
+                            .zip(pre.as_slice().par_chunks(1 << 14))
+                            .for_each(|(g, x)| vecmath::gelu_backward_inplace(x, g));
                     }
                     let (m, k) = (xv.shape()[0], xv.shape()[1]);
                     let n = l.w.value.shape()[0];

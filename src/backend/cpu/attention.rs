@@ -205,7 +205,7 @@ pub fn backward(
                 );
             }
             for (prow, dprow) in p.chunks_exact(n).zip(dp.chunks_exact_mut(n)) {
-                let dot: f32 = prow.iter().zip(dprow.iter()).map(|(a, b)| a * b).sum();
+                let dot = vecmath::dot(prow, dprow);
                 for (g, pv) in dprow.iter_mut().zip(prow) {
                     *g = pv * (*g - dot);
                 }

@@ -113,6 +113,46 @@ pub fn linear_nobias(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, out: &m
     }
 }
 
+/// A new `len`-value buffer filled by `fill`, which gets its start as a raw pointer and must
+/// write every element (a `gemm` that does not read its destination does: with beta = 0 it
+/// stores its first k-block's products, and zeros when k = 0). Skipping the zero fill matters
+/// in training, where every step allocates a few hundred MB of such outputs.
+///
+/// # Safety
+/// `fill` must initialise all `len` values through the pointer and read none of them.
+pub unsafe fn filled_by(len: usize, fill: impl FnOnce(*mut f32)) -> Vec<f32> {
+    let mut v = Vec::<f32>::with_capacity(len);
+    fill(v.as_mut_ptr());
+    // SAFETY: the caller's contract: every value was written by `fill`.
+    unsafe { v.set_len(len) };
+    v
+}
+
+/// x[M, K] · w[N, K]ᵀ into a new buffer (see `linear_nobias`).
+pub fn linear_new(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+    assert!(x.len() == m * k && w.len() == n * k);
+    // SAFETY: the assertion bounds the inputs; the gemm writes all m×n outputs without reading.
+    unsafe {
+        filled_by(m * n, |out| {
+            gemm_strided(
+                m,
+                n,
+                k,
+                MatMut {
+                    ptr: out,
+                    rs: n as isize,
+                    cs: 1,
+                },
+                false,
+                MatRef::row_major(x, k),
+                MatRef::transposed(w, k),
+                1.0,
+                true,
+            )
+        })
+    }
+}
+
 /// Plain triple-loop reference for tests (f64 accumulation).
 pub fn linear_reference(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
     let mut out = vec![0.0; m * n];
@@ -139,33 +179,45 @@ pub fn linear_backward(
     n: usize,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     assert!(x.len() == m * k && w.len() == n * k && dy.len() == m * n);
-    let mut dx = vec![0.0f32; m * k];
-    let mut dw = vec![0.0f32; n * k];
-    // SAFETY: every view is bounded by the assertion above; outputs are fresh buffers.
-    unsafe {
-        gemm_strided(
-            m,
-            k,
-            n,
-            MatMut::row_major(&mut dx, k),
-            false,
-            MatRef::row_major(dy, n),
-            MatRef::row_major(w, k),
-            1.0,
-            true,
-        );
-        gemm_strided(
-            n,
-            k,
-            m,
-            MatMut::row_major(&mut dw, k),
-            false,
-            MatRef::transposed(dy, n),
-            MatRef::row_major(x, k),
-            1.0,
-            true,
-        );
-    }
+    // SAFETY: the assertion above bounds every input view; each gemm writes all of its fresh
+    // output without reading it (filled_by's contract).
+    let (dx, dw) = unsafe {
+        let dx = filled_by(m * k, |dx| {
+            gemm_strided(
+                m,
+                k,
+                n,
+                MatMut {
+                    ptr: dx,
+                    rs: k as isize,
+                    cs: 1,
+                },
+                false,
+                MatRef::row_major(dy, n),
+                MatRef::row_major(w, k),
+                1.0,
+                true,
+            )
+        });
+        let dw = filled_by(n * k, |dw| {
+            gemm_strided(
+                n,
+                k,
+                m,
+                MatMut {
+                    ptr: dw,
+                    rs: k as isize,
+                    cs: 1,
+                },
+                false,
+                MatRef::transposed(dy, n),
+                MatRef::row_major(x, k),
+                1.0,
+                true,
+            )
+        });
+        (dx, dw)
+    };
     let mut db = vec![0.0f32; n];
     for row in dy.chunks_exact(n) {
         for (a, v) in db.iter_mut().zip(row) {

@@ -171,6 +171,15 @@ multiversion! {
 }
 
 multiversion! {
+    /// dy ← dy · GELU'(x), elementwise, in place (the tape's backward owns dy).
+    pub fn gelu_backward_inplace(x: &[f32], dy: &mut [f32]) {
+        for (g, v) in dy.iter_mut().zip(x) {
+            *g *= gelu_grad_with::<F>(*v);
+        }
+    }
+}
+
+multiversion! {
     pub fn bias_rows(x: &mut [f32], bias: &[f32]) {
         for row in x.chunks_exact_mut(bias.len()) {
             for (v, b) in row.iter_mut().zip(bias) {
@@ -194,6 +203,25 @@ pub fn sum(x: &[f32]) -> f32 {
         }
     }
     let tail: f32 = chunks.remainder().iter().sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Σ a·b over eight independent partial sums (see LANES).
+#[inline(always)]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..LANES {
+            acc[i] += x[i] * y[i];
+        }
+    }
     acc.iter().sum::<f32>() + tail
 }
 
