@@ -7,9 +7,9 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use common::fixture;
+use common::run_mood as mood;
 use mood::data::cifar::{self, Cifar, Kind, Layout, Split};
 use mood::extract::Source;
 
@@ -66,19 +66,6 @@ fn folder(k: Kind, layout: Layout) -> PathBuf {
         (Kind::Cifar100, Layout::Binary) => ("cifar100", "cifar-100-binary"),
     };
     fixture(&format!("cifar/{parent}/{sub}"))
-}
-
-fn mood(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_mood"))
-        .args(["--threads", "2"])
-        .args(args)
-        .output()
-        .expect("run mood");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 fn copy_dir(from: &Path, to: &Path) {

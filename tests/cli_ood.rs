@@ -1,24 +1,14 @@
 //! `mood fit`, `mood score` and `mood eval` through the binary on small stores written with the
 //! store writer: outputs exist and agree with the library, and bad input fails on one line.
 
+mod common;
+
+use common::run_mood as mood;
 use std::path::Path;
-use std::process::Command;
 
 use mood::ood::detector::Head;
 use mood::store::{write, Contents, Manifest};
 use mood::Tensor;
-
-fn mood(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_mood"))
-        .args(args)
-        .output()
-        .expect("run mood");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 fn assert_one_line_error(r: (i32, String, String), must_contain: &[&str]) {
     let (code, _, stderr) = r;

@@ -2,21 +2,10 @@
 //! the folder's classes, `--val` gives the closing accuracy, a flat folder pretrains but cannot be
 //! fine-tuned.
 
-use std::path::Path;
-use std::process::Command;
+mod common;
 
-fn mood(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_mood"))
-        .args(["--threads", "2"])
-        .args(args)
-        .output()
-        .expect("run mood");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use common::run_mood as mood;
+use std::path::Path;
 
 /// `n` square crops of each bundled photograph, as PNGs under `root/<photo>/`.
 fn photo_crops(root: &Path, n: usize) {

@@ -2,6 +2,21 @@
 #![allow(dead_code)]
 
 use std::path::PathBuf;
+use std::process::Command;
+
+/// Runs the `mood` binary with `args` on two threads: exit code, stdout, stderr.
+pub fn run_mood(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_mood"))
+        .args(["--threads", "2"])
+        .args(args)
+        .output()
+        .expect("run mood");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
 
 /// tests/fixtures/<rel>. The repository root is the build's, unless `MOOD_REPO_ROOT` names another:
 /// test binaries built here and run on another machine (tools/gpu_session.sh) find their fixtures.

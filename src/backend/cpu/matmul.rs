@@ -38,8 +38,14 @@ impl MatRef {
 
 impl MatMut {
     pub fn row_major(data: &mut [f32], cols: usize) -> MatMut {
+        MatMut::row_major_at(data.as_mut_ptr(), cols)
+    }
+
+    /// A contiguous row-major matrix of `cols` columns starting at `ptr` (e.g. a buffer not yet
+    /// initialised, see `filled_by`).
+    pub fn row_major_at(ptr: *mut f32, cols: usize) -> MatMut {
         MatMut {
-            ptr: data.as_mut_ptr(),
+            ptr,
             rs: cols as isize,
             cs: 1,
         }
@@ -138,11 +144,7 @@ pub fn linear_new(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32
                 m,
                 n,
                 k,
-                MatMut {
-                    ptr: out,
-                    rs: n as isize,
-                    cs: 1,
-                },
+                MatMut::row_major_at(out, n),
                 false,
                 MatRef::row_major(x, k),
                 MatRef::transposed(w, k),
@@ -187,11 +189,7 @@ pub fn linear_backward(
                 m,
                 k,
                 n,
-                MatMut {
-                    ptr: dx,
-                    rs: k as isize,
-                    cs: 1,
-                },
+                MatMut::row_major_at(dx, k),
                 false,
                 MatRef::row_major(dy, n),
                 MatRef::row_major(w, k),
@@ -204,11 +202,7 @@ pub fn linear_backward(
                 n,
                 k,
                 m,
-                MatMut {
-                    ptr: dw,
-                    rs: k as isize,
-                    cs: 1,
-                },
+                MatMut::row_major_at(dw, k),
                 false,
                 MatRef::transposed(dy, n),
                 MatRef::row_major(x, k),
