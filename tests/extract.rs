@@ -310,6 +310,42 @@ fn image_folders_extract_with_unreadable_files_skipped_and_listed() {
     }
     assert_eq!(s.rows(), 3, "china, flower and the greyscale flower");
     assert_eq!(s.labels.as_deref(), Some(&[0usize, 1, 1][..]));
+    // The readable images keep their own features when a batch skips some: the same three
+    // files alone give the same rows.
+    let clean = tmp.path().join("clean");
+    for (class, name) in [
+        ("a_photos", "1_china.jpg"),
+        ("b_flowers", "1_flower.jpg"),
+        ("b_flowers", "2_grey.JPG"),
+    ] {
+        std::fs::create_dir_all(clean.join(class)).unwrap();
+        std::fs::copy(data.join(class).join(name), clean.join(class).join(name)).unwrap();
+    }
+    let clean_out = tmp.path().join("clean_store");
+    let (code, err) = mood(
+        &[
+            "extract",
+            "--arch",
+            "test_tiny_beit",
+            "--weights",
+            &w,
+            "--data",
+            clean.to_str().unwrap(),
+            "--out",
+            clean_out.to_str().unwrap(),
+            "--batch",
+            "2",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    let c = mood::store::FeatureStore::open(&clean_out).unwrap();
+    common::assert_max_abs(
+        s.features.as_slice(),
+        c.features.as_slice(),
+        1e-5,
+        "features with and without skipped files",
+    );
     // An output path under a regular file cannot be created: one line, nothing written.
     let blocker = tmp.path().join("file");
     std::fs::write(&blocker, b"x").unwrap();

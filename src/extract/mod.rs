@@ -237,13 +237,18 @@ pub fn extract(
                     )
                 })
                 .1;
+            // The readable images, moved up over the skipped ones in place: the batch buffer
+            // becomes the model's input without a second copy.
             let mut good = Vec::new();
-            let mut images = Vec::with_capacity(buf.len());
-            for ((&r, res), img) in rows.iter().zip(results).zip(buf.chunks_exact(sample)) {
+            let mut images = buf;
+            for (i, (&r, res)) in rows.iter().zip(results).enumerate() {
                 match res {
                     Ok(()) => {
+                        let w = good.len();
+                        if w != i {
+                            images.copy_within(i * sample..(i + 1) * sample, w * sample);
+                        }
                         good.push(r);
-                        images.extend_from_slice(img);
                     }
                     Err(e) => {
                         bar.suspend(|| eprintln!("warning: skipping {}: {e}", source.item_name(r)));
@@ -254,6 +259,7 @@ pub fn extract(
                     }
                 }
             }
+            images.truncate(good.len() * sample);
             if !good.is_empty() {
                 let x = Tensor::from_vec(
                     &[good.len(), cfg.in_chans, cfg.img_size, cfg.img_size],
