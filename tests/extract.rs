@@ -475,13 +475,32 @@ fn odin_scores_are_extracted_and_evaluated() {
         &[],
     );
     assert_eq!(code, 0, "{err}");
+    // ODIN fits nothing, so the train store needs no odin.npy (no backward over the train set).
+    let train = tmp.path().join("train");
+    let t = train.to_string_lossy().into_owned();
+    let (code, err) = mood(
+        &[
+            "extract",
+            "--arch",
+            "test_tiny_beit",
+            "--weights",
+            &w,
+            "--data",
+            "digits:0-4@train",
+            "--out",
+            &t,
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(!train.join("odin.npy").exists());
     let o_id = out.to_string_lossy().into_owned();
     let report = tmp.path().join("report");
     let out = Command::new(env!("CARGO_BIN_EXE_mood"))
         .args([
             "eval",
             "--train",
-            &o_id,
+            &t,
             "--id",
             &o_id,
             "--ood",

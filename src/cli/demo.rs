@@ -75,6 +75,7 @@ fn extract_store(
     labels: Option<&[usize]>,
     dir: &Path,
     source: &str,
+    odin: bool,
 ) -> Result<()> {
     let cfg = &model.cfg;
     let per = 3 * cfg.img_size * cfg.img_size;
@@ -90,7 +91,7 @@ fn extract_store(
             z.extend_from_slice(lg.as_slice());
         }
         l.extend_from_slice(local.as_slice());
-        if out.logits.is_some() {
+        if odin && out.logits.is_some() {
             o.extend(crate::ood::odin::scores(model, &x, ODIN.0, ODIN.1)?);
         }
     }
@@ -136,6 +137,7 @@ fn evaluate(
         Some(&sets.train.labels),
         &dir.join("train"),
         "digits 0-4, train split",
+        false, // ODIN fits nothing: the train set needs no scores
     )?;
     extract_store(
         &model,
@@ -143,11 +145,12 @@ fn evaluate(
         Some(&sets.id_test.labels),
         &dir.join("id"),
         "digits 0-4, test split",
+        true,
     )?;
     let mut oods = Vec::new();
     for (name, images) in &sets.ood {
         let sub = dir.join(name.split(' ').next().unwrap_or("ood"));
-        extract_store(&model, images, None, &sub, name)?;
+        extract_store(&model, images, None, &sub, name, true)?;
         oods.push((name.to_string(), sub));
     }
     let open = crate::store::FeatureStore::open;

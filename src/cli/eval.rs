@@ -182,14 +182,11 @@ pub fn evaluate(
     for &name in names {
         bar.set_message(name);
         let m = method(name)?;
-        // Labels are needed to fit only; the test stores need the rest.
-        let score_needs: Vec<Need> = m
-            .needs
-            .iter()
-            .copied()
-            .filter(|n| *n != Need::Labels)
-            .collect();
-        let mut missing = train.inputs(head).missing(m.needs);
+        // Labels are needed to fit only, ODIN scores to score only.
+        let score_needs = Need::select(m.needs, Need::to_score);
+        let mut missing = train
+            .inputs(head)
+            .missing(&Need::select(m.needs, Need::to_fit));
         for s in std::iter::once(id).chain(ood_stores) {
             missing.extend(s.inputs(head).missing(&score_needs));
         }

@@ -168,7 +168,7 @@ impl Detector {
     /// Fits `method` with settings `args` (from `parse_args`) on ID train data.
     pub fn fit(name: &str, args: BTreeMap<String, String>, inputs: &Inputs) -> Result<Detector> {
         let m = method(name)?;
-        let missing = inputs.missing(m.needs);
+        let missing = inputs.missing(&Need::select(m.needs, Need::to_fit));
         if !missing.is_empty() {
             return Err(Error::Usage(format!(
                 "method `{name}` needs {}",

@@ -29,6 +29,21 @@ impl Need {
             Need::Odin => "ODIN scores (odin.npy; extract with --odin)",
         }
     }
+
+    /// Whether fitting reads it from the train store (ODIN's scores are only scored, never fitted).
+    pub fn to_fit(self) -> bool {
+        self != Need::Odin
+    }
+
+    /// Whether scoring reads it from a test store (labels are for fitting only).
+    pub fn to_score(self) -> bool {
+        self != Need::Labels
+    }
+
+    /// The needs of `needs` that `keep` selects (`Need::to_fit` or `Need::to_score`).
+    pub fn select(needs: &[Need], keep: fn(Need) -> bool) -> Vec<Need> {
+        needs.iter().copied().filter(|&n| keep(n)).collect()
+    }
 }
 
 pub struct Method {
