@@ -102,7 +102,11 @@ fn attention_backward_matches_finite_differences() {
         let qkv = randn(b * n * 3 * d, 0.7, 10);
         let bias = randn(h * n * n, 0.5, 11);
         let r = randn(b * n * d, 1.0, 12);
-        let (dqkv, dbias) = attention::backward(&qkv, Some(&bias), &dims, &r);
+        let mut out = vec![0.0; b * n * d];
+        let probs = attention::forward_keep_probs(&qkv, Some(&bias), &dims, &mut out);
+        let want = attention::reference(&qkv, Some(&bias), &dims);
+        assert!(out.iter().zip(&want).all(|(a, w)| (a - w).abs() < 1e-5));
+        let (dqkv, dbias) = attention::backward(&qkv, &probs, true, &dims, &r);
         check("attention dqkv", &qkv, &dqkv, |q| {
             dot(&attention::reference(q, Some(&bias), &dims), &r)
         });
@@ -110,7 +114,8 @@ fn attention_backward_matches_finite_differences() {
         check("attention dbias", &bias, &dbias, |bb| {
             dot(&attention::reference(&qkv, Some(bb), &dims), &r)
         });
-        let (dq2, none) = attention::backward(&qkv, None, &dims, &r);
+        let probs = attention::forward_keep_probs(&qkv, None, &dims, &mut out);
+        let (dq2, none) = attention::backward(&qkv, &probs, false, &dims, &r);
         assert!(none.is_none());
         check("attention dqkv (no bias)", &qkv, &dq2, |q| {
             dot(&attention::reference(q, None, &dims), &r)

@@ -188,3 +188,90 @@ fn patch_embed_matches_direct_convolution() {
         }
     }
 }
+
+/// The vectorised routines exist in three builds (AVX-512, AVX2+FMA, baseline x86-64), picked by
+/// the CPU; the tests above only reach the best one. Here each build this CPU can run is checked
+/// against f64 references: softmax with a bias, LayerNorm forward and backward, GELU and its
+/// derivative.
+#[test]
+fn every_simd_build_matches_references() {
+    use vecmath::SimdLevel;
+    let (rows, n, d) = (7, 197, 768);
+    let scores = randn(rows * n, 4.0, 40);
+    let bias = randn(rows * n, 1.0, 41);
+    let x = randn(rows * d, 2.0, 42);
+    let dy = randn(rows * d, 1.0, 43);
+    let gamma = randn(d, 1.0, 44);
+    let beta = randn(d, 1.0, 45);
+    let phi = |v: f64| (-0.5 * v * v).exp() / (2.0 * std::f64::consts::PI).sqrt();
+    let cdf = |v: f64| 0.5 * (1.0 + libm::erf(v / std::f64::consts::SQRT_2));
+    let best = vecmath::simd_level();
+    let mut levels = vec![SimdLevel::Baseline, SimdLevel::Avx2, SimdLevel::Avx512];
+    levels.retain(|l| *l <= best);
+    for level in levels {
+        vecmath::cap_simd_level(Some(level));
+        assert_eq!(vecmath::simd_level(), level);
+        let what = |op: &str| format!("{op} at {level:?}");
+
+        let mut ours = scores.clone();
+        vecmath::softmax_rows(&mut ours, Some(&bias), n * rows);
+        let biased: Vec<f64> = scores
+            .iter()
+            .zip(&bias)
+            .map(|(s, b)| (s + b) as f64)
+            .collect();
+        let m = biased.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let z: f64 = biased.iter().map(|v| (v - m).exp()).sum();
+        let want: Vec<f32> = biased.iter().map(|v| ((v - m).exp() / z) as f32).collect();
+        assert_close(&ours, &want, 1e-8, 1e-5, &what("softmax"));
+
+        let mut out = vec![0.0; rows * d];
+        layernorm::forward(&x, &gamma, &beta, 1e-6, &mut out);
+        let want = layernorm::reference(&x, &gamma, &beta, 1e-6);
+        assert_close(&out, &want, 1e-5, 1e-4, &what("layernorm"));
+
+        let (dx, dgamma, dbeta) = layernorm::backward(&x, &gamma, 1e-6, &dy);
+        let (mut want_dx, mut want_dg, mut want_db) =
+            (vec![0.0; rows * d], vec![0.0; d], vec![0.0; d]);
+        for r in 0..rows {
+            let xr: Vec<f64> = x[r * d..(r + 1) * d].iter().map(|&v| v as f64).collect();
+            let g: Vec<f64> = (0..d).map(|i| (dy[r * d + i] * gamma[i]) as f64).collect();
+            let mean = xr.iter().sum::<f64>() / d as f64;
+            let var = xr.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / d as f64;
+            let inv = 1.0 / (var + 1e-6).sqrt();
+            let xhat: Vec<f64> = xr.iter().map(|v| (v - mean) * inv).collect();
+            let mg = g.iter().sum::<f64>() / d as f64;
+            let mgx = g.iter().zip(&xhat).map(|(a, b)| a * b).sum::<f64>() / d as f64;
+            for i in 0..d {
+                want_dx[r * d + i] = (inv * (g[i] - mg - xhat[i] * mgx)) as f32;
+                want_dg[i] += (dy[r * d + i] as f64 * xhat[i]) as f32;
+                want_db[i] += dy[r * d + i];
+            }
+        }
+        assert_close(&dx, &want_dx, 1e-5, 1e-4, &what("layernorm dx"));
+        assert_close(&dgamma, &want_dg, 1e-4, 1e-4, &what("layernorm dgamma"));
+        assert_close(&dbeta, &want_db, 1e-5, 1e-5, &what("layernorm dbeta"));
+
+        let mut gelu = x.clone();
+        vecmath::bias_gelu_rows(&mut gelu, &beta);
+        let want: Vec<f32> = x
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| {
+                let v = (v + beta[i % d]) as f64;
+                (v * cdf(v)) as f32
+            })
+            .collect();
+        assert_close(&gelu, &want, 1e-6, 1e-5, &what("bias+gelu"));
+
+        let mut grad = dy.clone();
+        vecmath::gelu_backward_inplace(&x, &mut grad);
+        let want: Vec<f32> = x
+            .iter()
+            .zip(&dy)
+            .map(|(&v, &g)| (g as f64 * (cdf(v as f64) + v as f64 * phi(v as f64))) as f32)
+            .collect();
+        assert_close(&grad, &want, 1e-6, 1e-5, &what("gelu backward"));
+    }
+    vecmath::cap_simd_level(None);
+}

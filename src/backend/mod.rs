@@ -102,6 +102,28 @@ pub fn attention(
     n: usize,
     heads: usize,
 ) -> Result<Tensor> {
+    attention_impl(qkv, bias, b, n, heads, false).map(|(out, _)| out)
+}
+
+/// `attention` that also returns the probabilities P [B, H, N, N] its backward reads.
+pub fn attention_keep_probs(
+    qkv: &Tensor,
+    bias: Option<&Tensor>,
+    b: usize,
+    n: usize,
+    heads: usize,
+) -> Result<(Tensor, Vec<f32>)> {
+    attention_impl(qkv, bias, b, n, heads, true).map(|(out, p)| (out, p.unwrap_or_default()))
+}
+
+fn attention_impl(
+    qkv: &Tensor,
+    bias: Option<&Tensor>,
+    b: usize,
+    n: usize,
+    heads: usize,
+    keep_probs: bool,
+) -> Result<(Tensor, Option<Vec<f32>>)> {
     let _t = profile::scope("attention");
     let (rows, three_d) = qkv.dims2("attention qkv")?;
     if rows != b * n || three_d % (3 * heads) != 0 {
@@ -121,8 +143,16 @@ pub fn attention(
         dh: d / heads,
     };
     let mut out = vec![0.0f32; b * n * d];
-    cpu::attention::forward(qkv.as_slice(), bias.map(|t| t.as_slice()), &dims, &mut out);
-    Tensor::from_vec(&[b * n, d], out)
+    let (qkv, bias) = (qkv.as_slice(), bias.map(|t| t.as_slice()));
+    let probs = if keep_probs {
+        Some(cpu::attention::forward_keep_probs(
+            qkv, bias, &dims, &mut out,
+        ))
+    } else {
+        cpu::attention::forward(qkv, bias, &dims, &mut out);
+        None
+    };
+    Ok((Tensor::from_vec(&[b * n, d], out)?, probs))
 }
 
 /// images [B, C, H, W] → patch tokens [B·G, D] through the conv weight [D, C, P, P] and bias [D].

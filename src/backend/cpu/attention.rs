@@ -32,6 +32,35 @@ impl SharedMut {
 
 /// qkv: [B·N, 3·D]; bias: [H, N, N] or none; out: [B·N, D] with D = H·Dh.
 pub fn forward(qkv: &[f32], bias: Option<&[f32]>, dims: &Dims, out: &mut [f32]) {
+    forward_into(qkv, bias, dims, out, None);
+}
+
+/// `forward` that also returns the attention probabilities P [B, H, N, N] (rows summing to 1),
+/// for a backward that reads P instead of recomputing q·kᵀ and the softmax (15 MB a layer for
+/// BEiT-B at batch 8, as PyTorch's autograd keeps too).
+pub fn forward_keep_probs(
+    qkv: &[f32],
+    bias: Option<&[f32]>,
+    dims: &Dims,
+    out: &mut [f32],
+) -> Vec<f32> {
+    let len = dims.b * dims.h * dims.n * dims.n;
+    // SAFETY: every (image, head) task writes its whole n×n block of P (the q·kᵀ gemm does not
+    // read its destination) before reading it.
+    unsafe {
+        super::matmul::filled_by(len, |probs| {
+            forward_into(qkv, bias, dims, out, Some(SharedMut(probs)))
+        })
+    }
+}
+
+fn forward_into(
+    qkv: &[f32],
+    bias: Option<&[f32]>,
+    dims: &Dims,
+    out: &mut [f32],
+    probs: Option<SharedMut>,
+) {
     let Dims { b, n, h, dh } = *dims;
     let d = h * dh;
     assert!(qkv.len() == b * n * 3 * d && out.len() == b * n * d);
@@ -41,9 +70,21 @@ pub fn forward(qkv: &[f32], bias: Option<&[f32]>, dims: &Dims, out: &mut [f32]) 
     let scale = (dh as f32).powf(-0.5);
     let out_ptr = SharedMut(out.as_mut_ptr());
     (0..b * h).into_par_iter().for_each_init(
-        || (vec![0.0f32; n * n], vec![0.0f32; n]),
-        |(scores, sums), task| {
+        || {
+            (
+                vec![0.0f32; if probs.is_some() { 0 } else { n * n }],
+                vec![0.0f32; n],
+            )
+        },
+        |(scratch, sums), task| {
             let (img, head) = (task / h, task % h);
+            let scores: &mut [f32] = match probs {
+                // SAFETY: task's own n×n block of the [B·H, N, N] probabilities.
+                Some(p) => unsafe {
+                    std::slice::from_raw_parts_mut(p.ptr().add(task * n * n), n * n)
+                },
+                None => scratch,
+            };
             let base = img * n * 3 * d;
             let q = MatRef {
                 ptr: qkv[base + head * dh..].as_ptr(),
@@ -78,6 +119,13 @@ pub fn forward(qkv: &[f32], bias: Option<&[f32]>, dims: &Dims, out: &mut [f32]) 
             }
             let bias_h = bias.map(|bb| &bb[head * n * n..(head + 1) * n * n]);
             vecmath::softmax_rows_unnormalised(scores, bias_h, n, sums);
+            if probs.is_some() {
+                // The kept P must be normalised; the output then needs no scaling.
+                for (row, s) in scores.chunks_exact_mut(n).zip(sums.iter_mut()) {
+                    vecmath::scale(row, 1.0 / *s);
+                    *s = 1.0;
+                }
+            }
             let dst = MatMut {
                 // SAFETY: in bounds: row img·N, column head·Dh of out [B·N, D].
                 ptr: unsafe { out_ptr.ptr().add(img * n * d + head * dh) },
@@ -98,58 +146,59 @@ pub fn forward(qkv: &[f32], bias: Option<&[f32]>, dims: &Dims, out: &mut [f32]) 
                     false,
                 );
             }
-            // Softmax normalisation applied to the [N, Dh] output rather than the [N, N] scores.
-            for (i, s) in sums.iter().enumerate() {
-                let inv = 1.0 / s;
-                // SAFETY: row img·N+i, columns head·Dh..+Dh of out: this task's own block.
-                let row = unsafe {
-                    std::slice::from_raw_parts_mut(dst.ptr.offset(i as isize * dst.rs), dh)
-                };
-                row.iter_mut().for_each(|v| *v *= inv);
+            if probs.is_none() {
+                // Softmax normalisation applied to the [N, Dh] output rather than the [N, N] scores.
+                for (i, s) in sums.iter().enumerate() {
+                    // SAFETY: row img·N+i, columns head·Dh..+Dh of out: this task's own block.
+                    let row = unsafe {
+                        std::slice::from_raw_parts_mut(dst.ptr.offset(i as isize * dst.rs), dh)
+                    };
+                    vecmath::scale(row, 1.0 / s);
+                }
             }
         },
     );
 }
 
-/// Gradients of `forward` given dout [B·N, D]: dqkv [B·N, 3·D] and, with a bias, dbias [H, N, N]
-/// summed over images. Per (image, head), with P recomputed from q, k and the bias:
+/// Gradients of `forward` given dout [B·N, D] and the probabilities P of `forward_keep_probs`:
+/// dqkv [B·N, 3·D] and, when `want_dbias`, dbias [H, N, N] summed over images. Per (image, head):
 ///   dV = Pᵀ·dO,  dP = dO·Vᵀ,  dS = P ⊙ (dP − rowsum(dP ⊙ P)),  dQ = s·dS·K,  dK = s·dSᵀ·Q,  dB = dS.
+/// Tasks run head by head over groups of images, so each adds its dS straight into its own
+/// dbias partial instead of keeping every image's dS for a reduction afterwards.
 pub fn backward(
     qkv: &[f32],
-    bias: Option<&[f32]>,
+    probs: &[f32],
+    want_dbias: bool,
     dims: &Dims,
     dout: &[f32],
 ) -> (Vec<f32>, Option<Vec<f32>>) {
     let Dims { b, n, h, dh } = *dims;
     let d = h * dh;
     assert!(qkv.len() == b * n * 3 * d && dout.len() == b * n * d);
+    assert!(probs.len() == b * h * n * n);
     let scale = (dh as f32).powf(-0.5);
-    let mut dqkv = vec![0.0f32; b * n * 3 * d];
-    // dS of every (image, head), reduced over images into dbias afterwards.
-    let mut ds_all = vec![0.0f32; if bias.is_some() { b * h * n * n } else { 0 }];
-    let dq_ptr = SharedMut(dqkv.as_mut_ptr());
-    let ds_ptr = SharedMut(ds_all.as_mut_ptr());
+    // Enough (head, image group) tasks to keep every thread busy, as few groups as that allows:
+    // each group holds one [H, N, N] dbias partial.
+    let groups = (2 * rayon::current_num_threads()).div_ceil(h).clamp(1, b);
+    let per_group = b.div_ceil(groups);
+    let mut partials = vec![0.0f32; if want_dbias { groups * h * n * n } else { 0 }];
+    let part_ptr = SharedMut(partials.as_mut_ptr());
     let view = |base: *const f32, off: usize| MatRef {
         // SAFETY (of every use below): offsets stay inside the [B·N, 3·D] or [B·N, D] buffers.
         ptr: unsafe { base.add(off) },
         rs: 3 * d as isize,
         cs: 1,
     };
-    (0..b * h).into_par_iter().for_each_init(
-        || (vec![0.0f32; n * n], vec![0.0f32; n * n], vec![0.0f32; n]),
-        |(p, dp, sums), task| {
-            let (img, head) = (task / h, task % h);
+    let task_body = |dq_ptr: SharedMut, dp: &mut [f32], group: usize, head: usize| {
+        let images = group * per_group..((group + 1) * per_group).min(b);
+        for img in images {
+            let p = &probs[(img * h + head) * n * n..(img * h + head + 1) * n * n];
             let base = img * n * 3 * d + head * dh;
             let (q, k, v) = (
                 view(qkv.as_ptr(), base),
                 view(qkv.as_ptr(), base + d),
                 view(qkv.as_ptr(), base + 2 * d),
             );
-            let kt = MatRef {
-                ptr: k.ptr,
-                rs: 1,
-                cs: k.rs,
-            };
             let vt = MatRef {
                 ptr: v.ptr,
                 rs: 1,
@@ -166,31 +215,14 @@ pub fn backward(
                 rs: 3 * d as isize,
                 cs: 1,
             };
-            // SAFETY: all views are bounded as stated above; p, dp are this task's buffers and
-            // the dqkv blocks written are disjoint between tasks.
+            let pt = MatRef {
+                ptr: p.as_ptr(),
+                rs: 1,
+                cs: n as isize,
+            };
+            // SAFETY: all views are bounded as stated above; dp is this task's buffer and the
+            // dqkv blocks written are disjoint between tasks.
             unsafe {
-                gemm_strided(
-                    n,
-                    n,
-                    dh,
-                    MatMut::row_major(p, n),
-                    false,
-                    q,
-                    kt,
-                    scale,
-                    false,
-                );
-                let bias_h = bias.map(|bb| &bb[head * n * n..(head + 1) * n * n]);
-                vecmath::softmax_rows_unnormalised(p, bias_h, n, sums);
-                for (row, s) in p.chunks_exact_mut(n).zip(sums.iter()) {
-                    let inv = 1.0 / s;
-                    row.iter_mut().for_each(|x| *x *= inv);
-                }
-                let pt = MatRef {
-                    ptr: p.as_ptr(),
-                    rs: 1,
-                    cs: n as isize,
-                };
                 gemm_strided(n, dh, n, out_view(2 * d), false, pt, d_o, 1.0, false);
                 gemm_strided(
                     n,
@@ -209,6 +241,16 @@ pub fn backward(
                 for (g, pv) in dprow.iter_mut().zip(prow) {
                     *g = pv * (*g - dot);
                 }
+            }
+            if want_dbias {
+                // SAFETY: the (group, head) block of the partials belongs to this task alone.
+                let acc = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        part_ptr.ptr().add((group * h + head) * n * n),
+                        n * n,
+                    )
+                };
+                vecmath::add_assign(acc, dp);
             }
             // SAFETY: as above; dp now holds dS.
             unsafe {
@@ -229,24 +271,27 @@ pub fn backward(
                     cs: n as isize,
                 };
                 gemm_strided(n, dh, n, out_view(d), false, dst, q, scale, false);
-                if bias.is_some() {
-                    let dst = std::slice::from_raw_parts_mut(ds_ptr.ptr().add(task * n * n), n * n);
-                    dst.copy_from_slice(dp);
-                }
-            }
-        },
-    );
-    let dbias = bias.map(|_| {
-        let mut acc = vec![0.0f32; h * n * n];
-        for img in 0..b {
-            for (a, v) in acc
-                .iter_mut()
-                .zip(&ds_all[img * h * n * n..(img + 1) * h * n * n])
-            {
-                *a += v;
             }
         }
-        acc
+    };
+    // SAFETY: the (image, head) tasks together write every q, k and v column block of dqkv, each
+    // by a gemm that does not read its destination.
+    let dqkv = unsafe {
+        super::matmul::filled_by(b * n * 3 * d, |dq| {
+            let dq_ptr = SharedMut(dq);
+            (0..groups * h).into_par_iter().for_each_init(
+                || vec![0.0f32; n * n],
+                |dp, task| task_body(dq_ptr, dp, task / h, task % h),
+            );
+        })
+    };
+    let dbias = want_dbias.then(|| {
+        let (first, rest) = partials.split_at_mut(h * n * n);
+        for part in rest.chunks_exact(h * n * n) {
+            vecmath::add_assign(first, part);
+        }
+        partials.truncate(h * n * n);
+        partials
     });
     (dqkv, dbias)
 }

@@ -35,50 +35,30 @@ pub fn reference(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32) -> Vec<f32> {
 /// The statistics are recomputed from x (cheaper than storing them, and exact).
 pub fn backward(x: &[f32], gamma: &[f32], eps: f32, dy: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let d = gamma.len();
+    assert!(x.len() == dy.len() && x.len() % d.max(1) == 0);
+    let rows = x.len() / d.max(1);
+    // Per-chunk partial dγ/dβ, reduced afterwards, so rows run in parallel without sharing; the
+    // chunks are few and large (their partials are 2·D values each).
+    let chunk_rows = rows.div_ceil(4 * rayon::current_num_threads()).max(16);
     let mut dx = vec![0.0f32; x.len()];
-    // Per-chunk partial dγ/dβ, reduced afterwards, so rows run in parallel without sharing.
     let partial: Vec<(Vec<f32>, Vec<f32>)> = dx
-        .par_chunks_mut(d * 16)
-        .zip(x.par_chunks(d * 16).zip(dy.par_chunks(d * 16)))
+        .par_chunks_mut(d * chunk_rows)
+        .zip(
+            x.par_chunks(d * chunk_rows)
+                .zip(dy.par_chunks(d * chunk_rows)),
+        )
         .map(|(dxs, (xs, dys))| {
             let mut dg = vec![0.0f32; d];
             let mut db = vec![0.0f32; d];
-            let mut xhat = vec![0.0f32; d];
-            for ((dxr, xr), dyr) in dxs
-                .chunks_exact_mut(d)
-                .zip(xs.chunks_exact(d))
-                .zip(dys.chunks_exact(d))
-            {
-                let m = vecmath::sum(xr) / d as f32;
-                let (s1, s2) = vecmath::sum_dev(xr, m);
-                let mean = m + s1 / d as f32;
-                let var = ((s2 - s1 * s1 / d as f32) / d as f32).max(0.0);
-                let r = 1.0 / (var + eps).sqrt();
-                let (mut mg, mut mgx) = (0.0f32, 0.0f32);
-                for i in 0..d {
-                    xhat[i] = (xr[i] - mean) * r;
-                    let g = dyr[i] * gamma[i];
-                    mg += g;
-                    mgx += g * xhat[i];
-                    dg[i] += dyr[i] * xhat[i];
-                    db[i] += dyr[i];
-                }
-                mg /= d as f32;
-                mgx /= d as f32;
-                for i in 0..d {
-                    dxr[i] = r * (dyr[i] * gamma[i] - mg - xhat[i] * mgx);
-                }
-            }
+            vecmath::layernorm_backward_rows(xs, dys, gamma, eps, dxs, &mut dg, &mut db);
             (dg, db)
         })
         .collect();
     let mut dgamma = vec![0.0f32; d];
     let mut dbeta = vec![0.0f32; d];
     for (dg, db) in partial {
-        for i in 0..d {
-            dgamma[i] += dg[i];
-            dbeta[i] += db[i];
-        }
+        vecmath::add_assign(&mut dgamma, &dg);
+        vecmath::add_assign(&mut dbeta, &db);
     }
     (dx, dgamma, dbeta)
 }

@@ -212,11 +212,5 @@ pub fn linear_backward(
         });
         (dx, dw)
     };
-    let mut db = vec![0.0f32; n];
-    for row in dy.chunks_exact(n) {
-        for (a, v) in db.iter_mut().zip(row) {
-            *a += v;
-        }
-    }
-    (dx, dw, db)
+    (dx, dw, super::reduce::column_sums(dy, n))
 }

@@ -41,3 +41,24 @@ pub fn mean_tokens_backward(dy: &[f32], b: usize, n: usize, d: usize, skip: usiz
     }
     dx
 }
+
+/// x [M, N] → [N]: the sum of every column (a bias gradient), rows split over the threads in a
+/// few large chunks whose partial sums are added at the end.
+pub fn column_sums(x: &[f32], n: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    let rows = x.len() / n.max(1);
+    let chunk_rows = rows.div_ceil(2 * rayon::current_num_threads()).max(64);
+    x.par_chunks(n * chunk_rows)
+        .map(|chunk| {
+            let mut acc = vec![0.0f32; n];
+            for row in chunk.chunks_exact(n) {
+                super::vecmath::add_assign(&mut acc, row);
+            }
+            acc
+        })
+        .reduce_with(|mut a, b| {
+            super::vecmath::add_assign(&mut a, &b);
+            a
+        })
+        .unwrap_or_else(|| vec![0.0; n])
+}

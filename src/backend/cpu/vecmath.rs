@@ -1,8 +1,9 @@
 //! Vectorisable f32 `exp` and `erf`, the transcendental functions of softmax and exact GELU.
 //!
 //! libm's scalar calls would cost more than the GEMMs around them (a BEiT-B forward at batch 8 needs
-//! 58M erf and 45M exp), so these are branch-free polynomials that LLVM turns into AVX2 code. The
-//! binary targets baseline x86-64, so each slice routine is compiled twice and picked at run time.
+//! 58M erf and 45M exp), so these are branch-free polynomials that LLVM turns into AVX-512 or AVX2
+//! code. The binary targets baseline x86-64, so each slice routine is compiled three times (see
+//! `multiversion!`) and picked at run time.
 //!
 //! exp: Cody-Waite range reduction x = n·ln2 + r, |r| <= ln2/2, then a degree-6 polynomial; max
 //! relative error about 2e-7 on [-87, 88]. erf: the rational approximation x·P(x²)/Q(x²) on
@@ -105,23 +106,74 @@ pub fn gelu_grad_with<F: MulAdd>(x: f32) -> f32 {
     cdf + x * INV_SQRT_2PI * exp_with::<F>(-0.5 * x * x)
 }
 
-/// Declares `pub fn $name(args)` whose body is compiled once for AVX2+FMA and once for baseline
-/// x86-64, with the choice made per call from the cached CPU feature check.
+/// The instruction sets `multiversion!` routines can run with, in increasing order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SimdLevel {
+    Baseline = 0,
+    Avx2 = 1,
+    Avx512 = 2,
+}
+
+/// A cap on the level below the CPU's own (u8::MAX: none), so tests can run every version on one
+/// machine.
+static SIMD_CAP: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(u8::MAX);
+
+/// The level the routines below run at: what the CPU supports, lowered by `cap_simd_level`.
+pub fn simd_level() -> SimdLevel {
+    #[cfg(target_arch = "x86_64")]
+    let cpu = if std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+    {
+        SimdLevel::Avx512
+    } else if std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+    {
+        SimdLevel::Avx2
+    } else {
+        SimdLevel::Baseline
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let cpu = SimdLevel::Baseline;
+    match SIMD_CAP.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => SimdLevel::Baseline,
+        1 => cpu.min(SimdLevel::Avx2),
+        _ => cpu,
+    }
+}
+
+/// Runs the routines below at most at `level` (None: the CPU's best) from now on, process-wide.
+/// For tests that compare the versions; results agree to rounding, speed does not.
+pub fn cap_simd_level(level: Option<SimdLevel>) {
+    let v = level.map_or(u8::MAX, |l| l as u8);
+    SIMD_CAP.store(v, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Declares `pub fn $name(args)` whose body is compiled for AVX-512 (16 lanes), for AVX2+FMA and
+/// for baseline x86-64, with the choice made per call by `simd_level`.
 macro_rules! multiversion {
     ($(#[$m:meta])* pub fn $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
         $(#[$m])*
         pub fn $name($($arg: $ty),*) {
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+                unsafe fn avx512($($arg: $ty),*) {
+                    #[allow(dead_code)]
+                    type F = HwFma;
+                    $body
+                }
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn avx2($($arg: $ty),*) {
                     #[allow(dead_code)]
                     type F = HwFma;
                     $body
                 }
-                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                    // SAFETY: the CPU supports the features `avx2` was compiled for.
-                    return unsafe { avx2($($arg),*) };
+                match simd_level() {
+                    // SAFETY: simd_level only reports what the CPU supports.
+                    SimdLevel::Avx512 => return unsafe { avx512($($arg),*) },
+                    // SAFETY: as above.
+                    SimdLevel::Avx2 => return unsafe { avx2($($arg),*) },
+                    SimdLevel::Baseline => {}
                 }
             }
             fn generic($($arg: $ty),*) {
@@ -190,8 +242,9 @@ multiversion! {
 }
 
 /// Lanes of the explicit accumulators below. Float reductions are not reassociated by the compiler,
-/// so a plain `sum += x` loop stays scalar; eight independent partial sums vectorise.
-const LANES: usize = 8;
+/// so a plain `sum += x` loop stays scalar; sixteen independent partial sums vectorise (one
+/// AVX-512 register, two AVX2 ones).
+const LANES: usize = 16;
 
 #[inline(always)]
 pub fn sum(x: &[f32]) -> f32 {
@@ -206,7 +259,19 @@ pub fn sum(x: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// Σ a·b over eight independent partial sums (see LANES).
+/// x ← s·x.
+#[inline(always)]
+pub fn scale(x: &mut [f32], s: f32) {
+    x.iter_mut().for_each(|v| *v *= s);
+}
+
+/// acc ← acc + x, elementwise.
+#[inline(always)]
+pub fn add_assign(acc: &mut [f32], x: &[f32]) {
+    acc.iter_mut().zip(x).for_each(|(a, v)| *a += v);
+}
+
+/// Σ a·b over LANES independent partial sums.
 #[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; LANES];
@@ -268,26 +333,12 @@ multiversion! {
     /// where it is cheapest (attention scales its [N, Dh] output instead of the [N, N] scores).
     pub fn softmax_rows_unnormalised(x: &mut [f32], bias: Option<&[f32]>, n: usize, sums: &mut [f32]) {
         for (r, row) in x.chunks_exact_mut(n).enumerate() {
-            let m = match bias {
-                Some(b) => {
-                    let mut acc = [f32::NEG_INFINITY; LANES];
-                    let brow = &b[r * n..(r + 1) * n];
-                    let mut i = 0;
-                    while i + LANES <= n {
-                        for l in 0..LANES {
-                            row[i + l] += brow[i + l];
-                            acc[l] = acc[l].max(row[i + l]);
-                        }
-                        i += LANES;
-                    }
-                    for j in i..n {
-                        row[j] += brow[j];
-                        acc[0] = acc[0].max(row[j]);
-                    }
-                    acc.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b))
+            if let Some(b) = bias {
+                for (v, bv) in row.iter_mut().zip(&b[r * n..(r + 1) * n]) {
+                    *v += *bv;
                 }
-                None => max(row),
-            };
+            }
+            let m = max(row);
             let mut acc = [0.0f32; LANES];
             let mut chunks = row.chunks_exact_mut(LANES);
             for c in &mut chunks {
@@ -331,6 +382,48 @@ multiversion! {
             let inv = 1.0 / (var + eps).sqrt();
             for ((o, v), (g, b)) in orow.iter_mut().zip(xr).zip(gamma.iter().zip(beta)) {
                 *o = F::mul_add((v - mean) * inv, *g, *b);
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// LayerNorm backward of rows of length D = gamma.len() (see `layernorm::backward` for the
+    /// math): writes dx, adds the rows' dγ and dβ terms into dg and db.
+    /// Every reduction runs over LANES partial sums so the whole row vectorises.
+    pub fn layernorm_backward_rows(
+        x: &[f32],
+        dy: &[f32],
+        gamma: &[f32],
+        eps: f32,
+        dx: &mut [f32],
+        dg: &mut [f32],
+        db: &mut [f32]
+    ) {
+        let d = gamma.len();
+        let df = d as f32;
+        let mut xhat = vec![0.0f32; d];
+        for ((xr, dyr), dxr) in x.chunks_exact(d).zip(dy.chunks_exact(d)).zip(dx.chunks_exact_mut(d)) {
+            let m = sum(xr) / df;
+            let (s1, s2) = sum_dev(xr, m);
+            let mean = m + s1 / df;
+            let var = ((s2 - s1 * s1 / df) / df).max(0.0);
+            let r = 1.0 / (var + eps).sqrt();
+            for (h, v) in xhat.iter_mut().zip(xr) {
+                *h = (v - mean) * r;
+            }
+            for (((a, bacc), g), h) in dg.iter_mut().zip(db.iter_mut()).zip(dyr).zip(&xhat) {
+                *a = F::mul_add(*g, *h, *a);
+                *bacc += g;
+            }
+            // mean(dy ⊙ γ) and mean(dy ⊙ γ ⊙ x̂); dxr holds dy ⊙ γ meanwhile.
+            for ((o, g), w) in dxr.iter_mut().zip(dyr).zip(gamma) {
+                *o = g * w;
+            }
+            let mg = sum(dxr) / df;
+            let mgx = dot(dxr, &xhat) / df;
+            for (o, h) in dxr.iter_mut().zip(&xhat) {
+                *o = r * F::mul_add(-*h, mgx, *o - mg);
             }
         }
     }

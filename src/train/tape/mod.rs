@@ -55,7 +55,10 @@ enum Record {
     Attention {
         qkv: Var,
         qkvv: Tensor,
-        table: Option<(Param, Vec<usize>, Tensor)>,
+        /// The softmax probabilities [B, H, N, N] of the forward.
+        probs: Vec<f32>,
+        /// The relative-position table and its index into the dense [H, N, N] bias.
+        table: Option<(Param, Vec<usize>)>,
         dims: [usize; 4],
         out: Var,
     },
@@ -313,6 +316,7 @@ impl Tape {
                 Record::Attention {
                     qkv,
                     qkvv,
+                    probs,
                     table,
                     dims,
                     out,
@@ -320,9 +324,9 @@ impl Tape {
                     let Some(dy) = vg[out.0].take() else { continue };
                     let [b, n, h, dh] = dims;
                     let ad = attention::Dims { b, n, h, dh };
-                    let dense = table.as_ref().map(|t| t.2.as_slice());
-                    let (dqkv, dbias) = attention::backward(qkvv.as_slice(), dense, &ad, &dy);
-                    if let (Some((param, index, _)), Some(db)) = (&table, dbias) {
+                    let (dqkv, dbias) =
+                        attention::backward(qkvv.as_slice(), &probs, table.is_some(), &ad, &dy);
+                    if let (Some((param, index)), Some(db)) = (&table, dbias) {
                         let rows = param.value.shape()[0];
                         let dt = relpos::scatter_bias_grad(&db, h, index, rows);
                         add_into(&mut grads.params, &param.name, dt);

@@ -125,13 +125,14 @@ impl Exec for Tape {
         heads: usize,
     ) -> Result<Var> {
         let qkvv = self.get(qkv).clone();
-        let y = backend::attention(&qkvv, bias.map(|r| &r.dense), b, n, heads)?;
+        let (y, probs) = backend::attention_keep_probs(&qkvv, bias.map(|r| &r.dense), b, n, heads)?;
         let dh = qkvv.shape()[1] / 3 / heads;
-        let table = bias.map(|r| (r.table.clone(), r.index.clone(), r.dense.clone()));
+        let table = bias.map(|r| (r.table.clone(), r.index.clone()));
         let out = self.push(y);
         self.records.push(Record::Attention {
             qkv,
             qkvv,
+            probs,
             table,
             dims: [b, n, heads, dh],
             out,
