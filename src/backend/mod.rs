@@ -82,14 +82,7 @@ pub fn layernorm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<
     let d = *x.shape().last().unwrap_or(&0);
     check("layernorm weight", gamma, &[d])?;
     check("layernorm bias", beta, &[d])?;
-    let mut out = vec![0.0f32; x.numel()];
-    cpu::layernorm::forward(
-        x.as_slice(),
-        gamma.as_slice(),
-        beta.as_slice(),
-        eps,
-        &mut out,
-    );
+    let out = cpu::layernorm::forward_new(x.as_slice(), gamma.as_slice(), beta.as_slice(), eps);
     Tensor::from_vec(x.shape(), out)
 }
 
@@ -207,6 +200,29 @@ pub fn residual(x: &mut Tensor, y: &Tensor, gamma: Option<&Tensor>) -> Result<()
         d,
     );
     Ok(())
+}
+
+/// x + γ ⊙ y [M, D] as a new tensor (x and y unchanged).
+pub fn residual_new(x: &Tensor, y: &Tensor, gamma: Option<&Tensor>) -> Result<Tensor> {
+    let _t = profile::scope("residual");
+    if x.shape() != y.shape() {
+        return Err(Error::Data(format!(
+            "residual: shapes {:?} and {:?} differ",
+            x.shape(),
+            y.shape()
+        )));
+    }
+    let d = *x.shape().last().unwrap_or(&1);
+    if let Some(g) = gamma {
+        check("layer scale", g, &[d])?;
+    }
+    let out = cpu::elementwise::residual_scaled_new(
+        x.as_slice(),
+        y.as_slice(),
+        gamma.map(|g| g.as_slice()),
+        d,
+    );
+    Tensor::from_vec(x.shape(), out)
 }
 
 /// Patch tokens [B·G, D] → sequence [B·N, D] with the class token first, plus pos [N, D] if any.

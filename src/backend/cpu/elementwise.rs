@@ -48,8 +48,51 @@ pub fn assemble_tokens(
     out
 }
 
+/// out[M, D] = x + γ ⊙ y into a fresh buffer, for the tape, where x is still shared with the
+/// records (one pass instead of copying x and then adding).
+pub fn residual_scaled_new(x: &[f32], y: &[f32], gamma: Option<&[f32]>, d: usize) -> Vec<f32> {
+    assert!(x.len() == y.len() && x.len() % d.max(1) == 0);
+    // SAFETY: the row chunks cover all x.len() values and each is written once.
+    unsafe {
+        super::vecmath::vec_written_by(x.len(), |out| {
+            out.par_chunks_mut(d * 16)
+                .zip(x.par_chunks(d * 16).zip(y.par_chunks(d * 16)))
+                .for_each(|(os, (xs, ys))| {
+                    for ((orow, xr), yr) in os
+                        .chunks_exact_mut(d)
+                        .zip(xs.chunks_exact(d))
+                        .zip(ys.chunks_exact(d))
+                    {
+                        match gamma {
+                            Some(g) => {
+                                for (((o, a), b), s) in orow.iter_mut().zip(xr).zip(yr).zip(g) {
+                                    o.write(a + s * b);
+                                }
+                            }
+                            None => {
+                                for ((o, a), b) in orow.iter_mut().zip(xr).zip(yr) {
+                                    o.write(a + b);
+                                }
+                            }
+                        }
+                    }
+                })
+        })
+    }
+}
+
+/// acc += x, elementwise, over the threads (gradient accumulation at a branch of the graph).
+pub fn add_assign_parallel(acc: &mut [f32], x: &[f32]) {
+    assert_eq!(acc.len(), x.len());
+    const CHUNK: usize = 1 << 15;
+    acc.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(a, b)| super::vecmath::add_assign(a, b));
+}
+
 /// Gradients of x' = x + γ ⊙ y given dx' [M, D]: dx = dx' (identity, not returned),
-/// dy = γ ⊙ dx', dγ = Σ_rows dx' ⊙ y. Without γ, dy = dx'.
+/// dy = γ ⊙ dx', dγ = Σ_rows dx' ⊙ y. Without γ, dy = dx'. Rows in a few parallel chunks,
+/// each with its own dγ partial.
 pub fn residual_scaled_backward(
     y: &[f32],
     gamma: Option<&[f32]>,
@@ -59,19 +102,36 @@ pub fn residual_scaled_backward(
     match gamma {
         None => (dout.to_vec(), None),
         Some(g) => {
-            let mut dy = vec![0.0f32; dout.len()];
-            let mut dg = vec![0.0f32; d];
-            for ((dyr, dor), yr) in dy
-                .chunks_exact_mut(d)
-                .zip(dout.chunks_exact(d))
-                .zip(y.chunks_exact(d))
-            {
-                for i in 0..d {
-                    dyr[i] = g[i] * dor[i];
-                    dg[i] += dor[i] * yr[i];
-                }
-            }
-            (dy, Some(dg))
+            let rows = dout.len() / d.max(1);
+            let chunk = d * rows.div_ceil(4 * rayon::current_num_threads()).max(16);
+            let mut dg = None;
+            // SAFETY: the row chunks cover all of dout's values and each is written once.
+            let dy = unsafe {
+                super::vecmath::vec_written_by(dout.len(), |dy| {
+                    dg = dy
+                        .par_chunks_mut(chunk)
+                        .zip(dout.par_chunks(chunk).zip(y.par_chunks(chunk)))
+                        .map(|(dys, (dos, ys))| {
+                            let mut dg = vec![0.0f32; d];
+                            for ((dyr, dor), yr) in dys
+                                .chunks_exact_mut(d)
+                                .zip(dos.chunks_exact(d))
+                                .zip(ys.chunks_exact(d))
+                            {
+                                for i in 0..d {
+                                    dyr[i].write(g[i] * dor[i]);
+                                    dg[i] += dor[i] * yr[i];
+                                }
+                            }
+                            dg
+                        })
+                        .reduce_with(|mut a, b| {
+                            super::vecmath::add_assign(&mut a, &b);
+                            a
+                        });
+                })
+            };
+            (dy, Some(dg.unwrap_or_else(|| vec![0.0; d])))
         }
     }
 }

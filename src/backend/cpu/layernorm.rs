@@ -12,7 +12,21 @@ pub fn forward(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, out: &mut [f32]
     assert!(beta.len() == d && x.len() == out.len() && x.len() % d == 0);
     out.par_chunks_mut(d * 16)
         .zip(x.par_chunks(d * 16))
-        .for_each(|(o, xs)| vecmath::layernorm_rows(xs, gamma, beta, eps, o));
+        .for_each(|(o, xs)| vecmath::layernorm_rows(xs, gamma, beta, eps, vecmath::as_uninit(o)));
+}
+
+/// `forward` into a new buffer.
+pub fn forward_new(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32) -> Vec<f32> {
+    let d = gamma.len();
+    assert!(beta.len() == d && x.len() % d == 0);
+    // SAFETY: the row chunks cover all of x.len() and layernorm_rows writes every output value.
+    unsafe {
+        vecmath::vec_written_by(x.len(), |out| {
+            out.par_chunks_mut(d * 16)
+                .zip(x.par_chunks(d * 16))
+                .for_each(|(o, xs)| vecmath::layernorm_rows(xs, gamma, beta, eps, o))
+        })
+    }
 }
 
 /// Plain reference with f64 statistics, for tests.
@@ -40,20 +54,25 @@ pub fn backward(x: &[f32], gamma: &[f32], eps: f32, dy: &[f32]) -> (Vec<f32>, Ve
     // Per-chunk partial dγ/dβ, reduced afterwards, so rows run in parallel without sharing; the
     // chunks are few and large (their partials are 2·D values each).
     let chunk_rows = rows.div_ceil(4 * rayon::current_num_threads()).max(16);
-    let mut dx = vec![0.0f32; x.len()];
-    let partial: Vec<(Vec<f32>, Vec<f32>)> = dx
-        .par_chunks_mut(d * chunk_rows)
-        .zip(
-            x.par_chunks(d * chunk_rows)
-                .zip(dy.par_chunks(d * chunk_rows)),
-        )
-        .map(|(dxs, (xs, dys))| {
-            let mut dg = vec![0.0f32; d];
-            let mut db = vec![0.0f32; d];
-            vecmath::layernorm_backward_rows(xs, dys, gamma, eps, dxs, &mut dg, &mut db);
-            (dg, db)
+    let mut partial: Vec<(Vec<f32>, Vec<f32>)> = Vec::new();
+    // SAFETY: the row chunks cover all of x.len(), and layernorm_backward_rows writes every dx.
+    let dx = unsafe {
+        vecmath::vec_written_by(x.len(), |dx| {
+            partial = dx
+                .par_chunks_mut(d * chunk_rows)
+                .zip(
+                    x.par_chunks(d * chunk_rows)
+                        .zip(dy.par_chunks(d * chunk_rows)),
+                )
+                .map(|(dxs, (xs, dys))| {
+                    let mut dg = vec![0.0f32; d];
+                    let mut db = vec![0.0f32; d];
+                    vecmath::layernorm_backward_rows(xs, dys, gamma, eps, dxs, &mut dg, &mut db);
+                    (dg, db)
+                })
+                .collect();
         })
-        .collect();
+    };
     let mut dgamma = vec![0.0f32; d];
     let mut dbeta = vec![0.0f32; d];
     for (dg, db) in partial {

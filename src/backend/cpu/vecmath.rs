@@ -206,9 +206,9 @@ multiversion! {
 
 multiversion! {
     /// dst = GELU(src), elementwise.
-    pub fn gelu_into(src: &[f32], dst: &mut [f32]) {
+    pub fn gelu_into(src: &[f32], dst: &mut [std::mem::MaybeUninit<f32>]) {
         for (o, v) in dst.iter_mut().zip(src) {
-            *o = gelu_with::<F>(*v);
+            o.write(gelu_with::<F>(*v));
         }
     }
 }
@@ -257,6 +257,30 @@ pub fn sum(x: &[f32]) -> f32 {
     }
     let tail: f32 = chunks.remainder().iter().sum();
     acc.iter().sum::<f32>() + tail
+}
+
+/// The same values seen as possibly-uninitialised storage, for routines that only write their
+/// output (writing initialised values through it keeps `x` valid).
+pub fn as_uninit(x: &mut [f32]) -> &mut [std::mem::MaybeUninit<f32>] {
+    // SAFETY: MaybeUninit<f32> has f32's layout, and every write through it stores an f32.
+    unsafe { &mut *(x as *mut [f32] as *mut [std::mem::MaybeUninit<f32>]) }
+}
+
+/// A new `len`-value Vec whose values `fill` writes, skipping the zero fill a fresh output would
+/// otherwise get (the training step allocates a few hundred MB of them per step, and on a
+/// 2-core machine memory bandwidth is what the element-wise ops run out of).
+///
+/// # Safety
+/// `fill` must write every one of the `len` values.
+pub unsafe fn vec_written_by(
+    len: usize,
+    fill: impl FnOnce(&mut [std::mem::MaybeUninit<f32>]),
+) -> Vec<f32> {
+    let mut v = Vec::with_capacity(len);
+    fill(&mut v.spare_capacity_mut()[..len]);
+    // SAFETY: the caller's contract: all len values were written.
+    unsafe { v.set_len(len) };
+    v
 }
 
 /// x ← s·x.
@@ -371,7 +395,7 @@ multiversion! {
     /// LayerNorm of rows of length D = gamma.len(). Corrected two-pass statistics: a first mean m,
     /// then s1 = Σ(x − m) and s2 = Σ(x − m)² in one pass, mean = m + s1/D, var = (s2 − s1²/D)/D.
     /// The s1 terms remove the rounding error of m, which matters when |mean| ≫ std.
-    pub fn layernorm_rows(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, out: &mut [f32]) {
+    pub fn layernorm_rows(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, out: &mut [std::mem::MaybeUninit<f32>]) {
         let d = gamma.len();
         let df = d as f32;
         for (xr, orow) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
@@ -381,7 +405,7 @@ multiversion! {
             let var = ((s2 - s1 * s1 / df) / df).max(0.0);
             let inv = 1.0 / (var + eps).sqrt();
             for ((o, v), (g, b)) in orow.iter_mut().zip(xr).zip(gamma.iter().zip(beta)) {
-                *o = F::mul_add((v - mean) * inv, *g, *b);
+                o.write(F::mul_add((v - mean) * inv, *g, *b));
             }
         }
     }
@@ -396,7 +420,7 @@ multiversion! {
         dy: &[f32],
         gamma: &[f32],
         eps: f32,
-        dx: &mut [f32],
+        dx: &mut [std::mem::MaybeUninit<f32>],
         dg: &mut [f32],
         db: &mut [f32]
     ) {
@@ -416,10 +440,12 @@ multiversion! {
                 *a = F::mul_add(*g, *h, *a);
                 *bacc += g;
             }
-            // mean(dy ⊙ γ) and mean(dy ⊙ γ ⊙ x̂); dxr holds dy ⊙ γ meanwhile.
+            // mean(dy ⊙ γ) and mean(dy ⊙ γ ⊙ x̂); dx holds dy ⊙ γ meanwhile.
             for ((o, g), w) in dxr.iter_mut().zip(dyr).zip(gamma) {
-                *o = g * w;
+                o.write(g * w);
             }
+            // SAFETY: every value of the row was written just above.
+            let dxr = unsafe { &mut *(dxr as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
             let mg = sum(dxr) / df;
             let mgx = dot(dxr, &xhat) / df;
             for (o, h) in dxr.iter_mut().zip(&xhat) {

@@ -143,7 +143,7 @@ pub struct Grads {
 /// Adds `g` to the gradient of `name`, taking ownership of it when it is the first.
 fn add_into(map: &mut HashMap<String, Vec<f32>>, name: &str, g: Vec<f32>) {
     match map.get_mut(name) {
-        Some(acc) => acc.iter_mut().zip(&g).for_each(|(a, b)| *a += b),
+        Some(acc) => elementwise::add_assign_parallel(acc, &g),
         None => {
             map.insert(name.to_string(), g);
         }
@@ -210,7 +210,7 @@ impl Tape {
         self.values.clear();
         let mut grads = Grads::default();
         let acc = |vg: &mut Vec<Option<Vec<f32>>>, v: Var, g: Vec<f32>| match &mut vg[v.0] {
-            Some(a) => a.iter_mut().zip(&g).for_each(|(x, y)| *x += y),
+            Some(a) => elementwise::add_assign_parallel(a, &g),
             slot @ None => *slot = Some(g),
         };
         while let Some(rec) = self.records.pop() {

@@ -94,14 +94,18 @@ impl Exec for Tape {
             ),
             Activation::Gelu => {
                 let pre = backend::linear(&xv, &l.w.value, l.bias.tensor(), Activation::None)?;
-                let mut y = vec![0.0f32; pre.numel()];
-                {
+                let y = {
                     use rayon::prelude::*;
                     let _t = crate::profile::scope("gelu");
-                    y.par_chunks_mut(1 << 14)
-                        .zip(pre.as_slice().par_chunks(1 << 14))
-                        .for_each(|(o, i)| vecmath::gelu_into(i, o));
-                }
+                    // SAFETY: the chunks cover all of pre's values and gelu_into writes each.
+                    unsafe {
+                        vecmath::vec_written_by(pre.numel(), |y| {
+                            y.par_chunks_mut(1 << 14)
+                                .zip(pre.as_slice().par_chunks(1 << 14))
+                                .for_each(|(o, i)| vecmath::gelu_into(i, o))
+                        })
+                    }
+                };
                 (Tensor::from_vec(pre.shape(), y)?, Some(pre))
             }
         };
@@ -141,7 +145,6 @@ impl Exec for Tape {
     }
 
     fn residual(&mut self, x: Var, y: Var, gamma: Option<&Param>, block: usize) -> Result<Var> {
-        let mut xv = self.get(x).clone(); // shared with records: residual copies on write
         let mut yv = self.get(y).clone();
         // Drop-path: each image's branch is kept with probability 1 − p and then scaled by 1/(1 − p)
         // (timm's DropPath); the scaled branch is what backward sees, so dγ and dy follow.
@@ -167,8 +170,9 @@ impl Exec for Tape {
             }
             row_scale = Some((keep, n));
         }
-        backend::residual(&mut xv, &yv, gamma.map(|g| &g.value))?;
-        let out = self.push(xv);
+        // x stays shared with the records that read it: the sum goes into a new tensor.
+        let sum = backend::residual_new(self.get(x), &yv, gamma.map(|g| &g.value))?;
+        let out = self.push(sum);
         self.records.push(Record::Residual {
             x,
             y,
