@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use crate::backend::cpu::vecmath;
 use crate::tensor::Tensor;
 
 /// BEiT/MOOD's parameter grouping: no weight decay for 1-D tensors (norms, biases, q/v biases,
@@ -52,9 +53,8 @@ pub fn warmup_cosine(step: usize, base: f32, min: f32, warmup: usize, total: usi
     min + 0.5 * (base - min) * (1.0 + (std::f32::consts::PI * t).cos())
 }
 
-/// Scales every gradient so that their joint L2 norm is at most `max_norm`; returns the norm before
-/// clipping (torch.nn.utils.clip_grad_norm_, with its 1e-6 in the denominator).
-pub fn clip_grad_norm(grads: &mut HashMap<String, Vec<f32>>, max_norm: f32) -> f32 {
+/// The joint L2 norm of every gradient (as torch.nn.utils.clip_grad_norm_ measures it).
+pub fn grad_norm(grads: &HashMap<String, Vec<f32>>) -> f32 {
     use rayon::prelude::*;
     // Eight independent f64 accumulators per tensor, so the sum vectorises instead of waiting
     // on one long dependency chain (it runs every step, on every parameter).
@@ -73,18 +73,38 @@ pub fn clip_grad_norm(grads: &mut HashMap<String, Vec<f32>>, max_norm: f32) -> f
         }
         acc.iter().sum::<f64>() + tail
     };
-    let total = grads
+    grads
         .par_iter()
         .map(|(_, g)| g.par_chunks(1 << 16).map(sum_sq).sum::<f64>())
         .sum::<f64>()
-        .sqrt() as f32;
-    let coef = max_norm / (total + 1e-6);
-    if coef < 1.0 {
-        grads
-            .par_iter_mut()
-            .for_each(|(_, g)| g.par_iter_mut().for_each(|v| *v *= coef));
+        .sqrt() as f32
+}
+
+/// The factor clip_grad_norm_ scales every gradient by: max_norm / (norm + 1e-6), at most 1
+/// (max_norm = ∞ or ≤ 0: no clipping).
+pub fn clip_coef(norm: f32, max_norm: f32) -> f32 {
+    if max_norm > 0.0 {
+        (max_norm / (norm + 1e-6)).min(1.0)
+    } else {
+        1.0
     }
-    total
+}
+
+/// Gradient clipping then one AdamW update: the clipping factor is applied inside the update,
+/// so the gradients are read once more, never rewritten. Returns the norm before clipping.
+pub fn clip_and_update(
+    opt: &mut AdamW,
+    params: &mut BTreeMap<String, Tensor>,
+    grads: &HashMap<String, Vec<f32>>,
+    lr: f32,
+    max_norm: f32,
+) -> f32 {
+    let norm = {
+        let _t = crate::profile::scope("clip_grad");
+        grad_norm(grads)
+    };
+    opt.update_scaled(params, grads, lr, clip_coef(norm, max_norm));
+    norm
 }
 
 /// Per-parameter moment estimates, by parameter name.
@@ -144,6 +164,17 @@ impl AdamW {
         grads: &HashMap<String, Vec<f32>>,
         lr: f32,
     ) {
+        self.update_scaled(params, grads, lr, 1.0)
+    }
+
+    /// `update` with every gradient multiplied by `grad_scale` first (gradient clipping).
+    pub fn update_scaled(
+        &mut self,
+        params: &mut BTreeMap<String, Tensor>,
+        grads: &HashMap<String, Vec<f32>>,
+        lr: f32,
+        grad_scale: f32,
+    ) {
         let _t = crate::profile::scope("adamw");
         self.step += 1;
         let bc1 = 1.0 - self.beta1.powi(self.step as i32);
@@ -186,20 +217,16 @@ impl AdamW {
             } else {
                 0.0
             };
-            let step_size = lr_p / bc1;
-            let sqrt_bc2 = bc2.sqrt();
-            for (((x, gi), mi), vi) in p
-                .as_mut_slice()
-                .iter_mut()
-                .zip(g.iter())
-                .zip(m.iter_mut())
-                .zip(v.iter_mut())
-            {
-                *x *= 1.0 - lr_p * wd;
-                *mi = b1 * *mi + (1.0 - b1) * gi;
-                *vi = b2 * *vi + (1.0 - b2) * gi * gi;
-                *x -= step_size * *mi / (vi.sqrt() / sqrt_bc2 + eps);
-            }
+            let coefs = vecmath::AdamwCoefs {
+                beta1: b1,
+                beta2: b2,
+                eps,
+                decay: 1.0 - lr_p * wd,
+                step_size: lr_p / bc1,
+                sqrt_bc2: bc2.sqrt(),
+                grad_scale,
+            };
+            vecmath::adamw_update(p.as_mut_slice(), g, m, v, coefs);
         });
     }
 }

@@ -10,7 +10,7 @@ use crate::model::exec::Exec;
 use crate::model::{VisionTransformer, VitConfig};
 use crate::tensor::Tensor;
 use crate::train::loss::{cross_entropy, group_labels, group_softmax};
-use crate::train::optim::{clip_grad_norm, AdamW};
+use crate::train::optim::{clip_and_update, AdamW};
 use crate::train::tape::Tape;
 use crate::weights::WeightStore;
 
@@ -77,18 +77,14 @@ fn backward_and_update(
             "loss became {loss}: lower the learning rate"
         )));
     }
-    let mut grads = tape.backward(out, dout)?;
-    let grad_norm = {
-        let _t = crate::profile::scope("clip_grad");
-        let limit = if sc.clip_grad > 0.0 {
-            sc.clip_grad
-        } else {
-            f32::INFINITY
-        };
-        clip_grad_norm(&mut grads.params, limit)
-    };
-    opt.update(params, &grads.params, lr);
-    Ok(grad_norm)
+    let grads = tape.backward(out, dout)?;
+    Ok(clip_and_update(
+        opt,
+        params,
+        &grads.params,
+        lr,
+        sc.clip_grad,
+    ))
 }
 
 pub fn finetune_step(
@@ -391,18 +387,12 @@ pub fn alpa_finetune_step(
     sc: &StepConfig,
     alpa: &AlpaConfig,
 ) -> Result<StepStats> {
-    let (loss, mut grads) = alpa_loss_and_grads(cfg, params, images, labels, sc, alpa)?;
+    let (loss, grads) = alpa_loss_and_grads(cfg, params, images, labels, sc, alpa)?;
     if !loss.is_finite() {
         return Err(Error::Data(format!(
             "loss became {loss}: lower the learning rate"
         )));
     }
-    let limit = if sc.clip_grad > 0.0 {
-        sc.clip_grad
-    } else {
-        f32::INFINITY
-    };
-    let grad_norm = clip_grad_norm(&mut grads.params, limit);
-    opt.update(params, &grads.params, lr);
+    let grad_norm = clip_and_update(opt, params, &grads.params, lr, sc.clip_grad);
     Ok(StepStats { loss, grad_norm })
 }

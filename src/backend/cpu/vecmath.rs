@@ -455,6 +455,36 @@ multiversion! {
     }
 }
 
+/// The per-tensor constants of one AdamW update (see `adamw_update`).
+#[derive(Clone, Copy)]
+pub struct AdamwCoefs {
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    /// 1 − lr·weight_decay (decoupled weight decay).
+    pub decay: f32,
+    /// lr / (1 − β1ᵗ).
+    pub step_size: f32,
+    /// √(1 − β2ᵗ).
+    pub sqrt_bc2: f32,
+    /// Multiplies every gradient first (the clipping factor).
+    pub grad_scale: f32,
+}
+
+multiversion! {
+    /// One AdamW step of a tensor in torch.optim.AdamW's order: p ← p·decay; g ← g·grad_scale;
+    /// m ← β1·m + (1−β1)·g; v ← β2·v + (1−β2)·g²; p ← p − step_size·m / (√v / √(1−β2ᵗ) + eps).
+    pub fn adamw_update(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], c: AdamwCoefs) {
+        for (((x, gi), mi), vi) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+            let gi = gi * c.grad_scale;
+            *x *= c.decay;
+            *mi = c.beta1 * *mi + (1.0 - c.beta1) * gi;
+            *vi = c.beta2 * *vi + (1.0 - c.beta2) * gi * gi;
+            *x -= c.step_size * *mi / (vi.sqrt() / c.sqrt_bc2 + c.eps);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
