@@ -179,9 +179,8 @@ pub fn patch_embed(images: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor>
     linear(&cols, &w2, Some(bias), Activation::None)
 }
 
-/// x [M, D] += γ ⊙ y [M, D].
-pub fn residual(x: &mut Tensor, y: &Tensor, gamma: Option<&Tensor>) -> Result<()> {
-    let _t = profile::scope("residual");
+/// The row width D of a residual x + γ ⊙ y, once x and y agree in shape and γ is [D].
+fn residual_width(x: &Tensor, y: &Tensor, gamma: Option<&Tensor>) -> Result<usize> {
     if x.shape() != y.shape() {
         return Err(Error::Data(format!(
             "residual: shapes {:?} and {:?} differ",
@@ -193,35 +192,24 @@ pub fn residual(x: &mut Tensor, y: &Tensor, gamma: Option<&Tensor>) -> Result<()
     if let Some(g) = gamma {
         check("layer scale", g, &[d])?;
     }
-    cpu::elementwise::residual_scaled(
-        x.as_mut_slice(),
-        y.as_slice(),
-        gamma.map(|g| g.as_slice()),
-        d,
-    );
+    Ok(d)
+}
+
+/// x [M, D] += γ ⊙ y [M, D].
+pub fn residual(x: &mut Tensor, y: &Tensor, gamma: Option<&Tensor>) -> Result<()> {
+    let _t = profile::scope("residual");
+    let d = residual_width(x, y, gamma)?;
+    let g = gamma.map(|g| g.as_slice());
+    cpu::elementwise::residual_scaled(x.as_mut_slice(), y.as_slice(), g, d);
     Ok(())
 }
 
 /// x + γ ⊙ y [M, D] as a new tensor (x and y unchanged).
 pub fn residual_new(x: &Tensor, y: &Tensor, gamma: Option<&Tensor>) -> Result<Tensor> {
     let _t = profile::scope("residual");
-    if x.shape() != y.shape() {
-        return Err(Error::Data(format!(
-            "residual: shapes {:?} and {:?} differ",
-            x.shape(),
-            y.shape()
-        )));
-    }
-    let d = *x.shape().last().unwrap_or(&1);
-    if let Some(g) = gamma {
-        check("layer scale", g, &[d])?;
-    }
-    let out = cpu::elementwise::residual_scaled_new(
-        x.as_slice(),
-        y.as_slice(),
-        gamma.map(|g| g.as_slice()),
-        d,
-    );
+    let d = residual_width(x, y, gamma)?;
+    let g = gamma.map(|g| g.as_slice());
+    let out = cpu::elementwise::residual_scaled_new(x.as_slice(), y.as_slice(), g, d);
     Tensor::from_vec(x.shape(), out)
 }
 
