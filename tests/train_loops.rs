@@ -213,3 +213,37 @@ fn bad_settings_are_refused_with_a_message() {
         "{e}"
     );
 }
+
+#[test]
+fn finetune_gives_the_same_weights_on_any_number_of_threads() {
+    // The gradient reductions split rows into fixed chunks summed in order, so the thread count
+    // changes the speed, not the numbers.
+    let cfg = VitConfig::preset("test_tiny_beit").unwrap();
+    let d = data(24);
+    let mut init = params(&cfg);
+    prepare_for_finetune(&mut init, &cfg, 3, 2);
+    let mut s = schedule(2);
+    s.batch = 12; // 12 images x 17 tokens: several row chunks and attention image groups
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        let mut p = init.clone();
+        pool.install(|| {
+            finetune(&cfg, &mut p, &d, &s, 0.1, None, None, &mut |_, _, _, _| {
+                true
+            })
+            .unwrap()
+        });
+        p
+    };
+    let one = run(1);
+    assert_same(&one, &run(3));
+    assert!(
+        one.values()
+            .zip(init.values())
+            .any(|(a, b)| a.as_slice() != b.as_slice()),
+        "nothing trained"
+    );
+}

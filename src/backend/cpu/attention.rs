@@ -177,10 +177,12 @@ pub fn backward(
     assert!(qkv.len() == b * n * 3 * d && dout.len() == b * n * d);
     assert!(probs.len() == b * h * n * n);
     let scale = (dh as f32).powf(-0.5);
-    // Enough (head, image group) tasks to keep every thread busy, as few groups as that allows:
-    // each group holds one [H, N, N] dbias partial.
-    let groups = (2 * rayon::current_num_threads()).div_ceil(h).clamp(1, b);
-    let per_group = b.div_ceil(groups);
+    // Tasks are (head, group of IMAGES_PER_GROUP images); each group holds one [H, N, N] dbias
+    // partial, and the partials are added in group order. A fixed group size (not one derived
+    // from the thread count) keeps dbias bit for bit the same on any machine.
+    const IMAGES_PER_GROUP: usize = 4;
+    let per_group = IMAGES_PER_GROUP.min(b.max(1));
+    let groups = b.div_ceil(per_group).max(1);
     let mut partials = vec![0.0f32; if want_dbias { groups * h * n * n } else { 0 }];
     let part_ptr = SharedMut(partials.as_mut_ptr());
     let view = |base: *const f32, off: usize| MatRef {

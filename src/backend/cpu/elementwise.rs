@@ -91,8 +91,8 @@ pub fn add_assign_parallel(acc: &mut [f32], x: &[f32]) {
 }
 
 /// Gradients of x' = x + γ ⊙ y given dx' [M, D]: dx = dx' (identity, not returned),
-/// dy = γ ⊙ dx', dγ = Σ_rows dx' ⊙ y. Without γ, dy = dx'. Rows in a few parallel chunks,
-/// each with its own dγ partial.
+/// dy = γ ⊙ dx', dγ = Σ_rows dx' ⊙ y. Without γ, dy = dx'. Rows in parallel chunks, each with
+/// its own dγ partial (see reduce::REDUCE_ROWS).
 pub fn residual_scaled_backward(
     y: &[f32],
     gamma: Option<&[f32]>,
@@ -102,13 +102,12 @@ pub fn residual_scaled_backward(
     match gamma {
         None => (dout.to_vec(), None),
         Some(g) => {
-            let rows = dout.len() / d.max(1);
-            let chunk = d * rows.div_ceil(4 * rayon::current_num_threads()).max(16);
-            let mut dg = None;
+            let chunk = d * super::reduce::REDUCE_ROWS;
+            let mut parts = Vec::new();
             // SAFETY: the row chunks cover all of dout's values and each is written once.
             let dy = unsafe {
                 super::vecmath::vec_written_by(dout.len(), |dy| {
-                    dg = dy
+                    parts = dy
                         .par_chunks_mut(chunk)
                         .zip(dout.par_chunks(chunk).zip(y.par_chunks(chunk)))
                         .map(|(dys, (dos, ys))| {
@@ -125,13 +124,10 @@ pub fn residual_scaled_backward(
                             }
                             dg
                         })
-                        .reduce_with(|mut a, b| {
-                            super::vecmath::add_assign(&mut a, &b);
-                            a
-                        });
+                        .collect();
                 })
             };
-            (dy, Some(dg.unwrap_or_else(|| vec![0.0; d])))
+            (dy, Some(super::reduce::sum_in_order(parts, d)))
         }
     }
 }

@@ -50,10 +50,8 @@ pub fn reference(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32) -> Vec<f32> {
 pub fn backward(x: &[f32], gamma: &[f32], eps: f32, dy: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let d = gamma.len();
     assert!(x.len() == dy.len() && x.len() % d.max(1) == 0);
-    let rows = x.len() / d.max(1);
-    // Per-chunk partial dγ/dβ, reduced afterwards, so rows run in parallel without sharing; the
-    // chunks are few and large (their partials are 2·D values each).
-    let chunk_rows = rows.div_ceil(4 * rayon::current_num_threads()).max(16);
+    // Per-chunk partial dγ/dβ, added in chunk order afterwards (see reduce::REDUCE_ROWS).
+    let chunk_rows = super::reduce::REDUCE_ROWS;
     let mut partial: Vec<(Vec<f32>, Vec<f32>)> = Vec::new();
     // SAFETY: the row chunks cover all of x.len(), and layernorm_backward_rows writes every dx.
     let dx = unsafe {
@@ -73,11 +71,8 @@ pub fn backward(x: &[f32], gamma: &[f32], eps: f32, dy: &[f32]) -> (Vec<f32>, Ve
                 .collect();
         })
     };
-    let mut dgamma = vec![0.0f32; d];
-    let mut dbeta = vec![0.0f32; d];
-    for (dg, db) in partial {
-        vecmath::add_assign(&mut dgamma, &dg);
-        vecmath::add_assign(&mut dbeta, &db);
-    }
+    let (dg, db): (Vec<_>, Vec<_>) = partial.into_iter().unzip();
+    let dgamma = super::reduce::sum_in_order(dg, d);
+    let dbeta = super::reduce::sum_in_order(db, d);
     (dx, dgamma, dbeta)
 }

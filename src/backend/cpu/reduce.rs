@@ -42,13 +42,27 @@ pub fn mean_tokens_backward(dy: &[f32], b: usize, n: usize, d: usize, skip: usiz
     dx
 }
 
-/// x [M, N] → [N]: the sum of every column (a bias gradient), rows split over the threads in a
-/// few large chunks whose partial sums are added at the end.
+/// Rows per chunk of the parallel reductions over token rows (bias, LayerNorm and layer-scale
+/// gradients). Fixed rather than derived from the thread count, and the chunks' partial sums are
+/// added in chunk order, so a gradient comes out bit for bit the same on any number of threads.
+pub const REDUCE_ROWS: usize = 64;
+
+/// The sum of equal-length partial vectors, added in their order.
+pub fn sum_in_order(parts: Vec<Vec<f32>>, n: usize) -> Vec<f32> {
+    let mut parts = parts.into_iter();
+    let mut acc = parts.next().unwrap_or_else(|| vec![0.0; n]);
+    for p in parts {
+        super::vecmath::add_assign(&mut acc, &p);
+    }
+    acc
+}
+
+/// x [M, N] → [N]: the sum of every column (a bias gradient), chunks of REDUCE_ROWS rows in
+/// parallel.
 pub fn column_sums(x: &[f32], n: usize) -> Vec<f32> {
     use rayon::prelude::*;
-    let rows = x.len() / n.max(1);
-    let chunk_rows = rows.div_ceil(2 * rayon::current_num_threads()).max(64);
-    x.par_chunks(n * chunk_rows)
+    let parts = x
+        .par_chunks(n * REDUCE_ROWS)
         .map(|chunk| {
             let mut acc = vec![0.0f32; n];
             for row in chunk.chunks_exact(n) {
@@ -56,9 +70,6 @@ pub fn column_sums(x: &[f32], n: usize) -> Vec<f32> {
             }
             acc
         })
-        .reduce_with(|mut a, b| {
-            super::vecmath::add_assign(&mut a, &b);
-            a
-        })
-        .unwrap_or_else(|| vec![0.0; n])
+        .collect();
+    sum_in_order(parts, n)
 }
