@@ -192,7 +192,7 @@ fn patch_embed_matches_direct_convolution() {
 /// The vectorised routines exist in three builds (AVX-512, AVX2+FMA, baseline x86-64), picked by
 /// the CPU; the tests above only reach the best one. Here each build this CPU can run is checked
 /// against f64 references: softmax with a bias, LayerNorm forward and backward, GELU and its
-/// derivative.
+/// derivative, one AdamW update.
 #[test]
 fn every_simd_build_matches_references() {
     use vecmath::SimdLevel;
@@ -272,6 +272,37 @@ fn every_simd_build_matches_references() {
             .map(|(&v, &g)| (g as f64 * (cdf(v as f64) + v as f64 * phi(v as f64))) as f32)
             .collect();
         assert_close(&grad, &want, 1e-6, 1e-5, &what("gelu backward"));
+
+        let c = vecmath::AdamwCoefs {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            decay: 1.0 - 1e-3 * 0.05,
+            step_size: 1e-3 / (1.0 - 0.9f32.powi(3)),
+            sqrt_bc2: (1.0 - 0.999f32.powi(3)).sqrt(),
+            grad_scale: 0.7,
+        };
+        let (mut p, mut m, mut v) = (x.clone(), dy.clone(), gamma.repeat(rows));
+        v.iter_mut().for_each(|e| *e = e.abs() * 1e-3);
+        let (p0, m0, v0) = (p.clone(), m.clone(), v.clone());
+        vecmath::adamw_update(&mut p, &beta, &mut m[..d], &mut v[..d], c);
+        let (mut want_p, mut want_m, mut want_v) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..d {
+            let g = beta[i] as f64 * c.grad_scale as f64;
+            // The f32 constants as they are (0.999 is not exact in f32), in f64 arithmetic.
+            let (b1, b2) = (c.beta1 as f64, c.beta2 as f64);
+            let mi = b1 * m0[i] as f64 + (1.0 - b1) * g;
+            let vi = b2 * v0[i] as f64 + (1.0 - b2) * g * g;
+            let pi = p0[i] as f64 * c.decay as f64
+                - c.step_size as f64 * mi / (vi.sqrt() / c.sqrt_bc2 as f64 + c.eps as f64);
+            want_m.push(mi as f32);
+            want_v.push(vi as f32);
+            want_p.push(pi as f32);
+        }
+        assert_close(&m[..d], &want_m, 1e-7, 1e-5, &what("adamw m"));
+        assert_close(&v[..d], &want_v, 1e-9, 1e-5, &what("adamw v"));
+        assert_close(&p[..d], &want_p, 1e-6, 1e-5, &what("adamw p"));
+        assert_eq!(&p[d..], &p0[d..], "adamw wrote past its gradient");
     }
     vecmath::cap_simd_level(None);
 }
