@@ -157,17 +157,8 @@ impl AdamW {
         self.v = v;
     }
 
-    /// One update of every parameter that has a gradient, at base learning rate `lr`.
-    pub fn update(
-        &mut self,
-        params: &mut BTreeMap<String, Tensor>,
-        grads: &HashMap<String, Vec<f32>>,
-        lr: f32,
-    ) {
-        self.update_scaled(params, grads, lr, 1.0)
-    }
-
-    /// `update` with every gradient multiplied by `grad_scale` first (gradient clipping).
+    /// One update of every parameter that has a gradient, at base learning rate `lr`, each
+    /// gradient multiplied by `grad_scale` first (the clipping factor; 1 for none).
     pub fn update_scaled(
         &mut self,
         params: &mut BTreeMap<String, Tensor>,

@@ -12,7 +12,11 @@ pub fn forward(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, out: &mut [f32]
     assert!(beta.len() == d && x.len() == out.len() && x.len() % d == 0);
     out.par_chunks_mut(d * 16)
         .zip(x.par_chunks(d * 16))
-        .for_each(|(o, xs)| vecmath::layernorm_rows(xs, gamma, beta, eps, vecmath::as_uninit(o)));
+        .for_each(|(o, xs)| {
+            // SAFETY: layernorm_rows stores an f32 into every value of its output.
+            let o = unsafe { vecmath::as_uninit(o) };
+            vecmath::layernorm_rows(xs, gamma, beta, eps, o)
+        });
 }
 
 /// `forward` into a new buffer.

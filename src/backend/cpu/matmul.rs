@@ -127,11 +127,8 @@ pub fn linear_nobias(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, out: &m
 /// # Safety
 /// `fill` must initialise all `len` values through the pointer and read none of them.
 pub unsafe fn filled_by(len: usize, fill: impl FnOnce(*mut f32)) -> Vec<f32> {
-    let mut v = Vec::<f32>::with_capacity(len);
-    fill(v.as_mut_ptr());
-    // SAFETY: the caller's contract: every value was written by `fill`.
-    unsafe { v.set_len(len) };
-    v
+    // SAFETY: the caller's contract is vec_written_by's, through a raw pointer.
+    unsafe { super::vecmath::vec_written_by(len, |out| fill(out.as_mut_ptr().cast())) }
 }
 
 /// x[M, K] · w[N, K]ᵀ into a new buffer (see `linear_nobias`).

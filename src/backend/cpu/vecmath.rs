@@ -259,10 +259,14 @@ pub fn sum(x: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// The same values seen as possibly-uninitialised storage, for routines that only write their
-/// output (writing initialised values through it keeps `x` valid).
-pub fn as_uninit(x: &mut [f32]) -> &mut [std::mem::MaybeUninit<f32>] {
-    // SAFETY: MaybeUninit<f32> has f32's layout, and every write through it stores an f32.
+/// The same values seen as possibly-uninitialised storage, to hand an initialised buffer to a
+/// routine that only writes its output.
+///
+/// # Safety
+/// Whoever writes through the result must store initialised values only (`MaybeUninit::write`
+/// of an f32), never `MaybeUninit::uninit()`, or `x` would hold uninitialised floats.
+pub unsafe fn as_uninit(x: &mut [f32]) -> &mut [std::mem::MaybeUninit<f32>] {
+    // SAFETY: MaybeUninit<f32> has f32's layout; the caller keeps every value initialised.
     unsafe { &mut *(x as *mut [f32] as *mut [std::mem::MaybeUninit<f32>]) }
 }
 
