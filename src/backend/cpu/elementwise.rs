@@ -102,7 +102,7 @@ pub fn residual_scaled_backward(
     match gamma {
         None => (dout.to_vec(), None),
         Some(g) => {
-            let chunk = d * super::reduce::REDUCE_ROWS;
+            let chunk = d.max(1) * super::reduce::REDUCE_ROWS;
             let mut parts = Vec::new();
             // SAFETY: the row chunks cover all of dout's values and each is written once.
             let dy = unsafe {

@@ -55,17 +55,14 @@ pub fn backward(x: &[f32], gamma: &[f32], eps: f32, dy: &[f32]) -> (Vec<f32>, Ve
     let d = gamma.len();
     assert!(x.len() == dy.len() && x.len() % d.max(1) == 0);
     // Per-chunk partial dγ/dβ, added in chunk order afterwards (see reduce::REDUCE_ROWS).
-    let chunk_rows = super::reduce::REDUCE_ROWS;
+    let chunk = d.max(1) * super::reduce::REDUCE_ROWS;
     let mut partial: Vec<(Vec<f32>, Vec<f32>)> = Vec::new();
     // SAFETY: the row chunks cover all of x.len(), and layernorm_backward_rows writes every dx.
     let dx = unsafe {
         vecmath::vec_written_by(x.len(), |dx| {
             partial = dx
-                .par_chunks_mut(d * chunk_rows)
-                .zip(
-                    x.par_chunks(d * chunk_rows)
-                        .zip(dy.par_chunks(d * chunk_rows)),
-                )
+                .par_chunks_mut(chunk)
+                .zip(x.par_chunks(chunk).zip(dy.par_chunks(chunk)))
                 .map(|(dxs, (xs, dys))| {
                     let mut dg = vec![0.0f32; d];
                     let mut db = vec![0.0f32; d];

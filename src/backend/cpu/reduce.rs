@@ -62,7 +62,7 @@ pub fn sum_in_order(parts: Vec<Vec<f32>>, n: usize) -> Vec<f32> {
 pub fn column_sums(x: &[f32], n: usize) -> Vec<f32> {
     use rayon::prelude::*;
     let parts = x
-        .par_chunks(n * REDUCE_ROWS)
+        .par_chunks(n.max(1) * REDUCE_ROWS)
         .map(|chunk| {
             let mut acc = vec![0.0f32; n];
             for row in chunk.chunks_exact(n) {
