@@ -96,7 +96,7 @@ fn gelu_backward_matches_finite_differences() {
 
 #[test]
 fn attention_backward_matches_finite_differences() {
-    for &(b, n, h, dh) in &[(2, 5, 2, 4), (1, 17, 3, 8)] {
+    for &(b, n, h, dh) in &[(2, 5, 2, 4), (1, 17, 3, 8), (5, 4, 2, 3)] {
         let dims = attention::Dims { b, n, h, dh };
         let d = h * dh;
         let qkv = randn(b * n * 3 * d, 0.7, 10);
