@@ -8,8 +8,8 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::fixture;
 use common::run_mood as mood;
+use common::{extract_tiny, fixture};
 use mood::data::cifar::{self, Cifar, Kind, Layout, Split};
 use mood::extract::Source;
 
@@ -243,32 +243,12 @@ fn wrong_array_size_is_named() {
     );
 }
 
-fn tiny_weights() -> String {
-    fixture("timm/tiny_beit.safetensors")
-        .to_string_lossy()
-        .into_owned()
-}
-
 #[test]
 fn extract_reads_cifar_specs() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("store");
     let data = format!("cifar10:{}@test", fixture("cifar/cifar10").display());
-    let w = tiny_weights();
-    let args = [
-        "extract",
-        "--arch",
-        "test_tiny_beit",
-        "--weights",
-        &w,
-        "--data",
-        &data,
-        "--preset",
-        "cifar",
-        "--out",
-        out.to_str().unwrap(),
-    ];
-    let (code, _, err) = mood(&args);
+    let (code, _, err) = extract_tiny(&data, &out, &["--preset", "cifar"]);
     assert_eq!(code, 0, "{err}");
     let s = mood::store::FeatureStore::open(&out).unwrap();
     let c = &cases()[0];
@@ -286,10 +266,7 @@ fn extract_reads_cifar_specs() {
     std::fs::write(&f, &bytes[..bytes.len() - 1]).unwrap();
     let data = format!("cifar10:{}@test", bad.display());
     let out2 = tmp.path().join("store2");
-    let mut args2 = args;
-    args2[6] = &data;
-    args2[10] = out2.to_str().unwrap();
-    let (code, _, err) = mood(&args2);
+    let (code, _, err) = extract_tiny(&data, &out2, &["--preset", "cifar"]);
     assert_ne!(code, 0);
     assert!(
         err.trim().lines().count() == 1
@@ -300,17 +277,7 @@ fn extract_reads_cifar_specs() {
     );
     assert!(!out2.join("manifest.json").exists());
 
-    let (code, _, err) = mood(&[
-        "extract",
-        "--arch",
-        "test_tiny_beit",
-        "--weights",
-        &w,
-        "--data",
-        "cifar10:/nowhere@val",
-        "--out",
-        out2.to_str().unwrap(),
-    ]);
+    let (code, _, err) = extract_tiny("cifar10:/nowhere@val", &out2, &[]);
     assert_ne!(code, 0);
     assert!(err.contains("@train and @test"), "{err}");
 }

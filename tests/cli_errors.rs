@@ -4,17 +4,13 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
-use common::fixture;
+use common::{fixture, run_mood};
 
+/// The binary on two threads: exit code and stderr.
 fn mood(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_mood"))
-        .args(args)
-        .output()
-        .expect("run mood");
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    (out.status.code().unwrap_or(-1), stderr)
+    let (code, _, err) = run_mood(args);
+    (code, err)
 }
 
 fn assert_one_line_error(code: i32, stderr: &str, must_contain: &[&str]) {
@@ -219,16 +215,9 @@ fn unwritable_output_leaves_nothing() {
 
 #[test]
 fn demo_runs_end_to_end_and_prints_the_table() {
-    let out = Command::new(env!("CARGO_BIN_EXE_mood"))
-        .args(["demo", "--pretrain-epochs", "1", "--finetune-epochs", "1"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (code, stdout, err) =
+        run_mood(&["demo", "--pretrain-epochs", "1", "--finetune-epochs", "1"]);
+    assert_eq!(code, 0, "{err}");
     assert!(
         stdout.contains("engine check") && stdout.contains("### (a) MIM 1 ep -> fine-tune 1 ep"),
         "{stdout}"

@@ -5,50 +5,21 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
-use common::fixture;
+use common::{extract_tiny, extract_tiny_env, fixture, run_mood, run_mood_env, tiny_weights};
 
+/// The binary on two threads: exit code and stderr.
 fn mood(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_mood"))
-        .args(args)
-        .envs(env.iter().copied())
-        .output()
-        .expect("run mood");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let (code, _, err) = run_mood_env(args, env);
+    (code, err)
 }
 
-fn weights() -> String {
-    fixture("timm/tiny_beit.safetensors")
-        .to_string_lossy()
-        .into_owned()
-}
-
+/// The digits test split through the tiny BEiT, 8 images a batch, 32 a chunk, then `extra`.
 fn extract(out: &Path, extra: &[&str], env: &[(&str, &str)]) -> (i32, String) {
-    let o = out.to_string_lossy().into_owned();
-    let w = weights();
-    let mut args = vec![
-        "--threads",
-        "2",
-        "extract",
-        "--arch",
-        "test_tiny_beit",
-        "--weights",
-        &w,
-        "--data",
-        "digits:0-4@test",
-        "--out",
-        &o,
-        "--batch",
-        "8",
-        "--chunk",
-        "32",
-    ];
+    let mut args = vec!["--batch", "8", "--chunk", "32"];
     args.extend_from_slice(extra);
-    mood(&args, env)
+    let (code, _, err) = extract_tiny_env("digits:0-4@test", out, &args, env);
+    (code, err)
 }
 
 fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
@@ -85,7 +56,7 @@ fn extracted_store_matches_the_forward_and_the_manifest() {
     assert!((0..src.len()).all(|i| Some(labels[i]) == src.label(i)));
     // The library forward on the same images.
     let cfg = mood::model::VitConfig::preset("test_tiny_beit").unwrap();
-    let store = mood::weights::WeightStore::open(Path::new(&weights())).unwrap();
+    let store = mood::weights::WeightStore::open(Path::new(&tiny_weights())).unwrap();
     let model = mood::model::VisionTransformer::load(&cfg, &store).unwrap();
     let rows = [0usize, 37, src.len() - 1];
     let mut buf = vec![0.0f32; rows.len() * src.sample_len()];
@@ -182,29 +153,18 @@ fn shards_merge_back_into_the_unsharded_store() {
 fn bad_extraction_input_fails_on_one_line() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("s");
-    let o = out.to_string_lossy().into_owned();
-    let w = weights();
-    let base = [
-        "extract",
-        "--arch",
-        "test_tiny_beit",
-        "--weights",
-        &w,
-        "--out",
-        &o,
-    ];
-    for (extra, want) in [
-        (&["--data", "digits", "--shard", "3/2"][..], "--shard"),
+    for (data, extra, want) in [
+        ("digits", &["--shard", "3/2"][..], "--shard"),
         (
-            &["--data", "imagenet-21k"][..],
+            "imagenet-21k",
+            &[][..],
             "not a directory or a known data set",
         ),
-        (&["--data", "/nonexistent/images"][..], "no such directory"),
-        (&["--data", "digits@val"][..], "train` and `test"),
-        (&["--data", "digits", "--batch", "0"][..], "at least 1"),
+        ("/nonexistent/images", &[][..], "no such directory"),
+        ("digits@val", &[][..], "train` and `test"),
+        ("digits", &["--batch", "0"][..], "at least 1"),
     ] {
-        let args: Vec<&str> = base.iter().chain(extra).copied().collect();
-        let (code, err) = mood(&args, &[]);
+        let (code, _, err) = extract_tiny(data, &out, extra);
         assert_ne!(code, 0);
         assert_eq!(err.lines().count(), 1, "{err}");
         assert!(err.contains(want), "{err}");
@@ -274,27 +234,8 @@ fn image_folders_extract_with_unreadable_files_skipped_and_listed() {
     std::fs::write(data.join("a_photos/3_empty.jpg"), b"").unwrap();
     std::fs::write(data.join("b_flowers/3_text.jpg"), b"this is not an image").unwrap();
     let out = tmp.path().join("store");
-    let (o, d, w) = (
-        out.to_string_lossy().into_owned(),
-        data.to_string_lossy().into_owned(),
-        weights(),
-    );
-    let (code, err) = mood(
-        &[
-            "extract",
-            "--arch",
-            "test_tiny_beit",
-            "--weights",
-            &w,
-            "--data",
-            &d,
-            "--out",
-            &o,
-            "--batch",
-            "2",
-        ],
-        &[],
-    );
+    let d = data.to_string_lossy().into_owned();
+    let (code, _, err) = extract_tiny(&d, &out, &["--batch", "2"]);
     assert_eq!(code, 0, "{err}");
     assert!(!err.contains("panicked"), "{err}");
     let s = mood::store::FeatureStore::open(&out).unwrap();
@@ -322,22 +263,7 @@ fn image_folders_extract_with_unreadable_files_skipped_and_listed() {
         std::fs::copy(data.join(class).join(name), clean.join(class).join(name)).unwrap();
     }
     let clean_out = tmp.path().join("clean_store");
-    let (code, err) = mood(
-        &[
-            "extract",
-            "--arch",
-            "test_tiny_beit",
-            "--weights",
-            &w,
-            "--data",
-            clean.to_str().unwrap(),
-            "--out",
-            clean_out.to_str().unwrap(),
-            "--batch",
-            "2",
-        ],
-        &[],
-    );
+    let (code, _, err) = extract_tiny(clean.to_str().unwrap(), &clean_out, &["--batch", "2"]);
     assert_eq!(code, 0, "{err}");
     let c = mood::store::FeatureStore::open(&clean_out).unwrap();
     common::assert_max_abs(
@@ -349,21 +275,7 @@ fn image_folders_extract_with_unreadable_files_skipped_and_listed() {
     // An output path under a regular file cannot be created: one line, nothing written.
     let blocker = tmp.path().join("file");
     std::fs::write(&blocker, b"x").unwrap();
-    let bad_out = blocker.join("store").to_string_lossy().into_owned();
-    let (code, err) = mood(
-        &[
-            "extract",
-            "--arch",
-            "test_tiny_beit",
-            "--weights",
-            &w,
-            "--data",
-            &d,
-            "--out",
-            &bad_out,
-        ],
-        &[],
-    );
+    let (code, _, err) = extract_tiny(&d, &blocker.join("store"), &[]);
     assert_ne!(code, 0);
     assert_eq!(err.lines().count(), 1, "{err}");
 }
@@ -439,7 +351,7 @@ fn odin_scores_are_extracted_and_evaluated() {
     use mood::extract::Source;
     let src = mood::extract::source::Digits::parse("digits:0-4@test", 32).unwrap();
     let cfg = mood::model::VitConfig::preset("test_tiny_beit").unwrap();
-    let store = mood::weights::WeightStore::open(Path::new(&weights())).unwrap();
+    let store = mood::weights::WeightStore::open(Path::new(&tiny_weights())).unwrap();
     let model = mood::model::VisionTransformer::load(&cfg, &store).unwrap();
     let rows = [0usize, 41, src.len() - 1];
     let mut buf = vec![0.0f32; rows.len() * src.sample_len()];
@@ -458,65 +370,32 @@ fn odin_scores_are_extracted_and_evaluated() {
 
     let ood = tmp.path().join("ood");
     let o = ood.to_string_lossy().into_owned();
-    let w = weights();
-    let (code, err) = mood(
-        &[
-            "extract",
-            "--arch",
-            "test_tiny_beit",
-            "--weights",
-            &w,
-            "--data",
-            "digits:5-9@test",
-            "--out",
-            &o,
-            "--odin",
-        ],
-        &[],
-    );
+    let (code, _, err) = extract_tiny("digits:5-9@test", &ood, &["--odin"]);
     assert_eq!(code, 0, "{err}");
     // ODIN fits nothing, so the train store needs no odin.npy (no backward over the train set).
     let train = tmp.path().join("train");
     let t = train.to_string_lossy().into_owned();
-    let (code, err) = mood(
-        &[
-            "extract",
-            "--arch",
-            "test_tiny_beit",
-            "--weights",
-            &w,
-            "--data",
-            "digits:0-4@train",
-            "--out",
-            &t,
-        ],
-        &[],
-    );
+    let (code, _, err) = extract_tiny("digits:0-4@train", &train, &[]);
     assert_eq!(code, 0, "{err}");
     assert!(!train.join("odin.npy").exists());
     let o_id = out.to_string_lossy().into_owned();
     let report = tmp.path().join("report");
-    let out = Command::new(env!("CARGO_BIN_EXE_mood"))
-        .args([
-            "eval",
-            "--train",
-            &t,
-            "--id",
-            &o_id,
-            "--ood",
-            &format!("near={o}"),
-            "--methods",
-            "odin,msp",
-        ])
-        .args(["-o", report.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let near = format!("near={o}");
+    let r = report.to_string_lossy().into_owned();
+    let (code, stdout, err) = run_mood(&[
+        "eval",
+        "--train",
+        &t,
+        "--id",
+        &o_id,
+        "--ood",
+        &near,
+        "--methods",
+        "odin,msp",
+        "-o",
+        &r,
+    ]);
+    assert_eq!(code, 0, "{err}");
     assert!(
         stdout.lines().any(|l| l.starts_with("| odin |")),
         "{stdout}"

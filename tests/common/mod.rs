@@ -1,14 +1,20 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Runs the `mood` binary with `args` on two threads: exit code, stdout, stderr.
 pub fn run_mood(args: &[&str]) -> (i32, String, String) {
+    run_mood_env(args, &[])
+}
+
+/// `run_mood` with extra environment variables.
+pub fn run_mood_env(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_mood"))
         .args(["--threads", "2"])
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .expect("run mood");
     (
@@ -16,6 +22,42 @@ pub fn run_mood(args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// The tiny BEiT fixture (timm weights of `test_tiny_beit`), as a command-line argument.
+pub fn tiny_weights() -> String {
+    fixture("timm/tiny_beit.safetensors")
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// `mood extract` of the tiny BEiT fixture over `data` into `out`, then `extra` arguments:
+/// exit code, stdout, stderr.
+pub fn extract_tiny(data: &str, out: &Path, extra: &[&str]) -> (i32, String, String) {
+    extract_tiny_env(data, out, extra, &[])
+}
+
+/// `extract_tiny` with extra environment variables.
+pub fn extract_tiny_env(
+    data: &str,
+    out: &Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (i32, String, String) {
+    let (w, o) = (tiny_weights(), out.to_string_lossy().into_owned());
+    let mut args = vec![
+        "extract",
+        "--arch",
+        "test_tiny_beit",
+        "--weights",
+        &w,
+        "--data",
+        data,
+        "--out",
+        &o,
+    ];
+    args.extend_from_slice(extra);
+    run_mood_env(&args, env)
 }
 
 /// tests/fixtures/<rel>. The repository root is the build's, unless `MOOD_REPO_ROOT` names another:
