@@ -59,6 +59,10 @@ fn tune_allocator() {
 
 fn main() {
     tune_allocator();
+    if let Err(e) = mood::cuda_stand_in::reexec_if_requested() {
+        eprintln!("error: {e}");
+        std::process::exit(2);
+    }
     let args = match Cli::try_parse() {
         Ok(a) => a,
         Err(e) => {

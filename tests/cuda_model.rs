@@ -7,38 +7,17 @@
 //!     (12 blocks of GEMMs summed in another order), bf16 within 1e-1 (bf16 activations between
 //!     every op for 12 blocks; a loose bound that catches a wrong kernel, not a rounding budget).
 //!
-//! Without a usable GPU: a loud SKIPPED line and a pass, unless MOOD_REQUIRE_CUDA=1.
+//! Without a usable GPU they run on the CPU stand-in for CUDA (tests/common/cuda.rs).
 
 #![cfg(feature = "cuda")]
 
 mod common;
 
 use common::fixture;
-use mood::backend::cuda::CudaDevice;
 use mood::model::cuda_vit::CudaVit;
 use mood::model::{init, VisionTransformer, VitConfig};
 use mood::weights::WeightStore;
 use mood::Tensor;
-
-fn device() -> Option<CudaDevice> {
-    match CudaDevice::new(0) {
-        Ok(d) => {
-            println!("device: {}", d.describe());
-            Some(d)
-        }
-        Err(e) => {
-            let required = std::env::var("MOOD_REQUIRE_CUDA").is_ok_and(|v| v == "1");
-            assert!(!required, "MOOD_REQUIRE_CUDA=1 but {e}");
-            eprintln!("\n{}", "=".repeat(72));
-            eprintln!("SKIPPED: no CUDA device ({e})");
-            eprintln!(
-                "         NO CUDA FORWARD WAS CHECKED. Set MOOD_REQUIRE_CUDA=1 to fail instead."
-            );
-            eprintln!("{}\n", "=".repeat(72));
-            None
-        }
-    }
-}
 
 fn max_abs(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
@@ -70,7 +49,9 @@ fn max_rel(got: &[f32], want: &[f32]) -> f32 {
 
 #[test]
 fn timm_fixtures_through_cuda_f32() {
-    let Some(dev) = device() else { return };
+    let Some(dev) = common::cuda::device("timm_fixtures_through_cuda_f32") else {
+        return;
+    };
     let mut failures = Vec::new();
     for (arch, name) in [
         ("test_tiny_beit", "tiny_beit"),
@@ -106,7 +87,9 @@ fn timm_fixtures_through_cuda_f32() {
 
 #[test]
 fn beit_base_cuda_matches_cpu() {
-    let Some(dev) = device() else { return };
+    let Some(dev) = common::cuda::device("beit_base_cuda_matches_cpu") else {
+        return;
+    };
     let cfg = VitConfig::preset("beit_base_patch16_224").unwrap();
     let model = VisionTransformer::load(&cfg, &init::random_store(&cfg, 0)).unwrap();
     let mut rng = init::Rng::new(7);

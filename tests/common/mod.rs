@@ -4,6 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
+
 /// Runs the `mood` binary with `args` on two threads: exit code, stdout, stderr.
 pub fn run_mood(args: &[&str]) -> (i32, String, String) {
     run_mood_env(args, &[])

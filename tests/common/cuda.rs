@@ -1,0 +1,140 @@
+//! Where the CUDA tests run: on the real driver when this machine has a usable GPU (and
+//! `MOOD_CUDA_SIM` is not 1), else on the CPU stand-in (tools/cuda-sim), by re-running the same
+//! test in a child process whose loader path selects the stand-in. The child runs mood's
+//! production CUDA code unchanged; nothing is SKIPPED.
+//!
+//! NVRTC (which compiles kernels/*.cu in both cases) comes from the loader path, else from the
+//! repository's `.cuda-wheels/` (tools/nvrtc-wheels.sh, which this runs if needed).
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+
+use mood::backend::cuda::CudaDevice;
+
+const CHILD: &str = "MOOD_CUDA_TEST_CHILD";
+
+/// The stand-in cargo built for this test binary (a dev-dependency's cdylib sits in deps/).
+pub fn stand_in_library() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable");
+    mood::cuda_stand_in::find_library(&exe).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// NVRTC's lib and include directories when they are not on the loader path already.
+fn nvrtc_dirs() -> Option<(PathBuf, PathBuf)> {
+    static DIRS: OnceLock<Option<(PathBuf, PathBuf)>> = OnceLock::new();
+    DIRS.get_or_init(|| {
+        if mood::backend::cuda::nvrtc::available() {
+            return None;
+        }
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let out = Command::new("bash")
+            .arg(root.join("tools/nvrtc-wheels.sh"))
+            .output()
+            .expect("run tools/nvrtc-wheels.sh");
+        assert!(
+            out.status.success(),
+            "tools/nvrtc-wheels.sh failed (NVRTC is needed to compile the kernels): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let nv = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        Some((nv.join("lib"), nv.join("include")))
+    })
+    .clone()
+}
+
+/// The environment of a process that runs CUDA on the stand-in: the alias directory, then NVRTC,
+/// first on the loader path.
+pub fn stand_in_env() -> Vec<(String, OsString)> {
+    let mut env = mood::cuda_stand_in::loader_env(&stand_in_library()).expect("stand-in aliases");
+    if let Some((lib, include)) = nvrtc_dirs() {
+        let path = env
+            .iter_mut()
+            .find(|(k, _)| k == "LD_LIBRARY_PATH")
+            .unwrap();
+        let mut p = path.1.clone();
+        // After the aliases, before the rest: the aliases dir is first in `p`.
+        let s = p.to_string_lossy().into_owned();
+        let (first, rest) = s.split_once(':').unwrap_or((&s, ""));
+        p = OsString::from(format!(
+            "{first}:{}{}{rest}",
+            lib.display(),
+            if rest.is_empty() { "" } else { ":" }
+        ));
+        path.1 = p;
+        env.push(("MOOD_CUDA_INCLUDE".into(), include.into_os_string()));
+    }
+    env
+}
+
+/// `stand_in_env` as (&str, &str) pairs for common::run_mood_env.
+pub fn stand_in_env_strings() -> Vec<(String, String)> {
+    stand_in_env()
+        .into_iter()
+        .map(|(k, v)| (k, v.to_string_lossy().into_owned()))
+        .collect()
+}
+
+fn real_gpu_wanted() -> bool {
+    std::env::var("MOOD_CUDA_SIM").map_or(true, |v| v != "1")
+}
+
+/// The device for the test `name` (its path within the test binary): Some in the process that
+/// runs the test body, None where the body ran in a child on the stand-in (which then passed).
+pub fn device(name: &str) -> Option<CudaDevice> {
+    if std::env::var_os(CHILD).is_some() {
+        let dev = CudaDevice::new(0).unwrap_or_else(|e| panic!("CUDA on the CPU stand-in: {e}"));
+        println!("device: {}", dev.describe());
+        return Some(dev);
+    }
+    if real_gpu_wanted() {
+        if let Ok(dev) = CudaDevice::new(0) {
+            println!("device: {}", dev.describe());
+            return Some(dev);
+        }
+    }
+    run_in_child(name);
+    None
+}
+
+/// Re-runs test `name` of this binary in a child process on the stand-in; panics if it fails.
+pub fn run_in_child(name: &str) {
+    let exe = std::env::current_exe().expect("test executable");
+    let status = Command::new(exe)
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .envs(stand_in_env())
+        .env(CHILD, "1")
+        .status()
+        .expect("run the test on the CPU stand-in");
+    assert!(
+        status.success(),
+        "{name} failed on the CPU stand-in (output above)"
+    );
+}
+
+/// For a test binary with its own main (harness = false): the device where this process runs the
+/// cases; otherwise runs this binary again with the same arguments on the stand-in and exits with
+/// its status.
+pub fn device_for_main() -> Option<CudaDevice> {
+    if std::env::var_os(CHILD).is_some() || real_gpu_wanted() {
+        match CudaDevice::new(0) {
+            Ok(dev) => {
+                println!("device: {}", dev.describe());
+                return Some(dev);
+            }
+            Err(e) if std::env::var_os(CHILD).is_some() => {
+                panic!("CUDA on the CPU stand-in: {e}")
+            }
+            Err(_) => {}
+        }
+    }
+    let exe = std::env::current_exe().expect("test executable");
+    let status = Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .envs(stand_in_env())
+        .env(CHILD, "1")
+        .status()
+        .expect("run on the CPU stand-in");
+    std::process::exit(status.code().unwrap_or(1));
+}
