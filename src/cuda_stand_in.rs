@@ -133,3 +133,13 @@ pub fn reexec_if_requested() -> Result<()> {
 pub fn is_stand_in_device(name: &str) -> bool {
     name.starts_with("CPU stand-in")
 }
+
+/// Whether the stand-in library is loaded in this process (read from /proc/self/maps, where the
+/// aliases resolve to its real file name).
+pub fn loaded() -> bool {
+    std::fs::read_to_string("/proc/self/maps").is_ok_and(|m| m.contains(LIBRARY))
+}
+
+/// The line commands print instead of throughput figures on the stand-in.
+pub const NO_GPU_FIGURES: &str =
+    "CUDA ran on the CPU stand-in, not a GPU: no images/s, rows/s, TFLOP/s or MFU are reported";

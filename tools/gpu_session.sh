@@ -155,7 +155,7 @@ run() {
     } >>"$OUT/env.txt" 2>&1
     # One NVRTC cache for every step, so the kernels compile once.
     export XDG_CACHE_HOME=${XDG_CACHE_HOME:-/tmp/mood-cache}
-    export MOOD_REPO_ROOT=$PWD MOOD_REQUIRE_NVRTC=1 MOOD_REQUIRE_CUDA=1
+    export MOOD_REPO_ROOT=$PWD MOOD_REQUIRE_NVRTC=1 MOOD_REQUIRE_CUDA=1 MOOD_CUDA_SIM=0
 
     step info 30 "$BIN/mood" info
     step cuda_compile 120 "$BIN/cuda_compile" --nocapture --test-threads=1

@@ -79,6 +79,28 @@ pub fn run(args: &Args, cfg: &VitConfig) -> Result<()> {
         v.sort_by(|a, b| a.total_cmp(b));
         v[v.len() / 2]
     };
+    if crate::cuda_stand_in::is_stand_in_device(dev.name()) {
+        // The stand-in runs the kernels on the CPU: its times say nothing about any GPU.
+        let per_batch = med(&mut times);
+        if args.json {
+            println!(
+                "{{\"mode\":\"forward\",\"device\":{:?},\"stand_in\":true,\"arch\":\"{}\",\"batch\":{},\"img_per_s\":null,\"tflop_per_s\":null,\"mfu\":null}}",
+                dev.name(),
+                cfg.name,
+                args.batch
+            );
+        } else {
+            println!(
+                "{} forward on {}: {} batches of {} ran ({per_batch:.2} s each, CPU time). {}",
+                cfg.name,
+                dev.describe(),
+                args.iters,
+                args.batch,
+                crate::cuda_stand_in::NO_GPU_FIGURES
+            );
+        }
+        return Ok(());
+    }
     // The headline: images already on the device, as PyTorch benchmarks measure; the host-to-host
     // figure (upload of the batch, download of features and logits) is printed beside it.
     let (median, median_host) = (med(&mut times), med(&mut host));

@@ -198,15 +198,18 @@ where
     /// Uploads every weight of `model` (relative-position biases expanded to [H, N, N]).
     pub fn load(dev: &CudaDevice, model: &VisionTransformer) -> Result<CudaVit<T>> {
         let cfg = model.cfg.clone();
-        let attention_gemm = attention_by_gemm();
+        let mut attention_gemm = attention_by_gemm();
         let fused = T::NAME != "f32" && !attention_gemm;
         if fused && !cu::attention::HEAD_DIMS.contains(&cfg.head_dim()) {
-            return Err(Error::Cuda(format!(
-                "{}: head dim {} has no fused attention kernel (have {:?}); use f32 or MOOD_CUDA_ATTENTION=gemm",
+            // Never a refusal for a shape the fused kernel lacks: the cuBLAS path takes any head
+            // dim, at some speed cost, so say so and use it.
+            eprintln!(
+                "note: {}: head dim {} has no fused attention kernel (have {:?}); attention runs on cuBLAS",
                 cfg.name,
                 cfg.head_dim(),
                 cu::attention::HEAD_DIMS
-            )));
+            );
+            attention_gemm = true;
         }
         let d = cfg.embed_dim;
         let patch_w = model

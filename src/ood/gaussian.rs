@@ -91,11 +91,26 @@ impl Whitened {
                 row.iter_mut()
                     .zip(&self.means_sq)
                     .for_each(|(x, m)| *x = (zz - 2.0 * *x + m).max(0.0));
+                // Which means may be the nearest: the expansion's rounding error grows with the
+                // norms it cancels (|2z·m| <= 2‖z‖‖m‖, a dot product of r terms), so every mean
+                // within twice that bound of the smallest expansion is recomputed, and at least
+                // REFINE of them. With a near-null direction kept by pinvh, ‖z‖ can reach 1e6 and
+                // every expansion is noise: then all are recomputed.
                 const REFINE: usize = 4;
+                let ms_max = self.means_sq.iter().fold(0.0f32, |a, &b| a.max(b));
+                let bound =
+                    (r as f32 + 4.0) * f32::EPSILON * (zz + ms_max + 2.0 * (zz * ms_max).sqrt());
+                let lowest = row.iter().fold(f32::INFINITY, |a, &b| a.min(b));
                 let mut cand: Vec<usize> = (0..c).collect();
                 if c > REFINE {
                     cand.select_nth_unstable_by(REFINE - 1, |&a, &b| row[a].total_cmp(&row[b]));
-                    cand.truncate(REFINE);
+                    let close = cand[REFINE..]
+                        .iter()
+                        .filter(|&&k| row[k] <= lowest + 2.0 * bound)
+                        .count();
+                    // The close ones among the rest go to the front, after the REFINE nearest.
+                    cand[REFINE..].sort_by_key(|&k| row[k] > lowest + 2.0 * bound);
+                    cand.truncate(REFINE + close);
                 }
                 for k in cand {
                     let m = &self.means[k * r..(k + 1) * r];
@@ -372,5 +387,54 @@ impl GaussianScore {
             reduce,
             parts,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A covariance with one near-null direction that pinvh keeps (1e-13 is above its cutoff):
+    /// whitened rows and means then share a component near 1.6e6, the GEMM expansion of the
+    /// squared distances is all cancellation, and the scores must still be the direct distances.
+    #[test]
+    fn distances_survive_a_near_null_direction() {
+        let d = 3;
+        let sigma = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1e-13];
+        // Five classes, all with 0.5 along the near-null axis.
+        let means: Vec<f64> = (0..5)
+            .flat_map(|c| [c as f64, (c * c) as f64 / 4.0, 0.5])
+            .collect();
+        let w = Whitened::new(&sigma, &means, d).unwrap();
+        assert_eq!(w.rank, 3);
+        let x: Vec<f32> = vec![0.3, 0.2, 0.5, 2.9, 2.1, 0.5, 4.2, 3.8, 0.5];
+        let got = w.distances(&x);
+        for (i, row) in x.chunks(d).enumerate() {
+            for c in 0..5 {
+                let m = &means[c * d..(c + 1) * d];
+                // Along the null axis both sit at 0.5 exactly: the distance is the first two axes'.
+                let want = (row[0] as f64 - m[0]).powi(2) + (row[1] as f64 - m[1]).powi(2);
+                let nearest = (0..5)
+                    .map(|k| {
+                        let m = &means[k * d..(k + 1) * d];
+                        (row[0] as f64 - m[0]).powi(2) + (row[1] as f64 - m[1]).powi(2)
+                    })
+                    .fold(f64::INFINITY, f64::min);
+                if want == nearest {
+                    let g = got[i * 5 + c] as f64;
+                    assert!(
+                        (g - want).abs() < 1e-2 * (1.0 + want),
+                        "row {i} class {c}: {g} vs {want}"
+                    );
+                }
+            }
+            let min = got[i * 5..(i + 1) * 5]
+                .iter()
+                .fold(f32::INFINITY, |a, &b| a.min(b));
+            assert!(
+                min > 0.0 || row[0] == 0.0,
+                "row {i}: a nearest distance of {min}"
+            );
+        }
     }
 }

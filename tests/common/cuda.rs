@@ -76,8 +76,16 @@ pub fn stand_in_env_strings() -> Vec<(String, String)> {
         .collect()
 }
 
+/// `MOOD_CUDA_SIM=1`: always the stand-in; `MOOD_CUDA_SIM=0`: only a real GPU (tools/
+/// gpu_session.sh), failing where there is none; unset: a real GPU if usable, else the stand-in.
 fn real_gpu_wanted() -> bool {
     std::env::var("MOOD_CUDA_SIM").map_or(true, |v| v != "1")
+}
+
+fn stand_in_refused(why: impl std::fmt::Display) {
+    if std::env::var("MOOD_CUDA_SIM").is_ok_and(|v| v == "0") {
+        panic!("MOOD_CUDA_SIM=0 asks for a real GPU, but: {why}");
+    }
 }
 
 /// The device for the test `name` (its path within the test binary): Some in the process that
@@ -89,9 +97,12 @@ pub fn device(name: &str) -> Option<CudaDevice> {
         return Some(dev);
     }
     if real_gpu_wanted() {
-        if let Ok(dev) = CudaDevice::new(0) {
-            println!("device: {}", dev.describe());
-            return Some(dev);
+        match CudaDevice::new(0) {
+            Ok(dev) => {
+                println!("device: {}", dev.describe());
+                return Some(dev);
+            }
+            Err(e) => stand_in_refused(e),
         }
     }
     run_in_child(name);
@@ -126,7 +137,7 @@ pub fn device_for_main() -> Option<CudaDevice> {
             Err(e) if std::env::var_os(CHILD).is_some() => {
                 panic!("CUDA on the CPU stand-in: {e}")
             }
-            Err(_) => {}
+            Err(e) => stand_in_refused(e),
         }
     }
     let exe = std::env::current_exe().expect("test executable");
@@ -137,4 +148,56 @@ pub fn device_for_main() -> Option<CudaDevice> {
         .status()
         .expect("run on the CPU stand-in");
     std::process::exit(status.code().unwrap_or(1));
+}
+
+/// The environment for running the `mood` binary with `--device cuda`: nothing extra where this
+/// machine has a usable GPU, else the stand-in's. The bool says whether it is the stand-in.
+pub fn cli_env() -> (Vec<(String, String)>, bool) {
+    let real = if real_gpu_wanted() {
+        mood::backend::cuda::probe()
+            .map_err(stand_in_refused)
+            .is_ok()
+    } else {
+        false
+    };
+    if real {
+        (Vec::new(), false)
+    } else {
+        (stand_in_env_strings(), true)
+    }
+}
+
+/// NVRTC's part of `stand_in_env` alone: its lib directory on the loader path and its headers;
+/// empty when NVRTC loads already.
+pub fn nvrtc_env() -> Vec<(String, OsString)> {
+    let Some((lib, include)) = nvrtc_dirs() else {
+        return Vec::new();
+    };
+    let mut path = lib.into_os_string();
+    if let Some(old) = std::env::var_os("LD_LIBRARY_PATH").filter(|v| !v.is_empty()) {
+        path.push(":");
+        path.push(old);
+    }
+    vec![
+        ("LD_LIBRARY_PATH".into(), path),
+        ("MOOD_CUDA_INCLUDE".into(), include.into_os_string()),
+    ]
+}
+
+/// Re-runs test `name` with NVRTC from `.cuda-wheels/` on the loader path (NVRTC reads
+/// LD_LIBRARY_PATH only at process start); panics if it fails, or if this is that run already.
+pub fn rerun_with_nvrtc(name: &str) {
+    const AGAIN: &str = "MOOD_NVRTC_TEST_CHILD";
+    assert!(
+        std::env::var_os(AGAIN).is_none(),
+        "libnvrtc cannot be loaded even with .cuda-wheels on LD_LIBRARY_PATH ({:?})",
+        std::env::var("LD_LIBRARY_PATH").unwrap_or_default()
+    );
+    let status = Command::new(std::env::current_exe().expect("test executable"))
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .envs(nvrtc_env())
+        .env(AGAIN, "1")
+        .status()
+        .expect("run the test with NVRTC");
+    assert!(status.success(), "{name} failed (output above)");
 }

@@ -74,17 +74,7 @@ pub fn forward<T: Storage>(
         shared_mem_bytes: 0,
     };
     // SAFETY: qkv, out and bias were checked against (B, N, H, Dh); Dh selects the kernel.
-    unsafe {
-        s.launch_builder(&f)
-            .arg(qkv)
-            .arg(&pb)
-            .arg(out)
-            .arg(&ni)
-            .arg(&hi)
-            .arg(&scale)
-            .launch(cfg)
-    }
-    .map_err(cuda_err(name))?;
+    unsafe { launch!(dev, f, name, cfg, [qkv, &pb, out, &ni, &hi, &scale]) }?;
     Ok(())
 }
 

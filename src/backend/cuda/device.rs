@@ -335,6 +335,24 @@ impl CudaDevice {
     }
 }
 
+/// Checks with the driver that kernel `f` (called `name`) takes `given` parameters.
+pub fn check_arity(f: &CudaFunction, name: &str, given: usize) -> Result<()> {
+    // The driver answers CUDA_ERROR_INVALID_VALUE for an index past the last parameter.
+    let exists = |i: usize| {
+        let (mut offset, mut size) = (0usize, 0usize);
+        // SAFETY: a live function handle and valid out-pointers.
+        let r = unsafe { sys::cuFuncGetParamInfo(f.cu_function(), i, &mut offset, &mut size) };
+        r == sys::CUresult::CUDA_SUCCESS
+    };
+    let n = (0..256).find(|&i| !exists(i)).unwrap_or(256);
+    if n != given {
+        return Err(Error::Cuda(format!(
+            "kernel {name} takes {n} parameters, its launcher passes {given}"
+        )));
+    }
+    Ok(())
+}
+
 /// A kernel argument that a `u32`/`i32` must hold; sizes beyond it are an error, not a wrap.
 pub fn as_i32(what: &str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::Cuda(format!("{what} = {v} exceeds the kernel's i32")))

@@ -6,7 +6,7 @@
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
-use super::device::{as_i32, check_len, cuda_err, CudaDevice};
+use super::device::{as_i32, check_len, CudaDevice};
 use super::matmul;
 use crate::error::{Error, Result};
 
@@ -27,17 +27,16 @@ pub fn row_sqnorm(
         return Ok(());
     }
     let f = dev.function("distance", "row_sqnorm_f32")?;
-    let s = dev.stream();
     // SAFETY: x holds M·D values, out M.
     unsafe {
-        s.launch_builder(&f)
-            .arg(x)
-            .arg(out)
-            .arg(&mi)
-            .arg(&di)
-            .launch(dev.warp_per_row(m))
-    }
-    .map_err(cuda_err("row_sqnorm_f32"))?;
+        launch!(
+            dev,
+            f,
+            "row_sqnorm_f32",
+            dev.warp_per_row(m),
+            [x, out, &mi, &di]
+        )
+    }?;
     Ok(())
 }
 
@@ -62,19 +61,16 @@ pub fn mahalanobis_min(
         return Ok(());
     }
     let f = dev.function("distance", "mahalanobis_min_f32")?;
-    let s = dev.stream();
     // SAFETY: shapes checked above.
     unsafe {
-        s.launch_builder(&f)
-            .arg(cross)
-            .arg(zz)
-            .arg(mm)
-            .arg(score)
-            .arg(&mi)
-            .arg(&ci)
-            .launch(dev.warp_per_row(m))
-    }
-    .map_err(cuda_err("mahalanobis_min_f32"))?;
+        launch!(
+            dev,
+            f,
+            "mahalanobis_min_f32",
+            dev.warp_per_row(m),
+            [cross, zz, mm, score, &mi, &ci]
+        )
+    }?;
     Ok(())
 }
 
@@ -94,18 +90,16 @@ pub fn sqdist_combine(
         return Ok(());
     }
     let f = dev.function("distance", "sqdist_combine_f32")?;
-    let s = dev.stream();
     // SAFETY: shapes checked above.
     unsafe {
-        s.launch_builder(&f)
-            .arg(d)
-            .arg(qq)
-            .arg(tt)
-            .arg(&mi)
-            .arg(&ni)
-            .launch(dev.grid_stride(m * n))
-    }
-    .map_err(cuda_err("sqdist_combine_f32"))?;
+        launch!(
+            dev,
+            f,
+            "sqdist_combine_f32",
+            dev.grid_stride(m * n),
+            [d, qq, tt, &mi, &ni]
+        )
+    }?;
     Ok(())
 }
 
@@ -178,18 +172,16 @@ pub fn kth_smallest(
         return Ok(());
     }
     let f = dev.function("distance", "kth_smallest_f32")?;
-    let s = dev.stream();
     // SAFETY: one block per row of d [M, N]; out holds M values.
     unsafe {
-        s.launch_builder(&f)
-            .arg(d)
-            .arg(&mi)
-            .arg(&ni)
-            .arg(&ki)
-            .arg(out)
-            .launch(block_per_row(m, 0)?)
-    }
-    .map_err(cuda_err("kth_smallest_f32"))?;
+        launch!(
+            dev,
+            f,
+            "kth_smallest_f32",
+            block_per_row(m, 0)?,
+            [d, &mi, &ni, &ki, out]
+        )
+    }?;
     Ok(())
 }
 
@@ -216,18 +208,15 @@ pub fn topk_smallest(
         return Ok(());
     }
     let f = dev.function("distance", "topk_smallest_f32")?;
-    let s = dev.stream();
     // SAFETY: one block per row; dynamic smem holds k keys and k indices (2·k·4 bytes).
     unsafe {
-        s.launch_builder(&f)
-            .arg(d)
-            .arg(&mi)
-            .arg(&ni)
-            .arg(&ki)
-            .arg(vals)
-            .arg(idx)
-            .launch(block_per_row(m, 8 * k)?)
-    }
-    .map_err(cuda_err("topk_smallest_f32"))?;
+        launch!(
+            dev,
+            f,
+            "topk_smallest_f32",
+            block_per_row(m, 8 * k)?,
+            [d, &mi, &ni, &ki, vals, idx]
+        )
+    }?;
     Ok(())
 }

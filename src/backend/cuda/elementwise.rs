@@ -4,7 +4,7 @@
 
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
-use super::device::{as_i32, check_len, cuda_err, CudaDevice};
+use super::device::{as_i32, check_len, CudaDevice};
 use super::{ptr_or_null, Storage};
 use crate::error::{Error, Result};
 
@@ -38,15 +38,7 @@ fn bias_epilogue<T: Storage>(
     let s = dev.stream();
     let pb = ptr_or_null(s, bias);
     // SAFETY: y holds M·D elements and bias D (or is null where the kernel allows it).
-    unsafe {
-        s.launch_builder(&f)
-            .arg(y)
-            .arg(&pb)
-            .arg(&n)
-            .arg(&di)
-            .launch(dev.grid_stride(n as usize))
-    }
-    .map_err(cuda_err(name))?;
+    unsafe { launch!(dev, f, name, dev.grid_stride(n as usize), [y, &pb, &n, &di]) }?;
     Ok(())
 }
 
@@ -87,17 +79,8 @@ pub fn gelu_backward<T: Storage>(
     let ni = n as i64;
     let name = format!("gelu_bwd_{}", T::NAME);
     let f = dev.function("elementwise", &name)?;
-    let s = dev.stream();
     // SAFETY: all three buffers hold n elements.
-    unsafe {
-        s.launch_builder(&f)
-            .arg(x)
-            .arg(dy)
-            .arg(dx)
-            .arg(&ni)
-            .launch(dev.grid_stride(n))
-    }
-    .map_err(cuda_err(name))?;
+    unsafe { launch!(dev, f, name, dev.grid_stride(n), [x, dy, dx, &ni]) }?;
     Ok(())
 }
 
@@ -126,15 +109,14 @@ pub fn residual<T: Storage>(
     let pg = ptr_or_null(s, gamma);
     // SAFETY: x and y hold M·D elements, γ D or null.
     unsafe {
-        s.launch_builder(&f)
-            .arg(x)
-            .arg(y)
-            .arg(&pg)
-            .arg(&n)
-            .arg(&di)
-            .launch(dev.grid_stride(n as usize))
-    }
-    .map_err(cuda_err(name))?;
+        launch!(
+            dev,
+            f,
+            name,
+            dev.grid_stride(n as usize),
+            [x, y, &pg, &n, &di]
+        )
+    }?;
     Ok(())
 }
 
@@ -155,16 +137,8 @@ pub fn cast<T: Storage>(
     let ni = n as i64;
     let name = format!("cast_f32_{}", T::NAME);
     let f = dev.function("elementwise", &name)?;
-    let s = dev.stream();
     // SAFETY: both buffers hold n elements.
-    unsafe {
-        s.launch_builder(&f)
-            .arg(input)
-            .arg(out)
-            .arg(&ni)
-            .launch(dev.grid_stride(n))
-    }
-    .map_err(cuda_err(name))?;
+    unsafe { launch!(dev, f, name, dev.grid_stride(n), [input, out, &ni]) }?;
     Ok(())
 }
 
@@ -193,16 +167,13 @@ pub fn assemble_tokens(
     let pp = ptr_or_null(s, pos);
     // SAFETY: shapes checked above; pos may be null.
     unsafe {
-        s.launch_builder(&f)
-            .arg(patches)
-            .arg(cls)
-            .arg(&pp)
-            .arg(x)
-            .arg(&bi)
-            .arg(&ni)
-            .arg(&di)
-            .launch(dev.grid_stride(b * n * d))
-    }
-    .map_err(cuda_err("assemble_tokens_f32"))?;
+        launch!(
+            dev,
+            f,
+            "assemble_tokens_f32",
+            dev.grid_stride(b * n * d),
+            [patches, cls, &pp, x, &bi, &ni, &di]
+        )
+    }?;
     Ok(())
 }

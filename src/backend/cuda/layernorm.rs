@@ -4,7 +4,7 @@
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
-use super::device::{as_i32, check_len, cuda_err, CudaDevice};
+use super::device::{as_i32, check_len, CudaDevice};
 use super::{ptr_mut_or_null, Storage};
 use crate::error::{Error, Result};
 
@@ -48,19 +48,14 @@ pub fn forward<T: Storage>(
     let (pm, pr) = (ptr_mut_or_null(s, mean), ptr_mut_or_null(s, rstd));
     // SAFETY: every buffer was checked against (M, D) above; null stats are allowed by the kernel.
     unsafe {
-        s.launch_builder(&f)
-            .arg(x)
-            .arg(gamma)
-            .arg(beta)
-            .arg(y)
-            .arg(&pm)
-            .arg(&pr)
-            .arg(&mi)
-            .arg(&di)
-            .arg(&eps)
-            .launch(dev.warp_per_row(m))
-    }
-    .map_err(cuda_err(name))?;
+        launch!(
+            dev,
+            f,
+            name,
+            dev.warp_per_row(m),
+            [x, gamma, beta, y, &pm, &pr, &mi, &di, &eps]
+        )
+    }?;
     Ok(())
 }
 
@@ -105,7 +100,6 @@ pub fn backward<T: Storage>(
     let mut dbeta = dev.zeros::<f32>(d)?;
     let name = format!("layernorm_bwd_{}", T::NAME);
     let f = dev.function("layernorm", &name)?;
-    let s = dev.stream();
     let cfg = LaunchConfig {
         grid_dim: (parts as u32, 1, 1),
         block_dim: (32 * BWD_WARPS as u32, 1, 1),
@@ -113,20 +107,25 @@ pub fn backward<T: Storage>(
     };
     // SAFETY: shapes checked above; the partial buffers are [P, D] with P = the grid size.
     unsafe {
-        s.launch_builder(&f)
-            .arg(x)
-            .arg(gamma)
-            .arg(mean)
-            .arg(rstd)
-            .arg(dy)
-            .arg(dx)
-            .arg(&mut dg_part)
-            .arg(&mut db_part)
-            .arg(&mi)
-            .arg(&di)
-            .launch(cfg)
-    }
-    .map_err(cuda_err(name))?;
+        launch!(
+            dev,
+            f,
+            name,
+            cfg,
+            [
+                x,
+                gamma,
+                mean,
+                rstd,
+                dy,
+                dx,
+                &mut dg_part,
+                &mut db_part,
+                &mi,
+                &di
+            ]
+        )
+    }?;
     let f = dev.function("layernorm", "layernorm_bwd_reduce")?;
     let cfg = LaunchConfig {
         grid_dim: (d.div_ceil(256) as u32, 1, 1),
@@ -135,15 +134,13 @@ pub fn backward<T: Storage>(
     };
     // SAFETY: the partials are [P, D], the outputs [D].
     unsafe {
-        s.launch_builder(&f)
-            .arg(&dg_part)
-            .arg(&db_part)
-            .arg(&mut dgamma)
-            .arg(&mut dbeta)
-            .arg(&pi)
-            .arg(&di)
-            .launch(cfg)
-    }
-    .map_err(cuda_err("layernorm_bwd_reduce"))?;
+        launch!(
+            dev,
+            f,
+            "layernorm_bwd_reduce",
+            cfg,
+            [&dg_part, &db_part, &mut dgamma, &mut dbeta, &pi, &di]
+        )
+    }?;
     Ok((dgamma, dbeta))
 }

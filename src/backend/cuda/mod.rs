@@ -6,6 +6,27 @@
 //! Every entry point checks that the CUDA library it needs can be dlopened before touching cudarc,
 //! because cudarc panics when a library is missing; a missing library is an `Error::Cuda`.
 
+/// Launches kernel `$f` (called `$name` in errors) with launch shape `$cfg` and the arguments in
+/// brackets, after the driver confirms that the kernel takes exactly that many parameters
+/// (`device::check_arity`): a launcher that drifted from its kernel is an error, where a GPU would
+/// read garbage arguments. Expands to an unsafe launch: call it inside `unsafe` with the usual
+/// SAFETY comment on the buffers.
+macro_rules! launch {
+    ($dev:expr, $f:expr, $name:expr, $cfg:expr, [$($arg:expr),+ $(,)?]) => {{
+        let given = [$(stringify!($arg)),+].len();
+        match $crate::backend::cuda::device::check_arity(&$f, &$name, given) {
+            Err(e) => Err(e),
+            Ok(()) => $dev
+                .stream()
+                .launch_builder(&$f)
+                $(.arg($arg))+
+                .launch($cfg)
+                .map(|_| ())
+                .map_err($crate::backend::cuda::device::cuda_err($name)),
+        }
+    }};
+}
+
 pub mod attention;
 pub mod device;
 pub mod distance;

@@ -6,7 +6,7 @@
 use cudarc::cublas::{CudaBlas, Gemm};
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
-use super::device::{as_i32, check_len, cuda_err, CudaDevice};
+use super::device::{as_i32, check_len, CudaDevice};
 use super::{matmul, Storage};
 use crate::backend::Activation;
 use crate::error::{Error, Result};
@@ -62,20 +62,16 @@ pub fn im2col<T: Storage>(
     ];
     let name = format!("im2col_{}", T::NAME);
     let f = dev.function("patch_embed", &name)?;
-    let s = dev.stream();
     // SAFETY: images hold B·C·H·W values and cols B·G·C·P·P, checked above.
     unsafe {
-        s.launch_builder(&f)
-            .arg(images)
-            .arg(cols)
-            .arg(&bi)
-            .arg(&ci)
-            .arg(&hi)
-            .arg(&wi)
-            .arg(&pi)
-            .launch(dev.grid_stride(n))
-    }
-    .map_err(cuda_err(name))?;
+        launch!(
+            dev,
+            f,
+            name,
+            dev.grid_stride(n),
+            [images, cols, &bi, &ci, &hi, &wi, &pi]
+        )
+    }?;
     Ok(())
 }
 

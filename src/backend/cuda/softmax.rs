@@ -4,7 +4,7 @@
 
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
-use super::device::{as_i32, check_len, cuda_err, CudaDevice};
+use super::device::{as_i32, check_len, CudaDevice};
 use crate::error::Result;
 
 pub fn rows(
@@ -21,17 +21,15 @@ pub fn rows(
         return Ok(());
     }
     let f = dev.function("softmax", "softmax_rows_f32")?;
-    let s = dev.stream();
     // SAFETY: x and y hold M·N elements.
     unsafe {
-        s.launch_builder(&f)
-            .arg(x)
-            .arg(y)
-            .arg(&mi)
-            .arg(&ni)
-            .arg(&scale)
-            .launch(dev.warp_per_row(m))
-    }
-    .map_err(cuda_err("softmax_rows_f32"))?;
+        launch!(
+            dev,
+            f,
+            "softmax_rows_f32",
+            dev.warp_per_row(m),
+            [x, y, &mi, &ni, &scale]
+        )
+    }?;
     Ok(())
 }
