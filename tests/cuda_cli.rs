@@ -112,20 +112,23 @@ fn score_and_eval_on_cuda_match_the_cpu() {
             extract_tiny_env(spec, &tmp.path().join(name), &["--batch", "32"], &[]);
         assert_eq!(code, 0, "{err}");
     }
-    let det = p("maha.safetensors");
-    let (code, _, err) = run_mood_env(
-        &[
-            "fit",
-            "--method",
-            "mahalanobis",
-            "--train",
-            &p("train"),
-            "-o",
-            &det,
-        ],
-        &[],
-    );
-    assert_eq!(code, 0, "{err}");
+    let train = p("train");
+    let fit = |method: &str, extra: &[&str]| {
+        let det = p(&format!("{method}.safetensors"));
+        let mut args = vec!["fit", "--method", method, "--train", &train, "-o", &det];
+        args.extend_from_slice(extra);
+        let (code, _, err) = run_mood_env(&args, &[]);
+        assert_eq!(code, 0, "{err}");
+        det
+    };
+    // max |cpu − cuda| / (|cpu| + 1) over the rows.
+    let apart = |cpu: &[f32], cuda: &[f32]| {
+        cpu.iter()
+            .zip(cuda)
+            .map(|(a, b)| (a - b).abs() / (a.abs() + 1.0))
+            .fold(0f32, f32::max)
+    };
+    let det = fit("mahalanobis", &[]);
     let score = |det: &str, device: &str| {
         let out = p(&format!("scores_{device}.npy"));
         let (code, _, err) = run_mood_env(
@@ -151,38 +154,15 @@ fn score_and_eval_on_cuda_match_the_cpu() {
     // scores apart by up to ~0.3% (both differ from an f64 numpy reference by more), so the bound
     // here is 1e-2; kNN below, with no whitening, agrees to 1e-4.
     let (cpu, cuda) = (score(&det, "cpu"), score(&det, "cuda"));
-    let e = cpu
-        .iter()
-        .zip(&cuda)
-        .map(|(a, b)| (a - b).abs() / (a.abs() + 1.0))
-        .fold(0f32, f32::max);
+    let e = apart(&cpu, &cuda);
     assert!(e < 1e-2, "mahalanobis score: cuda vs cpu {e}");
     assert!(
         cpu.iter().all(|&v| v < 0.0),
         "no OOD row at distance 0 from a class mean"
     );
-    let det = p("knn.safetensors");
-    let (code, _, err) = run_mood_env(
-        &[
-            "fit",
-            "--method",
-            "knn",
-            "--method-arg",
-            "k=5",
-            "--train",
-            &p("train"),
-            "-o",
-            &det,
-        ],
-        &[],
-    );
-    assert_eq!(code, 0, "{err}");
+    let det = fit("knn", &["--method-arg", "k=5"]);
     let (cpu, cuda) = (score(&det, "cpu"), score(&det, "cuda"));
-    let e = cpu
-        .iter()
-        .zip(&cuda)
-        .map(|(a, b)| (a - b).abs() / (a.abs() + 1.0))
-        .fold(0f32, f32::max);
+    let e = apart(&cpu, &cuda);
     assert!(e < 1e-4, "knn score: cuda vs cpu {e}");
 
     let eval = |device: &str| {

@@ -11,6 +11,7 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::memory;
+use crate::{drop_handle, handle};
 
 const SUCCESS: u32 = 0;
 const NOT_INITIALIZED: u32 = 1;
@@ -381,19 +382,16 @@ unsafe fn gemm_batched(
 
 #[no_mangle]
 pub unsafe extern "C" fn cublasCreate_v2(h: *mut *mut c_void) -> u32 {
-    *h = Box::into_raw(Box::new(Handle {
+    *h = handle(Handle {
         pointer_mode_device: false,
         math_mode: 0,
-    }))
-    .cast();
+    });
     SUCCESS
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn cublasDestroy_v2(h: *mut c_void) -> u32 {
-    if !h.is_null() {
-        drop(Box::from_raw(h.cast::<Handle>()));
-    }
+    drop_handle::<Handle>(h);
     SUCCESS
 }
 
@@ -530,24 +528,12 @@ pub unsafe extern "C" fn cublasGemmEx(
     ctype: c_int,
     ldc: c_int,
     compute: c_int,
-    _algo: c_int,
+    algo: c_int,
 ) -> u32 {
-    let (Some(at), Some(bt), Some(ct)) = (Ty::of(atype), Ty::of(btype), Ty::of(ctype)) else {
-        return NOT_SUPPORTED;
-    };
-    if !compute_is_f32(compute) {
-        return NOT_SUPPORTED;
-    }
-    let s = shape(ta, tb, m, n, k, lda, ldb, ldc);
-    gemm_batched(
-        h,
-        s,
-        (alpha, beta),
-        (a, at, 0),
-        (b, bt, 0),
-        (c, ct, 0),
-        1,
-        "cublasGemmEx",
+    // One matrix of the strided-batched form.
+    cublasGemmStridedBatchedEx(
+        h, ta, tb, m, n, k, alpha, a, atype, lda, 0, b, btype, ldb, 0, beta, c, ctype, ldc, 0, 1,
+        compute, algo,
     )
 }
 
@@ -601,15 +587,13 @@ pub unsafe extern "C" fn cublasGemmStridedBatchedEx(
 
 #[no_mangle]
 pub unsafe extern "C" fn cublasLtCreate(h: *mut *mut c_void) -> u32 {
-    *h = Box::into_raw(Box::new(0u64)).cast();
+    *h = handle(0u64);
     SUCCESS
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn cublasLtDestroy(h: *mut c_void) -> u32 {
-    if !h.is_null() {
-        drop(Box::from_raw(h.cast::<u64>()));
-    }
+    drop_handle::<u64>(h);
     SUCCESS
 }
 

@@ -232,7 +232,7 @@ pub extern "C" fn cuCtxSetLimit(_l: c_int, _v: usize) -> Result {
 
 #[no_mangle]
 pub unsafe extern "C" fn cuStreamCreate(s: *mut *mut c_void, _flags: c_uint) -> Result {
-    *s = Box::into_raw(Box::new(0u64)).cast();
+    *s = handle(0u64);
     CUDA_SUCCESS
 }
 
@@ -247,9 +247,7 @@ pub unsafe extern "C" fn cuStreamCreateWithPriority(
 
 #[no_mangle]
 pub unsafe extern "C" fn cuStreamDestroy_v2(s: *mut c_void) -> Result {
-    if !s.is_null() {
-        drop(Box::from_raw(s.cast::<u64>()));
-    }
+    drop_handle::<u64>(s);
     CUDA_SUCCESS
 }
 
@@ -296,7 +294,7 @@ pub unsafe extern "C" fn cuLaunchHostFunc(
 
 #[no_mangle]
 pub unsafe extern "C" fn cuEventCreate(e: *mut *mut c_void, _flags: c_uint) -> Result {
-    *e = Box::into_raw(Box::new(Instant::now())).cast();
+    *e = handle(Instant::now());
     CUDA_SUCCESS
 }
 
@@ -348,9 +346,7 @@ pub unsafe extern "C" fn cuEventElapsedTime(
 
 #[no_mangle]
 pub unsafe extern "C" fn cuEventDestroy_v2(e: *mut c_void) -> Result {
-    if !e.is_null() {
-        drop(Box::from_raw(e.cast::<Instant>()));
-    }
+    drop_handle::<Instant>(e);
     CUDA_SUCCESS
 }
 
@@ -558,9 +554,7 @@ pub unsafe extern "C" fn cuModuleLoadDataEx(
 
 #[no_mangle]
 pub unsafe extern "C" fn cuModuleUnload(m: *mut c_void) -> Result {
-    if !m.is_null() {
-        drop(Box::from_raw(m.cast::<Module>()));
-    }
+    drop_handle::<Module>(m);
     CUDA_SUCCESS
 }
 

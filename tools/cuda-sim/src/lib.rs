@@ -93,3 +93,18 @@ pub(crate) fn detail(code: u32) -> Option<*const c_char> {
     let d = DETAIL.lock().unwrap_or_else(|e| e.into_inner());
     d.iter().find(|(c, _)| *c == code).map(|(_, s)| s.as_ptr())
 }
+
+/// An opaque handle (stream, event, module, cuBLAS handle) owning `v`.
+pub(crate) fn handle<T>(v: T) -> *mut std::ffi::c_void {
+    Box::into_raw(Box::new(v)).cast()
+}
+
+/// Frees a handle made by `handle::<T>`; null is ignored.
+///
+/// # Safety
+/// `h` is null or came from `handle::<T>` and is not used again.
+pub(crate) unsafe fn drop_handle<T>(h: *mut std::ffi::c_void) {
+    if !h.is_null() {
+        drop(Box::from_raw(h.cast::<T>()));
+    }
+}
