@@ -13,6 +13,12 @@ struct Cli {
     /// Worker threads (0 = one per logical core).
     #[arg(long, global = true, default_value_t = 0)]
     threads: usize,
+    /// No progress display and no notes, only warnings, errors and results.
+    #[arg(long, short, global = true)]
+    quiet: bool,
+    /// When stderr is not a terminal (a batch job's log): seconds between progress lines.
+    #[arg(long, global = true, value_name = "SECS", default_value_t = 30.0)]
+    progress_every: f64,
     #[command(subcommand)]
     command: Command,
 }
@@ -79,6 +85,7 @@ fn main() {
         }
     };
     cli::init_threads(args.threads);
+    mood::progress::configure(args.quiet, Some(args.progress_every));
     let result = match args.command {
         Command::Demo(a) => cli::demo::run(a),
         Command::Info(a) => cli::info::run(a),

@@ -268,7 +268,7 @@ pub fn run(args: Args) -> Result<()> {
     let init = store.float_tensors()?;
     let (p, f) = (args.pretrain_epochs, args.finetune_epochs);
     let steps = |e: usize| (e * (sets.train.len() / 32)) as u64;
-    let pb = super::train_common::step_bar(steps(p) + steps(f) + steps(p + f), 0);
+    let pb = super::train_common::step_bar(steps(p) + steps(f) + steps(p + f), 0, "demo");
     let mut tick = |_: usize, _: usize, _: usize, loss: f32| {
         pb.set_message(format!("loss {loss:.3}"));
         pb.inc(1);

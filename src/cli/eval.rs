@@ -178,7 +178,7 @@ pub fn evaluate(
         methods: Vec::new(),
         skipped: Vec::new(),
     };
-    let bar = crate::cli::progress(names.len() as u64, "methods");
+    let bar = crate::progress::Progress::new(names.len() as u64, "methods", "eval");
     for &name in names {
         bar.set_message(name);
         let m = method(name)?;

@@ -138,7 +138,7 @@ pub fn run(args: Args) -> Result<()> {
         s.epochs,
         per_epoch
     );
-    let pb = step_bar(s.epochs as u64 * per_epoch, done);
+    let pb = step_bar(s.epochs as u64 * per_epoch, done, "finetune");
     let hist = finetune(
         &cfg,
         &mut params,

@@ -59,7 +59,7 @@ pub fn run(args: Args) -> Result<()> {
         per_epoch,
         args.mask_ratio
     );
-    let pb = step_bar(s.epochs as u64 * per_epoch, done);
+    let pb = step_bar(s.epochs as u64 * per_epoch, done, "pretrain");
     let hist = pretrain(
         &cfg,
         &mut params,

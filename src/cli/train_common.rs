@@ -167,7 +167,7 @@ fn load_all(
             MAX_IN_MEMORY >> 30
         )));
     }
-    let pb = super::progress(n as u64, "images");
+    let pb = crate::progress::Progress::new(n as u64, "images", "loading");
     let (mut images, mut labels) = (Vec::with_capacity(n * sample), Vec::with_capacity(n));
     let rows: Vec<usize> = (0..n).collect();
     for batch in rows.chunks(64) {
@@ -223,22 +223,16 @@ fn digits_part(spec: &str, cfg: &VitConfig, test: bool) -> Result<Dataset> {
     })
 }
 
-/// A progress bar over all steps showing the running loss.
-pub fn step_bar(total: u64, done: u64) -> indicatif::ProgressBar {
-    let pb = indicatif::ProgressBar::new(total);
+/// Progress over all steps showing the running loss (`what`: "finetune" or "pretrain").
+pub fn step_bar(total: u64, done: u64, what: &str) -> crate::progress::Progress {
+    let pb = crate::progress::Progress::new(total, "steps", what);
     pb.set_position(done);
-    pb.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps ({per_sec}, eta {eta}) {msg}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
     pb
 }
 
 /// The `on_step` of the training loops for a command: advances `pb` and shows the epoch's loss.
 pub fn bar_callback(
-    pb: &indicatif::ProgressBar,
+    pb: &crate::progress::Progress,
 ) -> impl FnMut(usize, usize, usize, f32) -> bool + '_ {
     move |e, _, _, loss| {
         pb.set_message(format!("epoch {e} loss {loss:.4}"));

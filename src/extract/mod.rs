@@ -181,7 +181,7 @@ pub fn extract(
         .collect();
     let reused = chunks.len() - todo.len();
     let total_rows: usize = todo.iter().map(|&k| chunks[k].len()).sum();
-    let bar = crate::cli::progress(total_rows as u64, "images");
+    let bar = crate::progress::Progress::new(total_rows as u64, "images", "extract");
     let t0 = Instant::now();
     let mut model_seconds = 0.0;
     // Batches of (chunk, batch rows) in order; the loader thread runs one batch ahead.
