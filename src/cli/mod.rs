@@ -14,6 +14,7 @@ pub mod fit;
 pub mod forward;
 pub mod info;
 pub mod pretrain;
+pub mod provenance;
 pub mod runner;
 pub mod score_device;
 pub mod train_common;

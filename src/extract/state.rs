@@ -13,7 +13,7 @@ pub enum Start {
     /// The chunks in .partial are of a run with this identity: extract the missing ones.
     Resume,
     /// A finished store of this identity is already here.
-    Complete(Manifest),
+    Complete(Box<Manifest>),
 }
 
 /// Removes a store's own files (never anything else of the directory).
@@ -53,7 +53,7 @@ pub fn begin(out: &Path, id: &Identity, overwrite: bool) -> Result<Start> {
                 let diffs = old.differences(id, ("the store", "this run"), &[]);
                 if diffs.is_empty() {
                     return Ok(if m.complete {
-                        Start::Complete(m)
+                        Start::Complete(Box::new(m))
                     } else {
                         Start::Resume
                     });
@@ -75,7 +75,13 @@ pub fn begin(out: &Path, id: &Identity, overwrite: bool) -> Result<Start> {
             ),
         },
         None => {
-            if out.join(".partial").exists() {
+            let chunks = std::fs::read_dir(out.join(".partial"))
+                .map(|d| {
+                    d.flatten()
+                        .any(|e| e.file_name().to_string_lossy().starts_with("chunk-"))
+                })
+                .unwrap_or(false);
+            if chunks {
                 refuse(
                     "an unfinished extraction of an older mood, which did not record its settings"
                         .into(),
