@@ -64,6 +64,10 @@ fn show(v: &serde_json::Value) -> String {
             format!("{}/{}", a[0], a[1])
         }
         serde_json::Value::Null => "(none)".into(),
+        // Settings are f32: shown as the f32 they are, not as the f64 JSON widened them to.
+        serde_json::Value::Number(n) if n.is_f64() => {
+            format!("{}", n.as_f64().unwrap_or(0.0) as f32)
+        }
         other => other.to_string(),
     }
 }
