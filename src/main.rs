@@ -29,6 +29,8 @@ enum Command {
     Demo(cli::demo::Args),
     /// Version, CPU features, threads, CUDA availability.
     Info(cli::info::Args),
+    /// What the commands accept: architectures, OOD methods (needs, settings), presets.
+    List(cli::list::Args),
     /// Convert a PyTorch checkpoint to safetensors.
     Convert(cli::convert::Args),
     /// Features and logits of a .npy batch of images.
@@ -89,6 +91,7 @@ fn main() {
     let result = match args.command {
         Command::Demo(a) => cli::demo::run(a),
         Command::Info(a) => cli::info::run(a),
+        Command::List(a) => cli::list::run(a),
         Command::Convert(a) => cli::convert::run(a),
         Command::Forward(a) => cli::forward::run(a),
         Command::Bench(a) => cli::bench::run(a),

@@ -13,6 +13,7 @@ pub mod finetune;
 pub mod fit;
 pub mod forward;
 pub mod info;
+pub mod list;
 pub mod pretrain;
 pub mod provenance;
 pub mod runner;
