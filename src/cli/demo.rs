@@ -27,6 +27,7 @@ pub struct Args {
     /// Fine-tuning epochs of model (a); model (b) fine-tunes for both budgets together.
     #[arg(long, default_value_t = 30)]
     pub finetune_epochs: usize,
+    /// Seed of both models' initialisation, shuffling, masks and drop-path.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Keep the feature stores, report.json/csv and plots of both models here.

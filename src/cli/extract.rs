@@ -27,6 +27,8 @@ pub struct Args {
     /// Store directory to write (resumed if a previous run was interrupted).
     #[arg(long)]
     pub out: PathBuf,
+    /// Images per forward (recorded: a resume must use the same, since a batch's size changes
+    /// the GEMMs' rounding).
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
     /// Rows per on-disk chunk: the work lost to a kill is at most one chunk.
