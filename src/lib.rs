@@ -17,6 +17,7 @@ pub mod model;
 pub mod npy;
 pub mod ood;
 pub mod profile;
+pub mod progress;
 pub mod report;
 pub mod store;
 pub mod tensor;

@@ -13,6 +13,12 @@ struct Cli {
     /// Worker threads (0 = one per logical core).
     #[arg(long, global = true, default_value_t = 0)]
     threads: usize,
+    /// No progress display and no notes, only warnings, errors and results.
+    #[arg(long, short, global = true)]
+    quiet: bool,
+    /// When stderr is not a terminal (a batch job's log): seconds between progress lines.
+    #[arg(long, global = true, value_name = "SECS", default_value_t = 30.0)]
+    progress_every: f64,
     #[command(subcommand)]
     command: Command,
 }
@@ -23,6 +29,8 @@ enum Command {
     Demo(cli::demo::Args),
     /// Version, CPU features, threads, CUDA availability.
     Info(cli::info::Args),
+    /// What the commands accept: architectures, OOD methods (needs, settings), presets.
+    List(cli::list::Args),
     /// Convert a PyTorch checkpoint to safetensors.
     Convert(cli::convert::Args),
     /// Features and logits of a .npy batch of images.
@@ -83,9 +91,11 @@ fn main() {
         }
     };
     cli::init_threads(args.threads);
+    mood::progress::configure(args.quiet, Some(args.progress_every));
     let result = match args.command {
         Command::Demo(a) => cli::demo::run(a),
         Command::Info(a) => cli::info::run(a),
+        Command::List(a) => cli::list::run(a),
         Command::Convert(a) => cli::convert::run(a),
         Command::Forward(a) => cli::forward::run(a),
         Command::Bench(a) => cli::bench::run(a),

@@ -7,14 +7,21 @@
 //! labels.npy       [n] integer, optional (class index per row)
 //! local.npy        [n, T, D] optional patch-token features (for `csd`)
 //! head.safetensors optional: head.weight [C, D], head.bias [C], fc_norm.weight/.bias [D]
-//! manifest.json    model, weights hash, preprocessing, count, sources, skipped files
+//! manifest.json    model, weights hash, preprocessing, count, sources, skipped files, the
+//!                  identity of the run, the files that belong to the store, completion record
 //! ```
 //!
-//! Every file is written under a temporary name and renamed, the manifest last, so a directory
-//! with a manifest is complete. A directory without one (features saved by hand with numpy) is
-//! read as well.
+//! Every file is written under a temporary name and renamed. The manifest is written first with
+//! `complete: false` and rewritten last with `complete: true` and the list of the store's files,
+//! so a store whose writer died is recognisable as such and refused by every reader, and a file
+//! left in the directory by another run (a stale local.npy) is never read. A directory without a
+//! manifest (features saved by hand with numpy) is read with a note.
+
+mod identity;
 
 use std::path::{Path, PathBuf};
+
+pub use identity::{differences, Identity, Provenance};
 
 use crate::error::{Error, Result};
 use crate::ood::csd::FcNorm;
@@ -54,6 +61,69 @@ pub struct Manifest {
     /// (temperature, epsilon) of odin.npy, when the extraction computed ODIN scores.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub odin: Option<(f32, f32)>,
+    /// What decided the rows (`mood extract`, `mood merge`); absent in stores written otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<Identity>,
+    /// The completion record (format 2 on): false while the store is being written.
+    pub complete: bool,
+    /// The store's files (format 2 on): no other file of the directory is read.
+    pub files: Vec<String>,
+}
+
+/// The manifest layout this version writes: 2 adds `identity`, `complete` and `files`.
+pub const FORMAT: u32 = 2;
+
+impl Manifest {
+    /// What `mood score` / `mood eval` compare between stores.
+    pub fn provenance(&self) -> Provenance {
+        Provenance {
+            model: self.model.clone(),
+            weights_sha256: self.weights_sha256.clone(),
+            preprocess: self.preprocess.clone(),
+            dim: self.dim,
+        }
+    }
+}
+
+/// The manifest of the store at `dir`, if it has one.
+pub fn read_manifest(dir: &Path) -> Result<Option<Manifest>> {
+    let p = dir.join("manifest.json");
+    if !p.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| Error::format(&p, format!("bad manifest: {e}")))
+}
+
+/// Writes `m` as the manifest of `dir` (atomically), with the current format.
+pub fn write_manifest(dir: &Path, m: &Manifest) -> Result<()> {
+    let mut m = m.clone();
+    m.format = FORMAT;
+    let json = serde_json::to_string_pretty(&m).map_err(|e| Error::Data(e.to_string()))?;
+    crate::fsutil::write_atomic(&dir.join("manifest.json"), json.as_bytes())
+}
+
+/// The names of the files a store may hold: what `--overwrite` removes and what the manifest
+/// may list.
+pub const STORE_FILES: &[&str] = &[
+    "features.npy",
+    "logits.npy",
+    "labels.npy",
+    "local.npy",
+    "index.npy",
+    "odin.npy",
+    "head.safetensors",
+];
+
+/// The store files present in `dir`, in `STORE_FILES` order: the `files` of its manifest.
+pub fn present_files(dir: &Path) -> Vec<String> {
+    STORE_FILES
+        .iter()
+        .filter(|f| dir.join(f).exists())
+        .map(|f| f.to_string())
+        .collect()
 }
 
 pub struct FeatureStore {
@@ -66,11 +136,8 @@ pub struct FeatureStore {
     pub head: Option<Head>,
     /// [n] ODIN scores (`extract --odin`).
     pub odin: Option<Tensor>,
-}
-
-fn optional(dir: &Path, name: &str) -> Option<PathBuf> {
-    let p = dir.join(name);
-    p.exists().then_some(p)
+    /// What the reader noticed and the command should say (a store without manifest, ...).
+    pub notes: Vec<String>,
 }
 
 /// The linear head (and fc_norm) from a safetensors file with timm's names.
@@ -137,6 +204,54 @@ pub fn write_head(path: &Path, head: &Head) -> Result<()> {
     safetensors::write(path, &t, Some(meta))
 }
 
+/// The manifest's count, width, tokens and ODIN record against the arrays (a manifest of
+/// format 2 or one that records a count; a hand-made store has nothing to check).
+fn check_manifest(
+    dir: &Path,
+    m: &Manifest,
+    features: &Tensor,
+    local: Option<&Tensor>,
+    has_odin: bool,
+) -> Result<()> {
+    if m.format < 2 && m.count == 0 {
+        return Ok(());
+    }
+    let bad = |what: String| {
+        Err(Error::format(
+            dir.join("manifest.json"),
+            format!("{what}: the manifest does not describe these files; extract the store again"),
+        ))
+    };
+    let (n, d) = (features.shape()[0], features.shape()[1]);
+    if m.count != n {
+        return bad(format!("count {} but features.npy has {n} rows", m.count));
+    }
+    if m.dim != d {
+        return bad(format!("dim {} but features.npy is {d} wide", m.dim));
+    }
+    if m.format >= 2 {
+        let tokens = local.map_or(0, |l| l.shape()[1]);
+        if m.local_tokens != tokens {
+            return bad(format!(
+                "local_tokens {} but local.npy has {tokens} tokens per row",
+                m.local_tokens
+            ));
+        }
+        if m.odin.is_some() != has_odin {
+            return bad(format!(
+                "odin {} but odin.npy is {}",
+                if m.odin.is_some() {
+                    "recorded"
+                } else {
+                    "not recorded"
+                },
+                if has_odin { "listed" } else { "not listed" }
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl FeatureStore {
     pub fn open(dir: &Path) -> Result<FeatureStore> {
         if !dir.is_dir() {
@@ -145,16 +260,60 @@ impl FeatureStore {
                 dir.display()
             )));
         }
-        let manifest = match optional(dir, "manifest.json") {
-            Some(p) => {
-                let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
-                serde_json::from_str(&text)
-                    .map_err(|e| Error::format(&p, format!("bad manifest: {e}")))?
+        let mut notes = Vec::new();
+        // The files to read: those the manifest lists, or (no manifest, or one from before
+        // format 2) those present.
+        let (manifest, listed) = match read_manifest(dir)? {
+            Some(m) if m.format >= 2 => {
+                if !m.complete {
+                    return Err(Error::Usage(format!(
+                        "{}: an unfinished store (its manifest has no completion record): the \
+                         `mood extract` or `mood merge` writing it stopped or is still running; \
+                         run that command again to finish it",
+                        dir.display()
+                    )));
+                }
+                if let Some(f) = m.files.iter().find(|f| !dir.join(f).exists()) {
+                    return Err(Error::format(
+                        dir.join(f),
+                        "listed in manifest.json but missing: the store is damaged; extract it again",
+                    ));
+                }
+                let listed = m.files.clone();
+                (m, Some(listed))
             }
-            None => Manifest::default(),
+            Some(m) => {
+                notes.push(format!(
+                    "{}: a manifest of format {} (an older mood) lists no files: every store file present is read",
+                    dir.display(),
+                    m.format
+                ));
+                (m, None)
+            }
+            None => {
+                if dir.join(".partial").exists() {
+                    return Err(Error::Usage(format!(
+                        "{}: an unfinished extraction (chunks in .partial, no manifest): run the \
+                         same `mood extract` again to finish it",
+                        dir.display()
+                    )));
+                }
+                notes.push(format!(
+                    "{}: no manifest.json, so a store saved by hand: read as it is, with no provenance checks",
+                    dir.display()
+                ));
+                (Manifest::default(), None)
+            }
+        };
+        let optional = |name: &str| -> Option<PathBuf> {
+            let p = dir.join(name);
+            match &listed {
+                Some(l) => l.iter().any(|f| f == name).then_some(p),
+                None => p.exists().then_some(p),
+            }
         };
         let fpath = dir.join("features.npy");
-        if !fpath.exists() {
+        if optional("features.npy").is_none() {
             return Err(Error::Usage(format!(
                 "{}: no features.npy, so this is not a feature store",
                 dir.display()
@@ -177,7 +336,7 @@ impl FeatureStore {
             }
             Ok(())
         };
-        let logits = match optional(dir, "logits.npy") {
+        let logits = match optional("logits.npy") {
             Some(p) => {
                 let t = crate::npy::map_float(&p)?;
                 if t.shape().len() != 2 {
@@ -191,7 +350,7 @@ impl FeatureStore {
             }
             None => None,
         };
-        let labels = match optional(dir, "labels.npy") {
+        let labels = match optional("labels.npy") {
             Some(p) => {
                 let raw = crate::npy::read_indices(&p)?;
                 rows_match(&p, raw.len())?;
@@ -212,7 +371,7 @@ impl FeatureStore {
             }
             None => None,
         };
-        let local = match optional(dir, "local.npy") {
+        let local = match optional("local.npy") {
             Some(p) => {
                 let t = crate::npy::map_float(&p)?;
                 if t.shape().len() != 3 {
@@ -226,7 +385,7 @@ impl FeatureStore {
             }
             None => None,
         };
-        let odin = match optional(dir, "odin.npy") {
+        let odin = match optional("odin.npy") {
             Some(p) => {
                 let t = crate::npy::map_float(&p)?;
                 if t.shape().len() != 1 {
@@ -240,9 +399,10 @@ impl FeatureStore {
             }
             None => None,
         };
-        let head = optional(dir, "head.safetensors")
+        let head = optional("head.safetensors")
             .map(|p| read_head(&p))
             .transpose()?;
+        check_manifest(dir, &manifest, &features, local.as_ref(), odin.is_some())?;
         Ok(FeatureStore {
             dir: dir.to_path_buf(),
             manifest,
@@ -252,6 +412,7 @@ impl FeatureStore {
             local,
             head,
             odin,
+            notes,
         })
     }
 
@@ -298,9 +459,20 @@ pub struct Contents<'a> {
     pub manifest: Manifest,
 }
 
-/// Writes a whole store (each file atomically, the manifest last).
+/// Writes a whole store (each file atomically; the manifest first without, and last with its
+/// completion record).
 pub fn write(dir: &Path, c: Contents) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let mut m = c.manifest;
+    m.complete = false;
+    write_manifest(dir, &m)?;
+    // Files of an earlier store here would otherwise sit beside the new ones.
+    for f in STORE_FILES {
+        let p = dir.join(f);
+        if p.exists() {
+            std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
+        }
+    }
     let npy =
         |name: &str, t: &Tensor| crate::npy::write_f32(&dir.join(name), t.shape(), t.as_slice());
     npy("features.npy", c.features)?;
@@ -317,16 +489,15 @@ pub fn write(dir: &Path, c: Contents) -> Result<()> {
     if let Some(h) = c.head {
         write_head(&dir.join("head.safetensors"), h)?;
     }
-    let mut m = c.manifest;
     if let Some((scores, params)) = c.odin {
         crate::npy::write_f32(&dir.join("odin.npy"), &[scores.len()], scores)?;
         m.odin = Some(params);
     }
-    m.format = 1;
     m.dtype = "f32".into();
     m.count = c.features.shape()[0];
     m.dim = c.features.shape()[1];
     m.local_tokens = c.local.map_or(0, |t| t.shape()[1]);
-    let json = serde_json::to_string_pretty(&m).map_err(|e| Error::Data(e.to_string()))?;
-    crate::fsutil::write_atomic(&dir.join("manifest.json"), json.as_bytes())
+    m.files = present_files(dir);
+    m.complete = true;
+    write_manifest(dir, &m)
 }

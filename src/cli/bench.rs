@@ -131,7 +131,7 @@ pub fn run(args: Args) -> Result<()> {
     run_once(&mut params)?; // warm-up: page in weights, size the pools
     profile::enable(args.profile);
     profile::reset();
-    let pb = super::progress(args.iters as u64, "iter");
+    let pb = crate::progress::Progress::new(args.iters as u64, "iter", "bench");
     let mut times = Vec::new();
     for _ in 0..args.iters {
         let t = Instant::now();

@@ -27,6 +27,7 @@ pub struct Args {
     /// Fine-tuning epochs of model (a); model (b) fine-tunes for both budgets together.
     #[arg(long, default_value_t = 30)]
     pub finetune_epochs: usize,
+    /// Seed of both models' initialisation, shuffling, masks and drop-path.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Keep the feature stores, report.json/csv and plots of both models here.
@@ -268,7 +269,7 @@ pub fn run(args: Args) -> Result<()> {
     let init = store.float_tensors()?;
     let (p, f) = (args.pretrain_epochs, args.finetune_epochs);
     let steps = |e: usize| (e * (sets.train.len() / 32)) as u64;
-    let pb = super::train_common::step_bar(steps(p) + steps(f) + steps(p + f), 0);
+    let pb = super::train_common::step_bar(steps(p) + steps(f) + steps(p + f), 0, "demo");
     let mut tick = |_: usize, _: usize, _: usize, loss: f32| {
         pb.set_message(format!("loss {loss:.3}"));
         pb.inc(1);

@@ -48,6 +48,60 @@ pub struct Args {
     /// usable, else cpu with a note).
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     pub device: Device,
+    /// Evaluate even when the stores come from different models, weights or preprocessing
+    /// (refused otherwise); the report records each mismatch.
+    #[arg(long)]
+    pub allow_mismatch: bool,
+    /// Write into a non-empty -o folder that holds no earlier `mood eval` report, replacing
+    /// mood's report files there (other files are left as they are).
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+/// What `mood eval -o` writes, and so what it replaces.
+const REPORT_FILES: &[&str] = &["report.json", "report.csv", "report.md", "plots"];
+
+/// Makes `dir` ready for a new report: nothing there, or an earlier `mood eval` report (whose
+/// files are removed, so no plot of it stays beside the new one), or `--overwrite`.
+fn prepare_output(dir: &Path, overwrite: bool) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    let names: Vec<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    if names.is_empty() {
+        return Ok(());
+    }
+    let others: Vec<&String> = names
+        .iter()
+        .filter(|n| !REPORT_FILES.contains(&n.as_str()))
+        .collect();
+    let earlier_report = std::fs::read_to_string(dir.join("report.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .is_some_and(|v| v.get("methods").is_some() && v.get("fpr_rule").is_some());
+    if !(overwrite || earlier_report && others.is_empty()) {
+        let example = others.first().map_or("report files", |n| n.as_str());
+        return Err(Error::Usage(format!(
+            "-o {} is not empty and is not an earlier `mood eval` report (it holds {example}): \
+             choose a new folder, or add --overwrite to replace mood's report files there",
+            dir.display()
+        )));
+    }
+    for f in REPORT_FILES {
+        let p = dir.join(f);
+        let r = if p.is_dir() {
+            std::fs::remove_dir_all(&p)
+        } else if p.exists() {
+            std::fs::remove_file(&p)
+        } else {
+            Ok(())
+        };
+        r.map_err(|e| Error::io(&p, e))?;
+    }
+    Ok(())
 }
 
 /// The `--method-arg` values that apply to `name`, as key=value.
@@ -103,6 +157,14 @@ pub fn run(args: Args) -> Result<()> {
         fpr: metrics::FprRule::parse(&args.fpr)?,
         aupr_trapezoid: args.aupr == "trapezoid",
     };
+    if let Some(dir) = &args.output {
+        for (flag, store) in [("--train", &args.train), ("--id", &args.id)]
+            .into_iter()
+            .chain(oods.iter().map(|(_, d)| ("--ood", d)))
+        {
+            crate::fsutil::refuse_inside(dir, "-o", store, &format!("the {flag} store"))?;
+        }
+    }
     let head = crate::cli::fit::load_head(args.head.as_deref())?;
     let train = FeatureStore::open(&args.train)?;
     let id = FeatureStore::open(&args.id)?;
@@ -110,6 +172,34 @@ pub fn run(args: Args) -> Result<()> {
         .iter()
         .map(|(_, d)| FeatureStore::open(d))
         .collect::<Result<_>>()?;
+    let mut allowed = Vec::new();
+    {
+        let prov = |s: &FeatureStore| {
+            let mut p = s.manifest.provenance();
+            p.dim = s.dim();
+            p
+        };
+        let t = format!("--train {}", args.train.display());
+        super::provenance::say_notes(&train);
+        let tests = std::iter::once((format!("--id {}", args.id.display()), &id)).chain(
+            oods.iter()
+                .zip(&ood_stores)
+                .map(|((n, d), s)| (format!("--ood {n}={}", d.display()), s)),
+        );
+        for (name, store) in tests {
+            super::provenance::say_notes(store);
+            allowed.extend(super::provenance::compare(
+                &prov(&train),
+                &t,
+                &prov(store),
+                &name,
+                args.allow_mismatch,
+            )?);
+        }
+    }
+    if let Some(dir) = &args.output {
+        prepare_output(dir, args.overwrite)?;
+    }
     let device = ScoreDevice::open(args.device)?;
     device.note_cpu_methods(&names);
     let plan = Plan {
@@ -121,11 +211,15 @@ pub fn run(args: Args) -> Result<()> {
         skip_missing: args.methods == "all",
         plots: args.output.as_deref(),
     };
-    let report = evaluate(&plan, &train, &id, &oods, &ood_stores)?;
+    let mut report = evaluate(&plan, &train, &id, &oods, &ood_stores)?;
+    report.provenance.mismatches_allowed = allowed;
     print!("{}", report.markdown());
     if let Some(dir) = &args.output {
         report.write(dir)?;
-        eprintln!("wrote {}/report.json, report.csv and plots/", dir.display());
+        eprintln!(
+            "wrote {}/report.md, report.json, report.csv and plots/",
+            dir.display()
+        );
     }
     Ok(())
 }
@@ -177,8 +271,9 @@ pub fn evaluate(
         .into(),
         methods: Vec::new(),
         skipped: Vec::new(),
+        provenance: crate::report::Provenance::of(train, id, oods, ood_stores),
     };
-    let bar = crate::cli::progress(names.len() as u64, "methods");
+    let bar = crate::progress::Progress::new(names.len() as u64, "methods", "eval");
     for &name in names {
         bar.set_message(name);
         let m = method(name)?;

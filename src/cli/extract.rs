@@ -27,6 +27,8 @@ pub struct Args {
     /// Store directory to write (resumed if a previous run was interrupted).
     #[arg(long)]
     pub out: PathBuf,
+    /// Images per forward (recorded: a resume must use the same, since a batch's size changes
+    /// the GEMMs' rounding).
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
     /// Rows per on-disk chunk: the work lost to a kill is at most one chunk.
@@ -53,6 +55,9 @@ pub struct Args {
     /// forward per batch, on the CPU.
     #[arg(long, value_name = "T,EPS", num_args = 0..=1, default_missing_value = "1000,0.0014")]
     pub odin: Option<String>,
+    /// Replace a store (finished or not) in --out that another run made, instead of refusing.
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -60,8 +65,12 @@ pub struct MergeArgs {
     /// Shard stores written by `mood extract --shard i/N`.
     #[arg(required = true)]
     pub stores: Vec<PathBuf>,
+    /// The merged store's directory.
     #[arg(short, long)]
     pub output: PathBuf,
+    /// Replace a store already in --output.
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 fn parse_shard(s: &str) -> Result<(usize, usize)> {
@@ -151,14 +160,33 @@ pub fn run(args: Args) -> Result<()> {
     if source.is_empty() {
         return Err(Error::Data(format!("--data `{}` has no images", args.data)));
     }
+    // The largest batch actually run (batches never span chunks): a smaller one needs less
+    // device memory.
+    let largest = args.batch.min(args.chunk).min(source.len()).max(1);
+    let (forward, device_name) =
+        super::runner::runner_described(&model, device, args.precision, largest)?;
+    let weights_sha256 = sha256(&args.weights)?;
     let manifest = Manifest {
         model: args.arch.clone(),
         weights: args.weights.display().to_string(),
-        weights_sha256: sha256(&args.weights)?,
-        preprocess,
+        weights_sha256: weights_sha256.clone(),
+        preprocess: preprocess.clone(),
         sources: vec![args.data.clone()],
         dtype: args.dtype.clone(),
         odin,
+        identity: Some(crate::store::Identity {
+            arch: args.arch.clone(),
+            weights_sha256,
+            preprocess,
+            // The CPU forward is f32 whatever --precision says.
+            precision: if device_name == "cpu" {
+                "f32".into()
+            } else {
+                format!("{:?}", args.precision).to_lowercase()
+            },
+            device: device_name,
+            ..Default::default()
+        }),
         ..Default::default()
     };
     let opts = Options {
@@ -167,11 +195,8 @@ pub fn run(args: Args) -> Result<()> {
         shard,
         local: args.local,
         odin,
+        overwrite: args.overwrite,
     };
-    // The largest batch actually run (batches never span chunks): a smaller one needs less
-    // device memory.
-    let largest = args.batch.min(args.chunk).min(source.len()).max(1);
-    let forward = super::runner::runner(&model, device, args.precision, largest)?;
     let s = extract::extract(
         &model,
         &*forward,
@@ -180,6 +205,14 @@ pub fn run(args: Args) -> Result<()> {
         &opts,
         manifest,
     )?;
+    if s.already_complete {
+        eprintln!(
+            "{}: already complete ({} rows, made by a run with these settings); nothing to do",
+            args.out.display(),
+            s.rows
+        );
+        return Ok(());
+    }
     eprintln!(
         "{} rows -> {} in {:.1} s ({:.1} images/s; model busy {:.0}% of the time){}{}",
         s.rows,
@@ -205,7 +238,7 @@ pub fn run(args: Args) -> Result<()> {
 }
 
 pub fn run_merge(args: MergeArgs) -> Result<()> {
-    let n = crate::extract::merge::merge(&args.stores, &args.output)?;
+    let n = crate::extract::merge::merge(&args.stores, &args.output, args.overwrite)?;
     eprintln!(
         "{n} rows from {} stores -> {}",
         args.stores.len(),

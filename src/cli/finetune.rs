@@ -4,7 +4,8 @@
 use std::path::PathBuf;
 
 use super::train_common::{
-    bar_callback, initial_params, resume_from, step_bar, steps_done, training_data, ScheduleArgs,
+    bar_callback, initial_params, note_dropped, step_bar, steps_done, take_output, training_data,
+    ScheduleArgs,
 };
 use crate::error::{Error, Result};
 use crate::model::VitConfig;
@@ -57,6 +58,9 @@ pub struct Args {
     /// Output checkpoint (safetensors; rewritten atomically after every epoch).
     #[arg(short, long)]
     pub output: PathBuf,
+    /// Replace an existing --output checkpoint (without it, an existing one needs --resume).
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
     /// Continue from `--output` if it exists (same settings), instead of starting over.
     #[arg(long)]
     pub resume: bool,
@@ -65,6 +69,8 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     let cfg = VitConfig::preset(&args.arch)?;
     let s = args.schedule.schedule()?;
+    // Before the data is read: a checkpoint in the way is said in seconds.
+    let (_lock, resume) = take_output(&args.output, args.resume, args.overwrite)?;
     if !(0.0..1.0).contains(&args.label_smoothing) {
         return Err(Error::Usage(format!(
             "--label-smoothing must be in [0, 1), got {}",
@@ -123,11 +129,42 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     let mut params = initial_params(&cfg, args.weights.as_deref(), s.seed)?;
+    let old_head = params.get("head.weight").map(|w| w.shape().to_vec());
     prepare_for_finetune(&mut params, &cfg, outputs, s.seed);
+    if resume.is_none() && !crate::progress::quiet() {
+        match (old_head, &args.weights) {
+            (Some(shape), Some(w)) if shape.first() != Some(&outputs) => eprintln!(
+                "note: the head of {} has {} outputs; replaced by a new, randomly initialised one of {outputs} (the classes trained here)",
+                w.display(),
+                shape.first().copied().unwrap_or(0)
+            ),
+            (None, Some(w)) => eprintln!(
+                "note: {} has no classification head; a new one of {outputs} outputs is trained",
+                w.display()
+            ),
+            _ => {}
+        }
+    }
     if args.alpa.is_some() {
         crate::train::step::add_alpa_params(&mut params, &cfg, args.alpa_dim, s.seed);
     }
-    let resume = resume_from(&args.output, args.resume)?;
+    let loss = match (&groups, args.alpa) {
+        (Some(g), _) => FinetuneLoss::GroupSoftmax { groups: g.clone() },
+        (None, Some(weight)) => FinetuneLoss::CrossEntropyAlpa {
+            smoothing: args.label_smoothing,
+            alpa: crate::train::step::AlpaConfig {
+                weight,
+                proj: args.alpa_dim,
+                shift: args.alpa_shift,
+            },
+        },
+        (None, None) => FinetuneLoss::from(args.label_smoothing),
+    };
+    if let Some(r) = &resume {
+        let settings = crate::train::loops::finetune_settings(&s, &data, &loss);
+        crate::train::loops::check_resume("finetune", &cfg, &settings, r)?;
+    }
+    note_dropped(data.len(), s.batch);
     let per_epoch = (data.len() / s.batch.max(1)) as u64;
     let done = steps_done(&resume, per_epoch);
     eprintln!(
@@ -138,24 +175,13 @@ pub fn run(args: Args) -> Result<()> {
         s.epochs,
         per_epoch
     );
-    let pb = step_bar(s.epochs as u64 * per_epoch, done);
+    let pb = step_bar(s.epochs as u64 * per_epoch, done, "finetune");
     let hist = finetune(
         &cfg,
         &mut params,
         &data,
         &s,
-        match (&groups, args.alpa) {
-            (Some(g), _) => FinetuneLoss::GroupSoftmax { groups: g.clone() },
-            (None, Some(weight)) => FinetuneLoss::CrossEntropyAlpa {
-                smoothing: args.label_smoothing,
-                alpa: crate::train::step::AlpaConfig {
-                    weight,
-                    proj: args.alpa_dim,
-                    shift: args.alpa_shift,
-                },
-            },
-            (None, None) => FinetuneLoss::from(args.label_smoothing),
-        },
+        loss,
         Some(&args.output),
         resume,
         &mut bar_callback(&pb),

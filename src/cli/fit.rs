@@ -47,6 +47,10 @@ pub struct ScoreArgs {
     /// GPU, in f32), or auto (cuda if a device is usable, else cpu with a note).
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     pub device: Device,
+    /// Score even when the detector's train store and this store come from another model,
+    /// weights or preprocessing (refused otherwise).
+    #[arg(long)]
+    pub allow_mismatch: bool,
 }
 
 pub fn load_head(path: Option<&std::path::Path>) -> Result<Option<Head>> {
@@ -57,11 +61,16 @@ pub fn run_fit(args: FitArgs) -> Result<()> {
     super::runner::cpu_only(args.device, "fitting", "f64 statistics on the host")?;
     let m = method(&args.method)?;
     let settings = parse_args(m, &args.method_args)?;
+    crate::fsutil::refuse_inside(&args.output, "-o", &args.train, "the train store")?;
     let head = load_head(args.head.as_deref())?;
     let store = FeatureStore::open(&args.train)?;
+    super::provenance::say_notes(&store);
     let t = Instant::now();
     let det = Detector::fit(m.name, settings, &store.inputs(head.as_ref()))?;
     det.save(&args.output)?;
+    let mut prov = store.manifest.provenance();
+    prov.dim = store.dim();
+    super::provenance::stamp_detector(&args.output, &prov)?;
     eprintln!(
         "fitted {} on {} rows of {} in {:.2} s -> {}",
         m.name,
@@ -74,8 +83,25 @@ pub fn run_fit(args: FitArgs) -> Result<()> {
 }
 
 pub fn run_score(args: ScoreArgs) -> Result<()> {
+    crate::fsutil::refuse_inside(&args.output, "-o", &args.features, "the store")?;
     let det = Detector::load(&args.detector)?;
     let store = FeatureStore::open(&args.features)?;
+    super::provenance::say_notes(&store);
+    match super::provenance::detector_provenance(&args.detector)? {
+        Some(trained) => {
+            let mut prov = store.manifest.provenance();
+            prov.dim = store.dim();
+            let d = format!("--detector {}", args.detector.display());
+            let f = format!("--features {}", args.features.display());
+            super::provenance::compare(&trained, &d, &prov, &f, args.allow_mismatch)?;
+        }
+        None if !crate::progress::quiet() => eprintln!(
+            "note: {} records no train store provenance (an older mood): not compared with {}",
+            args.detector.display(),
+            args.features.display()
+        ),
+        None => {}
+    }
     let device = ScoreDevice::open(args.device)?;
     device.note_cpu_methods(&[det.method()]);
     let t = Instant::now();

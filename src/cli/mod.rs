@@ -13,12 +13,12 @@ pub mod finetune;
 pub mod fit;
 pub mod forward;
 pub mod info;
+pub mod list;
 pub mod pretrain;
+pub mod provenance;
 pub mod runner;
 pub mod score_device;
 pub mod train_common;
-
-use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::error::Result;
 use crate::model::{VisionTransformer, VitConfig};
@@ -34,14 +34,10 @@ pub fn init_threads(threads: usize) {
     let _ = b.build_global();
 }
 
-/// A progress bar over `len` items of `unit`, hidden when stderr is not a terminal.
-pub fn progress(len: u64, unit: &str) -> ProgressBar {
-    let pb = ProgressBar::new(len);
-    let tmpl = format!("{{spinner}} [{{elapsed_precise}}] {{bar:40}} {{pos}}/{{len}} {unit} ({{per_sec}}, eta {{eta}})");
-    pb.set_style(
-        ProgressStyle::with_template(&tmpl).unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    pb
+/// Progress over `len` items of `unit`: a bar on a terminal, periodic lines in a log (see
+/// `crate::progress`).
+pub fn progress(len: u64, unit: &str) -> crate::progress::Progress {
+    crate::progress::Progress::new(len, unit, "progress")
 }
 
 /// Loads `--arch` with `--weights`, warning about checkpoint tensors the model did not use.

@@ -5,7 +5,8 @@
 use std::path::PathBuf;
 
 use super::train_common::{
-    bar_callback, initial_params, resume_from, step_bar, steps_done, training_data, ScheduleArgs,
+    bar_callback, initial_params, note_dropped, step_bar, steps_done, take_output, training_data,
+    ScheduleArgs,
 };
 use crate::error::Result;
 use crate::model::VitConfig;
@@ -35,6 +36,9 @@ pub struct Args {
     /// Output checkpoint (safetensors; rewritten atomically after every epoch).
     #[arg(short, long)]
     pub output: PathBuf,
+    /// Replace an existing --output checkpoint (without it, an existing one needs --resume).
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
     /// Continue from `--output` if it exists.
     #[arg(long)]
     pub resume: bool,
@@ -43,11 +47,17 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     let cfg = VitConfig::preset(&args.arch)?;
     let s = args.schedule.schedule()?;
+    // Before the data is read: a checkpoint in the way is said in seconds.
+    let (_lock, resume) = take_output(&args.output, args.resume, args.overwrite)?;
     let (data, _) = training_data(&args.data, &args.preset, &cfg, false)?;
     let mut params = initial_params(&cfg, args.weights.as_deref(), s.seed)?;
     params.retain(|k, _| !k.starts_with("head.") && !k.starts_with("fc_norm."));
     add_mim_params(&mut params, &cfg, s.seed);
-    let resume = resume_from(&args.output, args.resume)?;
+    if let Some(r) = &resume {
+        let settings = crate::train::loops::pretrain_settings(&s, &data, args.mask_ratio);
+        crate::train::loops::check_resume("pretrain", &cfg, &settings, r)?;
+    }
+    note_dropped(data.len(), s.batch);
     let per_epoch = (data.len() / s.batch.max(1)) as u64;
     let done = steps_done(&resume, per_epoch);
     eprintln!(
@@ -59,7 +69,7 @@ pub fn run(args: Args) -> Result<()> {
         per_epoch,
         args.mask_ratio
     );
-    let pb = step_bar(s.epochs as u64 * per_epoch, done);
+    let pb = step_bar(s.epochs as u64 * per_epoch, done, "pretrain");
     let hist = pretrain(
         &cfg,
         &mut params,

@@ -18,8 +18,19 @@ pub fn runner(
     precision: Precision,
     batch: usize,
 ) -> Result<ForwardFn<'_>> {
+    Ok(runner_described(model, device, precision, batch)?.0)
+}
+
+/// `runner`, with where it runs: "cpu" or "cuda: <device>" (a store records it, since another
+/// device rounds differently).
+pub fn runner_described(
+    model: &VisionTransformer,
+    device: Device,
+    precision: Precision,
+    batch: usize,
+) -> Result<(ForwardFn<'_>, String)> {
     let cuda = on_cuda(device, "running", || cuda_runner(model, precision, batch))?;
-    Ok(cuda.unwrap_or_else(|| Box::new(|x| model.forward(x))))
+    Ok(cuda.unwrap_or_else(|| (Box::new(|x| model.forward(x)), "cpu".into())))
 }
 
 /// The `--device` rule of every command that computes: `cpu` → None; `cuda` → `open()`, whose
@@ -59,12 +70,14 @@ fn cuda_runner(
     model: &VisionTransformer,
     precision: Precision,
     batch: usize,
-) -> Result<ForwardFn<'_>> {
+) -> Result<(ForwardFn<'_>, String)> {
     use crate::backend::cuda::CudaDevice;
     use crate::model::cuda_vit::CudaVit;
     let dev = CudaDevice::new(0)?;
     eprintln!("cuda: {}", dev.describe());
-    Ok(match precision {
+    // The model name only: free memory and the like change from run to run.
+    let name = format!("cuda: {}", dev.name());
+    let f: ForwardFn<'_> = match precision {
         Precision::F32 => {
             let gpu = CudaVit::<f32>::load(&dev, model)?;
             gpu.check_batch_fits(&dev, batch)?;
@@ -75,7 +88,8 @@ fn cuda_runner(
             gpu.check_batch_fits(&dev, batch)?;
             Box::new(move |x| gpu.forward(&dev, x))
         }
-    })
+    };
+    Ok((f, name))
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -83,7 +97,7 @@ fn cuda_runner(
     _model: &VisionTransformer,
     _precision: Precision,
     _batch: usize,
-) -> Result<ForwardFn<'_>> {
+) -> Result<(ForwardFn<'_>, String)> {
     Err(crate::error::Error::Cuda(
         "this binary was built without the `cuda` feature".into(),
     ))

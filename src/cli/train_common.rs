@@ -22,8 +22,11 @@ pub struct ScheduleArgs {
     /// Final learning rate of the cosine schedule.
     #[arg(long, default_value_t = 1e-6)]
     pub min_lr: f32,
-    #[arg(long, default_value_t = 5)]
-    pub warmup_epochs: usize,
+    /// Epochs of linear warmup before the cosine decay; default: 5, or half of --epochs when
+    /// that is less (so a short run still decays).
+    #[arg(long)]
+    pub warmup_epochs: Option<usize>,
+    /// AdamW's decoupled weight decay.
     #[arg(long, default_value_t = 0.05)]
     pub weight_decay: f32,
     /// Layer-wise learning-rate decay (1 = none).
@@ -35,6 +38,7 @@ pub struct ScheduleArgs {
     /// Global gradient-norm clip (0 = none, MOOD's default).
     #[arg(long, default_value_t = 0.0)]
     pub clip_grad: f32,
+    /// Seed of the initialisation, the shuffling, the masks and drop-path.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Where to train: cpu, or auto (runs on the CPU with a note); cuda is refused, since the
@@ -70,10 +74,10 @@ impl ScheduleArgs {
                 self.drop_path
             )));
         }
-        if self.epochs == 0 || self.warmup_epochs > self.epochs {
+        let warmup_epochs = self.warmup_epochs.unwrap_or((self.epochs / 2).min(5));
+        if self.epochs == 0 || warmup_epochs > self.epochs {
             return Err(Error::Usage(format!(
-                "--epochs must be at least 1 and at least --warmup-epochs ({})",
-                self.warmup_epochs
+                "--epochs must be at least 1 and at least --warmup-epochs ({warmup_epochs})"
             )));
         }
         Ok(Schedule {
@@ -81,7 +85,7 @@ impl ScheduleArgs {
             batch: self.batch,
             lr: self.lr,
             min_lr: self.min_lr,
-            warmup_epochs: self.warmup_epochs,
+            warmup_epochs,
             weight_decay: self.weight_decay,
             layer_decay: self.layer_decay,
             drop_path: self.drop_path,
@@ -167,7 +171,7 @@ fn load_all(
             MAX_IN_MEMORY >> 30
         )));
     }
-    let pb = super::progress(n as u64, "images");
+    let pb = crate::progress::Progress::new(n as u64, "images", "loading");
     let (mut images, mut labels) = (Vec::with_capacity(n * sample), Vec::with_capacity(n));
     let rows: Vec<usize> = (0..n).collect();
     for batch in rows.chunks(64) {
@@ -223,22 +227,16 @@ fn digits_part(spec: &str, cfg: &VitConfig, test: bool) -> Result<Dataset> {
     })
 }
 
-/// A progress bar over all steps showing the running loss.
-pub fn step_bar(total: u64, done: u64) -> indicatif::ProgressBar {
-    let pb = indicatif::ProgressBar::new(total);
+/// Progress over all steps showing the running loss (`what`: "finetune" or "pretrain").
+pub fn step_bar(total: u64, done: u64, what: &str) -> crate::progress::Progress {
+    let pb = crate::progress::Progress::new(total, "steps", what);
     pb.set_position(done);
-    pb.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps ({per_sec}, eta {eta}) {msg}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
     pb
 }
 
 /// The `on_step` of the training loops for a command: advances `pb` and shows the epoch's loss.
 pub fn bar_callback(
-    pb: &indicatif::ProgressBar,
+    pb: &crate::progress::Progress,
 ) -> impl FnMut(usize, usize, usize, f32) -> bool + '_ {
     move |e, _, _, loss| {
         pb.set_message(format!("epoch {e} loss {loss:.4}"));
@@ -255,12 +253,73 @@ pub fn steps_done(resume: &Option<crate::train::checkpoint::Loaded>, per_epoch: 
         .map_or(0, |p| (p.epoch as u64 + 1) * per_epoch)
 }
 
-/// Loads a checkpoint to resume from when `resume` is set and `out` exists.
-pub fn resume_from(out: &Path, resume: bool) -> Result<Option<crate::train::checkpoint::Loaded>> {
-    if resume && out.exists() {
-        Ok(Some(crate::train::checkpoint::load(out)?))
-    } else {
-        Ok(None)
+/// Takes the output checkpoint `out` for this run: one writer at a time (a lock file beside it),
+/// temporaries of killed runs removed, and an existing checkpoint either resumed (`resume`),
+/// replaced (`overwrite`) or left alone with a one-line refusal. Returns the lock (held while
+/// training) and the checkpoint to resume from.
+pub fn take_output(
+    out: &Path,
+    resume: bool,
+    overwrite: bool,
+) -> Result<(
+    crate::fsutil::Lock,
+    Option<crate::train::checkpoint::Loaded>,
+)> {
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| Error::Usage(format!("-o {}: not a file name", out.display())))?;
+    let dir = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    let lock = crate::fsutil::Lock::acquire(&dir.join(format!(".{name}.lock")), out)?;
+    let stale = crate::fsutil::remove_stale_temps(&dir, Some(&name));
+    if stale > 0 && !crate::progress::quiet() {
+        eprintln!(
+            "note: removed {stale} temporary file(s) of {} left by an interrupted run",
+            out.display()
+        );
+    }
+    if !out.exists() {
+        if resume && !crate::progress::quiet() {
+            eprintln!(
+                "note: --resume: no checkpoint at {} yet, so starting from the beginning",
+                out.display()
+            );
+        }
+        return Ok((lock, None));
+    }
+    if resume {
+        return Ok((lock, Some(crate::train::checkpoint::load(out)?)));
+    }
+    if overwrite {
+        return Ok((lock, None));
+    }
+    let what = match crate::train::checkpoint::read_progress(out) {
+        Ok(Some(p)) => format!(
+            "a {} checkpoint of {} after epoch {}",
+            p.stage,
+            p.arch,
+            p.epoch + 1
+        ),
+        _ => "a file".to_string(),
+    };
+    Err(Error::Usage(format!(
+        "-o {} already exists ({what}): add --resume to continue it, or --overwrite to start over and replace it",
+        out.display()
+    )))
+}
+
+/// Says how many images drop-last leaves out of each epoch (BEiT's loaders do the same).
+pub fn note_dropped(images: usize, batch: usize) {
+    let dropped = images % batch.max(1);
+    if dropped > 0 && batch <= images && !crate::progress::quiet() {
+        eprintln!(
+            "note: {images} images in batches of {batch}: the last {dropped} of each epoch's shuffled \
+             order are left out (drop-last, as BEiT's loaders; other images each epoch)"
+        );
     }
 }
 

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::ood::detector::Head;
-use crate::store::{FeatureStore, Manifest, Skipped};
+use crate::store::{FeatureStore, Identity, Manifest, Skipped};
 use crate::tensor::Tensor;
 
 /// Rows with their source index and label (−1 = none).
@@ -23,7 +23,8 @@ fn width(t: &Tensor) -> usize {
     t.shape()[1..].iter().product()
 }
 
-/// Writes `parts` (rows taken in `order`: (part, row)) as a store in `out`, manifest last.
+/// Writes `parts` (rows taken in `order`: (part, row)) as a store in `out`: the manifest first
+/// without its completion record, the arrays, then the manifest with it and the files' list.
 fn write(
     parts: &[Part],
     order: &[(usize, usize)],
@@ -32,6 +33,8 @@ fn write(
     mut manifest: Manifest,
 ) -> Result<usize> {
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    manifest.complete = false;
+    crate::store::write_manifest(out, &manifest)?;
     let n = order.len();
     // Logits stay f32 (small, and softmax-based scores are sensitive to rounding).
     let f16 = manifest.dtype == "f16";
@@ -85,21 +88,29 @@ fn write(
     if let Some(h) = head {
         crate::store::write_head(&out.join("head.safetensors"), h)?;
     }
-    manifest.format = 1;
     if manifest.dtype.is_empty() {
         manifest.dtype = "f32".into();
     }
     manifest.count = n;
     manifest.dim = first.features.shape()[1];
     manifest.local_tokens = first.local.as_ref().map_or(0, |l| l.shape()[1]);
-    let json = serde_json::to_string_pretty(&manifest).map_err(|e| Error::Data(e.to_string()))?;
-    crate::fsutil::write_atomic(&out.join("manifest.json"), json.as_bytes())?;
+    let mut files = vec!["features.npy"];
+    files.extend(first.logits.as_ref().map(|_| "logits.npy"));
+    files.extend((labels.iter().all(|&l| l >= 0) && !labels.is_empty()).then_some("labels.npy"));
+    files.extend(first.local.as_ref().map(|_| "local.npy"));
+    files.push("index.npy");
+    files.extend(first.odin.as_ref().map(|_| "odin.npy"));
+    files.extend(head.map(|_| "head.safetensors"));
+    manifest.files = files.into_iter().map(String::from).collect();
+    manifest.complete = true;
+    crate::store::write_manifest(out, &manifest)?;
     Ok(n)
 }
 
 /// The chunks of one extraction, in order, into the store at `out`: (rows, skipped files).
 pub(crate) fn assemble(
     chunks: &[PathBuf],
+    plan: &[Vec<usize>],
     out: &Path,
     head: Option<&Head>,
     mut manifest: Manifest,
@@ -107,9 +118,22 @@ pub(crate) fn assemble(
     odin: bool,
 ) -> Result<(usize, usize)> {
     let mut parts = Vec::new();
-    for path in chunks {
+    for (path, planned) in chunks.iter().zip(plan) {
         let c = super::load_chunk(path)?;
         let n = c.index.len();
+        // A chunk holds (some of, when images were skipped) the rows this run planned for it, in
+        // order: anything else is a chunk of another plan.
+        let in_plan = c
+            .index
+            .iter()
+            .all(|&r| r >= 0 && planned.binary_search(&(r as usize)).is_ok())
+            && c.index.windows(2).all(|w| w[0] < w[1]);
+        if !in_plan {
+            return Err(Error::format(
+                path,
+                "rows of another chunking or shard: rerun with --overwrite to start over",
+            ));
+        }
         let get = |name: &str| -> Result<Option<Tensor>> {
             match c.store.shape_of(name) {
                 Some(s) => Ok(Some(c.store.get(name, s)?)),
@@ -144,22 +168,83 @@ pub(crate) fn assemble(
     Ok((write(&parts, &order, out, head, manifest)?, skipped))
 }
 
-/// `mood merge`: shard stores into one store in source order.
-pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<usize> {
+/// The shard stores' identities must be one run's, shards 0..N-1 each once: returns the merged
+/// store's identity (shard 0/1).
+fn check_shards(dirs: &[PathBuf], ids: &[Identity]) -> Result<Identity> {
+    let first = &ids[0];
+    for (d, id) in dirs.iter().zip(ids).skip(1) {
+        let diffs = first.differences(id, ("first store", "this one"), &["shard"]);
+        if !diffs.is_empty() {
+            return Err(Error::Data(format!(
+                "{} and {} are not shards of one run: {}",
+                dirs[0].display(),
+                d.display(),
+                diffs.join("; ")
+            )));
+        }
+    }
+    let n = first.shard.1;
+    let mut seen: Vec<Option<&PathBuf>> = vec![None; n];
+    for (d, id) in dirs.iter().zip(ids) {
+        let (i, m) = id.shard;
+        if m != n || i >= n {
+            return Err(Error::Data(format!(
+                "{} is shard {i}/{m}, {} is shard {}/{n}: shards of one run share N",
+                d.display(),
+                dirs[0].display(),
+                first.shard.0
+            )));
+        }
+        if let Some(other) = seen[i] {
+            return Err(Error::Data(format!(
+                "shard {i}/{n} given twice ({} and {}): each shard once",
+                other.display(),
+                d.display()
+            )));
+        }
+        seen[i] = Some(d);
+    }
+    let missing: Vec<String> = (0..n)
+        .filter(|&i| seen[i].is_none())
+        .map(|i| format!("{i}/{n}"))
+        .collect();
+    if !missing.is_empty() {
+        return Err(Error::Data(format!(
+            "shard {} missing: a merge needs every shard 0..{} of the run, or the store would lack their rows",
+            missing.join(", "),
+            n - 1
+        )));
+    }
+    let mut merged = first.clone();
+    merged.shard = (0, 1);
+    Ok(merged)
+}
+
+/// `mood merge`: the shard stores of one `mood extract --shard` run into one store in source
+/// order. With `overwrite`, a store already in `out` is replaced.
+pub fn merge(dirs: &[PathBuf], out: &Path, overwrite: bool) -> Result<usize> {
     if dirs.is_empty() {
         return Err(Error::Usage("mood merge needs at least one store".into()));
     }
+    for d in dirs {
+        crate::fsutil::refuse_inside(out, "-o", d, "the shard store")?;
+    }
     let mut parts = Vec::new();
-    let mut manifest: Option<Manifest> = None;
-    let mut skipped: Vec<Skipped> = Vec::new();
+    let mut manifests: Vec<Manifest> = Vec::new();
     let mut head = None;
     for d in dirs {
         let s = FeatureStore::open(d)?;
+        if s.manifest.identity.is_none() {
+            return Err(Error::Data(format!(
+                "{}: its manifest records no identity (not written by this version of `mood extract`): extract it again to merge it",
+                d.display()
+            )));
+        }
         let ipath = d.join("index.npy");
-        if !ipath.exists() {
+        if !s.manifest.files.iter().any(|f| f == "index.npy") {
             return Err(Error::format(
                 &ipath,
-                "missing: only stores written by `mood extract` can be merged",
+                "not listed by the store: only stores written by `mood extract` can be merged",
             ));
         }
         let index = crate::npy::read_indices(&ipath)?;
@@ -169,25 +254,12 @@ pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<usize> {
                 format!("{} rows, features.npy has {}", index.len(), s.rows()),
             ));
         }
-        let m = s.manifest.clone();
-        if let Some(first) = &manifest {
-            if first.model != m.model
-                || first.weights_sha256 != m.weights_sha256
-                || first.dim != m.dim
-            {
-                return Err(Error::Data(format!(
-                    "{} was extracted with {} ({}) but {} with {} ({}): shards must come from one model",
-                    dirs[0].display(), first.model, first.weights_sha256, d.display(), m.model, m.weights_sha256
-                )));
-            }
-        }
-        skipped.extend(m.skipped.iter().cloned());
-        manifest.get_or_insert(m);
         head = head.or(s.head.clone());
         let labels = match &s.labels {
             Some(l) => l.iter().map(|&x| x as i64).collect(),
             None => vec![-1; s.rows()],
         };
+        manifests.push(s.manifest.clone());
         parts.push(Part {
             index,
             labels,
@@ -197,6 +269,12 @@ pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<usize> {
             odin: s.odin.clone(),
         });
     }
+    let ids: Vec<Identity> = manifests
+        .iter()
+        .zip(dirs)
+        .map(|(m, _)| m.identity.clone().unwrap_or_default())
+        .collect();
+    let merged_id = check_shards(dirs, &ids)?;
     let mut order: Vec<(usize, usize)> = parts
         .iter()
         .enumerate()
@@ -212,9 +290,28 @@ pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<usize> {
             parts[w[0].0].index[w[0].1]
         )));
     }
-    let mut m = manifest.expect("at least one store");
+    let mut skipped: Vec<Skipped> = manifests.iter().flat_map(|m| m.skipped.clone()).collect();
+    let mut m = manifests.swap_remove(0);
     m.sources.retain(|s| !s.starts_with("shard "));
     skipped.sort_by(|a, b| a.path.cmp(&b.path));
     m.skipped = skipped;
+    m.identity = Some(merged_id);
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let _lock = crate::fsutil::Lock::acquire(&out.join(".lock"), out)?;
+    crate::fsutil::remove_stale_temps(out, None);
+    let occupied = out.join("manifest.json").exists()
+        || out.join(".partial").exists()
+        || crate::store::STORE_FILES
+            .iter()
+            .any(|f| out.join(f).exists());
+    if occupied {
+        if !overwrite {
+            return Err(Error::Usage(format!(
+                "{}: a store is already there; add --overwrite to replace it, or choose another -o",
+                out.display()
+            )));
+        }
+        super::state::clear(out)?;
+    }
     write(&parts, &order, out, head.as_ref(), m)
 }

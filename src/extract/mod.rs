@@ -9,9 +9,14 @@
 //! one. An image that cannot be read is skipped with a warning and listed in the manifest.
 //! `--shard i/N` takes the rows whose index mod N == i; `merge` joins shards in source order
 //! through the per-row source index kept in `index.npy`.
+//!
+//! The manifest records the run's identity (`store::Identity`) before the first chunk: a rerun
+//! resumes only a run of the same identity, and says so in one line otherwise (`state`). One
+//! process writes a store at a time (a `.lock` file with its pid).
 
 pub mod merge;
 pub mod source;
+pub mod state;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -35,6 +40,8 @@ pub struct Options {
     pub local: bool,
     /// (temperature, epsilon): also score every image by ODIN through the CPU model (odin.npy).
     pub odin: Option<(f32, f32)>,
+    /// Replace whatever store or unfinished run of another identity is in the output.
+    pub overwrite: bool,
 }
 
 /// What one run did, for the closing line.
@@ -47,6 +54,8 @@ pub struct Summary {
     pub seconds: f64,
     /// Seconds inside the model's forward.
     pub model_seconds: f64,
+    /// The store was already finished by an earlier run of the same identity: nothing was done.
+    pub already_complete: bool,
 }
 
 struct Chunk {
@@ -137,7 +146,9 @@ fn plan(len: usize, opts: &Options) -> Vec<Vec<usize>> {
 
 /// Runs `source` through `forward` (the CPU `model` or its CUDA copy) into the store at `out`;
 /// `--local` patch tokens always come from `model.forward_local` on the CPU. `manifest` carries
-/// the model, weights and source descriptions; counts, classes and skipped files are filled in here.
+/// the model, weights and source descriptions, and in `identity` the arch, weights hash,
+/// preprocessing, precision and device; the rest of the identity, counts, classes and skipped
+/// files are filled in here.
 pub fn extract(
     model: &VisionTransformer,
     forward: &dyn Fn(&Tensor) -> Result<Output>,
@@ -165,11 +176,57 @@ pub fn extract(
             cfg.name, cfg.in_chans, cfg.img_size, cfg.img_size
         )));
     }
-    let partial = out.join(".partial");
-    std::fs::create_dir_all(&partial).map_err(|e| Error::io(&partial, e))?;
-    let chunks = plan(source.len(), opts);
     let d = cfg.embed_dim;
     let classes = model.head.as_ref().map_or(0, |h| h.w.value.shape()[0]);
+    let mut id = manifest.identity.take().unwrap_or_default();
+    id.mood_version = env!("CARGO_PKG_VERSION").into();
+    (id.source_rows, id.source_sha256) = source::listing(source);
+    id.shard = opts.shard;
+    id.chunk = opts.chunk;
+    id.batch = opts.batch;
+    id.logits = classes > 0;
+    id.local = opts.local;
+    id.odin = opts.odin;
+    id.dtype = if manifest.dtype.is_empty() {
+        "f32".into()
+    } else {
+        manifest.dtype.clone()
+    };
+    manifest.identity = Some(id.clone());
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let _lock = crate::fsutil::Lock::acquire(&out.join(".lock"), out)?;
+    let partial = out.join(".partial");
+    let stale = crate::fsutil::remove_stale_temps(out, None)
+        + crate::fsutil::remove_stale_temps(&partial, None);
+    if stale > 0 && !crate::progress::quiet() {
+        eprintln!(
+            "note: {}: removed {stale} temporary file(s) left by an interrupted run",
+            out.display()
+        );
+    }
+    match state::begin(out, &id, opts.overwrite)? {
+        state::Start::Complete(m) => {
+            return Ok(Summary {
+                rows: m.count,
+                processed: 0,
+                skipped: m.skipped.len(),
+                chunks_reused: 0,
+                seconds: 0.0,
+                model_seconds: 0.0,
+                already_complete: true,
+            })
+        }
+        state::Start::Fresh => {
+            // The identity goes on disk before the first chunk, so a rerun knows whose chunks
+            // these are; `complete: false` marks the store unfinished for every reader.
+            let mut m = manifest.clone();
+            m.complete = false;
+            crate::store::write_manifest(out, &m)?;
+        }
+        state::Start::Resume => {}
+    }
+    std::fs::create_dir_all(&partial).map_err(|e| Error::io(&partial, e))?;
+    let chunks = plan(source.len(), opts);
     let tokens = if opts.local {
         cfg.grid().0 * cfg.grid().1
     } else {
@@ -181,7 +238,7 @@ pub fn extract(
         .collect();
     let reused = chunks.len() - todo.len();
     let total_rows: usize = todo.iter().map(|&k| chunks[k].len()).sum();
-    let bar = crate::cli::progress(total_rows as u64, "images");
+    let bar = crate::progress::Progress::new(total_rows as u64, "images", "extract");
     let t0 = Instant::now();
     let mut model_seconds = 0.0;
     // Batches of (chunk, batch rows) in order; the loader thread runs one batch ahead.
@@ -311,6 +368,7 @@ pub fn extract(
     let head = model.store_head();
     let (rows, skipped) = merge::assemble(
         &paths,
+        &chunks,
         out,
         head.as_ref(),
         manifest,
@@ -325,5 +383,6 @@ pub fn extract(
         chunks_reused: reused,
         seconds,
         model_seconds,
+        already_complete: false,
     })
 }

@@ -12,11 +12,30 @@ pub trait Source: Sync {
     fn sample_len(&self) -> usize;
     /// A name for messages and the manifest (a path, or `digits[17]`).
     fn item_name(&self, i: usize) -> String;
+    /// The name of row `i` in the listing whose hash identifies the source: independent of where
+    /// the data set is mounted, so that shards run on machines with other mount points agree.
+    fn listing_name(&self, i: usize) -> String {
+        self.item_name(i)
+    }
     fn label(&self, i: usize) -> Option<usize>;
     fn classes(&self) -> Vec<String>;
     /// Preprocessed images of `rows` into `out` (rows.len() × sample_len()), one result each: a
     /// row that fails is skipped by the caller.
     fn load(&self, rows: &[usize], out: &mut [f32]) -> Vec<Result<()>>;
+}
+
+/// (rows, SHA-256 of the listing: each row's listing name and label, then the class names).
+pub fn listing(source: &dyn Source) -> (usize, String) {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for i in 0..source.len() {
+        let label = source.label(i).map_or(-1, |l| l as i64);
+        h.update(format!("{}\t{label}\n", source.listing_name(i)).as_bytes());
+    }
+    for c in source.classes() {
+        h.update(format!("class\t{c}\n").as_bytes());
+    }
+    (source.len(), format!("{:x}", h.finalize()))
 }
 
 /// The bundled digits (`digits[:CLASSES][@train|@test]`), rendered at the model's input size.
@@ -121,6 +140,13 @@ impl Source for Folder {
     fn item_name(&self, i: usize) -> String {
         self.folder.items[i].0.display().to_string()
     }
+    fn listing_name(&self, i: usize) -> String {
+        let p = &self.folder.items[i].0;
+        p.strip_prefix(&self.folder.root)
+            .unwrap_or(p)
+            .display()
+            .to_string()
+    }
     fn label(&self, i: usize) -> Option<usize> {
         self.folder.items[i].1
     }
@@ -167,6 +193,11 @@ impl Source for Cifar {
     }
     fn item_name(&self, i: usize) -> String {
         self.data.item_name(i)
+    }
+    fn listing_name(&self, i: usize) -> String {
+        // The rows of a CIFAR batch file are fixed by the file: the position and label (hashed
+        // with it) identify them.
+        i.to_string()
     }
     fn label(&self, i: usize) -> Option<usize> {
         Some(self.data.labels[i])

@@ -47,6 +47,18 @@ impl Dataset {
         ))
     }
 
+    /// What identifies the images for a resume: their number and the SHA-256 of the labels and
+    /// the preprocessed pixels (so another --data, --preset or class selection is noticed).
+    pub fn fingerprint(&self) -> serde_json::Value {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        for &l in &self.labels {
+            h.update((l as u64).to_le_bytes());
+        }
+        h.update(bytemuck::cast_slice::<f32, u8>(&self.images));
+        serde_json::json!({"images": self.len(), "sha256": format!("{:x}", h.finalize())})
+    }
+
     /// The subset at `idx`.
     pub fn subset(&self, idx: &[usize]) -> Dataset {
         let per: usize = self.chw.iter().product();
@@ -118,15 +130,8 @@ impl Run<'_> {
         let mut opt = AdamW::new(self.s.weight_decay, self.s.layer_decay, self.cfg.depth);
         let mut first = 0;
         if let Some(r) = resume {
-            let p = r.progress.ok_or_else(|| {
-                Error::Usage("the checkpoint to resume has no training progress".into())
-            })?;
-            if p.stage != self.stage || p.arch != self.cfg.name {
-                return Err(Error::Usage(format!(
-                    "cannot resume: the checkpoint is {} of {}, this run is {} of {}",
-                    p.stage, p.arch, self.stage, self.cfg.name
-                )));
-            }
+            check_resume(self.stage, self.cfg, &self.settings, &r)?;
+            let p = r.progress.expect("checked by check_resume");
             *params = r.params;
             opt.restore(p.optimizer_step, r.m, r.v);
             first = p.epoch + 1;
@@ -154,6 +159,119 @@ impl Run<'_> {
         }
         Ok(())
     }
+}
+
+/// Refuses to resume `r` unless it is a checkpoint of this stage and architecture trained with
+/// these `settings` (data, schedule, optimiser, seed, loss): one line naming what differs.
+pub fn check_resume(
+    stage: &str,
+    cfg: &VitConfig,
+    settings: &serde_json::Value,
+    r: &checkpoint::Loaded,
+) -> Result<()> {
+    let p = r
+        .progress
+        .as_ref()
+        .ok_or_else(|| Error::Usage("the checkpoint to resume has no training progress".into()))?;
+    if p.stage != stage || p.arch != cfg.name {
+        return Err(Error::Usage(format!(
+            "cannot resume: the checkpoint is {} of {}, this run is {} of {}",
+            p.stage, p.arch, stage, cfg.name
+        )));
+    }
+    let diffs = settings_differences(&p.settings, settings);
+    if !diffs.is_empty() {
+        return Err(Error::Usage(format!(
+            "cannot resume: the checkpoint was trained with other settings, so the run would mix \
+             two schedules: {}; rerun with the checkpoint's settings to continue it, or with \
+             --overwrite to start over",
+            diffs.join("; ")
+        )));
+    }
+    Ok(())
+}
+
+/// What a fine-tuning checkpoint records as its settings (and a resume must match).
+pub fn finetune_settings(s: &Schedule, data: &Dataset, loss: &FinetuneLoss) -> serde_json::Value {
+    let data_id = data.fingerprint();
+    match loss {
+        FinetuneLoss::CrossEntropy { smoothing } => {
+            serde_json::json!({"schedule": s, "data": data_id, "label_smoothing": smoothing})
+        }
+        FinetuneLoss::GroupSoftmax { groups } => {
+            serde_json::json!({"schedule": s, "data": data_id, "mos_groups": groups})
+        }
+        FinetuneLoss::CrossEntropyAlpa { smoothing, alpa } => {
+            serde_json::json!({"schedule": s, "data": data_id, "label_smoothing": smoothing, "alpa": alpa})
+        }
+    }
+}
+
+/// What a masked-image-modelling checkpoint records as its settings.
+pub fn pretrain_settings(s: &Schedule, data: &Dataset, mask_ratio: f32) -> serde_json::Value {
+    serde_json::json!({"schedule": s, "data": data.fingerprint(), "mask_ratio": mask_ratio})
+}
+
+/// Each recorded setting as the option that sets it, for messages.
+const SETTING_FLAGS: &[(&str, &str)] = &[
+    ("data.images", "--data (number of images)"),
+    ("data.sha256", "--data (images and labels)"),
+    ("schedule.epochs", "--epochs"),
+    ("schedule.batch", "--batch"),
+    ("schedule.lr", "--lr"),
+    ("schedule.min_lr", "--min-lr"),
+    ("schedule.warmup_epochs", "--warmup-epochs"),
+    ("schedule.weight_decay", "--weight-decay"),
+    ("schedule.layer_decay", "--layer-decay"),
+    ("schedule.drop_path", "--drop-path"),
+    ("schedule.clip_grad", "--clip-grad"),
+    ("schedule.seed", "--seed"),
+    ("label_smoothing", "--label-smoothing"),
+    ("mos_groups", "--mos-groups"),
+    ("alpa", "--alpa"),
+    ("mask_ratio", "--mask-ratio"),
+];
+
+/// `{"a": {"b": 1}}` as `{"a.b": 1}`: nested settings compared (and named) one by one.
+fn flatten(
+    v: &serde_json::Value,
+    prefix: &str,
+    out: &mut serde_json::Map<String, serde_json::Value>,
+) {
+    match v {
+        serde_json::Value::Object(m)
+            if prefix.is_empty() || prefix == "schedule" || prefix == "data" =>
+        {
+            for (k, x) in m {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(x, &key, out);
+            }
+        }
+        other => {
+            out.insert(prefix.to_string(), other.clone());
+        }
+    }
+}
+
+/// The settings of a checkpoint (`old`) that this run (`new`) changes, one "--flag (the
+/// checkpoint: x, this run: y)" each. Settings an older checkpoint did not record are not
+/// compared.
+fn settings_differences(old: &serde_json::Value, new: &serde_json::Value) -> Vec<String> {
+    let (mut a, mut b) = (serde_json::Map::new(), serde_json::Map::new());
+    flatten(old, "", &mut a);
+    flatten(new, "", &mut b);
+    b.retain(|k, _| a.contains_key(k));
+    crate::store::differences(
+        &serde_json::Value::Object(a),
+        &serde_json::Value::Object(b),
+        SETTING_FLAGS,
+        ("the checkpoint", "this run"),
+        &[],
+    )
 }
 
 /// One training step of a loop: (params, optimizer, global step, image indices, lr) → loss.
@@ -252,17 +370,7 @@ pub fn finetune(
     on_step: &mut OnStep,
 ) -> Result<Vec<f32>> {
     let loss = loss.into();
-    let settings = match &loss {
-        FinetuneLoss::CrossEntropy { smoothing } => {
-            serde_json::json!({"schedule": s, "label_smoothing": smoothing})
-        }
-        FinetuneLoss::GroupSoftmax { groups } => {
-            serde_json::json!({"schedule": s, "mos_groups": groups})
-        }
-        FinetuneLoss::CrossEntropyAlpa { smoothing, alpa } => {
-            serde_json::json!({"schedule": s, "label_smoothing": smoothing, "alpa": alpa})
-        }
-    };
+    let settings = finetune_settings(s, data, &loss);
     let run = Run {
         cfg,
         stage: "finetune",
@@ -308,7 +416,7 @@ pub fn pretrain(
     let (gh, gw) = cfg.grid();
     let num_mask = ((gh * gw) as f32 * mask_ratio).round().max(1.0) as usize;
     let min_patches = 4.min(num_mask);
-    let settings = serde_json::json!({"schedule": s, "mask_ratio": mask_ratio});
+    let settings = pretrain_settings(s, data, mask_ratio);
     let run = Run {
         cfg,
         stage: "pretrain",

@@ -118,3 +118,68 @@ pub fn parity_errors(got: &[f32], want: &[f32]) -> (f32, f32) {
     }
     (abs, rel)
 }
+
+/// `mood extract` with another architecture and weights than the tiny BEiT's.
+pub fn extract_arch(
+    arch: &str,
+    weights: &str,
+    data: &str,
+    out: &Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (i32, String, String) {
+    let o = out.to_string_lossy().into_owned();
+    let mut args = vec![
+        "extract",
+        "--arch",
+        arch,
+        "--weights",
+        weights,
+        "--data",
+        data,
+        "--out",
+        &o,
+    ];
+    args.extend_from_slice(extra);
+    run_mood_env(&args, env)
+}
+
+/// Rewrites the manifest.json of the store at `dir` through `edit`.
+pub fn edit_manifest(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let p = dir.join("manifest.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).expect("manifest")).expect("json");
+    edit(&mut v);
+    std::fs::write(&p, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+}
+
+/// Asserts a failure with exit code != 0, no panic, one line on stderr (notes aside), containing
+/// every string of `want`.
+pub fn assert_refused(r: &(i32, String, String), want: &[&str]) {
+    let (code, _, err) = r;
+    assert_ne!(*code, 0, "expected a refusal: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with("note:"))
+        .collect();
+    assert_eq!(lines.len(), 1, "expected one line: {err}");
+    for w in want {
+        assert!(err.contains(w), "`{w}` not in: {err}");
+    }
+}
+
+/// A process id that no running process has: a child that has exited and been reaped.
+pub fn dead_pid() -> u32 {
+    let mut c = Command::new("true").spawn().expect("spawn true");
+    let pid = c.id();
+    c.wait().unwrap();
+    pid
+}
+
+/// This machine's name as the lock files record it.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
