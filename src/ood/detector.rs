@@ -399,7 +399,15 @@ impl Detector {
         s.save(path, &self.header)
     }
 
+    /// Rebuilds the detector in `path`; what is wrong with the file's tensors names the file.
     pub fn load(path: &Path) -> Result<Detector> {
+        Detector::load_stats(path).map_err(|e| match e {
+            Error::Data(m) => Error::format(path, m),
+            e => e,
+        })
+    }
+
+    fn load_stats(path: &Path) -> Result<Detector> {
         let (s, header) = Stats::load(path)?;
         let name = method(&header.method)?.name;
         let args = &header.args;

@@ -126,12 +126,8 @@ pub fn read_from<R: Read + Seek>(path: &Path, mut file: R) -> Result<Vec<RawTens
             storages.insert(t.storage_key.clone(), bytes);
         }
         let storage = &storages[&t.storage_key];
-        let data = gather(storage, &t, dtype.size()).ok_or_else(|| {
-            Error::format(
-                path,
-                format!("tensor `{key}` reaches past the end of its storage"),
-            )
-        })?;
+        let data = gather(storage, &t, dtype.size())
+            .map_err(|why| Error::format(path, format!("tensor `{key}` {why}")))?;
         gathered = gathered.saturating_add(data.len() as u64);
         if gathered > gather_limit {
             return Err(Error::format(
@@ -179,29 +175,38 @@ fn state_dict(root: Value) -> Option<Vec<(String, TensorRef)>> {
     (!t.is_empty()).then_some(t)
 }
 
-/// Contiguous row-major bytes of a strided view; None if the view leaves the storage or names
+/// Contiguous row-major bytes of a strided view; why not if the view leaves the storage or names
 /// more elements than the storage holds (a stride-0 view of one value could otherwise ask for
 /// terabytes). All arithmetic on the file's numbers is checked.
-fn gather(storage: &[u8], t: &TensorRef, elt: usize) -> Option<Vec<u8>> {
+fn gather(storage: &[u8], t: &TensorRef, elt: usize) -> Result<Vec<u8>, String> {
     if t.size.len() != t.stride.len() {
-        return None;
+        return Err(format!(
+            "has {} sizes but {} strides",
+            t.size.len(),
+            t.stride.len()
+        ));
     }
-    let numel = t.size.iter().try_fold(1usize, |a, &s| a.checked_mul(s))?;
-    if numel == 0 {
-        return Some(Vec::new());
-    }
-    if numel > storage.len() / elt {
-        return None;
-    }
+    let have = storage.len() / elt;
+    let numel = t.size.iter().try_fold(1usize, |a, &s| a.checked_mul(s));
+    let numel = match numel {
+        Some(0) => return Ok(Vec::new()),
+        Some(n) if n <= have => n,
+        _ => {
+            return Err(format!(
+                "of size {:?} has more elements than its storage's {have}",
+                t.size
+            ))
+        }
+    };
     let last = t
         .size
         .iter()
         .zip(&t.stride)
         .try_fold(t.offset, |a, (s, st)| {
             a.checked_add((s - 1).checked_mul(*st)?)
-        })?;
-    if last.checked_add(1)?.checked_mul(elt)? > storage.len() {
-        return None;
+        });
+    if last.is_none_or(|l| l >= have) {
+        return Err("reaches past the end of its storage".into());
     }
     // Every index below is at most `last`, so nothing from here on can overflow.
     let contiguous = {
@@ -216,7 +221,7 @@ fn gather(storage: &[u8], t: &TensorRef, elt: usize) -> Option<Vec<u8>> {
         ok
     };
     if contiguous {
-        return Some(storage[t.offset * elt..(t.offset + numel) * elt].to_vec());
+        return Ok(storage[t.offset * elt..(t.offset + numel) * elt].to_vec());
     }
     let mut out = Vec::with_capacity(numel * elt);
     let mut idx = vec![0usize; t.size.len()];
@@ -231,5 +236,5 @@ fn gather(storage: &[u8], t: &TensorRef, elt: usize) -> Option<Vec<u8>> {
             idx[d] = 0;
         }
     }
-    Some(out)
+    Ok(out)
 }
