@@ -141,7 +141,7 @@ impl Csd {
         let knn = Knn::load(s, k, dim)?;
         let t = s.scalar("tokens")?;
         // A token count is a small whole number; anything else would wrap `tokens × dim`.
-        if !(t >= 1.0 && t <= 1e6 && t.fract() == 0.0) {
+        if !((1.0..=1e6).contains(&t) && t.fract() == 0.0) {
             return Err(Error::Data(format!(
                 "detector tensor `tokens` is {t}, not a token count"
             )));
