@@ -167,11 +167,20 @@ pub fn class_means(x: &[f32], labels: &[usize], d: usize) -> Result<(Vec<f64>, V
         )));
     }
     // Every class needs a row, so a label of n or more is an error, not a class count: the
-    // statistics below are then bounded by the features themselves (classes × d ≤ n × d).
+    // statistics below are then bounded by the features themselves (classes × d ≤ n × d). The
+    // error names the first class without rows, found without allocating per class.
     let max = labels.iter().copied().max().unwrap_or(0);
     if max >= n {
+        let mut seen = labels.to_vec();
+        seen.sort_unstable();
+        seen.dedup();
+        let c = seen
+            .iter()
+            .enumerate()
+            .find(|(i, &y)| *i != y)
+            .map_or(seen.len(), |(i, _)| i);
         return Err(Error::Data(format!(
-            "label {max} with only {n} train rows: every class in 0..={max} needs a row (are the labels those of another store?)"
+            "class {c} has no train features: labels reach {max} with {n} train rows (labels must cover 0..={max})"
         )));
     }
     let classes = max + 1;
