@@ -4,41 +4,35 @@ use std::path::Path;
 
 use npyz::WriterBuilder;
 
+mod header;
+pub use header::{parse as header, Header, MAX_HEADER};
+
 use crate::error::{Error, Result};
 
 /// Reads a float32 .npy; the error names the file and what it holds when it is not one.
 pub fn read_f32(path: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let npy = npyz::NpyFile::new(&bytes[..])
-        .map_err(|e| Error::format(path, format!("not a valid .npy file: {e}")))?;
-    let shape: Vec<usize> = npy.shape().iter().map(|&s| s as usize).collect();
-    if npy.order() != npyz::Order::C {
-        return Err(Error::format(
-            path,
-            "Fortran-ordered arrays are not supported; save with np.ascontiguousarray",
-        ));
-    }
-    let type_str = match npy.dtype() {
-        npyz::DType::Plain(t) => t.to_string(),
-        other => {
-            return Err(Error::format(
-                path,
-                format!("expected float32 data, found {other:?}"),
-            ))
-        }
-    };
-    if type_str != "<f4" {
+    parse_f32(path, &bytes)
+}
+
+/// [`read_f32`] of bytes in memory; `path` only names the file in errors.
+pub fn parse_f32(path: &Path, bytes: &[u8]) -> Result<(Vec<usize>, Vec<f32>)> {
+    let h = header(path, bytes)?;
+    if h.descr != "<f4" {
         return Err(Error::format(
             path,
             format!(
-                "expected float32 (<f4) data, found {type_str}; convert with x.astype(np.float32)"
+                "expected float32 (<f4) data, found {}; convert with x.astype(np.float32)",
+                h.descr
             ),
         ));
     }
-    let data: Vec<f32> = npy
-        .into_vec()
-        .map_err(|e| Error::format(path, format!("truncated or corrupt .npy data: {e}")))?;
-    Ok((shape, data))
+    let body = h.body(path, bytes, 4)?;
+    let data = body
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    Ok((h.shape, data))
 }
 
 /// Writes a float32 .npy atomically (temporary name, then rename).
@@ -55,54 +49,6 @@ pub fn write_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
     })
 }
 
-/// Shape, dtype string and data offset of a .npy file's header (format versions 1-3).
-fn header(path: &Path, bytes: &[u8]) -> Result<(Vec<usize>, String, usize)> {
-    let bad = |m: &str| Error::format(path, format!("not a valid .npy file: {m}"));
-    if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
-        return Err(bad("no NUMPY magic"));
-    }
-    let (len, start) = match bytes[6] {
-        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
-        2 | 3 if bytes.len() >= 12 => (
-            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
-            12,
-        ),
-        v => return Err(bad(&format!("unknown format version {v}"))),
-    };
-    let text = bytes
-        .get(start..start + len)
-        .and_then(|h| std::str::from_utf8(h).ok())
-        .ok_or_else(|| bad("truncated header"))?;
-    let field = |key: &str| -> Option<&str> {
-        let at = text.find(&format!("'{key}'"))? + key.len() + 2;
-        let rest = text[at..].trim_start().strip_prefix(':')?.trim_start();
-        Some(rest)
-    };
-    let descr = field("descr")
-        .and_then(|r| r.strip_prefix('\''))
-        .and_then(|r| r.split('\'').next())
-        .ok_or_else(|| bad("no dtype"))?
-        .to_string();
-    if field("fortran_order").is_some_and(|r| r.starts_with("True")) {
-        return Err(Error::format(
-            path,
-            "Fortran-ordered arrays are not supported; save with np.ascontiguousarray",
-        ));
-    }
-    let shape_text = field("shape")
-        .and_then(|r| r.strip_prefix('('))
-        .and_then(|r| r.split(')').next())
-        .ok_or_else(|| bad("no shape"))?;
-    let shape = shape_text
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(|s| s.trim_end_matches('L').parse::<usize>())
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|_| bad("bad shape"))?;
-    Ok((shape, descr, start + len))
-}
-
 /// A float .npy as a tensor: little-endian float32 is memory-mapped and used in place (the page
 /// cache is the only copy, so a store larger than RAM still opens); float16 is converted.
 pub fn map_float(path: &Path) -> Result<crate::Tensor> {
@@ -110,9 +56,8 @@ pub fn map_float(path: &Path) -> Result<crate::Tensor> {
     // SAFETY: the map is read-only; a file truncated under us is the caller's race, as with any
     // mmap-based reader.
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-    let (shape, descr, offset) = header(path, &map)?;
-    let n: usize = shape.iter().product();
-    let size = match descr.as_str() {
+    let h = header(path, &map)?;
+    let size = match h.descr.as_str() {
         "<f4" => 4,
         "<f2" => 2,
         other => {
@@ -122,50 +67,45 @@ pub fn map_float(path: &Path) -> Result<crate::Tensor> {
             ))
         }
     };
-    if map.len() < offset + n * size {
-        return Err(Error::format(
-            path,
-            format!(
-                "truncated: shape {shape:?} needs {} data bytes, the file has {}",
-                n * size,
-                map.len().saturating_sub(offset)
-            ),
-        ));
-    }
+    // Checked against the file before anything is allocated or mapped as a tensor.
+    let body = h.body(path, &map, size)?;
+    let offset = h.offset;
     if size == 4 && offset % 4 == 0 {
         return Ok(crate::Tensor::mapped(
-            &shape,
+            &h.shape,
             std::sync::Arc::new(map),
             offset,
         ));
     }
     let data: Vec<f32> = if size == 4 {
-        map[offset..offset + 4 * n]
-            .chunks_exact(4)
+        body.chunks_exact(4)
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect()
     } else {
-        map[offset..offset + 2 * n]
-            .chunks_exact(2)
+        body.chunks_exact(2)
             .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
             .collect()
     };
-    crate::Tensor::from_vec(&shape, data)
+    crate::Tensor::from_vec(&h.shape, data)
 }
 
 /// An integer (or integral float) 1-D .npy as indices, e.g. labels.
 pub fn read_indices(path: &Path) -> Result<Vec<i64>> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let (shape, descr, offset) = header(path, &bytes)?;
-    if shape.len() != 1 {
+    parse_indices(path, &bytes)
+}
+
+/// [`read_indices`] of bytes in memory; `path` only names the file in errors.
+pub fn parse_indices(path: &Path, bytes: &[u8]) -> Result<Vec<i64>> {
+    let h = header(path, bytes)?;
+    if h.shape.len() != 1 {
         return Err(Error::format(
             path,
-            format!("expected a 1-D array, found shape {shape:?}"),
+            format!("expected a 1-D array, found shape {:?}", h.shape),
         ));
     }
-    let n = shape[0];
-    let body = &bytes[offset..];
-    let size = match descr.as_str() {
+    let descr = h.descr.as_str();
+    let size = match descr {
         "<i8" | "<u8" | "<f8" => 8,
         "<i4" | "<u4" | "<f4" => 4,
         "<i2" | "<u2" => 2,
@@ -177,12 +117,10 @@ pub fn read_indices(path: &Path) -> Result<Vec<i64>> {
             ))
         }
     };
-    if body.len() < n * size {
-        return Err(Error::format(path, "truncated data"));
-    }
-    let vals: Vec<i64> = body[..n * size]
+    let body = h.body(path, bytes, size)?;
+    let vals: Vec<i64> = body
         .chunks_exact(size)
-        .map(|b| match descr.as_str() {
+        .map(|b| match descr {
             "<i8" | "<u8" => i64::from_le_bytes(b.try_into().expect("8 bytes")),
             "<f8" => f64::from_le_bytes(b.try_into().expect("8 bytes")) as i64,
             "<i4" => i32::from_le_bytes(b.try_into().expect("4 bytes")) as i64,

@@ -47,8 +47,10 @@ impl std::fmt::Debug for Tensor {
 
 impl Tensor {
     pub fn from_vec(shape: &[usize], data: Vec<f32>) -> Result<Tensor> {
-        let n: usize = shape.iter().product();
-        if n != data.len() {
+        // Checked: a shape read from a file can have a product that wraps to data.len().
+        let n = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        if n != Some(data.len()) {
+            let n = n.map_or("more than usize::MAX".to_string(), |n| n.to_string());
             return Err(Error::Data(format!(
                 "shape {shape:?} needs {n} values, got {}",
                 data.len()
@@ -120,8 +122,8 @@ impl Tensor {
 
     /// Same data, new shape with the same element count.
     pub fn reshape(mut self, shape: &[usize]) -> Result<Tensor> {
-        let n: usize = shape.iter().product();
-        if n != self.numel() {
+        let n = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        if n != Some(self.numel()) {
             return Err(Error::Data(format!(
                 "cannot reshape {:?} to {shape:?}",
                 self.shape

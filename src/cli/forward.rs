@@ -48,8 +48,10 @@ pub fn run(args: Args) -> Result<()> {
     let (shape, data) = crate::npy::read_f32(&args.input)?;
     let cfg = &model.cfg;
     let per_image = cfg.in_chans * cfg.img_size * cfg.img_size;
+    // read_f32 checked that the shape's product is the data's length; the dims are still the
+    // file's, so they are compared one by one rather than multiplied.
     match shape[..] {
-        [_, c, h, w] if c * h * w == per_image && h == cfg.img_size && w == cfg.img_size => {}
+        [_, c, h, w] if c == cfg.in_chans && h == cfg.img_size && w == cfg.img_size => {}
         _ => {
             return Err(Error::format(
                 &args.input,

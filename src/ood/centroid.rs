@@ -180,10 +180,11 @@ impl Centroids {
         );
     }
 
-    pub fn load(s: &Stats, distance: Distance) -> Result<Centroids> {
-        let (shape, centroids) = s.get("centroids", 2)?;
+    /// The centroids of a detector file fitted on `dim`-wide features (the header's width).
+    pub fn load(s: &Stats, distance: Distance, dim: usize) -> Result<Centroids> {
+        let (_, centroids) = s.matrix("centroids", dim)?;
         Ok(Centroids {
-            dim: shape[1],
+            dim,
             distance,
             centroids,
         })

@@ -136,15 +136,31 @@ impl Csd {
         }
     }
 
-    pub fn load(s: &Stats, k: usize) -> Result<Csd> {
-        let knn = Knn::load(s, k)?;
-        let tokens = s.get("tokens", 1)?.1[0] as usize;
+    /// The detector of a file fitted on `dim`-wide token features (the header's width).
+    pub fn load(s: &Stats, k: usize, dim: usize) -> Result<Csd> {
+        let knn = Knn::load(s, k, dim)?;
+        let t = s.scalar("tokens")?;
+        // A token count is a small whole number; anything else would wrap `tokens × dim`.
+        if !((1.0..=1e6).contains(&t) && t.fract() == 0.0) {
+            return Err(Error::Data(format!(
+                "detector tensor `tokens` is {t}, not a token count"
+            )));
+        }
+        let tokens = t as usize;
         let norm = if s.contains("fc_norm.weight") {
-            Some(FcNorm {
+            let norm = FcNorm {
                 weight: s.get("fc_norm.weight", 1)?.1,
                 bias: s.get("fc_norm.bias", 1)?.1,
-                eps: s.get("fc_norm.eps", 1)?.1[0],
-            })
+                eps: s.scalar("fc_norm.eps")?,
+            };
+            if norm.weight.len() != dim || norm.bias.len() != dim {
+                return Err(Error::Data(format!(
+                    "detector fc_norm has {} weights and {} biases, expected {dim}",
+                    norm.weight.len(),
+                    norm.bias.len()
+                )));
+            }
+            Some(norm)
         } else {
             None
         };

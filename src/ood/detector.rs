@@ -399,35 +399,56 @@ impl Detector {
         s.save(path, &self.header)
     }
 
+    /// Rebuilds the detector in `path`; what is wrong with the file's tensors names the file.
     pub fn load(path: &Path) -> Result<Detector> {
+        Detector::load_stats(path).map_err(|e| match e {
+            Error::Data(m) => Error::format(path, m),
+            e => e,
+        })
+    }
+
+    fn load_stats(path: &Path) -> Result<Detector> {
         let (s, header) = Stats::load(path)?;
         let name = method(&header.method)?.name;
         let args = &header.args;
+        // Every width comes from the header; the tensors must agree with it (a bank of another
+        // width would silently score the wrong number of rows).
+        let dim = header.dim;
         let kind = match name {
-            "mahalanobis" => Kind::Gaussian(GaussianScore::load(&s, false, Reduce::Min)?),
+            "mahalanobis" => Kind::Gaussian(GaussianScore::load(&s, false, Reduce::Min, dim)?),
             "mood-v1" | "gauss" | "mahalanobis-cc" => {
-                Kind::Gaussian(GaussianScore::load(&s, true, Reduce::Min)?)
+                Kind::Gaussian(GaussianScore::load(&s, true, Reduce::Min, dim)?)
             }
-            "mahalanobis-avgcc" => Kind::Gaussian(GaussianScore::load(&s, true, Reduce::Mean)?),
-            "euclidean" | "kmeans" => Kind::Centroid(Centroids::load(&s, Distance::L2)?),
-            "minkowski" => Kind::Centroid(Centroids::load(&s, Distance::L1)?),
-            "chebyshev" => Kind::Centroid(Centroids::load(&s, Distance::LInf)?),
-            "cos" | "projection" => Kind::Cosine(Knn::load(&s, 1)?),
-            "knn" => Kind::Knn(Knn::load(&s, arg(args, "k")?)?),
-            "csd" => Kind::Csd(Csd::load(&s, arg(args, "k")?)?),
+            "mahalanobis-avgcc" => {
+                Kind::Gaussian(GaussianScore::load(&s, true, Reduce::Mean, dim)?)
+            }
+            "euclidean" | "kmeans" => Kind::Centroid(Centroids::load(&s, Distance::L2, dim)?),
+            "minkowski" => Kind::Centroid(Centroids::load(&s, Distance::L1, dim)?),
+            "chebyshev" => Kind::Centroid(Centroids::load(&s, Distance::LInf, dim)?),
+            "cos" | "projection" => Kind::Cosine(Knn::load(&s, 1, dim)?),
+            "knn" => Kind::Knn(Knn::load(&s, arg(args, "k")?, dim)?),
+            "csd" => Kind::Csd(Csd::load(&s, arg(args, "k")?, dim)?),
             "kl-matching" => Kind::Kl(KlMatching::load(&s)?),
             "react" => Kind::React(React {
-                clip: s.get("react.clip", 1)?.1[0],
+                clip: s.scalar("react.clip")?,
             }),
-            "vim" => Kind::Vim(Vim::load(&s)?),
-            "residual" => Kind::Residual(Vim::load(&s)?),
+            "vim" => Kind::Vim(Vim::load(&s, dim)?),
+            "residual" => Kind::Residual(Vim::load(&s, dim)?),
             "odin" => Kind::Precomputed,
             _ => Kind::Logit,
         };
         let head = if s.contains("head.weight") {
+            let (c, weight) = s.matrix("head.weight", dim)?;
+            let (_, bias) = s.get("head.bias", 1)?;
+            if bias.len() != c {
+                return Err(Error::Data(format!(
+                    "detector head: {c} classes of weights but {} biases",
+                    bias.len()
+                )));
+            }
             Some(Head {
-                weight: s.get("head.weight", 2)?.1,
-                bias: s.get("head.bias", 1)?.1,
+                weight,
+                bias,
                 fc_norm: None,
             })
         } else {

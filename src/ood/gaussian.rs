@@ -146,7 +146,7 @@ impl Whitened {
         let (ws, whiten) = s.get(&format!("{prefix}.whiten"), 2)?;
         let (ms, means) = s.get(&format!("{prefix}.means"), 2)?;
         let (_, means_sq) = s.get(&format!("{prefix}.means_sq"), 1)?;
-        if ms[1] != ws[0] || means_sq.len() != ms[0] {
+        if ms[1] != ws[0] || means_sq.len() != ms[0] || ms[0] == 0 || ws[0] == 0 {
             return Err(Error::Data(format!(
                 "{prefix}: whitening {ws:?}, means {ms:?} and {} squared norms disagree",
                 means_sq.len()
@@ -174,14 +174,31 @@ pub fn l2_normalised(x: &[f32], d: usize) -> Vec<f32> {
 
 /// Per-class means [C, D] (f64) and counts; every class in 0..C needs a row.
 pub fn class_means(x: &[f32], labels: &[usize], d: usize) -> Result<(Vec<f64>, Vec<usize>)> {
-    let n = x.len() / d;
-    if n == 0 || labels.len() != n {
+    let n = x.len() / d.max(1);
+    if n == 0 || d == 0 || labels.len() != n {
         return Err(Error::Data(format!(
             "{n} train feature rows but {} labels",
             labels.len()
         )));
     }
-    let classes = labels.iter().max().map_or(0, |m| m + 1);
+    // Every class needs a row, so a label of n or more is an error, not a class count: the
+    // statistics below are then bounded by the features themselves (classes × d ≤ n × d). The
+    // error names the first class without rows, found without allocating per class.
+    let max = labels.iter().copied().max().unwrap_or(0);
+    if max >= n {
+        let mut seen = labels.to_vec();
+        seen.sort_unstable();
+        seen.dedup();
+        let c = seen
+            .iter()
+            .enumerate()
+            .find(|(i, &y)| *i != y)
+            .map_or(seen.len(), |(i, _)| i);
+        return Err(Error::Data(format!(
+            "class {c} has no train features: labels reach {max} with {n} train rows (labels must cover 0..={max})"
+        )));
+    }
+    let classes = max + 1;
     let mut means = vec![0.0f64; classes * d];
     let mut counts = vec![0usize; classes];
     for (row, &y) in x.chunks_exact(d).zip(labels) {
@@ -372,15 +389,16 @@ impl GaussianScore {
         }
     }
 
-    pub fn load(s: &Stats, normalise: bool, reduce: Reduce) -> Result<GaussianScore> {
+    /// The statistics of a detector file fitted on `dim`-wide features (the header's width).
+    pub fn load(s: &Stats, normalise: bool, reduce: Reduce, dim: usize) -> Result<GaussianScore> {
         let mut parts = Vec::new();
         while s.contains(&format!("part{}.whiten", parts.len())) {
             parts.push(Whitened::load(&format!("part{}", parts.len()), s)?);
         }
-        if parts.is_empty() || parts.iter().any(|p| p.dim != parts[0].dim) {
-            return Err(Error::Data(
-                "detector file has no (or inconsistent) Gaussian statistics".into(),
-            ));
+        if parts.is_empty() || parts.iter().any(|p| p.dim != dim) {
+            return Err(Error::Data(format!(
+                "detector file has no Gaussian statistics of its {dim}-wide features"
+            )));
         }
         Ok(GaussianScore {
             normalise,

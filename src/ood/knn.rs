@@ -101,19 +101,15 @@ impl Knn {
         s.put("train", &[self.n, self.dim], &self.train);
     }
 
-    pub fn load(s: &Stats, k: usize) -> Result<Knn> {
-        let (shape, train) = s.get("train", 2)?;
-        if k == 0 || k > shape[0] {
+    /// The bank of a detector file fitted on `dim`-wide features (the header's width: a bank of
+    /// another width would split query rows wrongly).
+    pub fn load(s: &Stats, k: usize, dim: usize) -> Result<Knn> {
+        let (n, train) = s.matrix("train", dim)?;
+        if k == 0 || k > n {
             return Err(Error::Usage(format!(
-                "k = {k} must be in 1..={} (the train rows)",
-                shape[0]
+                "k = {k} must be in 1..={n} (the train rows)"
             )));
         }
-        Ok(Knn {
-            dim: shape[1],
-            k,
-            train,
-            n: shape[0],
-        })
+        Ok(Knn { dim, k, train, n })
     }
 }

@@ -200,6 +200,11 @@ impl KlMatching {
 
     pub fn load(s: &crate::ood::stats::Stats) -> Result<KlMatching> {
         let (shape, log_q) = s.get("kl.log_templates", 2)?;
+        if shape[0] == 0 || shape[0] != shape[1] {
+            return Err(crate::error::Error::Data(format!(
+                "detector tensor `kl.log_templates` has shape {shape:?}, expected [C, C]"
+            )));
+        }
         Ok(KlMatching { c: shape[0], log_q })
     }
 }

@@ -50,6 +50,30 @@ impl Stats {
         Ok((shape.clone(), data.clone()))
     }
 
+    /// The one value of tensor `name` (a setting such as `react.clip`): a file may hold any
+    /// shape under that name, so emptiness and extra values are refused here, not indexed into.
+    pub fn scalar(&self, name: &str) -> Result<f32> {
+        let (shape, data) = self.get(name, 1)?;
+        match data[..] {
+            [v] => Ok(v),
+            _ => Err(Error::Data(format!(
+                "detector tensor `{name}` has shape {shape:?}, expected one value"
+            ))),
+        }
+    }
+
+    /// The matrix `name`: [rows, cols] with at least one row and exactly `cols` columns (the
+    /// width the detector's header promises), as (rows, data).
+    pub fn matrix(&self, name: &str, cols: usize) -> Result<(usize, Vec<f32>)> {
+        let (shape, data) = self.get(name, 2)?;
+        if shape[0] == 0 || shape[1] != cols || cols == 0 {
+            return Err(Error::Data(format!(
+                "detector tensor `{name}` has shape {shape:?}, expected [rows >= 1, {cols}]"
+            )));
+        }
+        Ok((shape[0], data))
+    }
+
     pub fn save(&self, path: &Path, header: &Header) -> Result<()> {
         // Every file holds at least this tensor: a safetensors file without tensors is too short
         // for the weights reader to recognise, and it marks the layout version.

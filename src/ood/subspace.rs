@@ -197,20 +197,21 @@ impl Vim {
         s.put("vim.alpha", &[1], &[self.alpha as f32]);
     }
 
-    pub fn load(s: &crate::ood::stats::Stats) -> Result<Vim> {
+    /// The subspace of a detector file fitted on `dim`-wide features (the header's width).
+    pub fn load(s: &crate::ood::stats::Stats, dim: usize) -> Result<Vim> {
         let (_, origin) = s.get("vim.origin", 1)?;
-        let (shape, ns) = s.get("vim.ns", 2)?;
-        if shape[1] != origin.len() {
+        let (_, ns) = s.matrix("vim.ns", dim)?;
+        if origin.len() != dim {
             return Err(Error::Data(format!(
-                "vim.ns {shape:?} does not match an origin of {}",
+                "vim.origin has {} values, the detector's features are {dim} wide",
                 origin.len()
             )));
         }
         Ok(Vim {
-            d: origin.len(),
+            d: dim,
             origin: origin.iter().map(|&v| v as f64).collect(),
             ns,
-            alpha: s.get("vim.alpha", 1)?.1[0] as f64,
+            alpha: s.scalar("vim.alpha")? as f64,
         })
     }
 }

@@ -11,8 +11,11 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+mod bounds;
 mod numpy;
 
+use bounds::{join, pairs, Machine, NODE};
+pub use bounds::{MAX_BUILT, MAX_DEPTH};
 pub use numpy::NdArray;
 use numpy::{build_numpy, call_numpy};
 
@@ -220,23 +223,15 @@ pub fn load(data: &[u8]) -> R<Value> {
     load_allowing(data, Globals::Torch)
 }
 
-/// Runs the pickle program in `data`, building the values of `globals`' callables.
+/// Runs the pickle program in `data`, building the values of `globals`' callables. Memory and
+/// time are bounded: values nest at most [`MAX_DEPTH`] levels and at most [`MAX_BUILT`] bytes of
+/// them are built, copies included.
 pub fn load_allowing(data: &[u8], globals: Globals) -> R<Value> {
     let mut r = Reader { b: data, pos: 0 };
-    let mut stack: Vec<Value> = Vec::new();
-    let mut memo: HashMap<u32, Value> = HashMap::new();
-    let pop = |stack: &mut Vec<Value>, r: &Reader| -> R<Value> {
-        stack.pop().map_or_else(|| r.err("stack underflow"), Ok)
-    };
-    let pop_mark = |stack: &mut Vec<Value>, r: &Reader| -> R<Vec<Value>> {
-        match stack.iter().rposition(|v| matches!(v, Value::Mark)) {
-            Some(i) => {
-                let items = stack.split_off(i + 1);
-                stack.pop();
-                Ok(items)
-            }
-            None => r.err("MARK not found"),
-        }
+    let mut m = Machine {
+        stack: Vec::new(),
+        memo: HashMap::new(),
+        built: 0,
     };
     loop {
         let at = r.pos;
@@ -248,17 +243,26 @@ pub fn load_allowing(data: &[u8], globals: Globals) -> R<Value> {
             0x95 => {
                 r.u64()?; // FRAME
             }
-            b'.' => return pop(&mut stack, &r),
-            b'}' => stack.push(Value::Dict(Vec::new())),
-            b']' => stack.push(Value::List(Vec::new())),
-            b')' => stack.push(Value::Tuple(Vec::new())),
-            b'(' => stack.push(Value::Mark),
-            b'N' => stack.push(Value::None),
-            0x88 => stack.push(Value::Bool(true)),
-            0x89 => stack.push(Value::Bool(false)),
-            b'J' => stack.push(Value::Int(r.u32()? as i32 as i64)),
-            b'K' => stack.push(Value::Int(r.u8()? as i64)),
-            b'M' => stack.push(Value::Int(r.u16()? as i64)),
+            b'.' => return Ok(m.pop(&r)?.0),
+            b'}' => m.push(&r, Value::Dict(Vec::new()))?,
+            b']' => m.push(&r, Value::List(Vec::new()))?,
+            b')' => m.push(&r, Value::Tuple(Vec::new()))?,
+            b'(' => m.push(&r, Value::Mark)?,
+            b'N' => m.push(&r, Value::None)?,
+            0x88 => m.push(&r, Value::Bool(true))?,
+            0x89 => m.push(&r, Value::Bool(false))?,
+            b'J' => {
+                let v = Value::Int(r.u32()? as i32 as i64);
+                m.push(&r, v)?
+            }
+            b'K' => {
+                let v = Value::Int(r.u8()? as i64);
+                m.push(&r, v)?
+            }
+            b'M' => {
+                let v = Value::Int(r.u16()? as i64);
+                m.push(&r, v)?
+            }
             0x8a | 0x8b => {
                 let n = if op == 0x8a {
                     r.u8()? as usize
@@ -267,7 +271,7 @@ pub fn load_allowing(data: &[u8], globals: Globals) -> R<Value> {
                 };
                 let bytes = r.take(n)?;
                 if n > 8 {
-                    stack.push(Value::Opaque("big integer".into()));
+                    m.push(&r, Value::Opaque("big integer".into()))?;
                 } else {
                     let mut v: i64 = 0;
                     for (i, b) in bytes.iter().enumerate() {
@@ -276,42 +280,48 @@ pub fn load_allowing(data: &[u8], globals: Globals) -> R<Value> {
                     if n > 0 && n < 8 && bytes[n - 1] & 0x80 != 0 {
                         v -= 1i64 << (8 * n); // sign-extend
                     }
-                    stack.push(Value::Int(v));
+                    m.push(&r, Value::Int(v))?;
                 }
             }
-            b'G' => stack.push(Value::Float(f64::from_be_bytes(
-                r.take(8)?.try_into().expect("8"),
-            ))),
+            b'G' => {
+                let v = Value::Float(f64::from_be_bytes(r.take(8)?.try_into().expect("8")));
+                m.push(&r, v)?
+            }
             b'I' | b'L' => {
                 let s = r.line()?;
                 let s = s.trim_end_matches('L');
-                stack.push(match s {
+                let v = match s {
                     "00" => Value::Bool(false),
                     "01" => Value::Bool(true),
                     _ => Value::Int(s.parse().map_err(|_| Error {
                         offset: at,
                         msg: format!("bad integer {s:?}"),
                     })?),
-                });
+                };
+                m.push(&r, v)?;
             }
             b'F' => {
                 let s = r.line()?;
-                stack.push(Value::Float(s.parse().map_err(|_| Error {
+                let v = Value::Float(s.parse().map_err(|_| Error {
                     offset: at,
                     msg: format!("bad float {s:?}"),
-                })?));
+                })?);
+                m.push(&r, v)?;
             }
             b'X' => {
                 let n = r.u32()? as usize;
-                stack.push(Value::Str(r.string(n)?));
+                let v = Value::Str(r.string(n)?);
+                m.push(&r, v)?;
             }
             0x8c => {
                 let n = r.u8()? as usize;
-                stack.push(Value::Str(r.string(n)?));
+                let v = Value::Str(r.string(n)?);
+                m.push(&r, v)?;
             }
             0x8d => {
-                let n = r.u64()? as usize;
-                stack.push(Value::Str(r.string(n)?));
+                let n = usize::try_from(r.u64()?).unwrap_or(usize::MAX);
+                let v = Value::Str(r.string(n)?);
+                m.push(&r, v)?;
             }
             // Python 2 strings: bytes for numpy pickles (an array's data is one), text otherwise.
             b'U' | b'T' => {
@@ -321,133 +331,136 @@ pub fn load_allowing(data: &[u8], globals: Globals) -> R<Value> {
                     r.u32()? as usize
                 };
                 let raw = r.take(n)?;
-                stack.push(match globals {
+                // The bytes are copied once out of the file: count them.
+                m.charge(&r, n)?;
+                let v = match globals {
                     Globals::Numpy => Value::Bytes(raw.into()),
                     Globals::Torch => Value::Str(String::from_utf8_lossy(raw).into_owned()),
-                });
+                };
+                m.push(&r, v)?;
             }
-            b'C' => {
-                let n = r.u8()? as usize;
-                stack.push(Value::Bytes(r.take(n)?.into()));
-            }
-            b'B' => {
-                let n = r.u32()? as usize;
-                stack.push(Value::Bytes(r.take(n)?.into()));
-            }
-            // BINBYTES8, and BYTEARRAY8 (protocol 5's in-band array buffers), read as bytes.
-            0x8e | 0x96 => {
-                let n = usize::try_from(r.u64()?).unwrap_or(usize::MAX);
-                stack.push(Value::Bytes(r.take(n)?.into()));
+            b'C' | b'B' | 0x8e | 0x96 => {
+                // SHORT_BINBYTES, BINBYTES, BINBYTES8, and BYTEARRAY8 (protocol 5's in-band
+                // array buffers), all read as bytes.
+                let n = match op {
+                    b'C' => r.u8()? as usize,
+                    b'B' => r.u32()? as usize,
+                    _ => usize::try_from(r.u64()?).unwrap_or(usize::MAX),
+                };
+                let raw = r.take(n)?;
+                m.charge(&r, n)?;
+                m.push(&r, Value::Bytes(raw.into()))?;
             }
             b'q' | b'r' | 0x94 => {
                 let idx = match op {
                     b'q' => r.u8()? as u32,
                     b'r' => r.u32()?,
-                    _ => memo.len() as u32,
+                    _ => m.memo.len() as u32,
                 };
-                let top = stack
-                    .last()
-                    .cloned()
-                    .map_or_else(|| r.err("MEMOIZE on an empty stack"), Ok)?;
-                memo.insert(idx, top);
+                let top = m.copy_top(&r, "MEMOIZE")?;
+                m.memo.insert(idx, top);
             }
             b'h' | b'j' => {
                 let idx = if op == b'h' { r.u8()? as u32 } else { r.u32()? };
-                let v = memo
-                    .get(&idx)
-                    .cloned()
-                    .map_or_else(|| r.err(format!("memo {idx} unset")), Ok)?;
-                stack.push(v);
+                let Some(&(_, vm)) = m.memo.get(&idx) else {
+                    return r.err(format!("memo {idx} unset"));
+                };
+                m.charge(&r, vm.bytes)?;
+                let v = m.memo[&idx].0.clone();
+                m.put(&r, v, vm)?;
             }
             b't' => {
-                let items = pop_mark(&mut stack, &r)?;
-                stack.push(Value::Tuple(items));
+                let (items, jm) = m.pop_mark(&r)?;
+                m.charge(&r, NODE)?;
+                m.put(&r, Value::Tuple(items), jm)?;
             }
             0x85..=0x87 => {
                 let n = (op - 0x84) as usize;
-                if stack.len() < n {
+                if m.stack.len() < n {
                     return r.err("stack underflow");
                 }
-                let items = stack.split_off(stack.len() - n);
-                stack.push(Value::Tuple(items));
+                let items = m.stack.split_off(m.stack.len() - n);
+                let jm = join(items.iter().map(|(_, im)| *im));
+                m.charge(&r, NODE)?;
+                m.put(
+                    &r,
+                    Value::Tuple(items.into_iter().map(|(v, _)| v).collect()),
+                    jm,
+                )?;
             }
             b'l' => {
-                let items = pop_mark(&mut stack, &r)?;
-                stack.push(Value::List(items));
+                let (items, jm) = m.pop_mark(&r)?;
+                m.charge(&r, NODE)?;
+                m.put(&r, Value::List(items), jm)?;
             }
             b'd' => {
-                let items = pop_mark(&mut stack, &r)?;
-                let pairs = items
-                    .chunks(2)
-                    .filter(|c| c.len() == 2)
-                    .map(|c| (c[0].clone(), c[1].clone()))
-                    .collect();
-                stack.push(Value::Dict(pairs));
+                let (items, jm) = m.pop_mark(&r)?;
+                m.charge(&r, NODE)?;
+                m.put(&r, Value::Dict(pairs(items)), jm)?;
             }
             b'a' | b'e' => {
-                let items = if op == b'a' {
-                    vec![pop(&mut stack, &r)?]
+                let (items, jm) = if op == b'a' {
+                    let (v, vm) = m.pop(&r)?;
+                    (vec![v], join([vm]))
                 } else {
-                    pop_mark(&mut stack, &r)?
+                    m.pop_mark(&r)?
                 };
-                match stack.last_mut() {
-                    Some(Value::List(l)) => l.extend(items),
-                    Some(_) => {}
-                    None => return r.err("APPEND on an empty stack"),
-                }
+                m.extend_top(&r, items, jm, "APPEND")?;
             }
             b's' | b'u' => {
-                let items = if op == b's' {
-                    let v = pop(&mut stack, &r)?;
-                    let k = pop(&mut stack, &r)?;
-                    vec![k, v]
+                let (items, jm) = if op == b's' {
+                    let (v, vm) = m.pop(&r)?;
+                    let (k, km) = m.pop(&r)?;
+                    (vec![k, v], join([km, vm]))
                 } else {
-                    pop_mark(&mut stack, &r)?
+                    m.pop_mark(&r)?
                 };
-                match stack.last_mut() {
-                    Some(Value::Dict(d)) => d.extend(
-                        items
-                            .chunks(2)
-                            .filter(|c| c.len() == 2)
-                            .map(|c| (c[0].clone(), c[1].clone())),
-                    ),
-                    Some(_) => {}
-                    None => return r.err("SETITEM on an empty stack"),
-                }
+                m.extend_top(&r, items, jm, "SETITEM")?;
             }
             b'c' => {
                 let module = r.line()?;
                 let name = r.line()?;
-                stack.push(Value::Global(module, name));
+                m.push(&r, Value::Global(module, name))?;
             }
             0x93 => {
-                let name = pop(&mut stack, &r)?;
-                let module = pop(&mut stack, &r)?;
+                let (name, nm) = m.pop(&r)?;
+                let (module, mm) = m.pop(&r)?;
                 match (module, name) {
-                    (Value::Str(m), Value::Str(n)) => stack.push(Value::Global(m, n)),
+                    (Value::Str(a), Value::Str(b)) => {
+                        m.put(&r, Value::Global(a, b), join([mm, nm]))?
+                    }
                     _ => return r.err("STACK_GLOBAL needs two strings"),
                 }
             }
             b'R' | 0x81 | 0x92 => {
                 if op == 0x92 {
-                    pop(&mut stack, &r)?; // NEWOBJ_EX's keyword arguments: unused
+                    m.pop(&r)?; // NEWOBJ_EX's keyword arguments: unused
                 }
-                let args = pop(&mut stack, &r)?;
-                let f = pop(&mut stack, &r)?;
-                stack.push(apply(f, args, globals));
+                let (args, am) = m.pop(&r)?;
+                let (f, fm) = m.pop(&r)?;
+                // A call copies at most what its arguments hold (sizes, names, array bytes).
+                let cost = join([am, fm]);
+                m.charge(&r, cost.bytes)?;
+                m.put(&r, apply(f, args, globals), cost)?;
             }
             b'b' => {
                 // BUILD: setstate. numpy arrays and dtypes take theirs; dicts and opaque objects
                 // keep what they are.
-                let state = pop(&mut stack, &r)?;
-                match stack.last_mut() {
-                    Some(obj) if globals == Globals::Numpy => build_numpy(obj, state),
-                    Some(_) => {}
-                    None => return r.err("BUILD on an empty stack"),
+                let (state, sm) = m.pop(&r)?;
+                m.charge(&r, sm.bytes)?;
+                let Some((obj, om)) = m.stack.last_mut() else {
+                    return r.err("BUILD on an empty stack");
+                };
+                if globals == Globals::Numpy {
+                    build_numpy(obj, state);
+                    *om = join([*om, sm]);
+                    if om.depth > MAX_DEPTH {
+                        return r.err(format!("values nested more than {MAX_DEPTH} levels deep"));
+                    }
                 }
             }
             b'Q' => {
-                let pid = pop(&mut stack, &r)?;
+                let (pid, pm) = m.pop(&r)?;
                 let v = match pid {
                     Value::Tuple(items) if matches!(items.first(), Some(Value::Str(s)) if s == "storage") => {
                         match (items.get(1), items.get(2)) {
@@ -465,20 +478,18 @@ pub fn load_allowing(data: &[u8], globals: Globals) -> R<Value> {
                     }
                     _ => Value::Opaque("persistent id".into()),
                 };
-                stack.push(v);
+                m.charge(&r, pm.bytes)?;
+                m.put(&r, v, pm)?;
             }
             b'0' => {
-                pop(&mut stack, &r)?;
+                m.pop(&r)?;
             }
             b'1' => {
-                pop_mark(&mut stack, &r)?;
+                m.pop_mark(&r)?;
             }
             b'2' => {
-                let top = stack
-                    .last()
-                    .cloned()
-                    .map_or_else(|| r.err("DUP on an empty stack"), Ok)?;
-                stack.push(top);
+                let (v, vm) = m.copy_top(&r, "DUP")?;
+                m.put(&r, v, vm)?;
             }
             other => {
                 return Err(Error {

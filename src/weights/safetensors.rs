@@ -134,10 +134,19 @@ pub fn read_metadata(path: &Path, key: &str) -> Result<Option<String>> {
     let mut len = [0u8; 8];
     f.read_exact(&mut len)
         .map_err(|_| Error::format(path, "not a valid safetensors file (truncated?)"))?;
-    let n = u64::from_le_bytes(len) as usize;
+    let n = u64::from_le_bytes(len);
     if n > 100 << 20 {
         return Err(Error::format(path, "safetensors header larger than 100 MB"));
     }
+    // The header must fit in the file before a buffer of its announced size is made.
+    let file_len = f.metadata().map_err(|e| Error::io(path, e))?.len();
+    if n > file_len.saturating_sub(8) {
+        return Err(Error::format(
+            path,
+            format!("truncated: a {n}-byte safetensors header in a {file_len}-byte file"),
+        ));
+    }
+    let n = n as usize;
     let mut header = vec![0u8; n];
     f.read_exact(&mut header)
         .map_err(|_| Error::format(path, "not a valid safetensors file (truncated?)"))?;

@@ -183,3 +183,69 @@ pub fn hostname() -> String {
         .map(|s| s.trim().to_string())
         .unwrap_or_default()
 }
+
+/// What a run of the binary under [`run_mood_limited`] gave.
+pub struct LimitedRun {
+    /// Exit code; None when a signal ended it (an abort, or the kill at the deadline).
+    pub code: Option<i32>,
+    pub stderr: String,
+    pub elapsed: std::time::Duration,
+    pub timed_out: bool,
+}
+
+/// Runs the `mood` binary on two threads with its address space limited to `max_bytes`
+/// (setrlimit in the child before exec, so an allocation past it fails inside mood) and killed
+/// after `deadline`: a hostile file must be refused in bounded memory and time.
+pub fn run_mood_limited(
+    args: &[&str],
+    max_bytes: u64,
+    deadline: std::time::Duration,
+) -> LimitedRun {
+    use std::os::unix::process::CommandExt;
+    use std::process::Stdio;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mood"));
+    cmd.args(["--threads", "2"])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: setrlimit is async-signal-safe and touches nothing of the parent's state.
+    unsafe {
+        cmd.pre_exec(move || {
+            let lim = libc::rlimit {
+                rlim_cur: max_bytes as libc::rlim_t,
+                rlim_max: max_bytes as libc::rlim_t,
+            };
+            if libc::setrlimit(libc::RLIMIT_AS, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let start = std::time::Instant::now();
+    let mut child = cmd.spawn().expect("run mood");
+    // stderr is read on a thread so a chatty child cannot block on a full pipe.
+    let mut pipe = child.stderr.take().expect("piped stderr");
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut pipe, &mut s).ok();
+        s
+    });
+    let mut timed_out = false;
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait for mood") {
+            break st;
+        }
+        if start.elapsed() > deadline {
+            timed_out = true;
+            child.kill().ok();
+            break child.wait().expect("wait for mood");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    LimitedRun {
+        code: status.code(),
+        stderr: reader.join().unwrap_or_default(),
+        elapsed: start.elapsed(),
+        timed_out,
+    }
+}
