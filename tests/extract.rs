@@ -6,7 +6,9 @@ mod common;
 
 use std::path::Path;
 
-use common::{extract_tiny, extract_tiny_env, fixture, run_mood, run_mood_env, tiny_weights};
+use common::{
+    extract_tiny, extract_tiny_env, files, fixture, run_mood, run_mood_env, tiny_weights,
+};
 
 /// The binary on two threads: exit code and stderr.
 fn mood(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
@@ -20,22 +22,6 @@ fn extract(out: &Path, extra: &[&str], env: &[(&str, &str)]) -> (i32, String) {
     args.extend_from_slice(extra);
     let (code, _, err) = extract_tiny_env("digits:0-4@test", out, &args, env);
     (code, err)
-}
-
-fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.is_file())
-        .map(|p| {
-            (
-                p.file_name().unwrap().to_string_lossy().into_owned(),
-                std::fs::read(&p).unwrap(),
-            )
-        })
-        .collect();
-    v.sort();
-    v
 }
 
 #[test]

@@ -6,8 +6,8 @@ mod common;
 use std::path::Path;
 
 use common::{
-    assert_refused, dead_pid, edit_manifest, extract_arch, extract_tiny_env, fixture, hostname,
-    run_mood, run_mood_env,
+    assert_refused, dead_pid, edit_manifest, extract_arch, extract_tiny_env, files, fixture,
+    hostname, run_mood, run_mood_env,
 };
 
 /// The digits test split through the tiny BEiT, then `extra`; 8 images a batch and 32 a chunk
@@ -31,23 +31,6 @@ fn killed(out: &Path, extra: &[&str], chunks: &str) {
 
 fn s(p: &Path) -> String {
     p.to_string_lossy().into_owned()
-}
-
-/// Every file of `dir` (not sub-directories) with its bytes, sorted.
-fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.is_file())
-        .map(|p| {
-            (
-                p.file_name().unwrap().to_string_lossy().into_owned(),
-                std::fs::read(&p).unwrap(),
-            )
-        })
-        .collect();
-    v.sort();
-    v
 }
 
 #[test]

@@ -47,20 +47,7 @@ pub fn extract_tiny_env(
     extra: &[&str],
     env: &[(&str, &str)],
 ) -> (i32, String, String) {
-    let (w, o) = (tiny_weights(), out.to_string_lossy().into_owned());
-    let mut args = vec![
-        "extract",
-        "--arch",
-        "test_tiny_beit",
-        "--weights",
-        &w,
-        "--data",
-        data,
-        "--out",
-        &o,
-    ];
-    args.extend_from_slice(extra);
-    run_mood_env(&args, env)
+    extract_arch("test_tiny_beit", &tiny_weights(), data, out, extra, env)
 }
 
 /// tests/fixtures/<rel>. The repository root is the build's, unless `MOOD_REPO_ROOT` names another:
@@ -119,7 +106,24 @@ pub fn parity_errors(got: &[f32], want: &[f32]) -> (f32, f32) {
     (abs, rel)
 }
 
-/// `mood extract` with another architecture and weights than the tiny BEiT's.
+/// Every file of `dir` (not sub-directories) with its bytes, sorted by name.
+pub fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file())
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                std::fs::read(&p).unwrap(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// `mood extract` with any architecture and weights.
 pub fn extract_arch(
     arch: &str,
     weights: &str,

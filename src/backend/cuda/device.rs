@@ -113,6 +113,8 @@ pub struct CudaDevice {
     /// `MOOD_CUDA_ARCH` was set: compile for it with NVRTC, never load the embedded nvcc PTX.
     arch_forced: bool,
     modules: Mutex<HashMap<String, Arc<CudaModule>>>,
+    /// Parameter counts of the kernels launched so far, by name (`check_arity`).
+    arity: Mutex<HashMap<String, usize>>,
 }
 
 impl CudaDevice {
@@ -156,6 +158,7 @@ impl CudaDevice {
             arch,
             arch_forced,
             modules: Mutex::new(HashMap::new()),
+            arity: Mutex::new(HashMap::new()),
         })
     }
 
@@ -276,6 +279,24 @@ impl CudaDevice {
             .map_err(cuda_err(format!("load {stem}.cu ({arch})")))
     }
 
+    /// Checks that kernel `f` (called `name`) takes `given` parameters: a launcher that passes
+    /// another number would have the GPU read garbage as arguments. The driver is asked once per
+    /// kernel name; launches after the first are a map lookup.
+    pub fn check_arity(&self, f: &CudaFunction, name: &str, given: usize) -> Result<()> {
+        let n = {
+            let mut known = self.arity.lock().unwrap_or_else(|e| e.into_inner());
+            *known
+                .entry(name.to_string())
+                .or_insert_with(|| param_count(f))
+        };
+        if n != given {
+            return Err(Error::Cuda(format!(
+                "kernel {name} takes {n} parameters, its launcher passes {given}"
+            )));
+        }
+        Ok(())
+    }
+
     /// Compiles and loads every kernel family now (so that timings exclude NVRTC).
     pub fn load_all(&self) -> Result<()> {
         for (stem, _) in super::kernel_sources() {
@@ -335,22 +356,16 @@ impl CudaDevice {
     }
 }
 
-/// Checks with the driver that kernel `f` (called `name`) takes `given` parameters.
-pub fn check_arity(f: &CudaFunction, name: &str, given: usize) -> Result<()> {
-    // The driver answers CUDA_ERROR_INVALID_VALUE for an index past the last parameter.
+/// The number of parameters kernel `f` takes, asked of the driver: it answers
+/// CUDA_ERROR_INVALID_VALUE for an index past the last one.
+fn param_count(f: &CudaFunction) -> usize {
     let exists = |i: usize| {
         let (mut offset, mut size) = (0usize, 0usize);
         // SAFETY: a live function handle and valid out-pointers.
         let r = unsafe { sys::cuFuncGetParamInfo(f.cu_function(), i, &mut offset, &mut size) };
         r == sys::CUresult::CUDA_SUCCESS
     };
-    let n = (0..256).find(|&i| !exists(i)).unwrap_or(256);
-    if n != given {
-        return Err(Error::Cuda(format!(
-            "kernel {name} takes {n} parameters, its launcher passes {given}"
-        )));
-    }
-    Ok(())
+    (0..256).find(|&i| !exists(i)).unwrap_or(256)
 }
 
 /// A kernel argument that a `u32`/`i32` must hold; sizes beyond it are an error, not a wrap.

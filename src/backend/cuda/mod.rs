@@ -8,13 +8,13 @@
 
 /// Launches kernel `$f` (called `$name` in errors) with launch shape `$cfg` and the arguments in
 /// brackets, after the driver confirms that the kernel takes exactly that many parameters
-/// (`device::check_arity`): a launcher that drifted from its kernel is an error, where a GPU would
+/// (`CudaDevice::check_arity`): a launcher that drifted from its kernel is an error, where a GPU would
 /// read garbage arguments. Expands to an unsafe launch: call it inside `unsafe` with the usual
 /// SAFETY comment on the buffers.
 macro_rules! launch {
     ($dev:expr, $f:expr, $name:expr, $cfg:expr, [$($arg:expr),+ $(,)?]) => {{
         let given = [$(stringify!($arg)),+].len();
-        match $crate::backend::cuda::device::check_arity(&$f, &$name, given) {
+        match $dev.check_arity(&$f, &$name, given) {
             Err(e) => Err(e),
             Ok(()) => $dev
                 .stream()
