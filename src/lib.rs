@@ -19,6 +19,7 @@ pub mod ood;
 pub mod profile;
 pub mod progress;
 pub mod report;
+pub mod rng;
 pub mod store;
 pub mod tensor;
 pub mod train;

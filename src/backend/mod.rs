@@ -8,9 +8,18 @@
 //! tensor is on the CPU; the CUDA backend adds its arm to each op, with the same names
 //! (`cpu::layernorm::forward` / `cuda::layernorm::forward`), so the model code stays as it is.
 
+/// The element type of a CUDA forward's activations (`--precision`): f32, or bf16 storage with
+/// f32 accumulation. Defined here, below the model and the command line that both use it.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    F32,
+    Bf16,
+}
+
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod memory_budget;
 
 use crate::error::{Error, Result};
 use crate::profile;

@@ -81,11 +81,7 @@ pub enum Device {
     Auto,
 }
 
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Precision {
-    F32,
-    Bf16,
-}
+pub use crate::backend::Precision;
 
 pub fn run(args: Args) -> Result<()> {
     if args.batch == 0 || args.iters == 0 {

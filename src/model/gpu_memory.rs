@@ -3,12 +3,10 @@
 //! CUDA here), mirroring the buffers `cuda_vit::CudaVit::forward_device` allocates; the weights are
 //! not counted because they are already resident when the check runs (free memory excludes them).
 
-use crate::cli::bench::Precision;
+use crate::backend::Precision;
 use crate::model::VitConfig;
 
-/// Headroom for what the estimate does not see: cuBLAS workspaces (32 MiB on Hopper), the
-/// allocator's rounding, the driver's own reservations after a first launch.
-pub const HEADROOM_BYTES: usize = 128 << 20;
+pub use crate::backend::memory_budget::{max_batch_that_fits, HEADROOM_BYTES};
 
 /// Bytes of one element of the activations between ops (the GEMM operands).
 pub fn element_bytes(precision: Precision) -> usize {
@@ -50,11 +48,6 @@ pub fn fixed_bytes(cfg: &VitConfig, precision: Precision, attention_gemm: bool) 
         (Precision::Bf16, false) => 0,
     };
     scratch + HEADROOM_BYTES
-}
-
-/// The largest batch whose activations fit in `free_bytes` after `fixed_bytes`; 0 if not even one.
-pub fn max_batch_that_fits(free_bytes: usize, per_image_bytes: usize, fixed_bytes: usize) -> usize {
-    free_bytes.saturating_sub(fixed_bytes) / per_image_bytes.max(1)
 }
 
 /// The one-line explanation of a batch that does not fit, with the batch that would.

@@ -7,10 +7,10 @@ use rayon::prelude::*;
 
 use crate::backend::cpu::matmul::linear_nobias;
 use crate::error::{Error, Result};
-use crate::model::init::Rng;
 use crate::ood::check_rows;
 use crate::ood::gaussian::l2_normalised;
 use crate::ood::stats::Stats;
+use crate::rng::Rng;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Distance {

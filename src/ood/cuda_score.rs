@@ -30,9 +30,9 @@
 use cudarc::driver::CudaSlice;
 
 use crate::backend::cuda::{distance, matmul, CudaDevice};
+use crate::backend::memory_budget::{max_batch_that_fits, HEADROOM_BYTES};
 use crate::backend::Activation;
 use crate::error::{Error, Result};
-use crate::model::gpu_memory::{max_batch_that_fits, HEADROOM_BYTES};
 use crate::ood::check_rows;
 use crate::ood::detector::{Detector, Fitted};
 use crate::ood::gaussian::{l2_normalised, Reduce};
@@ -419,8 +419,8 @@ mod tests {
 
     #[test]
     fn the_gpu_algorithm_is_within_its_stated_tolerance_of_the_cpu() {
-        use crate::model::init::Rng;
         use crate::ood::detector::{Inputs, Matrix};
+        use crate::rng::Rng;
         // tests/cuda_parity.rs's cases: (method, k, (train rows, queries, classes, D)), features
         // with a common offset of 5 and every other query shifted away.
         let cases = [
