@@ -10,19 +10,9 @@ use mood::ood::detector::Head;
 use mood::store::{write, Contents, Manifest};
 use mood::Tensor;
 
+/// One line of error (a store saved by hand is read with a note saying so; notes aside).
 fn assert_one_line_error(r: (i32, String, String), must_contain: &[&str]) {
-    let (code, _, stderr) = r;
-    assert_ne!(code, 0, "expected failure, stderr: {stderr}");
-    assert!(!stderr.contains("panicked"), "panic: {stderr}");
-    // A store saved by hand is read with a note saying so; the error itself is one line.
-    let lines: Vec<&str> = stderr
-        .lines()
-        .filter(|l| !l.trim().is_empty() && !l.starts_with("note:"))
-        .collect();
-    assert_eq!(lines.len(), 1, "expected one line, got: {stderr}");
-    for m in must_contain {
-        assert!(stderr.contains(m), "`{m}` not in: {stderr}");
-    }
+    common::assert_refused(&r, must_contain);
 }
 
 const D: usize = 6;
