@@ -8,6 +8,9 @@
 //   residual_scale:   x += γ ⊙ y              γ: [D] (BEiT layer scale), or null for γ = 1
 //   assemble_tokens:  x[b·N + t, :] = (t = 0 ? cls : patches[b·G + t − 1, :]) + pos[t, :]
 //                     N = G + 1 tokens, the class token first; pos [N, D] or null. f32 only.
+//   select_rows:      out[r, :] = src[r] >= 0 ? x[src[r], :] : token[:]   src: [R] i32
+//                     (row gathering, and masked image modelling's mask token where src < 0).
+//                     f32 only.
 //   cast_f32_bf16:    out = bf16(in), round to nearest even
 //   cast_f32_f16:     out = f16(in),  round to nearest even
 // The sizes M·D and D are arguments. bf16 variants read and write bf16 storage and compute in f32.
@@ -112,4 +115,15 @@ cast_f32_bf16(const float* in, __nv_bfloat16* out, long long n) {
 extern "C" __global__ void __launch_bounds__(256)
 cast_f32_f16(const float* in, __half* out, long long n) {
     GRID_STRIDE(i, n) { out[i] = __float2half(in[i]); }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+select_rows_f32(const float* x, const int* src, const float* token, float* out, int R, int D) {
+    const long long n = (long long)R * D;
+    GRID_STRIDE(i, n) {
+        const long long r = i / D;
+        const int c = (int)(i - r * D);
+        const int s = src[r];
+        out[i] = s >= 0 ? x[(long long)s * D + c] : token[c];
+    }
 }

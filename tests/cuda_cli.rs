@@ -37,7 +37,8 @@ fn extract_and_forward_on_cuda_match_the_cpu() {
     let tmp = tempfile::tempdir().unwrap();
     let store = |name: &str, extra: &[&str]| {
         let out = tmp.path().join(name);
-        let mut args = vec!["--batch", "8"];
+        // --local: the patch tokens come from the device's forward too.
+        let mut args = vec!["--batch", "8", "--local"];
         args.extend_from_slice(extra);
         let (code, _, err) = extract_tiny_env("digits:0-4@test", &out, &args, &env);
         assert_eq!(code, 0, "extract {extra:?}: {err}");
@@ -52,7 +53,7 @@ fn extract_and_forward_on_cuda_match_the_cpu() {
             "the device line says so: {err}"
         );
     }
-    for file in ["features.npy", "logits.npy"] {
+    for file in ["features.npy", "logits.npy", "local.npy"] {
         let want = npy(&cpu.join(file));
         let f32_err = max_rel(&npy(&cuda.join(file)), &want);
         let bf16_err = max_rel(&npy(&bf16.join(file)), &want);

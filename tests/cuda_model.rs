@@ -1,4 +1,5 @@
-//! Whole-model CUDA forwards (src/model/cuda_vit.rs):
+//! Whole-model CUDA forwards: the model's one forward (src/model/vit.rs) run by the CUDA executor
+//! (src/model/cuda_exec.rs, src/model/cuda_model.rs):
 //!   - the timm fixtures (tiny BEiT with per-block and shared relative positions, tiny ViT; see
 //!     tests/timm_parity.rs) through the f32 CUDA forward, at the CPU test's 1e-4 absolute;
 //!   - BEiT-Base/16 with random weights where attention matters (`attention_heavy_beit`), batch 2,
@@ -6,7 +7,10 @@
 //!     rel = |gpu − cpu| / (|cpu| + rms(cpu)) as in tests/cuda_parity.rs: f32 within 1e-3 (12
 //!     blocks of GEMMs summed in another order), bf16 within 5e-2 (bf16 activations between every
 //!     op for 12 blocks; 1.5e-2 was measured on the stand-in), and the two bf16 attention paths
-//!     within 3e-2 of each other, while the position tables alone move the features by > 0.2.
+//!     within 3e-2 of each other, while the position tables alone move the features by > 0.2;
+//!   - forward_local and forward_masked on the device against the CPU executor (f32, 1e-4 of the
+//!     values' scale);
+//!   - the buffer plan: measured from batches 1 and 2, it predicts batch 3's peak exactly.
 //!
 //! Without a usable GPU they run on the CPU stand-in for CUDA (tests/common/cuda.rs).
 
@@ -15,7 +19,10 @@
 mod common;
 
 use common::fixture;
-use mood::model::cuda_vit::CudaVit;
+use std::sync::Arc;
+
+use mood::model::cuda_model::CudaModel;
+use mood::model::exec::{Exec, Infer};
 use mood::model::{init, VisionTransformer, VitConfig};
 use mood::weights::WeightStore;
 use mood::Tensor;
@@ -53,6 +60,7 @@ fn timm_fixtures_through_cuda_f32() {
     let Some(dev) = common::cuda::device("timm_fixtures_through_cuda_f32") else {
         return;
     };
+    let dev = Arc::new(dev);
     let mut failures = Vec::new();
     for (arch, name) in [
         ("test_tiny_beit", "tiny_beit"),
@@ -65,10 +73,8 @@ fn timm_fixtures_through_cuda_f32() {
         let (shape, x) = mood::npy::read_f32(&fixture(&format!("timm/{name}_input.npy"))).unwrap();
         let (_, f) = mood::npy::read_f32(&fixture(&format!("timm/{name}_features.npy"))).unwrap();
         let (_, l) = mood::npy::read_f32(&fixture(&format!("timm/{name}_logits.npy"))).unwrap();
-        let gpu = CudaVit::<f32>::load(&dev, &model).unwrap();
-        let out = gpu
-            .forward(&dev, &Tensor::from_vec(&shape, x).unwrap())
-            .unwrap();
+        let mut gpu = CudaModel::<f32>::new(Arc::clone(&dev), &model);
+        let out = gpu.forward(&Tensor::from_vec(&shape, x).unwrap()).unwrap();
         let ef = max_abs(out.features.as_slice(), &f);
         let el = max_abs(out.logits.expect("fixture has a head").as_slice(), &l);
         let ok = ef <= 1e-4 && el <= 1e-4;
@@ -114,6 +120,7 @@ fn beit_base_cuda_matches_cpu() {
     let Some(dev) = common::cuda::device("beit_base_cuda_matches_cpu") else {
         return;
     };
+    let dev = Arc::new(dev);
     let cfg = VitConfig::preset("beit_base_patch16_224").unwrap();
     let model = attention_heavy_beit(&cfg, true);
     let mut rng = init::Rng::new(7);
@@ -152,14 +159,14 @@ fn beit_base_cuda_matches_cpu() {
             failures.push(what.to_string());
         }
     };
-    let f32_model = CudaVit::<f32>::load(&dev, &model).unwrap();
-    check("f32", &f32_model.forward(&dev, &x).unwrap(), 1e-3);
-    let mut bf16_model = CudaVit::<half::bf16>::load(&dev, &model).unwrap();
-    bf16_model.attention_gemm = false;
-    let fused = bf16_model.forward(&dev, &x).unwrap();
+    let mut f32_model = CudaModel::<f32>::new(Arc::clone(&dev), &model);
+    check("f32", &f32_model.forward(&x).unwrap(), 1e-3);
+    let mut bf16_model = CudaModel::<half::bf16>::new(Arc::clone(&dev), &model);
+    bf16_model.exec.set_attention_gemm(false).unwrap();
+    let fused = bf16_model.forward(&x).unwrap();
     check("bf16 fused attention", &fused, 5e-2);
-    bf16_model.attention_gemm = true;
-    let gemm = bf16_model.forward(&dev, &x).unwrap();
+    bf16_model.exec.set_attention_gemm(true).unwrap();
+    let gemm = bf16_model.forward(&x).unwrap();
     check("bf16 cuBLAS attention", &gemm, 5e-2);
     // The two bf16 attention paths against each other: only their rounding differs.
     let between = max_rel(fused.features.as_slice(), gemm.features.as_slice());
@@ -173,4 +180,101 @@ fn beit_base_cuda_matches_cpu() {
         failures.is_empty(),
         "CUDA forward differs from CPU: {failures:?}"
     );
+}
+
+fn tiny_beit() -> (VisionTransformer, Tensor) {
+    let cfg = VitConfig::preset("test_tiny_beit").unwrap();
+    let store = WeightStore::open(&fixture("timm/tiny_beit.safetensors")).unwrap();
+    let model = VisionTransformer::load(&cfg, &store).unwrap();
+    let (shape, x) = mood::npy::read_f32(&fixture("timm/tiny_beit_input.npy")).unwrap();
+    (model, Tensor::from_vec(&shape, x).unwrap())
+}
+
+#[test]
+fn local_and_masked_forwards_run_on_the_device() {
+    let Some(dev) = common::cuda::device("local_and_masked_forwards_run_on_the_device") else {
+        return;
+    };
+    let dev = Arc::new(dev);
+    let (model, x) = tiny_beit();
+    let mut failures = Vec::new();
+    let mut check = |what: &str, got: &[f32], want: &[f32]| {
+        let r = max_rel(got, want);
+        let ok = r <= 1e-4 && got.len() == want.len();
+        println!(
+            "{} {what}: max rel vs CPU {r:.2e} (tol 1e-4)",
+            if ok { "PASS" } else { "FAIL" }
+        );
+        if !ok {
+            failures.push(what.to_string());
+        }
+    };
+
+    let (cpu_out, cpu_local) = model.forward_local(&x).unwrap();
+    let mut gpu = CudaModel::<f32>::new(Arc::clone(&dev), &model);
+    let (out, local) = gpu.forward_local(&x).unwrap();
+    assert_eq!(local.shape(), cpu_local.shape());
+    check(
+        "forward_local: local tokens",
+        local.as_slice(),
+        cpu_local.as_slice(),
+    );
+    check(
+        "forward_local: features",
+        out.features.as_slice(),
+        cpu_out.features.as_slice(),
+    );
+
+    // Masked image modelling: every third patch replaced by a mask token.
+    let (b, g, d) = (x.shape()[0], cpu_local.shape()[1], model.cfg.embed_dim);
+    let mask: Vec<bool> = (0..b * g).map(|i| i % 3 == 0).collect();
+    let mut rng = init::Rng::new(5);
+    let token = mood::model::layers::Param {
+        name: "mask_token".into(),
+        value: Tensor::from_vec(&[d], (0..d).map(|_| rng.normal() as f32).collect()).unwrap(),
+    };
+    let norm = model.fc_norm.clone().expect("BEiT has fc_norm");
+    let want = model
+        .forward_masked(&mut Infer, &x, &mask, &token, &norm)
+        .unwrap();
+    let e = &mut gpu.exec;
+    let got = model.forward_masked(e, &x, &mask, &token, &norm).unwrap();
+    let got = e.to_host(&got).unwrap();
+    check("forward_masked: tokens", got.as_slice(), want.as_slice());
+    assert!(
+        failures.is_empty(),
+        "device forwards differ from the CPU: {failures:?}"
+    );
+}
+
+#[test]
+fn the_buffer_plan_predicts_the_peak_of_another_batch() {
+    let Some(dev) = common::cuda::device("the_buffer_plan_predicts_the_peak_of_another_batch")
+    else {
+        return;
+    };
+    let dev = Arc::new(dev);
+    let (model, _) = tiny_beit();
+    let cfg = &model.cfg;
+    let x3 = Tensor::zeros(&[3, cfg.in_chans, cfg.img_size, cfg.img_size]);
+    let mut f32_model = CudaModel::<f32>::new(Arc::clone(&dev), &model);
+    let plan = f32_model.buffer_plan().unwrap();
+    f32_model.exec.meter().reset_peak();
+    f32_model.forward(&x3).unwrap();
+    let peak = f32_model.exec.meter().peak();
+    println!(
+        "f32 plan {plan:?}: predicts {} bytes for batch 3, measured {peak}",
+        plan.bytes(3)
+    );
+    assert_eq!(plan.bytes(3), peak);
+    // The residual stream and the MLP's hidden activation are live together.
+    let floor = cfg.tokens() * (cfg.embed_dim + cfg.mlp_hidden) * 4;
+    assert!(plan.per_image > floor, "{} <= {floor}", plan.per_image);
+    assert!(plan.fixed > 0, "the f32 attention workspace is per forward");
+
+    let mut bf16_model = CudaModel::<half::bf16>::new(Arc::clone(&dev), &model);
+    bf16_model.exec.set_attention_gemm(true).unwrap();
+    let low = bf16_model.buffer_plan().unwrap();
+    println!("bf16 plan {low:?}");
+    assert!(low.per_image < plan.per_image, "{low:?} vs {plan:?}");
 }

@@ -11,7 +11,7 @@
 //!   - bf16/f16 storage: 2e-2. Inputs are rounded to the storage type on the host and the CPU op
 //!     runs on the rounded values in f32, so what is left is the output rounding (2^-8 for bf16)
 //!     and the intermediates the GPU keeps in bf16 (a GEMM output before its bias/GELU).
-//!   - casts, im2col, k-th smallest and top-k: exact (0).
+//!   - casts, im2col, row selection, k-th smallest and top-k: exact (0).
 //!   - the OOD GPU scorer against the CPU detector: 1e-4 (f32 GEMM expansion against the CPU's
 //!     f64-refined nearest means; src/ood/cuda_score.rs states the bound).
 //!
@@ -224,6 +224,33 @@ fn assemble(b: usize, g: usize, d: usize, pos: bool) -> Case {
     )
 }
 
+/// Rows `rows` of x [M, D] (gather), then mask rows set to the token (masked image modelling).
+fn select_rows(m: usize, d: usize) -> Case {
+    let run: Run = Box::new(move |dev, rng| {
+        let (x, token) = (randn(rng, m * d, 1.0), randn(rng, d, 1.0));
+        let rows: Vec<usize> = (0..m).rev().step_by(2).chain([0, m - 1]).collect();
+        let mask: Vec<bool> = (0..m).map(|r| r % 3 == 1).collect();
+        let xt = Tensor::from_vec(&[m, d], x.clone())?;
+        let tt = Tensor::from_vec(&[d], token.clone())?;
+        let want_g = backend::gather_rows(&xt, &rows)?;
+        let want_m = backend::mask_rows(&xt, &mask, &tt)?;
+        let (xd, td) = (dev.upload(&x)?, dev.upload(&token)?);
+        let src: Vec<i32> = rows.iter().map(|&r| r as i32).collect();
+        let mut g = dev.zeros::<f32>(rows.len() * d)?;
+        cu::elementwise::select_rows(dev, &xd, &src, None, &mut g, (m, d))?;
+        let src: Vec<i32> = (0..m)
+            .map(|r| if mask[r] { -1 } else { r as i32 })
+            .collect();
+        let mut mk = dev.zeros::<f32>(m * d)?;
+        cu::elementwise::select_rows(dev, &xd, &src, Some(&td), &mut mk, (m, d))?;
+        Ok(vec![
+            Out("gathered", dev.download(&g)?, want_g.as_slice().to_vec()),
+            Out("masked", dev.download(&mk)?, want_m.as_slice().to_vec()),
+        ])
+    });
+    Case("select_rows", format!("[{m}, {d}]"), "f32", 0.0, run)
+}
+
 fn cast<T: Storage>(n: usize) -> Case {
     let run: Run = Box::new(move |dev, rng| {
         // Wide range, so that rounding, subnormals (f16) and overflow to inf (f16) all occur.
@@ -419,6 +446,8 @@ fn cases() -> Vec<Case> {
         residual::<bf16>(m, d, true),
         assemble(3, 196, 768, true),
         assemble(2, 4, 48, false),
+        select_rows(2 * 197, 768),
+        select_rows(5, 3),
         cast::<bf16>(100_003),
         cast::<f16>(100_003),
         softmax(12 * 197, 197, 0.125),

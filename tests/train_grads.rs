@@ -146,7 +146,7 @@ fn masked_image_modelling_gradients_match_torch() {
         .forward_masked(&mut tape, &images, &mask, &token, &norm)
         .unwrap();
     let rows = masked_token_rows(&mask, b, g);
-    let sel = tape.gather_rows(tokens, &rows).unwrap();
+    let sel = tape.gather_rows(&tokens, &rows).unwrap();
     let pred = tape
         .linear(&sel, &head, mood::backend::Activation::None)
         .unwrap();
@@ -244,8 +244,8 @@ fn odin_through_the_model_matches_torch() {
     let model = VisionTransformer::load(&cfg, &store).unwrap();
     let (shape, x) = mood::npy::read_f32(&fixture("timm/tiny_beit_input.npy")).unwrap();
     let x = Tensor::from_vec(&shape, x).unwrap();
-    let ours = mood::ood::odin::scores(&model, &x, 1000.0, 0.0014).unwrap();
-    let plain = mood::ood::odin::scores(&model, &x, 1000.0, 0.0).unwrap();
+    let ours = mood::extract::odin::scores(&model, &x, 1000.0, 0.0014).unwrap();
+    let plain = mood::extract::odin::scores(&model, &x, 1000.0, 0.0).unwrap();
     let (_, want) = mood::npy::read_f32(&fixture("train/tiny_beit_odin.npy")).unwrap();
     // With T = 1000 scores sit near 1/C = 0.1; compare their excess over uniform, which the input
     // perturbation moves by a few percent (checked: without it the excess differs by far more).

@@ -1,6 +1,6 @@
 //! `mood bench`: forward throughput on random weights and inputs, beside the sgemm rate the `gemm`
 //! crate reaches on the model's largest GEMM shape in the same process, so the two compare directly.
-//! `--device cuda` times the CUDA forward instead (src/model/cuda_vit.rs); `--device auto` takes
+//! `--device cuda` times the CUDA forward instead (the model's forward on src/model/cuda_exec.rs); `--device auto` takes
 //! CUDA when a device is usable and says why not when it falls back to the CPU. `--data` times
 //! image decoding instead (bench_data.rs), `--ood` OOD scoring (bench_ood.rs).
 

@@ -1,7 +1,8 @@
-//! `mood bench --device cuda`: the CUDA forward's throughput (src/model/cuda_vit.rs) with the batch
+//! `mood bench --device cuda`: the CUDA forward's throughput (the model's forward on src/model/cuda_exec.rs) with the batch
 //! resident on the device, its host-to-host rate, and with `--profile` the time of each op at the
 //! model's shapes, run alone, so that a GPU session sees where a forward's time goes.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use cudarc::cublas::{CudaBlas, Gemm};
@@ -12,7 +13,8 @@ use crate::backend::cuda::attention::Dims as AttDims;
 use crate::backend::cuda::{self as cu, CudaDevice};
 use crate::backend::Activation;
 use crate::error::{Error, Result};
-use crate::model::cuda_vit::{attention_by_gemm, Compute, CudaVit, Scratch};
+use crate::model::cuda_exec::{attention_by_gemm, Compute, Scratch};
+use crate::model::cuda_model::CudaModel;
 use crate::model::{init, VisionTransformer, VitConfig};
 use crate::tensor::Tensor;
 
@@ -21,7 +23,7 @@ use crate::tensor::Tensor;
 pub fn run(args: &Args, cfg: &VitConfig) -> Result<()> {
     /// (device-resident forward times, host-to-host forward times), seconds.
     fn timed<T: Compute>(
-        dev: &CudaDevice,
+        dev: &Arc<CudaDevice>,
         model: &VisionTransformer,
         x: &Tensor,
         iters: usize,
@@ -29,28 +31,29 @@ pub fn run(args: &Args, cfg: &VitConfig) -> Result<()> {
     where
         CudaBlas: Gemm<T>,
     {
-        let gpu = CudaVit::<T>::load(dev, model)?;
+        let mut gpu = CudaModel::<T>::new(Arc::clone(dev), model);
         let b = x.shape()[0];
-        gpu.check_batch_fits(dev, b)?; // before the batch's buffers: fail with a batch that fits
-        let img = dev.upload(x.as_slice())?;
+        gpu.check_batch_fits(b)?; // before the batch's buffers: fail with a batch that fits
+        gpu.exec.stage_input(x)?;
         for _ in 0..3 {
-            gpu.forward_device(dev, &img, b)?; // warm-up: cuBLAS heuristics, allocator pool
+            gpu.forward_queued(x)?; // warm-up: cuBLAS heuristics, allocator pool
         }
         dev.sync()?;
         let pb = super::progress(2 * iters as u64, "iter");
         let mut resident = Vec::with_capacity(iters);
         for _ in 0..iters {
             let t = Instant::now();
-            let out = gpu.forward_device(dev, &img, b)?;
+            gpu.forward_queued(x)?;
             dev.sync()?;
             resident.push(t.elapsed().as_secs_f64());
-            drop(out);
             pb.inc(1);
         }
         let mut host = Vec::with_capacity(iters);
+        let mut unstaged = CudaModel::<T>::new(Arc::clone(dev), model);
+        unstaged.forward(x)?; // uploads the weights
         for _ in 0..iters {
             let t = Instant::now();
-            gpu.forward(dev, x)?; // returns host tensors, so the device work is finished
+            unstaged.forward(x)?; // returns host tensors, so the device work is finished
             host.push(t.elapsed().as_secs_f64());
             pb.inc(1);
         }
@@ -63,7 +66,7 @@ pub fn run(args: &Args, cfg: &VitConfig) -> Result<()> {
             "--train is CPU only: there is no CUDA training step yet".into(),
         ));
     }
-    let dev = CudaDevice::new(0)?;
+    let dev = Arc::new(CudaDevice::new(0)?);
     dev.load_all()?; // NVRTC compiles (or reads its cache) before any timing
     let store = init::random_store(cfg, 0);
     let model = VisionTransformer::load(cfg, &store)?;
@@ -196,7 +199,6 @@ where
         dev.upload(&v.into_iter().map(T::from_f32).collect::<Vec<T>>())
     };
     let x32 = dev.upload(&rand(bn * d, 1.0))?;
-    let xt = up(rand(bn * d, 1.0))?;
     let (gamma, beta) = (dev.upload(&vec![1.0f32; d])?, dev.zeros::<f32>(d)?);
     let mut yt = dev.zeros::<T>(bn * d)?;
     let (w_qkv, b_qkv) = (up(rand(3 * d * d, 0.02))?, dev.zeros::<f32>(3 * d)?);
@@ -215,8 +217,10 @@ where
     let mut resid = dev.upload(&rand(bn * d, 1.0))?;
     let gemm = |k: usize, nn: usize| 2.0 * (bn * k * nn) as f64;
     let mut rows: Vec<OpRow> = Vec::new();
+    // The forward normalises the f32 residual stream into f32 (autocast's rule), then casts.
+    let mut y32 = dev.zeros::<f32>(bn * d)?;
     let ln = per_call(dev, iters, || {
-        cu::layernorm::forward(dev, &xt, &gamma, &beta, &mut yt, None, (bn, d), cfg.eps)
+        cu::layernorm::forward(dev, &x32, &gamma, &beta, &mut y32, None, (bn, d), cfg.eps)
     })?;
     rows.push(("layernorm", format!("[{bn}, {d}]"), 2, ln, 0.0));
     if T::NAME != "f32" {

@@ -93,7 +93,7 @@ fn extract_store(
         }
         l.extend_from_slice(local.as_slice());
         if odin && out.logits.is_some() {
-            o.extend(crate::ood::odin::scores(model, &x, ODIN.0, ODIN.1)?);
+            o.extend(crate::extract::odin::scores(model, &x, ODIN.0, ODIN.1)?);
         }
     }
     let n = images.len() / per;

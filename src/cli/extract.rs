@@ -137,19 +137,7 @@ pub fn open_source(spec: &str, preset: &str, img_size: usize) -> Result<(Box<dyn
 pub fn run(args: Args) -> Result<()> {
     let shard = parse_shard(&args.shard)?;
     let odin = args.odin.as_deref().map(parse_odin).transpose()?;
-    // The CUDA forward returns pooled features only, not the patch tokens `--local` keeps.
-    let device = match (args.local, args.device) {
-        (true, Device::Cuda) => {
-            return Err(Error::Usage(
-                "--local needs --device cpu: the CUDA forward does not return patch tokens".into(),
-            ))
-        }
-        (true, Device::Auto) => {
-            eprintln!("note: --device auto: --local runs on the CPU (the CUDA forward does not return patch tokens)");
-            Device::Cpu
-        }
-        (_, d) => d,
-    };
+    let device = args.device;
     if args.batch == 0 || args.chunk == 0 {
         return Err(Error::Usage(
             "--batch and --chunk must be at least 1".into(),
@@ -163,7 +151,7 @@ pub fn run(args: Args) -> Result<()> {
     // The largest batch actually run (batches never span chunks): a smaller one needs less
     // device memory.
     let largest = args.batch.min(args.chunk).min(source.len()).max(1);
-    let (forward, device_name) =
+    let (mut runner, device_name) =
         super::runner::runner_described(&model, device, args.precision, largest)?;
     let weights_sha256 = sha256(&args.weights)?;
     let manifest = Manifest {
@@ -199,7 +187,7 @@ pub fn run(args: Args) -> Result<()> {
     };
     let s = extract::extract(
         &model,
-        &*forward,
+        &mut *runner,
         source.as_ref(),
         &args.out,
         &opts,

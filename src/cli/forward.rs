@@ -66,7 +66,7 @@ pub fn run(args: Args) -> Result<()> {
     }
     // The largest batch actually run: fewer images than --batch need less device memory.
     let largest = args.batch.min(shape[0]).max(1);
-    let forward = super::runner::runner(&model, args.device, args.precision, largest)?;
+    let mut runner = super::runner::runner(&model, args.device, args.precision, largest)?;
     let total = shape[0];
     let pb = super::progress(total as u64, "img");
     let mut feats = Vec::new();
@@ -78,7 +78,7 @@ pub fn run(args: Args) -> Result<()> {
             &[end - start, cfg.in_chans, cfg.img_size, cfg.img_size],
             data[start * per_image..end * per_image].to_vec(),
         )?;
-        let out = forward(&x)?;
+        let out = runner.forward(&x)?;
         d = out.features.shape()[1];
         feats.extend_from_slice(out.features.as_slice());
         if let Some(l) = out.logits {

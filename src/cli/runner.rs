@@ -1,23 +1,20 @@
-//! The forward that `mood forward` and `mood extract` run their batches through: the CPU model,
-//! or its weights uploaded to CUDA device 0 (`--device cuda`), with `--device auto` falling back to
-//! the CPU with a one-line note when no device is usable.
+//! The model that `mood forward` and `mood extract` run their batches through: on the CPU, or on
+//! CUDA device 0 (`--device cuda`), with `--device auto` falling back to the CPU with a one-line
+//! note when no device is usable.
 
 use super::bench::{Device, Precision};
 use crate::error::Result;
-use crate::model::{Output, VisionTransformer};
-use crate::tensor::Tensor;
+use crate::model::runner::{CpuRunner, Runner};
+use crate::model::VisionTransformer;
 
-/// A forward pass: images [B, C, S, S] → features (and logits), on host tensors.
-pub type ForwardFn<'a> = Box<dyn Fn(&Tensor) -> Result<Output> + 'a>;
-
-/// The forward for `device`. On CUDA, `batch` (the largest batch it will be given) is checked
+/// The model on `device`. On CUDA, `batch` (the largest batch it will be given) is checked
 /// against the free device memory first, so that a batch too big fails now with one that fits.
 pub fn runner(
     model: &VisionTransformer,
     device: Device,
     precision: Precision,
     batch: usize,
-) -> Result<ForwardFn<'_>> {
+) -> Result<Box<dyn Runner + '_>> {
     Ok(runner_described(model, device, precision, batch)?.0)
 }
 
@@ -28,9 +25,9 @@ pub fn runner_described(
     device: Device,
     precision: Precision,
     batch: usize,
-) -> Result<(ForwardFn<'_>, String)> {
+) -> Result<(Box<dyn Runner + '_>, String)> {
     let cuda = on_cuda(device, "running", || cuda_runner(model, precision, batch))?;
-    Ok(cuda.unwrap_or_else(|| (Box::new(|x| model.forward(x)), "cpu".into())))
+    Ok(cuda.unwrap_or_else(|| (Box::new(CpuRunner(model)), "cpu".into())))
 }
 
 /// The `--device` rule of every command that computes: `cpu` → None; `cuda` → `open()`, whose
@@ -70,26 +67,26 @@ fn cuda_runner(
     model: &VisionTransformer,
     precision: Precision,
     batch: usize,
-) -> Result<(ForwardFn<'_>, String)> {
+) -> Result<(Box<dyn Runner + '_>, String)> {
     use crate::backend::cuda::CudaDevice;
-    use crate::model::cuda_vit::CudaVit;
-    let dev = CudaDevice::new(0)?;
+    use crate::model::cuda_model::CudaModel;
+    let dev = std::sync::Arc::new(CudaDevice::new(0)?);
     eprintln!("cuda: {}", dev.describe());
     // The model name only: free memory and the like change from run to run.
     let name = format!("cuda: {}", dev.name());
-    let f: ForwardFn<'_> = match precision {
+    let r: Box<dyn Runner + '_> = match precision {
         Precision::F32 => {
-            let gpu = CudaVit::<f32>::load(&dev, model)?;
-            gpu.check_batch_fits(&dev, batch)?;
-            Box::new(move |x| gpu.forward(&dev, x))
+            let mut gpu = CudaModel::<f32>::new(dev, model);
+            gpu.check_batch_fits(batch)?;
+            Box::new(gpu)
         }
         Precision::Bf16 => {
-            let gpu = CudaVit::<half::bf16>::load(&dev, model)?;
-            gpu.check_batch_fits(&dev, batch)?;
-            Box::new(move |x| gpu.forward(&dev, x))
+            let mut gpu = CudaModel::<half::bf16>::new(dev, model);
+            gpu.check_batch_fits(batch)?;
+            Box::new(gpu)
         }
     };
-    Ok((f, name))
+    Ok((r, name))
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -97,7 +94,7 @@ fn cuda_runner(
     _model: &VisionTransformer,
     _precision: Precision,
     _batch: usize,
-) -> Result<(ForwardFn<'_>, String)> {
+) -> Result<(Box<dyn Runner + '_>, String)> {
     Err(crate::error::Error::Cuda(
         "this binary was built without the `cuda` feature".into(),
     ))

@@ -82,7 +82,7 @@ pub fn photo_crops(count: usize, seed: u64) -> Result<Vec<[u8; 64]>> {
                 .map_err(|e| Error::format(format!("<embedded {name}>"), e.to_string()))
         })
         .collect::<Result<Vec<_>>>()?;
-    let mut rng = crate::model::init::Rng::new(seed);
+    let mut rng = crate::rng::Rng::new(seed);
     let mut out = Vec::with_capacity(count);
     for i in 0..count {
         let img = &photos[i % photos.len()];
@@ -111,7 +111,7 @@ pub fn photo_crops(count: usize, seed: u64) -> Result<Vec<[u8; 64]>> {
 
 /// `count` images of uniform noise in 0..=16.
 pub fn noise(count: usize, seed: u64) -> Vec<[u8; 64]> {
-    let mut rng = crate::model::init::Rng::new(seed);
+    let mut rng = crate::rng::Rng::new(seed);
     (0..count)
         .map(|_| {
             let mut px = [0u8; 64];

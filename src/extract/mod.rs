@@ -15,6 +15,7 @@
 //! process writes a store at a time (a `.lock` file with its pid).
 
 pub mod merge;
+pub mod odin;
 pub mod source;
 pub mod state;
 
@@ -23,7 +24,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::model::{Output, VisionTransformer};
+use crate::model::runner::Runner;
+use crate::model::VisionTransformer;
 use crate::store::{Manifest, Skipped};
 use crate::tensor::Tensor;
 use crate::weights::{safetensors, RawTensor, WDType, WeightStore};
@@ -144,14 +146,14 @@ fn plan(len: usize, opts: &Options) -> Vec<Vec<usize>> {
     rows.chunks(opts.chunk.max(1)).map(|c| c.to_vec()).collect()
 }
 
-/// Runs `source` through `forward` (the CPU `model` or its CUDA copy) into the store at `out`;
-/// `--local` patch tokens always come from `model.forward_local` on the CPU. `manifest` carries
+/// Runs `source` through `runner` (`model` on the CPU or a GPU) into the store at `out`; ODIN's
+/// scores come from `model` on the CPU (they need the input gradient). `manifest` carries
 /// the model, weights and source descriptions, and in `identity` the arch, weights hash,
 /// preprocessing, precision and device; the rest of the identity, counts, classes and skipped
 /// files are filled in here.
 pub fn extract(
     model: &VisionTransformer,
-    forward: &dyn Fn(&Tensor) -> Result<Output>,
+    runner: &mut dyn Runner,
     source: &dyn Source,
     out: &Path,
     opts: &Options,
@@ -324,16 +326,16 @@ pub fn extract(
                 )?;
                 let t = Instant::now();
                 let (o, local) = if opts.local {
-                    let (o, l) = model.forward_local(&x)?;
+                    let (o, l) = runner.forward_local(&x)?;
                     (o, Some(l))
                 } else {
-                    (forward(&x)?, None)
+                    (runner.forward(&x)?, None)
                 };
                 if let Some((temp, eps)) = opts.odin {
                     // ODIN needs the input gradient, which only the CPU model's tape gives.
                     chunk
                         .odin
-                        .extend(crate::ood::odin::scores(model, &x, temp, eps)?);
+                        .extend(crate::extract::odin::scores(model, &x, temp, eps)?);
                 }
                 model_seconds += t.elapsed().as_secs_f64();
                 chunk.features.extend_from_slice(o.features.as_slice());

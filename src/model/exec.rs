@@ -1,5 +1,6 @@
 //! How a forward pass is executed. The model's forward is written once over this small op set;
-//! `Infer` runs the backend ops directly, the training tape (`train::tape::Tape`) also records what
+//! `Infer` runs the CPU backend ops directly, `cuda_exec::CudaExec` runs them on a CUDA device
+//! with the activations kept there, and the training tape (`train::tape::Tape`) also records what
 //! backward needs. Shape letters as in `backend`.
 
 use crate::backend::{self, Activation, Pool};
@@ -46,8 +47,9 @@ pub trait Exec {
     /// Rows of x [M, D] with mask set become `token` (masked image modelling).
     fn mask_rows(&mut self, x: Self::V, mask: &[bool], token: &Param) -> Result<Self::V>;
     /// x [M, D] → x[rows] [R, D]
-    fn gather_rows(&mut self, x: Self::V, rows: &[usize]) -> Result<Self::V>;
-    fn value<'a>(&'a self, v: &'a Self::V) -> &'a Tensor;
+    fn gather_rows(&mut self, x: &Self::V, rows: &[usize]) -> Result<Self::V>;
+    /// The value as a host tensor (a copy from the device where it lives there).
+    fn to_host(&mut self, v: &Self::V) -> Result<Tensor>;
 }
 
 /// Plain inference: every op goes straight to the backend; nothing is kept.
@@ -112,11 +114,11 @@ impl Exec for Infer {
         backend::mask_rows(&x, mask, &token.value)
     }
 
-    fn gather_rows(&mut self, x: Tensor, rows: &[usize]) -> Result<Tensor> {
-        backend::gather_rows(&x, rows)
+    fn gather_rows(&mut self, x: &Tensor, rows: &[usize]) -> Result<Tensor> {
+        backend::gather_rows(x, rows)
     }
 
-    fn value<'a>(&'a self, v: &'a Tensor) -> &'a Tensor {
-        v
+    fn to_host(&mut self, v: &Tensor) -> Result<Tensor> {
+        Ok(v.clone())
     }
 }

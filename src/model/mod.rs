@@ -2,12 +2,14 @@
 
 pub mod config;
 #[cfg(feature = "cuda")]
-pub mod cuda_vit;
+pub mod cuda_exec;
+#[cfg(feature = "cuda")]
+pub mod cuda_model;
 pub mod exec;
-pub mod gpu_memory;
 pub mod init;
 pub mod layers;
 pub mod relpos;
+pub mod runner;
 pub mod vit;
 
 pub use config::VitConfig;

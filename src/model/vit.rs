@@ -50,6 +50,9 @@ pub struct VisionTransformer {
     pub head: Option<Linear>,
 }
 
+/// Features, logits (if there is a head) and the last block's patch tokens, on an executor.
+type Local<V> = (V, Option<V>, V);
+
 /// What a forward returns: the pre-logits feature that OOD scores use, and the logits if the
 /// checkpoint has a head.
 pub struct Output {
@@ -233,10 +236,18 @@ impl VisionTransformer {
         self.head.as_ref().map(|h| h.w.value.shape()[0])
     }
 
-    /// images [B, C, H, W], normalised → features [B, D] and logits [B, C].
+    /// images [B, C, H, W], normalised → features [B, D] and logits [B, C], on the CPU.
     pub fn forward(&self, images: &Tensor) -> Result<Output> {
-        let (features, logits) = self.forward_with(&mut Infer, images)?;
-        Ok(Output { features, logits })
+        self.forward_on(&mut Infer, images)
+    }
+
+    /// `forward` on any executor (the CPU, a CUDA device), the outputs copied to the host.
+    pub fn forward_on<E: Exec>(&self, e: &mut E, images: &Tensor) -> Result<Output> {
+        let (features, logits) = self.forward_with(e, images)?;
+        Ok(Output {
+            features: e.to_host(&features)?,
+            logits: logits.map(|l| e.to_host(&l)).transpose()?,
+        })
     }
 
     /// The transformer blocks on a token sequence [B·N, D].
@@ -287,22 +298,25 @@ impl VisionTransformer {
     }
 
     /// Features, logits and the last block's patch tokens [B, G, D] (the local features MODE's
-    /// CSD pools; the class token, where there is one, is left out).
+    /// CSD pools; the class token, where there is one, is left out), on the CPU.
     pub fn forward_local(&self, images: &Tensor) -> Result<(Output, Tensor)> {
-        let e = &mut Infer;
-        let x = self.tokens_with(e, images)?;
-        let (b, n, g, d) = (
-            images.shape()[0],
-            self.cfg.tokens(),
-            self.cfg.grid().0 * self.cfg.grid().1,
-            self.cfg.embed_dim,
-        );
-        let rows: Vec<usize> = (0..b)
-            .flat_map(|i| (n - g..n).map(move |t| i * n + t))
-            .collect();
-        let local = e.gather_rows(x.clone(), &rows)?.reshape(&[b, g, d])?;
-        let (features, logits) = self.head_with(e, x, b)?;
-        Ok((Output { features, logits }, local))
+        self.forward_local_on(&mut Infer, images)
+    }
+
+    /// `forward_local` on any executor, the outputs copied to the host.
+    pub fn forward_local_on<E: Exec>(
+        &self,
+        e: &mut E,
+        images: &Tensor,
+    ) -> Result<(Output, Tensor)> {
+        let (b, g, d) = (images.shape()[0], self.patches(), self.cfg.embed_dim);
+        let (features, logits, local) = self.features_and_local_with(e, images)?;
+        let out = Output {
+            features: e.to_host(&features)?,
+            logits: logits.map(|l| e.to_host(&l)).transpose()?,
+        };
+        let local = e.to_host(&local)?.reshape(&[b, g, d])?;
+        Ok((out, local))
     }
 
     /// Logits (if there is a head) and the last block's patch tokens [B·G, D] on any executor: what
@@ -311,19 +325,25 @@ impl VisionTransformer {
         &self,
         e: &mut E,
         images: &Tensor,
-    ) -> Result<(Option<E::V>, E::V)>
-    where
-        E::V: Clone,
-    {
+    ) -> Result<(Option<E::V>, E::V)> {
+        let (_, logits, local) = self.features_and_local_with(e, images)?;
+        Ok((logits, local))
+    }
+
+    fn patches(&self) -> usize {
+        self.cfg.grid().0 * self.cfg.grid().1
+    }
+
+    /// Features, logits and the last block's patch tokens [B·G, D].
+    fn features_and_local_with<E: Exec>(&self, e: &mut E, images: &Tensor) -> Result<Local<E::V>> {
         let x = self.tokens_with(e, images)?;
-        let (b, n) = (images.shape()[0], self.cfg.tokens());
-        let g = self.cfg.grid().0 * self.cfg.grid().1;
+        let (b, n, g) = (images.shape()[0], self.cfg.tokens(), self.patches());
         let rows: Vec<usize> = (0..b)
             .flat_map(|i| (n - g..n).map(move |t| i * n + t))
             .collect();
-        let local = e.gather_rows(x.clone(), &rows)?;
-        let (_, logits) = self.head_with(e, x, b)?;
-        Ok((logits, local))
+        let local = e.gather_rows(&x, &rows)?;
+        let (features, logits) = self.head_with(e, x, b)?;
+        Ok((features, logits, local))
     }
 
     /// Patch embedding and the blocks: every token [B·N, D] after the last block.

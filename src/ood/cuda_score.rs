@@ -5,7 +5,7 @@
 //! The fitted statistics are uploaded once: per Gaussian, the whitening W [R, D], the whitened
 //! means Wμ_c [C, R] and their squared norms [C]; for kNN the L2-normalised train bank [N, D].
 //! Query rows then stream through in batches whose buffers are sized against the free device
-//! memory (src/model/gpu_memory.rs): per batch of B rows,
+//! memory (src/backend/memory_budget.rs): per batch of B rows,
 //!   - Gaussian: z = x·Wᵀ − m̄ [B, R] (sgemm, then the bias kernel), cross = z·mᵀ [B, C] (sgemm),
 //!     ‖z‖² (`row_sqnorm`), then `mahalanobis_min` = −max(0, min_c ‖z‖² − 2 z·m_c + ‖m_c‖²), the
 //!     means m_c = Wμ_c − m̄ taken about their centroid m̄ (`centred`); several Gaussians (one per

@@ -3,7 +3,8 @@
 //! `detector` fits, scores, saves and loads them; the other modules are the scores, each a few GEMMs plus row reductions:
 //! `gaussian` (Mahalanobis family), `centroid` (distances to centroids, k-means), `knn` (exact
 //! kNN and 1-NN cosine), `csd` (MODE), `logits` (MSP, MaxLogit, Energy, Entropy, GradNorm,
-//! KL-matching, MOS), `subspace` (ReAct, ViM, Residual) and `odin` (through the model).
+//! KL-matching, MOS) and `subspace` (ReAct, ViM, Residual). ODIN needs the model's input
+//! gradient, so it is computed at extraction (`extract::odin`) and only read here.
 //! `cuda_score` (feature `cuda`) scores the Mahalanobis family and kNN on the GPU.
 
 pub mod centroid;
@@ -16,7 +17,6 @@ pub mod knn;
 pub mod linalg;
 pub mod logits;
 pub mod methods;
-pub mod odin;
 pub mod stats;
 pub mod subspace;
 

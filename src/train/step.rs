@@ -223,7 +223,7 @@ pub fn mim_step(
     }
     let mut tape = Tape::with_drop_path(sc.drop_path, cfg.depth, sc.seed);
     let tokens = model.forward_masked(&mut tape, images, mask, &token, &norm)?;
-    let sel = tape.gather_rows(tokens, &rows)?;
+    let sel = tape.gather_rows(&tokens, &rows)?;
     let pred = tape.linear(&sel, &head, crate::backend::Activation::None)?;
     let all = patch_targets(
         images.as_slice(),

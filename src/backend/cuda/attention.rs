@@ -23,6 +23,7 @@ const BQ: usize = 32;
 pub const HEAD_DIMS: [usize; 2] = [64, 80];
 
 /// B images of N tokens with H heads of `dh`; `scale` is usually dh^-1/2.
+#[derive(Clone, Copy, Debug)]
 pub struct Dims {
     pub b: usize,
     pub n: usize,

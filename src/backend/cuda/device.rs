@@ -331,6 +331,15 @@ impl CudaDevice {
             .map_err(alloc_err(format!("allocate {n} elements")))
     }
 
+    /// A buffer for a kernel that writes all of it before anything reads it: no zero fill (on
+    /// the CPU stand-in for CUDA every allocation starts as 0xFF bytes, NaN in every float type,
+    /// so a read before the write shows up in the parity tests).
+    pub fn empty<T: DeviceRepr>(&self, n: usize) -> Result<CudaSlice<T>> {
+        // SAFETY: cudarc marks uninitialised device memory unsafe to hand out; every caller
+        // writes the whole buffer with a kernel or a GEMM before reading it.
+        unsafe { self.stream.alloc::<T>(n) }.map_err(alloc_err(format!("allocate {n} elements")))
+    }
+
     /// Waits for everything queued; a kernel fault surfaces here.
     pub fn sync(&self) -> Result<()> {
         self.stream.synchronize().map_err(cuda_err("synchronize"))

@@ -177,3 +177,52 @@ pub fn assemble_tokens(
     }?;
     Ok(())
 }
+
+/// out [R, D] = row src[r] of x [M, D], or `token` [D] where src[r] < 0: row gathering and
+/// masked image modelling's mask token in one kernel (`cpu::elementwise::{gather_rows, mask_rows}`).
+pub fn select_rows(
+    dev: &CudaDevice,
+    x: &CudaSlice<f32>,
+    src: &[i32],
+    token: Option<&CudaSlice<f32>>,
+    out: &mut CudaSlice<f32>,
+    (m, d): (usize, usize),
+) -> Result<()> {
+    let r = src.len();
+    check_len("select_rows x", x, m * d)?;
+    check_len("select_rows out", out, r * d)?;
+    if let Some(&bad) = src.iter().find(|&&s| s >= 0 && s as usize >= m) {
+        return Err(Error::Data(format!(
+            "select_rows: row {bad} out of range for {m} rows"
+        )));
+    }
+    match token {
+        Some(t) => check_len("select_rows token", t, d)?,
+        None if src.iter().any(|&s| s < 0) => {
+            return Err(Error::Data(
+                "select_rows: a row asks for the token, but none was given".into(),
+            ))
+        }
+        None => {}
+    }
+    if r * d == 0 {
+        return Ok(());
+    }
+    let (ri, di) = (as_i32("R", r)?, as_i32("D", d)?);
+    let srcd = dev.upload(src)?;
+    let f = dev.function("elementwise", "select_rows_f32")?;
+    let s = dev.stream();
+    let pt = ptr_or_null(s, token);
+    // SAFETY: x holds M·D values and every src entry is < M or negative (then token, D values,
+    // is read); out holds R·D.
+    unsafe {
+        launch!(
+            dev,
+            f,
+            "select_rows_f32",
+            dev.grid_stride(r * d),
+            [x, &srcd, &pt, out, &ri, &di]
+        )
+    }?;
+    Ok(())
+}

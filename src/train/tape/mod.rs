@@ -178,6 +178,11 @@ impl Tape {
         Var(self.values.len() - 1)
     }
 
+    /// A recorded activation's value (on the host: this tape runs on the CPU).
+    pub fn value(&self, v: &Var) -> &Tensor {
+        self.get(*v)
+    }
+
     fn get(&self, v: Var) -> &Tensor {
         self.values[v.0]
             .as_ref()

@@ -205,7 +205,8 @@ impl Exec for Tape {
         Ok(out)
     }
 
-    fn gather_rows(&mut self, x: Var, rows: &[usize]) -> Result<Var> {
+    fn gather_rows(&mut self, x: &Var, rows: &[usize]) -> Result<Var> {
+        let x = *x;
         let m = self.get(x).shape()[0];
         let y = backend::gather_rows(self.get(x), rows)?;
         let out = self.push(y);
@@ -218,7 +219,7 @@ impl Exec for Tape {
         Ok(out)
     }
 
-    fn value<'a>(&'a self, v: &'a Var) -> &'a Tensor {
-        self.get(*v)
+    fn to_host(&mut self, v: &Var) -> Result<Tensor> {
+        Ok(self.get(*v).clone())
     }
 }

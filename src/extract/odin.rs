@@ -4,7 +4,6 @@
 //! Defaults T = 1000, ε = 0.0014 (SPEC Part 1). Higher = more in-distribution.
 
 use crate::error::{Error, Result};
-use crate::model::exec::Exec;
 use crate::model::VisionTransformer;
 use crate::tensor::Tensor;
 use crate::train::tape::Tape;

@@ -1,0 +1,727 @@
+//! The model's `Exec` on one CUDA device: `VisionTransformer`'s own forward, forward_local and
+//! forward_masked run here unchanged, each op a launcher of src/backend/cuda. Parameters are
+//! uploaded on first use and found again by their checkpoint name; activations stay on the
+//! device, and the host sees a value only where a caller asks (`Exec::to_host`).
+//!
+//! Precision T (`--precision`) is autocast's rule, as timm's bf16 autocast applies it:
+//!   - the transformer blocks' GEMMs and attention take T operands with f32 accumulation (f32:
+//!     cuBLAS sgemm, no TF32, and the cuBLAS attention path; bf16: cublasGemmEx and the fused
+//!     attention kernel, or cuBLAS attention with `MOOD_CUDA_ATTENTION=gemm` / head dims the
+//!     kernel lacks);
+//!   - LayerNorm reads the f32 residual stream and writes f32 (cast to T by the GEMM that reads
+//!     it); the patch embedding, the residual stream, pooling, the final norm and every linear
+//!     layer outside the blocks (the head, MIM's lm_head) stay f32: they are a sliver of the
+//!     FLOPs and their outputs are what OOD scores read.
+//!
+//! Every activation is counted by a meter (live and peak bytes), so that the memory a batch
+//! needs is this executor's own buffer plan, measured (`super::cuda_model`), not a second model.
+
+use std::any::Any;
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use cudarc::cublas::sys::cublasOperation_t;
+use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, StridedBatchedConfig};
+use cudarc::driver::CudaSlice;
+
+use crate::backend::cuda::attention::Dims as AttDims;
+use crate::backend::cuda::device::{as_i32, cuda_err};
+use crate::backend::cuda::{self as cu, CudaDevice, Storage};
+use crate::backend::{Activation, Pool};
+use crate::error::{Error, Result};
+use crate::model::exec::Exec;
+use crate::model::layers::{Linear, Norm, Param, RelBias};
+use crate::tensor::Tensor;
+
+/// `MOOD_CUDA_ATTENTION=gemm`: bf16 attention through cuBLAS instead of the fused kernel.
+pub fn attention_by_gemm() -> bool {
+    std::env::var("MOOD_CUDA_ATTENTION").is_ok_and(|v| v == "gemm")
+}
+
+/// The attention op per precision (f32 has only the cuBLAS path).
+pub trait Compute: Storage {
+    fn attention(
+        dev: &CudaDevice,
+        qkv: &CudaSlice<Self>,
+        bias: Option<&CudaSlice<f32>>,
+        out: &mut CudaSlice<Self>,
+        dims: &AttDims,
+        scratch: &mut Scratch,
+    ) -> Result<()>;
+}
+
+/// Buffers the cuBLAS attention path needs beyond its input and output (one image at a time).
+pub struct Scratch {
+    /// Whether attention runs as cuBLAS GEMMs around the softmax kernel.
+    pub gemm: bool,
+    scores: CudaSlice<f32>,
+    probs: CudaSlice<f32>,
+    probs_bf16: CudaSlice<half::bf16>,
+}
+
+impl Scratch {
+    /// Element counts (f32, bf16) of the buffers for `dims`.
+    fn sizes(dims: &AttDims, gemm: bool, low: bool) -> (usize, usize) {
+        let hnn = dims.h * dims.n * dims.n;
+        match (gemm, low) {
+            (false, _) => (1, 1),
+            (true, false) => (hnn, 1),
+            (true, true) => (hnn, hnn),
+        }
+    }
+
+    pub fn new<T: Compute>(dev: &CudaDevice, dims: &AttDims, gemm: bool) -> Result<Scratch> {
+        let gemm = gemm || T::NAME == "f32";
+        let (f, h) = Self::sizes(dims, gemm, T::NAME != "f32");
+        Ok(Scratch {
+            gemm,
+            scores: dev.empty(f)?,
+            probs: dev.empty(f)?,
+            probs_bf16: dev.empty(h)?,
+        })
+    }
+
+    fn bytes(&self) -> usize {
+        (self.scores.len() + self.probs.len()) * 4 + self.probs_bf16.len() * 2
+    }
+}
+
+impl Compute for f32 {
+    fn attention(
+        dev: &CudaDevice,
+        qkv: &CudaSlice<f32>,
+        bias: Option<&CudaSlice<f32>>,
+        out: &mut CudaSlice<f32>,
+        dims: &AttDims,
+        scratch: &mut Scratch,
+    ) -> Result<()> {
+        let scale = (dims.dh as f32).powf(-0.5);
+        let buffers = (&mut scratch.scores, &mut scratch.probs);
+        cu::attention::forward_f32(dev, qkv, bias, out, dims, scale, buffers)
+    }
+}
+
+impl Compute for half::bf16 {
+    fn attention(
+        dev: &CudaDevice,
+        qkv: &CudaSlice<half::bf16>,
+        bias: Option<&CudaSlice<f32>>,
+        out: &mut CudaSlice<half::bf16>,
+        dims: &AttDims,
+        scratch: &mut Scratch,
+    ) -> Result<()> {
+        let scale = (dims.dh as f32).powf(-0.5);
+        if scratch.gemm {
+            let s = scratch;
+            let buffers = (&mut s.scores, &mut s.probs, &mut s.probs_bf16);
+            cu::attention::forward_bf16_gemm(dev, qkv, bias, out, dims, scale, buffers)
+        } else {
+            cu::attention::forward(dev, qkv, bias, out, dims, scale)
+        }
+    }
+}
+
+/// Live and peak bytes of the executor's activations and workspace.
+#[derive(Default)]
+pub struct Meter {
+    live: Cell<usize>,
+    peak: Cell<usize>,
+}
+
+impl Meter {
+    fn take(self: &Rc<Self>, bytes: usize) -> Lease {
+        let live = self.live.get() + bytes;
+        self.live.set(live);
+        self.peak.set(self.peak.get().max(live));
+        Lease {
+            bytes,
+            meter: Rc::clone(self),
+        }
+    }
+
+    /// Starts a new peak from what is live now.
+    pub fn reset_peak(&self) {
+        self.peak.set(self.live.get());
+    }
+
+    pub fn peak(&self) -> usize {
+        self.peak.get()
+    }
+}
+
+/// Bytes held by one buffer, given back to the meter when the buffer goes.
+struct Lease {
+    bytes: usize,
+    meter: Rc<Meter>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.meter.live.set(self.meter.live.get() - self.bytes);
+    }
+}
+
+enum Data<T> {
+    F32(CudaSlice<f32>),
+    Low(CudaSlice<T>),
+}
+
+/// An activation on the device: its shape, its storage (f32 or the compute type T) and its lease.
+pub struct DeviceValue<T> {
+    shape: Vec<usize>,
+    data: Data<T>,
+    _lease: Lease,
+}
+
+impl<T> DeviceValue<T> {
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    fn rows_cols(&self, what: &str) -> Result<(usize, usize)> {
+        match self.shape[..] {
+            [m, d] => Ok((m, d)),
+            ref s => Err(Error::Data(format!(
+                "{what}: expected a matrix, got shape {s:?}"
+            ))),
+        }
+    }
+
+    fn f32(&self, what: &str) -> Result<&CudaSlice<f32>> {
+        match &self.data {
+            Data::F32(s) => Ok(s),
+            Data::Low(_) => Err(Error::Cuda(format!("{what}: expected an f32 activation"))),
+        }
+    }
+}
+
+/// A parameter on the device: f32, or T for the blocks' GEMM weights.
+enum DeviceParam<T> {
+    F32(CudaSlice<f32>),
+    Low(CudaSlice<T>),
+}
+
+pub struct CudaExec<T: Compute> {
+    dev: Arc<CudaDevice>,
+    params: HashMap<String, DeviceParam<T>>,
+    /// Token weights of the pooling per (tokens, how): 1/(N−1) on the patches (mean) or one-hot
+    /// on the class token, used as a batched GEMV.
+    pool_weights: HashMap<(usize, bool), CudaSlice<f32>>,
+    /// bf16: attention on cuBLAS rather than the fused kernel. f32 always uses cuBLAS.
+    attention_gemm: bool,
+    scratch: Option<(AttDims, Scratch, Lease)>,
+    meter: Rc<Meter>,
+    head_dim: Option<usize>,
+    /// Images already on the device that `input` copies from (benchmarks time the forward
+    /// without the host-to-device transfer).
+    staged: Option<(Vec<usize>, CudaSlice<f32>)>,
+}
+
+/// The f32 slice as `CudaSlice<T>` when T is f32 (no copy), else None.
+fn same_type<T: 'static>(s: &CudaSlice<f32>) -> Option<&CudaSlice<T>> {
+    (s as &dyn Any).downcast_ref::<CudaSlice<T>>()
+}
+
+impl<T: Compute> CudaExec<T>
+where
+    CudaBlas: Gemm<T>,
+{
+    /// An executor for models with head dim `head_dim`: a head dim the fused bf16 attention
+    /// kernel lacks runs attention on cuBLAS, with a note, never a refusal.
+    pub fn new(dev: Arc<CudaDevice>, name: &str, head_dim: usize) -> CudaExec<T> {
+        let mut attention_gemm = attention_by_gemm();
+        if T::NAME != "f32" && !attention_gemm && !cu::attention::HEAD_DIMS.contains(&head_dim) {
+            eprintln!(
+                "note: {name}: head dim {head_dim} has no fused attention kernel (have {:?}); attention runs on cuBLAS",
+                cu::attention::HEAD_DIMS
+            );
+            attention_gemm = true;
+        }
+        CudaExec {
+            dev,
+            params: HashMap::new(),
+            pool_weights: HashMap::new(),
+            attention_gemm,
+            scratch: None,
+            meter: Rc::new(Meter::default()),
+            staged: None,
+            head_dim: Some(head_dim),
+        }
+    }
+
+    /// Uploads `images` once; each later `input` of that shape copies them on the device.
+    pub fn stage_input(&mut self, images: &Tensor) -> Result<()> {
+        let up = self.dev.upload(images.as_slice())?;
+        self.staged = Some((images.shape().to_vec(), up));
+        Ok(())
+    }
+
+    pub fn device(&self) -> &Arc<CudaDevice> {
+        &self.dev
+    }
+
+    pub fn meter(&self) -> &Meter {
+        &self.meter
+    }
+
+    /// bf16: attention on cuBLAS (true) or the fused kernel (false, for head dims it has).
+    pub fn set_attention_gemm(&mut self, gemm: bool) -> Result<()> {
+        if !gemm && T::NAME != "f32" {
+            // Checked here too: a shape the kernel lacks must never run on it.
+            let ok = self
+                .head_dim
+                .is_some_and(|h| cu::attention::HEAD_DIMS.contains(&h));
+            if !ok {
+                return Err(Error::Cuda(format!(
+                    "the fused attention kernel has head dims {:?} only",
+                    cu::attention::HEAD_DIMS
+                )));
+            }
+        }
+        self.attention_gemm = gemm;
+        self.scratch = None;
+        Ok(())
+    }
+
+    /// Whether attention runs on cuBLAS (always at f32).
+    pub fn attention_gemm(&self) -> bool {
+        self.attention_gemm || T::NAME == "f32"
+    }
+
+    fn value(&self, shape: &[usize], data: Data<T>) -> DeviceValue<T> {
+        let bytes = match &data {
+            Data::F32(s) => s.len() * 4,
+            Data::Low(s) => s.len() * std::mem::size_of::<T>(),
+        };
+        DeviceValue {
+            shape: shape.to_vec(),
+            data,
+            _lease: self.meter.take(bytes),
+        }
+    }
+
+    fn new_f32(&self, shape: &[usize]) -> Result<CudaSlice<f32>> {
+        self.dev.empty(shape.iter().product())
+    }
+
+    /// The f32 parameter `name` (uploaded on first use).
+    fn param_f32(&mut self, name: &str, t: &Tensor) -> Result<&CudaSlice<f32>> {
+        if !self.params.contains_key(name) {
+            let up = self.dev.upload(t.as_slice())?;
+            self.params.insert(name.to_string(), DeviceParam::F32(up));
+        }
+        match &self.params[name] {
+            DeviceParam::F32(s) => Ok(s),
+            DeviceParam::Low(_) => Err(Error::Cuda(format!("{name}: uploaded as {}", T::NAME))),
+        }
+    }
+
+    /// Uploads the T parameter `name` if it is not on the device yet.
+    fn ensure_low(&mut self, name: &str, t: &Tensor) -> Result<()> {
+        if !self.params.contains_key(name) {
+            let host: Vec<T> = t.as_slice().iter().map(|&v| T::from_f32(v)).collect();
+            let up = self.dev.upload(&host)?;
+            self.params.insert(name.to_string(), DeviceParam::Low(up));
+        }
+        Ok(())
+    }
+
+    fn low(&self, name: &str) -> Result<&CudaSlice<T>> {
+        match self.params.get(name) {
+            Some(DeviceParam::Low(s)) => Ok(s),
+            _ => Err(Error::Cuda(format!("{name}: not uploaded as {}", T::NAME))),
+        }
+    }
+
+    fn f32_param(&self, name: &str) -> Result<&CudaSlice<f32>> {
+        match self.params.get(name) {
+            Some(DeviceParam::F32(s)) => Ok(s),
+            _ => Err(Error::Cuda(format!("{name}: not uploaded as f32"))),
+        }
+    }
+
+    fn ensure_f32(&mut self, p: &Param) -> Result<()> {
+        self.param_f32(&p.name, &p.value).map(|_| ())
+    }
+
+    /// x as T: itself, or a T copy of an f32 activation (T ≠ f32).
+    fn as_low<'a>(
+        &self,
+        x: &'a DeviceValue<T>,
+        tmp: &'a mut Option<CudaSlice<T>>,
+    ) -> Result<&'a CudaSlice<T>> {
+        match &x.data {
+            Data::Low(s) => Ok(s),
+            Data::F32(s) => match same_type::<T>(s) {
+                Some(same) => Ok(same),
+                None => {
+                    let mut out = self.dev.empty::<T>(s.len())?;
+                    cu::elementwise::cast(&self.dev, s, &mut out)?;
+                    Ok(tmp.insert(out))
+                }
+            },
+        }
+    }
+
+    /// The attention workspace for `dims` (made once per shape and kept).
+    fn ensure_scratch(&mut self, dims: &AttDims) -> Result<()> {
+        let same =
+            matches!(&self.scratch, Some((d, ..)) if (d.n, d.h, d.dh) == (dims.n, dims.h, dims.dh));
+        if !same {
+            self.scratch = None; // give the old workspace back before making the new one
+            let s = Scratch::new::<T>(&self.dev, dims, self.attention_gemm)?;
+            let lease = self.meter.take(s.bytes());
+            self.scratch = Some((*dims, s, lease));
+        }
+        Ok(())
+    }
+}
+
+/// Whether a linear layer runs at T: the transformer blocks' GEMMs (autocast's rule; see the
+/// module doc), found by the checkpoint's own names.
+fn in_blocks(l: &Linear) -> bool {
+    l.w.name.starts_with("blocks.")
+}
+
+impl<T: Compute> Exec for CudaExec<T>
+where
+    CudaBlas: Gemm<T>,
+{
+    type V = DeviceValue<T>;
+
+    fn input(&mut self, images: &Tensor) -> Result<DeviceValue<T>> {
+        let up = match &self.staged {
+            Some((shape, s)) if shape == images.shape() => self
+                .dev
+                .stream()
+                .clone_dtod(s)
+                .map_err(cuda_err("copy the staged images"))?,
+            _ => self.dev.upload(images.as_slice())?,
+        };
+        Ok(self.value(images.shape(), Data::F32(up)))
+    }
+
+    fn patch_embed(
+        &mut self,
+        images: &DeviceValue<T>,
+        w: &Param,
+        b: &Param,
+    ) -> Result<DeviceValue<T>> {
+        let (bn, c, h, wd) = match images.shape[..] {
+            [b, c, h, w] => (b, c, h, w),
+            ref s => {
+                return Err(Error::Data(format!(
+                    "patch_embed: expected [B, C, H, W], got {s:?}"
+                )))
+            }
+        };
+        let (d, p) = match w.value.shape() {
+            [d, _, p, _] => (*d, *p),
+            s => {
+                return Err(Error::Data(format!(
+                    "{}: expected [D, C, P, P], got {s:?}",
+                    w.name
+                )))
+            }
+        };
+        self.ensure_f32(w)?;
+        self.ensure_f32(b)?;
+        let dims = cu::patch_embed::Dims {
+            b: bn,
+            c,
+            h,
+            w: wd,
+            p,
+        };
+        let out = cu::patch_embed::forward::<f32>(
+            &self.dev,
+            images.f32("patch_embed input")?,
+            self.f32_param(&w.name)?,
+            self.f32_param(&b.name)?,
+            dims,
+            d,
+        )?;
+        Ok(self.value(&[bn * dims.patches(), d], Data::F32(out)))
+    }
+
+    fn assemble_tokens(
+        &mut self,
+        patches: DeviceValue<T>,
+        cls: &Param,
+        pos: Option<&Param>,
+        b: usize,
+    ) -> Result<DeviceValue<T>> {
+        let (bg, d) = patches.rows_cols("assemble_tokens")?;
+        let g = bg / b.max(1);
+        self.ensure_f32(cls)?;
+        if let Some(p) = pos {
+            self.ensure_f32(p)?;
+        }
+        let mut x = self.new_f32(&[b * (g + 1), d])?;
+        let pos = pos.map(|p| self.f32_param(&p.name)).transpose()?;
+        cu::elementwise::assemble_tokens(
+            &self.dev,
+            patches.f32("assemble_tokens patches")?,
+            self.f32_param(&cls.name)?,
+            pos,
+            &mut x,
+            (b, g, d),
+        )?;
+        Ok(self.value(&[b * (g + 1), d], Data::F32(x)))
+    }
+
+    fn layernorm(&mut self, x: &DeviceValue<T>, norm: &Norm, eps: f32) -> Result<DeviceValue<T>> {
+        let (m, d) = x.rows_cols("layernorm")?;
+        self.ensure_f32(&norm.w)?;
+        self.ensure_f32(&norm.b)?;
+        let (w, b) = (self.f32_param(&norm.w.name)?, self.f32_param(&norm.b.name)?);
+        match &x.data {
+            Data::F32(s) => {
+                let mut y = self.new_f32(&[m, d])?;
+                cu::layernorm::forward(&self.dev, s, w, b, &mut y, None, (m, d), eps)?;
+                Ok(self.value(&[m, d], Data::F32(y)))
+            }
+            Data::Low(s) => {
+                let mut y = self.dev.empty::<T>(m * d)?;
+                cu::layernorm::forward(&self.dev, s, w, b, &mut y, None, (m, d), eps)?;
+                Ok(self.value(&[m, d], Data::Low(y)))
+            }
+        }
+    }
+
+    fn linear(
+        &mut self,
+        x: &DeviceValue<T>,
+        l: &Linear,
+        act: Activation,
+    ) -> Result<DeviceValue<T>> {
+        let (m, k) = x.rows_cols("linear input")?;
+        let (n, k2) = l.w.value.dims2(&l.w.name)?;
+        if k != k2 {
+            return Err(Error::Data(format!(
+                "{}: the input has {k} features but the weight expects {k2}",
+                l.w.name
+            )));
+        }
+        let bias_key = format!("{}:bias", l.w.name);
+        if let Some(b) = l.bias.tensor() {
+            self.param_f32(&bias_key, b)?;
+        }
+        if in_blocks(l) {
+            self.ensure_low(&l.w.name, &l.w.value)?;
+            let mut tmp = None;
+            let xin = self.as_low(x, &mut tmp)?;
+            let mut out = self.dev.empty::<T>(m * n)?;
+            let bias = l
+                .bias
+                .tensor()
+                .map(|_| self.f32_param(&bias_key))
+                .transpose()?;
+            cu::matmul::linear(
+                &self.dev,
+                xin,
+                self.low(&l.w.name)?,
+                bias,
+                act,
+                &mut out,
+                (m, k, n),
+            )?;
+            Ok(self.value(&[m, n], Data::Low(out)))
+        } else {
+            self.ensure_f32(&l.w)?;
+            let xin = x.f32("linear input (outside the blocks)")?;
+            let mut out = self.new_f32(&[m, n])?;
+            let bias = l
+                .bias
+                .tensor()
+                .map(|_| self.f32_param(&bias_key))
+                .transpose()?;
+            cu::matmul::linear::<f32>(
+                &self.dev,
+                xin,
+                self.f32_param(&l.w.name)?,
+                bias,
+                act,
+                &mut out,
+                (m, k, n),
+            )?;
+            Ok(self.value(&[m, n], Data::F32(out)))
+        }
+    }
+
+    fn attention(
+        &mut self,
+        qkv: DeviceValue<T>,
+        bias: Option<&RelBias>,
+        b: usize,
+        n: usize,
+        heads: usize,
+    ) -> Result<DeviceValue<T>> {
+        let (bn, d3) = qkv.rows_cols("attention input")?;
+        let d = d3 / 3;
+        if bn != b * n || d3 != 3 * d || heads == 0 || d % heads != 0 {
+            return Err(Error::Data(format!(
+                "attention: qkv [{bn}, {d3}] does not fit B = {b}, N = {n}, H = {heads}"
+            )));
+        }
+        let dims = AttDims {
+            b,
+            n,
+            h: heads,
+            dh: d / heads,
+        };
+        let bias_key = bias.map(|r| format!("{}:dense", r.table.name));
+        if let (Some(r), Some(key)) = (bias, &bias_key) {
+            self.param_f32(key, &r.dense)?;
+        }
+        let mut tmp = None;
+        let mut out = self.dev.empty::<T>(bn * d)?;
+        // The workspace is taken out while the launcher borrows the parameters.
+        self.ensure_scratch(&dims)?;
+        let (sd, mut s, lease) = self.scratch.take().expect("made by ensure_scratch");
+        let run = (|| {
+            let xin = self.as_low(&qkv, &mut tmp)?;
+            let bias = bias_key.as_deref().map(|k| self.f32_param(k)).transpose()?;
+            T::attention(&self.dev, xin, bias, &mut out, &dims, &mut s)
+        })();
+        self.scratch = Some((sd, s, lease));
+        run?;
+        Ok(self.value(&[bn, d], Data::Low(out)))
+    }
+
+    fn residual(
+        &mut self,
+        mut x: DeviceValue<T>,
+        y: DeviceValue<T>,
+        gamma: Option<&Param>,
+        _block: usize,
+    ) -> Result<DeviceValue<T>> {
+        let (m, d) = x.rows_cols("residual")?;
+        if y.shape != x.shape {
+            return Err(Error::Data(format!(
+                "residual: branch {:?} does not match the stream {:?}",
+                y.shape, x.shape
+            )));
+        }
+        if let Some(g) = gamma {
+            self.ensure_f32(g)?;
+        }
+        let g = gamma.map(|g| self.f32_param(&g.name)).transpose()?;
+        let xs = match &mut x.data {
+            Data::F32(s) => s,
+            Data::Low(_) => return Err(Error::Cuda("residual: the stream must be f32".into())),
+        };
+        match &y.data {
+            Data::Low(ys) => cu::elementwise::residual::<T>(&self.dev, xs, ys, g, (m, d))?,
+            Data::F32(ys) => cu::elementwise::residual::<f32>(&self.dev, xs, ys, g, (m, d))?,
+        }
+        Ok(x)
+    }
+
+    fn pool(&mut self, x: DeviceValue<T>, b: usize, how: Pool) -> Result<DeviceValue<T>> {
+        let (bn, d) = x.rows_cols("pool")?;
+        let n = bn / b.max(1);
+        let key = (n, how == Pool::MeanPatches);
+        if !self.pool_weights.contains_key(&key) {
+            let mut w = vec![0.0f32; n];
+            match how {
+                Pool::MeanPatches => w[1..].fill(1.0 / (n.max(2) - 1) as f32),
+                Pool::ClassToken => w[0] = 1.0,
+            }
+            let up = self.dev.upload(&w)?;
+            self.pool_weights.insert(key, up);
+        }
+        // A batched GEMV: pooled_i [D] = x_i [N, D]ᵀ · w [N] for every image i. Column-major,
+        // x_i is [D, N] with ld D and w [N, 1], shared (stride 0).
+        let cfg = StridedBatchedConfig {
+            gemm: GemmConfig {
+                transa: cublasOperation_t::CUBLAS_OP_N,
+                transb: cublasOperation_t::CUBLAS_OP_N,
+                m: as_i32("D", d)?,
+                n: 1,
+                k: as_i32("N", n)?,
+                alpha: 1.0f32,
+                lda: as_i32("D", d)?,
+                ldb: as_i32("N", n)?,
+                beta: 0.0f32,
+                ldc: as_i32("D", d)?,
+            },
+            batch_size: as_i32("B", b)?,
+            stride_a: (n * d) as i64,
+            stride_b: 0,
+            stride_c: d as i64,
+        };
+        let mut pooled = self.new_f32(&[b, d])?;
+        let xs = x.f32("pool input")?;
+        // SAFETY: x holds B·N·D values, the weights N, pooled B·D: the strides stay inside.
+        unsafe {
+            <CudaBlas as Gemm<f32>>::gemm_strided_batched(
+                self.dev.blas(),
+                cfg,
+                xs,
+                &self.pool_weights[&key],
+                &mut pooled,
+            )
+        }
+        .map_err(cuda_err("cuBLAS pooling"))?;
+        Ok(self.value(&[b, d], Data::F32(pooled)))
+    }
+
+    fn mask_rows(
+        &mut self,
+        x: DeviceValue<T>,
+        mask: &[bool],
+        token: &Param,
+    ) -> Result<DeviceValue<T>> {
+        let (m, d) = x.rows_cols("mask_rows")?;
+        if mask.len() != m {
+            return Err(Error::Data(format!(
+                "mask_rows: mask has {} entries for {m} rows",
+                mask.len()
+            )));
+        }
+        self.ensure_f32(token)?;
+        let src: Vec<i32> = (0..m)
+            .map(|r| if mask[r] { -1 } else { r as i32 })
+            .collect();
+        let mut out = self.new_f32(&[m, d])?;
+        let tok = self.f32_param(&token.name)?;
+        cu::elementwise::select_rows(
+            &self.dev,
+            x.f32("mask_rows input")?,
+            &src,
+            Some(tok),
+            &mut out,
+            (m, d),
+        )?;
+        Ok(self.value(&[m, d], Data::F32(out)))
+    }
+
+    fn gather_rows(&mut self, x: &DeviceValue<T>, rows: &[usize]) -> Result<DeviceValue<T>> {
+        let (m, d) = x.rows_cols("gather_rows")?;
+        let src = rows
+            .iter()
+            .map(|&r| as_i32("row", r))
+            .collect::<Result<Vec<i32>>>()?;
+        let mut out = self.new_f32(&[rows.len(), d])?;
+        cu::elementwise::select_rows(
+            &self.dev,
+            x.f32("gather_rows input")?,
+            &src,
+            None,
+            &mut out,
+            (m, d),
+        )?;
+        Ok(self.value(&[rows.len(), d], Data::F32(out)))
+    }
+
+    fn to_host(&mut self, v: &DeviceValue<T>) -> Result<Tensor> {
+        let host = match &v.data {
+            Data::F32(s) => self.dev.download(s)?,
+            Data::Low(s) => self.dev.download(s)?.into_iter().map(T::to_f32).collect(),
+        };
+        Tensor::from_vec(&v.shape, host)
+    }
+}
