@@ -1,6 +1,7 @@
-//! `mood bench --device cuda`: the CUDA forward's throughput (the model's forward on src/model/cuda_exec.rs) with the batch
-//! resident on the device, its host-to-host rate, and with `--profile` the time of each op at the
-//! model's shapes, run alone, so that a GPU session sees where a forward's time goes.
+//! `mood bench --device cuda`: the CUDA forward's throughput (the model's forward on
+//! src/model/cuda_exec.rs) with the batch resident on the device, its host-to-host rate, and with
+//! `--profile` the time of each op at the model's shapes, run alone, so that a GPU session sees
+//! where a forward's time goes.
 
 use std::sync::Arc;
 use std::time::Instant;

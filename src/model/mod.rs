@@ -1,4 +1,5 @@
-//! Vision transformers: configs (named presets), the BEiT/ViT forward, relative positions, init.
+//! The backbones: vision transformers (configs as named presets, the BEiT/ViT forward written once
+//! over the `Exec` op set, relative positions, init) and timm's ResNets (resnet.rs).
 
 pub mod config;
 #[cfg(feature = "cuda")]
@@ -9,6 +10,7 @@ pub mod exec;
 pub mod init;
 pub mod layers;
 pub mod relpos;
+pub mod resnet;
 pub mod runner;
 pub mod vit;
 

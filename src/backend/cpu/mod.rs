@@ -3,6 +3,7 @@
 //! One file per op family; the same stems name the CUDA kernels.
 
 pub mod attention;
+pub mod conv;
 pub mod elementwise;
 pub mod layernorm;
 pub mod matmul;

@@ -117,6 +117,55 @@ pub struct CudaDevice {
     arity: Mutex<HashMap<String, usize>>,
 }
 
+/// Sets the default memory pool's release threshold to "never": by default the pool hands its
+/// memory back to the driver at every synchronisation, so each batch's forward would allocate
+/// from the driver again. Devices without memory pools (cudarc then allocates synchronously)
+/// are left as they are.
+fn keep_pool_memory(ctx: &CudaContext) -> Result<()> {
+    let pools = ctx
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED)
+        .map_err(cuda_err("memory pool support"))?;
+    if pools == 0 {
+        return Ok(());
+    }
+    let mut pool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // SAFETY: plain driver calls on the context's own device with valid out-pointers.
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
+            .result()
+            .map_err(cuda_err("default memory pool"))?;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+        .result()
+        .map_err(cuda_err("memory pool release threshold"))?;
+    }
+    Ok(())
+}
+
+/// The default memory pool's release threshold (bytes kept across synchronisations).
+pub fn pool_release_threshold(dev: &CudaDevice) -> Result<u64> {
+    let mut pool = std::ptr::null_mut();
+    let mut threshold = 0u64;
+    // SAFETY: as in `keep_pool_memory`.
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, dev.ctx.cu_device())
+            .result()
+            .map_err(cuda_err("default memory pool"))?;
+        sys::cuMemPoolGetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+        .result()
+        .map_err(cuda_err("memory pool release threshold"))?;
+    }
+    Ok(threshold)
+}
+
 impl CudaDevice {
     /// Opens device `ordinal` after `probe` succeeded.
     pub fn new(ordinal: usize) -> Result<CudaDevice> {
@@ -133,6 +182,7 @@ impl CudaDevice {
         // SAFETY: no slice is ever used on a second stream (the struct owns the only one).
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
+        keep_pool_memory(&ctx)?;
         let blas = CudaBlas::new(stream.clone()).map_err(cuda_err("create cuBLAS handle"))?;
         let name = ctx.name().map_err(cuda_err("device name"))?;
         let capability = ctx

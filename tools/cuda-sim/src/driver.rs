@@ -375,6 +375,60 @@ pub unsafe extern "C" fn cuMemAllocAsync(p: *mut u64, bytes: usize, _s: *mut c_v
     cuMemAlloc_v2(p, bytes)
 }
 
+/// The one device's default memory pool: a handle, and the release threshold set on it (what a
+/// real pool keeps cached across synchronisations instead of returning it to the driver).
+static POOL_RELEASE_THRESHOLD: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+const POOL_HANDLE: usize = 0x9001;
+const CU_MEMPOOL_ATTR_RELEASE_THRESHOLD: c_int = 4;
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDeviceGetDefaultMemPool(pool: *mut *mut c_void, d: c_int) -> Result {
+    if d != 0 || pool.is_null() {
+        return fail(
+            CUDA_ERROR_INVALID_VALUE,
+            format!("cuDeviceGetDefaultMemPool: device {d}"),
+        );
+    }
+    *pool = POOL_HANDLE as *mut c_void;
+    CUDA_SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemPoolSetAttribute(
+    pool: *mut c_void,
+    attr: c_int,
+    value: *mut c_void,
+) -> Result {
+    if pool as usize != POOL_HANDLE || value.is_null() {
+        return fail(
+            CUDA_ERROR_INVALID_VALUE,
+            "cuMemPoolSetAttribute: not the default pool".into(),
+        );
+    }
+    if attr == CU_MEMPOOL_ATTR_RELEASE_THRESHOLD {
+        POOL_RELEASE_THRESHOLD.store(*(value as *const u64), std::sync::atomic::Ordering::Relaxed);
+    }
+    CUDA_SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemPoolGetAttribute(
+    pool: *mut c_void,
+    attr: c_int,
+    value: *mut c_void,
+) -> Result {
+    if pool as usize != POOL_HANDLE || value.is_null() {
+        return fail(
+            CUDA_ERROR_INVALID_VALUE,
+            "cuMemPoolGetAttribute: not the default pool".into(),
+        );
+    }
+    if attr == CU_MEMPOOL_ATTR_RELEASE_THRESHOLD {
+        *(value as *mut u64) = POOL_RELEASE_THRESHOLD.load(std::sync::atomic::Ordering::Relaxed);
+    }
+    CUDA_SUCCESS
+}
+
 #[no_mangle]
 pub extern "C" fn cuMemFree_v2(p: u64) -> Result {
     check_sticky!();

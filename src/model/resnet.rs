@@ -1,0 +1,334 @@
+//! ResNets as timm builds them (`timm.models.resnet.ResNet`), for inference, with timm's key
+//! names: the backbones of MODE (ResNet-18/34 on CIFAR, ResNet-50 on ImageNet) beside the ViTs.
+//!
+//!   stem:   x = ReLU(BN(conv1(img)))  (7×7/2, pad 3; then 3×3/2 max-pool, pad 1)
+//!           CIFAR variant (`*_cifar`, MODE's): 3×3/1, pad 1, no max-pool
+//!   layer1..4 (stride 1, 2, 2, 2 at their first block):
+//!     BasicBlock:  y = ReLU(BN2(conv2 3×3(ReLU(BN1(conv1 3×3/s(x))))) + shortcut(x))
+//!     Bottleneck:  y = ReLU(BN3(conv3 1×1(ReLU(BN2(conv2 3×3/s(ReLU(BN1(conv1 1×1(x)))))))) + shortcut(x))
+//!                  (the stride on the 3×3, as timm and torchvision ≥ 0.13), 4× expansion
+//!     shortcut:    x, or BN(conv 1×1/s(x)) (`downsample.0`, `downsample.1`) where the shape changes
+//!   feature = mean over H×W (global average pooling); logits = fc(feature)
+//!
+//! Inference only: each BatchNorm is folded into the convolution before it at load,
+//! w' = w·γ/√(var + ε), b' = β − mean·γ/√(var + ε), ε = 1e-5. Activations are NHWC (see
+//! backend/cpu/conv.rs).
+
+use crate::backend::cpu::conv::{self, Conv, Epilogue};
+use crate::backend::cpu::matmul;
+use crate::error::{Error, Result};
+use crate::model::Output;
+use crate::tensor::Tensor;
+use crate::weights::WeightStore;
+
+/// BatchNorm2d's default ε in timm's ResNets.
+const BN_EPS: f32 = 1e-5;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockKind {
+    Basic,
+    Bottleneck,
+}
+
+impl BlockKind {
+    fn expansion(self) -> usize {
+        match self {
+            BlockKind::Basic => 1,
+            BlockKind::Bottleneck => 4,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ResNetConfig {
+    pub name: String,
+    pub block: BlockKind,
+    /// Blocks per stage.
+    pub layers: [usize; 4],
+    /// Planes per stage (the block's width; its output is planes × expansion).
+    pub channels: [usize; 4],
+    /// Output channels of the stem convolution.
+    pub stem_width: usize,
+    /// MODE's CIFAR stem: 3×3 stride-1 convolution and no max-pool.
+    pub cifar_stem: bool,
+    pub img_size: usize,
+    pub in_chans: usize,
+    /// Classes of the default head; a checkpoint's own `fc` takes precedence.
+    pub num_classes: usize,
+}
+
+impl ResNetConfig {
+    /// Width of the pooled feature.
+    pub fn feature_dim(&self) -> usize {
+        self.channels[3] * self.block.expansion()
+    }
+
+    pub fn preset(name: &str) -> Option<ResNetConfig> {
+        let full = [64, 128, 256, 512];
+        let (block, layers, channels, cifar, img, classes) = match name {
+            "resnet18" => (BlockKind::Basic, [2, 2, 2, 2], full, false, 224, 1000),
+            "resnet34" => (BlockKind::Basic, [3, 4, 6, 3], full, false, 224, 1000),
+            "resnet50" => (BlockKind::Bottleneck, [3, 4, 6, 3], full, false, 224, 1000),
+            "resnet18_cifar" => (BlockKind::Basic, [2, 2, 2, 2], full, true, 32, 10),
+            "resnet34_cifar" => (BlockKind::Basic, [3, 4, 6, 3], full, true, 32, 100),
+            // tools/make_resnet_fixtures.py's tiny models.
+            "test_tiny_resnet_basic" => (
+                BlockKind::Basic,
+                [2, 1, 1, 1],
+                [8, 16, 24, 32],
+                false,
+                64,
+                10,
+            ),
+            "test_tiny_resnet_bottleneck" => (
+                BlockKind::Bottleneck,
+                [1, 2, 1, 1],
+                [8, 16, 24, 32],
+                false,
+                64,
+                10,
+            ),
+            "test_tiny_resnet_basic_cifar" => (
+                BlockKind::Basic,
+                [1, 1, 2, 1],
+                [8, 16, 24, 32],
+                true,
+                32,
+                10,
+            ),
+            _ => return None,
+        };
+        Some(ResNetConfig {
+            name: name.to_string(),
+            block,
+            layers,
+            channels,
+            stem_width: 64,
+            cifar_stem: cifar,
+            img_size: img,
+            in_chans: 3,
+            num_classes: classes,
+        })
+    }
+
+    pub fn preset_names() -> &'static [&'static str] {
+        &[
+            "resnet18",
+            "resnet34",
+            "resnet50",
+            "resnet18_cifar",
+            "resnet34_cifar",
+            "test_tiny_resnet_basic",
+            "test_tiny_resnet_bottleneck",
+            "test_tiny_resnet_basic_cifar",
+        ]
+    }
+}
+
+/// A convolution with its BatchNorm folded in: weight [Cout, kh, kw, Cin], bias [Cout].
+pub struct FoldedConv {
+    pub cv: Conv,
+    pub w: Vec<f32>,
+    pub b: Vec<f32>,
+}
+
+impl FoldedConv {
+    /// `conv` (a `*.weight` key's prefix) followed by the BatchNorm `bn`, from the store.
+    fn load(store: &WeightStore, conv: &str, bn: &str, cv: Conv) -> Result<FoldedConv> {
+        let w = store.get(&format!("{conv}.weight"), &[cv.cout, cv.cin, cv.k, cv.k])?;
+        let get = |what: &str| store.get(&format!("{bn}.{what}"), &[cv.cout]);
+        let (gamma, beta) = (get("weight")?, get("bias")?);
+        let (mean, var) = (get("running_mean")?, get("running_var")?);
+        let mut w = conv::weight_to_hwc(w.as_slice(), cv.cout, cv.cin, cv.k);
+        let mut b = vec![0.0f32; cv.cout];
+        let per_out = cv.patch_len();
+        for o in 0..cv.cout {
+            let v = var.as_slice()[o];
+            if v.is_nan() || v < 0.0 {
+                return Err(Error::format(
+                    store.path(),
+                    format!("`{bn}.running_var` has {v} at channel {o}: a variance must be >= 0"),
+                ));
+            }
+            let scale = gamma.as_slice()[o] / (v + BN_EPS).sqrt();
+            w[o * per_out..(o + 1) * per_out]
+                .iter_mut()
+                .for_each(|x| *x *= scale);
+            b[o] = beta.as_slice()[o] - mean.as_slice()[o] * scale;
+        }
+        Ok(FoldedConv { cv, w, b })
+    }
+
+    /// act(conv(x) + b (+ residual)) on NHWC x [B, H, W, Cin].
+    fn run(
+        &self,
+        x: &[f32],
+        bhw: (usize, usize, usize),
+        residual: Option<&[f32]>,
+        relu: bool,
+    ) -> Vec<f32> {
+        let ep = Epilogue {
+            bias: Some(&self.b),
+            residual,
+            relu,
+        };
+        conv::conv2d(x, bhw, &self.w, &self.cv, &ep)
+    }
+}
+
+pub struct ResBlock {
+    /// conv1/bn1, conv2/bn2 (and conv3/bn3 for a bottleneck).
+    pub convs: Vec<FoldedConv>,
+    pub downsample: Option<FoldedConv>,
+}
+
+pub struct ResNet {
+    pub cfg: ResNetConfig,
+    pub stem: FoldedConv,
+    pub blocks: Vec<ResBlock>,
+    /// fc: weight [C, F], bias [C]
+    pub fc: Option<(Tensor, Tensor)>,
+}
+
+fn conv(cin: usize, cout: usize, k: usize, stride: usize) -> Conv {
+    Conv {
+        cin,
+        cout,
+        k,
+        stride,
+        pad: k / 2,
+    }
+}
+
+impl ResNet {
+    pub fn load(cfg: &ResNetConfig, store: &WeightStore) -> Result<ResNet> {
+        let stem_cv = if cfg.cifar_stem {
+            conv(cfg.in_chans, cfg.stem_width, 3, 1)
+        } else {
+            conv(cfg.in_chans, cfg.stem_width, 7, 2)
+        };
+        let stem = FoldedConv::load(store, "conv1", "bn1", stem_cv)?;
+        let exp = cfg.block.expansion();
+        let mut inplanes = cfg.stem_width;
+        let mut blocks = Vec::new();
+        for (stage, (&n, &planes)) in cfg.layers.iter().zip(&cfg.channels).enumerate() {
+            for i in 0..n {
+                let pre = format!("layer{}.{i}", stage + 1);
+                let stride = if i == 0 && stage > 0 { 2 } else { 1 };
+                let out = planes * exp;
+                let c = |j: usize, cv: Conv| {
+                    FoldedConv::load(
+                        store,
+                        &format!("{pre}.conv{j}"),
+                        &format!("{pre}.bn{j}"),
+                        cv,
+                    )
+                };
+                let convs = match cfg.block {
+                    BlockKind::Basic => vec![
+                        c(1, conv(inplanes, planes, 3, stride))?,
+                        c(2, conv(planes, planes, 3, 1))?,
+                    ],
+                    BlockKind::Bottleneck => vec![
+                        c(1, conv(inplanes, planes, 1, 1))?,
+                        c(2, conv(planes, planes, 3, stride))?,
+                        c(3, conv(planes, out, 1, 1))?,
+                    ],
+                };
+                let downsample = if stride != 1 || inplanes != out {
+                    Some(FoldedConv::load(
+                        store,
+                        &format!("{pre}.downsample.0"),
+                        &format!("{pre}.downsample.1"),
+                        conv(inplanes, out, 1, stride),
+                    )?)
+                } else {
+                    None
+                };
+                blocks.push(ResBlock { convs, downsample });
+                inplanes = out;
+            }
+        }
+        let f = cfg.feature_dim();
+        let fc = match store.shape_of("fc.weight") {
+            Some(&[classes, ff]) if ff == f => Some((
+                store.get("fc.weight", &[classes, f])?,
+                store.get("fc.bias", &[classes])?,
+            )),
+            Some(s) => {
+                return Err(Error::Shape {
+                    name: "fc.weight".into(),
+                    expected: vec![cfg.num_classes, f],
+                    got: s.to_vec(),
+                    file: Some(store.path().to_path_buf()),
+                })
+            }
+            None => None,
+        };
+        Ok(ResNet {
+            cfg: cfg.clone(),
+            stem,
+            blocks,
+            fc,
+        })
+    }
+
+    /// images [B, C, S, S] (NCHW, normalised) → features [B, F] and logits [B, C].
+    pub fn forward(&self, images: &Tensor) -> Result<Output> {
+        let cfg = &self.cfg;
+        let (b, h, w) = match images.shape() {
+            [b, c, h, w] if *c == cfg.in_chans && *h > 0 && *w > 0 => (*b, *h, *w),
+            other => {
+                return Err(Error::Data(format!(
+                    "{} expects images [B, {}, H, W], got {other:?}",
+                    cfg.name, cfg.in_chans
+                )))
+            }
+        };
+        let x = conv::nchw_to_nhwc(images.as_slice(), b, cfg.in_chans, h, w);
+        let mut x = self.stem.run(&x, (b, h, w), None, true);
+        let (mut h, mut w) = (self.stem.cv.out_size(h), self.stem.cv.out_size(w));
+        if !cfg.cifar_stem {
+            x = conv::max_pool(&x, (b, h, w, cfg.stem_width), 3, 2, 1);
+            (h, w) = ((h + 2 - 3) / 2 + 1, (w + 2 - 3) / 2 + 1);
+        }
+        for blk in &self.blocks {
+            let projected = blk
+                .downsample
+                .as_ref()
+                .map(|ds| ds.run(&x, (b, h, w), None, false));
+            let shortcut = projected.as_deref().unwrap_or(&x);
+            let last = blk.convs.len() - 1;
+            let mut y: Option<Vec<f32>> = None;
+            let (mut hh, mut ww) = (h, w);
+            for (j, c) in blk.convs.iter().enumerate() {
+                let input = y.as_deref().unwrap_or(&x);
+                let res = (j == last).then_some(shortcut);
+                let out = c.run(input, (b, hh, ww), res, true);
+                y = Some(out);
+                (hh, ww) = (c.cv.out_size(hh), c.cv.out_size(ww));
+            }
+            x = y.expect("a block has convolutions");
+            (h, w) = (hh, ww);
+        }
+        let f = cfg.feature_dim();
+        let features = conv::mean_hw(&x, (b, h, w, f));
+        let logits = match &self.fc {
+            Some((wt, bias)) => {
+                let c = wt.shape()[0];
+                let mut z = matmul::linear_new(&features, wt.as_slice(), b, f, c);
+                for row in z.chunks_exact_mut(c) {
+                    row.iter_mut()
+                        .zip(bias.as_slice())
+                        .for_each(|(v, b)| *v += b);
+                }
+                Some(Tensor::from_vec(&[b, c], z)?)
+            }
+            None => None,
+        };
+        Ok(Output {
+            features: Tensor::from_vec(&[b, f], features)?,
+            logits,
+        })
+    }
+}
