@@ -144,7 +144,7 @@ pub fn run(args: Args) -> Result<()> {
         ));
     }
     let model = super::load_model(&args.arch, &args.weights)?;
-    let (source, preprocess) = open_source(&args.data, &args.preset, model.cfg.img_size)?;
+    let (source, preprocess) = open_source(&args.data, &args.preset, model.img_size())?;
     if source.is_empty() {
         return Err(Error::Data(format!("--data `{}` has no images", args.data)));
     }

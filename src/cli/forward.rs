@@ -46,20 +46,18 @@ pub fn run(args: Args) -> Result<()> {
         )));
     }
     let (shape, data) = crate::npy::read_f32(&args.input)?;
-    let cfg = &model.cfg;
-    let per_image = cfg.in_chans * cfg.img_size * cfg.img_size;
+    let (chans, size) = (model.in_chans(), model.img_size());
+    let per_image = chans * size * size;
     // read_f32 checked that the shape's product is the data's length; the dims are still the
     // file's, so they are compared one by one rather than multiplied.
     match shape[..] {
-        [_, c, h, w] if c == cfg.in_chans && h == cfg.img_size && w == cfg.img_size => {}
+        [_, c, h, w] if c == chans && h == size && w == size => {}
         _ => {
             return Err(Error::format(
                 &args.input,
                 format!(
-                    "expected images of shape [B, {}, {s}, {s}] for {}, found {shape:?}",
-                    cfg.in_chans,
-                    cfg.name,
-                    s = cfg.img_size
+                    "expected images of shape [B, {chans}, {size}, {size}] for {}, found {shape:?}",
+                    model.name(),
                 ),
             ))
         }
@@ -75,7 +73,7 @@ pub fn run(args: Args) -> Result<()> {
     for start in (0..total).step_by(args.batch) {
         let end = (start + args.batch).min(total);
         let x = Tensor::from_vec(
-            &[end - start, cfg.in_chans, cfg.img_size, cfg.img_size],
+            &[end - start, chans, size, size],
             data[start * per_image..end * per_image].to_vec(),
         )?;
         let out = runner.forward(&x)?;

@@ -31,6 +31,19 @@ pub fn run(args: Args) -> Result<()> {
                     c.img_size, c.img_size, c.patch_size, c.embed_dim, c.depth, c.num_classes
                 ));
             }
+            for name in crate::model::resnet::ResNetConfig::preset_names() {
+                let c = crate::model::resnet::ResNetConfig::preset(name).expect("listed preset");
+                lines.push(format!(
+                    "{name}: {}x{} input, ResNet {:?} blocks {:?}, feature width {}, {} classes{} (extract/forward, CPU)",
+                    c.img_size,
+                    c.img_size,
+                    c.block,
+                    c.layers,
+                    c.feature_dim(),
+                    c.num_classes,
+                    if c.cifar_stem { ", CIFAR stem" } else { "" }
+                ));
+            }
         }
         What::Methods => {
             for m in crate::ood::detector::METHODS {

@@ -21,7 +21,7 @@ pub mod score_device;
 pub mod train_common;
 
 use crate::error::Result;
-use crate::model::{VisionTransformer, VitConfig};
+use crate::model::backbone::Backbone;
 use crate::weights::WeightStore;
 
 /// Sizes rayon's global pool (and so gemm's threads); 0 = one per logical core.
@@ -41,10 +41,9 @@ pub fn progress(len: u64, unit: &str) -> crate::progress::Progress {
 }
 
 /// Loads `--arch` with `--weights`, warning about checkpoint tensors the model did not use.
-pub fn load_model(arch: &str, weights: &std::path::Path) -> Result<VisionTransformer> {
-    let cfg = VitConfig::preset(arch)?;
+pub fn load_model(arch: &str, weights: &std::path::Path) -> Result<Backbone> {
     let store = WeightStore::open(weights)?;
-    let model = VisionTransformer::load(&cfg, &store)?;
+    let model = Backbone::load(arch, &store)?;
     let unused = store.unused();
     if !unused.is_empty() {
         eprintln!(

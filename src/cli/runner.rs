@@ -4,13 +4,14 @@
 
 use super::bench::{Device, Precision};
 use crate::error::Result;
-use crate::model::runner::{CpuRunner, Runner};
+use crate::model::backbone::Backbone;
+use crate::model::runner::Runner;
 use crate::model::VisionTransformer;
 
 /// The model on `device`. On CUDA, `batch` (the largest batch it will be given) is checked
 /// against the free device memory first, so that a batch too big fails now with one that fits.
 pub fn runner(
-    model: &VisionTransformer,
+    model: &Backbone,
     device: Device,
     precision: Precision,
     batch: usize,
@@ -21,13 +22,17 @@ pub fn runner(
 /// `runner`, with where it runs: "cpu" or "cuda: <device>" (a store records it, since another
 /// device rounds differently).
 pub fn runner_described(
-    model: &VisionTransformer,
+    model: &Backbone,
     device: Device,
     precision: Precision,
     batch: usize,
 ) -> Result<(Box<dyn Runner + '_>, String)> {
-    let cuda = on_cuda(device, "running", || cuda_runner(model, precision, batch))?;
-    Ok(cuda.unwrap_or_else(|| (Box::new(CpuRunner(model)), "cpu".into())))
+    let Some(vit) = model.as_vit() else {
+        cpu_only(device, "a ResNet", "no CUDA convolution yet")?;
+        return Ok((model.cpu_runner(), "cpu".into()));
+    };
+    let cuda = on_cuda(device, "running", || cuda_runner(vit, precision, batch))?;
+    Ok(cuda.unwrap_or_else(|| (model.cpu_runner(), "cpu".into())))
 }
 
 /// The `--device` rule of every command that computes: `cpu` → None; `cuda` → `open()`, whose

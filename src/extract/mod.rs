@@ -24,8 +24,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::error::{Error, Result};
+use crate::model::backbone::Backbone;
 use crate::model::runner::Runner;
-use crate::model::VisionTransformer;
 use crate::store::{Manifest, Skipped};
 use crate::tensor::Tensor;
 use crate::weights::{safetensors, RawTensor, WDType, WeightStore};
@@ -152,7 +152,7 @@ fn plan(len: usize, opts: &Options) -> Vec<Vec<usize>> {
 /// preprocessing, precision and device; the rest of the identity, counts, classes and skipped
 /// files are filled in here.
 pub fn extract(
-    model: &VisionTransformer,
+    model: &Backbone,
     runner: &mut dyn Runner,
     source: &dyn Source,
     out: &Path,
@@ -170,16 +170,25 @@ pub fn extract(
             "--batch and --chunk must be at least 1".into(),
         ));
     }
-    let cfg = &model.cfg;
+    let (chans, size) = (model.in_chans(), model.img_size());
     let sample = source.sample_len();
-    if sample != cfg.in_chans * cfg.img_size * cfg.img_size {
+    if sample != chans * size * size {
         return Err(Error::Usage(format!(
-            "the source gives {sample}-value images, {} takes {}x{}x{}",
-            cfg.name, cfg.in_chans, cfg.img_size, cfg.img_size
+            "the source gives {sample}-value images, {} takes {chans}x{size}x{size}",
+            model.name()
         )));
     }
-    let d = cfg.embed_dim;
-    let classes = model.head.as_ref().map_or(0, |h| h.w.value.shape()[0]);
+    let d = model.feature_dim();
+    let classes = model.num_classes().unwrap_or(0);
+    let odin_model = match (opts.odin, model.as_vit()) {
+        (Some(_), None) => {
+            return Err(Error::Usage(format!(
+            "--odin: ODIN runs through the transformer's training tape, which {} does not have yet",
+            model.name()
+        )))
+        }
+        (_, vit) => vit,
+    };
     let mut id = manifest.identity.take().unwrap_or_default();
     id.mood_version = env!("CARGO_PKG_VERSION").into();
     (id.source_rows, id.source_sha256) = source::listing(source);
@@ -229,11 +238,7 @@ pub fn extract(
     }
     std::fs::create_dir_all(&partial).map_err(|e| Error::io(&partial, e))?;
     let chunks = plan(source.len(), opts);
-    let tokens = if opts.local {
-        cfg.grid().0 * cfg.grid().1
-    } else {
-        0
-    };
+    let tokens = if opts.local { model.local_tokens() } else { 0 };
     let chunk_path = |k: usize| partial.join(format!("chunk-{k:06}.safetensors"));
     let todo: Vec<usize> = (0..chunks.len())
         .filter(|&k| !chunk_path(k).exists())
@@ -320,10 +325,7 @@ pub fn extract(
             }
             images.truncate(good.len() * sample);
             if !good.is_empty() {
-                let x = Tensor::from_vec(
-                    &[good.len(), cfg.in_chans, cfg.img_size, cfg.img_size],
-                    images,
-                )?;
+                let x = Tensor::from_vec(&[good.len(), chans, size, size], images)?;
                 let t = Instant::now();
                 let (o, local) = if opts.local {
                     let (o, l) = runner.forward_local(&x)?;
@@ -331,11 +333,11 @@ pub fn extract(
                 } else {
                     (runner.forward(&x)?, None)
                 };
-                if let Some((temp, eps)) = opts.odin {
+                if let (Some((temp, eps)), Some(vit)) = (opts.odin, odin_model) {
                     // ODIN needs the input gradient, which only the CPU model's tape gives.
                     chunk
                         .odin
-                        .extend(crate::extract::odin::scores(model, &x, temp, eps)?);
+                        .extend(crate::extract::odin::scores(vit, &x, temp, eps)?);
                 }
                 model_seconds += t.elapsed().as_secs_f64();
                 chunk.features.extend_from_slice(o.features.as_slice());

@@ -1,6 +1,7 @@
 //! The backbones: vision transformers (configs as named presets, the BEiT/ViT forward written once
 //! over the `Exec` op set, relative positions, init) and timm's ResNets (resnet.rs).
 
+pub mod backbone;
 pub mod config;
 #[cfg(feature = "cuda")]
 pub mod cuda_exec;

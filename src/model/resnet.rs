@@ -273,8 +273,37 @@ impl ResNet {
         })
     }
 
+    /// Height and width of the last stage's map for `size`×`size` images.
+    pub fn final_grid(&self, size: usize) -> (usize, usize) {
+        let mut h = self.stem.cv.out_size(size);
+        if !self.cfg.cifar_stem {
+            h = (h + 2 - 3) / 2 + 1;
+        }
+        for blk in &self.blocks {
+            for c in &blk.convs {
+                h = c.cv.out_size(h);
+            }
+        }
+        (h, h)
+    }
+
     /// images [B, C, S, S] (NCHW, normalised) → features [B, F] and logits [B, C].
     pub fn forward(&self, images: &Tensor) -> Result<Output> {
+        let (map, b, _) = self.last_stage(images)?;
+        self.head(&map, b)
+    }
+
+    /// `forward` and the last stage's map as local tokens [B, h·w, F] (MODE's local features:
+    /// one token per position of the final feature map).
+    pub fn forward_local(&self, images: &Tensor) -> Result<(Output, Tensor)> {
+        let (map, b, hw) = self.last_stage(images)?;
+        let out = self.head(&map, b)?;
+        let f = self.cfg.feature_dim();
+        Ok((out, Tensor::from_vec(&[b, hw, f], map)?))
+    }
+
+    /// The last stage's map, NHWC [B, h, w, F], with B and h·w.
+    fn last_stage(&self, images: &Tensor) -> Result<(Vec<f32>, usize, usize)> {
         let cfg = &self.cfg;
         let (b, h, w) = match images.shape() {
             [b, c, h, w] if *c == cfg.in_chans && *h > 0 && *w > 0 => (*b, *h, *w),
@@ -311,8 +340,14 @@ impl ResNet {
             x = y.expect("a block has convolutions");
             (h, w) = (hh, ww);
         }
-        let f = cfg.feature_dim();
-        let features = conv::mean_hw(&x, (b, h, w, f));
+        Ok((x, b, h * w))
+    }
+
+    /// Global average pooling and fc on the last stage's map.
+    fn head(&self, map: &[f32], b: usize) -> Result<Output> {
+        let f = self.cfg.feature_dim();
+        let hw = map.len() / (b * f).max(1);
+        let features = conv::mean_hw(map, (b, hw, 1, f));
         let logits = match &self.fc {
             Some((wt, bias)) => {
                 let c = wt.shape()[0];
@@ -329,6 +364,16 @@ impl ResNet {
         Ok(Output {
             features: Tensor::from_vec(&[b, f], features)?,
             logits,
+        })
+    }
+
+    /// The fc layer for a feature store's head.safetensors (no norm before it).
+    pub fn store_head(&self) -> Option<crate::ood::detector::Head> {
+        let (w, b) = self.fc.as_ref()?;
+        Some(crate::ood::detector::Head {
+            weight: w.as_slice().to_vec(),
+            bias: b.as_slice().to_vec(),
+            fc_norm: None,
         })
     }
 }

@@ -18,6 +18,7 @@ pub fn is_ignored(name: &str) -> bool {
         || name == "mask_token"
         || name.ends_with("relative_position_index")
         || name.ends_with("attn.k_bias")
+        || name.ends_with("num_batches_tracked") // BatchNorm's training counter
 }
 
 pub fn normalise<E>(entries: Vec<(String, E)>) -> BTreeMap<String, E> {

@@ -1,0 +1,144 @@
+//! Any backbone mood runs, chosen by `--arch`: a vision transformer (BEiT, ViT) or a ResNet.
+//! Extraction and `mood forward` see only what is common: the input geometry, the feature
+//! width, the head, and a `Runner` that gives features, logits and local tokens.
+
+use crate::error::{Error, Result};
+use crate::model::resnet::{ResNet, ResNetConfig};
+use crate::model::runner::{CpuRunner, Runner};
+use crate::model::{Output, VisionTransformer, VitConfig};
+use crate::tensor::Tensor;
+use crate::weights::WeightStore;
+
+pub enum Backbone {
+    Vit(Box<VisionTransformer>),
+    ResNet(Box<ResNet>),
+}
+
+/// What the checkpoint's keys say it is, for the message when `--arch` says otherwise.
+fn family_of_keys(store: &WeightStore) -> Option<&'static str> {
+    if store.contains("layer1.0.conv1.weight") {
+        Some("a ResNet (keys layer1.0.conv1.weight, ...; use --arch resnet18|resnet34|resnet50|resnet18_cifar|...)")
+    } else if store.contains("patch_embed.proj.weight") {
+        Some("a vision transformer (keys patch_embed.proj.weight, blocks.N..., ...; use a beit_*/vit_* --arch)")
+    } else {
+        None
+    }
+}
+
+impl Backbone {
+    /// `arch` (a ViT/BEiT or ResNet preset) with the weights of `store`. A checkpoint of the
+    /// other family is named as such rather than reported as a missing tensor.
+    pub fn load(arch: &str, store: &WeightStore) -> Result<Backbone> {
+        let resnet = ResNetConfig::preset(arch);
+        let is_vit = resnet.is_none();
+        let wrong_family = match family_of_keys(store) {
+            Some(f) if is_vit && f.starts_with("a ResNet") => Some(f),
+            Some(f) if !is_vit && f.starts_with("a vision") => Some(f),
+            _ => None,
+        };
+        if let Some(f) = wrong_family {
+            return Err(Error::format(
+                store.path(),
+                format!("the weights are {f}, not --arch {arch}"),
+            ));
+        }
+        match resnet {
+            Some(cfg) => Ok(Backbone::ResNet(Box::new(ResNet::load(&cfg, store)?))),
+            None => {
+                let cfg = VitConfig::preset(arch).map_err(|e| match e {
+                    Error::Usage(m) => Error::Usage(format!(
+                        "{m} (ResNets: {})",
+                        ResNetConfig::preset_names().join(", ")
+                    )),
+                    e => e,
+                })?;
+                Ok(Backbone::Vit(Box::new(VisionTransformer::load(&cfg, store)?)))
+            }
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        match self {
+            Backbone::Vit(m) => &m.cfg.name,
+            Backbone::ResNet(m) => &m.cfg.name,
+        }
+    }
+
+    pub fn img_size(&self) -> usize {
+        match self {
+            Backbone::Vit(m) => m.cfg.img_size,
+            Backbone::ResNet(m) => m.cfg.img_size,
+        }
+    }
+
+    pub fn in_chans(&self) -> usize {
+        match self {
+            Backbone::Vit(m) => m.cfg.in_chans,
+            Backbone::ResNet(m) => m.cfg.in_chans,
+        }
+    }
+
+    /// Width of the pooled feature.
+    pub fn feature_dim(&self) -> usize {
+        match self {
+            Backbone::Vit(m) => m.cfg.embed_dim,
+            Backbone::ResNet(m) => m.cfg.feature_dim(),
+        }
+    }
+
+    /// Classes of the checkpoint's head, if it has one.
+    pub fn num_classes(&self) -> Option<usize> {
+        match self {
+            Backbone::Vit(m) => m.num_classes(),
+            Backbone::ResNet(m) => m.fc.as_ref().map(|(w, _)| w.shape()[0]),
+        }
+    }
+
+    /// Local tokens per image (`--local`): ViT patches, or the positions of a ResNet's last map.
+    pub fn local_tokens(&self) -> usize {
+        match self {
+            Backbone::Vit(m) => m.cfg.grid().0 * m.cfg.grid().1,
+            Backbone::ResNet(m) => {
+                let (h, w) = m.final_grid(m.cfg.img_size);
+                h * w
+            }
+        }
+    }
+
+    /// The head (and the norm before it) for a feature store's head.safetensors.
+    pub fn store_head(&self) -> Option<crate::ood::detector::Head> {
+        match self {
+            Backbone::Vit(m) => m.store_head(),
+            Backbone::ResNet(m) => m.store_head(),
+        }
+    }
+
+    /// The transformer, where a path exists only for it (ODIN's tape, the CUDA executor).
+    pub fn as_vit(&self) -> Option<&VisionTransformer> {
+        match self {
+            Backbone::Vit(m) => Some(m),
+            Backbone::ResNet(_) => None,
+        }
+    }
+
+    /// The backbone on the CPU.
+    pub fn cpu_runner(&self) -> Box<dyn Runner + '_> {
+        match self {
+            Backbone::Vit(m) => Box::new(CpuRunner(m)),
+            Backbone::ResNet(m) => Box::new(ResNetRunner(m)),
+        }
+    }
+}
+
+/// A ResNet on the CPU.
+pub struct ResNetRunner<'m>(pub &'m ResNet);
+
+impl Runner for ResNetRunner<'_> {
+    fn forward(&mut self, images: &Tensor) -> Result<Output> {
+        self.0.forward(images)
+    }
+
+    fn forward_local(&mut self, images: &Tensor) -> Result<(Output, Tensor)> {
+        self.0.forward_local(images)
+    }
+}
