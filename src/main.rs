@@ -39,6 +39,8 @@ enum Command {
     Pretrain(cli::pretrain::Args),
     /// Supervised (multi-class or one-class) fine-tuning.
     Finetune(cli::finetune::Args),
+    /// A checkpoint's classifier as weights-only safetensors that timm loads with strict=True.
+    Export(cli::export::Args),
     /// Images through a model into a feature store (resumable, shardable).
     Extract(cli::extract::Args),
     /// Join shard stores of `mood extract --shard` in source order.
@@ -106,6 +108,7 @@ fn main() {
         Command::Eval(a) => cli::eval::run(a),
         Command::Pretrain(a) => cli::pretrain::run(a),
         Command::Finetune(a) => cli::finetune::run(a),
+        Command::Export(a) => cli::export::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");
