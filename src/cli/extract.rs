@@ -147,8 +147,12 @@ pub fn run(args: Args) -> Result<()> {
     // The largest batch actually run (batches never span chunks): a smaller one needs less
     // device memory.
     let largest = args.batch.min(args.chunk).min(source.len()).max(1);
-    let (forward, device_name) =
+    let (forward, described) =
         super::runner::runner_described(&model, device, args.precision, largest)?;
+    let (device_kind, device_name) = match described.split_once(':') {
+        Some((kind, name)) => (kind.trim(), name.trim().to_string()),
+        None => (described.as_str(), crate::backend::cpu::describe()),
+    };
     let weights_sha256 = crate::fsutil::sha256_file(&args.weights)?;
     let manifest = Manifest {
         model: args.arch.clone(),
@@ -163,12 +167,13 @@ pub fn run(args: Args) -> Result<()> {
             weights_sha256,
             preprocess,
             // The CPU forward is f32 whatever --precision says.
-            precision: if device_name == "cpu" {
+            precision: if device_kind == "cpu" {
                 "f32".into()
             } else {
                 format!("{:?}", args.precision).to_lowercase()
             },
-            device: device_name,
+            device: device_kind.to_string(),
+            device_name: device_name.to_string(),
             ..Default::default()
         }),
         ..Default::default()
