@@ -155,5 +155,30 @@ fn export_refuses_in_one_line() {
         &["blocks.0.attn.q_bias", "missing"],
     );
     assert_eq!(run(&["--arch", "test_tiny_vit"]).0, 0);
+
+    // A pretraining checkpoint is no classifier yet.
+    let mim = dir.path().join("mim.safetensors");
+    let r = run_mood(&[
+        "pretrain",
+        "--arch",
+        "test_tiny_beit",
+        "--data",
+        "digits:0",
+        "--epochs",
+        "1",
+        "-o",
+        mim.to_str().unwrap(),
+    ]);
+    assert_eq!(r.0, 0, "{}", r.2);
+    let r = run_mood(&[
+        "export",
+        mim.to_str().unwrap(),
+        "-o",
+        dir.path().join("y.safetensors").to_str().unwrap(),
+    ]);
+    assert_refused(
+        &r,
+        &["`mood pretrain` checkpoint", "mood finetune --weights"],
+    );
     assert!(!Path::new(&format!("{}.tmp", to.display())).exists());
 }

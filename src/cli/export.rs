@@ -82,6 +82,14 @@ pub fn run(args: Args) -> Result<()> {
     } else {
         None
     };
+    if progress.as_ref().is_some_and(|p| p.stage == "pretrain") {
+        // Its encoder ends in MIM's `norm`, not a classifier's `fc_norm` and head.
+        return Err(Error::Usage(format!(
+            "{} is a `mood pretrain` checkpoint, not a classifier: fine-tune it first \
+             (mood finetune --weights {0}) and export that",
+            args.checkpoint.display()
+        )));
+    }
     let arch = arch_of(&args, progress.as_ref().map(|p| p.arch.as_str()))?;
     let cfg = VitConfig::preset(&arch)?;
     let selected = crate::train::export::select(&store, &cfg)?;
