@@ -114,6 +114,8 @@ pub struct Provenance {
     pub stores: Vec<StoreInfo>,
     /// Store mismatches that `--allow-mismatch` let through, one line each.
     pub mismatches_allowed: Vec<String>,
+    /// Where the scores were computed (the device, the processor or GPU); empty when unknown.
+    pub scored_on: String,
 }
 
 impl Provenance {
@@ -135,6 +137,7 @@ impl Provenance {
             mood_version: env!("CARGO_PKG_VERSION").into(),
             stores,
             mismatches_allowed: Vec::new(),
+            scored_on: String::new(),
         }
     }
 }
@@ -233,6 +236,9 @@ impl Report {
                 "average precision (step)"
             }
         );
+        if !p.scored_on.is_empty() {
+            let _ = writeln!(s, "Scored on {}.\n", p.scored_on);
+        }
         let _ = writeln!(s, "## Stores\n");
         let _ = writeln!(
             s,
