@@ -67,8 +67,19 @@ fn tune_allocator() {
     }
 }
 
+/// Output piped into a reader that stops early (`mood info | head -3`) ends the process quietly,
+/// as it does `cat`: Rust ignores SIGPIPE, so each print to the closed pipe would panic instead.
+fn quiet_on_closed_pipe() {
+    #[cfg(unix)]
+    // SAFETY: restores the default disposition of one signal, before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() {
     tune_allocator();
+    quiet_on_closed_pipe();
     if let Err(e) = mood::cuda_stand_in::reexec_if_requested() {
         eprintln!("error: {e}");
         std::process::exit(2);

@@ -113,3 +113,22 @@ fn every_option_of_every_command_has_help_text() {
         ["--bare"]
     );
 }
+
+/// A reader that stops early (`mood info | head -1`) ends mood quietly, never with a panic.
+#[test]
+fn output_into_a_closed_pipe_is_no_panic() {
+    use std::process::{Command, Stdio};
+    for args in [&["info"][..], &["list", "methods"], &["-h"]] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_mood"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Closed before the child writes its first line (it is still starting up).
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
