@@ -200,3 +200,20 @@ pub fn refuse_inside(out: &Path, flag: &str, input: &Path, what: &str) -> Result
     }
     Ok(())
 }
+
+/// The SHA-256 of a file's bytes, in lower-case hex (read in 1 MiB pieces).
+pub fn sha256_file(path: &Path) -> Result<String> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(format!("{:x}", h.finalize()))
+}

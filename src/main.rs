@@ -39,6 +39,8 @@ enum Command {
     Pretrain(cli::pretrain::Args),
     /// Supervised (multi-class or one-class) fine-tuning.
     Finetune(cli::finetune::Args),
+    /// A checkpoint's classifier as weights-only safetensors that timm loads with strict=True.
+    Export(cli::export::Args),
     /// Images through a model into a feature store (resumable, shardable).
     Extract(cli::extract::Args),
     /// Join shard stores of `mood extract --shard` in source order.
@@ -65,8 +67,19 @@ fn tune_allocator() {
     }
 }
 
+/// Output piped into a reader that stops early (`mood info | head -3`) ends the process quietly,
+/// as it does `cat`: Rust ignores SIGPIPE, so each print to the closed pipe would panic instead.
+fn quiet_on_closed_pipe() {
+    #[cfg(unix)]
+    // SAFETY: restores the default disposition of one signal, before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() {
     tune_allocator();
+    quiet_on_closed_pipe();
     if let Err(e) = mood::cuda_stand_in::reexec_if_requested() {
         eprintln!("error: {e}");
         std::process::exit(2);
@@ -106,6 +119,7 @@ fn main() {
         Command::Eval(a) => cli::eval::run(a),
         Command::Pretrain(a) => cli::pretrain::run(a),
         Command::Finetune(a) => cli::finetune::run(a),
+        Command::Export(a) => cli::export::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");

@@ -226,6 +226,16 @@ fn demo_runs_end_to_end_and_prints_the_table() {
         stdout.contains("### (b) fine-tune 2 ep from scratch"),
         "{stdout}"
     );
+    // Where the stores went, and what (a) vs (b) means, after the tables.
+    assert!(
+        stdout.contains("stores go to") && stdout.contains("--out DIR keeps them"),
+        "{stdout}"
+    );
+    let last = stdout.trim_end().lines().last().unwrap_or_default();
+    assert!(
+        last.contains("between (a) and (b)") && last.contains("natural images"),
+        "{last}"
+    );
     // Every method but MOS (no group-softmax head here) has a row in both tables.
     for m in mood::ood::detector::METHODS
         .iter()
@@ -299,4 +309,14 @@ fn training_and_fitting_refuse_cuda_in_one_line() {
     ]);
     assert_one_line_error(code, &err, &["--device cuda: fitting runs on the CPU"]);
     assert!(!out.exists(), "nothing written");
+}
+
+#[test]
+fn demo_out_is_new_empty_or_an_earlier_demo() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("thesis.tex"), b"mine").unwrap();
+    let out = dir.path().to_str().unwrap();
+    let (code, _, err) = run_mood(&["demo", "--out", out]);
+    assert_one_line_error(code, &err, &["thesis.tex", "new or empty"]);
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
 }

@@ -65,6 +65,29 @@ fn extract_and_forward_on_cuda_match_the_cpu() {
         std::fs::read(cpu.join("labels.npy")).unwrap(),
         std::fs::read(cuda.join("labels.npy")).unwrap()
     );
+    // The manifests: the kind and precision (compared on resume and merge) and the GPU's name,
+    // as the device line on stderr names it (recorded only).
+    let id = |dir: &Path| {
+        mood::store::read_manifest(dir)
+            .unwrap()
+            .unwrap()
+            .identity
+            .unwrap()
+    };
+    let (on_cpu, on_gpu, on_bf16) = (id(&cpu), id(&cuda), id(&bf16));
+    assert_eq!(
+        (on_cpu.device.as_str(), on_cpu.precision.as_str()),
+        ("cpu", "f32")
+    );
+    assert_eq!(
+        (on_gpu.device.as_str(), on_gpu.precision.as_str()),
+        ("cuda", "f32")
+    );
+    assert_eq!(on_bf16.precision, "bf16");
+    assert!(
+        !on_gpu.device_name.is_empty() && err.contains(&on_gpu.device_name),
+        "{on_gpu:?}: {err}"
+    );
 
     // forward: a .npy of images through the model on both devices.
     let x: Vec<f32> = (0..2 * 3 * 32 * 32)

@@ -235,6 +235,11 @@ fn report_md_json_and_svg_carry_the_tables_and_the_provenance() {
     let prov = &json["provenance"];
     assert_eq!(prov["mood_version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(prov["command"], "mood eval");
+    let scored_on = prov["scored_on"].as_str().unwrap();
+    assert!(
+        scored_on.starts_with("cpu (") && scored_on.ends_with(", 2 threads)"),
+        "{scored_on}"
+    );
     let stores = prov["stores"].as_array().unwrap();
     assert_eq!(stores.len(), 3);
     let weights_sha = sha256(&fixture("timm/tiny_beit.safetensors"));
@@ -247,6 +252,13 @@ fn report_md_json_and_svg_carry_the_tables_and_the_provenance() {
         assert_eq!(st["weights_sha256"], weights_sha.as_str(), "{name}");
         assert_eq!(st["model"], "test_tiny_beit");
         assert_eq!(st["preprocess"], m.preprocess.as_str());
+        // What extracted the rows: the kind and precision, and the processor with its threads.
+        assert_eq!(st["device"], "cpu", "{name}");
+        assert_eq!(st["precision"], "f32", "{name}");
+        assert!(
+            st["device_name"].as_str().unwrap().ends_with(", 2 threads"),
+            "{st}"
+        );
     }
     assert_eq!(json["fpr_rule"], "knnood");
     let knn = json["methods"]
@@ -272,6 +284,12 @@ fn report_md_json_and_svg_carry_the_tables_and_the_provenance() {
         "{md}"
     );
     assert!(md.contains("k=7"), "{md}");
+    assert!(md.contains(&format!("Scored on {scored_on}.")), "{md}");
+    let device_name = stores[0]["device_name"].as_str().unwrap();
+    assert!(
+        md.contains("extracted on |") && md.contains(&format!("| cpu f32 ({device_name}) |")),
+        "{md}"
+    );
     // Each table row carries report.json's numbers.
     for m in json["methods"].as_array().unwrap() {
         let r = &m["results"][0]["metrics"];

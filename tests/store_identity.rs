@@ -358,6 +358,71 @@ fn merge_takes_exactly_the_shards_of_one_run() {
 }
 
 #[test]
+fn stores_record_the_processor_and_combine_across_cpus() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    for (dir, shard) in [(&a, "0/2"), (&b, "1/2")] {
+        let (code, _, err) = extract(dir, &["--shard", shard], &[]);
+        assert_eq!(code, 0, "{err}");
+    }
+    let id = |dir: &Path| {
+        mood::store::read_manifest(dir)
+            .unwrap()
+            .unwrap()
+            .identity
+            .unwrap()
+    };
+    // The kind, and the processor as /proc/cpuinfo names it, with the threads (run_mood: 2).
+    let first = id(&a);
+    assert_eq!(first.device, "cpu");
+    assert!(first.device_name.ends_with(", 2 threads"), "{first:?}");
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    if let Some(model) = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+    {
+        let model = model.1.split_whitespace().collect::<Vec<_>>().join(" ");
+        assert!(first.device_name.starts_with(&model), "{first:?}");
+    }
+    // Shard 1 extracted on another node's CPU: the shards still merge.
+    edit_manifest(&b, |m| {
+        m["identity"]["device_name"] = "Another CPU @ 2.0GHz, 64 threads".into()
+    });
+    let out = s(&tmp.path().join("merged"));
+    let (code, _, err) = run_mood(&["merge", &s(&a), &s(&b), "-o", &out]);
+    assert_eq!(code, 0, "{err}");
+    // A shard made on a GPU is another run: the CUDA kernels sum in another order.
+    edit_manifest(&b, |m| m["identity"]["device"] = "cuda".into());
+    assert_refused(
+        &run_mood(&["merge", &s(&a), &s(&b), "-o", &s(&tmp.path().join("m2"))]),
+        &[
+            "not shards of one run",
+            "--device (first store: cpu, this one: cuda)",
+        ],
+    );
+    // An unfinished run resumes on another CPU; the resumed store equals an uninterrupted one.
+    let whole = tmp.path().join("whole");
+    let (code, _, err) = extract(&whole, &[], &[]);
+    assert_eq!(code, 0, "{err}");
+    let resumed = tmp.path().join("resumed");
+    killed(&resumed, &[], "1");
+    edit_manifest(&resumed, |m| {
+        m["identity"]["device_name"] = "Another CPU @ 2.0GHz, 64 threads".into()
+    });
+    let (code, _, err) = extract(&resumed, &[], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("resumed"), "{err}");
+    let arrays = |d: &Path| {
+        files(d)
+            .into_iter()
+            .filter(|(n, _)| n.ends_with(".npy"))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(arrays(&resumed), arrays(&whole));
+}
+
+#[test]
 fn fit_never_writes_into_its_input_store() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("s");

@@ -32,6 +32,8 @@ pub fn run(
     }
     let pre = Preprocess::preset(preset, img_size)?;
     let mut buf = vec![0f32; CHUNK * pre.sample_len()];
+    // Over every pass, the warm-up included: a log sees the whole run move.
+    let pb = crate::progress::Progress::new(((rounds + 1) * paths.len()) as u64, "images", "bench");
     let mut once = || -> Result<(f64, usize)> {
         let t = Instant::now();
         let mut failed = 0;
@@ -41,6 +43,7 @@ pub fn run(
                 .iter()
                 .filter(|r| r.is_err())
                 .count();
+            pb.inc(chunk.len() as u64);
         }
         Ok((t.elapsed().as_secs_f64(), failed))
     };
@@ -50,6 +53,7 @@ pub fn run(
     for _ in 0..rounds {
         times.push(once()?.0);
     }
+    pb.finish_and_clear();
     times.sort_by(|a, b| a.total_cmp(b));
     let median = times[times.len() / 2];
     let threads = rayon::current_num_threads();

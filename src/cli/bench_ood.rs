@@ -45,12 +45,15 @@ fn synthetic(n: usize, d: usize, means: &[f32], seed: u64) -> (Vec<f32>, Vec<usi
 /// Median of `iters` timed calls after one warm-up call, seconds.
 fn median_time(iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     f()?;
+    let pb = crate::progress::Progress::new(iters as u64, "iter", "bench");
     let mut times = Vec::with_capacity(iters);
     for _ in 0..iters {
         let t = Instant::now();
         f()?;
         times.push(t.elapsed().as_secs_f64());
+        pb.inc(1);
     }
+    pb.finish_and_clear();
     times.sort_by(|a, b| a.total_cmp(b));
     Ok(times[times.len() / 2])
 }

@@ -213,6 +213,7 @@ pub fn run(args: Args) -> Result<()> {
     };
     let mut report = evaluate(&plan, &train, &id, &oods, &ood_stores)?;
     report.provenance.mismatches_allowed = allowed;
+    report.provenance.scored_on = device.describe();
     print!("{}", report.markdown());
     if let Some(dir) = &args.output {
         report.write(dir)?;

@@ -90,22 +90,6 @@ fn parse_shard(s: &str) -> Result<(usize, usize)> {
     Ok((i, n))
 }
 
-fn sha256(path: &Path) -> Result<String> {
-    use sha2::Digest;
-    use std::io::Read;
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut h = sha2::Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(format!("{:x}", h.finalize()))
-}
-
 pub fn open_source(spec: &str, preset: &str, img_size: usize) -> Result<(Box<dyn Source>, String)> {
     if spec == "digits" || spec.starts_with("digits:") || spec.starts_with("digits@") {
         let s = source::Digits::parse(spec, img_size)?;
@@ -151,9 +135,13 @@ pub fn run(args: Args) -> Result<()> {
     // The largest batch actually run (batches never span chunks): a smaller one needs less
     // device memory.
     let largest = args.batch.min(args.chunk).min(source.len()).max(1);
-    let (mut runner, device_name) =
+    let (mut runner, described) =
         super::runner::runner_described(&model, device, args.precision, largest)?;
-    let weights_sha256 = sha256(&args.weights)?;
+    let (device_kind, device_name) = match described.split_once(':') {
+        Some((kind, name)) => (kind.trim(), name.trim().to_string()),
+        None => (described.as_str(), crate::backend::cpu::describe()),
+    };
+    let weights_sha256 = crate::fsutil::sha256_file(&args.weights)?;
     let manifest = Manifest {
         model: args.arch.clone(),
         weights: args.weights.display().to_string(),
@@ -167,12 +155,13 @@ pub fn run(args: Args) -> Result<()> {
             weights_sha256,
             preprocess,
             // The CPU forward is f32 whatever --precision says.
-            precision: if device_name == "cpu" {
+            precision: if device_kind == "cpu" {
                 "f32".into()
             } else {
                 format!("{:?}", args.precision).to_lowercase()
             },
-            device: device_name,
+            device: device_kind.to_string(),
+            device_name: device_name.to_string(),
             ..Default::default()
         }),
         ..Default::default()

@@ -8,6 +8,8 @@ pub struct Args {}
 
 pub fn run(_args: Args) -> Result<()> {
     println!("mood {}", env!("CARGO_PKG_VERSION"));
+    // The processor as stores record it (identity.device_name), then what its kernels use.
+    println!("cpu: {}", crate::backend::cpu::describe());
     println!("cpu features: {}", cpu_features());
     println!("threads: {}", rayon::current_num_threads());
     println!("cuda: {}", cuda_status());

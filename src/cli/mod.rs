@@ -8,6 +8,7 @@ pub mod bench_ood;
 pub mod convert;
 pub mod demo;
 pub mod eval;
+pub mod export;
 pub mod extract;
 pub mod finetune;
 pub mod fit;

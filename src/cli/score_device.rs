@@ -61,6 +61,21 @@ impl ScoreDevice {
         })
     }
 
+    /// Where the scores are computed, for a report's provenance: "cpu (<processor>, N threads)",
+    /// or the GPU's name first when the GPU methods score there.
+    pub fn describe(&self) -> String {
+        let cpu = format!("cpu ({})", crate::backend::cpu::describe());
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = &self.gpu {
+            return format!(
+                "cuda ({}) for {}; {cpu} for the rest",
+                gpu.name(),
+                gpu_methods()
+            );
+        }
+        cpu
+    }
+
     pub fn on_gpu(&self) -> bool {
         #[cfg(feature = "cuda")]
         return self.gpu.is_some();

@@ -52,7 +52,9 @@ impl Backbone {
                     )),
                     e => e,
                 })?;
-                Ok(Backbone::Vit(Box::new(VisionTransformer::load(&cfg, store)?)))
+                Ok(Backbone::Vit(Box::new(VisionTransformer::load(
+                    &cfg, store,
+                )?)))
             }
         }
     }

@@ -12,115 +12,107 @@ use crate::weights::WeightStore;
 /// data/ need not import the model.
 pub use crate::rng::Rng;
 
-pub fn random_store(cfg: &VitConfig, seed: u64) -> WeightStore {
-    let mut rng = Rng::new(seed);
-    let mut t: Vec<(String, Tensor)> = Vec::new();
+/// How `random_store` fills one parameter.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Init {
+    /// Truncated normal, std 0.02.
+    Normal,
+    Fill(f32),
+}
+
+/// Every parameter a classifier of `cfg` reads, under timm's names, in a fixed order, with its
+/// shape and the initialisation `random_store` gives it; the head has `cfg.num_classes` outputs.
+pub fn parameter_specs(cfg: &VitConfig) -> Vec<(String, Vec<usize>, Init)> {
+    use Init::{Fill, Normal};
+    let mut t: Vec<(String, Vec<usize>, Init)> = Vec::new();
+    let mut add = |name: String, shape: &[usize], init: Init| t.push((name, shape.to_vec(), init));
     let d = cfg.embed_dim;
-    let normal = |name: String, shape: &[usize], rng: &mut Rng, t: &mut Vec<(String, Tensor)>| {
-        let n: usize = shape.iter().product();
-        let v = (0..n).map(|_| rng.trunc_normal(0.02)).collect();
-        t.push((name, Tensor::from_vec(shape, v).expect("n matches shape")));
-    };
-    let fill = |name: String, shape: &[usize], val: f32, t: &mut Vec<(String, Tensor)>| {
-        let n: usize = shape.iter().product();
-        t.push((
-            name,
-            Tensor::from_vec(shape, vec![val; n]).expect("n matches shape"),
-        ));
-    };
     let (p, c) = (cfg.patch_size, cfg.in_chans);
-    normal(
-        "patch_embed.proj.weight".into(),
-        &[d, c, p, p],
-        &mut rng,
-        &mut t,
-    );
-    fill("patch_embed.proj.bias".into(), &[d], 0.0, &mut t);
-    normal("cls_token".into(), &[1, 1, d], &mut rng, &mut t);
+    add("patch_embed.proj.weight".into(), &[d, c, p, p], Normal);
+    add("patch_embed.proj.bias".into(), &[d], Fill(0.0));
+    add("cls_token".into(), &[1, 1, d], Normal);
     if cfg.abs_pos_emb {
-        normal("pos_embed".into(), &[1, cfg.tokens(), d], &mut rng, &mut t);
+        add("pos_embed".into(), &[1, cfg.tokens(), d], Normal);
     }
     let (wh, ww) = cfg.grid();
     let rows = relpos::num_relative_distance(wh, ww);
     if cfg.rel_pos == RelPos::Shared {
-        normal(
+        add(
             "rel_pos_bias.relative_position_bias_table".into(),
             &[rows, cfg.num_heads],
-            &mut rng,
-            &mut t,
+            Normal,
         );
     }
     for i in 0..cfg.depth {
         let pre = format!("blocks.{i}");
         for nrm in ["norm1", "norm2"] {
-            fill(format!("{pre}.{nrm}.weight"), &[d], 1.0, &mut t);
-            fill(format!("{pre}.{nrm}.bias"), &[d], 0.0, &mut t);
+            add(format!("{pre}.{nrm}.weight"), &[d], Fill(1.0));
+            add(format!("{pre}.{nrm}.bias"), &[d], Fill(0.0));
         }
-        normal(
-            format!("{pre}.attn.qkv.weight"),
-            &[3 * d, d],
-            &mut rng,
-            &mut t,
-        );
+        add(format!("{pre}.attn.qkv.weight"), &[3 * d, d], Normal);
         match cfg.qkv_bias {
             QkvBias::QV => {
-                fill(format!("{pre}.attn.q_bias"), &[d], 0.0, &mut t);
-                fill(format!("{pre}.attn.v_bias"), &[d], 0.0, &mut t);
+                add(format!("{pre}.attn.q_bias"), &[d], Fill(0.0));
+                add(format!("{pre}.attn.v_bias"), &[d], Fill(0.0));
             }
-            QkvBias::Full => fill(format!("{pre}.attn.qkv.bias"), &[3 * d], 0.0, &mut t),
+            QkvBias::Full => add(format!("{pre}.attn.qkv.bias"), &[3 * d], Fill(0.0)),
             QkvBias::None => {}
         }
         if cfg.rel_pos == RelPos::PerBlock {
-            normal(
+            add(
                 format!("{pre}.attn.relative_position_bias_table"),
                 &[rows, cfg.num_heads],
-                &mut rng,
-                &mut t,
+                Normal,
             );
         }
-        normal(format!("{pre}.attn.proj.weight"), &[d, d], &mut rng, &mut t);
-        fill(format!("{pre}.attn.proj.bias"), &[d], 0.0, &mut t);
-        normal(
+        add(format!("{pre}.attn.proj.weight"), &[d, d], Normal);
+        add(format!("{pre}.attn.proj.bias"), &[d], Fill(0.0));
+        add(
             format!("{pre}.mlp.fc1.weight"),
             &[cfg.mlp_hidden, d],
-            &mut rng,
-            &mut t,
+            Normal,
         );
-        fill(
-            format!("{pre}.mlp.fc1.bias"),
-            &[cfg.mlp_hidden],
-            0.0,
-            &mut t,
-        );
-        normal(
+        add(format!("{pre}.mlp.fc1.bias"), &[cfg.mlp_hidden], Fill(0.0));
+        add(
             format!("{pre}.mlp.fc2.weight"),
             &[d, cfg.mlp_hidden],
-            &mut rng,
-            &mut t,
+            Normal,
         );
-        fill(format!("{pre}.mlp.fc2.bias"), &[d], 0.0, &mut t);
+        add(format!("{pre}.mlp.fc2.bias"), &[d], Fill(0.0));
         if cfg.layer_scale {
             let (g1, g2) = if cfg.beit_names {
                 (format!("{pre}.gamma_1"), format!("{pre}.gamma_2"))
             } else {
                 (format!("{pre}.ls1.gamma"), format!("{pre}.ls2.gamma"))
             };
-            fill(g1, &[d], 0.1, &mut t);
-            fill(g2, &[d], 0.1, &mut t);
+            add(g1, &[d], Fill(0.1));
+            add(g2, &[d], Fill(0.1));
         }
     }
     let final_norm = match cfg.pool {
         crate::backend::Pool::MeanPatches => "fc_norm",
         crate::backend::Pool::ClassToken => "norm",
     };
-    fill(format!("{final_norm}.weight"), &[d], 1.0, &mut t);
-    fill(format!("{final_norm}.bias"), &[d], 0.0, &mut t);
-    normal(
-        "head.weight".into(),
-        &[cfg.num_classes, d],
-        &mut rng,
-        &mut t,
-    );
-    fill("head.bias".into(), &[cfg.num_classes], 0.0, &mut t);
+    add(format!("{final_norm}.weight"), &[d], Fill(1.0));
+    add(format!("{final_norm}.bias"), &[d], Fill(0.0));
+    add("head.weight".into(), &[cfg.num_classes, d], Normal);
+    add("head.bias".into(), &[cfg.num_classes], Fill(0.0));
+    t
+}
+
+pub fn random_store(cfg: &VitConfig, seed: u64) -> WeightStore {
+    let mut rng = Rng::new(seed);
+    let t = parameter_specs(cfg)
+        .into_iter()
+        .map(|(name, shape, init)| {
+            let n: usize = shape.iter().product();
+            let v = match init {
+                Init::Normal => (0..n).map(|_| rng.trunc_normal(0.02)).collect(),
+                Init::Fill(x) => vec![x; n],
+            };
+            let t = Tensor::from_vec(&shape, v).expect("n matches shape");
+            (name, t)
+        })
+        .collect();
     WeightStore::from_tensors(&format!("<random {}>", cfg.name), t)
 }

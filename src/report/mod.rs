@@ -60,12 +60,30 @@ pub struct StoreInfo {
     pub weights_sha256: String,
     pub preprocess: String,
     pub dtype: String,
+    /// What extracted the rows: the device's kind (cpu, cuda), its precision, and the processor
+    /// (model name and threads) or GPU; empty for a store whose manifest records no identity.
+    pub device: String,
+    pub precision: String,
+    pub device_name: String,
     pub sources: Vec<String>,
 }
 
 impl StoreInfo {
+    /// "cpu f32 (Intel ..., 16 threads)" for report.md.
+    fn extracted_on(&self) -> String {
+        if self.device.is_empty() {
+            return "(not recorded)".into();
+        }
+        let mut s = format!("{} {}", self.device, self.precision);
+        if !self.device_name.is_empty() {
+            s.push_str(&format!(" ({})", self.device_name));
+        }
+        s.trim().to_string()
+    }
+
     fn of(role: &str, name: &str, s: &FeatureStore) -> StoreInfo {
         let m = &s.manifest;
+        let id = m.identity.as_ref();
         StoreInfo {
             role: role.into(),
             name: name.into(),
@@ -81,6 +99,9 @@ impl StoreInfo {
             } else {
                 m.dtype.clone()
             },
+            device: id.map(|i| i.device.clone()).unwrap_or_default(),
+            precision: id.map(|i| i.precision.clone()).unwrap_or_default(),
+            device_name: id.map(|i| i.device_name.clone()).unwrap_or_default(),
             sources: m.sources.clone(),
         }
     }
@@ -93,6 +114,8 @@ pub struct Provenance {
     pub stores: Vec<StoreInfo>,
     /// Store mismatches that `--allow-mismatch` let through, one line each.
     pub mismatches_allowed: Vec<String>,
+    /// Where the scores were computed (the device, the processor or GPU); empty when unknown.
+    pub scored_on: String,
 }
 
 impl Provenance {
@@ -114,6 +137,7 @@ impl Provenance {
             mood_version: env!("CARGO_PKG_VERSION").into(),
             stores,
             mismatches_allowed: Vec::new(),
+            scored_on: String::new(),
         }
     }
 }
@@ -212,12 +236,15 @@ impl Report {
                 "average precision (step)"
             }
         );
+        if !p.scored_on.is_empty() {
+            let _ = writeln!(s, "Scored on {}.\n", p.scored_on);
+        }
         let _ = writeln!(s, "## Stores\n");
         let _ = writeln!(
             s,
-            "| role | name | rows | dim | model | weights SHA-256 | preprocessing | dtype |"
+            "| role | name | rows | dim | model | weights SHA-256 | preprocessing | dtype | extracted on |"
         );
-        let _ = writeln!(s, "|---|---|---:|---:|---|---|---|---|");
+        let _ = writeln!(s, "|---|---|---:|---:|---|---|---|---|---|");
         for st in &p.stores {
             let sha = if st.weights_sha256.is_empty() {
                 "(not recorded)".to_string()
@@ -229,7 +256,7 @@ impl Report {
             };
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} | {sha} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {sha} | {} | {} | {} |",
                 st.role,
                 st.name,
                 st.count,
@@ -244,7 +271,8 @@ impl Report {
                 } else {
                     &st.preprocess
                 },
-                st.dtype
+                st.dtype,
+                st.extracted_on()
             );
         }
         for m in &p.mismatches_allowed {

@@ -14,8 +14,12 @@ pub struct Identity {
     pub preprocess: String,
     /// f32 or bf16 (CUDA only; the CPU runs f32).
     pub precision: String,
-    /// "cpu", or "cuda: <device name>": another GPU model rounds differently.
+    /// The kind of device, "cpu" or "cuda" (stores of an older mood say "cuda: <name>"): a
+    /// resume or merge needs the same kind, since the CUDA kernels sum in another order.
     pub device: String,
+    /// The processor and thread count ("<model name>, 16 threads") or the GPU's name: recorded,
+    /// never compared, so that shards extracted on two kinds of node still merge.
+    pub device_name: String,
     /// Images in the source and the SHA-256 of its listing (names relative to the source's
     /// root, labels and class names), so that a folder that changed is not resumed.
     pub source_rows: usize,
@@ -120,10 +124,20 @@ impl Identity {
     /// "--chunk (the store: 32, this run: 16)", skipping the fields named in `skip`.
     pub fn differences(&self, run: &Identity, names: (&str, &str), skip: &[&str]) -> Vec<String> {
         let (a, b) = (
-            serde_json::to_value(self).unwrap_or_default(),
-            serde_json::to_value(run).unwrap_or_default(),
+            serde_json::to_value(self.compared()).unwrap_or_default(),
+            serde_json::to_value(run.compared()).unwrap_or_default(),
         );
         differences(&a, &b, FLAGS, names, skip)
+    }
+
+    /// What a comparison looks at: the device's kind, not its name.
+    fn compared(&self) -> Identity {
+        let kind = self.device.split(':').next().unwrap_or_default().trim();
+        Identity {
+            device: kind.to_string(),
+            device_name: String::new(),
+            ..self.clone()
+        }
     }
 }
 

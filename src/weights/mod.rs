@@ -283,6 +283,16 @@ impl WeightStore {
             .collect()
     }
 
+    /// One tensor as raw bytes (a copy), for writing back out (`mood export`).
+    pub fn raw_tensor(&self, name: &str) -> Option<RawTensor> {
+        self.entries.get(name).map(|e| RawTensor {
+            name: name.to_string(),
+            dtype: e.dtype,
+            shape: e.shape.clone(),
+            data: self.bytes(e).to_vec(),
+        })
+    }
+
     /// Every tensor as raw bytes, for writing back out (`mood convert`).
     pub fn raw_tensors(&self) -> Vec<RawTensor> {
         self.entries
