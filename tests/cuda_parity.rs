@@ -38,6 +38,13 @@ use common::parity_errors as errors;
 mod distance;
 use distance::{kth, mahalanobis, scorer, sqdist, topk};
 
+// The tensor-core cases: the fragment-layout check, then attention on tensor cores.
+#[path = "cuda_parity/tensor_core.rs"]
+mod tensor_core;
+use tensor_core::tensor_core_mma;
+#[path = "cuda_parity/flash_attention.rs"]
+mod flash_attention;
+
 /// One output of a case: its name, the GPU values and the CPU reference (both as f32).
 struct Out(&'static str, Vec<f32>, Vec<f32>);
 
@@ -432,6 +439,26 @@ fn cases() -> Vec<Case> {
         attention::<bf16>(2, 17, 3, 16, false, true),
         attention::<f32>(2, 197, 12, 64, true, true),
         attention::<f32>(2, 17, 3, 16, false, true),
+        tensor_core_mma(),
+        flash_attention::flash_attention(1, 5, 2, true),
+        flash_attention::flash_attention(3, 5, 2, false),
+        flash_attention::flash_attention(1, 17, 2, false),
+        flash_attention::flash_attention(3, 17, 2, true),
+        flash_attention::flash_attention(1, 197, 2, true),
+        flash_attention::flash_attention(3, 197, 2, false),
+        flash_attention::flash_attention(3, 197, 2, true),
+        flash_attention::flash_attention(1, 257, 2, false),
+        flash_attention::flash_attention(3, 257, 2, true),
+        flash_attention::flash_attention_bwd(1, 5, 2, true),
+        flash_attention::flash_attention_bwd(3, 5, 2, false),
+        flash_attention::flash_attention_bwd(1, 17, 2, false),
+        flash_attention::flash_attention_bwd(3, 17, 2, true),
+        flash_attention::flash_attention_bwd(6, 17, 2, true),
+        flash_attention::flash_attention_bwd(1, 197, 2, true),
+        flash_attention::flash_attention_bwd(3, 197, 2, false),
+        flash_attention::flash_attention_bwd(3, 197, 2, true),
+        flash_attention::flash_attention_bwd(1, 257, 2, false),
+        flash_attention::flash_attention_bwd(3, 257, 2, true),
         im2col::<f32>(2, 3, 224, 16),
         im2col::<bf16>(1, 3, 224, 14),
         patch_embed(2, 224, 16, d),
