@@ -44,6 +44,10 @@ mod tensor_core;
 use tensor_core::tensor_core_mma;
 #[path = "cuda_parity/flash_attention.rs"]
 mod flash_attention;
+// The fused pre-norm kernels (residual, layer scale, LayerNorm, casts in fewer passes).
+#[path = "cuda_parity/fused.rs"]
+mod fused;
+use fused::{layernorm_from_f32, residual_layernorm};
 
 /// One output of a case: its name, the GPU values and the CPU reference (both as f32).
 struct Out(&'static str, Vec<f32>, Vec<f32>);
@@ -413,6 +417,11 @@ fn cases() -> Vec<Case> {
         layernorm_fwd::<f32>(m, d),
         layernorm_fwd::<f32>(7, 1000),
         layernorm_fwd::<bf16>(m, d),
+        layernorm_from_f32::<bf16>(m, d),
+        layernorm_from_f32::<f32>(7, 1000),
+        residual_layernorm::<bf16>(m, d, true),
+        residual_layernorm::<bf16>(5, 100, false),
+        residual_layernorm::<f32>(m, d, true),
         layernorm_bwd(m, d),
         layernorm_bwd(5, 100),
         bias_act::<f32>(m, f, false),
