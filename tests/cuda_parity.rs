@@ -44,6 +44,10 @@ mod tensor_core;
 use tensor_core::tensor_core_mma;
 #[path = "cuda_parity/flash_attention.rs"]
 mod flash_attention;
+// The cuBLAS attention over images × heads in one strided batch.
+#[path = "cuda_parity/attention_batched.rs"]
+mod attention_batched;
+use attention_batched::attention_batched;
 // The fused pre-norm kernels (residual, layer scale, LayerNorm, casts in fewer passes).
 #[path = "cuda_parity/fused.rs"]
 mod fused;
@@ -448,6 +452,11 @@ fn cases() -> Vec<Case> {
         attention::<bf16>(2, 17, 3, 16, false, true),
         attention::<f32>(2, 197, 12, 64, true, true),
         attention::<f32>(2, 17, 3, 16, false, true),
+        attention_batched::<f32>(3, 197, 2, 64, true),
+        attention_batched::<f32>(2, 17, 3, 16, false),
+        attention_batched::<bf16>(3, 197, 2, 64, true),
+        attention_batched::<bf16>(2, 17, 3, 16, false),
+        attention_batched::<bf16>(1, 257, 2, 80, true),
         tensor_core_mma(),
         flash_attention::flash_attention(1, 5, 2, true),
         flash_attention::flash_attention(3, 5, 2, false),
