@@ -91,82 +91,89 @@ __device__ void flash_attention_fwd(const __nv_bfloat16* __restrict__ qkv,
             tc_cp_wait<0>();
         }
         __syncthreads();  // this tile (and, the first time, Q) is in shared memory for all warps
-        if (tile == 0) {
+        // Warp-uniform skips (mma and ldmatrix are warp-wide): a warp whose 16 rows are all past
+        // N computes nothing, and 16-key chunks wholly past N are left out (N = 197: a third fewer mma).
+        const int kv = N - k0;
+        if (q0 + warp * 16 < N) {
+            if (tile == 0) {
+#pragma unroll
+                for (int kk = 0; kk < 4; ++kk)
+                    tc_ldsm_x4(qf[kk], qs + (warp * 16 + (m4 & 1) * 8 + r8) * FA_LD + kk * 16 + (m4 >> 1) * 8);
+            }
+            const __nv_bfloat16* kt = ks + buf * FA_BK * FA_LD;
+            const __nv_bfloat16* vt = vs + buf * FA_BK * FA_LD;
+
+            float s[8][4];
+#pragma unroll
+            for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) s[nt][i] = 0.f;
 #pragma unroll
             for (int kk = 0; kk < 4; ++kk)
-                tc_ldsm_x4(qf[kk], qs + (warp * 16 + (m4 & 1) * 8 + r8) * FA_LD + kk * 16 + (m4 >> 1) * 8);
-        }
-        const __nv_bfloat16* kt = ks + buf * FA_BK * FA_LD;
-        const __nv_bfloat16* vt = vs + buf * FA_BK * FA_LD;
+#pragma unroll
+                for (int p = 0; p < 4; ++p) {  // keys 16p..16p+15: n-tiles 2p and 2p+1
+                    if (p * 16 >= kv) continue;  // all past N (the last tile): s stays 0, masked below
+                    unsigned kf[4];
+                    tc_ldsm_x4(kf, kt + (p * 16 + (m4 >> 1) * 8 + r8) * FA_LD + kk * 16 + (m4 & 1) * 8);
+                    const unsigned b0[2] = {kf[0], kf[1]}, b1[2] = {kf[2], kf[3]};
+                    tc_mma_bf16(s[2 * p], qf[kk], b0);
+                    tc_mma_bf16(s[2 * p + 1], qf[kk], b1);
+                }
 
-        float s[8][4];
+            // Element i of n-tile nt: row row[i / 2], key k0 + 8nt + 2t + i % 2.
+            float mt[2] = {m[0], m[1]};
 #pragma unroll
-        for (int nt = 0; nt < 8; ++nt)
+            for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
-            for (int i = 0; i < 4; ++i) s[nt][i] = 0.f;
+                for (int i = 0; i < 4; ++i) {
+                    const int j = k0 + nt * 8 + 2 * t + (i & 1), r = i >> 1;
+                    float v = s[nt][i] * sl2;
+                    if (j >= N)
+                        v = FA_NEG_INF;
+                    else if (bias_h && row[r] < N)
+                        v = fmaf(bias_h[(long long)row[r] * N + j], FA_LOG2E, v);
+                    s[nt][i] = v;
+                    mt[r] = fmaxf(mt[r], v);
+                }
+            float corr[2], ls[2] = {0.f, 0.f};
 #pragma unroll
-        for (int kk = 0; kk < 4; ++kk)
-#pragma unroll
-            for (int p = 0; p < 4; ++p) {  // keys 16p..16p+15: n-tiles 2p and 2p+1
-                unsigned kf[4];
-                tc_ldsm_x4(kf, kt + (p * 16 + (m4 >> 1) * 8 + r8) * FA_LD + kk * 16 + (m4 & 1) * 8);
-                const unsigned b0[2] = {kf[0], kf[1]}, b1[2] = {kf[2], kf[3]};
-                tc_mma_bf16(s[2 * p], qf[kk], b0);
-                tc_mma_bf16(s[2 * p + 1], qf[kk], b1);
-            }
-
-        // Element i of n-tile nt: row row[i / 2], key k0 + 8nt + 2t + i % 2.
-        float mt[2] = {m[0], m[1]};
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int j = k0 + nt * 8 + 2 * t + (i & 1), r = i >> 1;
-                float v = s[nt][i] * sl2;
-                if (j >= N)
-                    v = FA_NEG_INF;
-                else if (bias_h && row[r] < N)
-                    v = fmaf(bias_h[(long long)row[r] * N + j], FA_LOG2E, v);
-                s[nt][i] = v;
-                mt[r] = fmaxf(mt[r], v);
-            }
-        float corr[2], ls[2] = {0.f, 0.f};
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            // The 4 lanes of a quad hold one row's 64 keys between them.
-            mt[r] = fmaxf(mt[r], __shfl_xor_sync(0xffffffffu, mt[r], 1));
-            mt[r] = fmaxf(mt[r], __shfl_xor_sync(0xffffffffu, mt[r], 2));
-            corr[r] = exp2f(m[r] - mt[r]);  // mt is finite (key k0 < N); 0 on the first tile
-            m[r] = mt[r];
-        }
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const float p = exp2f(s[nt][i] - m[i >> 1]);
-                s[nt][i] = p;
-                ls[i >> 1] += p;
+            for (int r = 0; r < 2; ++r) {
+                // The 4 lanes of a quad hold one row's 64 keys between them.
+                mt[r] = fmaxf(mt[r], __shfl_xor_sync(0xffffffffu, mt[r], 1));
+                mt[r] = fmaxf(mt[r], __shfl_xor_sync(0xffffffffu, mt[r], 2));
+                corr[r] = exp2f(m[r] - mt[r]);  // mt is finite (key k0 < N); 0 on the first tile
+                m[r] = mt[r];
             }
 #pragma unroll
-        for (int nt = 0; nt < 8; ++nt)
+            for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
-            for (int i = 0; i < 4; ++i) o[nt][i] *= corr[i >> 1];
-        l[0] = l[0] * corr[0] + ls[0];  // per-lane partial sums; the quad adds them at the end
-        l[1] = l[1] * corr[1] + ls[1];
+                for (int i = 0; i < 4; ++i) {
+                    const float p = exp2f(s[nt][i] - m[i >> 1]);
+                    s[nt][i] = p;
+                    ls[i >> 1] += p;
+                }
+#pragma unroll
+            for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) o[nt][i] *= corr[i >> 1];
+            l[0] = l[0] * corr[0] + ls[0];  // per-lane partial sums; the quad adds them at the end
+            l[1] = l[1] * corr[1] + ls[1];
 
 #pragma unroll
-        for (int kc = 0; kc < 4; ++kc) {  // keys 16kc..16kc+15
-            const unsigned pa[4] = {tc_pack_bf16(s[2 * kc][0], s[2 * kc][1]),
-                                    tc_pack_bf16(s[2 * kc][2], s[2 * kc][3]),
-                                    tc_pack_bf16(s[2 * kc + 1][0], s[2 * kc + 1][1]),
-                                    tc_pack_bf16(s[2 * kc + 1][2], s[2 * kc + 1][3])};
+            for (int kc = 0; kc < 4; ++kc) {  // keys 16kc..16kc+15
+                if (kc * 16 >= kv) continue;  // P is 0 there
+                const unsigned pa[4] = {tc_pack_bf16(s[2 * kc][0], s[2 * kc][1]),
+                                        tc_pack_bf16(s[2 * kc][2], s[2 * kc][3]),
+                                        tc_pack_bf16(s[2 * kc + 1][0], s[2 * kc + 1][1]),
+                                        tc_pack_bf16(s[2 * kc + 1][2], s[2 * kc + 1][3])};
 #pragma unroll
-            for (int dp = 0; dp < 4; ++dp) {  // head columns 16dp..16dp+15
-                unsigned vf[4];
-                tc_ldsm_x4_t(vf, vt + (kc * 16 + (m4 & 1) * 8 + r8) * FA_LD + dp * 16 + (m4 >> 1) * 8);
-                const unsigned b0[2] = {vf[0], vf[1]}, b1[2] = {vf[2], vf[3]};
-                tc_mma_bf16(o[2 * dp], pa, b0);
-                tc_mma_bf16(o[2 * dp + 1], pa, b1);
+                for (int dp = 0; dp < 4; ++dp) {  // head columns 16dp..16dp+15
+                    unsigned vf[4];
+                    tc_ldsm_x4_t(vf, vt + (kc * 16 + (m4 & 1) * 8 + r8) * FA_LD + dp * 16 + (m4 >> 1) * 8);
+                    const unsigned b0[2] = {vf[0], vf[1]}, b1[2] = {vf[2], vf[3]};
+                    tc_mma_bf16(o[2 * dp], pa, b0);
+                    tc_mma_bf16(o[2 * dp + 1], pa, b1);
+                }
             }
         }
         __syncthreads();  // every warp is done with this buffer before it is refilled
