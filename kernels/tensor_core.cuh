@@ -49,17 +49,21 @@ __device__ __forceinline__ void tc_ldsm_x4_t(unsigned r[4], const void* row) {
 }
 
 // src-size 0 makes the copy write 16 zero bytes and read nothing (tails past N); `src` must
-// still be a valid address expression, so callers clamp it.
+// still be a valid address expression, so callers clamp it. The "memory" clobbers keep the
+// compiler from moving plain shared-memory accesses across the copy and its wait.
 __device__ __forceinline__ void tc_cp_async16(void* dst, const void* src, bool valid) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(tc_smem_addr(dst)),
-                 "l"(src), "r"(valid ? 16 : 0));
+                 "l"(src), "r"(valid ? 16 : 0)
+                 : "memory");
 }
 
-__device__ __forceinline__ void tc_cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void tc_cp_commit() {
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
 
 template <int N>
 __device__ __forceinline__ void tc_cp_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 __device__ __forceinline__ unsigned tc_pack_bf16(float lo, float hi) {

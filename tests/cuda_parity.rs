@@ -467,6 +467,7 @@ fn cases() -> Vec<Case> {
         flash_attention::flash_attention(3, 197, 2, true),
         flash_attention::flash_attention(1, 257, 2, false),
         flash_attention::flash_attention(3, 257, 2, true),
+        flash_attention::flash_attention(2, 197, 12, true), // BEiT-B's 12 heads: columns h·64 of 2304
         flash_attention::flash_attention_bwd(1, 5, 2, true),
         flash_attention::flash_attention_bwd(3, 5, 2, false),
         flash_attention::flash_attention_bwd(1, 17, 2, false),
@@ -477,6 +478,7 @@ fn cases() -> Vec<Case> {
         flash_attention::flash_attention_bwd(3, 197, 2, true),
         flash_attention::flash_attention_bwd(1, 257, 2, false),
         flash_attention::flash_attention_bwd(3, 257, 2, true),
+        flash_attention::flash_attention_bwd(2, 17, 12, true),
         im2col::<f32>(2, 3, 224, 16),
         im2col::<bf16>(1, 3, 224, 14),
         patch_embed(2, 224, 16, d),
