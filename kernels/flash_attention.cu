@@ -346,37 +346,40 @@ flash_attention_bwd_dkdv_bf16_d64(const __nv_bfloat16* qkv, const float* bias,
                 tc_cp_wait<0>();
             }
             __syncthreads();
-            if (qt == 0) {
-                fa_a_frags(kf, ks, warp * 16);
-                fa_a_frags(vf, vs, warp * 16);
-            }
-            const __nv_bfloat16* qt_s = qs + buf * 32 * FA_LD;
-            const __nv_bfloat16* dt_s = ds + buf * 32 * FA_LD;
-            float st[4][4], dpt[4][4];
-            fa_mma_abt(st, kf, qt_s);   // Sᵀ (unscaled): 16 keys × 32 queries
-            fa_mma_abt(dpt, vf, dt_s);  // dPᵀ
-            // Element i of n-tile nt: key key[i / 2], query q0 + 8nt + 2t + i % 2.
-#pragma unroll
-            for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const int q = q0 + nt * 8 + 2 * t + (i & 1), kj = key[i >> 1];
-                    float p = 0.f, dsv = 0.f;
-                    if (q < N && kj < N) {
-                        float s = st[nt][i] * sl2 - lse_b[q] * FA_LOG2E;
-                        if (bias_h) s = fmaf(bias_h[(long long)q * N + kj], FA_LOG2E, s);
-                        p = exp2f(s);
-                        dsv = p * (dpt[nt][i] - delta_b[q]);
-                        if (part) {
-                            float* cell = part + (long long)q * N + kj;
-                            *cell = b == grp * images_per_group ? dsv : *cell + dsv;
-                        }
-                    }
-                    st[nt][i] = p;
-                    dpt[nt][i] = dsv;
+            // A warp whose 16 keys are all past N only helps load (warp-uniform: mma is warp-wide).
+            if (k0 + warp * 16 < N) {
+                if (qt == 0) {
+                    fa_a_frags(kf, ks, warp * 16);
+                    fa_a_frags(vf, vs, warp * 16);
                 }
-            fa_mma_ct(dv, st, dt_s);   // dV += Pᵀ·dO
-            fa_mma_ct(dk, dpt, qt_s);  // dK += dSᵀ·Q
+                const __nv_bfloat16* qt_s = qs + buf * 32 * FA_LD;
+                const __nv_bfloat16* dt_s = ds + buf * 32 * FA_LD;
+                float st[4][4], dpt[4][4];
+                fa_mma_abt(st, kf, qt_s);   // Sᵀ (unscaled): 16 keys × 32 queries
+                fa_mma_abt(dpt, vf, dt_s);  // dPᵀ
+                // Element i of n-tile nt: key key[i / 2], query q0 + 8nt + 2t + i % 2.
+#pragma unroll
+                for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        const int q = q0 + nt * 8 + 2 * t + (i & 1), kj = key[i >> 1];
+                        float p = 0.f, dsv = 0.f;
+                        if (q < N && kj < N) {
+                            float s = st[nt][i] * sl2 - lse_b[q] * FA_LOG2E;
+                            if (bias_h) s = fmaf(bias_h[(long long)q * N + kj], FA_LOG2E, s);
+                            p = exp2f(s);
+                            dsv = p * (dpt[nt][i] - delta_b[q]);
+                            if (part) {
+                                float* cell = part + (long long)q * N + kj;
+                                *cell = b == grp * images_per_group ? dsv : *cell + dsv;
+                            }
+                        }
+                        st[nt][i] = p;
+                        dpt[nt][i] = dsv;
+                    }
+                fa_mma_ct(dv, st, dt_s);   // dV += Pᵀ·dO
+                fa_mma_ct(dk, dpt, qt_s);  // dK += dSᵀ·Q
+            }
             __syncthreads();  // every warp is done with this buffer (and, at the end, with K, V)
         }
 #pragma unroll
@@ -443,28 +446,31 @@ flash_attention_bwd_dq_bf16_d64(const __nv_bfloat16* qkv, const float* bias,
             tc_cp_wait<0>();
         }
         __syncthreads();
-        if (kt == 0) {
-            fa_a_frags(qf, qs, warp * 16);
-            fa_a_frags(df, ds, warp * 16);
-        }
-        const __nv_bfloat16* kt_s = ks + buf * 32 * FA_LD;
-        float s[4][4], dp[4][4];
-        fa_mma_abt(s, qf, kt_s);                 // S (unscaled): 16 queries × 32 keys
-        fa_mma_abt(dp, df, vs + buf * 32 * FA_LD);  // dP
-#pragma unroll
-        for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int j = k0 + nt * 8 + 2 * t + (i & 1), r = i >> 1;
-                float dsv = 0.f;
-                if (j < N && row[r] < N) {
-                    float sv = s[nt][i] * sl2 - lse_r[r];
-                    if (bias_h) sv = fmaf(bias_h[(long long)row[r] * N + j], FA_LOG2E, sv);
-                    dsv = exp2f(sv) * (dp[nt][i] - delta_r[r]);
-                }
-                s[nt][i] = dsv;
+        // A warp whose 16 rows are all past N only helps load (warp-uniform: mma is warp-wide).
+        if (q0 + warp * 16 < N) {
+            if (kt == 0) {
+                fa_a_frags(qf, qs, warp * 16);
+                fa_a_frags(df, ds, warp * 16);
             }
-        fa_mma_ct(dq, s, kt_s);  // dQ += dS·K
+            const __nv_bfloat16* kt_s = ks + buf * 32 * FA_LD;
+            float s[4][4], dp[4][4];
+            fa_mma_abt(s, qf, kt_s);                 // S (unscaled): 16 queries × 32 keys
+            fa_mma_abt(dp, df, vs + buf * 32 * FA_LD);  // dP
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int j = k0 + nt * 8 + 2 * t + (i & 1), r = i >> 1;
+                    float dsv = 0.f;
+                    if (j < N && row[r] < N) {
+                        float sv = s[nt][i] * sl2 - lse_r[r];
+                        if (bias_h) sv = fmaf(bias_h[(long long)row[r] * N + j], FA_LOG2E, sv);
+                        dsv = exp2f(sv) * (dp[nt][i] - delta_r[r]);
+                    }
+                    s[nt][i] = dsv;
+                }
+            fa_mma_ct(dq, s, kt_s);  // dQ += dS·K
+        }
         __syncthreads();
     }
 #pragma unroll
