@@ -458,27 +458,6 @@ fn cases() -> Vec<Case> {
         attention_batched::<bf16>(2, 17, 3, 16, false),
         attention_batched::<bf16>(1, 257, 2, 80, true),
         tensor_core_mma(),
-        flash_attention::flash_attention(1, 5, 2, true),
-        flash_attention::flash_attention(3, 5, 2, false),
-        flash_attention::flash_attention(1, 17, 2, false),
-        flash_attention::flash_attention(3, 17, 2, true),
-        flash_attention::flash_attention(1, 197, 2, true),
-        flash_attention::flash_attention(3, 197, 2, false),
-        flash_attention::flash_attention(3, 197, 2, true),
-        flash_attention::flash_attention(1, 257, 2, false),
-        flash_attention::flash_attention(3, 257, 2, true),
-        flash_attention::flash_attention(2, 197, 12, true), // BEiT-B's 12 heads: columns h·64 of 2304
-        flash_attention::flash_attention_bwd(1, 5, 2, true),
-        flash_attention::flash_attention_bwd(3, 5, 2, false),
-        flash_attention::flash_attention_bwd(1, 17, 2, false),
-        flash_attention::flash_attention_bwd(3, 17, 2, true),
-        flash_attention::flash_attention_bwd(6, 17, 2, true),
-        flash_attention::flash_attention_bwd(1, 197, 2, true),
-        flash_attention::flash_attention_bwd(3, 197, 2, false),
-        flash_attention::flash_attention_bwd(3, 197, 2, true),
-        flash_attention::flash_attention_bwd(1, 257, 2, false),
-        flash_attention::flash_attention_bwd(3, 257, 2, true),
-        flash_attention::flash_attention_bwd(2, 17, 12, true),
         im2col::<f32>(2, 3, 224, 16),
         im2col::<bf16>(1, 3, 224, 14),
         patch_embed(2, 224, 16, d),
@@ -508,6 +487,10 @@ fn cases() -> Vec<Case> {
         scorer("knn", (3000, 500, 10, 128), &[("k", "50")], 0),
         scorer("knn", (500, 301, 10, 64), &[("k", "1")], 64),
     ]
+    .into_iter()
+    // Flash attention on tensor cores, forward and backward (N = 5, 17, 197, 257; B = 1, 3).
+    .chain(flash_attention::cases())
+    .collect()
 }
 
 /// The error measure itself, checked before any case relies on it.

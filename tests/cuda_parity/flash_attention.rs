@@ -120,3 +120,31 @@ pub fn flash_attention_bwd(b: usize, n: usize, h: usize, bias: bool) -> Case {
     );
     Case("flash_attention_bwd", shape, "bf16", HALF_TOL, run)
 }
+
+/// This group's rows of the table: few heads (the stand-in runs every thread as a fiber), then
+/// BEiT-B's 12 heads once each way.
+pub fn cases() -> Vec<Case> {
+    vec![
+        flash_attention(1, 5, 2, true),
+        flash_attention(3, 5, 2, false),
+        flash_attention(1, 17, 2, false),
+        flash_attention(3, 17, 2, true),
+        flash_attention(1, 197, 2, true),
+        flash_attention(3, 197, 2, false),
+        flash_attention(3, 197, 2, true),
+        flash_attention(1, 257, 2, false),
+        flash_attention(3, 257, 2, true),
+        flash_attention(2, 197, 12, true), // BEiT-B's 12 heads: columns h·64 of 2304
+        flash_attention_bwd(1, 5, 2, true),
+        flash_attention_bwd(3, 5, 2, false),
+        flash_attention_bwd(1, 17, 2, false),
+        flash_attention_bwd(3, 17, 2, true),
+        flash_attention_bwd(6, 17, 2, true),
+        flash_attention_bwd(1, 197, 2, true),
+        flash_attention_bwd(3, 197, 2, false),
+        flash_attention_bwd(3, 197, 2, true),
+        flash_attention_bwd(1, 257, 2, false),
+        flash_attention_bwd(3, 257, 2, true),
+        flash_attention_bwd(2, 17, 12, true),
+    ]
+}
