@@ -16,6 +16,12 @@
 //
 // Launch shape: grid = (ceil(N / 32), H, B), block = 256 (8 warps), static smem
 //   (32·Dh + 2·32·(Dh+1))·4 bytes (31 KB at Dh = 80), no dynamic smem.
+//
+// The cuBLAS path's head permutes (src/backend/cuda/attention.rs `forward_batched_*`), so that its
+// GEMMs run as ONE strided batch over images × heads (a batch index must map to one stride):
+//   attention_split_heads_{f32,bf16}: qkv [B·N, 3, H, Dh] → qkvh [3, B, H, N, Dh]
+//   attention_merge_heads_{f32,bf16}: oh [B, H, N, Dh]     → out [B·N, H, Dh]
+// Launch shape: grid-stride over the output elements, block 256. Dh is an argument here.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -146,3 +152,43 @@ ATT_ENTRY(attention_fwd_bf16_d64, __nv_bfloat16, 64)
 ATT_ENTRY(attention_fwd_bf16_d80, __nv_bfloat16, 80)
 ATT_ENTRY(attention_fwd_f16_d64, __half, 64)
 ATT_ENTRY(attention_fwd_f16_d80, __half, 80)
+
+#define ATT_GRID_STRIDE(e, n)                                                               \
+    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < (n);           \
+         e += (long long)gridDim.x * blockDim.x)
+
+template <typename T>
+__device__ void attention_split_heads(const T* __restrict__ qkv, T* __restrict__ qkvh, int B,
+                                      int N, int H, int Dh) {
+    const long long D = (long long)H * Dh, total = 3LL * B * N * D;
+    ATT_GRID_STRIDE(e, total) {
+        // e = (((s·B + b)·H + h)·N + i)·Dh + c
+        const long long c = e % Dh, i = e / Dh % N, h = e / ((long long)Dh * N) % H;
+        const long long b = e / (D * N) % B, s = e / (D * N * B);
+        qkvh[e] = qkv[(b * N + i) * 3 * D + s * D + h * Dh + c];
+    }
+}
+
+template <typename T>
+__device__ void attention_merge_heads(const T* __restrict__ oh, T* __restrict__ out, int B, int N,
+                                      int H, int Dh) {
+    const long long D = (long long)H * Dh, total = (long long)B * N * D;
+    ATT_GRID_STRIDE(e, total) {
+        // e = (b·N + i)·D + h·Dh + c, read from ((b·H + h)·N + i)·Dh + c
+        const long long c = e % Dh, h = e % D / Dh, i = e / D % N, b = e / (D * N);
+        out[e] = oh[((b * H + h) * N + i) * Dh + c];
+    }
+}
+
+#define ATT_PERMUTE_ENTRIES(SUFFIX, T)                                                      \
+    extern "C" __global__ void __launch_bounds__(256) attention_split_heads_##SUFFIX(        \
+        const T* qkv, T* qkvh, int B, int N, int H, int Dh) {                               \
+        attention_split_heads<T>(qkv, qkvh, B, N, H, Dh);                                   \
+    }                                                                                       \
+    extern "C" __global__ void __launch_bounds__(256) attention_merge_heads_##SUFFIX(        \
+        const T* oh, T* out, int B, int N, int H, int Dh) {                                 \
+        attention_merge_heads<T>(oh, out, B, N, H, Dh);                                     \
+    }
+
+ATT_PERMUTE_ENTRIES(f32, float)
+ATT_PERMUTE_ENTRIES(bf16, __nv_bfloat16)

@@ -38,6 +38,21 @@ use common::parity_errors as errors;
 mod distance;
 use distance::{kth, mahalanobis, scorer, sqdist, topk};
 
+// The tensor-core cases: the fragment-layout check, then attention on tensor cores.
+#[path = "cuda_parity/tensor_core.rs"]
+mod tensor_core;
+use tensor_core::tensor_core_mma;
+#[path = "cuda_parity/flash_attention.rs"]
+mod flash_attention;
+// The cuBLAS attention over images × heads in one strided batch.
+#[path = "cuda_parity/attention_batched.rs"]
+mod attention_batched;
+use attention_batched::attention_batched;
+// The fused pre-norm kernels (residual, layer scale, LayerNorm, casts in fewer passes).
+#[path = "cuda_parity/fused.rs"]
+mod fused;
+use fused::{layernorm_from_f32, residual_layernorm};
+
 /// One output of a case: its name, the GPU values and the CPU reference (both as f32).
 struct Out(&'static str, Vec<f32>, Vec<f32>);
 
@@ -433,6 +448,11 @@ fn cases() -> Vec<Case> {
         layernorm_fwd::<f32>(m, d),
         layernorm_fwd::<f32>(7, 1000),
         layernorm_fwd::<bf16>(m, d),
+        layernorm_from_f32::<bf16>(m, d),
+        layernorm_from_f32::<f32>(7, 1000),
+        residual_layernorm::<bf16>(m, d, true),
+        residual_layernorm::<bf16>(5, 100, false),
+        residual_layernorm::<f32>(m, d, true),
         layernorm_bwd(m, d),
         layernorm_bwd(5, 100),
         bias_act::<f32>(m, f, false),
@@ -461,6 +481,12 @@ fn cases() -> Vec<Case> {
         attention::<bf16>(2, 17, 3, 16, false, true),
         attention::<f32>(2, 197, 12, 64, true, true),
         attention::<f32>(2, 17, 3, 16, false, true),
+        attention_batched::<f32>(3, 197, 2, 64, true),
+        attention_batched::<f32>(2, 17, 3, 16, false),
+        attention_batched::<bf16>(3, 197, 2, 64, true),
+        attention_batched::<bf16>(2, 17, 3, 16, false),
+        attention_batched::<bf16>(1, 257, 2, 80, true),
+        tensor_core_mma(),
         im2col::<f32>(2, 3, 224, 16),
         im2col::<bf16>(1, 3, 224, 14),
         patch_embed(2, 224, 16, d),
@@ -490,6 +516,10 @@ fn cases() -> Vec<Case> {
         scorer("knn", (3000, 500, 10, 128), &[("k", "50")], 0),
         scorer("knn", (500, 301, 10, 64), &[("k", "1")], 64),
     ]
+    .into_iter()
+    // Flash attention on tensor cores, forward and backward (N = 5, 17, 197, 257; B = 1, 3).
+    .chain(flash_attention::cases())
+    .collect()
 }
 
 /// The error measure itself, checked before any case relies on it.

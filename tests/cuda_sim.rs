@@ -247,3 +247,28 @@ fn copies_are_checked_and_new_memory_is_not_zero() {
         );
     }
 }
+
+#[test]
+fn flash_attention_refuses_head_dims_it_does_not_take() {
+    use mood::backend::cuda::{attention::Dims, flash_attention};
+    let Some(dev) = common::cuda::device("flash_attention_refuses_head_dims_it_does_not_take")
+    else {
+        return;
+    };
+    // Head dim 80 (Large-style heads at patch 14): the kernel is written for 64 only. The caller
+    // is told why (the note for its fallback to the cuBLAS path); nothing is launched.
+    let dims = Dims {
+        b: 1,
+        n: 5,
+        h: 2,
+        dh: 80,
+    };
+    let why = flash_attention::unsupported(&dims).expect("head dim 80 is not taken");
+    assert!(why.contains("head dim 64, not 80"), "{why}");
+    let qkv = dev.zeros::<half::bf16>(5 * 3 * 160).unwrap();
+    let mut out = dev.zeros::<half::bf16>(5 * 160).unwrap();
+    let err = flash_attention::forward(&dev, &qkv, None, &mut out, None, &dims, 0.1).unwrap_err();
+    assert_refused(&err.to_string(), &["head dim 64, not 80", "cuBLAS"]);
+    let ok = Dims { dh: 64, ..dims };
+    assert!(flash_attention::unsupported(&ok).is_none());
+}

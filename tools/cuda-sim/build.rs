@@ -25,10 +25,21 @@ fn main() {
     for dir in [&kernels, &include, &cpp] {
         println!("cargo:rerun-if-changed={}", dir.display());
     }
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&kernels)
+    let all: Vec<PathBuf> = std::fs::read_dir(&kernels)
         .unwrap()
         .flatten()
         .map(|e| e.path())
+        .collect();
+    // Headers (kernels/*.cuh) are reached through the kernel files' quoted includes; a change
+    // to one rebuilds everything.
+    for h in all
+        .iter()
+        .filter(|p| p.extension().is_some_and(|x| x == "cuh"))
+    {
+        println!("cargo:rerun-if-changed={}", h.display());
+    }
+    let mut files: Vec<PathBuf> = all
+        .into_iter()
         .filter(|p| p.extension().is_some_and(|x| x == "cu"))
         .collect();
     files.sort();

@@ -59,6 +59,115 @@ pub fn forward<T: Storage>(
     Ok(())
 }
 
+/// y = LN(x)·γ + β from the f32 residual stream x, stored as T (`layernorm_fwd_f32_bf16` for
+/// bf16: the cast and the LayerNorm in one pass; `layernorm_fwd_f32` for f32). `stats` as in
+/// `forward`; the backward then takes x as f32.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_from_f32<T: Storage>(
+    dev: &CudaDevice,
+    x: &CudaSlice<f32>,
+    gamma: &CudaSlice<f32>,
+    beta: &CudaSlice<f32>,
+    y: &mut CudaSlice<T>,
+    stats: Option<(&mut CudaSlice<f32>, &mut CudaSlice<f32>)>,
+    (m, d): (usize, usize),
+    eps: f32,
+) -> Result<()> {
+    let name = match T::NAME {
+        "f32" => "layernorm_fwd_f32",
+        "bf16" => "layernorm_fwd_f32_bf16",
+        _ => return Err(Error::Cuda("layernorm: f32 or bf16 output only".into())),
+    };
+    check_len("layernorm x", x, m * d)?;
+    check_len("layernorm y", y, m * d)?;
+    check_len("layernorm weight", gamma, d)?;
+    check_len("layernorm bias", beta, d)?;
+    let s = dev.stream();
+    let (pm, pr) = stats_ptrs(s, stats, m)?;
+    let (mi, di) = (as_i32("M", m)?, as_i32("D", d)?);
+    if m == 0 {
+        return Ok(());
+    }
+    let f = dev.function("layernorm", name)?;
+    // SAFETY: every buffer was checked against (M, D) above; null stats are allowed by the kernel.
+    unsafe {
+        launch!(
+            dev,
+            f,
+            name,
+            dev.warp_per_row(m),
+            [x, gamma, beta, y, &pm, &pr, &mi, &di, &eps]
+        )
+    }?;
+    Ok(())
+}
+
+/// The end of one pre-norm branch and the start of the next in one pass: x += ls ⊙ y (x the f32
+/// residual [M, D], y the branch output, `layer_scale` BEiT's γ or None for 1), then
+/// h = LN(x)·γ + β with `ln` = (γ, β), stored as T. `stats` as in `forward`.
+#[allow(clippy::too_many_arguments)]
+pub fn residual_forward<T: Storage>(
+    dev: &CudaDevice,
+    x: &mut CudaSlice<f32>,
+    y: &CudaSlice<T>,
+    layer_scale: Option<&CudaSlice<f32>>,
+    ln: (&CudaSlice<f32>, &CudaSlice<f32>),
+    h: &mut CudaSlice<T>,
+    stats: Option<(&mut CudaSlice<f32>, &mut CudaSlice<f32>)>,
+    (m, d): (usize, usize),
+    eps: f32,
+) -> Result<()> {
+    if T::NAME == "f16" {
+        return Err(Error::Cuda("residual layernorm: f32 or bf16 only".into()));
+    }
+    let (gamma, beta) = ln;
+    check_len("residual layernorm x", x, m * d)?;
+    check_len("residual layernorm y", y, m * d)?;
+    check_len("residual layernorm h", h, m * d)?;
+    check_len("layernorm weight", gamma, d)?;
+    check_len("layernorm bias", beta, d)?;
+    if let Some(ls) = layer_scale {
+        check_len("layer scale", ls, d)?;
+    }
+    let s = dev.stream();
+    let (pm, pr) = stats_ptrs(s, stats, m)?;
+    let pl = super::ptr_or_null(s, layer_scale);
+    let (mi, di) = (as_i32("M", m)?, as_i32("D", d)?);
+    if m == 0 {
+        return Ok(());
+    }
+    let name = format!("residual_layernorm_{}", T::NAME);
+    let f = dev.function("layernorm", &name)?;
+    // SAFETY: every buffer was checked against (M, D) above; null stats and layer scale are
+    // allowed by the kernel.
+    unsafe {
+        launch!(
+            dev,
+            f,
+            name,
+            dev.warp_per_row(m),
+            [x, y, &pl, gamma, beta, h, &pm, &pr, &mi, &di, &eps]
+        )
+    }?;
+    Ok(())
+}
+
+/// The device addresses of optional (mean, rstd) [M] outputs, 0 for none.
+fn stats_ptrs(
+    s: &cudarc::driver::CudaStream,
+    stats: Option<(&mut CudaSlice<f32>, &mut CudaSlice<f32>)>,
+    m: usize,
+) -> Result<(u64, u64)> {
+    Ok(match stats {
+        Some((mu, rs)) => {
+            check_len("layernorm mean", mu, m)?;
+            check_len("layernorm rstd", rs, m)?;
+            (ptr_mut_or_null(s, Some(mu)), ptr_mut_or_null(s, Some(rs)))
+        }
+        None => (0, 0),
+    })
+}
+
 /// Gradients given dy [M, D] and the forward's saved mean, rstd [M]: writes dx [M, D], returns
 /// (dγ, dβ) [D], summed in a fixed order (deterministic).
 #[allow(clippy::too_many_arguments)]

@@ -31,11 +31,13 @@ pub mod attention;
 pub mod device;
 pub mod distance;
 pub mod elementwise;
+pub mod flash_attention;
 pub mod layernorm;
 pub mod matmul;
 pub mod nvrtc;
 pub mod patch_embed;
 pub mod softmax;
+pub mod tensor_core;
 
 pub use device::{probe, CudaDevice};
 
@@ -115,6 +117,37 @@ pub fn kernel_source(stem: &str) -> Option<&'static str> {
         .iter()
         .find(|(s, _)| *s == stem)
         .map(|(_, src)| *src)
+}
+
+/// (file name, source) of every kernels/*.cuh header, sorted by name: `tensor_core.cuh`, ...
+pub fn kernel_headers() -> &'static [(&'static str, &'static str)] {
+    generated::KERNEL_HEADERS
+}
+
+/// `source` with each `#include "NAME"` of an embedded kernels/*.cuh replaced by the header's text
+/// (NVRTC compiles a string and has no kernels/ directory to search), between `#line` markers so
+/// that compiler messages still name the right file and line. Other includes stay as they are.
+pub fn with_headers(source: &str, file: &str) -> String {
+    let mut out = String::with_capacity(source.len());
+    for (i, line) in source.lines().enumerate() {
+        let name = line
+            .trim()
+            .strip_prefix("#include")
+            .map(str::trim)
+            .and_then(|r| r.strip_prefix('"'))
+            .and_then(|r| r.split('"').next());
+        match name.and_then(|n| kernel_headers().iter().find(|(h, _)| *h == n)) {
+            Some((h, text)) => {
+                out.push_str(&format!("#line 1 \"{h}\"\n{text}\n"));
+                out.push_str(&format!("#line {} \"{file}\"\n", i + 2));
+            }
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
 }
 
 /// (stem, arch, PTX) compiled by nvcc at build time (build.rs); empty when the build had no nvcc.
@@ -234,15 +267,34 @@ mod tests {
     }
 
     #[test]
+    fn embedded_headers_are_spliced_in_with_line_markers() {
+        assert!(kernel_headers()
+            .iter()
+            .any(|(h, _)| *h == "tensor_core.cuh"));
+        let src = "// x\n#include <cuda_bf16.h>\n#include \"tensor_core.cuh\"\nint y;\n";
+        let out = with_headers(src, "t.cu");
+        assert!(out.contains("#include <cuda_bf16.h>"));
+        assert!(out.contains("#line 1 \"tensor_core.cuh\"\n// Tensor-core"));
+        assert!(out.contains("tc_mma_bf16"));
+        assert!(out.ends_with("#line 4 \"t.cu\"\nint y;\n"));
+        assert_eq!(
+            with_headers("#include \"nope.cuh\"\n", "t.cu"),
+            "#include \"nope.cuh\"\n"
+        );
+    }
+
+    #[test]
     fn every_kernel_file_is_embedded_with_its_header() {
         let stems: Vec<&str> = kernel_sources().iter().map(|(s, _)| *s).collect();
         for want in [
             "attention",
             "distance",
             "elementwise",
+            "flash_attention",
             "layernorm",
             "patch_embed",
             "softmax",
+            "tensor_core",
         ] {
             assert!(stems.contains(&want), "kernels/{want}.cu not embedded");
         }

@@ -142,6 +142,8 @@ fn cache_enabled() -> bool {
 fn compile_with(stem: &str, arch: &str, options: &[String], use_cache: bool) -> Result<Compiled> {
     let source = super::kernel_source(stem)
         .ok_or_else(|| Error::Cuda(format!("no kernel family `{stem}` (kernels/{stem}.cu)")))?;
+    // The headers it includes are spliced in, so the cache key below covers them too.
+    let source = &super::with_headers(source, &format!("{stem}.cu"));
     let target = Target::of_arch(arch)?;
     require()?;
     let (major, minor) = version()?;

@@ -117,6 +117,7 @@ struct Pool {
 };
 
 thread_local Pool t_pool;
+thread_local unsigned long long t_block_serial = 0;
 thread_local sigjmp_buf t_jump;
 thread_local volatile sig_atomic_t t_in_kernel = 0;
 thread_local void* volatile t_fault_addr = nullptr;
@@ -239,6 +240,18 @@ void barrier() {
     yield(f);
 }
 
+unsigned long long block_serial() { return t_block_serial; }
+
+void kernel_error(const char* what) {
+    Fiber* f = self();
+    BlockRun* b = static_cast<BlockRun*>(f->block);
+    fail(b, "kernel %s: block (%u,%u,%u) thread %u: %s", b->kernel->name, b->idx.x, b->idx.y,
+         b->idx.z, f->linear, what);
+    f->state = kDone;
+    yield(f);
+    __builtin_unreachable();
+}
+
 unsigned alive_lanes() {
     Fiber* f = self();
     return static_cast<BlockRun*>(f->block)->warps[f->warp].alive;
@@ -304,6 +317,7 @@ extern "C" int mood_sim_run_block(const KernelEntry* kernel, const unsigned grid
                                   unsigned long long linear, unsigned long long seed,
                                   void** fault, char* err, size_t err_len) {
     BlockRun b;
+    ++t_block_serial;
     b.grid = {grid[0], grid[1], grid[2]};
     b.dim = {block[0], block[1], block[2]};
     b.idx = {(unsigned)(linear % grid[0]), (unsigned)(linear / grid[0] % grid[1]),

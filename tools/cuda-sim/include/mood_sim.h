@@ -35,6 +35,9 @@
 #define __shared__ thread_local
 #define __align__(n) __attribute__((aligned(n)))
 #define warpSize 32
+// Kernel sources and headers test this to pick host implementations of what is PTX on the GPU
+// (kernels/tensor_core.cuh takes tensor_core_sim.h).
+#define MOOD_SIM_HOST 1
 
 struct dim3 {
     unsigned x, y, z;
@@ -78,6 +81,12 @@ void barrier();
 // outside the mask read as NaN bytes).
 const uint64_t* exchange(unsigned mask, uint64_t value, int kind);
 unsigned alive_lanes();
+// Fails the launch with "kernel NAME: block (x,y,z) thread t: <what>" and ends the calling thread
+// (misuse a GPU would fault on or leave undefined, e.g. a misaligned ldmatrix row address).
+[[noreturn]] void kernel_error(const char* what);
+// A number that differs for every block this OS thread runs, for per-block state kept in
+// thread_local storage (a block's address on the stack repeats).
+unsigned long long block_serial();
 
 enum Collective { kShfl = 1, kVote = 2, kSyncWarp = 3 };
 
