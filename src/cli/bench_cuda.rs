@@ -14,7 +14,7 @@ use crate::backend::cuda::attention::Dims as AttDims;
 use crate::backend::cuda::{self as cu, CudaDevice};
 use crate::backend::Activation;
 use crate::error::{Error, Result};
-use crate::model::cuda_exec::{attention_by_gemm, Compute, Scratch};
+use crate::model::cuda_attention::{AttentionPath, Compute, Workspace};
 use crate::model::cuda_model::CudaModel;
 use crate::model::{init, VisionTransformer, VitConfig};
 use crate::tensor::Tensor;
@@ -283,26 +283,31 @@ where
         f,
         d,
     )?;
-    // Both attention paths where both exist (bf16: the fused kernel and cuBLAS), so that a GPU run
-    // shows which to keep; the forward uses the one MOOD_CUDA_ATTENTION selects.
-    let paths: &[bool] = if T::NAME == "f32" {
-        &[true]
-    } else {
-        &[false, true]
-    };
-    for &gemm in paths {
-        let mut scratch = Scratch::new::<T>(dev, &ad, gemm)?;
+    // Every attention path that takes this shape (bf16: flash, fused, cuBLAS), so that a GPU run
+    // shows which to keep; only the one the forward chose counts towards the per-forward sum.
+    let chosen = AttentionPath::choose(T::NAME, &cfg.name, ad.dh);
+    for path in [
+        AttentionPath::Flash,
+        AttentionPath::Fused,
+        AttentionPath::Gemm,
+    ] {
+        if path.refuses(T::NAME, &ad).is_some() {
+            continue;
+        }
+        let mut ws = match path {
+            AttentionPath::Gemm => Some(Workspace::<T>::new(dev, &ad)?),
+            _ => None,
+        };
         let t = per_call(dev, iters, || {
-            T::attention(dev, &qkv, Some(&bias), &mut att, &ad, &mut scratch)
+            T::attention(dev, path, &qkv, Some(&bias), &mut att, &ad, ws.as_mut())
         })?;
-        let name = if gemm {
-            "attention cuBLAS"
-        } else {
-            "attention fused"
+        let name = match path {
+            AttentionPath::Flash => "attention flash",
+            AttentionPath::Fused => "attention fused",
+            AttentionPath::Gemm => "attention cuBLAS",
         };
         let shape = format!("B={b} N={n} H={h} Dh={}", ad.dh);
-        // Only the path the forward takes counts towards the per-forward sum.
-        let calls = usize::from(gemm == (T::NAME == "f32" || attention_by_gemm()));
+        let calls = usize::from(path == chosen);
         rows.push((name, shape, calls, t, 4.0 * (b * n * n * d) as f64));
     }
     let t = per_call(dev, iters, || {

@@ -5,9 +5,8 @@
 //!
 //! Precision T (`--precision`) is autocast's rule, as timm's bf16 autocast applies it:
 //!   - the transformer blocks' GEMMs and attention take T operands with f32 accumulation (f32:
-//!     cuBLAS sgemm, no TF32, and the cuBLAS attention path; bf16: cublasGemmEx and the fused
-//!     attention kernel, or cuBLAS attention with `MOOD_CUDA_ATTENTION=gemm` / head dims the
-//!     kernel lacks);
+//!     cuBLAS sgemm, no TF32; bf16: cublasGemmEx; attention as `cuda_attention` chooses: flash
+//!     attention on tensor cores at bf16 where it applies, cuBLAS over the batch otherwise);
 //!   - LayerNorm reads the f32 residual stream and writes f32 (cast to T by the GEMM that reads
 //!     it); the patch embedding, the residual stream, pooling, the final norm and every linear
 //!     layer outside the blocks (the head, MIM's lm_head) stay f32: they are a sliver of the
@@ -28,100 +27,13 @@ use cudarc::driver::CudaSlice;
 
 use crate::backend::cuda::attention::Dims as AttDims;
 use crate::backend::cuda::device::{as_i32, cuda_err};
-use crate::backend::cuda::{self as cu, CudaDevice, Storage};
+use crate::backend::cuda::{self as cu, CudaDevice};
 use crate::backend::{Activation, Pool};
 use crate::error::{Error, Result};
+use crate::model::cuda_attention::{AttentionPath, Compute, Workspace};
 use crate::model::exec::Exec;
 use crate::model::layers::{Linear, Norm, Param, RelBias};
 use crate::tensor::Tensor;
-
-/// `MOOD_CUDA_ATTENTION=gemm`: bf16 attention through cuBLAS instead of the fused kernel.
-pub fn attention_by_gemm() -> bool {
-    std::env::var("MOOD_CUDA_ATTENTION").is_ok_and(|v| v == "gemm")
-}
-
-/// The attention op per precision (f32 has only the cuBLAS path).
-pub trait Compute: Storage {
-    fn attention(
-        dev: &CudaDevice,
-        qkv: &CudaSlice<Self>,
-        bias: Option<&CudaSlice<f32>>,
-        out: &mut CudaSlice<Self>,
-        dims: &AttDims,
-        scratch: &mut Scratch,
-    ) -> Result<()>;
-}
-
-/// Buffers the cuBLAS attention path needs beyond its input and output (one image at a time).
-pub struct Scratch {
-    /// Whether attention runs as cuBLAS GEMMs around the softmax kernel.
-    pub gemm: bool,
-    scores: CudaSlice<f32>,
-    probs: CudaSlice<f32>,
-    probs_bf16: CudaSlice<half::bf16>,
-}
-
-impl Scratch {
-    /// Element counts (f32, bf16) of the buffers for `dims`.
-    fn sizes(dims: &AttDims, gemm: bool, low: bool) -> (usize, usize) {
-        let hnn = dims.h * dims.n * dims.n;
-        match (gemm, low) {
-            (false, _) => (1, 1),
-            (true, false) => (hnn, 1),
-            (true, true) => (hnn, hnn),
-        }
-    }
-
-    pub fn new<T: Compute>(dev: &CudaDevice, dims: &AttDims, gemm: bool) -> Result<Scratch> {
-        let gemm = gemm || T::NAME == "f32";
-        let (f, h) = Self::sizes(dims, gemm, T::NAME != "f32");
-        Ok(Scratch {
-            gemm,
-            scores: dev.empty(f)?,
-            probs: dev.empty(f)?,
-            probs_bf16: dev.empty(h)?,
-        })
-    }
-
-    fn bytes(&self) -> usize {
-        (self.scores.len() + self.probs.len()) * 4 + self.probs_bf16.len() * 2
-    }
-}
-
-impl Compute for f32 {
-    fn attention(
-        dev: &CudaDevice,
-        qkv: &CudaSlice<f32>,
-        bias: Option<&CudaSlice<f32>>,
-        out: &mut CudaSlice<f32>,
-        dims: &AttDims,
-        scratch: &mut Scratch,
-    ) -> Result<()> {
-        let scale = (dims.dh as f32).powf(-0.5);
-        let buffers = (&mut scratch.scores, &mut scratch.probs);
-        cu::attention::forward_f32(dev, qkv, bias, out, dims, scale, buffers)
-    }
-}
-
-impl Compute for half::bf16 {
-    fn attention(
-        dev: &CudaDevice,
-        qkv: &CudaSlice<half::bf16>,
-        bias: Option<&CudaSlice<f32>>,
-        out: &mut CudaSlice<half::bf16>,
-        dims: &AttDims,
-        scratch: &mut Scratch,
-    ) -> Result<()> {
-        let scale = (dims.dh as f32).powf(-0.5);
-        if scratch.gemm {
-            let s = scratch;
-            let buffers = (&mut s.scores, &mut s.probs, &mut s.probs_bf16);
-            cu::attention::forward_bf16_gemm(dev, qkv, bias, out, dims, scale, buffers)
-        } else {
-            cu::attention::forward(dev, qkv, bias, out, dims, scale)
-        }
-    }
-}
 
 /// Live and peak bytes of the executor's activations and workspace.
 #[derive(Default)]
@@ -209,9 +121,12 @@ pub struct CudaExec<T: Compute> {
     /// Token weights of the pooling per (tokens, how): 1/(N−1) on the patches (mean) or one-hot
     /// on the class token, used as a batched GEMV.
     pool_weights: HashMap<(usize, bool), CudaSlice<f32>>,
-    /// bf16: attention on cuBLAS rather than the fused kernel. f32 always uses cuBLAS.
-    attention_gemm: bool,
-    scratch: Option<(AttDims, Scratch, Lease)>,
+    /// Which attention runs (`cuda_attention`), and the cuBLAS path's workspace for the last
+    /// batch shape.
+    attention: AttentionPath,
+    workspace: Option<(Workspace<T>, Lease)>,
+    /// A path fell back to cuBLAS for a shape it cannot take; said once.
+    fell_back: bool,
     meter: Rc<Meter>,
     head_dim: Option<usize>,
     /// Images already on the device that `input` copies from (benchmarks time the forward
@@ -228,23 +143,16 @@ impl<T: Compute> CudaExec<T>
 where
     CudaBlas: Gemm<T>,
 {
-    /// An executor for models with head dim `head_dim`: a head dim the fused bf16 attention
-    /// kernel lacks runs attention on cuBLAS, with a note, never a refusal.
+    /// An executor for a model `name` with head dim `head_dim` (which attention runs depends on
+    /// it; see `cuda_attention`).
     pub fn new(dev: Arc<CudaDevice>, name: &str, head_dim: usize) -> CudaExec<T> {
-        let mut attention_gemm = attention_by_gemm();
-        if T::NAME != "f32" && !attention_gemm && !cu::attention::HEAD_DIMS.contains(&head_dim) {
-            eprintln!(
-                "note: {name}: head dim {head_dim} has no fused attention kernel (have {:?}); attention runs on cuBLAS",
-                cu::attention::HEAD_DIMS
-            );
-            attention_gemm = true;
-        }
         CudaExec {
             dev,
             params: HashMap::new(),
             pool_weights: HashMap::new(),
-            attention_gemm,
-            scratch: None,
+            attention: AttentionPath::choose(T::NAME, name, head_dim),
+            workspace: None,
+            fell_back: false,
             meter: Rc::new(Meter::default()),
             staged: None,
             head_dim: Some(head_dim),
@@ -266,28 +174,27 @@ where
         &self.meter
     }
 
-    /// bf16: attention on cuBLAS (true) or the fused kernel (false, for head dims it has).
-    pub fn set_attention_gemm(&mut self, gemm: bool) -> Result<()> {
-        if !gemm && T::NAME != "f32" {
-            // Checked here too: a shape the kernel lacks must never run on it.
-            let ok = self
-                .head_dim
-                .is_some_and(|h| cu::attention::HEAD_DIMS.contains(&h));
-            if !ok {
-                return Err(Error::Cuda(format!(
-                    "the fused attention kernel has head dims {:?} only",
-                    cu::attention::HEAD_DIMS
-                )));
-            }
+    /// Runs attention on `path` from now on; refused for a path that cannot take this model's
+    /// head dim at this precision.
+    pub fn set_attention(&mut self, path: AttentionPath) -> Result<()> {
+        let dh = self.head_dim.unwrap_or(0);
+        let probe = AttDims {
+            b: 1,
+            n: 1,
+            h: 1,
+            dh,
+        };
+        if let Some(why) = path.refuses(T::NAME, &probe) {
+            return Err(Error::Cuda(format!("attention {path:?}: {why}")));
         }
-        self.attention_gemm = gemm;
-        self.scratch = None;
+        self.attention = path;
+        self.workspace = None;
         Ok(())
     }
 
-    /// Whether attention runs on cuBLAS (always at f32).
-    pub fn attention_gemm(&self) -> bool {
-        self.attention_gemm || T::NAME == "f32"
+    /// The attention path in use.
+    pub fn attention(&self) -> AttentionPath {
+        self.attention
     }
 
     fn value(&self, shape: &[usize], data: Data<T>) -> DeviceValue<T> {
@@ -365,15 +272,14 @@ where
         }
     }
 
-    /// The attention workspace for `dims` (made once per shape and kept).
-    fn ensure_scratch(&mut self, dims: &AttDims) -> Result<()> {
-        let same =
-            matches!(&self.scratch, Some((d, ..)) if (d.n, d.h, d.dh) == (dims.n, dims.h, dims.dh));
+    /// The cuBLAS attention's workspace for `dims` (made once per batch shape and kept).
+    fn ensure_workspace(&mut self, dims: &AttDims) -> Result<()> {
+        let same = matches!(&self.workspace, Some((w, _)) if (w.dims.b, w.dims.n, w.dims.h, w.dims.dh) == (dims.b, dims.n, dims.h, dims.dh));
         if !same {
-            self.scratch = None; // give the old workspace back before making the new one
-            let s = Scratch::new::<T>(&self.dev, dims, self.attention_gemm)?;
-            let lease = self.meter.take(s.bytes());
-            self.scratch = Some((*dims, s, lease));
+            self.workspace = None; // give the old workspace back before making the new one
+            let w = Workspace::new(&self.dev, dims)?;
+            let lease = self.meter.take(w.bytes());
+            self.workspace = Some((w, lease));
         }
         Ok(())
     }
@@ -576,17 +482,28 @@ where
         if let (Some(r), Some(key)) = (bias, &bias_key) {
             self.param_f32(key, &r.dense)?;
         }
+        let mut path = self.attention;
+        if let Some(why) = path.refuses(T::NAME, &dims) {
+            if !self.fell_back {
+                eprintln!("note: {why}");
+                self.fell_back = true;
+            }
+            path = AttentionPath::Gemm;
+        }
+        if path == AttentionPath::Gemm {
+            self.ensure_workspace(&dims)?;
+        }
         let mut tmp = None;
         let mut out = self.dev.empty::<T>(bn * d)?;
         // The workspace is taken out while the launcher borrows the parameters.
-        self.ensure_scratch(&dims)?;
-        let (sd, mut s, lease) = self.scratch.take().expect("made by ensure_scratch");
+        let mut ws = self.workspace.take();
         let run = (|| {
             let xin = self.as_low(&qkv, &mut tmp)?;
             let bias = bias_key.as_deref().map(|k| self.f32_param(k)).transpose()?;
-            T::attention(&self.dev, xin, bias, &mut out, &dims, &mut s)
+            let w = ws.as_mut().map(|(w, _)| w);
+            T::attention(&self.dev, path, xin, bias, &mut out, &dims, w)
         })();
-        self.scratch = Some((sd, s, lease));
+        self.workspace = ws;
         run?;
         Ok(self.value(&[bn, d], Data::Low(out)))
     }

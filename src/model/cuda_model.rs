@@ -9,7 +9,8 @@ use cudarc::cublas::{CudaBlas, Gemm};
 use crate::backend::cuda::CudaDevice;
 use crate::backend::memory_budget::{batch_too_large, max_batch_that_fits, HEADROOM_BYTES};
 use crate::error::{Error, Result};
-use crate::model::cuda_exec::{Compute, CudaExec};
+use crate::model::cuda_attention::Compute;
+use crate::model::cuda_exec::CudaExec;
 use crate::model::{Output, VisionTransformer};
 use crate::tensor::Tensor;
 

@@ -4,6 +4,8 @@
 pub mod backbone;
 pub mod config;
 #[cfg(feature = "cuda")]
+pub mod cuda_attention;
+#[cfg(feature = "cuda")]
 pub mod cuda_exec;
 #[cfg(feature = "cuda")]
 pub mod cuda_model;
