@@ -172,6 +172,11 @@ pub fn run(args: Args) -> Result<()> {
         .iter()
         .map(|(_, d)| FeatureStore::open(d))
         .collect::<Result<_>>()?;
+    refuse_empty(&train, "--train", &args.train)?;
+    refuse_empty(&id, "--id", &args.id)?;
+    for ((n, d), s) in oods.iter().zip(&ood_stores) {
+        refuse_empty(s, &format!("--ood {n}="), d)?;
+    }
     let mut allowed = Vec::new();
     {
         let prov = |s: &FeatureStore| {
@@ -222,6 +227,30 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Refuses a store with no rows, naming it: the first statistic to fail on it would otherwise
+/// speak of `0 labels` or `k in 1..=0`.
+pub(crate) fn refuse_empty(store: &FeatureStore, flag: &str, dir: &Path) -> Result<()> {
+    if store.rows() == 0 {
+        let sep = if flag.ends_with('=') { "" } else { " " };
+        return Err(Error::Usage(format!(
+            "{flag}{sep}{}: the store is empty (0 rows); extract it again from a dataset with images",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses a non-finite score, naming the method, the store and the row.
+fn refuse_non_finite(name: &str, scores: &[f32], which: &str) -> Result<()> {
+    match scores.iter().position(|v| !v.is_finite()) {
+        Some(i) => Err(Error::Data(format!(
+            "{name}: the score of row {i} of {which} is {}: that row's features overflow this method's f32 arithmetic; check the store, or leave `{name}` out with --methods",
+            scores[i]
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// What `evaluate` runs and how it reports.
@@ -322,6 +351,14 @@ pub fn evaluate(
             (id_scores, ood)
         };
         let score_seconds = t.elapsed().as_secs_f64();
+        refuse_non_finite(
+            name,
+            &id_scores,
+            &format!("the --id store {}", id.dir.display()),
+        )?;
+        for ((n, d), s) in oods.iter().zip(&ood_scores) {
+            refuse_non_finite(name, s, &format!("the --ood store {n}={}", d.display()))?;
+        }
         let results: Vec<OodResult> = oods
             .iter()
             .zip(&ood_scores)

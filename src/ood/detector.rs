@@ -179,6 +179,21 @@ impl Detector {
                     .join(" and ")
             )));
         }
+        // Every fit below needs rows; a message of the statistic that fails first on none ("k = 50
+        // must be in 1..=0") would not say that the train set is empty.
+        let train_rows = inputs
+            .features
+            .or(inputs.logits)
+            .or(inputs.local)
+            .map(|m| m.rows());
+        if train_rows == Some(0) && name != "odin" {
+            return Err(Error::Data(format!(
+                "method `{name}`: the train inputs have 0 rows (an empty train store); fit on a store with rows"
+            )));
+        }
+        if name == "msp" || name == "energy" {
+            logits::check_temperature(arg(&args, "t")?)?;
+        }
         let labels = || {
             inputs
                 .labels

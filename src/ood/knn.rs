@@ -19,18 +19,18 @@ pub struct Knn {
 
 fn normalise(x: &[f32], d: usize, what: &str) -> Result<Vec<f32>> {
     crate::ood::check_rows(x, d, what)?;
-    let mut out = x.to_vec();
-    out.par_chunks_mut(d).for_each(|r| {
-        let norm = r.iter().map(|v| v * v).sum::<f32>().sqrt();
-        r.iter_mut().for_each(|v| *v /= norm + 1e-10);
-    });
-    Ok(out)
+    Ok(crate::ood::gaussian::l2_normalised(x, d))
 }
 
 impl Knn {
     pub fn fit(features: &[f32], d: usize, k: usize) -> Result<Knn> {
         let train = normalise(features, d, "train features")?;
         let n = train.len() / d;
+        if n == 0 {
+            return Err(Error::Data(
+                "no train features (0 rows) to search for neighbours".into(),
+            ));
+        }
         if k == 0 || k > n {
             return Err(Error::Usage(format!(
                 "k = {k} must be in 1..={n} (the train rows)"
