@@ -244,4 +244,23 @@ fn eval_names_the_store_whose_scores_are_not_finite() {
         "mahalanobis",
     ]);
     assert_refused(&r, &[&format!("--ood store far={}", p("huge"))]);
+    // Under `--methods all` such a method is listed as skipped, with the same reason.
+    let (code, out, err) = mood(&[
+        "eval",
+        "--train",
+        &p("train"),
+        "--id",
+        &p("huge"),
+        "--ood",
+        &format!("o={}", p("ood")),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("skipped mahalanobis:"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        line.contains(&format!("--id store {}", p("huge"))),
+        "{line}"
+    );
 }

@@ -246,7 +246,7 @@ pub(crate) fn refuse_empty(store: &FeatureStore, flag: &str, dir: &Path) -> Resu
 fn refuse_non_finite(name: &str, scores: &[f32], which: &str) -> Result<()> {
     match scores.iter().position(|v| !v.is_finite()) {
         Some(i) => Err(Error::Data(format!(
-            "{name}: the score of row {i} of {which} is {}: that row's features overflow this method's f32 arithmetic; check the store, or leave `{name}` out with --methods",
+            "{name}: the score of row {i} of {which} is {}: the method's arithmetic overflows on that row's features; check the store, or leave `{name}` out with --methods",
             scores[i]
         ))),
         None => Ok(()),
@@ -351,13 +351,27 @@ pub fn evaluate(
             (id_scores, ood)
         };
         let score_seconds = t.elapsed().as_secs_f64();
-        refuse_non_finite(
+        let finite = refuse_non_finite(
             name,
             &id_scores,
             &format!("the --id store {}", id.dir.display()),
-        )?;
-        for ((n, d), s) in oods.iter().zip(&ood_scores) {
-            refuse_non_finite(name, s, &format!("the --ood store {n}={}", d.display()))?;
+        )
+        .and_then(|_| {
+            oods.iter().zip(&ood_scores).try_for_each(|((n, d), s)| {
+                refuse_non_finite(name, s, &format!("the --ood store {n}={}", d.display()))
+            })
+        });
+        match finite {
+            // As for a fit that fails under `all`: listed with the reason, not fatal.
+            Err(e) if skip_missing => {
+                report.skipped.push(Skip {
+                    method: name.into(),
+                    reason: e.to_string(),
+                });
+                bar.inc(1);
+                continue;
+            }
+            r => r?,
         }
         let results: Vec<OodResult> = oods
             .iter()
