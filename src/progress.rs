@@ -116,6 +116,12 @@ impl Progress {
                     Err(_) => return,
                 };
                 loop {
+                    // Checked before each wait: a stop set before this thread first takes the
+                    // lock (an error right after the start) has already been notified, and
+                    // waiting would hold the process's exit for a whole interval.
+                    if *stop {
+                        return;
+                    }
                     let (g, timeout) = match s.wake.wait_timeout(stop, every) {
                         Ok(r) => r,
                         Err(_) => return,

@@ -236,17 +236,23 @@ fn demo_runs_end_to_end_and_prints_the_table() {
         last.contains("between (a) and (b)") && last.contains("natural images"),
         "{last}"
     );
-    // Every method but MOS (no group-softmax head here) has a row in both tables.
+    // Every method but MOS (no group-softmax head here) has a row in both tables, or a line with
+    // the reason it was skipped (nnguide's default bank of 1% of 611 rows is smaller than its K;
+    // SHE after one epoch may have a class never predicted right).
     for m in mood::ood::detector::METHODS
         .iter()
         .filter(|m| m.name != "mos")
     {
-        assert_eq!(
-            stdout.matches(&format!("| {} |", m.name)).count(),
-            2,
-            "{}: {stdout}",
-            m.name
-        );
+        let rows = stdout.matches(&format!("| {} |", m.name)).count();
+        let skipped = stdout.matches(&format!("skipped {}: ", m.name)).count();
+        assert_eq!(rows + skipped, 2, "{}: {stdout}", m.name);
+        if skipped > 0 {
+            assert!(
+                ["nnguide", "she"].contains(&m.name),
+                "{} skipped: {stdout}",
+                m.name
+            );
+        }
     }
 }
 

@@ -484,8 +484,8 @@ fn bench_ood_prints_its_figures() {
         assert!(err.contains("note: --device auto"), "{err}");
     }
     assert_one_line_error(
-        mood(&["bench", "--ood", "msp", "--rows", "10"]),
-        &["mahalanobis or knn"],
+        mood(&["bench", "--ood", "csd", "--rows", "10"]),
+        &["--ood csd", "patch-token features"],
     );
     if !gpu_present() {
         assert_one_line_error(

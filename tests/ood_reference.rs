@@ -233,3 +233,97 @@ fn kl_matching_matches_numpy_loop_including_an_empty_class() {
         );
     }
 }
+
+/// OpenOOD v1.5's post-hoc methods (docs/methods.md) against numpy transcriptions of their
+/// formulas on one shared set (tools/make_posthoc_fixtures.py), each to 1e-5 (relative for
+/// |score| > 1; for rmds relative to its largest |score|), through the detector as `mood fit` / `mood eval` run them, and again after a
+/// save and load.
+#[test]
+fn posthoc_methods_match_numpy_transcriptions() {
+    use mood::ood::detector::{parse_args, Detector, Head, Inputs, Matrix};
+    let (ts, train) = f32s("posthoc_train");
+    let (_, labels) = f32s("posthoc_labels");
+    let (_, test) = f32s("posthoc_test");
+    let (_, w) = f32s("posthoc_w");
+    let (_, b) = f32s("posthoc_b");
+    let d = ts[1];
+    let labels: Vec<usize> = labels.iter().map(|&l| l as usize).collect();
+    let head = Head {
+        weight: w,
+        bias: b,
+        fc_norm: None,
+    };
+    fn inputs<'a>(
+        x: &'a [f32],
+        d: usize,
+        labels: Option<&'a [usize]>,
+        head: &'a Head,
+    ) -> Inputs<'a> {
+        Inputs {
+            features: Some(Matrix { data: x, cols: d }),
+            labels,
+            head: Some(head),
+            ..Default::default()
+        }
+    }
+    let train_in = inputs(&train, d, Some(&labels), &head);
+    let test_in = inputs(&test, d, None, &head);
+    let cases: &[(&str, &[&str], &str)] = &[
+        ("ash-p", &[], "ash-p"),
+        ("ash-b", &[], "ash-b"),
+        ("ash-s", &[], "ash-s"),
+        ("ash-s", &["percentile=65"], "ash-s_65"),
+        ("scale", &[], "scale"),
+        ("dice", &[], "dice"),
+        ("dice", &["p=70"], "dice_70"),
+        ("gen", &[], "gen"),
+        ("gen", &["gamma=0.5", "m=3"], "gen_m3"),
+        ("fdbd", &[], "fdbd"),
+        ("fdbd", &["distance_as_normalizer=false"], "fdbd_norm"),
+        ("nci", &[], "nci"),
+        ("nci", &["alpha=0.1"], "nci_01"),
+        ("nnguide", &["k=10", "alpha=1"], "nnguide_all"),
+        ("nnguide", &["k=5", "alpha=0.5"], "nnguide_half"),
+        ("rmds", &[], "rmds"),
+        ("she", &[], "she"),
+        ("relation", &[], "relation"),
+        ("relation", &["pow=2"], "relation_2"),
+        ("temp-scaling", &[], "temp-scaling"),
+        ("t2fnorm", &[], "t2fnorm"),
+        ("t2fnorm", &["tau=5"], "t2fnorm_5"),
+    ];
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, args, case) in cases {
+        let m = mood::ood::methods::method(name).unwrap();
+        let given: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let det = Detector::fit(name, parse_args(m, &given).unwrap(), &train_in)
+            .unwrap_or_else(|e| panic!("{case}: {e}"));
+        let got = det.score(&test_in).unwrap();
+        let want = f64s(&format!("posthoc_expected_{case}"));
+        assert_eq!(got.len(), want.len(), "{case}");
+        // rmds is a difference of two squared distances (each ~D here) scored by an f32 GEMM:
+        // as for `mahalanobis` above, its rounding is relative to the largest score.
+        let floor = match *name {
+            "rmds" => want.iter().fold(1.0f64, |a, b| a.max(b.abs())),
+            _ => 1.0,
+        };
+        let mut worst = 0.0f64;
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            let err = (*g as f64 - w).abs() / w.abs().max(floor);
+            worst = worst.max(err);
+            assert!(err <= 1e-5, "{case}[{i}]: ours {g}, numpy {w}");
+        }
+        eprintln!("{case}: max error {worst:.2e}");
+        let path = tmp.path().join(format!("{case}.safetensors"));
+        det.save(&path).unwrap();
+        let again = Detector::load(&path).unwrap().score(&test_in).unwrap();
+        assert_eq!(again, got, "{case}: scores after save and load");
+    }
+    let z = mood::ood::subspace::logits(&train, &head.weight, &head.bias, d);
+    let t = mood::ood::temperature::fit_temperature(&z, head.bias.len(), &labels, 0.2).unwrap();
+    let want = f64s("posthoc_temperature")[0];
+    assert!(
+        (t as f64 - want).abs() <= 1e-5 * want,
+        "T: ours {t}, scipy {want}"
+    );
+}

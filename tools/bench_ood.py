@@ -3,6 +3,13 @@
 on the same data, threads and machine, printed as ratios (issue: OOD library performance).
 
     python3 tools/bench_ood.py [--threads 2] [--quick]
+    python3 tools/bench_ood.py --posthoc [ash-b,scale,...] [--threads 2]
+
+--posthoc times OpenOOD v1.5's post-hoc methods that score with a GEMM (docs/methods.md) at
+50,000 x 1024 against 1000 classes: `mood bench --ood NAME --json` (its median scoring time) beside
+numpy's time for the same formula on data of the same shape, written as a numpy user (or OpenOOD's
+torch code) would: one matrix product for the head, vectorised row operations, GEMM algebra for the
+Mahalanobis distances of rmds. Printed as numpy time / mood time.
 
 Cases (random but structured float32 data, seeded):
   mahalanobis  1000 classes, d = 1024, 50 train rows per class (50,000), 50,000 test rows
@@ -27,6 +34,7 @@ from _venv import ensure_venv  # noqa: E402
 ensure_venv()
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
@@ -53,15 +61,125 @@ def sgemm_rate(np, m, k, n):
     return 2.0 * m * k * n / best
 
 
+POSTHOC = ["ash-p", "ash-b", "ash-s", "scale", "dice", "fdbd", "nci", "rmds", "she", "t2fnorm", "nnguide"]
+
+
+def posthoc(a):
+    import numpy as np  # after the thread limits
+    from scipy.linalg import pinvh
+    from scipy.special import logsumexp, softmax
+
+    n, d, c, n_train = 50_000, 1024, 1000, 10_000
+    rng = np.random.default_rng(0)
+    means = rng.standard_normal((c, d), dtype=np.float32)
+    y = np.arange(n_train) % c
+    train = means[y] + rng.standard_normal((n_train, d), dtype=np.float32)
+    x = means[np.arange(n) % c] + rng.standard_normal((n, d), dtype=np.float32)
+    w = means / np.float32(np.sqrt(d))
+    b = np.zeros(c, dtype=np.float32)
+    mu = train.mean(0)
+    k_ash = lambda p: d - int(np.round(d * p / 100.0))  # noqa: E731
+
+    def ash(variant, p):
+        k = k_ash(p)
+        idx = np.argpartition(-x, k - 1, axis=1)[:, :k]
+        total = x.sum(1)
+        kept = np.take_along_axis(x, idx, 1)
+        out = x * np.exp(total / kept.sum(1))[:, None] if variant == "scale" else np.zeros_like(x)
+        if variant == "p":
+            np.put_along_axis(out, idx, kept, 1)
+        elif variant == "b":
+            np.put_along_axis(out, idx, np.repeat((total / k)[:, None], k, 1), 1)
+        elif variant == "s":
+            np.put_along_axis(out, idx, kept * np.exp(total / kept.sum(1))[:, None], 1)
+        return logsumexp(out @ w.T + b, axis=1)
+
+    contrib = mu[None, :] * w
+    wm = w * (contrib > np.percentile(contrib, 90))
+    gap = np.sqrt(np.maximum((w * w).sum(1)[:, None] + (w * w).sum(1)[None] - 2 * w @ w.T, 0))
+    np.fill_diagonal(gap, 1.0)
+    cm = np.stack([train[y == k].mean(0) for k in range(c)])
+    prec = pinvh(np.cov((train - cm[y]).T, bias=True))
+    lam, vec = np.linalg.eigh(prec)
+    keep = lam > lam.max() * d * np.finfo(np.float64).eps
+    wc = (vec[:, keep] * np.sqrt(lam[keep])).T.astype(np.float32)
+    lam0, vec0 = np.linalg.eigh(pinvh(np.cov(train.T, bias=True)))
+    keep0 = lam0 > lam0.max() * d * np.finfo(np.float64).eps
+    w0 = (vec0[:, keep0] * np.sqrt(lam0[keep0])).T.astype(np.float32)
+    mc, m0 = (cm - mu) @ wc.T, np.zeros(int(keep0.sum()), dtype=np.float32)
+    pred_train = (train @ w.T + b).argmax(1)
+    pat = np.stack([train[(y == k) & (pred_train == k)].mean(0) if np.any((y == k) & (pred_train == k))
+                    else train[y == k].mean(0) for k in range(c)])
+    m_bank = max(int(np.ceil(0.01 * n_train)), 1)
+    unit = lambda v: v / np.linalg.norm(v, axis=-1, keepdims=True) + 1e-10  # noqa: E731
+    bank = unit(train[(np.arange(m_bank) * n_train) // m_bank])
+    bank = bank * logsumexp(train[(np.arange(m_bank) * n_train) // m_bank] @ w.T + b, axis=1)[:, None]
+
+    def rmds():
+        xc = x - mu
+        z = xc @ wc.T
+        md = (z * z).sum(1)[:, None] - 2 * z @ mc.T + (mc * mc).sum(1)[None]
+        z0 = xc @ w0.T - m0
+        return (z0 * z0).sum(1) - md.min(1)
+
+    def fdbd():
+        z = x @ w.T + b
+        p = z.argmax(1)
+        return (np.abs(z - z.max(1, keepdims=True)) / gap[p]).sum(1) / np.linalg.norm(x - mu, axis=1)
+
+    def nci():
+        z = x @ w.T + b
+        p = z.argmax(1)
+        proj = (x - mu) @ w.T
+        return proj[np.arange(n), p] / np.linalg.norm(x - mu, axis=1) + 1e-4 * np.abs(x).sum(1)
+
+    def nnguide():
+        sims = unit(x) @ bank.T
+        kk = min(100, m_bank)
+        return np.partition(sims, m_bank - kk, axis=1)[:, m_bank - kk:].mean(1) * logsumexp(x @ w.T + b, axis=1)
+
+    formulas = {
+        "ash-p": lambda: ash("p", 90), "ash-b": lambda: ash("b", 90), "ash-s": lambda: ash("s", 90),
+        "scale": lambda: ash("scale", 85),
+        "dice": lambda: logsumexp(x @ wm.T + b, axis=1),
+        "fdbd": fdbd, "nci": nci, "rmds": rmds, "nnguide": nnguide,
+        "she": lambda: (x @ pat.T)[np.arange(n), (x @ w.T + b).argmax(1)],
+        "t2fnorm": lambda: softmax((x / np.float32(0.1)) @ w.T + b, axis=1).max(1),
+    }
+    names = a.posthoc.split(",") if a.posthoc != "all" else POSTHOC
+    print(f"threads {a.threads}; {n} rows x {d}, {c} classes, {n_train} train rows")
+    print("| method | mood score (s) | numpy (s) | numpy / mood |")
+    print("|---|---|---|---|")
+    for name in names:
+        out = subprocess.run([a.mood, "--threads", str(a.threads), "bench", "--ood", name, "--rows", str(n),
+                              "--dim", str(d), "--classes", str(c), "--train-rows", str(n_train),
+                              "--iters", "3", "--json"],
+                             check=True, capture_output=True, text=True)
+        t_mood = json.loads(out.stdout)["median_s"]
+        f = formulas[name]
+        f()
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - t)
+        t_np = sorted(times)[1]
+        print(f"| {name} | {t_mood:.3f} | {t_np:.3f} | {t_np / t_mood:.2f}x |")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--mood", default=os.path.join(ROOT, "target", "release", "mood"))
     ap.add_argument("--loop-classes", type=int, default=10)
     ap.add_argument("--quick", action="store_true", help="a tenth of the rows (a smoke test)")
+    ap.add_argument("--posthoc", nargs="?", const="all", default=None,
+                    help="time the post-hoc methods (a comma-separated list, default all) instead")
     a = ap.parse_args()
     for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[v] = str(a.threads)
+    if a.posthoc:
+        return posthoc(a)
     import numpy as np  # after the thread limits
     from scipy.linalg import pinvh
     from sklearn.neighbors import NearestNeighbors

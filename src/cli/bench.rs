@@ -53,8 +53,9 @@ pub struct Args {
     /// With --data: the model input side the preset produces.
     #[arg(long, default_value_t = 224)]
     pub img_size: usize,
-    /// Time OOD scoring instead of a model: fit METHOD (mahalanobis or knn) on synthetic Gaussian
-    /// features, then score --rows rows of --dim features (src/cli/bench_ood.rs).
+    /// Time OOD scoring instead of a model: fit METHOD (any of features, labels, logits or a head;
+    /// the head is the class means scaled by 1/sqrt(dim)) on synthetic Gaussian features, then
+    /// score --rows rows of --dim features (src/cli/bench_ood.rs).
     #[arg(long, value_name = "METHOD")]
     pub ood: Option<String>,
     /// With --ood: rows scored per timed pass.

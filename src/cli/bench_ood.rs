@@ -1,4 +1,5 @@
-//! `mood bench --ood mahalanobis|knn`: OOD scoring throughput on synthetic Gaussian features.
+//! `mood bench --ood NAME`: OOD scoring throughput on synthetic Gaussian features, for any method
+//! of features, labels, logits or a head (the head: the class means scaled by 1/√D).
 //! A train set of --train-rows rows around --classes random class means (each mean and each
 //! row's noise N(0, I) per feature) fits the detector; --rows rows drawn the same way are then
 //! scored --iters times after one warm-up pass, and the median is reported as rows/s and as
@@ -17,7 +18,7 @@ use super::bench::Args;
 use super::score_device::{Prepared, ScoreDevice};
 use crate::error::{Error, Result};
 use crate::model::init::Rng;
-use crate::ood::detector::{method, parse_args, Detector, Inputs, Matrix};
+use crate::ood::detector::{method, parse_args, Detector, Head, Inputs, Matrix, Need};
 
 /// The rows the CPU/GPU difference is measured on.
 const CHECK_ROWS: usize = 1024;
@@ -77,9 +78,17 @@ struct GpuFigures {
 }
 
 pub fn run(args: &Args, name: &str) -> Result<()> {
-    if name != "mahalanobis" && name != "knn" {
+    let m = method(name)?;
+    // Synthetic rows, labels and a random head stand in for a store: methods that need patch
+    // tokens or ODIN scores have nothing to run on.
+    if let Some(n) = m
+        .needs
+        .iter()
+        .find(|n| matches!(n, Need::Local | Need::Odin))
+    {
         return Err(Error::Usage(format!(
-            "--ood {name}: the benchmark times mahalanobis or knn"
+            "--ood {name}: the benchmark has no {} to time it on; choose a method of features, labels, logits or a head",
+            n.what()
         )));
     }
     let (rows, d, classes) = (args.rows, args.dim, args.classes);
@@ -89,12 +98,12 @@ pub fn run(args: &Args, name: &str) -> Result<()> {
             "--ood needs --rows, --dim, --classes and --train-rows of at least 1".into(),
         ));
     }
-    if name == "mahalanobis" && train_rows < classes {
+    let labelled = m.needs.contains(&Need::Labels);
+    if labelled && train_rows < classes {
         return Err(Error::Usage(format!(
             "--train-rows {train_rows} leaves classes without rows: use at least --classes ({classes})"
         )));
     }
-    let m = method(name)?;
     let settings = parse_args(m, &args.method_args)?;
     let k = settings.get("k").cloned();
 
@@ -102,6 +111,13 @@ pub fn run(args: &Args, name: &str) -> Result<()> {
     let means: Vec<f32> = (0..classes * d).map(|_| rng.normal() as f32).collect();
     let (train, labels) = synthetic(train_rows, d, &means, 1);
     let (query, _) = synthetic(rows, d, &means, 2);
+    // A head that reads the classes: the class means, scaled so logits stay near unit size.
+    let scale = 1.0 / (d as f32).sqrt();
+    let head = Head {
+        weight: means.iter().map(|v| v * scale).collect(),
+        bias: vec![0.0; classes],
+        fc_norm: None,
+    };
     let t = Instant::now();
     let det = Detector::fit(
         name,
@@ -112,6 +128,7 @@ pub fn run(args: &Args, name: &str) -> Result<()> {
                 cols: d,
             }),
             labels: Some(&labels),
+            head: Some(&head),
             ..Default::default()
         },
     )?;
@@ -122,6 +139,7 @@ pub fn run(args: &Args, name: &str) -> Result<()> {
             data: &query,
             cols: d,
         }),
+        head: Some(&head),
         ..Default::default()
     };
 
@@ -160,8 +178,8 @@ pub fn run(args: &Args, name: &str) -> Result<()> {
         return Ok(());
     }
     let against = match &k {
-        Some(k) => format!("a bank of {train_rows} train rows, k = {k}"),
-        None => format!("{classes} class means, fitted on {train_rows} rows"),
+        Some(k) => format!("{train_rows} train rows, k = {k}"),
+        None => format!("{classes} classes, fitted on {train_rows} rows"),
     };
     println!(
         "ood {name} on {where_} ({threads} threads): {rows} rows x {d} against {against} (fit {fit_s:.2} s)"

@@ -2,6 +2,7 @@
 //! store, and report AUROC / AUPR / FPR@95 / detection error per OOD set and on average: a
 //! Markdown table on stdout, report.json, report.csv and one PNG per method.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -9,7 +10,8 @@ use super::bench::Device;
 use super::score_device::ScoreDevice;
 use crate::error::{Error, Result};
 use crate::metrics;
-use crate::ood::detector::{method, parse_args, Detector, Head, Need, METHODS};
+use crate::ood::detector::{method, Detector, Fitted, Head, Need, METHODS};
+use crate::ood::methods::arg;
 use crate::report::{average, MethodResult, OodResult, Report, Skip};
 use crate::store::FeatureStore;
 
@@ -30,6 +32,10 @@ pub struct Args {
     /// A method setting, METHOD.KEY=VALUE, or KEY=VALUE for every method that has KEY.
     #[arg(long = "method-arg", value_name = "[METHOD.]KEY=VALUE")]
     pub method_args: Vec<String>,
+    /// With listed values (`--method-arg knn.k=1,10,50`): keep, per method, the value with the
+    /// best AUROC on this OOD set (one of the --ood NAMEs), which is then left out of the table.
+    #[arg(long, value_name = "NAME")]
+    pub tune_on: Option<String>,
     /// Linear head (head.weight, head.bias) for stores without head.safetensors.
     #[arg(long)]
     pub head: Option<PathBuf>,
@@ -145,6 +151,18 @@ pub fn run(args: Args) -> Result<()> {
                 .ok_or_else(|| Error::Usage(format!("--ood `{s}` is not NAME=DIR")))
         })
         .collect::<Result<_>>()?;
+    if let Some(on) = &args.tune_on {
+        if !oods.iter().any(|(n, _)| n == on) {
+            return Err(Error::Usage(format!(
+                "--tune-on {on}: no --ood set is named {on}; name one of them (NAME=DIR)"
+            )));
+        }
+        if oods.len() < 2 {
+            return Err(Error::Usage(format!(
+                "--tune-on {on} leaves no OOD set to report; add another --ood"
+            )));
+        }
+    }
     let names: Vec<&'static str> = if args.methods == "all" {
         METHODS.iter().map(|m| m.name).collect()
     } else {
@@ -172,6 +190,11 @@ pub fn run(args: Args) -> Result<()> {
         .iter()
         .map(|(_, d)| FeatureStore::open(d))
         .collect::<Result<_>>()?;
+    refuse_empty(&train, "--train", &args.train)?;
+    refuse_empty(&id, "--id", &args.id)?;
+    for ((n, d), s) in oods.iter().zip(&ood_stores) {
+        refuse_empty(s, &format!("--ood {n}="), d)?;
+    }
     let mut allowed = Vec::new();
     {
         let prov = |s: &FeatureStore| {
@@ -214,7 +237,14 @@ pub fn run(args: Args) -> Result<()> {
     let mut report = evaluate(&plan, &train, &id, &oods, &ood_stores)?;
     report.provenance.mismatches_allowed = allowed;
     report.provenance.scored_on = device.describe();
+    let tuned = match &args.tune_on {
+        Some(on) => super::sweep::tune(&mut report, on),
+        None => Vec::new(),
+    };
     print!("{}", report.markdown());
+    for line in &tuned {
+        println!("{line}");
+    }
     if let Some(dir) = &args.output {
         report.write(dir)?;
         eprintln!(
@@ -223,6 +253,39 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Refuses a store with no rows, naming it: the first statistic to fail on it would otherwise
+/// speak of `0 labels` or `k in 1..=0`.
+pub(crate) fn refuse_empty(store: &FeatureStore, flag: &str, dir: &Path) -> Result<()> {
+    if store.rows() == 0 {
+        let sep = if flag.ends_with('=') { "" } else { " " };
+        return Err(Error::Usage(format!(
+            "{flag}{sep}{}: the store is empty (0 rows); extract it again from a dataset with images",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses a non-finite score, naming the method, the store and the row.
+fn refuse_non_finite(name: &str, scores: &[f32], which: &str) -> Result<()> {
+    match scores.iter().position(|v| !v.is_finite()) {
+        Some(i) => Err(Error::Data(format!(
+            "{name}: the score of row {i} of {which} is {}: the method's arithmetic overflows on that row's features; check the store, or leave `{name}` out with --methods",
+            scores[i]
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// One settings variant's scores.
+struct Scored {
+    settings: BTreeMap<String, String>,
+    fit_seconds: f64,
+    score_seconds: f64,
+    id: Vec<f32>,
+    ood: Vec<Vec<f32>>,
 }
 
 /// What `evaluate` runs and how it reports.
@@ -275,7 +338,7 @@ pub fn evaluate(
         provenance: crate::report::Provenance::of(train, id, oods, ood_stores),
     };
     let bar = crate::progress::Progress::new(names.len() as u64, "methods", "eval");
-    for &name in names {
+    'methods: for &name in names {
         bar.set_message(name);
         let m = method(name)?;
         // Labels are needed to fit only, ODIN scores to score only.
@@ -294,69 +357,134 @@ pub fn evaluate(
             bar.inc(1);
             continue;
         }
-        let settings = parse_args(m, &args_for(name, method_args))?;
-        let t = Instant::now();
-        let det = match Detector::fit(name, settings.clone(), &train.inputs(head)) {
-            Ok(d) => d,
-            // `all` means every method these stores can run: one that cannot (MOS without
-            // group-softmax logits, say) is listed with the reason, not fatal.
-            Err(e) if skip_missing => {
-                report.skipped.push(Skip {
-                    method: name.into(),
-                    reason: e.to_string(),
-                });
-                bar.inc(1);
+        let variants = super::sweep::variants(m, &args_for(name, method_args))?;
+        // kNN's k alone swept: one fit at the largest k, one GEMM pass for every k.
+        let one_pass = name == "knn" && super::sweep::only_swept(&variants, "k");
+        let ks: Vec<usize> = match one_pass {
+            true => variants
+                .iter()
+                .map(|v| arg(v, "k"))
+                .collect::<Result<_>>()?,
+            false => Vec::new(),
+        };
+        let fits: Vec<BTreeMap<String, String>> = match one_pass {
+            true => {
+                let max = (0..ks.len()).max_by_key(|&j| ks[j]).unwrap_or(0);
+                vec![variants[max].clone()]
+            }
+            false => variants.clone(),
+        };
+        let mut scored: Vec<Scored> = Vec::new();
+        for settings in fits {
+            let t = Instant::now();
+            let det = match Detector::fit(name, settings.clone(), &train.inputs(head)) {
+                Ok(d) => d,
+                // `all` means every method these stores can run: one that cannot (MOS without
+                // group-softmax logits, say) is listed with the reason, not fatal.
+                Err(e) if skip_missing => {
+                    report.skipped.push(Skip {
+                        method: name.into(),
+                        reason: e.to_string(),
+                    });
+                    bar.inc(1);
+                    continue 'methods;
+                }
+                Err(e) => return Err(Error::Data(format!("{name}: {e}"))),
+            };
+            let fit_seconds = t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            if let (true, Fitted::Knn(knn)) = (one_pass, det.fitted()) {
+                let id_all = knn.score_many(det.check_features(&id.inputs(head))?, &ks)?;
+                let ood_all: Vec<Vec<Vec<f32>>> = ood_stores
+                    .iter()
+                    .map(|s| knn.score_many(det.check_features(&s.inputs(head))?, &ks))
+                    .collect::<Result<_>>()?;
+                let score_seconds = t.elapsed().as_secs_f64();
+                for (j, (v, id_scores)) in variants.iter().zip(id_all).enumerate() {
+                    scored.push(Scored {
+                        settings: v.clone(),
+                        fit_seconds,
+                        score_seconds,
+                        id: id_scores,
+                        ood: ood_all.iter().map(|o| o[j].clone()).collect(),
+                    });
+                }
                 continue;
             }
-            Err(e) => return Err(Error::Data(format!("{name}: {e}"))),
-        };
-        let fit_seconds = t.elapsed().as_secs_f64();
-        let t = Instant::now();
-        // The scorer (and its device copy of the statistics) lives for this method only.
-        let (id_scores, ood_scores) = {
+            // The scorer (and its device copy of the statistics) lives for this fit only.
             let scorer = plan.device.prepare(&det)?;
             let id_scores = scorer.score(&id.inputs(head))?;
             let ood: Vec<Vec<f32>> = ood_stores
                 .iter()
                 .map(|s| scorer.score(&s.inputs(head)))
                 .collect::<Result<_>>()?;
-            (id_scores, ood)
-        };
-        let score_seconds = t.elapsed().as_secs_f64();
-        let results: Vec<OodResult> = oods
-            .iter()
-            .zip(&ood_scores)
-            .map(|((n, _), s)| {
-                Ok(OodResult {
-                    ood: n.clone(),
-                    metrics: metrics::evaluate_with(&id_scores, s, plan.rules)
-                        .map_err(|e| Error::Data(format!("{name} on {n}: {e}")))?,
-                })
-            })
-            .collect::<Result<_>>()?;
-        if let Some(dir) = plots {
-            let pdir = dir.join("plots");
-            std::fs::create_dir_all(&pdir).map_err(|e| Error::io(&pdir, e))?;
-            let sets: Vec<(&str, &[f32])> = oods
-                .iter()
-                .zip(&ood_scores)
-                .map(|((n, _), s)| (n.as_str(), &s[..]))
-                .collect();
-            crate::report::plot::method_figure(
-                &pdir.join(format!("{name}.png")),
-                name,
-                &id_scores,
-                &sets,
-            )?;
+            scored.push(Scored {
+                settings,
+                fit_seconds,
+                score_seconds: t.elapsed().as_secs_f64(),
+                id: id_scores,
+                ood,
+            });
         }
-        report.methods.push(MethodResult {
-            method: name.into(),
-            args: settings,
-            fit_seconds,
-            score_seconds,
-            average: average(&results),
-            results,
-        });
+        for s in scored {
+            let label = super::sweep::label(name, &s.settings, &variants);
+            let (id_scores, ood_scores) = (&s.id, &s.ood);
+            let finite = refuse_non_finite(
+                &label,
+                id_scores,
+                &format!("the --id store {}", id.dir.display()),
+            )
+            .and_then(|_| {
+                oods.iter().zip(ood_scores).try_for_each(|((n, d), s)| {
+                    refuse_non_finite(&label, s, &format!("the --ood store {n}={}", d.display()))
+                })
+            });
+            match finite {
+                // As for a fit that fails under `all`: listed with the reason, not fatal.
+                Err(e) if skip_missing => {
+                    report.skipped.push(Skip {
+                        method: label,
+                        reason: e.to_string(),
+                    });
+                    continue;
+                }
+                r => r?,
+            }
+            let results: Vec<OodResult> = oods
+                .iter()
+                .zip(ood_scores)
+                .map(|((n, _), s)| {
+                    Ok(OodResult {
+                        ood: n.clone(),
+                        metrics: metrics::evaluate_with(id_scores, s, plan.rules)
+                            .map_err(|e| Error::Data(format!("{label} on {n}: {e}")))?,
+                    })
+                })
+                .collect::<Result<_>>()?;
+            if let Some(dir) = plots {
+                let pdir = dir.join("plots");
+                std::fs::create_dir_all(&pdir).map_err(|e| Error::io(&pdir, e))?;
+                let sets: Vec<(&str, &[f32])> = oods
+                    .iter()
+                    .zip(ood_scores)
+                    .map(|((n, _), s)| (n.as_str(), &s[..]))
+                    .collect();
+                crate::report::plot::method_figure(
+                    &pdir.join(format!("{}.png", label.replace(' ', "_"))),
+                    &label,
+                    id_scores,
+                    &sets,
+                )?;
+            }
+            report.methods.push(MethodResult {
+                method: label,
+                args: s.settings,
+                fit_seconds: s.fit_seconds,
+                score_seconds: s.score_seconds,
+                average: average(&results),
+                results,
+            });
+        }
         bar.inc(1);
     }
     bar.finish_and_clear();

@@ -64,6 +64,7 @@ pub fn run_fit(args: FitArgs) -> Result<()> {
     crate::fsutil::refuse_inside(&args.output, "-o", &args.train, "the train store")?;
     let head = load_head(args.head.as_deref())?;
     let store = FeatureStore::open(&args.train)?;
+    super::eval::refuse_empty(&store, "--train", &args.train)?;
     super::provenance::say_notes(&store);
     let t = Instant::now();
     let det = Detector::fit(m.name, settings, &store.inputs(head.as_ref()))?;

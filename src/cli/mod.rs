@@ -19,6 +19,7 @@ pub mod pretrain;
 pub mod provenance;
 pub mod runner;
 pub mod score_device;
+pub mod sweep;
 pub mod train_common;
 
 use crate::error::Result;

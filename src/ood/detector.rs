@@ -14,6 +14,7 @@ use crate::ood::logits::{self, KlMatching};
 use crate::ood::methods::arg;
 use crate::ood::methods::Need::*;
 pub use crate::ood::methods::{method, parse_args, Method, Need, METHODS};
+use crate::ood::posthoc::{self, Given, Posthoc};
 use crate::ood::stats::{Header, Stats};
 use crate::ood::subspace::{self, principal_dim, React, Vim};
 
@@ -89,6 +90,7 @@ enum Kind {
     React(React),
     Vim(Vim),
     Residual(Vim),
+    Posthoc(Posthoc),
 }
 
 /// What a fitted detector holds, for scorers outside this module (the GPU one).
@@ -178,6 +180,21 @@ impl Detector {
                     .collect::<Vec<_>>()
                     .join(" and ")
             )));
+        }
+        // Every fit below needs rows; a message of the statistic that fails first on none ("k = 50
+        // must be in 1..=0") would not say that the train set is empty.
+        let train_rows = inputs
+            .features
+            .or(inputs.logits)
+            .or(inputs.local)
+            .map(|m| m.rows());
+        if train_rows == Some(0) && name != "odin" {
+            return Err(Error::Data(format!(
+                "method `{name}`: the train inputs have 0 rows (an empty train store); fit on a store with rows"
+            )));
+        }
+        if name == "msp" || name == "energy" {
+            logits::check_temperature(arg(&args, "t")?)?;
         }
         let labels = || {
             inputs
@@ -281,6 +298,33 @@ impl Detector {
                     }
                 }
             }
+            _ if posthoc::NAMES.contains(&name) => {
+                let checked = match m.needs.contains(&Head) {
+                    true => Some(need_head(inputs.head, inputs.features()?.cols)?.clone()),
+                    false => None,
+                };
+                let z = match m.needs.contains(&Logits) {
+                    true => Some(logits_of(inputs, None)?),
+                    false => None,
+                };
+                if z.is_some() && inputs.logits.is_none() {
+                    head = inputs.head.cloned();
+                }
+                if checked.is_some() {
+                    head = checked;
+                }
+                let given = Given {
+                    features: inputs
+                        .features
+                        .filter(|_| m.needs.contains(&Features))
+                        .map(|f| f.data),
+                    dim,
+                    logits: z.as_ref().map(|(z, c)| (&z[..], *c)),
+                    labels: inputs.labels,
+                    head: head.as_ref(),
+                };
+                Kind::Posthoc(Posthoc::fit(name, &args, &given)?)
+            }
             // Nothing to fit: the scores came from the model at extraction.
             "odin" => Kind::Precomputed,
             _ => unreachable!("every registered method is handled"),
@@ -361,6 +405,28 @@ impl Detector {
                 v.score(features()?, &h.weight, &h.bias)
             }
             Kind::Residual(v) => Ok(v.residual(features()?)?.iter().map(|r| -r).collect()),
+            Kind::Posthoc(p) => {
+                let needs = method(name)?.needs;
+                let z = match needs.contains(&Logits) {
+                    true => Some(logits_of(inputs, self.head.as_ref())?),
+                    false => None,
+                };
+                let head = match needs.contains(&Head) {
+                    true => Some(need_head(self.head.as_ref(), self.header.dim)?),
+                    false => None,
+                };
+                let given = Given {
+                    features: match needs.contains(&Features) {
+                        true => Some(features()?),
+                        false => None,
+                    },
+                    dim: self.header.dim,
+                    logits: z.as_ref().map(|(z, c)| (&z[..], *c)),
+                    labels: None,
+                    head,
+                };
+                p.score(args, &given)
+            }
             Kind::Logit => {
                 let (z, c) = logits_of(inputs, self.head.as_ref())?;
                 match name {
@@ -389,6 +455,7 @@ impl Detector {
             Kind::Kl(kl) => kl.save(&mut s),
             Kind::React(r) => s.put("react.clip", &[1], &[r.clip]),
             Kind::Vim(v) | Kind::Residual(v) => v.save(&mut s),
+            Kind::Posthoc(p) => p.save(&mut s, self.header.dim),
             Kind::Logit | Kind::Precomputed => {}
         }
         if let Some(h) = &self.head {
@@ -435,6 +502,9 @@ impl Detector {
             "vim" => Kind::Vim(Vim::load(&s, dim)?),
             "residual" => Kind::Residual(Vim::load(&s, dim)?),
             "odin" => Kind::Precomputed,
+            _ if posthoc::NAMES.contains(&name) => {
+                Kind::Posthoc(Posthoc::load(name, args, &s, dim)?)
+            }
             _ => Kind::Logit,
         };
         let head = if s.contains("head.weight") {

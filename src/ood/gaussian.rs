@@ -166,8 +166,11 @@ impl Whitened {
 pub fn l2_normalised(x: &[f32], d: usize) -> Vec<f32> {
     let mut out = x.to_vec();
     out.par_chunks_mut(d).for_each(|r| {
-        let norm = r.iter().map(|v| v * v).sum::<f32>().sqrt();
-        r.iter_mut().for_each(|v| *v /= norm + 1e-10);
+        // In f64: an f32 sum of squares overflows to inf once entries pass ~1.8e19, which would
+        // normalise every such row to zeros.
+        let norm = r.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
+        r.iter_mut()
+            .for_each(|v| *v = (*v as f64 / (norm + 1e-10)) as f32);
     });
     out
 }
@@ -327,6 +330,14 @@ impl GaussianScore {
         check_rows(x, d, "train features")?;
         let xn = l2_normalised(x, d);
         let (means, counts) = class_means(&xn, labels, d)?;
+        // One row gives a zero covariance, whose pseudo-inverse is zero: every distance to that
+        // class would be 0 and, under the min, every score 0.
+        if let Some(c) = counts.iter().position(|&k| k < 2) {
+            return Err(Error::Data(format!(
+                "class {c} has {} train row: a covariance per class needs at least 2 rows in every class; use `mahalanobis` (one covariance shared by the classes) or add train rows",
+                counts[c]
+            )));
+        }
         let parts = (0..counts.len())
             .map(|c| {
                 let rows: Vec<f32> = xn

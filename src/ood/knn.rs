@@ -19,18 +19,18 @@ pub struct Knn {
 
 fn normalise(x: &[f32], d: usize, what: &str) -> Result<Vec<f32>> {
     crate::ood::check_rows(x, d, what)?;
-    let mut out = x.to_vec();
-    out.par_chunks_mut(d).for_each(|r| {
-        let norm = r.iter().map(|v| v * v).sum::<f32>().sqrt();
-        r.iter_mut().for_each(|v| *v /= norm + 1e-10);
-    });
-    Ok(out)
+    Ok(crate::ood::gaussian::l2_normalised(x, d))
 }
 
 impl Knn {
     pub fn fit(features: &[f32], d: usize, k: usize) -> Result<Knn> {
         let train = normalise(features, d, "train features")?;
         let n = train.len() / d;
+        if n == 0 {
+            return Err(Error::Data(
+                "no train features (0 rows) to search for neighbours".into(),
+            ));
+        }
         if k == 0 || k > n {
             return Err(Error::Usage(format!(
                 "k = {k} must be in 1..={n} (the train rows)"
@@ -89,6 +89,50 @@ impl Knn {
             .iter()
             .zip(&norms)
             .map(|(dot, qq)| -(qq + 1.0 - 2.0 * dot).max(0.0))
+            .collect())
+    }
+
+    /// `score` for each of `ks` (each in 1..=the fitted k) from one pass of GEMMs: one selection
+    /// at the fitted k per row, then a sort of those k dot products, gives every smaller k-th.
+    /// Row j of the result holds the scores for ks[j].
+    pub fn score_many(&self, features: &[f32], ks: &[usize]) -> Result<Vec<Vec<f32>>> {
+        if let Some(&k) = ks.iter().find(|&&k| k == 0 || k > self.k) {
+            return Err(Error::Usage(format!(
+                "k = {k}: this pass was fitted for k in 1..={}",
+                self.k
+            )));
+        }
+        let q = normalise(features, self.dim, "features")?;
+        let block = ((16 << 20) / self.n.max(1)).clamp(64, 1024);
+        let mut per_row: Vec<Vec<f32>> = Vec::new();
+        let mut dots = vec![0.0f32; block * self.n];
+        for chunk in q.chunks(block * self.dim) {
+            let b = chunk.len() / self.dim;
+            linear_nobias(
+                chunk,
+                &self.train,
+                b,
+                self.dim,
+                self.n,
+                &mut dots[..b * self.n],
+            );
+            per_row.par_extend(
+                dots[..b * self.n]
+                    .par_chunks_mut(self.n)
+                    .zip(chunk.par_chunks(self.dim))
+                    .map(|(r, qr)| {
+                        r.select_nth_unstable_by(self.n - self.k, |a, b| a.total_cmp(b));
+                        let top = &mut r[self.n - self.k..];
+                        top.sort_unstable_by(|a, b| b.total_cmp(a));
+                        let qq: f32 = qr.iter().map(|v| v * v).sum();
+                        ks.iter()
+                            .map(|&k| -(qq + 1.0 - 2.0 * top[k - 1]).max(0.0))
+                            .collect::<Vec<f32>>()
+                    }),
+            );
+        }
+        Ok((0..ks.len())
+            .map(|j| per_row.iter().map(|r| r[j]).collect())
             .collect())
     }
 

@@ -36,7 +36,19 @@ fn log_softmax(row: &[f32], t: f64) -> (Vec<f64>, f64) {
     (row.iter().map(|&v| v as f64 / t - lse).collect(), lse)
 }
 
+/// Refuses a temperature that is not a finite number > 0: t = 0 divides by zero and a negative t
+/// ranks the least confident rows first.
+pub fn check_temperature(t: f32) -> Result<()> {
+    if t.is_finite() && t > 0.0 {
+        return Ok(());
+    }
+    Err(Error::Usage(format!(
+        "temperature t = {t}: it must be a finite number > 0 (t = 1 is the plain softmax); set --method-arg t=..."
+    )))
+}
+
 pub fn msp(z: &[f32], c: usize, t: f32) -> Result<Vec<f32>> {
+    check_temperature(t)?;
     Ok(rows(z, c)?
         .map(|r| {
             log_softmax(r, t as f64)
@@ -55,6 +67,7 @@ pub fn maxlogit(z: &[f32], c: usize) -> Result<Vec<f32>> {
 }
 
 pub fn energy(z: &[f32], c: usize, t: f32) -> Result<Vec<f32>> {
+    check_temperature(t)?;
     Ok(rows(z, c)?
         .map(|r| (t as f64 * log_softmax(r, t as f64).1) as f32)
         .collect())
@@ -120,7 +133,13 @@ fn softmax_rows(z: &[f32], c: usize) -> Vec<f32> {
 
 impl KlMatching {
     pub fn fit(train_logits: &[f32], c: usize) -> Result<KlMatching> {
-        crate::ood::check_rows(train_logits, c, "train logits")?;
+        if crate::ood::check_rows(train_logits, c, "train logits")? == 0 {
+            // No rows: every template would be empty and every score about -1e30.
+            return Err(Error::Data(
+                "no train logits (0 rows): KL-matching's class templates are means over train rows"
+                    .into(),
+            ));
+        }
         let p = softmax_rows(train_logits, c);
         let mut q = vec![0.0f64; c * c];
         let mut count = vec![0usize; c];

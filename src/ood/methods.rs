@@ -209,6 +209,97 @@ pub const METHODS: &[Method] = &[
         )],
         about: "-min_g p_g(others) over group-softmax logits",
     },
+    Method {
+        name: "ash-p",
+        needs: &[Features, Head],
+        args: &[("percentile", "90", "prune all but the top (100 - p)% of entries")],
+        about: "ASH-P: energy of the head on the feature with all but its largest entries zeroed",
+    },
+    Method {
+        name: "ash-b",
+        needs: &[Features, Head],
+        args: &[("percentile", "90", "prune all but the top (100 - p)% of entries")],
+        about: "ASH-B: as ASH-P, the kept entries set to the row's sum / their count",
+    },
+    Method {
+        name: "ash-s",
+        needs: &[Features, Head],
+        args: &[("percentile", "90", "prune all but the top (100 - p)% of entries")],
+        about: "ASH-S: as ASH-P, the kept entries scaled by exp(sum / kept sum)",
+    },
+    Method {
+        name: "scale",
+        needs: &[Features, Head],
+        args: &[("percentile", "85", "the top (100 - p)% of entries set the scale")],
+        about: "SCALE: energy of the head on the feature scaled by exp(sum / top-entry sum)",
+    },
+    Method {
+        name: "dice",
+        needs: &[Features, Head],
+        args: &[("p", "90", "sparsity percentile of the weight contributions")],
+        about: "DICE: energy of the head with the weights of low contribution to the train mean zeroed",
+    },
+    Method {
+        name: "gen",
+        needs: &[Logits],
+        args: &[("gamma", "0.1", "exponent"), ("m", "100", "largest probabilities used")],
+        about: "GEN: -sum p^gamma (1-p)^gamma over the M largest softmax probabilities",
+    },
+    Method {
+        name: "fdbd",
+        needs: &[Features, Head],
+        args: &[(
+            "distance_as_normalizer",
+            "true",
+            "divide by |x - train mean| (true) or |x| (false)",
+        )],
+        about: "fDBD: mean feature distance to the decision boundaries of the predicted class",
+    },
+    Method {
+        name: "nci",
+        needs: &[Features, Head],
+        args: &[("alpha", "0.0001", "weight of |x|_1")],
+        about: "NCI: cos(W_pred, x - train mean)·|W_pred| + alpha·|x|_1 (neural collapse)",
+    },
+    Method {
+        name: "nnguide",
+        needs: &[Features, Logits],
+        args: &[
+            ("k", "100", "neighbours"),
+            ("alpha", "0.01", "fraction of the train rows in the bank"),
+        ],
+        about: "NNGuide: energy times the mean top-K similarity to an energy-weighted train bank",
+    },
+    Method {
+        name: "rmds",
+        needs: &[Features, Labels],
+        args: &[],
+        about: "relative Mahalanobis: class-conditional distance minus a background Gaussian's",
+    },
+    Method {
+        name: "she",
+        needs: &[Features, Labels, Logits],
+        args: &[],
+        about: "SHE: x · the mean train feature of the predicted class (correctly classified rows)",
+    },
+    Method {
+        name: "relation",
+        needs: &[Features, Logits],
+        args: &[("pow", "1", "power of each relation edge")],
+        about: "Relation: sum of feature-and-softmax relations to every train row above 0.03",
+    },
+    Method {
+        name: "temp-scaling",
+        needs: &[Logits, Labels],
+        args: &[("holdout", "0.2", "fraction of train rows that fit T")],
+        about: "MSP at the temperature that minimises held-out train NLL",
+    },
+    Method {
+        name: "t2fnorm",
+        needs: &[Features, Head],
+        args: &[("tau", "0.1", "feature temperature")],
+        about: "T2FNorm's inference: max softmax of the head on x / tau",
+    },
 ];
 
 pub fn method(name: &str) -> Result<&'static Method> {

@@ -3,22 +3,35 @@
 //! `detector` fits, scores, saves and loads them; the other modules are the scores, each a few GEMMs plus row reductions:
 //! `gaussian` (Mahalanobis family), `centroid` (distances to centroids, k-means), `knn` (exact
 //! kNN and 1-NN cosine), `csd` (MODE), `logits` (MSP, MaxLogit, Energy, Entropy, GradNorm,
-//! KL-matching, MOS) and `subspace` (ReAct, ViM, Residual). ODIN needs the model's input
-//! gradient, so it is computed at extraction (`extract::odin`) and only read here.
+//! KL-matching, MOS), `subspace` (ReAct, ViM, Residual) and, through `posthoc`, OpenOOD v1.5's
+//! feature-store methods (`ash`, `dice`, `gen`, `fdbd`, `nci`, `nnguide`, `rmds`, `she`,
+//! `relation`, `temperature`; docs/methods.md). ODIN needs the model's input gradient, so it is
+//! computed at extraction (`extract::odin`) and only read here.
 //! `cuda_score` (feature `cuda`) scores the Mahalanobis family and kNN on the GPU.
 
+pub mod ash;
 pub mod centroid;
 pub mod csd;
 #[cfg(feature = "cuda")]
 pub mod cuda_score;
 pub mod detector;
+pub mod dice;
+pub mod fdbd;
 pub mod gaussian;
+pub mod gen;
 pub mod knn;
 pub mod linalg;
 pub mod logits;
 pub mod methods;
+pub mod nci;
+pub mod nnguide;
+pub mod posthoc;
+pub mod relation;
+pub mod rmds;
+pub mod she;
 pub mod stats;
 pub mod subspace;
+pub mod temperature;
 
 use rayon::prelude::*;
 

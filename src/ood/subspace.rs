@@ -24,7 +24,7 @@ pub fn logits(x: &[f32], w: &[f32], b: &[f32], d: usize) -> Vec<f32> {
     z
 }
 
-fn lse(row: &[f32]) -> f64 {
+pub(crate) fn lse(row: &[f32]) -> f64 {
     let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
     m + row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln()
 }
