@@ -11,6 +11,7 @@ pub mod cuda_stand_in;
 pub mod data;
 pub mod error;
 pub mod extract;
+pub mod features;
 pub mod fsutil;
 pub mod metrics;
 pub mod model;

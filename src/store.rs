@@ -24,8 +24,7 @@ use std::path::{Path, PathBuf};
 pub use identity::{differences, Identity, Provenance};
 
 use crate::error::{Error, Result};
-use crate::ood::csd::FcNorm;
-use crate::ood::detector::{Head, Inputs, Matrix};
+use crate::features::{FcNorm, Head, Inputs, Matrix};
 use crate::tensor::Tensor;
 use crate::weights::{safetensors, RawTensor, WDType, WeightStore};
 

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::ood::detector::Head;
+use crate::features::Head;
 use crate::store::{FeatureStore, Identity, Manifest, Skipped};
 use crate::tensor::Tensor;
 

@@ -108,7 +108,7 @@ impl Backbone {
     }
 
     /// The head (and the norm before it) for a feature store's head.safetensors.
-    pub fn store_head(&self) -> Option<crate::ood::detector::Head> {
+    pub fn store_head(&self) -> Option<crate::features::Head> {
         match self {
             Backbone::Vit(m) => m.store_head(),
             Backbone::ResNet(m) => m.store_head(),

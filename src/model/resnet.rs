@@ -368,9 +368,9 @@ impl ResNet {
     }
 
     /// The fc layer for a feature store's head.safetensors (no norm before it).
-    pub fn store_head(&self) -> Option<crate::ood::detector::Head> {
+    pub fn store_head(&self) -> Option<crate::features::Head> {
         let (w, b) = self.fc.as_ref()?;
-        Some(crate::ood::detector::Head {
+        Some(crate::features::Head {
             weight: w.as_slice().to_vec(),
             bias: b.as_slice().to_vec(),
             fc_norm: None,

@@ -391,16 +391,16 @@ impl VisionTransformer {
 
     /// The head and the norm before it, for a feature store's head.safetensors (vim, react,
     /// gradnorm read the head; csd the norm).
-    pub fn store_head(&self) -> Option<crate::ood::detector::Head> {
+    pub fn store_head(&self) -> Option<crate::features::Head> {
         let h = self.head.as_ref()?;
         let nrm = match self.cfg.pool {
             Pool::MeanPatches => self.fc_norm.as_ref(),
             Pool::ClassToken => self.norm.as_ref(),
         };
-        Some(crate::ood::detector::Head {
+        Some(crate::features::Head {
             weight: h.w.value.as_slice().to_vec(),
             bias: h.bias.tensor()?.as_slice().to_vec(),
-            fc_norm: nrm.map(|n| crate::ood::csd::FcNorm {
+            fc_norm: nrm.map(|n| crate::features::FcNorm {
                 weight: n.w.value.as_slice().to_vec(),
                 bias: n.b.value.as_slice().to_vec(),
                 eps: self.cfg.eps,

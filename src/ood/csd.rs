@@ -14,13 +14,7 @@ use crate::ood::stats::Stats;
 
 pub const SCALES: usize = 6;
 
-/// fc_norm: a LayerNorm applied to each pooled vector.
-#[derive(Clone)]
-pub struct FcNorm {
-    pub weight: Vec<f32>,
-    pub bias: Vec<f32>,
-    pub eps: f32,
-}
+pub use crate::features::FcNorm;
 
 pub struct Csd {
     pub tokens: usize,

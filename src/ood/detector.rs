@@ -7,7 +7,7 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::ood::centroid::{Centroids, Distance};
-use crate::ood::csd::{Csd, FcNorm};
+use crate::ood::csd::Csd;
 use crate::ood::gaussian::{GaussianScore, Reduce};
 use crate::ood::knn::Knn;
 use crate::ood::logits::{self, KlMatching};
@@ -18,40 +18,7 @@ use crate::ood::posthoc::{self, Given, Posthoc};
 use crate::ood::stats::{Header, Stats};
 use crate::ood::subspace::{self, principal_dim, React, Vim};
 
-/// A linear head W [C, D], b [C], and the fc_norm before it when known (for `csd`).
-#[derive(Clone)]
-pub struct Head {
-    pub weight: Vec<f32>,
-    pub bias: Vec<f32>,
-    pub fc_norm: Option<FcNorm>,
-}
-
-/// A row-major matrix view.
-#[derive(Clone, Copy)]
-pub struct Matrix<'a> {
-    pub data: &'a [f32],
-    pub cols: usize,
-}
-
-impl Matrix<'_> {
-    pub fn rows(&self) -> usize {
-        self.data.len() / self.cols.max(1)
-    }
-}
-
-/// What a store offers to fit on or to score.
-#[derive(Clone, Copy, Default)]
-pub struct Inputs<'a> {
-    pub features: Option<Matrix<'a>>,
-    pub logits: Option<Matrix<'a>>,
-    pub labels: Option<&'a [usize]>,
-    /// [n, T·D] with `local_tokens` = T.
-    pub local: Option<Matrix<'a>>,
-    pub local_tokens: usize,
-    pub head: Option<&'a Head>,
-    /// [n] ODIN scores from the extraction (`mood extract --odin`).
-    pub odin: Option<&'a [f32]>,
-}
+pub use crate::features::{Head, Inputs, Matrix};
 
 impl<'a> Inputs<'a> {
     /// Which of `needs` are missing (logits count as present when a head can make them).
