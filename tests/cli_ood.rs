@@ -6,10 +6,6 @@ mod common;
 use common::run_mood as mood;
 use std::path::Path;
 
-use mood::ood::detector::Head;
-use mood::store::{write, Contents, Manifest};
-use mood::Tensor;
-
 /// One line of error (a store saved by hand is read with a note saying so; notes aside).
 fn assert_one_line_error(r: (i32, String, String), must_contain: &[&str]) {
     common::assert_refused(&r, must_contain);
@@ -20,42 +16,14 @@ const C: usize = 3;
 
 /// Rows around class centres (ID) or around `shift` (OOD), with a head that reads the classes.
 fn store(dir: &Path, n: usize, seed: u64, shift: Option<f32>, labels: bool) {
-    let mut rng = mood::model::init::Rng::new(seed);
-    let y: Vec<usize> = (0..n).map(|i| i % C).collect();
-    let f: Vec<f32> = (0..n * D)
-        .map(|k| {
-            let centre = match shift {
-                Some(s) => s,
-                None if k % D == y[k / D] => 4.0,
-                None => 0.0,
-            };
-            centre + rng.normal() as f32
-        })
-        .collect();
-    let head = Head {
-        weight: (0..C * D)
-            .map(|k| if k % D == k / D { 1.0 } else { 0.0 })
-            .collect(),
-        bias: vec![0.0; C],
-        fc_norm: None,
+    let s = common::Synthetic {
+        dim: D,
+        classes: C,
+        shift,
+        labels: labels.then(Vec::new),
+        ..Default::default()
     };
-    let features = Tensor::from_vec(&[n, D], f).unwrap();
-    write(
-        dir,
-        Contents {
-            features: &features,
-            logits: None,
-            labels: labels.then_some(&y[..]),
-            local: None,
-            head: Some(&head),
-            odin: None,
-            manifest: Manifest {
-                model: "synthetic".into(),
-                ..Default::default()
-            },
-        },
-    )
-    .unwrap();
+    common::synthetic_store(dir, n, seed, s);
 }
 
 #[test]

@@ -6,49 +6,17 @@ mod common;
 use common::{assert_refused, fixture, run_mood as mood};
 use std::path::Path;
 
-use mood::ood::detector::Head;
-use mood::store::{write, Contents, Manifest};
-use mood::Tensor;
-
 const D: usize = 6;
 const C: usize = 3;
 
 fn store(dir: &Path, n: usize, seed: u64, shift: Option<f32>) {
-    let mut rng = mood::rng::Rng::new(seed);
-    let y: Vec<usize> = (0..n).map(|i| i % C).collect();
-    let f: Vec<f32> = (0..n * D)
-        .map(|k| {
-            let centre = match shift {
-                Some(s) => s,
-                None if k % D == y[k / D] => 4.0,
-                None => 0.0,
-            };
-            centre + rng.normal() as f32
-        })
-        .collect();
-    let head = Head {
-        weight: (0..C * D)
-            .map(|k| if k % D == k / D { 1.0 } else { 0.0 })
-            .collect(),
-        bias: vec![0.0; C],
-        fc_norm: None,
+    let s = common::Synthetic {
+        dim: D,
+        classes: C,
+        shift,
+        ..Default::default()
     };
-    write(
-        dir,
-        Contents {
-            features: &Tensor::from_vec(&[n, D], f).unwrap(),
-            logits: None,
-            labels: Some(&y),
-            local: None,
-            head: Some(&head),
-            odin: None,
-            manifest: Manifest {
-                model: "synthetic".into(),
-                ..Default::default()
-            },
-        },
-    )
-    .unwrap();
+    common::synthetic_store(dir, n, seed, s);
 }
 
 /// The one-pass k-th neighbours agree with sklearn's NearestNeighbors (the fixture of

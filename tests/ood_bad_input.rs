@@ -6,47 +6,21 @@ mod common;
 use common::{assert_refused, run_mood as mood};
 use std::path::Path;
 
-use mood::ood::detector::{Detector, Head, Inputs, Matrix};
-use mood::store::{write, Contents, Manifest};
-use mood::Tensor;
+use mood::ood::detector::{Detector, Inputs, Matrix};
 
 const D: usize = 6;
 const C: usize = 3;
 
 /// `n` rows around class centres times `scale`, labels `y` (default i % C), with a head.
 fn store(dir: &Path, n: usize, seed: u64, scale: f32, y: Option<Vec<usize>>) {
-    let mut rng = mood::rng::Rng::new(seed);
-    let y = y.unwrap_or_else(|| (0..n).map(|i| i % C).collect());
-    let f: Vec<f32> = (0..n * D)
-        .map(|k| {
-            let centre = if k % D == y[k / D] { 4.0 } else { 0.0 };
-            scale * (centre + rng.normal() as f32)
-        })
-        .collect();
-    let head = Head {
-        weight: (0..C * D)
-            .map(|k| if k % D == k / D { 1.0 } else { 0.0 })
-            .collect(),
-        bias: vec![0.0; C],
-        fc_norm: None,
+    let s = common::Synthetic {
+        dim: D,
+        classes: C,
+        scale,
+        labels: Some(y.unwrap_or_default()),
+        ..Default::default()
     };
-    let features = Tensor::from_vec(&[n, D], f).unwrap();
-    write(
-        dir,
-        Contents {
-            features: &features,
-            logits: None,
-            labels: Some(&y),
-            local: None,
-            head: Some(&head),
-            odin: None,
-            manifest: Manifest {
-                model: "synthetic".into(),
-                ..Default::default()
-            },
-        },
-    )
-    .unwrap();
+    common::synthetic_store(dir, n, seed, s);
 }
 
 fn path(dir: &Path, s: &str) -> String {

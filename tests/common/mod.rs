@@ -253,3 +253,72 @@ pub fn run_mood_limited(
         timed_out,
     }
 }
+
+/// How `synthetic_store` places its rows.
+pub struct Synthetic {
+    pub dim: usize,
+    pub classes: usize,
+    /// OOD rows: every coordinate around this value; ID rows (None): 4.0 on their class's axis.
+    pub shift: Option<f32>,
+    /// Every value multiplied by it (huge features for overflow checks).
+    pub scale: f32,
+    /// Labels to save (None: no labels.npy); `Some(vec![])` means i % classes.
+    pub labels: Option<Vec<usize>>,
+}
+
+impl Default for Synthetic {
+    fn default() -> Synthetic {
+        Synthetic {
+            dim: 6,
+            classes: 3,
+            shift: None,
+            scale: 1.0,
+            labels: Some(Vec::new()),
+        }
+    }
+}
+
+/// A feature store of `n` Gaussian rows written with the store writer, with an identity-like
+/// head that reads the class axes: what the OOD command tests fit and score on.
+pub fn synthetic_store(dir: &Path, n: usize, seed: u64, s: Synthetic) {
+    let (d, c) = (s.dim, s.classes);
+    let mut rng = mood::rng::Rng::new(seed);
+    let y: Vec<usize> = match &s.labels {
+        Some(given) if !given.is_empty() => given.clone(),
+        _ => (0..n).map(|i| i % c).collect(),
+    };
+    let f: Vec<f32> = (0..n * d)
+        .map(|k| {
+            let centre = match s.shift {
+                Some(v) => v,
+                None if k % d == y[k / d] => 4.0,
+                None => 0.0,
+            };
+            s.scale * (centre + rng.normal() as f32)
+        })
+        .collect();
+    let head = mood::features::Head {
+        weight: (0..c * d)
+            .map(|k| if k % d == k / d { 1.0 } else { 0.0 })
+            .collect(),
+        bias: vec![0.0; c],
+        fc_norm: None,
+    };
+    let features = mood::Tensor::from_vec(&[n, d], f).unwrap();
+    mood::store::write(
+        dir,
+        mood::store::Contents {
+            features: &features,
+            logits: None,
+            labels: s.labels.as_ref().map(|_| &y[..]),
+            local: None,
+            head: Some(&head),
+            odin: None,
+            manifest: mood::store::Manifest {
+                model: "synthetic".into(),
+                ..Default::default()
+            },
+        },
+    )
+    .unwrap();
+}

@@ -128,13 +128,10 @@ fn keep_pool_memory(ctx: &CudaContext) -> Result<()> {
     if pools == 0 {
         return Ok(());
     }
-    let mut pool = std::ptr::null_mut();
+    let pool = default_pool(ctx)?;
     let mut threshold = u64::MAX;
-    // SAFETY: plain driver calls on the context's own device with valid out-pointers.
+    // SAFETY: a plain driver call on the device's own pool with a valid value pointer.
     unsafe {
-        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
-            .result()
-            .map_err(cuda_err("default memory pool"))?;
         sys::cuMemPoolSetAttribute(
             pool,
             sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
@@ -146,15 +143,21 @@ fn keep_pool_memory(ctx: &CudaContext) -> Result<()> {
     Ok(())
 }
 
+fn default_pool(ctx: &CudaContext) -> Result<sys::CUmemoryPool> {
+    let mut pool = std::ptr::null_mut();
+    // SAFETY: a plain driver call on the context's own device with a valid out-pointer.
+    unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) }
+        .result()
+        .map_err(cuda_err("default memory pool"))?;
+    Ok(pool)
+}
+
 /// The default memory pool's release threshold (bytes kept across synchronisations).
 pub fn pool_release_threshold(dev: &CudaDevice) -> Result<u64> {
-    let mut pool = std::ptr::null_mut();
+    let pool = default_pool(&dev.ctx)?;
     let mut threshold = 0u64;
     // SAFETY: as in `keep_pool_memory`.
     unsafe {
-        sys::cuDeviceGetDefaultMemPool(&mut pool, dev.ctx.cu_device())
-            .result()
-            .map_err(cuda_err("default memory pool"))?;
         sys::cuMemPoolGetAttribute(
             pool,
             sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,

@@ -393,22 +393,37 @@ pub unsafe extern "C" fn cuDeviceGetDefaultMemPool(pool: *mut *mut c_void, d: c_
     CUDA_SUCCESS
 }
 
+/// The release threshold behind `attr` of the default pool, or the error for a call on
+/// anything else.
+fn pool_threshold(
+    call: &str,
+    pool: *mut c_void,
+    attr: c_int,
+    value: *mut c_void,
+) -> std::result::Result<Option<*mut u64>, Result> {
+    if pool as usize != POOL_HANDLE || value.is_null() {
+        return Err(fail(
+            CUDA_ERROR_INVALID_VALUE,
+            format!("{call}: not the default pool"),
+        ));
+    }
+    Ok((attr == CU_MEMPOOL_ATTR_RELEASE_THRESHOLD).then_some(value.cast()))
+}
+
 #[no_mangle]
 pub unsafe extern "C" fn cuMemPoolSetAttribute(
     pool: *mut c_void,
     attr: c_int,
     value: *mut c_void,
 ) -> Result {
-    if pool as usize != POOL_HANDLE || value.is_null() {
-        return fail(
-            CUDA_ERROR_INVALID_VALUE,
-            "cuMemPoolSetAttribute: not the default pool".into(),
-        );
+    match pool_threshold("cuMemPoolSetAttribute", pool, attr, value) {
+        Err(e) => e,
+        Ok(Some(v)) => {
+            POOL_RELEASE_THRESHOLD.store(*v, std::sync::atomic::Ordering::Relaxed);
+            CUDA_SUCCESS
+        }
+        Ok(None) => CUDA_SUCCESS,
     }
-    if attr == CU_MEMPOOL_ATTR_RELEASE_THRESHOLD {
-        POOL_RELEASE_THRESHOLD.store(*(value as *const u64), std::sync::atomic::Ordering::Relaxed);
-    }
-    CUDA_SUCCESS
 }
 
 #[no_mangle]
@@ -417,16 +432,14 @@ pub unsafe extern "C" fn cuMemPoolGetAttribute(
     attr: c_int,
     value: *mut c_void,
 ) -> Result {
-    if pool as usize != POOL_HANDLE || value.is_null() {
-        return fail(
-            CUDA_ERROR_INVALID_VALUE,
-            "cuMemPoolGetAttribute: not the default pool".into(),
-        );
+    match pool_threshold("cuMemPoolGetAttribute", pool, attr, value) {
+        Err(e) => e,
+        Ok(Some(v)) => {
+            *v = POOL_RELEASE_THRESHOLD.load(std::sync::atomic::Ordering::Relaxed);
+            CUDA_SUCCESS
+        }
+        Ok(None) => CUDA_SUCCESS,
     }
-    if attr == CU_MEMPOOL_ATTR_RELEASE_THRESHOLD {
-        *(value as *mut u64) = POOL_RELEASE_THRESHOLD.load(std::sync::atomic::Ordering::Relaxed);
-    }
-    CUDA_SUCCESS
 }
 
 #[no_mangle]
