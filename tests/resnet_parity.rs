@@ -68,3 +68,36 @@ fn a_missing_or_misshapen_tensor_is_named() {
     assert!(e.contains("layer1.0.conv1.weight"), "{e}");
     assert_eq!(e.lines().count(), 1, "{e}");
 }
+
+#[test]
+fn the_parameter_list_is_timms_state_dict() {
+    use mood::model::resnet::parameter_shapes;
+    for name in [
+        "tiny_resnet_basic",
+        "tiny_resnet_bottleneck",
+        "tiny_resnet_basic_cifar",
+    ] {
+        let cfg = ResNetConfig::preset(&format!("test_{name}")).unwrap();
+        let store = WeightStore::open(&fixture(&format!("resnet/{name}.safetensors"))).unwrap();
+        let mut timm: Vec<(String, Vec<usize>)> = store
+            .names()
+            .filter(|k| !k.ends_with("num_batches_tracked"))
+            .map(|k| (k.clone(), store.shape_of(k).unwrap().to_vec()))
+            .collect();
+        let mut ours = parameter_shapes(&cfg);
+        timm.sort();
+        ours.sort();
+        assert_eq!(ours, timm, "{name}");
+    }
+}
+
+#[test]
+fn resnet50_costs_what_torchvision_publishes() {
+    use mood::model::resnet::{flops_per_image, random_store};
+    // torchvision's model card for resnet50 (IMAGENET1K_V1): 4.09 GFLOPS counted as multiply-adds.
+    let cfg = ResNetConfig::preset("resnet50").unwrap();
+    let model = ResNet::load(&cfg, &random_store(&cfg, 0)).unwrap();
+    let gmacs = flops_per_image(&model) / 2e9;
+    assert!((gmacs - 4.09).abs() < 0.02, "{gmacs} GMACs");
+    assert_eq!(cfg.feature_dim(), 2048);
+}

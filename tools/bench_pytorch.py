@@ -139,7 +139,21 @@ def make_model(arch):
         from timm.models.beit import Beit
         return Beit(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=4, mlp_ratio=4,
                     num_classes=10, use_abs_pos_emb=True, use_rel_pos_bias=True, init_values=0.1)
+    if arch.startswith("resnet"):  # timm's ResNets; MODE's *_cifar: 3x3 stride-1 stem, no max-pool
+        cifar = arch.endswith("_cifar")
+        classes = {"resnet18_cifar": 10, "resnet34_cifar": 100}.get(arch, 1000)
+        m = timm.create_model(arch.replace("_cifar", ""), pretrained=False, num_classes=classes)
+        if cifar:
+            m.conv1 = torch.nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            m.maxpool = torch.nn.Identity()
+        return m
     return timm.create_model(arch, pretrained=False)
+
+
+def input_size(model, arch):
+    if arch.startswith("resnet"):
+        return 32 if arch.endswith("_cifar") else 224
+    return model.patch_embed.img_size[0]
 
 
 def main_cuda(a):
@@ -201,7 +215,7 @@ def main():
 
     torch.set_num_threads(a.threads)
     model = make_model(a.arch).eval()
-    size = model.patch_embed.img_size[0]
+    size = input_size(model, a.arch)
     x = torch.randn(a.batch, 3, size, size)
     ours, theirs = [], []
     for _ in range(a.rounds):

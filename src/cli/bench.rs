@@ -96,6 +96,9 @@ pub fn run(args: Args) -> Result<()> {
     if let Some(method) = &args.ood {
         return super::bench_ood::run(&args, method);
     }
+    if let Some(cfg) = crate::model::resnet::ResNetConfig::preset(&args.arch) {
+        return resnet_bench(&args, &cfg);
+    }
     let cfg = VitConfig::preset(&args.arch)?;
     if super::runner::on_cuda(args.device, "benchmarking", cuda_usable)?.is_some() {
         return cuda_bench(&args, &cfg);
@@ -187,6 +190,69 @@ pub fn run(args: Args) -> Result<()> {
                 calls / args.iters as u64
             );
         }
+    }
+    Ok(())
+}
+
+/// `mood bench --arch resnet*`: the CPU forward of a ResNet with random weights, in the same JSON
+/// as the ViT rows (tools/bench_pytorch.py reads it); the sgemm reference is the largest
+/// convolution GEMM, layer1's 3×3 as im2col rows.
+fn resnet_bench(args: &Args, cfg: &crate::model::resnet::ResNetConfig) -> Result<()> {
+    use crate::model::resnet::{flops_per_image, random_store, ResNet};
+    if args.train {
+        return Err(Error::Usage(
+            "--train: ResNets are inference only in this version".into(),
+        ));
+    }
+    super::runner::cpu_only(args.device, "a ResNet", "no CUDA convolution yet")?;
+    let model = ResNet::load(cfg, &random_store(cfg, 0))?;
+    let mut rng = init::Rng::new(1);
+    let shape = [args.batch, cfg.in_chans, cfg.img_size, cfg.img_size];
+    let n_in: usize = shape.iter().product();
+    let x = Tensor::from_vec(&shape, (0..n_in).map(|_| rng.normal() as f32).collect())?;
+    model.forward(&x)?; // warm-up
+    let pb = crate::progress::Progress::new(args.iters as u64, "iter", "bench");
+    let mut times = Vec::new();
+    for _ in 0..args.iters {
+        let t = Instant::now();
+        model.forward(&x)?;
+        times.push(t.elapsed().as_secs_f64());
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    times.sort_by(|a, b| a.total_cmp(b));
+    let median = times[times.len() / 2];
+    let img_s = args.batch as f64 / median;
+    let gflop = flops_per_image(&model) / 1e9;
+    let l1 = &model.blocks[0].convs
+        [usize::from(cfg.block == crate::model::resnet::BlockKind::Bottleneck)]
+    .cv;
+    // layer1 runs at the input size (CIFAR stem) or a quarter of it (stride-2 stem and max-pool).
+    let side = if cfg.cifar_stem {
+        cfg.img_size
+    } else {
+        cfg.img_size / 4
+    };
+    let (m, k, n) = (args.batch * side * side, l1.patch_len(), l1.cout);
+    let sgemm = sgemm_rate(m, k, n, args.iters.max(3));
+    let model_rate = img_s * gflop;
+    if args.json {
+        println!(
+            "{{\"mode\":\"forward\",\"arch\":\"{}\",\"batch\":{},\"threads\":{},\"img_per_s\":{img_s:.4},\"gflop_per_image\":{gflop:.3},\"gflop_per_s\":{model_rate:.2},\"sgemm_shape\":[{m},{k},{n}],\"sgemm_gflop_per_s\":{sgemm:.2},\"fraction_of_sgemm\":{:.4},\"median_s\":{median:.5}}}",
+            cfg.name,
+            args.batch,
+            rayon::current_num_threads(),
+            model_rate / sgemm
+        );
+    } else {
+        println!(
+            "{} forward: batch {}, {} threads: {img_s:.2} images/s ({median:.3} s per batch, median of {})",
+            cfg.name,
+            args.batch,
+            rayon::current_num_threads(),
+            args.iters
+        );
+        println!("  {model_rate:.1} GFLOP/s at {gflop:.2} GFLOP per image; gemm crate sgemm on {m}x{k}x{n}: {sgemm:.1} GFLOP/s");
     }
     Ok(())
 }

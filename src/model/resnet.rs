@@ -125,6 +125,119 @@ impl ResNetConfig {
     }
 }
 
+/// Every tensor of `cfg`'s checkpoint with its shape (timm's names; BatchNorm as weight, bias,
+/// running_mean, running_var), in the order `ResNet::load` reads them.
+pub fn parameter_shapes(cfg: &ResNetConfig) -> Vec<(String, Vec<usize>)> {
+    let mut out = Vec::new();
+    let mut conv_bn = |conv: String, bn: String, cin: usize, cout: usize, k: usize| {
+        out.push((format!("{conv}.weight"), vec![cout, cin, k, k]));
+        for what in ["weight", "bias", "running_mean", "running_var"] {
+            out.push((format!("{bn}.{what}"), vec![cout]));
+        }
+    };
+    let stem_k = if cfg.cifar_stem { 3 } else { 7 };
+    conv_bn(
+        "conv1".into(),
+        "bn1".into(),
+        cfg.in_chans,
+        cfg.stem_width,
+        stem_k,
+    );
+    let exp = cfg.block.expansion();
+    let mut inplanes = cfg.stem_width;
+    for (stage, (&n, &planes)) in cfg.layers.iter().zip(&cfg.channels).enumerate() {
+        for i in 0..n {
+            let pre = format!("layer{}.{i}", stage + 1);
+            let stride = if i == 0 && stage > 0 { 2 } else { 1 };
+            let out_ch = planes * exp;
+            let convs: Vec<(usize, usize, usize)> = match cfg.block {
+                BlockKind::Basic => vec![(inplanes, planes, 3), (planes, planes, 3)],
+                BlockKind::Bottleneck => {
+                    vec![
+                        (inplanes, planes, 1),
+                        (planes, planes, 3),
+                        (planes, out_ch, 1),
+                    ]
+                }
+            };
+            for (j, (cin, cout, k)) in convs.into_iter().enumerate() {
+                conv_bn(
+                    format!("{pre}.conv{}", j + 1),
+                    format!("{pre}.bn{}", j + 1),
+                    cin,
+                    cout,
+                    k,
+                );
+            }
+            if stride != 1 || inplanes != out_ch {
+                conv_bn(
+                    format!("{pre}.downsample.0"),
+                    format!("{pre}.downsample.1"),
+                    inplanes,
+                    out_ch,
+                    1,
+                );
+            }
+            inplanes = out_ch;
+        }
+    }
+    out.push(("fc.weight".into(), vec![cfg.num_classes, cfg.feature_dim()]));
+    out.push(("fc.bias".into(), vec![cfg.num_classes]));
+    out
+}
+
+/// A checkpoint of random weights for `cfg` (He-normal convolutions, BatchNorm at identity):
+/// what `mood bench --arch resnet*` times.
+pub fn random_store(cfg: &ResNetConfig, seed: u64) -> WeightStore {
+    let mut rng = crate::rng::Rng::new(seed);
+    let tensors = parameter_shapes(cfg)
+        .into_iter()
+        .map(|(name, shape)| {
+            let n: usize = shape.iter().product();
+            let fan_in: usize = shape.iter().skip(1).product();
+            let std = (2.0 / fan_in.max(1) as f64).sqrt();
+            let values: Vec<f32> = if name.ends_with("running_var")
+                || (shape.len() == 1 && name.ends_with(".weight"))
+            {
+                vec![1.0; n]
+            } else if shape.len() == 1 {
+                vec![0.0; n]
+            } else {
+                (0..n).map(|_| (rng.normal() * std) as f32).collect()
+            };
+            let t = Tensor::from_vec(&shape, values).expect("shape and values agree");
+            (name, t)
+        })
+        .collect();
+    WeightStore::from_tensors(&cfg.name, tensors)
+}
+
+/// Multiply-adds ×2 of one image's forward at the config's input size (convolutions and fc).
+pub fn flops_per_image(model: &ResNet) -> f64 {
+    let mut h = model.cfg.img_size;
+    let mut total = 0.0;
+    let mut conv = |cv: &Conv, h: usize| {
+        let o = cv.out_size(h);
+        total += 2.0 * (o * o * cv.cout * cv.patch_len()) as f64;
+        o
+    };
+    h = conv(&model.stem.cv, h);
+    if !model.cfg.cifar_stem {
+        h = (h + 2 - 3) / 2 + 1;
+    }
+    for blk in &model.blocks {
+        if let Some(ds) = &blk.downsample {
+            conv(&ds.cv, h);
+        }
+        let mut hh = h;
+        for c in &blk.convs {
+            hh = conv(&c.cv, hh);
+        }
+        h = hh;
+    }
+    total + 2.0 * (model.cfg.feature_dim() * model.cfg.num_classes) as f64
+}
+
 /// A convolution with its BatchNorm folded in: weight [Cout, kh, kw, Cin], bias [Cout].
 pub struct FoldedConv {
     pub cv: Conv,
