@@ -99,7 +99,7 @@ pub fn run(args: Args) -> Result<()> {
     if let Some(cfg) = crate::model::resnet::ResNetConfig::preset(&args.arch) {
         return resnet_bench(&args, &cfg);
     }
-    let cfg = VitConfig::preset(&args.arch)?;
+    let cfg = crate::model::backbone::vit_preset(&args.arch)?;
     if super::runner::on_cuda(args.device, "benchmarking", cuda_usable)?.is_some() {
         return cuda_bench(&args, &cfg);
     }
@@ -150,31 +150,14 @@ pub fn run(args: Args) -> Result<()> {
     // The largest GEMM of the model: fc1, [B·N, D] x [D, F].
     let (m, k, n) = (args.batch * cfg.tokens(), cfg.embed_dim, cfg.mlp_hidden);
     let sgemm = sgemm_rate(m, k, n, args.iters.max(3));
-    let model_rate = img_s * gflop;
-    if args.json {
-        println!(
-            "{{\"mode\":\"{}\",\"arch\":\"{}\",\"batch\":{},\"threads\":{},\"img_per_s\":{img_s:.4},\"gflop_per_image\":{gflop:.3},\"gflop_per_s\":{model_rate:.2},\"sgemm_shape\":[{m},{k},{n}],\"sgemm_gflop_per_s\":{sgemm:.2},\"fraction_of_sgemm\":{:.4},\"median_s\":{median:.5}}}",
-            if args.train { "train" } else { "forward" },
-            cfg.name,
-            args.batch,
-            rayon::current_num_threads(),
-            model_rate / sgemm
-        );
-    } else {
-        println!(
-            "{} {}: batch {}, {} threads: {img_s:.2} images/s ({median:.3} s per batch, median of {})",
-            cfg.name,
-            if args.train { "training steps" } else { "forward" },
-            args.batch,
-            rayon::current_num_threads(),
-            args.iters
-        );
-        println!("  {model_rate:.1} GFLOP/s at {gflop:.2} GFLOP per image");
-        println!(
-            "  gemm crate sgemm on {m}x{k}x{n}: {sgemm:.1} GFLOP/s -> model runs at {:.1}% of it",
-            100.0 * model_rate / sgemm
-        );
-    }
+    let mode = if args.train { "train" } else { "forward" };
+    report_rate(
+        &args,
+        &cfg.name,
+        mode,
+        (img_s, median, gflop),
+        ((m, k, n), sgemm),
+    );
     if args.profile {
         let rows = profile::snapshot();
         let total: f64 = rows.iter().map(|r| r.1.as_secs_f64()).sum();
@@ -235,26 +218,50 @@ fn resnet_bench(args: &Args, cfg: &crate::model::resnet::ResNetConfig) -> Result
     };
     let (m, k, n) = (args.batch * side * side, l1.patch_len(), l1.cout);
     let sgemm = sgemm_rate(m, k, n, args.iters.max(3));
+    report_rate(
+        args,
+        &cfg.name,
+        "forward",
+        (img_s, median, gflop),
+        ((m, k, n), sgemm),
+    );
+    Ok(())
+}
+
+/// Prints a CPU model bench (`mode` "forward" or "train") as one JSON line (`--json`, what
+/// tools/bench_pytorch.py reads) or as text: images/s, median seconds and GFLOP per image, beside
+/// the `gemm` crate's rate on the model's reference GEMM shape.
+fn report_rate(
+    args: &Args,
+    arch: &str,
+    mode: &str,
+    (img_s, median, gflop): (f64, f64, f64),
+    ((m, k, n), sgemm): ((usize, usize, usize), f64),
+) {
     let model_rate = img_s * gflop;
+    let threads = rayon::current_num_threads();
     if args.json {
         println!(
-            "{{\"mode\":\"forward\",\"arch\":\"{}\",\"batch\":{},\"threads\":{},\"img_per_s\":{img_s:.4},\"gflop_per_image\":{gflop:.3},\"gflop_per_s\":{model_rate:.2},\"sgemm_shape\":[{m},{k},{n}],\"sgemm_gflop_per_s\":{sgemm:.2},\"fraction_of_sgemm\":{:.4},\"median_s\":{median:.5}}}",
-            cfg.name,
+            "{{\"mode\":\"{mode}\",\"arch\":\"{arch}\",\"batch\":{},\"threads\":{threads},\"img_per_s\":{img_s:.4},\"gflop_per_image\":{gflop:.3},\"gflop_per_s\":{model_rate:.2},\"sgemm_shape\":[{m},{k},{n}],\"sgemm_gflop_per_s\":{sgemm:.2},\"fraction_of_sgemm\":{:.4},\"median_s\":{median:.5}}}",
             args.batch,
-            rayon::current_num_threads(),
             model_rate / sgemm
         );
     } else {
+        let what = if mode == "train" {
+            "training steps"
+        } else {
+            "forward"
+        };
         println!(
-            "{} forward: batch {}, {} threads: {img_s:.2} images/s ({median:.3} s per batch, median of {})",
-            cfg.name,
-            args.batch,
-            rayon::current_num_threads(),
-            args.iters
+            "{arch} {what}: batch {}, {threads} threads: {img_s:.2} images/s ({median:.3} s per batch, median of {})",
+            args.batch, args.iters
         );
-        println!("  {model_rate:.1} GFLOP/s at {gflop:.2} GFLOP per image; gemm crate sgemm on {m}x{k}x{n}: {sgemm:.1} GFLOP/s");
+        println!("  {model_rate:.1} GFLOP/s at {gflop:.2} GFLOP per image");
+        println!(
+            "  gemm crate sgemm on {m}x{k}x{n}: {sgemm:.1} GFLOP/s -> model runs at {:.1}% of it",
+            100.0 * model_rate / sgemm
+        );
     }
-    Ok(())
 }
 
 /// Median-of-`reps` GFLOP/s of out[m, n] = a[m, k]·w[n, k]ᵀ through the same call the model uses

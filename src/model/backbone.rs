@@ -25,6 +25,17 @@ fn family_of_keys(store: &WeightStore) -> Option<&'static str> {
     }
 }
 
+/// The ViT/BEiT preset `arch`; for an unknown name the one-line error lists the ResNets too.
+pub fn vit_preset(arch: &str) -> Result<VitConfig> {
+    VitConfig::preset(arch).map_err(|e| match e {
+        Error::Usage(m) => Error::Usage(format!(
+            "{m}; ResNets: {}",
+            ResNetConfig::preset_names().join(", ")
+        )),
+        e => e,
+    })
+}
+
 impl Backbone {
     /// `arch` (a ViT/BEiT or ResNet preset) with the weights of `store`. A checkpoint of the
     /// other family is named as such rather than reported as a missing tensor.
@@ -45,13 +56,7 @@ impl Backbone {
         match resnet {
             Some(cfg) => Ok(Backbone::ResNet(Box::new(ResNet::load(&cfg, store)?))),
             None => {
-                let cfg = VitConfig::preset(arch).map_err(|e| match e {
-                    Error::Usage(m) => Error::Usage(format!(
-                        "{m} (ResNets: {})",
-                        ResNetConfig::preset_names().join(", ")
-                    )),
-                    e => e,
-                })?;
+                let cfg = vit_preset(arch)?;
                 Ok(Backbone::Vit(Box::new(VisionTransformer::load(
                     &cfg, store,
                 )?)))
