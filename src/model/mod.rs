@@ -3,6 +3,7 @@
 
 pub mod backbone;
 pub mod config;
+pub mod cpu_train;
 #[cfg(feature = "cuda")]
 pub mod cuda_attention;
 #[cfg(feature = "cuda")]
@@ -15,6 +16,7 @@ pub mod layers;
 pub mod relpos;
 pub mod resnet;
 pub mod runner;
+pub mod train_exec;
 pub mod vit;
 
 pub use config::VitConfig;

@@ -1,19 +1,18 @@
-//! Reverse-mode autodiff for the model's op set: `Tape` is an `Exec` that runs each op on the
-//! backend and records what its backward needs (Arc-shared tensors, no copies). `backward` walks the
-//! records in reverse, accumulating parameter gradients by the checkpoint's names; each record, and
-//! the activations only it held, is dropped as soon as its backward has run. The recording half (the
-//! `Exec` impl) is in record.rs, the backward here.
+//! Reverse-mode autodiff for the model's op set: `Tape` is an `Exec` that runs each op on a
+//! training executor (`model::train_exec::TrainExec`: the CPU, or a CUDA device) and records what
+//! backward needs (shared values, no copies). `backward` walks the records in reverse,
+//! accumulating parameter gradients by the checkpoint's names; each record, and the activations
+//! only it held, is dropped as soon as its backward has run. The recording half (the `Exec` impl)
+//! is in record.rs, the backward here. Written once: every executor trains through this file.
 
 use std::collections::HashMap;
 
-use crate::backend::cpu::{
-    attention, elementwise, layernorm, matmul, patch_embed, reduce, vecmath,
-};
 use crate::backend::Pool;
 use crate::error::{Error, Result};
+use crate::model::cpu_train::CpuTrain;
 use crate::model::init::Rng;
 use crate::model::layers::{Linear, LinearBias, Norm, Param};
-use crate::model::relpos;
+use crate::model::train_exec::{AttnDims, TableRef, TrainExec};
 use crate::tensor::Tensor;
 
 mod record;
@@ -22,13 +21,13 @@ mod record;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Var(usize);
 
-enum Record {
+enum Record<E: TrainExec> {
     PatchEmbed {
-        img: Var,
-        cols: Tensor,
+        cols: E::Buf,
         w: Param,
         b: Param,
         dims: [usize; 4],
+        img: Var,
         out: Var,
     },
     Assemble {
@@ -40,33 +39,32 @@ enum Record {
     },
     LayerNorm {
         x: Var,
-        xv: Tensor,
+        xv: E::Buf,
         norm: Norm,
         eps: f32,
         out: Var,
     },
     Linear {
         x: Var,
-        xv: Tensor,
+        xv: E::Buf,
         l: Linear,
-        pre_gelu: Option<Tensor>,
+        pre_gelu: Option<E::Buf>,
         out: Var,
     },
     Attention {
         qkv: Var,
-        qkvv: Tensor,
-        /// The softmax probabilities [B, H, N, N] of the forward.
-        probs: Vec<f32>,
+        qkvv: E::Buf,
+        saved: E::AttnSaved,
         /// The relative-position table and its index into the dense [H, N, N] bias.
         table: Option<(Param, Vec<usize>)>,
-        dims: [usize; 4],
+        dims: AttnDims,
         out: Var,
     },
     Residual {
         x: Var,
         y: Var,
         /// The branch as added (after drop-path scaling).
-        yv: Tensor,
+        yv: E::Buf,
         gamma: Option<Param>,
         /// Drop-path factors per image and tokens per image, when drop-path was applied.
         row_scale: Option<(Vec<f32>, usize)>,
@@ -93,32 +91,7 @@ enum Record {
     },
 }
 
-pub struct Tape {
-    values: Vec<Option<Tensor>>,
-    records: Vec<Record>,
-    /// Also compute the gradient with respect to the input images (ODIN, input saliency).
-    pub want_input_grad: bool,
-    /// Drop-path rate of each block (empty: none), as timm's linspace(0, rate, depth).
-    pub drop_path: Vec<f32>,
-    batch: usize,
-    rng: Rng,
-}
-
-impl Default for Tape {
-    fn default() -> Tape {
-        Tape {
-            values: Vec::new(),
-            records: Vec::new(),
-            want_input_grad: false,
-            drop_path: Vec::new(),
-            batch: 1,
-            rng: Rng::new(0),
-        }
-    }
-}
-
-/// Gradients by parameter name (values laid out as the parameter's tensor), plus the images'.
-impl Record {
+impl<E: TrainExec> Record<E> {
     fn profile_name(&self) -> &'static str {
         match self {
             Record::PatchEmbed { .. } => "patch_embed_bwd",
@@ -134,30 +107,75 @@ impl Record {
     }
 }
 
-#[derive(Default)]
-pub struct Grads {
-    pub params: HashMap<String, Vec<f32>>,
-    pub input: Option<Vec<f32>>,
+pub struct Tape<E: TrainExec = CpuTrain> {
+    exec: E,
+    values: Vec<Option<E::Buf>>,
+    records: Vec<Record<E>>,
+    /// Also compute the gradient with respect to the input images (ODIN, input saliency).
+    pub want_input_grad: bool,
+    /// Drop-path rate of each block (empty: none), as timm's linspace(0, rate, depth).
+    pub drop_path: Vec<f32>,
+    batch: usize,
+    rng: Rng,
 }
 
-/// Adds `g` to the gradient of `name`, taking ownership of it when it is the first.
-fn add_into(map: &mut HashMap<String, Vec<f32>>, name: &str, g: Vec<f32>) {
-    match map.get_mut(name) {
-        Some(acc) => elementwise::add_assign_parallel(acc, &g),
-        None => {
-            map.insert(name.to_string(), g);
+/// Gradients by parameter name (values laid out as the parameter's tensor), plus the images'.
+pub struct Grads<G = Vec<f32>> {
+    pub params: HashMap<String, G>,
+    pub input: Option<G>,
+}
+
+impl<G> Default for Grads<G> {
+    fn default() -> Grads<G> {
+        Grads {
+            params: HashMap::new(),
+            input: None,
         }
     }
 }
 
+impl Default for Tape {
+    fn default() -> Tape {
+        Tape::on(CpuTrain)
+    }
+}
+
 impl Tape {
+    /// A tape on the CPU.
     pub fn new() -> Tape {
         Tape::default()
     }
 
-    /// A tape that applies drop-path with rates linspace(0, `rate`, depth), seeded by `seed`.
+    /// A CPU tape that applies drop-path with rates linspace(0, `rate`, depth), seeded by `seed`.
     pub fn with_drop_path(rate: f32, depth: usize, seed: u64) -> Tape {
-        let drop_path = (0..depth)
+        let mut t = Tape::new();
+        t.set_drop_path(rate, depth, seed);
+        t
+    }
+
+    /// A recorded activation's value (on the host: this tape runs on the CPU).
+    pub fn value(&self, v: &Var) -> &Tensor {
+        self.get(*v)
+    }
+}
+
+impl<E: TrainExec> Tape<E> {
+    /// A tape whose ops run on `exec`.
+    pub fn on(exec: E) -> Tape<E> {
+        Tape {
+            exec,
+            values: Vec::new(),
+            records: Vec::new(),
+            want_input_grad: false,
+            drop_path: Vec::new(),
+            batch: 1,
+            rng: Rng::new(0),
+        }
+    }
+
+    /// Drop-path with rates linspace(0, `rate`, depth) over the blocks, drawn from `seed`.
+    pub fn set_drop_path(&mut self, rate: f32, depth: usize, seed: u64) {
+        self.drop_path = (0..depth)
             .map(|i| {
                 if depth > 1 {
                     rate * i as f32 / (depth - 1) as f32
@@ -166,247 +184,247 @@ impl Tape {
                 }
             })
             .collect();
-        Tape {
-            drop_path,
-            rng: Rng::new(seed),
-            ..Tape::default()
-        }
+        self.rng = Rng::new(seed);
     }
 
-    fn push(&mut self, t: Tensor) -> Var {
+    pub fn exec(&mut self) -> &mut E {
+        &mut self.exec
+    }
+
+    fn push(&mut self, t: E::Buf) -> Var {
         self.values.push(Some(t));
         Var(self.values.len() - 1)
     }
 
-    /// A recorded activation's value (on the host: this tape runs on the CPU).
-    pub fn value(&self, v: &Var) -> &Tensor {
-        self.get(*v)
-    }
-
-    fn get(&self, v: Var) -> &Tensor {
+    fn get(&self, v: Var) -> &E::Buf {
         self.values[v.0]
             .as_ref()
             .expect("tape value read after backward freed it")
     }
 
     /// Runs backward from `out` with upstream gradient `dout` (same layout as `out`'s value).
-    pub fn backward(self, out: Var, dout: Vec<f32>) -> Result<Grads> {
+    pub fn backward(self, out: Var, dout: Vec<f32>) -> Result<Grads<E::Grad>> {
         self.backward_many(vec![(out, dout)])
     }
 
     /// Backward from several outputs at once (a loss over logits plus one over patch tokens):
     /// each seed's gradient enters at its output and they add up where the graph joins.
-    pub fn backward_many(mut self, seeds: Vec<(Var, Vec<f32>)>) -> Result<Grads> {
-        let mut vg: Vec<Option<Vec<f32>>> = vec![None; self.values.len()];
+    pub fn backward_many(self, seeds: Vec<(Var, Vec<f32>)>) -> Result<Grads<E::Grad>> {
+        self.backward_keep(seeds).map(|(g, _)| g)
+    }
+
+    /// `backward_many`, handing the executor back (it holds the parameters on a device).
+    pub fn backward_keep(mut self, seeds: Vec<(Var, Vec<f32>)>) -> Result<(Grads<E::Grad>, E)> {
+        let mut vg: Vec<Option<E::Grad>> = (0..self.values.len()).map(|_| None).collect();
         for (out, dout) in seeds {
-            if dout.len() != self.get(out).numel() {
+            let have: usize = E::shape(self.get(out)).iter().product();
+            if dout.len() != have {
                 return Err(Error::Data(format!(
-                    "backward: gradient has {} values, output has {}",
+                    "backward: gradient has {} values, output has {have}",
                     dout.len(),
-                    self.get(out).numel()
                 )));
             }
-            match &mut vg[out.0] {
-                Some(a) => a.iter_mut().zip(&dout).for_each(|(x, y)| *x += y),
-                slot @ None => *slot = Some(dout),
-            }
+            let g = self.exec.grad_from_host(&dout)?;
+            accumulate(&mut self.exec, &mut vg, out, g)?;
         }
         // Forward values are no longer needed: records hold what backward reads.
         self.values.clear();
         let mut grads = Grads::default();
-        let acc = |vg: &mut Vec<Option<Vec<f32>>>, v: Var, g: Vec<f32>| match &mut vg[v.0] {
-            Some(a) => elementwise::add_assign_parallel(a, &g),
-            slot @ None => *slot = Some(g),
-        };
         while let Some(rec) = self.records.pop() {
             let _t = crate::profile::scope(rec.profile_name());
-            match rec {
-                Record::Pool { x, b, n, how, out } => {
-                    let Some(dy) = vg[out.0].take() else { continue };
-                    let d = dy.len() / b;
-                    let dx = match how {
-                        Pool::MeanPatches => reduce::mean_tokens_backward(&dy, b, n, d, 1),
-                        Pool::ClassToken => {
-                            let mut dx = vec![0.0f32; b * n * d];
-                            for img in 0..b {
-                                dx[img * n * d..img * n * d + d]
-                                    .copy_from_slice(&dy[img * d..(img + 1) * d]);
-                            }
-                            dx
-                        }
-                    };
-                    acc(&mut vg, x, dx);
-                }
-                Record::MaskRows {
-                    x,
-                    mask,
-                    token,
-                    out,
-                } => {
-                    let Some(dy) = vg[out.0].take() else { continue };
-                    let (dx, dt) = elementwise::mask_rows_backward(&dy, &mask, token.value.numel());
-                    add_into(&mut grads.params, &token.name, dt);
-                    acc(&mut vg, x, dx);
-                }
-                Record::GatherRows { x, rows, m, out } => {
-                    let Some(dy) = vg[out.0].take() else { continue };
-                    let d = dy.len() / rows.len().max(1);
-                    acc(
-                        &mut vg,
-                        x,
-                        elementwise::gather_rows_backward(&dy, &rows, m, d),
-                    );
-                }
-                Record::Residual {
-                    x,
-                    y,
-                    yv,
-                    gamma,
-                    row_scale,
-                    out,
-                } => {
-                    let Some(dy) = vg[out.0].take() else { continue };
-                    let d = *yv.shape().last().unwrap_or(&1);
-                    let (dbranch, dgamma) = elementwise::residual_scaled_backward(
-                        yv.as_slice(),
-                        gamma.as_ref().map(|g| g.value.as_slice()),
-                        &dy,
-                        d,
-                    );
-                    if let (Some(g), Some(dg)) = (&gamma, dgamma) {
-                        add_into(&mut grads.params, &g.name, dg);
-                    }
-                    let mut dbranch = dbranch;
-                    if let Some((keep, n)) = &row_scale {
-                        for (r, row) in dbranch.chunks_exact_mut(d).enumerate() {
-                            let s = keep[r / n];
-                            row.iter_mut().for_each(|v| *v *= s);
-                        }
-                    }
-                    acc(&mut vg, y, dbranch);
-                    acc(&mut vg, x, dy);
-                }
-                Record::Linear {
-                    x,
-                    xv,
-                    l,
-                    pre_gelu,
-                    out,
-                } => {
-                    let Some(mut dy) = vg[out.0].take() else {
-                        continue;
-                    };
-                    if let Some(pre) = pre_gelu {
-                        use rayon::prelude::*;
-                        dy.par_chunks_mut(1 << 14)
-                            .zip(pre.as_slice().par_chunks(1 << 14))
-                            .for_each(|(g, x)| vecmath::gelu_backward_inplace(x, g));
-                    }
-                    let (m, k) = (xv.shape()[0], xv.shape()[1]);
-                    let n = l.w.value.shape()[0];
-                    let (dx, dw, db) =
-                        matmul::linear_backward(xv.as_slice(), l.w.value.as_slice(), &dy, m, k, n);
-                    add_into(&mut grads.params, &l.w.name, dw);
-                    match &l.bias {
-                        LinearBias::None => {}
-                        LinearBias::Full(p) => add_into(&mut grads.params, &p.name, db),
-                        LinearBias::QV { q, v, .. } => {
-                            let d = n / 3;
-                            add_into(&mut grads.params, &q.name, db[..d].to_vec());
-                            add_into(&mut grads.params, &v.name, db[2 * d..].to_vec());
-                        }
-                    }
-                    acc(&mut vg, x, dx);
-                }
-                Record::Attention {
-                    qkv,
-                    qkvv,
-                    probs,
-                    table,
-                    dims,
-                    out,
-                } => {
-                    let Some(dy) = vg[out.0].take() else { continue };
-                    let [b, n, h, dh] = dims;
-                    let ad = attention::Dims { b, n, h, dh };
-                    let (dqkv, dbias) =
-                        attention::backward(qkvv.as_slice(), &probs, table.is_some(), &ad, &dy);
-                    if let (Some((param, index)), Some(db)) = (&table, dbias) {
-                        let rows = param.value.shape()[0];
-                        let dt = relpos::scatter_bias_grad(&db, h, index, rows);
-                        add_into(&mut grads.params, &param.name, dt);
-                    }
-                    acc(&mut vg, qkv, dqkv);
-                }
-                Record::LayerNorm {
-                    x,
-                    xv,
-                    norm,
-                    eps,
-                    out,
-                } => {
-                    let Some(dy) = vg[out.0].take() else { continue };
-                    let (dx, dg, db) =
-                        layernorm::backward(xv.as_slice(), norm.w.value.as_slice(), eps, &dy);
-                    add_into(&mut grads.params, &norm.w.name, dg);
-                    add_into(&mut grads.params, &norm.b.name, db);
-                    acc(&mut vg, x, dx);
-                }
-                Record::Assemble {
-                    patches,
-                    cls,
-                    pos,
-                    b,
-                    out,
-                } => {
-                    let Some(dy) = vg[out.0].take() else { continue };
-                    let d = cls.value.numel();
-                    let n = dy.len() / (b * d);
-                    let mut dcls = vec![0.0f32; d];
-                    let mut dpos = vec![0.0f32; n * d];
-                    let mut dpatch = Vec::with_capacity(b * (n - 1) * d);
-                    for img in dy.chunks_exact(n * d) {
-                        dcls.iter_mut().zip(&img[..d]).for_each(|(a, g)| *a += g);
-                        dpos.iter_mut().zip(img).for_each(|(a, g)| *a += g);
-                        dpatch.extend_from_slice(&img[d..]);
-                    }
-                    add_into(&mut grads.params, &cls.name, dcls);
-                    if let Some(p) = &pos {
-                        add_into(&mut grads.params, &p.name, dpos);
-                    }
-                    acc(&mut vg, patches, dpatch);
-                }
-                Record::PatchEmbed {
-                    img,
-                    cols,
-                    w,
-                    b,
-                    dims,
-                    out,
-                } => {
-                    let Some(dy) = vg[out.0].take() else { continue };
-                    let [bb, c, hgt, wid] = dims;
-                    let (m, k) = (cols.shape()[0], cols.shape()[1]);
-                    let n = w.value.shape()[0];
-                    let (dcols, dw, db) =
-                        matmul::linear_backward(cols.as_slice(), w.value.as_slice(), &dy, m, k, n);
-                    add_into(&mut grads.params, &w.name, dw);
-                    add_into(&mut grads.params, &b.name, db);
-                    if self.want_input_grad {
-                        // The weight was recorded as [D, C·P·P].
-                        let p = ((k / c) as f64).sqrt().round() as usize;
-                        acc(
-                            &mut vg,
-                            img,
-                            patch_embed::col2im(&dcols, bb, c, hgt, wid, p),
-                        );
-                    }
-                }
-            }
+            self.backward_record(rec, &mut vg, &mut grads)?;
         }
         if self.want_input_grad {
             grads.input = vg.first_mut().and_then(|g| g.take());
         }
-        Ok(grads)
+        Ok((grads, self.exec))
+    }
+
+    fn backward_record(
+        &mut self,
+        rec: Record<E>,
+        vg: &mut [Option<E::Grad>],
+        grads: &mut Grads<E::Grad>,
+    ) -> Result<()> {
+        let ex = &mut self.exec;
+        let params = &mut grads.params;
+        match rec {
+            Record::Pool { x, b, n, how, out } => {
+                let Some(dy) = vg[out.0].take() else {
+                    return Ok(());
+                };
+                let dx = ex.pool_backward(dy, b, n, how)?;
+                accumulate(ex, vg, x, dx)?;
+            }
+            Record::MaskRows {
+                x,
+                mask,
+                token,
+                out,
+            } => {
+                let Some(dy) = vg[out.0].take() else {
+                    return Ok(());
+                };
+                let (dx, dt) = ex.mask_rows_backward(dy, &mask, token.value.numel())?;
+                add_param(ex, params, &token.name, dt)?;
+                accumulate(ex, vg, x, dx)?;
+            }
+            Record::GatherRows { x, rows, m, out } => {
+                let Some(dy) = vg[out.0].take() else {
+                    return Ok(());
+                };
+                let dx = ex.gather_rows_backward(dy, &rows, m)?;
+                accumulate(ex, vg, x, dx)?;
+            }
+            Record::Residual {
+                x,
+                y,
+                yv,
+                gamma,
+                row_scale,
+                out,
+            } => {
+                let Some(dy) = vg[out.0].take() else {
+                    return Ok(());
+                };
+                let rs = row_scale.as_ref().map(|(k, n)| (&k[..], *n));
+                let (dbranch, dgamma) = ex.residual_backward(&yv, gamma.as_ref(), rs, &dy)?;
+                if let (Some(g), Some(dg)) = (&gamma, dgamma) {
+                    add_param(ex, params, &g.name, dg)?;
+                }
+                accumulate(ex, vg, y, dbranch)?;
+                accumulate(ex, vg, x, dy)?;
+            }
+            Record::Linear {
+                x,
+                xv,
+                l,
+                pre_gelu,
+                out,
+            } => {
+                let Some(dy) = vg[out.0].take() else {
+                    return Ok(());
+                };
+                let (dx, dw, db) = ex.linear_backward(&xv, &l, pre_gelu.as_ref(), dy)?;
+                add_param(ex, params, &l.w.name, dw)?;
+                match (&l.bias, db) {
+                    (LinearBias::Full(p), Some(db)) => add_param(ex, params, &p.name, db)?,
+                    (LinearBias::QV { q, v, .. }, Some(db)) => {
+                        let d = E::grad_len(&db) / 3;
+                        let dq = ex.grad_range(&db, 0, d)?;
+                        let dv = ex.grad_range(&db, 2 * d, 3 * d)?;
+                        add_param(ex, params, &q.name, dq)?;
+                        add_param(ex, params, &v.name, dv)?;
+                    }
+                    _ => {}
+                }
+                accumulate(ex, vg, x, dx)?;
+            }
+            Record::Attention {
+                qkv,
+                qkvv,
+                saved,
+                table,
+                dims,
+                out,
+            } => {
+                let Some(dy) = vg[out.0].take() else {
+                    return Ok(());
+                };
+                let tref = table
+                    .as_ref()
+                    .map(|(p, index)| TableRef { table: p, index });
+                let (dqkv, dtable) = ex.attention_backward(&qkvv, &saved, tref, dims, dy)?;
+                if let (Some((param, _)), Some(dt)) = (&table, dtable) {
+                    add_param(ex, params, &param.name, dt)?;
+                }
+                accumulate(ex, vg, qkv, dqkv)?;
+            }
+            Record::LayerNorm {
+                x,
+                xv,
+                norm,
+                eps,
+                out,
+            } => {
+                let Some(dy) = vg[out.0].take() else {
+                    return Ok(());
+                };
+                let (dx, dg, db) = ex.layernorm_backward(&xv, &norm, eps, dy)?;
+                add_param(ex, params, &norm.w.name, dg)?;
+                add_param(ex, params, &norm.b.name, db)?;
+                accumulate(ex, vg, x, dx)?;
+            }
+            Record::Assemble {
+                patches,
+                cls,
+                pos,
+                b,
+                out,
+            } => {
+                let Some(dy) = vg[out.0].take() else {
+                    return Ok(());
+                };
+                let d = cls.value.numel();
+                let (dpatch, dcls, dpos) = ex.assemble_backward(dy, b, d, pos.is_some())?;
+                add_param(ex, params, &cls.name, dcls)?;
+                if let (Some(p), Some(dp)) = (&pos, dpos) {
+                    add_param(ex, params, &p.name, dp)?;
+                }
+                accumulate(ex, vg, patches, dpatch)?;
+            }
+            Record::PatchEmbed {
+                cols,
+                w,
+                b,
+                dims,
+                img,
+                out,
+            } => {
+                let Some(dy) = vg[out.0].take() else {
+                    return Ok(());
+                };
+                let want = self.want_input_grad;
+                let (dw, db, dimg) = ex.patch_embed_backward(&cols, &w, dims, dy, want)?;
+                add_param(ex, params, &w.name, dw)?;
+                add_param(ex, params, &b.name, db)?;
+                if let Some(di) = dimg {
+                    accumulate(ex, vg, img, di)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Adds `g` to the gradient flowing into `v`, taking it as is when it is the first.
+fn accumulate<E: TrainExec>(
+    ex: &mut E,
+    vg: &mut [Option<E::Grad>],
+    v: Var,
+    g: E::Grad,
+) -> Result<()> {
+    match &mut vg[v.0] {
+        Some(a) => ex.add_grad(a, &g),
+        slot @ None => {
+            *slot = Some(g);
+            Ok(())
+        }
+    }
+}
+
+/// Adds `g` to the gradient of parameter `name`, taking ownership of it when it is the first.
+fn add_param<E: TrainExec>(
+    ex: &mut E,
+    map: &mut HashMap<String, E::Grad>,
+    name: &str,
+    g: E::Grad,
+) -> Result<()> {
+    match map.get_mut(name) {
+        Some(acc) => ex.add_grad(acc, &g),
+        None => {
+            map.insert(name.to_string(), g);
+            Ok(())
+        }
     }
 }

@@ -1,52 +1,36 @@
-//! The forward half of the tape: each op runs on the backend and pushes the record its backward
-//! (in mod.rs) needs.
+//! The forward half of the tape: each op runs on the training executor and pushes the record its
+//! backward (in mod.rs) needs.
 
 use super::{Record, Tape, Var};
-use crate::backend::cpu::{patch_embed, vecmath};
-use crate::backend::{self, Activation, Pool};
+use crate::backend::{Activation, Pool};
 use crate::error::{Error, Result};
 use crate::model::exec::Exec;
 use crate::model::layers::{Linear, Norm, Param, RelBias};
+use crate::model::train_exec::{AttnDims, TrainExec};
 use crate::tensor::Tensor;
 
-impl Exec for Tape {
+impl<E: TrainExec> Exec for Tape<E> {
     type V = Var;
 
     fn input(&mut self, images: &Tensor) -> Result<Var> {
         self.batch = images.shape()[0];
-        Ok(self.push(images.clone()))
+        let v = self.exec.input(images)?;
+        Ok(self.push(v))
     }
 
     fn patch_embed(&mut self, images: &Var, w: &Param, b: &Param) -> Result<Var> {
         let x = self.get(*images).clone();
-        let [bb, c, hgt, wid] = x.shape()[..] else {
-            return Err(Error::Data(format!(
-                "patch_embed: images of shape {:?}",
-                x.shape()
-            )));
-        };
-        let [d, _, p, _] = w.value.shape()[..] else {
-            return Err(Error::Data(format!(
-                "patch_embed: weight of shape {:?}",
-                w.value.shape()
-            )));
-        };
-        let cols = Tensor::from_vec(
-            &[bb * (hgt / p) * (wid / p), c * p * p],
-            patch_embed::im2col(x.as_slice(), bb, c, hgt, wid, p),
-        )?;
-        let w2 = Param {
-            name: w.name.clone(),
-            value: w.value.clone().reshape(&[d, c * p * p])?,
-        };
-        let y = backend::linear(&cols, &w2.value, Some(&b.value), Activation::None)?;
+        let dims: [usize; 4] = E::shape(&x)
+            .try_into()
+            .map_err(|_| Error::Data(format!("patch_embed: images of shape {:?}", E::shape(&x))))?;
+        let (y, cols) = self.exec.patch_embed(&x, w, b)?;
         let out = self.push(y);
         self.records.push(Record::PatchEmbed {
-            img: *images,
             cols,
-            w: w2,
+            w: w.clone(),
             b: b.clone(),
-            dims: [bb, c, hgt, wid],
+            dims,
+            img: *images,
             out,
         });
         Ok(out)
@@ -59,7 +43,8 @@ impl Exec for Tape {
         pos: Option<&Param>,
         b: usize,
     ) -> Result<Var> {
-        let y = backend::assemble_tokens(self.get(patches), &cls.value, pos.map(|p| &p.value), b)?;
+        let p = self.get(patches).clone();
+        let y = self.exec.assemble_tokens(&p, cls, pos, b)?;
         let out = self.push(y);
         self.records.push(Record::Assemble {
             patches,
@@ -73,7 +58,7 @@ impl Exec for Tape {
 
     fn layernorm(&mut self, x: &Var, norm: &Norm, eps: f32) -> Result<Var> {
         let xv = self.get(*x).clone();
-        let y = backend::layernorm(&xv, &norm.w.value, &norm.b.value, eps)?;
+        let y = self.exec.layernorm(&xv, norm, eps)?;
         let out = self.push(y);
         self.records.push(Record::LayerNorm {
             x: *x,
@@ -87,28 +72,7 @@ impl Exec for Tape {
 
     fn linear(&mut self, x: &Var, l: &Linear, act: Activation) -> Result<Var> {
         let xv = self.get(*x).clone();
-        let (y, pre_gelu) = match act {
-            Activation::None => (
-                backend::linear(&xv, &l.w.value, l.bias.tensor(), act)?,
-                None,
-            ),
-            Activation::Gelu => {
-                let pre = backend::linear(&xv, &l.w.value, l.bias.tensor(), Activation::None)?;
-                let y = {
-                    use rayon::prelude::*;
-                    let _t = crate::profile::scope("gelu");
-                    // SAFETY: the chunks cover all of pre's values and gelu_into writes each.
-                    unsafe {
-                        vecmath::vec_written_by(pre.numel(), |y| {
-                            y.par_chunks_mut(1 << 14)
-                                .zip(pre.as_slice().par_chunks(1 << 14))
-                                .for_each(|(o, i)| vecmath::gelu_into(i, o))
-                        })
-                    }
-                };
-                (Tensor::from_vec(pre.shape(), y)?, Some(pre))
-            }
-        };
+        let (y, pre_gelu) = self.exec.linear(&xv, l, act)?;
         let out = self.push(y);
         self.records.push(Record::Linear {
             x: *x,
@@ -129,29 +93,40 @@ impl Exec for Tape {
         heads: usize,
     ) -> Result<Var> {
         let qkvv = self.get(qkv).clone();
-        let (y, probs) = backend::attention_keep_probs(&qkvv, bias.map(|r| &r.dense), b, n, heads)?;
-        let dh = qkvv.shape()[1] / 3 / heads;
+        let width = E::shape(&qkvv).get(1).copied().unwrap_or(0);
+        if heads == 0 || width % (3 * heads) != 0 {
+            return Err(Error::Data(format!(
+                "attention: qkv width {width} does not split into 3 x {heads} heads"
+            )));
+        }
+        let dims = AttnDims {
+            b,
+            n,
+            h: heads,
+            dh: width / 3 / heads,
+        };
+        let (y, saved) = self.exec.attention(&qkvv, bias, dims)?;
         let table = bias.map(|r| (r.table.clone(), r.index.clone()));
         let out = self.push(y);
         self.records.push(Record::Attention {
             qkv,
             qkvv,
-            probs,
+            saved,
             table,
-            dims: [b, n, heads, dh],
+            dims,
             out,
         });
         Ok(out)
     }
 
     fn residual(&mut self, x: Var, y: Var, gamma: Option<&Param>, block: usize) -> Result<Var> {
-        let mut yv = self.get(y).clone();
         // Drop-path: each image's branch is kept with probability 1 − p and then scaled by 1/(1 − p)
         // (timm's DropPath); the scaled branch is what backward sees, so dγ and dy follow.
         let rate = self.drop_path.get(block).copied().unwrap_or(0.0);
+        let mut yv = self.get(y).clone();
         let mut row_scale = None;
         if rate > 0.0 {
-            let rows = yv.shape()[0];
+            let rows = E::shape(&yv)[0];
             let b = self.batch.max(1);
             let n = rows / b;
             let keep: Vec<f32> = (0..b)
@@ -163,15 +138,11 @@ impl Exec for Tape {
                     }
                 })
                 .collect();
-            let d = yv.shape()[1];
-            for (r, row) in yv.as_mut_slice().chunks_exact_mut(d).enumerate() {
-                let s = keep[r / n];
-                row.iter_mut().for_each(|v| *v *= s);
-            }
+            yv = self.exec.scale_rows(&yv, &keep, n)?;
             row_scale = Some((keep, n));
         }
-        // x stays shared with the records that read it: the sum goes into a new tensor.
-        let sum = backend::residual_new(self.get(x), &yv, gamma.map(|g| &g.value))?;
+        let xv = self.get(x).clone();
+        let sum = self.exec.residual(&xv, &yv, gamma)?;
         let out = self.push(sum);
         self.records.push(Record::Residual {
             x,
@@ -185,16 +156,17 @@ impl Exec for Tape {
     }
 
     fn pool(&mut self, x: Var, b: usize, how: Pool) -> Result<Var> {
-        let xv = self.get(x);
-        let n = xv.shape()[0] / b;
-        let y = backend::pool(xv, b, how)?;
+        let xv = self.get(x).clone();
+        let n = E::shape(&xv)[0] / b.max(1);
+        let y = self.exec.pool(&xv, b, how)?;
         let out = self.push(y);
         self.records.push(Record::Pool { x, b, n, how, out });
         Ok(out)
     }
 
     fn mask_rows(&mut self, x: Var, mask: &[bool], token: &Param) -> Result<Var> {
-        let y = backend::mask_rows(self.get(x), mask, &token.value)?;
+        let xv = self.get(x).clone();
+        let y = self.exec.mask_rows(&xv, mask, token)?;
         let out = self.push(y);
         self.records.push(Record::MaskRows {
             x,
@@ -207,8 +179,9 @@ impl Exec for Tape {
 
     fn gather_rows(&mut self, x: &Var, rows: &[usize]) -> Result<Var> {
         let x = *x;
-        let m = self.get(x).shape()[0];
-        let y = backend::gather_rows(self.get(x), rows)?;
+        let xv = self.get(x).clone();
+        let m = E::shape(&xv)[0];
+        let y = self.exec.gather_rows(&xv, rows)?;
         let out = self.push(y);
         self.records.push(Record::GatherRows {
             x,
@@ -220,6 +193,7 @@ impl Exec for Tape {
     }
 
     fn to_host(&mut self, v: &Var) -> Result<Tensor> {
-        Ok(self.get(*v).clone())
+        let b = self.get(*v).clone();
+        self.exec.to_host(&b)
     }
 }

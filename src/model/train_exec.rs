@@ -1,0 +1,161 @@
+//! The op set the training tape runs on: each of the model's forward ops, returning what its
+//! backward needs, and that backward. The tape (`train::tape`) is written once over this trait;
+//! `CpuTrain` (model/cpu_train.rs) and `CudaExec` (model/cuda_train.rs) implement it, so a model
+//! op added here trains on every device. Shapes as in `exec::Exec`; every gradient is f32 and has
+//! the layout of the value it belongs to (a parameter's gradient that of the parameter).
+
+use crate::backend::{Activation, Pool};
+use crate::error::Result;
+use crate::model::layers::{Linear, Norm, Param};
+use crate::tensor::Tensor;
+
+/// Attention's sizes: batch, tokens, heads, head dim.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnDims {
+    pub b: usize,
+    pub n: usize,
+    pub h: usize,
+    pub dh: usize,
+}
+
+/// The relative-position bias as the backward sees it: the table and its N·N index.
+pub struct TableRef<'a> {
+    pub table: &'a Param,
+    pub index: &'a [usize],
+}
+
+pub trait TrainExec {
+    /// A forward value, shared between the tape's records (cheap to clone).
+    type Buf: Clone;
+    /// A gradient buffer (f32).
+    type Grad;
+    /// What attention's backward reads besides qkv (the probabilities, or flash statistics).
+    type AttnSaved;
+
+    fn shape(v: &Self::Buf) -> &[usize];
+
+    // --- forward ---------------------------------------------------------------------------
+    fn input(&mut self, images: &Tensor) -> Result<Self::Buf>;
+    /// images → (patch tokens, the im2col patches that the weight gradient reads)
+    fn patch_embed(
+        &mut self,
+        images: &Self::Buf,
+        w: &Param,
+        b: &Param,
+    ) -> Result<(Self::Buf, Self::Buf)>;
+    fn assemble_tokens(
+        &mut self,
+        patches: &Self::Buf,
+        cls: &Param,
+        pos: Option<&Param>,
+        b: usize,
+    ) -> Result<Self::Buf>;
+    fn layernorm(&mut self, x: &Self::Buf, norm: &Norm, eps: f32) -> Result<Self::Buf>;
+    /// (y, the pre-activation when `act` is GELU)
+    fn linear(
+        &mut self,
+        x: &Self::Buf,
+        l: &Linear,
+        act: Activation,
+    ) -> Result<(Self::Buf, Option<Self::Buf>)>;
+    fn attention(
+        &mut self,
+        qkv: &Self::Buf,
+        bias: Option<&crate::model::layers::RelBias>,
+        dims: AttnDims,
+    ) -> Result<(Self::Buf, Self::AttnSaved)>;
+    /// Each image's rows of y [B·n, D] times keep[image] (drop-path).
+    fn scale_rows(&mut self, y: &Self::Buf, keep: &[f32], n: usize) -> Result<Self::Buf>;
+    /// x + γ ⊙ y, into a new value (x stays readable by the records that hold it).
+    fn residual(
+        &mut self,
+        x: &Self::Buf,
+        y: &Self::Buf,
+        gamma: Option<&Param>,
+    ) -> Result<Self::Buf>;
+    fn pool(&mut self, x: &Self::Buf, b: usize, how: Pool) -> Result<Self::Buf>;
+    fn mask_rows(&mut self, x: &Self::Buf, mask: &[bool], token: &Param) -> Result<Self::Buf>;
+    fn gather_rows(&mut self, x: &Self::Buf, rows: &[usize]) -> Result<Self::Buf>;
+    fn to_host(&mut self, v: &Self::Buf) -> Result<Tensor>;
+
+    // --- gradients ---------------------------------------------------------------------------
+    fn grad_len(g: &Self::Grad) -> usize;
+    fn grad_from_host(&mut self, g: &[f32]) -> Result<Self::Grad>;
+    fn grad_to_host(&mut self, g: &Self::Grad) -> Result<Vec<f32>>;
+    /// acc += g
+    fn add_grad(&mut self, acc: &mut Self::Grad, g: &Self::Grad) -> Result<()>;
+    /// g[start..end] as a new gradient (the q and v parts of BEiT's joined qkv bias).
+    fn grad_range(&mut self, g: &Self::Grad, start: usize, end: usize) -> Result<Self::Grad>;
+
+    // --- backward ----------------------------------------------------------------------------
+    /// (dw [D, C·P·P] laid out as w's [D, C, P, P], db, dimages when `want_input`)
+    fn patch_embed_backward(
+        &mut self,
+        cols: &Self::Buf,
+        w: &Param,
+        image_dims: [usize; 4],
+        dy: Self::Grad,
+        want_input: bool,
+    ) -> Result<(Self::Grad, Self::Grad, Option<Self::Grad>)>;
+    /// dy [B·N, D] → (dpatches [B·(N−1), D], dcls [D], dpos [N, D] when `has_pos`)
+    fn assemble_backward(
+        &mut self,
+        dy: Self::Grad,
+        b: usize,
+        d: usize,
+        has_pos: bool,
+    ) -> Result<(Self::Grad, Self::Grad, Option<Self::Grad>)>;
+    /// (dx, dγ, dβ)
+    fn layernorm_backward(
+        &mut self,
+        x: &Self::Buf,
+        norm: &Norm,
+        eps: f32,
+        dy: Self::Grad,
+    ) -> Result<(Self::Grad, Self::Grad, Self::Grad)>;
+    /// (dx, dw, db when the layer has a bias); `pre_gelu` is the saved pre-activation.
+    fn linear_backward(
+        &mut self,
+        x: &Self::Buf,
+        l: &Linear,
+        pre_gelu: Option<&Self::Buf>,
+        dy: Self::Grad,
+    ) -> Result<(Self::Grad, Self::Grad, Option<Self::Grad>)>;
+    /// (dqkv, the table's gradient [rows, H] when there is a bias)
+    fn attention_backward(
+        &mut self,
+        qkv: &Self::Buf,
+        saved: &Self::AttnSaved,
+        table: Option<TableRef<'_>>,
+        dims: AttnDims,
+        dy: Self::Grad,
+    ) -> Result<(Self::Grad, Option<Self::Grad>)>;
+    /// (dbranch = dy ⊙ γ (⊙ keep), dγ = Σ_rows dy ⊙ yv) for the branch `yv` as added.
+    fn residual_backward(
+        &mut self,
+        yv: &Self::Buf,
+        gamma: Option<&Param>,
+        row_scale: Option<(&[f32], usize)>,
+        dy: &Self::Grad,
+    ) -> Result<(Self::Grad, Option<Self::Grad>)>;
+    fn pool_backward(
+        &mut self,
+        dy: Self::Grad,
+        b: usize,
+        n: usize,
+        how: Pool,
+    ) -> Result<Self::Grad>;
+    /// (dx, dtoken)
+    fn mask_rows_backward(
+        &mut self,
+        dy: Self::Grad,
+        mask: &[bool],
+        d: usize,
+    ) -> Result<(Self::Grad, Self::Grad)>;
+    fn gather_rows_backward(
+        &mut self,
+        dy: Self::Grad,
+        rows: &[usize],
+        m: usize,
+    ) -> Result<Self::Grad>;
+}
