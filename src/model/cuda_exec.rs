@@ -75,15 +75,15 @@ impl Drop for Lease {
     }
 }
 
-enum Data<T> {
+pub(super) enum Data<T> {
     F32(CudaSlice<f32>),
     Low(CudaSlice<T>),
 }
 
 /// An activation on the device: its shape, its storage (f32 or the compute type T) and its lease.
 pub struct DeviceValue<T> {
-    shape: Vec<usize>,
-    data: Data<T>,
+    pub(super) shape: Vec<usize>,
+    pub(super) data: Data<T>,
     _lease: Lease,
 }
 
@@ -92,7 +92,7 @@ impl<T> DeviceValue<T> {
         &self.shape
     }
 
-    fn rows_cols(&self, what: &str) -> Result<(usize, usize)> {
+    pub(super) fn rows_cols(&self, what: &str) -> Result<(usize, usize)> {
         match self.shape[..] {
             [m, d] => Ok((m, d)),
             ref s => Err(Error::Data(format!(
@@ -101,7 +101,7 @@ impl<T> DeviceValue<T> {
         }
     }
 
-    fn f32(&self, what: &str) -> Result<&CudaSlice<f32>> {
+    pub(super) fn f32(&self, what: &str) -> Result<&CudaSlice<f32>> {
         match &self.data {
             Data::F32(s) => Ok(s),
             Data::Low(_) => Err(Error::Cuda(format!("{what}: expected an f32 activation"))),
@@ -197,7 +197,7 @@ where
         self.attention
     }
 
-    fn value(&self, shape: &[usize], data: Data<T>) -> DeviceValue<T> {
+    pub(super) fn value(&self, shape: &[usize], data: Data<T>) -> DeviceValue<T> {
         let bytes = match &data {
             Data::F32(s) => s.len() * 4,
             Data::Low(s) => s.len() * std::mem::size_of::<T>(),
@@ -209,12 +209,12 @@ where
         }
     }
 
-    fn new_f32(&self, shape: &[usize]) -> Result<CudaSlice<f32>> {
+    pub(super) fn new_f32(&self, shape: &[usize]) -> Result<CudaSlice<f32>> {
         self.dev.empty(shape.iter().product())
     }
 
     /// The f32 parameter `name` (uploaded on first use).
-    fn param_f32(&mut self, name: &str, t: &Tensor) -> Result<&CudaSlice<f32>> {
+    pub(super) fn param_f32(&mut self, name: &str, t: &Tensor) -> Result<&CudaSlice<f32>> {
         if !self.params.contains_key(name) {
             let up = self.dev.upload(t.as_slice())?;
             self.params.insert(name.to_string(), DeviceParam::F32(up));
@@ -242,19 +242,19 @@ where
         }
     }
 
-    fn f32_param(&self, name: &str) -> Result<&CudaSlice<f32>> {
+    pub(super) fn f32_param(&self, name: &str) -> Result<&CudaSlice<f32>> {
         match self.params.get(name) {
             Some(DeviceParam::F32(s)) => Ok(s),
             _ => Err(Error::Cuda(format!("{name}: not uploaded as f32"))),
         }
     }
 
-    fn ensure_f32(&mut self, p: &Param) -> Result<()> {
+    pub(super) fn ensure_f32(&mut self, p: &Param) -> Result<()> {
         self.param_f32(&p.name, &p.value).map(|_| ())
     }
 
     /// x as T: itself, or a T copy of an f32 activation (T ≠ f32).
-    fn as_low<'a>(
+    pub(super) fn as_low<'a>(
         &self,
         x: &'a DeviceValue<T>,
         tmp: &'a mut Option<CudaSlice<T>>,
@@ -359,6 +359,79 @@ where
         pos: Option<&Param>,
         b: usize,
     ) -> Result<DeviceValue<T>> {
+        self.assemble_ref(&patches, cls, pos, b)
+    }
+
+    fn layernorm(&mut self, x: &DeviceValue<T>, norm: &Norm, eps: f32) -> Result<DeviceValue<T>> {
+        self.layernorm_ref(x, norm, eps)
+    }
+
+    fn linear(
+        &mut self,
+        x: &DeviceValue<T>,
+        l: &Linear,
+        act: Activation,
+    ) -> Result<DeviceValue<T>> {
+        self.linear_ref(x, l, act)
+    }
+
+    fn attention(
+        &mut self,
+        qkv: DeviceValue<T>,
+        bias: Option<&RelBias>,
+        b: usize,
+        n: usize,
+        heads: usize,
+    ) -> Result<DeviceValue<T>> {
+        self.attention_ref(&qkv, bias, b, n, heads)
+    }
+
+    fn residual(
+        &mut self,
+        mut x: DeviceValue<T>,
+        y: DeviceValue<T>,
+        gamma: Option<&Param>,
+        _block: usize,
+    ) -> Result<DeviceValue<T>> {
+        self.residual_into(&mut x, &y, gamma)?;
+        Ok(x)
+    }
+
+    fn pool(&mut self, x: DeviceValue<T>, b: usize, how: Pool) -> Result<DeviceValue<T>> {
+        self.pool_ref(&x, b, how)
+    }
+
+    fn mask_rows(
+        &mut self,
+        x: DeviceValue<T>,
+        mask: &[bool],
+        token: &Param,
+    ) -> Result<DeviceValue<T>> {
+        self.mask_rows_ref(&x, mask, token)
+    }
+
+    fn gather_rows(&mut self, x: &DeviceValue<T>, rows: &[usize]) -> Result<DeviceValue<T>> {
+        self.gather_rows_ref(x, rows)
+    }
+
+    fn to_host(&mut self, v: &DeviceValue<T>) -> Result<Tensor> {
+        self.host_copy(v)
+    }
+}
+
+/// The ops on borrowed values: `Exec` (which may consume its inputs) and the training executor
+/// (whose records keep them) both run these.
+impl<T: Compute> CudaExec<T>
+where
+    CudaBlas: Gemm<T>,
+{
+    pub(super) fn assemble_ref(
+        &mut self,
+        patches: &DeviceValue<T>,
+        cls: &Param,
+        pos: Option<&Param>,
+        b: usize,
+    ) -> Result<DeviceValue<T>> {
         let (bg, d) = patches.rows_cols("assemble_tokens")?;
         let g = bg / b.max(1);
         self.ensure_f32(cls)?;
@@ -378,7 +451,12 @@ where
         Ok(self.value(&[b * (g + 1), d], Data::F32(x)))
     }
 
-    fn layernorm(&mut self, x: &DeviceValue<T>, norm: &Norm, eps: f32) -> Result<DeviceValue<T>> {
+    pub(super) fn layernorm_ref(
+        &mut self,
+        x: &DeviceValue<T>,
+        norm: &Norm,
+        eps: f32,
+    ) -> Result<DeviceValue<T>> {
         let (m, d) = x.rows_cols("layernorm")?;
         self.ensure_f32(&norm.w)?;
         self.ensure_f32(&norm.b)?;
@@ -397,7 +475,7 @@ where
         }
     }
 
-    fn linear(
+    pub(super) fn linear_ref(
         &mut self,
         x: &DeviceValue<T>,
         l: &Linear,
@@ -457,9 +535,9 @@ where
         }
     }
 
-    fn attention(
+    pub(super) fn attention_ref(
         &mut self,
-        qkv: DeviceValue<T>,
+        qkv: &DeviceValue<T>,
         bias: Option<&RelBias>,
         b: usize,
         n: usize,
@@ -498,7 +576,7 @@ where
         // The workspace is taken out while the launcher borrows the parameters.
         let mut ws = self.workspace.take();
         let run = (|| {
-            let xin = self.as_low(&qkv, &mut tmp)?;
+            let xin = self.as_low(qkv, &mut tmp)?;
             let bias = bias_key.as_deref().map(|k| self.f32_param(k)).transpose()?;
             let w = ws.as_mut().map(|(w, _)| w);
             T::attention(&self.dev, path, xin, bias, &mut out, &dims, w)
@@ -508,13 +586,13 @@ where
         Ok(self.value(&[bn, d], Data::Low(out)))
     }
 
-    fn residual(
+    /// x += γ ⊙ y in place (x is the f32 residual stream).
+    pub(super) fn residual_into(
         &mut self,
-        mut x: DeviceValue<T>,
-        y: DeviceValue<T>,
+        x: &mut DeviceValue<T>,
+        y: &DeviceValue<T>,
         gamma: Option<&Param>,
-        _block: usize,
-    ) -> Result<DeviceValue<T>> {
+    ) -> Result<()> {
         let (m, d) = x.rows_cols("residual")?;
         if y.shape != x.shape {
             return Err(Error::Data(format!(
@@ -534,10 +612,15 @@ where
             Data::Low(ys) => cu::elementwise::residual::<T>(&self.dev, xs, ys, g, (m, d))?,
             Data::F32(ys) => cu::elementwise::residual::<f32>(&self.dev, xs, ys, g, (m, d))?,
         }
-        Ok(x)
+        Ok(())
     }
 
-    fn pool(&mut self, x: DeviceValue<T>, b: usize, how: Pool) -> Result<DeviceValue<T>> {
+    pub(super) fn pool_ref(
+        &mut self,
+        x: &DeviceValue<T>,
+        b: usize,
+        how: Pool,
+    ) -> Result<DeviceValue<T>> {
         let (bn, d) = x.rows_cols("pool")?;
         let n = bn / b.max(1);
         let key = (n, how == Pool::MeanPatches);
@@ -586,9 +669,9 @@ where
         Ok(self.value(&[b, d], Data::F32(pooled)))
     }
 
-    fn mask_rows(
+    pub(super) fn mask_rows_ref(
         &mut self,
-        x: DeviceValue<T>,
+        x: &DeviceValue<T>,
         mask: &[bool],
         token: &Param,
     ) -> Result<DeviceValue<T>> {
@@ -616,7 +699,11 @@ where
         Ok(self.value(&[m, d], Data::F32(out)))
     }
 
-    fn gather_rows(&mut self, x: &DeviceValue<T>, rows: &[usize]) -> Result<DeviceValue<T>> {
+    pub(super) fn gather_rows_ref(
+        &mut self,
+        x: &DeviceValue<T>,
+        rows: &[usize],
+    ) -> Result<DeviceValue<T>> {
         let (m, d) = x.rows_cols("gather_rows")?;
         let src = rows
             .iter()
@@ -634,7 +721,7 @@ where
         Ok(self.value(&[rows.len(), d], Data::F32(out)))
     }
 
-    fn to_host(&mut self, v: &DeviceValue<T>) -> Result<Tensor> {
+    pub(super) fn host_copy(&self, v: &DeviceValue<T>) -> Result<Tensor> {
         let host = match &v.data {
             Data::F32(s) => self.dev.download(s)?,
             Data::Low(s) => self.dev.download(s)?.into_iter().map(T::to_f32).collect(),

@@ -10,6 +10,8 @@ pub mod cuda_attention;
 pub mod cuda_exec;
 #[cfg(feature = "cuda")]
 pub mod cuda_model;
+#[cfg(feature = "cuda")]
+pub mod cuda_train;
 pub mod exec;
 pub mod init;
 pub mod layers;
