@@ -24,6 +24,9 @@ pub struct TableRef<'a> {
     pub index: &'a [usize],
 }
 
+/// Two gradients and an optional third, as the backward ops below name them.
+pub type GradTriple<G> = (G, G, Option<G>);
+
 pub trait TrainExec {
     /// A forward value, shared between the tape's records (cheap to clone).
     type Buf: Clone;
@@ -96,7 +99,7 @@ pub trait TrainExec {
         image_dims: [usize; 4],
         dy: Self::Grad,
         want_input: bool,
-    ) -> Result<(Self::Grad, Self::Grad, Option<Self::Grad>)>;
+    ) -> Result<GradTriple<Self::Grad>>;
     /// dy [B·N, D] → (dpatches [B·(N−1), D], dcls [D], dpos [N, D] when `has_pos`)
     fn assemble_backward(
         &mut self,
@@ -104,7 +107,7 @@ pub trait TrainExec {
         b: usize,
         d: usize,
         has_pos: bool,
-    ) -> Result<(Self::Grad, Self::Grad, Option<Self::Grad>)>;
+    ) -> Result<GradTriple<Self::Grad>>;
     /// (dx, dγ, dβ)
     fn layernorm_backward(
         &mut self,
@@ -120,7 +123,7 @@ pub trait TrainExec {
         l: &Linear,
         pre_gelu: Option<&Self::Buf>,
         dy: Self::Grad,
-    ) -> Result<(Self::Grad, Self::Grad, Option<Self::Grad>)>;
+    ) -> Result<GradTriple<Self::Grad>>;
     /// (dqkv, the table's gradient [rows, H] when there is a bias)
     fn attention_backward(
         &mut self,
