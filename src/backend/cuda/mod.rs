@@ -292,6 +292,7 @@ mod tests {
             "elementwise",
             "flash_attention",
             "layernorm",
+            "matmul",
             "patch_embed",
             "softmax",
             "tensor_core",
