@@ -245,6 +245,9 @@ pub fn column_sums(
     }
 }
 
+/// (dx [M, K], dw [N, K], db [N] when asked), all f32: what `linear_backward` returns.
+pub type LinearGrads = (CudaSlice<f32>, CudaSlice<f32>, Option<CudaSlice<f32>>);
+
 /// Gradients of `linear` (y = x·wᵀ + b) from dy [M, N] (f32), with x [M, K] and w [N, K] in T:
 ///   dx [M, K] = dy·w,   dw [N, K] = dyᵀ·x,   db [N] = Σ_i dy[i, :]   (all f32).
 /// f32: the GEMMs in f32 (sgemm semantics). bf16: dy is rounded to bf16 (as autocast feeds a bf16
@@ -257,7 +260,7 @@ pub fn linear_backward<T: Storage>(
     dy: &CudaSlice<f32>,
     want_db: bool,
     dims: (usize, usize, usize),
-) -> Result<(CudaSlice<f32>, CudaSlice<f32>, Option<CudaSlice<f32>>)> {
+) -> Result<LinearGrads> {
     let (m, k, n) = dims;
     let mut dx = dev.empty::<f32>(m * k)?;
     let mut dw = dev.empty::<f32>(n * k)?;

@@ -140,6 +140,10 @@ pub fn col2im(dev: &CudaDevice, cols: &CudaSlice<f32>, dims: Dims) -> Result<Cud
     Ok(images)
 }
 
+/// (dweight [D, C·P·P], dbias [D], dimages [B, C, H, W] when asked), all f32: what `backward`
+/// returns.
+pub type PatchEmbedGrads = (CudaSlice<f32>, CudaSlice<f32>, Option<CudaSlice<f32>>);
+
 /// Gradients of `forward` from dy [B·G, D] (f32): (dweight [D, C·P·P], dbias [D], and with
 /// `want_input` dimages [B, C, H, W]), all f32:
 ///   cols = im2col(images),  dweight = dyᵀ·cols,  dbias = Σ_rows dy,  dimages = col2im(dy·weight).
@@ -152,7 +156,7 @@ pub fn backward<T: Storage>(
     dims: Dims,
     d: usize,
     want_input: bool,
-) -> Result<(CudaSlice<f32>, CudaSlice<f32>, Option<CudaSlice<f32>>)> {
+) -> Result<PatchEmbedGrads> {
     if dims.p == 0 {
         return Err(Error::Cuda("patch embed backward: patch size 0".into()));
     }
