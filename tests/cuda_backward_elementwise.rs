@@ -7,6 +7,7 @@
 //!     and LayerNorm's dγ/dβ (per-block partials), still far inside 1e-5.
 //!   - AdamW: 1e-6 (it is bit-exact by construction: every operation rounded on its own).
 //!   - grad norm and cross-entropy: 1e-6 (both f64 inside; only the order of f64 sums differs).
+//!
 //! Every reduction is also run twice on the same inputs and must repeat bit for bit, and every
 //! launcher refuses a buffer of the wrong length with an error, not a panic.
 //!
