@@ -21,7 +21,21 @@
 // GEMMs run as ONE strided batch over images × heads (a batch index must map to one stride):
 //   attention_split_heads_{f32,bf16}: qkv [B·N, 3, H, Dh] → qkvh [3, B, H, N, Dh]
 //   attention_merge_heads_{f32,bf16}: oh [B, H, N, Dh]     → out [B·N, H, Dh]
+// and the backward's (src/backend/cuda/attention.rs `backward_batched`), S parts of D columns:
+//   attention_split_grad_{f32,bf16}: dout [B·N, S, H, Dh] (f32) → [S, B, H, N, Dh] as f32 or bf16
+//   attention_merge_grad_f32:        dqkvh [S, B, H, N, Dh]     → dqkv [B·N, S, H, Dh] (f32)
 // Launch shape: grid-stride over the output elements, block 256. Dh is an argument here.
+//
+// The rest of the cuBLAS backward (dV = Pᵀ dO, dP = dO Vᵀ, dQ = s·dS K, dK = s·dSᵀ Q are cuBLAS):
+//   attention_softmax_bwd_f32: dS = P ⊙ (dP − rowsum(dP ⊙ P)), in place over dP [rows, N];
+//     one warp per row (lane-strided sums, then a fixed xor-shuffle tree: same bits every run).
+//     Launch shape: grid = ceil(rows / W), block = 32·W.
+//   attention_dbias_sum_f32: dbias[e] = Σ_b dS[b, e] over e < H·N·N, images added in order.
+//     Launch shape: grid-stride, block 256.
+//   attention_relpos_grad_f32: BEiT's relative-position table gradient from dbias [H, N·N]:
+//     dtable[r, h] = Σ_{p ∈ rows r of the CSR} dbias[h, pos[p]], pos ascending within a row, so
+//     the sum runs in the order of the CPU's scatter (model/relpos.rs scatter_bias_grad) and no
+//     two threads write one value. Launch shape: grid-stride over rows·H, block 256.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -34,8 +48,10 @@
 // NVRTC has no <cmath>, hence no INFINITY: spell infinity by its bit pattern.
 #define NEG_INF_F __int_as_float(0xff800000)
 
+__device__ __forceinline__ float att_in(float v) { return v; }
 __device__ __forceinline__ float att_in(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ float att_in(__half v) { return __half2float(v); }
+__device__ __forceinline__ void att_out(float* p, float v) { *p = v; }
 __device__ __forceinline__ void att_out(__nv_bfloat16* p, float v) { *p = __float2bfloat16(v); }
 __device__ __forceinline__ void att_out(__half* p, float v) { *p = __float2half(v); }
 
@@ -157,38 +173,94 @@ ATT_ENTRY(attention_fwd_f16_d80, __half, 80)
     for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < (n);           \
          e += (long long)gridDim.x * blockDim.x)
 
-template <typename T>
-__device__ void attention_split_heads(const T* __restrict__ qkv, T* __restrict__ qkvh, int B,
-                                      int N, int H, int Dh) {
-    const long long D = (long long)H * Dh, total = 3LL * B * N * D;
+// src [B·N, S, H, Dh] → dst [S, B, H, N, Dh], converted TI → TO (the same type, or f32 → bf16).
+template <typename TI, typename TO>
+__device__ void attention_split(const TI* __restrict__ src, TO* __restrict__ dst, int S, int B,
+                                int N, int H, int Dh) {
+    const long long D = (long long)H * Dh, total = (long long)S * B * N * D;
     ATT_GRID_STRIDE(e, total) {
         // e = (((s·B + b)·H + h)·N + i)·Dh + c
         const long long c = e % Dh, i = e / Dh % N, h = e / ((long long)Dh * N) % H;
         const long long b = e / (D * N) % B, s = e / (D * N * B);
-        qkvh[e] = qkv[(b * N + i) * 3 * D + s * D + h * Dh + c];
+        att_out(dst + e, att_in(src[(b * N + i) * S * D + s * D + h * Dh + c]));
     }
 }
 
+// src [S, B, H, N, Dh] → dst [B·N, S, H, Dh].
 template <typename T>
-__device__ void attention_merge_heads(const T* __restrict__ oh, T* __restrict__ out, int B, int N,
-                                      int H, int Dh) {
-    const long long D = (long long)H * Dh, total = (long long)B * N * D;
+__device__ void attention_merge(const T* __restrict__ src, T* __restrict__ dst, int S, int B,
+                                int N, int H, int Dh) {
+    const long long D = (long long)H * Dh, SD = S * D, total = (long long)B * N * SD;
     ATT_GRID_STRIDE(e, total) {
-        // e = (b·N + i)·D + h·Dh + c, read from ((b·H + h)·N + i)·Dh + c
-        const long long c = e % Dh, h = e % D / Dh, i = e / D % N, b = e / (D * N);
-        out[e] = oh[((b * H + h) * N + i) * Dh + c];
+        // e = (b·N + i)·S·D + s·D + h·Dh + c, read from (((s·B + b)·H + h)·N + i)·Dh + c
+        const long long c = e % Dh, h = e % D / Dh, s = e % SD / D;
+        const long long i = e / SD % N, b = e / (SD * N);
+        dst[e] = src[(((s * B + b) * H + h) * N + i) * Dh + c];
     }
 }
 
 #define ATT_PERMUTE_ENTRIES(SUFFIX, T)                                                      \
     extern "C" __global__ void __launch_bounds__(256) attention_split_heads_##SUFFIX(        \
         const T* qkv, T* qkvh, int B, int N, int H, int Dh) {                               \
-        attention_split_heads<T>(qkv, qkvh, B, N, H, Dh);                                   \
+        attention_split<T, T>(qkv, qkvh, 3, B, N, H, Dh);                                   \
     }                                                                                       \
     extern "C" __global__ void __launch_bounds__(256) attention_merge_heads_##SUFFIX(        \
         const T* oh, T* out, int B, int N, int H, int Dh) {                                 \
-        attention_merge_heads<T>(oh, out, B, N, H, Dh);                                     \
+        attention_merge<T>(oh, out, 1, B, N, H, Dh);                                        \
     }
 
 ATT_PERMUTE_ENTRIES(f32, float)
 ATT_PERMUTE_ENTRIES(bf16, __nv_bfloat16)
+
+extern "C" __global__ void __launch_bounds__(256)
+attention_split_grad_f32(const float* src, float* dst, int S, int B, int N, int H, int Dh) {
+    attention_split<float, float>(src, dst, S, B, N, H, Dh);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+attention_split_grad_bf16(const float* src, __nv_bfloat16* dst, int S, int B, int N, int H,
+                          int Dh) {
+    attention_split<float, __nv_bfloat16>(src, dst, S, B, N, H, Dh);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+attention_merge_grad_f32(const float* src, float* dst, int S, int B, int N, int H, int Dh) {
+    attention_merge<float>(src, dst, S, B, N, H, Dh);
+}
+
+extern "C" __global__ void __launch_bounds__(1024)
+attention_softmax_bwd_f32(const float* __restrict__ p, float* __restrict__ dp, long long rows,
+                          int N) {
+    const int lane = threadIdx.x & 31;
+    const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= rows) return;
+    const float* pr = p + row * N;
+    float* gr = dp + row * N;
+    float dot = 0.f;
+    for (int j = lane; j < N; j += 32) dot = fmaf(pr[j], gr[j], dot);
+    for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+    for (int j = lane; j < N; j += 32) gr[j] = pr[j] * (gr[j] - dot);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+attention_dbias_sum_f32(const float* __restrict__ ds, float* __restrict__ dbias, int B,
+                        long long HNN) {
+    ATT_GRID_STRIDE(e, HNN) {
+        float s = 0.f;
+        for (int b = 0; b < B; ++b) s += ds[(long long)b * HNN + e];
+        dbias[e] = s;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+attention_relpos_grad_f32(const float* __restrict__ dbias, const int* __restrict__ offsets,
+                          const int* __restrict__ pos, float* __restrict__ dtable, int rows, int H,
+                          int NN) {
+    ATT_GRID_STRIDE(e, (long long)rows * H) {
+        const int r = (int)(e / H), h = (int)(e % H);
+        const float* g = dbias + (long long)h * NN;
+        float s = 0.f;
+        for (int q = offsets[r]; q < offsets[r + 1]; ++q) s += g[pos[q]];
+        dtable[e] = s;
+    }
+}

@@ -15,8 +15,30 @@
 //   cast_f32_f16:     out = f16(in),  round to nearest even
 // The sizes M·D and D are arguments. bf16 variants read and write bf16 storage and compute in f32.
 //
-// Launch shape (all kernels): 1-D grid-stride loop over the n = M·D elements,
-//   block = 256, grid = min(ceil(n / 256), 8 · SMs) — any grid is correct.
+// Training backward (f32 gradients; every sum runs in a fixed order, no atomics, so two runs give
+// the same bits). Column sums are two-stage, as the CPU's reduce::column_sums: a partial sum per
+// chunk of R = 64 rows (rows added in order), then the partials added in chunk order. With the
+// products rounded before the add (ew_mul, no FMA contraction) the results are the CPU's bits.
+//   colsum_part:      part[p, c] = Σ_{r in chunk p} x[row(r), c]   row(r) = rows ? rows[r] : r
+//   colsum_finish:    out[c] = part[0, c] + part[1, c] + ...        (in chunk order)
+//   residual_bwd:     for x' = x + γ ⊙ (k[r / n] · y): dbranch = dy · γ · k[r / n] (γ, k optional)
+//                     and part[p, c] = Σ_{r in chunk p} dy[r, c] · yv[r, c] (dγ's partials, yv the
+//                     branch as added, f32 or bf16)
+//   scale_rows:       x[r, :] *= k[r / n]                         (drop-path, in place)
+//   pool_bwd:         mean over tokens 1..N: dx[b, t, :] = t ≥ 1 ? dy[b, :] · inv : 0, inv = 1/(N−1)
+//                     class token:           dx[b, t, :] = t = 0 ? dy[b, :] : 0
+//   mask_rows_bwd:    dx[r, :] = mask[r] ? 0 : dy[r, :]          (dtoken: colsum over masked rows)
+//   gather_rows_bwd:  dx[j, :] = Σ_{r : rows[r] = j} dy[r, :] in increasing r, from the inverse
+//                     map (CSR: off [M+1], src [R]) built on the host
+//   assemble_bwd:     dpatches[b, t−1, :] = dy[b, t, :] (t ≥ 1); dpos[t, :] = Σ_b dy[b, t, :] in
+//                     image order; dcls = dpos[0] (pos may be null)
+//   add_assign:       acc += g;   scale: x *= s
+//
+// Launch shape (all kernels but the column sums): 1-D grid-stride loop over the n = M·D elements,
+//   block = 256, grid = min(ceil(n / 256), 8 · SMs) — any grid is correct. assemble_bwd loops
+//   over N·D (each thread walks the B images of one (t, c)).
+//   colsum_part, residual_bwd: grid (ceil(D / 256), min(P, 65535)), block 256, P = ceil(rows / R);
+//   the y dimension strides over the chunks. colsum_finish: grid ceil(D / 256), block 256.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -126,4 +148,167 @@ select_rows_f32(const float* x, const int* src, const float* token, float* out, 
         const int s = src[r];
         out[i] = s >= 0 ? x[(long long)s * D + c] : token[c];
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Training backward. Products that feed a sum are rounded on their own (no FMA contraction) so
+// the partial sums are the CPU reference's, bit for bit; the stand-in compiles without FMA.
+#ifdef MOOD_SIM_HOST
+__device__ __forceinline__ float ew_mul(float a, float b) { return a * b; }
+#else
+__device__ __forceinline__ float ew_mul(float a, float b) { return __fmul_rn(a, b); }
+#endif
+
+__device__ __forceinline__ float ew_load(const float* p, long long i) { return p[i]; }
+__device__ __forceinline__ float ew_load(const __nv_bfloat16* p, long long i) {
+    return __bfloat162float(p[i]);
+}
+__device__ __forceinline__ void ew_store(float* p, long long i, float v) { p[i] = v; }
+__device__ __forceinline__ void ew_store(__nv_bfloat16* p, long long i, float v) {
+    p[i] = __float2bfloat16(v);
+}
+
+// One thread per (column, chunk): consecutive threads read consecutive columns of a row, so
+// every row is one coalesced read, and no two threads ever add into the same value.
+extern "C" __global__ void __launch_bounds__(256)
+colsum_part_f32(const float* x, const int* rows, float* part, int R, int D, int chunk) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= D) return;
+    const int P = (R + chunk - 1) / chunk;
+    for (int p = blockIdx.y; p < P; p += gridDim.y) {
+        const int end = min(R, (p + 1) * chunk);
+        float acc = 0.f;
+        for (int r = p * chunk; r < end; ++r) {
+            const long long row = rows ? rows[r] : r;
+            acc += x[row * D + c];
+        }
+        part[(long long)p * D + c] = acc;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+colsum_finish_f32(const float* part, float* out, int P, int D) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= D) return;
+    // Starts from the first partial, not from 0, as the CPU's sum_in_order does.
+    float acc = P > 0 ? part[c] : 0.f;
+    for (int p = 1; p < P; ++p) acc += part[(long long)p * D + c];
+    out[c] = acc;
+}
+
+template <typename T>
+__device__ void residual_bwd(const T* __restrict__ yv, const float* __restrict__ gamma,
+                             const float* __restrict__ keep, int n, const float* __restrict__ dy,
+                             float* __restrict__ dbranch, float* __restrict__ part, int M, int D,
+                             int chunk) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= D) return;
+    const int P = (M + chunk - 1) / chunk;
+    const float g = gamma ? gamma[c] : 1.f;
+    for (int p = blockIdx.y; p < P; p += gridDim.y) {
+        const int end = min(M, (p + 1) * chunk);
+        float acc = 0.f;
+        for (int r = p * chunk; r < end; ++r) {
+            const long long i = (long long)r * D + c;
+            const float d = dy[i];
+            // The CPU's order: (γ · dy), then the drop-path factor.
+            float v = gamma ? ew_mul(g, d) : d;
+            if (keep) v = ew_mul(v, keep[r / n]);
+            dbranch[i] = v;
+            if (part) acc += ew_mul(d, ew_load(yv, i));
+        }
+        if (part) part[(long long)p * D + c] = acc;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+residual_bwd_f32(const float* yv, const float* gamma, const float* keep, int n, const float* dy,
+                 float* dbranch, float* part, int M, int D, int chunk) {
+    residual_bwd<float>(yv, gamma, keep, n, dy, dbranch, part, M, D, chunk);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+residual_bwd_bf16(const __nv_bfloat16* yv, const float* gamma, const float* keep, int n,
+                  const float* dy, float* dbranch, float* part, int M, int D, int chunk) {
+    residual_bwd<__nv_bfloat16>(yv, gamma, keep, n, dy, dbranch, part, M, D, chunk);
+}
+
+template <typename T>
+__device__ void scale_rows(T* x, const float* keep, long long n, int rows_per_image, int D) {
+    GRID_STRIDE(i, n) {
+        const long long r = i / D;
+        ew_store(x, i, ew_load(x, i) * keep[r / rows_per_image]);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+scale_rows_f32(float* x, const float* keep, long long n, int rows_per_image, int D) {
+    scale_rows<float>(x, keep, n, rows_per_image, D);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+scale_rows_bf16(__nv_bfloat16* x, const float* keep, long long n, int rows_per_image, int D) {
+    scale_rows<__nv_bfloat16>(x, keep, n, rows_per_image, D);
+}
+
+// mode 0: mean over the patch tokens 1..N (scaled by inv); mode 1: the class token (row 0).
+extern "C" __global__ void __launch_bounds__(256)
+pool_bwd_f32(const float* dy, float* dx, int B, int N, int D, int mode, float inv) {
+    const long long n = (long long)B * N * D;
+    GRID_STRIDE(i, n) {
+        const long long row = i / D;
+        const int c = (int)(i - row * D);
+        const int t = (int)(row % N);
+        const long long b = row / N;
+        const float g = dy[b * D + c];
+        dx[i] = mode == 0 ? (t == 0 ? 0.f : g * inv) : (t == 0 ? g : 0.f);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+mask_rows_bwd_f32(const float* dy, const unsigned char* mask, float* dx, long long n, int D) {
+    GRID_STRIDE(i, n) { dx[i] = mask[i / D] ? 0.f : dy[i]; }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+gather_rows_bwd_f32(const float* dy, const int* off, const int* src, float* dx, int M, int D) {
+    const long long n = (long long)M * D;
+    GRID_STRIDE(i, n) {
+        const long long j = i / D;
+        const int c = (int)(i - j * D);
+        // The sources of row j in increasing order: the CPU's scatter-add order, with no atomics.
+        float acc = 0.f;
+        for (int k = off[j]; k < off[j + 1]; ++k) acc += dy[(long long)src[k] * D + c];
+        dx[i] = acc;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+assemble_bwd_f32(const float* dy, float* dpatches, float* dcls, float* dpos, int B, int N,
+                 int D) {
+    // One thread per (token, column) walks the images: dy is read once, the image sum runs in
+    // image order, and the copy to dpatches rides along.
+    const long long n = (long long)N * D;
+    GRID_STRIDE(i, n) {
+        const int t = (int)(i / D);
+        const int c = (int)(i - (long long)t * D);
+        float acc = 0.f;
+        for (int b = 0; b < B; ++b) {
+            const float v = dy[((long long)b * N + t) * D + c];
+            acc += v;
+            if (t > 0) dpatches[((long long)b * (N - 1) + t - 1) * D + c] = v;
+        }
+        if (dpos) dpos[i] = acc;
+        if (t == 0) dcls[c] = acc;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+add_assign_f32(float* acc, const float* g, long long n) {
+    GRID_STRIDE(i, n) { acc[i] += g[i]; }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+scale_f32(float* x, float s, long long n) {
+    GRID_STRIDE(i, n) { x[i] *= s; }
 }

@@ -11,13 +11,20 @@
 //! `forward_batched_f32` / `forward_batched_bf16` do the same for the whole batch in a fixed number
 //! of launches (heads split to [3, B, H, N, Dh] first, so that one strided batch spans images ×
 //! heads), with their scratch made once (`BatchedScratch`).
+//!
+//! For training: `forward_keep_probs_{f32,bf16}` also hand back the probabilities P [B, H, N, N],
+//! `backward_batched` is their backward from P (strided-batched cuBLAS over images × heads around
+//! a softmax-backward kernel, f32 gradients), and `RelposScatter` turns the dense bias gradient
+//! into BEiT's relative-position table gradient. Every sum runs in a fixed order (no atomics), so
+//! two runs give the same bits.
 
 use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::cublas::{Gemm, GemmConfig, StridedBatchedConfig};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::device::{as_i32, check_len, cuda_err, CudaDevice};
-use super::{elementwise, ptr_or_null, softmax, Storage};
+use super::matmul::{cudaDataType_t, data_type, gemm_rm, RowMajor};
+use super::{elementwise, ptr_mut_or_null, ptr_or_null, softmax, Storage};
 use crate::error::{Error, Result};
 
 /// Query rows per block (kernels/attention.cu ATT_BQ).
@@ -547,4 +554,379 @@ pub fn forward_batched_bf16(
     }
     .map_err(cuda_err("cuBLAS batched attention PV (bf16)"))?;
     permute(dev, "merge", &ws.oh, out, bnd, dims)
+}
+
+/// Runs `fwd` (one of the batched forwards) with a fresh P [B, H, N, N] swapped in as the scratch's
+/// probabilities, and hands that P back: the softmax writes it in place, so keeping it costs no
+/// copy, only an allocation per call (each layer's P must live until its backward anyway).
+fn keep_probs<T: Storage>(
+    dev: &CudaDevice,
+    dims: &Dims,
+    ws: &mut BatchedScratch<T>,
+    fwd: impl FnOnce(&mut BatchedScratch<T>) -> Result<()>,
+) -> Result<CudaSlice<f32>> {
+    let Dims { b, n, h, .. } = *dims;
+    let bhnn = b * h * n * n;
+    check_len("attention probs scratch", &ws.probs, bhnn.max(1))?;
+    let mut probs = dev.empty::<f32>(bhnn.max(1))?;
+    std::mem::swap(&mut ws.probs, &mut probs);
+    let r = fwd(ws);
+    std::mem::swap(&mut ws.probs, &mut probs);
+    r?;
+    if bhnn == 0 {
+        return dev.zeros::<f32>(0);
+    }
+    Ok(probs)
+}
+
+/// `forward_batched_f32` that also returns the softmax probabilities P [B, H, N, N] (f32, rows
+/// summing to 1) of softmax(scale·Q_bh K_bhᵀ + bias_h): what `backward_batched` reads, as
+/// `backend::attention_keep_probs` on the CPU. qkv [B·N, 3·D], bias [H, N, N] or None, out
+/// [B·N, D]; `ws` from `BatchedScratch::new` for these dims.
+pub fn forward_keep_probs_f32(
+    dev: &CudaDevice,
+    qkv: &CudaSlice<f32>,
+    bias: Option<&CudaSlice<f32>>,
+    out: &mut CudaSlice<f32>,
+    dims: &Dims,
+    scale: f32,
+    ws: &mut BatchedScratch<f32>,
+) -> Result<CudaSlice<f32>> {
+    keep_probs(dev, dims, ws, |ws| {
+        forward_batched_f32(dev, qkv, bias, out, dims, scale, ws)
+    })
+}
+
+/// `forward_batched_bf16` that also returns P [B, H, N, N] in f32 (before the rounding to bf16
+/// that feeds P·V), as `forward_keep_probs_f32`.
+pub fn forward_keep_probs_bf16(
+    dev: &CudaDevice,
+    qkv: &CudaSlice<half::bf16>,
+    bias: Option<&CudaSlice<f32>>,
+    out: &mut CudaSlice<half::bf16>,
+    dims: &Dims,
+    scale: f32,
+    ws: &mut BatchedScratch<half::bf16>,
+) -> Result<CudaSlice<f32>> {
+    keep_probs(dev, dims, ws, |ws| {
+        forward_batched_bf16(dev, qkv, bias, out, dims, scale, ws)
+    })
+}
+
+/// The device address of element `off` of a buffer of T.
+fn at<T>(dev: &CudaDevice, s: &CudaSlice<T>, off: usize) -> u64 {
+    ptr_or_null(dev.stream(), Some(s)) + (off * std::mem::size_of::<T>()) as u64
+}
+
+fn at_mut<T>(dev: &CudaDevice, s: &mut CudaSlice<T>, off: usize) -> u64 {
+    ptr_mut_or_null(dev.stream(), Some(s)) + (off * std::mem::size_of::<T>()) as u64
+}
+
+/// Gradients of the attention forward from its probabilities, for the whole batch:
+/// qkv [B·N, 3·D] (T = f32 or bf16; q | k | v, head h at columns h·Dh of each), probs P
+/// [B, H, N, N] f32 (from `forward_keep_probs_*`), dout [B·N, D] f32. Per (image b, head h):
+///   dV = Pᵀ·dO,  dP = dO·Vᵀ,  dS = P ⊙ (dP − rowsum(dP ⊙ P)),  dQ = scale·dS·K,  dK = scale·dSᵀ·Q,
+/// returned as dqkv [B·N, 3·D] f32 in qkv's layout, and with `want_dbias` dbias [H, N, N] f32 =
+/// Σ_b dS_b (images added in order). Same math and layout as `backend::cpu::attention::backward`
+/// (which uses scale = Dh^-1/2). Each product is ONE strided-batched GEMM over the B·H heads
+/// (head-major copies of q, k, v and dO as in `forward_batched_*`). bf16: the GEMM operands are
+/// bf16 (dO, P and dS rounded, as autocast does) with f32 accumulation and f32 outputs; the
+/// softmax backward and dbias are f32 throughout.
+pub fn backward_batched<T: Storage>(
+    dev: &CudaDevice,
+    qkv: &CudaSlice<T>,
+    probs: &CudaSlice<f32>,
+    dout: &CudaSlice<f32>,
+    want_dbias: bool,
+    dims: &Dims,
+    scale: f32,
+) -> Result<(CudaSlice<f32>, Option<CudaSlice<f32>>)> {
+    if T::NAME == "f16" {
+        return Err(Error::Cuda("attention backward: f32 or bf16 only".into()));
+    }
+    let Dims { b, n, h, dh } = *dims;
+    let d = h * dh;
+    let (bnd, nn, bh) = (b * n * d, n * n, b * h);
+    check_len("attention backward qkv", qkv, 3 * bnd)?;
+    check_len("attention backward probs", probs, bh * nn)?;
+    check_len("attention backward dout", dout, bnd)?;
+    if bnd == 0 {
+        let dbias = want_dbias.then(|| dev.zeros::<f32>(h * nn)).transpose()?;
+        return Ok((dev.zeros::<f32>(3 * bnd)?, dbias));
+    }
+    let (bi, ni, hi, di) = (
+        as_i32("B", b)?,
+        as_i32("N", n)?,
+        as_i32("H", h)?,
+        as_i32("Dh", dh)?,
+    );
+    let hnn = as_i32("H·N·N", h * nn)? as i64;
+    let rows = (bh * n) as i64;
+    let ty = data_type::<T>();
+    let ndh = n * dh;
+
+    // Head-major q, k, v (as the forward) and dO, in the GEMMs' operand type.
+    let mut qkvh = dev.empty::<T>(3 * bnd)?;
+    permute(dev, "split", qkv, &mut qkvh, 3 * bnd, dims)?;
+    let mut doh = dev.empty::<T>(bnd)?;
+    let name = format!("attention_split_grad_{}", T::NAME);
+    let f = dev.function("attention", &name)?;
+    let one = 1i32;
+    // SAFETY: dout holds B·N·D values, doh as many (S = 1 part).
+    unsafe {
+        launch!(
+            dev,
+            f,
+            name,
+            dev.grid_stride(bnd),
+            [dout, &mut doh, &one, &bi, &ni, &hi, &di]
+        )
+    }?;
+    // P as the dV GEMM's operand: itself in f32, rounded to bf16 for a bf16 GEMM.
+    let probs_half = if T::NAME == "f32" {
+        None
+    } else {
+        let mut p = dev.empty::<T>(bh * nn)?;
+        elementwise::cast(dev, probs, &mut p)?;
+        Some(p)
+    };
+    let p_op = match &probs_half {
+        Some(p) => at(dev, p, 0),
+        None => at(dev, probs, 0),
+    };
+    let mat = |ptr, ty, ld, stride, trans| RowMajor {
+        ptr,
+        ty,
+        ld,
+        stride,
+        trans,
+    };
+    let f32_ty = cudaDataType_t::CUDA_R_32F;
+    let (q_op, k_op, v_op) = (
+        at(dev, &qkvh, 0),
+        at(dev, &qkvh, bnd),
+        at(dev, &qkvh, 2 * bnd),
+    );
+    let do_op = at(dev, &doh, 0);
+    let mut dqkvh = dev.empty::<f32>(3 * bnd)?;
+    let mut ds = dev.empty::<f32>(bh * nn)?;
+    let ds_ptr = at_mut(dev, &mut ds, 0);
+    let (dq, dk, dv) = (
+        at_mut(dev, &mut dqkvh, 0),
+        at_mut(dev, &mut dqkvh, bnd),
+        at_mut(dev, &mut dqkvh, 2 * bnd),
+    );
+    // SAFETY (the four GEMMs): every operand is a batch of B·H row-major matrices inside its
+    // buffer: [N, Dh] (stride N·Dh) in qkvh (3 blocks of B·N·D), doh and dqkvh; [N, N] (stride
+    // N·N) in P and dS; all sized from the checked dims above.
+    unsafe {
+        gemm_rm(
+            dev,
+            "attention backward dV = Pᵀ·dO",
+            (n, dh, n),
+            1.0,
+            mat(p_op, ty, n, nn, true),
+            mat(do_op, ty, dh, ndh, false),
+            0.0,
+            (dv, dh, ndh),
+            bh,
+        )?;
+        gemm_rm(
+            dev,
+            "attention backward dP = dO·Vᵀ",
+            (n, n, dh),
+            1.0,
+            mat(do_op, ty, dh, ndh, false),
+            mat(v_op, ty, dh, ndh, true),
+            0.0,
+            (ds_ptr, n, nn),
+            bh,
+        )?;
+    }
+    let f = dev.function("attention", "attention_softmax_bwd_f32")?;
+    // SAFETY: probs and ds hold B·H·N rows of N.
+    unsafe {
+        launch!(
+            dev,
+            f,
+            "attention_softmax_bwd_f32",
+            dev.warp_per_row(bh * n),
+            [probs, &mut ds, &rows, &ni]
+        )
+    }?;
+    let dbias = if want_dbias {
+        let mut dbias = dev.empty::<f32>(h * nn)?;
+        let f = dev.function("attention", "attention_dbias_sum_f32")?;
+        // SAFETY: ds holds B blocks of H·N·N, dbias one.
+        unsafe {
+            launch!(
+                dev,
+                f,
+                "attention_dbias_sum_f32",
+                dev.grid_stride(h * nn),
+                [&ds, &mut dbias, &bi, &hnn]
+            )
+        }?;
+        Some(dbias)
+    } else {
+        None
+    };
+    let ds_half = if T::NAME == "f32" {
+        None
+    } else {
+        let mut p = dev.empty::<T>(bh * nn)?;
+        elementwise::cast(dev, &ds, &mut p)?;
+        Some(p)
+    };
+    let (ds_op, ds_ty) = match &ds_half {
+        Some(p) => (at(dev, p, 0), ty),
+        None => (ds_ptr, f32_ty),
+    };
+    // SAFETY: as above.
+    unsafe {
+        gemm_rm(
+            dev,
+            "attention backward dQ = s·dS·K",
+            (n, dh, n),
+            scale,
+            mat(ds_op, ds_ty, n, nn, false),
+            mat(k_op, ty, dh, ndh, false),
+            0.0,
+            (dq, dh, ndh),
+            bh,
+        )?;
+        gemm_rm(
+            dev,
+            "attention backward dK = s·dSᵀ·Q",
+            (n, dh, n),
+            scale,
+            mat(ds_op, ds_ty, n, nn, true),
+            mat(q_op, ty, dh, ndh, false),
+            0.0,
+            (dk, dh, ndh),
+            bh,
+        )?;
+    }
+    let mut dqkv = dev.empty::<f32>(3 * bnd)?;
+    let three = 3i32;
+    let f = dev.function("attention", "attention_merge_grad_f32")?;
+    // SAFETY: dqkvh and dqkv hold 3·B·N·D values.
+    unsafe {
+        launch!(
+            dev,
+            f,
+            "attention_merge_grad_f32",
+            dev.grid_stride(3 * bnd),
+            [&dqkvh, &mut dqkv, &three, &bi, &ni, &hi, &di]
+        )
+    }?;
+    Ok((dqkv, dbias))
+}
+
+/// BEiT's relative-position index [N·N] (table row of each (query i, key j) pair, i·N + j) turned
+/// around once per model and uploaded: for each of the `rows` table rows, the ascending list of
+/// pairs that read it (CSR: offsets [rows + 1], positions [N·N]). `grad` then sums the dense bias
+/// gradient into the table gradient with one thread per output and no atomics.
+pub struct RelposScatter {
+    offsets: CudaSlice<i32>,
+    positions: CudaSlice<i32>,
+    rows: usize,
+    nn: usize,
+}
+
+impl RelposScatter {
+    /// `index` [N·N] of table rows < `rows` (model/relpos.rs relative_position_index), N tokens.
+    pub fn new(dev: &CudaDevice, index: &[usize], rows: usize, n: usize) -> Result<RelposScatter> {
+        let nn = n * n;
+        if index.len() != nn {
+            return Err(Error::Cuda(format!(
+                "relpos scatter: index holds {} entries, N = {n} tokens need {nn}",
+                index.len()
+            )));
+        }
+        as_i32("N·N", nn)?;
+        as_i32("table rows", rows)?;
+        if let Some((p, &ix)) = index.iter().enumerate().find(|(_, &ix)| ix >= rows) {
+            return Err(Error::Cuda(format!(
+                "relpos scatter: index[{p}] = {ix} is past the table's {rows} rows"
+            )));
+        }
+        // Counting sort by table row, stable, so each row's pairs stay in ascending order: the
+        // order in which the CPU's scatter adds them.
+        let mut offsets = vec![0i32; rows + 1];
+        for &ix in index {
+            offsets[ix + 1] += 1;
+        }
+        for r in 0..rows {
+            offsets[r + 1] += offsets[r];
+        }
+        let mut next: Vec<i32> = offsets[..rows].to_vec();
+        let mut positions = vec![0i32; nn.max(1)];
+        for (p, &ix) in index.iter().enumerate() {
+            positions[next[ix] as usize] = p as i32;
+            next[ix] += 1;
+        }
+        Ok(RelposScatter {
+            offsets: dev.upload(&offsets)?,
+            positions: dev.upload(&positions)?,
+            rows,
+            nn,
+        })
+    }
+
+    /// dtable [rows, H] (f32), dtable[r, h] = Σ over the pairs p of row r of dbias[h, p]: the table
+    /// gradient of `model::relpos::scatter_bias_grad` from dbias [H, N, N] (f32), in its order.
+    pub fn grad(
+        &self,
+        dev: &CudaDevice,
+        dbias: &CudaSlice<f32>,
+        h: usize,
+    ) -> Result<CudaSlice<f32>> {
+        check_len("relpos dbias", dbias, h * self.nn)?;
+        let total = self.rows * h;
+        let (ri, hi, nni) = (
+            as_i32("table rows", self.rows)?,
+            as_i32("H", h)?,
+            as_i32("N·N", self.nn)?,
+        );
+        as_i32("rows·H", total)?;
+        if total == 0 {
+            return dev.zeros::<f32>(0);
+        }
+        let mut dtable = dev.empty::<f32>(total)?;
+        let f = dev.function("attention", "attention_relpos_grad_f32")?;
+        // SAFETY: offsets [rows + 1] and positions [N·N] index only inside dbias [H, N·N] (every
+        // position < N·N, checked in `new`); dtable holds rows·H.
+        unsafe {
+            launch!(
+                dev,
+                f,
+                "attention_relpos_grad_f32",
+                dev.grid_stride(total),
+                [
+                    dbias,
+                    &self.offsets,
+                    &self.positions,
+                    &mut dtable,
+                    &ri,
+                    &hi,
+                    &nni
+                ]
+            )
+        }?;
+        Ok(dtable)
+    }
+}
+
+/// The relative-position table gradient [rows, H] from dbias [H, N, N] and the index [N·N]: a
+/// one-off `RelposScatter::new(..).grad(..)` (a training loop keeps the `RelposScatter`).
+pub fn relpos_table_grad(
+    dev: &CudaDevice,
+    dbias: &CudaSlice<f32>,
+    index: &[usize],
+    rows: usize,
+    h: usize,
+) -> Result<CudaSlice<f32>> {
+    let n = (index.len() as f64).sqrt().round() as usize;
+    RelposScatter::new(dev, index, rows, n)?.grad(dev, dbias, h)
 }

@@ -1,11 +1,14 @@
 //! Launchers of kernels/elementwise.cu over token matrices [M, D]: the linear epilogues (bias,
 //! bias + exact GELU), GELU's backward, the layer-scaled residual x += γ ⊙ y (x stays f32), the
 //! token assembly [cls; patches] + pos, and the f32 → bf16/f16 casts. Same math as src/backend/cpu/{elementwise,vecmath}.rs.
+//! Then the training backward (column sums, residual with layer scale and drop-path, pooling,
+//! masked and gathered rows, token assembly, accumulation), each matching the CPU tape's
+//! reference and summing in a fixed order.
 
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::device::{as_i32, check_len, CudaDevice};
-use super::{ptr_or_null, Storage};
+use super::{ptr_mut_or_null, ptr_or_null, Storage};
 use crate::error::{Error, Result};
 
 fn not_f16<T: Storage>(op: &str) -> Result<()> {
@@ -224,5 +227,375 @@ pub fn select_rows(
             [x, &srcd, &pt, out, &ri, &di]
         )
     }?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Training backward: the launchers the device tape calls. Gradients are f32 [rows, D] row-major.
+// Every sum runs in a fixed order (no atomics): the same inputs give the same bits on every run.
+
+/// An output of `n` elements must exist: CUDA allocates no empty buffer, and an empty gradient
+/// is a caller's shape mistake, said here in one line rather than as a failed allocation.
+fn nonempty(what: &str, n: usize) -> Result<()> {
+    if n == 0 {
+        return Err(Error::Cuda(format!("{what}: the output would be empty")));
+    }
+    Ok(())
+}
+
+/// Rows per chunk of the two-stage column sums: the CPU's `reduce::REDUCE_ROWS`, so that the
+/// partial sums, and their sum in chunk order, are the CPU's own.
+const SUM_ROWS: usize = crate::backend::cpu::reduce::REDUCE_ROWS;
+
+/// The launch shape of the column kernels: one thread per (column, chunk of SUM_ROWS rows).
+fn column_grid(d: usize, chunks: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (d.div_ceil(256) as u32, chunks.clamp(1, 65535) as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// out [D] = Σ over the P chunk partials part [P, D], added in chunk order.
+fn colsum_finish(
+    dev: &CudaDevice,
+    part: &CudaSlice<f32>,
+    p: usize,
+    d: usize,
+) -> Result<CudaSlice<f32>> {
+    let mut out = dev.empty::<f32>(d)?;
+    let (pi, di) = (as_i32("chunks", p)?, as_i32("D", d)?);
+    let f = dev.function("elementwise", "colsum_finish_f32")?;
+    let cfg = LaunchConfig {
+        grid_dim: (d.div_ceil(256) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: part holds P·D values (P ≥ 1), out D.
+    unsafe { launch!(dev, f, "colsum_finish_f32", cfg, [part, &mut out, &pi, &di]) }?;
+    Ok(out)
+}
+
+/// Σ over rows (all of x [M, D], or the listed ones) into [D]: partial sums of SUM_ROWS rows in
+/// row order, then the partials in chunk order.
+fn column_sums(
+    dev: &CudaDevice,
+    x: &CudaSlice<f32>,
+    rows: Option<&[i32]>,
+    (m, d): (usize, usize),
+) -> Result<CudaSlice<f32>> {
+    let r = rows.map_or(m, <[i32]>::len);
+    if r == 0 {
+        return dev.zeros(d);
+    }
+    let p = r.div_ceil(SUM_ROWS);
+    let (ri, di, ci) = (as_i32("rows", r)?, as_i32("D", d)?, SUM_ROWS as i32);
+    as_i32("M", m)?;
+    let mut part = dev.empty::<f32>(p * d)?;
+    let list = rows.map(|l| dev.upload(l)).transpose()?;
+    let pl = ptr_or_null(dev.stream(), list.as_ref());
+    let f = dev.function("elementwise", "colsum_part_f32")?;
+    // SAFETY: x holds M·D values and every listed row is < M (the callers check); part P·D.
+    unsafe {
+        launch!(
+            dev,
+            f,
+            "colsum_part_f32",
+            column_grid(d, p),
+            [x, &pl, &mut part, &ri, &di, &ci]
+        )
+    }?;
+    colsum_finish(dev, &part, p, d)
+}
+
+/// Column sums of x [M, N]: out [N] = Σ_r x[r, :] (bias, layer-scale, class-token and
+/// position-embedding gradients). Two stages, in the CPU's `reduce::column_sums` order (chunks of
+/// 64 rows, each added row by row, then the chunks in order), so the result is the CPU's bits.
+pub fn sum_rows(
+    dev: &CudaDevice,
+    x: &CudaSlice<f32>,
+    (m, n): (usize, usize),
+) -> Result<CudaSlice<f32>> {
+    check_len("sum_rows x", x, m * n)?;
+    nonempty("sum_rows (N = 0)", n)?;
+    column_sums(dev, x, None, (m, n))
+}
+
+/// Backward of the residual x' = x + γ ⊙ (k[r / n] · y) given dy = dx' [M, D] (f32):
+/// dbranch [M, D] = dy · γ (· k[r / n] with drop-path), and, with γ, dγ [D] = Σ_rows dy ⊙ yv,
+/// where yv [M, D] (f32 or bf16) is the branch as added, already drop-path scaled. `row_scale` =
+/// (k [B], n tokens per image), M = B·n. dx = dy itself (identity), not returned. dγ is summed
+/// as `sum_rows` (the CPU's `residual_scaled_backward` order).
+#[allow(clippy::type_complexity)]
+pub fn residual_backward<T: Storage>(
+    dev: &CudaDevice,
+    yv: &CudaSlice<T>,
+    gamma: Option<&CudaSlice<f32>>,
+    row_scale: Option<(&CudaSlice<f32>, usize)>,
+    dy: &CudaSlice<f32>,
+    (m, d): (usize, usize),
+) -> Result<(CudaSlice<f32>, Option<CudaSlice<f32>>)> {
+    not_f16::<T>("residual_bwd")?;
+    check_len("residual_backward yv", yv, m * d)?;
+    check_len("residual_backward dy", dy, m * d)?;
+    if let Some(g) = gamma {
+        check_len("residual_backward layer scale", g, d)?;
+    }
+    let n = match row_scale {
+        Some((keep, n)) => {
+            if keep.len() * n != m {
+                return Err(Error::Cuda(format!(
+                    "residual_backward: {} images × {n} tokens != {m} rows",
+                    keep.len()
+                )));
+            }
+            n
+        }
+        None => 1,
+    };
+    let (mi, di, ni, ci) = (
+        as_i32("M", m)?,
+        as_i32("D", d)?,
+        as_i32("n", n)?,
+        SUM_ROWS as i32,
+    );
+    nonempty("residual_backward", m * d)?;
+    let mut dbranch = dev.empty::<f32>(m * d)?;
+    let p = m.div_ceil(SUM_ROWS);
+    let mut part = gamma.map(|_| dev.empty::<f32>(p * d)).transpose()?;
+    let name = format!("residual_bwd_{}", T::NAME);
+    let f = dev.function("elementwise", &name)?;
+    let s = dev.stream();
+    let (pg, pk) = (
+        ptr_or_null(s, gamma),
+        ptr_or_null(s, row_scale.map(|r| r.0)),
+    );
+    let pp = ptr_mut_or_null(s, part.as_mut());
+    // SAFETY: yv, dy and dbranch hold M·D values, γ D, keep M / n, part P·D (or null when no γ).
+    unsafe {
+        launch!(
+            dev,
+            f,
+            name,
+            column_grid(d, p),
+            [yv, &pg, &pk, &ni, dy, &mut dbranch, &pp, &mi, &di, &ci]
+        )
+    }?;
+    let dgamma = part
+        .map(|part| colsum_finish(dev, &part, p, d))
+        .transpose()?;
+    Ok((dbranch, dgamma))
+}
+
+/// Drop-path in the forward: x [B·n, D] (in place) row r *= keep[r / n], keep [B] (0 for a
+/// dropped image, 1/(1 − p) for a kept one).
+pub fn scale_rows<T: Storage>(
+    dev: &CudaDevice,
+    x: &mut CudaSlice<T>,
+    keep: &CudaSlice<f32>,
+    n: usize,
+    d: usize,
+) -> Result<()> {
+    not_f16::<T>("scale_rows")?;
+    check_len("scale_rows x", x, keep.len() * n * d)?;
+    let total = x.len();
+    if total == 0 {
+        return Ok(());
+    }
+    let (ni, di, len) = (as_i32("n", n)?, as_i32("D", d)?, total as i64);
+    let name = format!("scale_rows_{}", T::NAME);
+    let f = dev.function("elementwise", &name)?;
+    // SAFETY: x holds B·n·D values, keep B.
+    unsafe {
+        launch!(
+            dev,
+            f,
+            name,
+            dev.grid_stride(total),
+            [x, keep, &len, &ni, &di]
+        )
+    }?;
+    Ok(())
+}
+
+/// Backward of the pooling [B·N, D] → [B, D]: dx [B·N, D] from dy [B, D]. Mean over the patch
+/// tokens (rows 1..N of each image): dx = dy / (N − 1) there and 0 at the class token; class
+/// token: dx = dy at row 0 and 0 elsewhere.
+pub fn pool_backward(
+    dev: &CudaDevice,
+    dy: &CudaSlice<f32>,
+    (b, n, d): (usize, usize, usize),
+    how: crate::backend::Pool,
+) -> Result<CudaSlice<f32>> {
+    use crate::backend::Pool;
+    check_len("pool_backward dy", dy, b * d)?;
+    let mode = match how {
+        Pool::MeanPatches if n < 2 => {
+            return Err(Error::Cuda(format!(
+                "pool_backward: a mean over patch tokens needs N >= 2 tokens, got {n}"
+            )))
+        }
+        Pool::MeanPatches => 0i32,
+        Pool::ClassToken if n < 1 => return Err(Error::Cuda("pool_backward: N = 0 tokens".into())),
+        Pool::ClassToken => 1,
+    };
+    // The CPU's factor: 1/(N − 1) rounded once, then one product per value.
+    let inv = 1.0 / (n.max(2) - 1) as f32;
+    let (bi, ni, di) = (as_i32("B", b)?, as_i32("N", n)?, as_i32("D", d)?);
+    nonempty("pool_backward", b * n * d)?;
+    let mut dx = dev.empty::<f32>(b * n * d)?;
+    let f = dev.function("elementwise", "pool_bwd_f32")?;
+    // SAFETY: dy holds B·D values, dx B·N·D.
+    unsafe {
+        launch!(
+            dev,
+            f,
+            "pool_bwd_f32",
+            dev.grid_stride(b * n * d),
+            [dy, &mut dx, &bi, &ni, &di, &mode, &inv]
+        )
+    }?;
+    Ok(dx)
+}
+
+/// Backward of `mask_rows` (rows with mask[r] set replaced by the mask token): given dy [M, D]
+/// (M = mask.len()), dx = dy with the masked rows zeroed and dtoken [D] = Σ of dy's masked rows
+/// (chunks of 64 masked rows in row order, then the chunks in order).
+pub fn mask_rows_backward(
+    dev: &CudaDevice,
+    dy: &CudaSlice<f32>,
+    mask: &[bool],
+    d: usize,
+) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
+    let m = mask.len();
+    check_len("mask_rows_backward dy", dy, m * d)?;
+    nonempty("mask_rows_backward", m * d)?;
+    let masked: Vec<i32> = (0..as_i32("M", m)?).filter(|&r| mask[r as usize]).collect();
+    let dtoken = column_sums(dev, dy, Some(&masked), (m, d))?;
+    let mut dx = dev.empty::<f32>(m * d)?;
+    let flags: Vec<u8> = mask.iter().map(|&b| b as u8).collect();
+    let flags = dev.upload(&flags)?;
+    let (n, di) = ((m * d) as i64, as_i32("D", d)?);
+    let f = dev.function("elementwise", "mask_rows_bwd_f32")?;
+    // SAFETY: dy and dx hold M·D values, flags M.
+    unsafe {
+        launch!(
+            dev,
+            f,
+            "mask_rows_bwd_f32",
+            dev.grid_stride(m * d),
+            [dy, &flags, &mut dx, &n, &di]
+        )
+    }?;
+    Ok((dx, dtoken))
+}
+
+/// The adjoint of gathering rows (out[r] = x[rows[r]]): dx [M, D] with dy [R, D]'s rows added at
+/// `rows` (R = rows.len()). A row taken several times receives the sum of its gradients, in
+/// increasing r as the CPU's scatter-add; rows never taken receive 0.
+pub fn gather_rows_backward(
+    dev: &CudaDevice,
+    dy: &CudaSlice<f32>,
+    rows: &[usize],
+    (m, d): (usize, usize),
+) -> Result<CudaSlice<f32>> {
+    check_len("gather_rows_backward dy", dy, rows.len() * d)?;
+    if let Some(&bad) = rows.iter().find(|&&r| r >= m) {
+        return Err(Error::Cuda(format!(
+            "gather_rows_backward: row {bad} out of range for {m} rows"
+        )));
+    }
+    let (mi, di) = (as_i32("M", m)?, as_i32("D", d)?);
+    as_i32("R", rows.len())?;
+    nonempty("gather_rows_backward", m * d)?;
+    // The inverse map as CSR (a counting sort keeps each target's sources in increasing r).
+    let mut off = vec![0i32; m + 1];
+    for &r in rows {
+        off[r + 1] += 1;
+    }
+    for j in 0..m {
+        off[j + 1] += off[j];
+    }
+    let mut next: Vec<i32> = off[..m].to_vec();
+    let mut src = vec![0i32; rows.len().max(1)];
+    for (k, &r) in rows.iter().enumerate() {
+        src[next[r] as usize] = k as i32;
+        next[r] += 1;
+    }
+    let mut dx = dev.empty::<f32>(m * d)?;
+    let (off, src) = (dev.upload(&off)?, dev.upload(&src)?);
+    let f = dev.function("elementwise", "gather_rows_bwd_f32")?;
+    // SAFETY: dy holds R·D values; off M + 1 offsets into src, whose entries are < R; dx M·D.
+    unsafe {
+        launch!(
+            dev,
+            f,
+            "gather_rows_bwd_f32",
+            dev.grid_stride(m * d),
+            [dy, &off, &src, &mut dx, &mi, &di]
+        )
+    }?;
+    Ok(dx)
+}
+
+/// Backward of the token assembly x[b, t] = (t = 0 ? cls : patches[b, t − 1]) (+ pos[t]):
+/// given dy [B·N, D], returns dpatches [B·(N − 1), D], dcls [D] = Σ_b dy[b, 0] and, when the
+/// model has a position embedding, dpos [N, D] = Σ_b dy[b, t] (images added in order).
+#[allow(clippy::type_complexity)]
+pub fn assemble_backward(
+    dev: &CudaDevice,
+    dy: &CudaSlice<f32>,
+    (b, n, d): (usize, usize, usize),
+    has_pos: bool,
+) -> Result<(CudaSlice<f32>, CudaSlice<f32>, Option<CudaSlice<f32>>)> {
+    check_len("assemble_backward dy", dy, b * n * d)?;
+    nonempty(
+        "assemble_backward patches (N = 1 or B or D = 0)",
+        b * n.saturating_sub(1) * d,
+    )?;
+    let (bi, ni, di) = (as_i32("B", b)?, as_i32("N", n)?, as_i32("D", d)?);
+    as_i32("B·N", b * n)?;
+    let mut dpatches = dev.empty::<f32>(b * (n - 1) * d)?;
+    let mut dcls = dev.empty::<f32>(d)?;
+    let mut dpos = has_pos.then(|| dev.empty::<f32>(n * d)).transpose()?;
+    let f = dev.function("elementwise", "assemble_bwd_f32")?;
+    let pp = ptr_mut_or_null(dev.stream(), dpos.as_mut());
+    // SAFETY: dy holds B·N·D values, dpatches B·(N − 1)·D, dcls D, dpos N·D or null.
+    unsafe {
+        launch!(
+            dev,
+            f,
+            "assemble_bwd_f32",
+            dev.grid_stride(n * d),
+            [dy, &mut dpatches, &mut dcls, &pp, &bi, &ni, &di]
+        )
+    }?;
+    Ok((dpatches, dcls, dpos))
+}
+
+/// acc += g, both [n] f32 (gradient accumulation where the graph branches).
+pub fn add_assign(dev: &CudaDevice, acc: &mut CudaSlice<f32>, g: &CudaSlice<f32>) -> Result<()> {
+    check_len("add_assign g", g, acc.len())?;
+    let n = acc.len();
+    if n == 0 {
+        return Ok(());
+    }
+    let ni = n as i64;
+    let f = dev.function("elementwise", "add_assign_f32")?;
+    // SAFETY: both hold n values.
+    unsafe { launch!(dev, f, "add_assign_f32", dev.grid_stride(n), [acc, g, &ni]) }?;
+    Ok(())
+}
+
+/// x *= s, in place, x [n] f32.
+pub fn scale(dev: &CudaDevice, x: &mut CudaSlice<f32>, s: f32) -> Result<()> {
+    let n = x.len();
+    if n == 0 {
+        return Ok(());
+    }
+    let ni = n as i64;
+    let f = dev.function("elementwise", "scale_f32")?;
+    // SAFETY: x holds n values.
+    unsafe { launch!(dev, f, "scale_f32", dev.grid_stride(n), [x, &s, &ni]) }?;
     Ok(())
 }

@@ -7,13 +7,19 @@
 //! cuBLAS is column-major. A row-major [R, C] matrix is the column-major [C, R] one, so
 //! y[M, N] row-major = yᵀ [N, M] column-major = w·xᵀ with w taken transposed (column-major
 //! [K, N] read as its transpose) and x as is (column-major [K, M]).
+//!
+//! The backward (`linear_backward`, for training) runs its GEMMs through `gemm_rm`, which states
+//! every product in row-major terms and always writes f32 (the gradients stay f32 whatever the
+//! storage), and the bias gradient through kernels/matmul.cu (fixed-order column sums).
 
-use cudarc::cublas::sys::cublasOperation_t;
+use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t};
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+
+pub(crate) use cudarc::cublas::sys::cudaDataType_t;
 
 use super::device::{as_i32, check_len, cuda_err, CudaDevice};
-use super::{elementwise, Storage};
+use super::{elementwise, ptr_mut_or_null, ptr_or_null, Storage};
 use crate::backend::Activation;
 use crate::error::{Error, Result};
 
@@ -85,4 +91,298 @@ where
         (Some(b), Activation::None) => elementwise::bias_add(dev, out, b, (m, n)),
         (b, Activation::Gelu) => elementwise::bias_gelu(dev, out, b, (m, n)),
     }
+}
+
+/// The cuBLAS element type of a storage type (f32 or bf16; f16 is refused by the callers).
+pub(crate) fn data_type<T: Storage>() -> cudaDataType_t {
+    match T::NAME {
+        "bf16" => cudaDataType_t::CUDA_R_16BF,
+        "f16" => cudaDataType_t::CUDA_R_16F,
+        _ => cudaDataType_t::CUDA_R_32F,
+    }
+}
+
+/// One operand of `gemm_rm`: a row-major matrix on the device (its raw address, element type and
+/// row stride `ld` in elements), or a strided batch of them (`stride` elements apart), used as is
+/// or transposed (`trans`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RowMajor {
+    pub ptr: u64,
+    pub ty: cudaDataType_t,
+    pub ld: usize,
+    pub stride: usize,
+    pub trans: bool,
+}
+
+/// C[m, n] = alpha·op(A)[m, k]·op(B)[k, n] + beta·C, all row-major, C f32 (row stride `ldc`,
+/// batch stride `stride_c`), over `batch` matrices; A and B f32 or bf16 (then multiplied in f32:
+/// CUBLAS_COMPUTE_32F, as autocast's bf16 GEMMs). In cuBLAS's column-major terms this is
+/// Cᵀ = op(B)ᵀ·op(A)ᵀ, so B goes first and each transpose flag stays with its operand: a row-major
+/// [r, c] buffer is the column-major [c, r] one.
+///
+/// # Safety
+/// Every operand's batch of matrices lies inside its live allocation (the callers check lengths).
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_rm(
+    dev: &CudaDevice,
+    what: &str,
+    (m, n, k): (usize, usize, usize),
+    alpha: f32,
+    a: RowMajor,
+    b: RowMajor,
+    beta: f32,
+    (c, ldc, stride_c): (u64, usize, usize),
+    batch: usize,
+) -> Result<()> {
+    use cudarc::cublas::result::gemm_strided_batched_ex;
+    let op = |t: bool| {
+        if t {
+            cublasOperation_t::CUBLAS_OP_T
+        } else {
+            cublasOperation_t::CUBLAS_OP_N
+        }
+    };
+    let (mi, ni, ki) = (as_i32("M", m)?, as_i32("N", n)?, as_i32("K", k)?);
+    let (lda, ldb, ldci) = (
+        as_i32("lda", a.ld)?,
+        as_i32("ldb", b.ld)?,
+        as_i32("ldc", ldc)?,
+    );
+    let bi = as_i32("batch", batch)?;
+    // SAFETY: the caller's contract; alpha and beta are f32 as CUBLAS_COMPUTE_32F requires.
+    unsafe {
+        gemm_strided_batched_ex(
+            *dev.blas().handle(),
+            op(b.trans),
+            op(a.trans),
+            ni,
+            mi,
+            ki,
+            (&alpha) as *const f32 as *const _,
+            b.ptr as *const _,
+            b.ty,
+            ldb,
+            b.stride as i64,
+            a.ptr as *const _,
+            a.ty,
+            lda,
+            a.stride as i64,
+            (&beta) as *const f32 as *const _,
+            c as *mut _,
+            cudaDataType_t::CUDA_R_32F,
+            ldci,
+            stride_c as i64,
+            bi,
+            cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    }
+    .map_err(cuda_err(format!(
+        "cuBLAS {what} ({m}x{n}x{k}, batch {batch})"
+    )))
+}
+
+/// Rows per chunk of the first column-sum pass (kernels/matmul.cu CS_ROWS).
+const CS_ROWS: usize = 256;
+
+/// db[N] = Σ_i dy[i, :] over dy [M, N] (f32), or db += that when `accumulate`. Two passes with a
+/// split fixed by M alone (kernels/matmul.cu), so the bits do not depend on the GPU or the run.
+pub fn column_sums(
+    dev: &CudaDevice,
+    dy: &CudaSlice<f32>,
+    db: &mut CudaSlice<f32>,
+    accumulate: bool,
+    (m, n): (usize, usize),
+) -> Result<()> {
+    check_len("column sums input", dy, m * n)?;
+    check_len("column sums output", db, n)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let chunks = m.div_ceil(CS_ROWS);
+    if chunks > 65535 {
+        return Err(Error::Cuda(format!(
+            "column sums: M = {m} rows exceed the grid (at most {} rows)",
+            65535 * CS_ROWS
+        )));
+    }
+    let (mi, ni, ci) = (as_i32("M", m)?, as_i32("N", n)?, as_i32("chunks", chunks)?);
+    let mut part = dev.empty::<f32>((chunks * n).max(1))?;
+    if chunks > 0 {
+        let f = dev.function("matmul", "column_sums_partial_f32")?;
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(32) as u32, chunks as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: dy holds M·N values; part holds chunks·N, one row per grid row.
+        unsafe {
+            launch!(
+                dev,
+                f,
+                "column_sums_partial_f32",
+                cfg,
+                [dy, &mut part, &mi, &ni]
+            )
+        }?;
+    }
+    let f = dev.function("matmul", "column_sums_reduce_f32")?;
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(256) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let beta = i32::from(accumulate);
+    // SAFETY: part holds chunks·N values (none read when chunks = 0), db N.
+    unsafe {
+        launch!(
+            dev,
+            f,
+            "column_sums_reduce_f32",
+            cfg,
+            [&part, db, &ci, &ni, &beta]
+        )
+    }
+}
+
+/// (dx [M, K], dw [N, K], db [N] when asked), all f32: what `linear_backward` returns.
+pub type LinearGrads = (CudaSlice<f32>, CudaSlice<f32>, Option<CudaSlice<f32>>);
+
+/// Gradients of `linear` (y = x·wᵀ + b) from dy [M, N] (f32), with x [M, K] and w [N, K] in T:
+///   dx [M, K] = dy·w,   dw [N, K] = dyᵀ·x,   db [N] = Σ_i dy[i, :]   (all f32).
+/// f32: the GEMMs in f32 (sgemm semantics). bf16: dy is rounded to bf16 (as autocast feeds a bf16
+/// GEMM) and the GEMMs take bf16 operands with f32 accumulation and f32 output. db sums the f32 dy
+/// in a fixed order (`column_sums`), so two runs give the same bits.
+pub fn linear_backward<T: Storage>(
+    dev: &CudaDevice,
+    x: &CudaSlice<T>,
+    w: &CudaSlice<T>,
+    dy: &CudaSlice<f32>,
+    want_db: bool,
+    dims: (usize, usize, usize),
+) -> Result<LinearGrads> {
+    let (m, k, n) = dims;
+    let mut dx = dev.empty::<f32>(m * k)?;
+    let mut dw = dev.empty::<f32>(n * k)?;
+    let mut db = want_db.then(|| dev.empty::<f32>(n)).transpose()?;
+    linear_backward_into(
+        dev,
+        x,
+        w,
+        dy,
+        Some(&mut dx),
+        &mut dw,
+        db.as_mut(),
+        false,
+        dims,
+    )?;
+    Ok((dx, dw, db))
+}
+
+/// `linear_backward` into given buffers: dx [M, K] (skipped when None, e.g. for a first layer whose
+/// input needs no gradient), dw [N, K], db [N] (skipped when None). With `accumulate` the
+/// gradients are added to what the buffers hold (GEMM beta = 1), so a weight used twice, or a
+/// gradient accumulated over micro-batches, needs no extra pass; otherwise they are overwritten.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_backward_into<T: Storage>(
+    dev: &CudaDevice,
+    x: &CudaSlice<T>,
+    w: &CudaSlice<T>,
+    dy: &CudaSlice<f32>,
+    dx: Option<&mut CudaSlice<f32>>,
+    dw: &mut CudaSlice<f32>,
+    db: Option<&mut CudaSlice<f32>>,
+    accumulate: bool,
+    (m, k, n): (usize, usize, usize),
+) -> Result<()> {
+    if T::NAME == "f16" {
+        return Err(Error::Cuda("linear backward: f32 or bf16 only".into()));
+    }
+    check_len("linear backward x", x, m * k)?;
+    check_len("linear backward weight", w, n * k)?;
+    check_len("linear backward dy", dy, m * n)?;
+    check_len("linear backward dw", dw, n * k)?;
+    if let Some(dx) = &dx {
+        check_len("linear backward dx", dx, m * k)?;
+    }
+    if let Some(db) = &db {
+        check_len("linear backward db", db, n)?;
+    }
+    let beta = if accumulate { 1.0 } else { 0.0 };
+    let s = dev.stream();
+    // The GEMM operand dy: as given for f32, rounded to bf16 for a bf16 GEMM.
+    let dy_half = if T::NAME == "f32" || m * n == 0 {
+        None
+    } else {
+        let mut h = dev.empty::<T>(m * n)?;
+        elementwise::cast(dev, dy, &mut h)?;
+        Some(h)
+    };
+    let (pdy, ty) = match &dy_half {
+        Some(h) => (ptr_or_null(s, Some(h)), data_type::<T>()),
+        None => (ptr_or_null(s, Some(dy)), cudaDataType_t::CUDA_R_32F),
+    };
+    let rm = |ptr, ty, ld, trans| RowMajor {
+        ptr,
+        ty,
+        ld,
+        stride: 0,
+        trans,
+    };
+    let (px, pw) = (ptr_or_null(s, Some(x)), ptr_or_null(s, Some(w)));
+    if let Some(dx) = dx {
+        if m * k > 0 {
+            if n == 0 {
+                // A GEMM over an empty inner dim: the gradient is 0 (cuBLAS may skip the write).
+                if !accumulate {
+                    s.memset_zeros(dx).map_err(cuda_err("zero linear dx"))?;
+                }
+            } else {
+                let pdx = ptr_mut_or_null(s, Some(dx));
+                // dx[M, K] = dy[M, N] · w[N, K]
+                // SAFETY: dy is [M, N], w [N, K], dx [M, K], all checked above.
+                unsafe {
+                    gemm_rm(
+                        dev,
+                        "linear backward dx = dy·w",
+                        (m, k, n),
+                        1.0,
+                        rm(pdy, ty, n.max(1), false),
+                        rm(pw, data_type::<T>(), k.max(1), false),
+                        beta,
+                        (pdx, k.max(1), 0),
+                        1,
+                    )
+                }?;
+            }
+        }
+    }
+    if n * k > 0 {
+        if m == 0 {
+            if !accumulate {
+                s.memset_zeros(dw).map_err(cuda_err("zero linear dw"))?;
+            }
+        } else {
+            let pdw = ptr_mut_or_null(s, Some(dw));
+            // dw[N, K] = dy[M, N]ᵀ · x[M, K]
+            // SAFETY: as above; dw is [N, K].
+            unsafe {
+                gemm_rm(
+                    dev,
+                    "linear backward dw = dyᵀ·x",
+                    (n, k, m),
+                    1.0,
+                    rm(pdy, ty, n.max(1), true),
+                    rm(px, data_type::<T>(), k.max(1), false),
+                    beta,
+                    (pdw, k.max(1), 0),
+                    1,
+                )
+            }?;
+        }
+    }
+    if let Some(db) = db {
+        column_sums(dev, dy, db, accumulate, (m, n))?;
+    }
+    Ok(())
 }

@@ -33,8 +33,10 @@ pub mod distance;
 pub mod elementwise;
 pub mod flash_attention;
 pub mod layernorm;
+pub mod loss;
 pub mod matmul;
 pub mod nvrtc;
+pub mod optim;
 pub mod patch_embed;
 pub mod softmax;
 pub mod tensor_core;
@@ -292,6 +294,9 @@ mod tests {
             "elementwise",
             "flash_attention",
             "layernorm",
+            "loss",
+            "matmul",
+            "optim",
             "patch_embed",
             "softmax",
             "tensor_core",
