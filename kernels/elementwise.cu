@@ -5,6 +5,8 @@
 //                     GELU(x) = x · Φ(x),  Φ(x) = ½ (1 + erf(x / √2))   (not the tanh approximation)
 //   gelu_bwd:         dx = dy · (Φ(x) + x · φ(x)),  φ(x) = exp(−x²/2) / √(2π);  x is the
 //                     pre-activation (bias already added)
+//   gelu_bwd_into:    dy ·= Φ(x) + x · φ(x) in place, dy f32 (the tape's gradients), x the
+//                     pre-activation in f32 or bf16 (as the forward kept it)
 //   residual_scale:   x += γ ⊙ y              γ: [D] (BEiT layer scale), or null for γ = 1
 //   assemble_tokens:  x[b·N + t, :] = (t = 0 ? cls : patches[b·G + t − 1, :]) + pos[t, :]
 //                     N = G + 1 tokens, the class token first; pos [N, D] or null. f32 only.
@@ -94,6 +96,16 @@ gelu_bwd_bf16(const __nv_bfloat16* x, const __nv_bfloat16* dy, __nv_bfloat16* dx
         const float g = __bfloat162float(dy[i]) * gelu_erf_grad(__bfloat162float(x[i]));
         dx[i] = __float2bfloat16(g);
     }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+gelu_bwd_into_f32(const float* x, float* dy, long long n) {
+    GRID_STRIDE(i, n) { dy[i] = dy[i] * gelu_erf_grad(x[i]); }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+gelu_bwd_into_bf16(const __nv_bfloat16* x, float* dy, long long n) {
+    GRID_STRIDE(i, n) { dy[i] = dy[i] * gelu_erf_grad(__bfloat162float(x[i])); }
 }
 
 extern "C" __global__ void __launch_bounds__(256)

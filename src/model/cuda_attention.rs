@@ -114,6 +114,16 @@ pub trait Compute: Storage {
         dims: &Dims,
         ws: Option<&mut Workspace<Self>>,
     ) -> Result<()>;
+
+    /// The cuBLAS path that also returns the probabilities [B, H, N, N] (f32) for backward.
+    fn attention_keep_probs(
+        dev: &CudaDevice,
+        qkv: &CudaSlice<Self>,
+        bias: Option<&CudaSlice<f32>>,
+        out: &mut CudaSlice<Self>,
+        dims: &Dims,
+        ws: Option<&mut Workspace<Self>>,
+    ) -> Result<CudaSlice<f32>>;
 }
 
 fn workspace<'a, T>(
@@ -148,6 +158,26 @@ impl Compute for f32 {
         let scale = (dims.dh as f32).powf(-0.5);
         cu::attention::forward_batched_f32(dev, qkv, bias, out, dims, scale, workspace(ws, dims)?)
     }
+
+    fn attention_keep_probs(
+        dev: &CudaDevice,
+        qkv: &CudaSlice<f32>,
+        bias: Option<&CudaSlice<f32>>,
+        out: &mut CudaSlice<f32>,
+        dims: &Dims,
+        ws: Option<&mut Workspace<f32>>,
+    ) -> Result<CudaSlice<f32>> {
+        let scale = (dims.dh as f32).powf(-0.5);
+        cu::attention::forward_keep_probs_f32(
+            dev,
+            qkv,
+            bias,
+            out,
+            dims,
+            scale,
+            workspace(ws, dims)?,
+        )
+    }
 }
 
 impl Compute for half::bf16 {
@@ -171,5 +201,25 @@ impl Compute for half::bf16 {
                 cu::attention::forward_batched_bf16(dev, qkv, bias, out, dims, scale, ws)
             }
         }
+    }
+
+    fn attention_keep_probs(
+        dev: &CudaDevice,
+        qkv: &CudaSlice<half::bf16>,
+        bias: Option<&CudaSlice<f32>>,
+        out: &mut CudaSlice<half::bf16>,
+        dims: &Dims,
+        ws: Option<&mut Workspace<half::bf16>>,
+    ) -> Result<CudaSlice<f32>> {
+        let scale = (dims.dh as f32).powf(-0.5);
+        cu::attention::forward_keep_probs_bf16(
+            dev,
+            qkv,
+            bias,
+            out,
+            dims,
+            scale,
+            workspace(ws, dims)?,
+        )
     }
 }

@@ -64,7 +64,7 @@ impl Meter {
 }
 
 /// Bytes held by one buffer, given back to the meter when the buffer goes.
-struct Lease {
+pub(super) struct Lease {
     bytes: usize,
     meter: Rc<Meter>,
 }
@@ -124,11 +124,13 @@ pub struct CudaExec<T: Compute> {
     /// Which attention runs (`cuda_attention`), and the cuBLAS path's workspace for the last
     /// batch shape.
     attention: AttentionPath,
-    workspace: Option<(Workspace<T>, Lease)>,
+    pub(super) workspace: Option<(Workspace<T>, Lease)>,
     /// A path fell back to cuBLAS for a shape it cannot take; said once.
     fell_back: bool,
     meter: Rc<Meter>,
     head_dim: Option<usize>,
+    /// The relative-position gradient's inverse index per table (training; made once).
+    pub(super) relpos: HashMap<String, cu::attention::RelposScatter>,
     /// Images already on the device that `input` copies from (benchmarks time the forward
     /// without the host-to-device transfer).
     staged: Option<(Vec<usize>, CudaSlice<f32>)>,
@@ -156,6 +158,7 @@ where
             meter: Rc::new(Meter::default()),
             staged: None,
             head_dim: Some(head_dim),
+            relpos: HashMap::new(),
         }
     }
 
@@ -226,7 +229,7 @@ where
     }
 
     /// Uploads the T parameter `name` if it is not on the device yet.
-    fn ensure_low(&mut self, name: &str, t: &Tensor) -> Result<()> {
+    pub(super) fn ensure_low(&mut self, name: &str, t: &Tensor) -> Result<()> {
         if !self.params.contains_key(name) {
             let host: Vec<T> = t.as_slice().iter().map(|&v| T::from_f32(v)).collect();
             let up = self.dev.upload(&host)?;
@@ -235,7 +238,7 @@ where
         Ok(())
     }
 
-    fn low(&self, name: &str) -> Result<&CudaSlice<T>> {
+    pub(super) fn low(&self, name: &str) -> Result<&CudaSlice<T>> {
         match self.params.get(name) {
             Some(DeviceParam::Low(s)) => Ok(s),
             _ => Err(Error::Cuda(format!("{name}: not uploaded as {}", T::NAME))),
@@ -273,7 +276,7 @@ where
     }
 
     /// The cuBLAS attention's workspace for `dims` (made once per batch shape and kept).
-    fn ensure_workspace(&mut self, dims: &AttDims) -> Result<()> {
+    pub(super) fn ensure_workspace(&mut self, dims: &AttDims) -> Result<()> {
         let same = matches!(&self.workspace, Some((w, _)) if (w.dims.b, w.dims.n, w.dims.h, w.dims.dh) == (dims.b, dims.n, dims.h, dims.dh));
         if !same {
             self.workspace = None; // give the old workspace back before making the new one
@@ -287,7 +290,7 @@ where
 
 /// Whether a linear layer runs at T: the transformer blocks' GEMMs (autocast's rule; see the
 /// module doc), found by the checkpoint's own names.
-fn in_blocks(l: &Linear) -> bool {
+pub(super) fn in_blocks(l: &Linear) -> bool {
     l.w.name.starts_with("blocks.")
 }
 

@@ -14,15 +14,16 @@ use cudarc::cublas::{CudaBlas, Gemm};
 use cudarc::driver::CudaSlice;
 
 use crate::backend::cuda as cu;
+use crate::backend::cuda::attention::Dims as AttDims;
 use crate::backend::cuda::device::cuda_err;
 use crate::backend::{Activation, Pool};
 use crate::error::{Error, Result};
-use crate::model::cpu_train::CpuTrain;
 use crate::model::cuda_attention::Compute;
+use crate::model::cuda_exec::in_blocks;
 use crate::model::cuda_exec::{CudaExec, Data, DeviceValue};
 use crate::model::exec::Exec;
 use crate::model::layers::{Linear, Norm, Param, RelBias};
-use crate::model::train_exec::{AttnDims, TableRef, TrainExec};
+use crate::model::train_exec::{AttnDims, GradTriple, TableRef, TrainExec};
 use crate::tensor::Tensor;
 
 type Buf<T> = Rc<DeviceValue<T>>;
@@ -31,21 +32,12 @@ impl<T: Compute> CudaExec<T>
 where
     CudaBlas: Gemm<T>,
 {
-    fn host(&self, v: &DeviceValue<T>) -> Result<Tensor> {
-        self.host_copy(v)
-    }
-
     fn host_grad(&self, g: &CudaSlice<f32>) -> Result<Vec<f32>> {
         self.device().download(g)
     }
 
     fn up(&self, g: &[f32]) -> Result<CudaSlice<f32>> {
         self.device().upload(g)
-    }
-
-    fn up_value(&self, t: &Tensor) -> Result<Buf<T>> {
-        let s = self.up(t.as_slice())?;
-        Ok(Rc::new(self.value(t.shape(), Data::F32(s))))
     }
 }
 
@@ -169,15 +161,57 @@ where
         bias: Option<&RelBias>,
         d: AttnDims,
     ) -> Result<(Buf<T>, CudaSlice<f32>)> {
-        let host = self.host(qkv)?;
-        let (y, probs) = CpuTrain.attention(&host, bias, d)?;
-        Ok((self.up_value(&y)?, self.up(&probs)?))
+        let (bn, d3) = qkv.rows_cols("attention input")?;
+        if bn != d.b * d.n || d3 != 3 * d.h * d.dh {
+            return Err(Error::Data(format!(
+                "attention: qkv [{bn}, {d3}] does not fit B = {}, N = {}, H = {}",
+                d.b, d.n, d.h
+            )));
+        }
+        let dims = AttDims {
+            b: d.b,
+            n: d.n,
+            h: d.h,
+            dh: d.dh,
+        };
+        let bias_key = bias.map(|r| format!("{}:dense", r.table.name));
+        if let (Some(r), Some(key)) = (bias, &bias_key) {
+            self.param_f32(key, &r.dense)?;
+        }
+        // Training runs the cuBLAS path, which keeps the probabilities backward reads.
+        self.ensure_workspace(&dims)?;
+        let mut out = self.device().empty::<T>(bn * d.h * d.dh)?;
+        let mut ws = self.workspace.take();
+        let mut tmp = None;
+        let run = (|| {
+            let xin = self.as_low(qkv, &mut tmp)?;
+            let bias = bias_key.as_deref().map(|k| self.f32_param(k)).transpose()?;
+            let w = ws.as_mut().map(|(w, _)| w);
+            T::attention_keep_probs(self.device(), xin, bias, &mut out, &dims, w)
+        })();
+        self.workspace = ws;
+        let probs = run?;
+        let y = self.value(&[bn, d.h * d.dh], Data::Low(out));
+        Ok((Rc::new(y), probs))
     }
 
     fn scale_rows(&mut self, y: &Buf<T>, keep: &[f32], n: usize) -> Result<Buf<T>> {
-        let host = self.host(y)?;
-        let out = CpuTrain.scale_rows(&host, keep, n)?;
-        self.up_value(&out)
+        let (m, d) = y.rows_cols("drop-path")?;
+        let k = self.up(keep)?;
+        let dev = self.device().clone();
+        let data = match &y.data {
+            Data::F32(s) => {
+                let mut c = dev.stream().clone_dtod(s).map_err(cuda_err("copy"))?;
+                cu::elementwise::scale_rows::<f32>(&dev, &mut c, &k, n, d)?;
+                Data::F32(c)
+            }
+            Data::Low(s) => {
+                let mut c = dev.stream().clone_dtod(s).map_err(cuda_err("copy"))?;
+                cu::elementwise::scale_rows::<T>(&dev, &mut c, &k, n, d)?;
+                Data::Low(c)
+            }
+        };
+        Ok(Rc::new(self.value(&[m, d], data)))
     }
 
     fn residual(&mut self, x: &Buf<T>, y: &Buf<T>, gamma: Option<&Param>) -> Result<Buf<T>> {
@@ -220,11 +254,7 @@ where
     }
 
     fn add_grad(&mut self, acc: &mut CudaSlice<f32>, g: &CudaSlice<f32>) -> Result<()> {
-        let mut a = self.host_grad(acc)?;
-        let b = self.host_grad(g)?;
-        CpuTrain.add_grad(&mut a, &b)?;
-        *acc = self.up(&a)?;
-        Ok(())
+        cu::elementwise::add_assign(self.device(), acc, g)
     }
 
     fn grad_range(
@@ -249,18 +279,31 @@ where
         &mut self,
         cols: &Buf<T>,
         w: &Param,
-        image_dims: [usize; 4],
+        [b, c, h, wd]: [usize; 4],
         dy: CudaSlice<f32>,
         want_input: bool,
-    ) -> Result<(CudaSlice<f32>, CudaSlice<f32>, Option<CudaSlice<f32>>)> {
-        let cols = self.host(cols)?;
-        let dy = self.host_grad(&dy)?;
-        let (dw, db, di) = CpuTrain.patch_embed_backward(&cols, w, image_dims, dy, want_input)?;
-        Ok((
-            self.up(&dw)?,
-            self.up(&db)?,
-            di.map(|d| self.up(&d)).transpose()?,
-        ))
+    ) -> Result<GradTriple<CudaSlice<f32>>> {
+        let (rows, k) = cols.rows_cols("patch_embed backward")?;
+        let n = w.value.shape()[0];
+        self.ensure_f32(w)?;
+        let dev = self.device().clone();
+        let (dcols, dw, db) = cu::matmul::linear_backward::<f32>(
+            &dev,
+            cols.f32("patch_embed cols")?,
+            self.f32_param(&w.name)?,
+            &dy,
+            true,
+            (rows, k, n),
+        )?;
+        let db = db.ok_or_else(|| Error::Cuda("patch_embed backward: no bias gradient".into()))?;
+        let dimg = if want_input {
+            let p = ((k / c) as f64).sqrt().round() as usize;
+            let dims = cu::patch_embed::Dims { b, c, h, w: wd, p };
+            Some(cu::patch_embed::col2im(&dev, &dcols, dims)?)
+        } else {
+            None
+        };
+        Ok((dw, db, dimg))
     }
 
     fn assemble_backward(
@@ -269,14 +312,9 @@ where
         b: usize,
         d: usize,
         has_pos: bool,
-    ) -> Result<(CudaSlice<f32>, CudaSlice<f32>, Option<CudaSlice<f32>>)> {
-        let dy = self.host_grad(&dy)?;
-        let (dp, dc, dpos) = CpuTrain.assemble_backward(dy, b, d, has_pos)?;
-        Ok((
-            self.up(&dp)?,
-            self.up(&dc)?,
-            dpos.map(|d| self.up(&d)).transpose()?,
-        ))
+    ) -> Result<GradTriple<CudaSlice<f32>>> {
+        let n = dy.len() / (b * d).max(1);
+        cu::elementwise::assemble_backward(self.device(), &dy, (b, n, d), has_pos)
     }
 
     fn layernorm_backward(
@@ -317,17 +355,36 @@ where
         x: &Buf<T>,
         l: &Linear,
         pre_gelu: Option<&Buf<T>>,
-        dy: CudaSlice<f32>,
-    ) -> Result<(CudaSlice<f32>, CudaSlice<f32>, Option<CudaSlice<f32>>)> {
-        let xh = self.host(x)?;
-        let pre = pre_gelu.map(|p| self.host(p)).transpose()?;
-        let dy = self.host_grad(&dy)?;
-        let (dx, dw, db) = CpuTrain.linear_backward(&xh, l, pre.as_ref(), dy)?;
-        Ok((
-            self.up(&dx)?,
-            self.up(&dw)?,
-            db.map(|d| self.up(&d)).transpose()?,
-        ))
+        mut dy: CudaSlice<f32>,
+    ) -> Result<GradTriple<CudaSlice<f32>>> {
+        let dev = self.device().clone();
+        if let Some(pre) = pre_gelu {
+            match &pre.data {
+                Data::F32(p) => cu::elementwise::gelu_backward_into::<f32>(&dev, p, &mut dy)?,
+                Data::Low(p) => cu::elementwise::gelu_backward_into::<T>(&dev, p, &mut dy)?,
+            }
+        }
+        let (m, k) = x.rows_cols("linear backward input")?;
+        let n = l.w.value.shape()[0];
+        let want_db = l.bias.tensor().is_some();
+        if in_blocks(l) {
+            self.ensure_low(&l.w.name, &l.w.value)?;
+            let mut tmp = None;
+            let xin = self.as_low(x, &mut tmp)?;
+            cu::matmul::linear_backward::<T>(
+                &dev,
+                xin,
+                self.low(&l.w.name)?,
+                &dy,
+                want_db,
+                (m, k, n),
+            )
+        } else {
+            self.ensure_f32(&l.w)?;
+            let xin = x.f32("linear backward input (outside the blocks)")?;
+            let w = self.f32_param(&l.w.name)?;
+            cu::matmul::linear_backward::<f32>(&dev, xin, w, &dy, want_db, (m, k, n))
+        }
     }
 
     fn attention_backward(
@@ -338,11 +395,46 @@ where
         d: AttnDims,
         dy: CudaSlice<f32>,
     ) -> Result<(CudaSlice<f32>, Option<CudaSlice<f32>>)> {
-        let q = self.host(qkv)?;
-        let p = self.host_grad(probs)?;
-        let dy = self.host_grad(&dy)?;
-        let (dq, dt) = CpuTrain.attention_backward(&q, &p, table, d, dy)?;
-        Ok((self.up(&dq)?, dt.map(|t| self.up(&t)).transpose()?))
+        let dev = self.device().clone();
+        let dims = AttDims {
+            b: d.b,
+            n: d.n,
+            h: d.h,
+            dh: d.dh,
+        };
+        let scale = (d.dh as f32).powf(-0.5);
+        let (dqkv, dbias) = match &qkv.data {
+            Data::F32(q) => cu::attention::backward_batched::<f32>(
+                &dev,
+                q,
+                probs,
+                &dy,
+                table.is_some(),
+                &dims,
+                scale,
+            )?,
+            Data::Low(q) => cu::attention::backward_batched::<T>(
+                &dev,
+                q,
+                probs,
+                &dy,
+                table.is_some(),
+                &dims,
+                scale,
+            )?,
+        };
+        let dtable = match (table, dbias) {
+            (Some(t), Some(db)) => {
+                if !self.relpos.contains_key(&t.table.name) {
+                    let rows = t.table.value.shape()[0];
+                    let sc = cu::attention::RelposScatter::new(&dev, t.index, rows, d.n)?;
+                    self.relpos.insert(t.table.name.clone(), sc);
+                }
+                Some(self.relpos[&t.table.name].grad(&dev, &db, d.h)?)
+            }
+            _ => None,
+        };
+        Ok((dqkv, dtable))
     }
 
     fn residual_backward(
@@ -352,10 +444,20 @@ where
         row_scale: Option<(&[f32], usize)>,
         dy: &CudaSlice<f32>,
     ) -> Result<(CudaSlice<f32>, Option<CudaSlice<f32>>)> {
-        let y = self.host(yv)?;
-        let dy = self.host_grad(dy)?;
-        let (db, dg) = CpuTrain.residual_backward(&y, gamma, row_scale, &dy)?;
-        Ok((self.up(&db)?, dg.map(|g| self.up(&g)).transpose()?))
+        let (m, d) = yv.rows_cols("residual backward")?;
+        if let Some(g) = gamma {
+            self.ensure_f32(g)?;
+        }
+        let keep = row_scale
+            .map(|(k, n)| self.up(k).map(|k| (k, n)))
+            .transpose()?;
+        let dev = self.device().clone();
+        let g = gamma.map(|g| self.f32_param(&g.name)).transpose()?;
+        let rs = keep.as_ref().map(|(k, n)| (k, *n));
+        match &yv.data {
+            Data::F32(y) => cu::elementwise::residual_backward::<f32>(&dev, y, g, rs, dy, (m, d)),
+            Data::Low(y) => cu::elementwise::residual_backward::<T>(&dev, y, g, rs, dy, (m, d)),
+        }
     }
 
     fn pool_backward(
@@ -365,9 +467,8 @@ where
         n: usize,
         how: Pool,
     ) -> Result<CudaSlice<f32>> {
-        let dy = self.host_grad(&dy)?;
-        let dx = CpuTrain.pool_backward(dy, b, n, how)?;
-        self.up(&dx)
+        let d = dy.len() / b.max(1);
+        cu::elementwise::pool_backward(self.device(), &dy, (b, n, d), how)
     }
 
     fn mask_rows_backward(
@@ -376,9 +477,7 @@ where
         mask: &[bool],
         d: usize,
     ) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
-        let dy = self.host_grad(&dy)?;
-        let (dx, dt) = CpuTrain.mask_rows_backward(dy, mask, d)?;
-        Ok((self.up(&dx)?, self.up(&dt)?))
+        cu::elementwise::mask_rows_backward(self.device(), &dy, mask, d)
     }
 
     fn gather_rows_backward(
@@ -387,8 +486,7 @@ where
         rows: &[usize],
         m: usize,
     ) -> Result<CudaSlice<f32>> {
-        let dy = self.host_grad(&dy)?;
-        let dx = CpuTrain.gather_rows_backward(dy, rows, m)?;
-        self.up(&dx)
+        let d = dy.len() / rows.len().max(1);
+        cu::elementwise::gather_rows_backward(self.device(), &dy, rows, (m, d))
     }
 }

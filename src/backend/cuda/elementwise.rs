@@ -87,6 +87,27 @@ pub fn gelu_backward<T: Storage>(
     Ok(())
 }
 
+/// dy [n] (f32, in place) ·= GELU'(x), x [n] the pre-activation in T: the tape's form, whose
+/// gradients are f32 whatever the forward's precision.
+pub fn gelu_backward_into<T: Storage>(
+    dev: &CudaDevice,
+    x: &CudaSlice<T>,
+    dy: &mut CudaSlice<f32>,
+) -> Result<()> {
+    not_f16::<T>("gelu_bwd_into")?;
+    let n = x.len();
+    check_len("gelu_bwd_into dy", dy, n)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let ni = n as i64;
+    let name = format!("gelu_bwd_into_{}", T::NAME);
+    let f = dev.function("elementwise", &name)?;
+    // SAFETY: both buffers hold n elements.
+    unsafe { launch!(dev, f, name, dev.grid_stride(n), [x, dy, &ni]) }?;
+    Ok(())
+}
+
 /// x [M, D] (f32, the residual stream) += γ ⊙ y [M, D]; γ [D] or None for 1.
 pub fn residual<T: Storage>(
     dev: &CudaDevice,
