@@ -174,10 +174,7 @@ where
             h: d.h,
             dh: d.dh,
         };
-        let bias_key = bias.map(|r| format!("{}:dense", r.table.name));
-        if let (Some(r), Some(key)) = (bias, &bias_key) {
-            self.param_f32(key, &r.dense)?;
-        }
+        let bias_key = bias.map(|r| self.dense_bias(r, d.h)).transpose()?;
         // Training runs the cuBLAS path, which keeps the probabilities backward reads.
         self.ensure_workspace(&dims)?;
         let mut out = self.device().empty::<T>(bn * d.h * d.dh)?;
