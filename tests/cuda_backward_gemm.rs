@@ -518,12 +518,23 @@ fn backward_launchers_refuse_bad_shapes() {
         ),
         "dw",
     );
+    expect_err(
+        "linear empty",
+        cu::matmul::linear_backward(&dev, &z(1), &z(3), &z(1), true, (0, 3, 3)).map(|_| ()),
+        "empty shape",
+    );
     let gd = cu::attention::Dims {
         b: 2,
         n: 5,
         h: 2,
         dh: 4,
     };
+    let empty = cu::attention::Dims { b: 0, ..gd };
+    expect_err(
+        "attention empty",
+        cu::attention::backward_batched(&dev, &z(1), &z(1), &z(1), true, &empty, 0.5).map(|_| ()),
+        "qkv",
+    );
     let (qkv, probs, dout) = (z(2 * 5 * 24), z(2 * 2 * 25), z(2 * 5 * 8));
     expect_err(
         "attention probs",
@@ -565,6 +576,11 @@ fn backward_launchers_refuse_bad_shapes() {
     expect_err(
         "col2im cols",
         cu::patch_embed::col2im(&dev, &z(4 * 48 - 1), dims).map(|_| ()),
+        "cols",
+    );
+    expect_err(
+        "col2im empty",
+        cu::patch_embed::col2im(&dev, &z(1), cu::patch_embed::Dims { b: 0, ..dims }).map(|_| ()),
         "cols",
     );
     expect_err(
