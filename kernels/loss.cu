@@ -46,12 +46,17 @@ cross_entropy_rows(const float* z, const int* labels, int B, int C, float smooth
     double acc = 0.0;
     for (int c = lane; c < C; c += 32) {
         const float q = off + (c == y ? 1.f - smoothing : 0.f);
-        const double logp = (double)z[base + c] - lse;
-        acc += (double)q * logp;
-        dz[base + c] = (float)((exp(logp) - (double)q) / batch);
+        acc += (double)q * ((double)z[base + c] - lse);
     }
     acc = ce_warp_sum(acc);
     if (lane == 0) row_loss[row] = -acc;
+    // The gradient in a pass of its own: fused with the loss sum above, the f64 division's slow
+    // path (a call) ran out of registers and spilled.
+    for (int c = lane; c < C; c += 32) {
+        const float q = off + (c == y ? 1.f - smoothing : 0.f);
+        const double logp = (double)z[base + c] - lse;
+        dz[base + c] = (float)((exp(logp) - (double)q) / batch);
+    }
 }
 
 extern "C" __global__ void __launch_bounds__(32)

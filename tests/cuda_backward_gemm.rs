@@ -9,9 +9,15 @@
 //!
 //! Error measure (tests/common parity_errors): rel = max_i |gpu_i − cpu_i| / (|cpu_i| + rms(cpu)),
 //! the rms keeping near-zero entries from turning rounding noise into large ratios. Tolerances:
-//! f32 1e-5 (the GEMMs sum in another order than the CPU's, nothing else differs); bf16 2e-2 (the
-//! GPU rounds dy, dO, P and dS to bf16 for its GEMMs where the CPU reference stays f32: about
-//! 2^-9 relative per operand); relpos, col2im: exact (0), they only move or add in the CPU's order.
+//! f32 1e-5 (the GEMMs sum in another order than the CPU's, nothing else differs). As in
+//! tests/cuda_parity.rs, the bf16 cases round their inputs (x, w, qkv, and the gradients dy, dO
+//! that the launchers round for their GEMMs) to bf16 on the host and the CPU runs on those values
+//! in f32; then the bf16 linear and patch-embedding gradients (bf16 products are exact in f32,
+//! accumulated in f32) and the attention dbias (f32 from bf16-exact operands) are held to 1e-5,
+//! and what the GPU keeps in bf16 inside (P and dS as GEMM operands, the bf16 forward output) to
+//! 2e-2, about 2^-9 relative per rounded operand. The `dy f32` / `dO f32` cases pass unrounded
+//! gradients instead, so the launcher's own rounding of them shows too: 2e-2 on every output.
+//! relpos, col2im: exact (0), they only move values or add them in the CPU's order.
 //! Every reduction is fixed-order, and `backward_launchers_are_bitwise_deterministic` checks it by
 //! running each launcher twice. Without a GPU all of this runs on the CPU stand-in
 //! (tests/common/cuda.rs).
@@ -63,17 +69,35 @@ fn tol<T: Storage>() -> f32 {
     }
 }
 
-fn linear_backward<T: Storage>((m, k, n): (usize, usize, usize), want_db: bool) -> Case {
+/// The tolerance of an output the GPU computes from bf16-exact operands with f32 accumulation:
+/// f32's, unless the gradient it starts from was left unrounded (`exact` false) for the launcher
+/// to round.
+fn tol_exact<T: Storage>(exact: bool) -> f32 {
+    if exact {
+        F32_TOL
+    } else {
+        tol::<T>()
+    }
+}
+
+/// `round_grad`: dy rounded to T on the host (bf16: the launcher's own cast is then exact).
+fn linear_backward<T: Storage>(
+    (m, k, n): (usize, usize, usize),
+    want_db: bool,
+    round_grad: bool,
+) -> Case {
     let run: Run = Box::new(move |dev, rng| {
         let x = rounded::<T>(&randn(rng, m * k, 1.0));
         let w = rounded::<T>(&randn(rng, n * k, 0.5));
         let dy = randn(rng, m * n, 1.0);
+        let dy = if round_grad { rounded::<T>(&dy) } else { dy };
+        let t = tol_exact::<T>(round_grad);
         let (dx_want, dw_want, db_want) = cpu::matmul::linear_backward(&x, &w, &dy, m, k, n);
         let (xd, wd, dyd) = (up::<T>(dev, &x)?, up::<T>(dev, &w)?, dev.upload(&dy)?);
         let (dx, dw, db) = cu::matmul::linear_backward(dev, &xd, &wd, &dyd, want_db, (m, k, n))?;
         let mut outs = vec![
-            Out("dx", dev.download(&dx)?, dx_want, tol::<T>()),
-            Out("dw", dev.download(&dw)?, dw_want.clone(), tol::<T>()),
+            Out("dx", dev.download(&dx)?, dx_want, t),
+            Out("dw", dev.download(&dw)?, dw_want.clone(), t),
         ];
         match db {
             Some(db) => outs.push(Out("db", dev.download(&db)?, db_want, F32_TOL)),
@@ -97,12 +121,7 @@ fn linear_backward<T: Storage>((m, k, n): (usize, usize, usize), want_db: bool) 
         )?;
         let db_sum = cpu::reduce::column_sums(&dy, n);
         let add = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x + y).collect::<Vec<_>>();
-        outs.push(Out(
-            "dw+=",
-            dev.download(&dwd)?,
-            add(&dw0, &dw_want),
-            tol::<T>(),
-        ));
+        outs.push(Out("dw+=", dev.download(&dwd)?, add(&dw0, &dw_want), t));
         outs.push(Out(
             "db+=",
             dev.download(&dbd)?,
@@ -113,19 +132,33 @@ fn linear_backward<T: Storage>((m, k, n): (usize, usize, usize), want_db: bool) 
     });
     Case(
         "linear_backward",
-        format!("M={m} K={k} N={n}{}", if want_db { " +db" } else { "" }),
+        format!(
+            "M={m} K={k} N={n}{}{}",
+            if want_db { " +db" } else { "" },
+            if round_grad { "" } else { " dy f32" }
+        ),
         T::NAME,
         run,
     )
 }
 
 /// The attention forward keeping P, then its backward, both against the CPU's.
-fn attention_backward<T: Storage>(b: usize, n: usize, h: usize, dh: usize, bias: bool) -> Case {
+/// `round_grad`: dO rounded to T on the host, as `linear_backward`'s dy.
+fn attention_backward<T: Storage>(
+    (b, n, h, dh): (usize, usize, usize, usize),
+    bias: bool,
+    round_grad: bool,
+) -> Case {
     let run: Run = Box::new(move |dev, rng| {
         let d = h * dh;
         let qkv = rounded::<T>(&randn(rng, b * n * 3 * d, 1.0));
         let rel = randn(rng, h * n * n, 0.5);
         let dout = randn(rng, b * n * d, 1.0);
+        let dout = if round_grad {
+            rounded::<T>(&dout)
+        } else {
+            dout
+        };
         let dims = cpu::attention::Dims { b, n, h, dh };
         let mut out_want = vec![0.0; b * n * d];
         let bias_h = bias.then_some(&rel[..]);
@@ -165,7 +198,10 @@ fn attention_backward<T: Storage>(b: usize, n: usize, h: usize, dh: usize, bias:
             Out("dqkv", dev.download(&dqkv)?, dqkv_want, tol::<T>()),
         ];
         match (dbias, dbias_want) {
-            (Some(g), Some(w)) => outs.push(Out("dbias", dev.download(&g)?, w, tol::<T>())),
+            (Some(g), Some(w)) => {
+                let t = tol_exact::<T>(round_grad);
+                outs.push(Out("dbias", dev.download(&g)?, w, t))
+            }
             (None, None) => {}
             (_, w) => outs.push(Out("dbias", Vec::new(), w.unwrap_or_default(), 0.0)),
         }
@@ -174,8 +210,9 @@ fn attention_backward<T: Storage>(b: usize, n: usize, h: usize, dh: usize, bias:
     Case(
         "attention_bwd",
         format!(
-            "B={b} N={n} H={h} Dh={dh}{}",
-            if bias { " +bias" } else { "" }
+            "B={b} N={n} H={h} Dh={dh}{}{}",
+            if bias { " +bias" } else { "" },
+            if round_grad { "" } else { " dO f32" }
         ),
         T::NAME,
         run,
@@ -228,7 +265,7 @@ fn patch_embed_backward<T: Storage>(b: usize, c: usize, hw: usize, p: usize, d: 
         let k = c * p * p;
         let images = rounded::<T>(&randn(rng, b * c * hw * hw, 1.0));
         let w = rounded::<T>(&randn(rng, d * k, 0.2));
-        let dy = randn(rng, b * g * d, 1.0);
+        let dy = rounded::<T>(&randn(rng, b * g * d, 1.0));
         let cols = cpu::patch_embed::im2col(&images, b, c, hw, hw, p);
         let (dcols, dw_want, db_want) = cpu::matmul::linear_backward(&cols, &w, &dy, b * g, k, d);
         let dimg_want = cpu::patch_embed::col2im(&dcols, b, c, hw, hw, p);
@@ -252,10 +289,11 @@ fn patch_embed_backward<T: Storage>(b: usize, c: usize, hw: usize, p: usize, d: 
             Some(x) => dev.download(&x)?,
             None => Vec::new(),
         };
+        // dy is rounded like the inputs: the GEMMs see bf16-exact operands (see the module doc).
         Ok(vec![
-            Out("dweight", dev.download(&dw)?, dw_want, tol::<T>()),
+            Out("dweight", dev.download(&dw)?, dw_want, F32_TOL),
             Out("dbias", dev.download(&db)?, db_want, F32_TOL),
-            Out("dimages", dimg, dimg_want, tol::<T>()),
+            Out("dimages", dimg, dimg_want, F32_TOL),
         ])
     });
     Case(
@@ -268,26 +306,28 @@ fn patch_embed_backward<T: Storage>(b: usize, c: usize, hw: usize, p: usize, d: 
 
 fn cases() -> Vec<Case> {
     let mut v = vec![
-        linear_backward::<f32>((1, 1, 1), true),
-        linear_backward::<f32>((7, 5, 3), true),
-        linear_backward::<f32>((300, 96, 33), false),
-        linear_backward::<f32>((394, 192, 576), true),
-        linear_backward::<f32>((600, 64, 40), true),
-        linear_backward::<bf16>((7, 5, 3), true),
-        linear_backward::<bf16>((394, 192, 576), true),
-        linear_backward::<bf16>((600, 64, 40), false),
+        linear_backward::<f32>((1, 1, 1), true, true),
+        linear_backward::<f32>((7, 5, 3), true, true),
+        linear_backward::<f32>((300, 96, 33), false, true),
+        linear_backward::<f32>((394, 192, 576), true, true),
+        linear_backward::<f32>((600, 64, 40), true, true),
+        linear_backward::<bf16>((7, 5, 3), true, true),
+        linear_backward::<bf16>((394, 192, 576), true, true),
+        linear_backward::<bf16>((600, 64, 40), false, true),
+        linear_backward::<bf16>((394, 192, 576), true, false),
     ];
     for n in [5, 17, 197] {
         for b in [1, 3] {
             for bias in [false, true] {
-                v.push(attention_backward::<f32>(b, n, 2, 32, bias));
-                v.push(attention_backward::<bf16>(b, n, 2, 32, bias));
+                v.push(attention_backward::<f32>((b, n, 2, 32), bias, true));
+                v.push(attention_backward::<bf16>((b, n, 2, 32), bias, true));
             }
         }
     }
-    // One case at BEiT's head dim, with more heads.
-    v.push(attention_backward::<f32>(2, 65, 4, 64, true));
-    v.push(attention_backward::<bf16>(2, 65, 4, 64, true));
+    // BEiT's head dim with more heads; then the launcher's own rounding of an f32 dO.
+    v.push(attention_backward::<f32>((2, 65, 4, 64), true, true));
+    v.push(attention_backward::<bf16>((2, 65, 4, 64), true, true));
+    v.push(attention_backward::<bf16>((2, 17, 2, 32), true, false));
     for (wh, h) in [(2, 3), (4, 2), (14, 12)] {
         v.push(relpos_grad(wh, h));
     }
@@ -518,12 +558,23 @@ fn backward_launchers_refuse_bad_shapes() {
         ),
         "dw",
     );
+    expect_err(
+        "linear empty",
+        cu::matmul::linear_backward(&dev, &z(1), &z(3), &z(1), true, (0, 3, 3)).map(|_| ()),
+        "empty shape",
+    );
     let gd = cu::attention::Dims {
         b: 2,
         n: 5,
         h: 2,
         dh: 4,
     };
+    let empty = cu::attention::Dims { b: 0, ..gd };
+    expect_err(
+        "attention empty",
+        cu::attention::backward_batched(&dev, &z(1), &z(1), &z(1), true, &empty, 0.5).map(|_| ()),
+        "qkv",
+    );
     let (qkv, probs, dout) = (z(2 * 5 * 24), z(2 * 2 * 25), z(2 * 5 * 8));
     expect_err(
         "attention probs",
@@ -565,6 +616,11 @@ fn backward_launchers_refuse_bad_shapes() {
     expect_err(
         "col2im cols",
         cu::patch_embed::col2im(&dev, &z(4 * 48 - 1), dims).map(|_| ()),
+        "cols",
+    );
+    expect_err(
+        "col2im empty",
+        cu::patch_embed::col2im(&dev, &z(1), cu::patch_embed::Dims { b: 0, ..dims }).map(|_| ()),
         "cols",
     );
     expect_err(

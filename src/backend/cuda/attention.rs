@@ -565,18 +565,21 @@ fn keep_probs<T: Storage>(
     ws: &mut BatchedScratch<T>,
     fwd: impl FnOnce(&mut BatchedScratch<T>) -> Result<()>,
 ) -> Result<CudaSlice<f32>> {
-    let Dims { b, n, h, .. } = *dims;
+    let Dims { b, n, h, dh } = *dims;
     let bhnn = b * h * n * n;
-    check_len("attention probs scratch", &ws.probs, bhnn.max(1))?;
-    let mut probs = dev.empty::<f32>(bhnn.max(1))?;
+    if bhnn * dh == 0 {
+        // No device buffer can hold zero elements (CUDA refuses 0-byte allocations).
+        return Err(Error::Cuda(format!(
+            "attention keep-probs: empty shape B = {b}, N = {n}, H = {h}, Dh = {dh}"
+        )));
+    }
+    check_len("attention probs scratch", &ws.probs, bhnn)?;
+    let mut probs = dev.empty::<f32>(bhnn)?;
     std::mem::swap(&mut ws.probs, &mut probs);
     let r = fwd(ws);
+    // Swapped back whatever happened, so the scratch keeps its own buffer.
     std::mem::swap(&mut ws.probs, &mut probs);
-    r?;
-    if bhnn == 0 {
-        return dev.zeros::<f32>(0);
-    }
-    Ok(probs)
+    r.map(|()| probs)
 }
 
 /// `forward_batched_f32` that also returns the softmax probabilities P [B, H, N, N] (f32, rows
@@ -651,8 +654,9 @@ pub fn backward_batched<T: Storage>(
     check_len("attention backward probs", probs, bh * nn)?;
     check_len("attention backward dout", dout, bnd)?;
     if bnd == 0 {
-        let dbias = want_dbias.then(|| dev.zeros::<f32>(h * nn)).transpose()?;
-        return Ok((dev.zeros::<f32>(3 * bnd)?, dbias));
+        return Err(Error::Cuda(format!(
+            "attention backward: empty shape B = {b}, N = {n}, H = {h}, Dh = {dh}"
+        )));
     }
     let (bi, ni, hi, di) = (
         as_i32("B", b)?,
@@ -891,7 +895,10 @@ impl RelposScatter {
         );
         as_i32("rows·H", total)?;
         if total == 0 {
-            return dev.zeros::<f32>(0);
+            return Err(Error::Cuda(format!(
+                "relpos table gradient: empty shape ({} rows, H = {h})",
+                self.rows
+            )));
         }
         let mut dtable = dev.empty::<f32>(total)?;
         let f = dev.function("attention", "attention_relpos_grad_f32")?;

@@ -262,6 +262,12 @@ pub fn linear_backward<T: Storage>(
     dims: (usize, usize, usize),
 ) -> Result<LinearGrads> {
     let (m, k, n) = dims;
+    if m * k * n == 0 {
+        // No device buffer can hold zero elements (CUDA refuses 0-byte allocations).
+        return Err(Error::Cuda(format!(
+            "linear backward: empty shape M = {m}, K = {k}, N = {n}"
+        )));
+    }
     let mut dx = dev.empty::<f32>(m * k)?;
     let mut dw = dev.empty::<f32>(n * k)?;
     let mut db = want_db.then(|| dev.empty::<f32>(n)).transpose()?;

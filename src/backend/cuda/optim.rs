@@ -61,9 +61,9 @@ pub fn grad_sq_norm(dev: &CudaDevice, grads: &[&CudaSlice<f32>]) -> Result<CudaS
     let mut part = dev.empty::<f64>(chunks)?;
     let mut per_tensor = dev.empty::<f64>(t)?;
     let f = dev.function("optim", "sq_norm_part")?;
-    // SAFETY: the table holds (pointer, length) of T live gradients, which the borrow keeps alive
-    // until the launch is queued (the stream orders every later free after it); part holds one
-    // value per chunk, first T + 1 chunk starts.
+    // SAFETY: the table holds (pointer, length) of T live gradients (frees are ordered on the
+    // device's one stream, after this kernel); part holds one value per chunk, first T + 1
+    // chunk starts.
     unsafe {
         launch!(
             dev,
@@ -217,17 +217,22 @@ impl DeviceAdamW {
             check_len(&format!("adamw {name} gradient"), g, len)?;
             idx.push(i);
         }
-        self.step += 1;
+        // The step count and the live flags change only once the update is queued.
+        let step = self.step + 1;
         // The CPU's coefficients, computed the same way in f32.
-        let bc1 = 1.0 - self.beta1.powi(self.step as i32);
-        let bc2 = 1.0 - self.beta2.powi(self.step as i32);
+        let bc1 = 1.0 - self.beta1.powi(step as i32);
+        let bc2 = 1.0 - self.beta2.powi(step as i32);
         let sqrt_bc2 = bc2.sqrt();
         let first = chunk_starts(idx.iter().map(|&i| self.slots[i].m.len()))?;
         let chunks = *first.last().unwrap_or(&0) as usize;
-        for &i in &idx {
-            self.slots[i].live = true;
-        }
+        let commit = |opt: &mut DeviceAdamW| {
+            opt.step = step;
+            for &i in &idx {
+                opt.slots[i].live = true;
+            }
+        };
         if chunks == 0 {
+            commit(self);
             return Ok(());
         }
         // (1 − lr_t·wd_t, lr_t / (1 − β1ᵗ)) per tensor, the CPU's coefficients in f32.
@@ -264,8 +269,9 @@ impl DeviceAdamW {
         let f = dev.function("optim", "adamw_step")?;
         let (b1, b2, eps) = (self.beta1, self.beta2, self.eps);
         // SAFETY: the table holds the addresses of T live (value, gradient, m, v) quadruples of
-        // the checked lengths, none aliasing another (distinct names, distinct slots); the
-        // borrows outlive the queued launch.
+        // the checked lengths, none aliasing another (distinct names, distinct slots). Frees are
+        // ordered on the device's one stream, so a buffer dropped after this returns (the table
+        // too) is released only after the kernel has run.
         unsafe {
             launch!(
                 dev,
@@ -285,6 +291,7 @@ impl DeviceAdamW {
                 ]
             )
         }?;
+        commit(self);
         Ok(())
     }
 

@@ -115,10 +115,13 @@ pub fn col2im(dev: &CudaDevice, cols: &CudaSlice<f32>, dims: Dims) -> Result<Cud
     }
     check_len("col2im cols", cols, b * dims.patches() * dims.patch_len())?;
     let n = b * c * h * w;
-    let mut images = dev.empty::<f32>(n)?;
     if n == 0 {
-        return Ok(images);
+        // No device buffer can hold zero elements (CUDA refuses 0-byte allocations).
+        return Err(Error::Cuda(format!(
+            "col2im: empty images [{b}, {c}, {h}, {w}]"
+        )));
     }
+    let mut images = dev.empty::<f32>(n)?;
     let [bi, ci, hi, wi, pi] = [
         as_i32("B", b)?,
         as_i32("C", c)?,
@@ -162,6 +165,11 @@ pub fn backward<T: Storage>(
     }
     let rows = dims.b * dims.patches();
     let k = dims.patch_len();
+    if rows * k * d == 0 {
+        return Err(Error::Cuda(format!(
+            "patch embed backward: empty shape ({rows} patches of {k} values, D = {d})"
+        )));
+    }
     check_len("patch embed backward dy", dy, rows * d)?;
     let mut cols = dev.empty::<T>(rows * k)?;
     im2col(dev, images, &mut cols, dims)?;
