@@ -9,7 +9,7 @@ use super::train_common::{
 };
 use crate::error::{Error, Result};
 use crate::model::VitConfig;
-use crate::train::loops::finetune;
+use crate::train::loops::finetune_on;
 use crate::train::loops::FinetuneLoss;
 use crate::train::step::prepare_for_finetune;
 
@@ -69,6 +69,7 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     let cfg = VitConfig::preset(&args.arch)?;
     let s = args.schedule.schedule()?;
+    let on = args.schedule.train_on()?;
     // Before the data is read: a checkpoint in the way is said in seconds.
     let (_lock, resume) = take_output(&args.output, args.resume, args.overwrite)?;
     if !(0.0..1.0).contains(&args.label_smoothing) {
@@ -161,7 +162,8 @@ pub fn run(args: Args) -> Result<()> {
         (None, None) => FinetuneLoss::from(args.label_smoothing),
     };
     if let Some(r) = &resume {
-        let settings = crate::train::loops::finetune_settings(&s, &data, &loss);
+        let mut settings = crate::train::loops::finetune_settings(&s, &data, &loss);
+        crate::train::loops::record_precision(&mut settings, &on);
         crate::train::loops::check_resume("finetune", &cfg, &settings, r)?;
     }
     note_dropped(data.len(), s.batch);
@@ -176,7 +178,8 @@ pub fn run(args: Args) -> Result<()> {
         per_epoch
     );
     let pb = step_bar(s.epochs as u64 * per_epoch, done, "finetune");
-    let hist = finetune(
+    let hist = finetune_on(
+        &on,
         &cfg,
         &mut params,
         &data,

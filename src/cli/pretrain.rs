@@ -10,7 +10,7 @@ use super::train_common::{
 };
 use crate::error::Result;
 use crate::model::VitConfig;
-use crate::train::loops::pretrain;
+use crate::train::loops::pretrain_on;
 use crate::train::step::add_mim_params;
 
 #[derive(clap::Args, Debug)]
@@ -47,6 +47,7 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     let cfg = VitConfig::preset(&args.arch)?;
     let s = args.schedule.schedule()?;
+    let on = args.schedule.train_on()?;
     // Before the data is read: a checkpoint in the way is said in seconds.
     let (_lock, resume) = take_output(&args.output, args.resume, args.overwrite)?;
     let (data, _) = training_data(&args.data, &args.preset, &cfg, false)?;
@@ -54,7 +55,8 @@ pub fn run(args: Args) -> Result<()> {
     params.retain(|k, _| !k.starts_with("head.") && !k.starts_with("fc_norm."));
     add_mim_params(&mut params, &cfg, s.seed);
     if let Some(r) = &resume {
-        let settings = crate::train::loops::pretrain_settings(&s, &data, args.mask_ratio);
+        let mut settings = crate::train::loops::pretrain_settings(&s, &data, args.mask_ratio);
+        crate::train::loops::record_precision(&mut settings, &on);
         crate::train::loops::check_resume("pretrain", &cfg, &settings, r)?;
     }
     note_dropped(data.len(), s.batch);
@@ -70,7 +72,8 @@ pub fn run(args: Args) -> Result<()> {
         args.mask_ratio
     );
     let pb = step_bar(s.epochs as u64 * per_epoch, done, "pretrain");
-    let hist = pretrain(
+    let hist = pretrain_on(
+        &on,
         &cfg,
         &mut params,
         &data,

@@ -3,9 +3,10 @@
 
 use std::path::Path;
 
-use super::bench::Device;
+use super::bench::{Device, Precision};
 use crate::error::{Error, Result};
 use crate::model::VitConfig;
+use crate::train::device::TrainOn;
 use crate::train::loops::{Dataset, Schedule};
 
 #[derive(clap::Args, Debug, Clone)]
@@ -41,19 +42,24 @@ pub struct ScheduleArgs {
     /// Seed of the initialisation, the shuffling, the masks and drop-path.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Where to train: cpu, or auto (runs on the CPU with a note); cuda is refused, since the
-    /// CUDA backend has no backward ops yet.
+    /// Where to train: cpu, cuda (device 0), or auto (the GPU where there is one, else the CPU
+    /// with a note).
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     pub device: Device,
+    /// On CUDA: f32, or bf16 autocast (bf16 GEMMs and attention with f32 accumulation, f32
+    /// master weights, optimiser state and gradients). The CPU trains in f32.
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    pub precision: Precision,
 }
 
 impl ScheduleArgs {
+    /// Where to train, from --device and --precision (`auto` notes a fallback to the CPU).
+    pub fn train_on(&self) -> Result<TrainOn> {
+        let cuda = super::runner::on_cuda(self.device, "training", || open_cuda(self.precision))?;
+        Ok(cuda.unwrap_or(TrainOn::Cpu))
+    }
+
     pub fn schedule(&self) -> Result<Schedule> {
-        super::runner::cpu_only(
-            self.device,
-            "training",
-            "the CUDA backend has forward ops only",
-        )?;
         for (name, v) in [
             ("--lr", self.lr),
             ("--min-lr", self.min_lr),
@@ -93,6 +99,20 @@ impl ScheduleArgs {
             seed: self.seed,
         })
     }
+}
+
+#[cfg(feature = "cuda")]
+fn open_cuda(precision: Precision) -> Result<TrainOn> {
+    let dev = std::sync::Arc::new(crate::backend::cuda::CudaDevice::new(0)?);
+    eprintln!("cuda: {}", dev.describe());
+    Ok(TrainOn::Cuda { dev, precision })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_cuda(_: Precision) -> Result<TrainOn> {
+    Err(Error::Cuda(
+        "this binary was built without the `cuda` feature".into(),
+    ))
 }
 
 /// Training images from a data spec: `digits[:CLASSES]` (the train part of the bundled digits'

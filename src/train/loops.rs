@@ -12,10 +12,13 @@ use crate::model::init::Rng;
 use crate::model::{VisionTransformer, VitConfig};
 use crate::tensor::Tensor;
 use crate::train::checkpoint::{self, Progress};
+#[cfg(feature = "cuda")]
+use crate::train::device::OnCuda;
+use crate::train::device::{OnCpu, TrainDevice, TrainOn};
 use crate::train::mim::block_mask;
 use crate::train::optim::{warmup_cosine, AdamW};
 use crate::train::step::alpa_finetune_step;
-use crate::train::step::{finetune_step, mim_step, StepConfig};
+use crate::train::step::{finetune_step_on, mim_step_on, StepConfig};
 use crate::weights::WeightStore;
 
 /// Normalised images [n, C, H, W] with labels, all in memory.
@@ -207,6 +210,22 @@ pub fn finetune_settings(s: &Schedule, data: &Dataset, loss: &FinetuneLoss) -> s
     }
 }
 
+/// Adds the training precision to `settings` where it is not f32 (a bf16 run is another recipe,
+/// so resuming it at f32 is refused, and the reverse); f32 runs keep their settings as before.
+pub fn record_precision(settings: &mut serde_json::Value, on: &TrainOn) {
+    #[cfg(feature = "cuda")]
+    if let (TrainOn::Cuda { precision, .. }, Some(map)) = (on, settings.as_object_mut()) {
+        if *precision != crate::backend::Precision::F32 {
+            map.insert(
+                "precision".into(),
+                format!("{precision:?}").to_lowercase().into(),
+            );
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = (settings, on);
+}
+
 /// What a masked-image-modelling checkpoint records as its settings.
 pub fn pretrain_settings(s: &Schedule, data: &Dataset, mask_ratio: f32) -> serde_json::Value {
     serde_json::json!({"schedule": s, "data": data.fingerprint(), "mask_ratio": mask_ratio})
@@ -230,6 +249,7 @@ const SETTING_FLAGS: &[(&str, &str)] = &[
     ("mos_groups", "--mos-groups"),
     ("alpa", "--alpa"),
     ("mask_ratio", "--mask-ratio"),
+    ("precision", "--precision"),
 ];
 
 /// `{"a": {"b": 1}}` as `{"a.b": 1}`: nested settings compared (and named) one by one.
@@ -274,24 +294,29 @@ fn settings_differences(old: &serde_json::Value, new: &serde_json::Value) -> Vec
     )
 }
 
-/// One training step of a loop: (params, optimizer, global step, image indices, lr) → loss.
-type StepFn<'a> =
-    dyn FnMut(&mut BTreeMap<String, Tensor>, &mut AdamW, usize, &[usize], f32) -> Result<f32> + 'a;
+/// One training step of a loop on device D: (device, params, optimizer, global step, image
+/// indices, lr) → loss.
+type StepFn<'a, D> = dyn FnMut(&mut D, &mut BTreeMap<String, Tensor>, &mut AdamW, usize, &[usize], f32) -> Result<f32>
+    + 'a;
 
 impl Run<'_> {
     /// The epoch loop both stages share: seeded order, drop-last batches, BEiT's schedule, a
     /// checkpoint after each epoch. Returns the mean loss of every epoch run.
-    fn epochs(
+    /// The parameters and optimiser state live on `dev` from the first step; they come back to
+    /// the host before each checkpoint and at the end.
+    fn epochs<D: TrainDevice>(
         &self,
         params: &mut BTreeMap<String, Tensor>,
         data: &Dataset,
         resume: Option<checkpoint::Loaded>,
         on_step: &mut OnStep,
-        step_fn: &mut StepFn,
+        dev: &mut D,
+        step_fn: &mut StepFn<D>,
     ) -> Result<Vec<f32>> {
         let s = self.s;
         let per_epoch = check_batch(data, s.batch)?;
         let (mut opt, first) = self.start(params, resume)?;
+        dev.start(params, &opt)?;
         let total = s.epochs * per_epoch;
         let mut history = Vec::new();
         for epoch in first..s.epochs {
@@ -301,6 +326,7 @@ impl Run<'_> {
                 let step = epoch * per_epoch + it;
                 let lr = warmup_cosine(step, s.lr, s.min_lr, s.warmup_epochs * per_epoch, total);
                 let loss = step_fn(
+                    dev,
                     params,
                     &mut opt,
                     step,
@@ -309,10 +335,12 @@ impl Run<'_> {
                 )?;
                 sum += loss;
                 if !on_step(epoch, it, per_epoch, loss) {
+                    dev.sync(params, &mut opt)?;
                     return Ok(history);
                 }
             }
             history.push(sum / per_epoch as f32);
+            dev.sync(params, &mut opt)?;
             self.save(params, &opt, epoch, (epoch + 1) * per_epoch)?;
         }
         Ok(history)
@@ -369,8 +397,67 @@ pub fn finetune(
     resume: Option<checkpoint::Loaded>,
     on_step: &mut OnStep,
 ) -> Result<Vec<f32>> {
+    finetune_on(
+        &TrainOn::Cpu,
+        cfg,
+        params,
+        data,
+        s,
+        loss,
+        checkpoint,
+        resume,
+        on_step,
+    )
+}
+
+/// Runs `$body` with `$d` bound to the training device that `$on` names (the CPU, or CUDA at
+/// f32 or bf16), so each loop is written once and compiled per device.
+macro_rules! on_device {
+    ($on:expr, $cfg:expr, |$d:ident| $body:expr) => {
+        match $on {
+            TrainOn::Cpu => {
+                let $d = &mut OnCpu;
+                $body
+            }
+            #[cfg(feature = "cuda")]
+            TrainOn::Cuda { dev, precision } => {
+                let dh = $cfg.embed_dim / $cfg.num_heads.max(1);
+                match precision {
+                    crate::backend::Precision::F32 => {
+                        let $d = &mut OnCuda::<f32>::new(dev.clone(), &$cfg.name, dh);
+                        $body
+                    }
+                    crate::backend::Precision::Bf16 => {
+                        let $d = &mut OnCuda::<half::bf16>::new(dev.clone(), &$cfg.name, dh);
+                        $body
+                    }
+                }
+            }
+        }
+    };
+}
+
+/// `finetune` on the device `on`.
+#[allow(clippy::too_many_arguments)]
+pub fn finetune_on(
+    on: &TrainOn,
+    cfg: &VitConfig,
+    params: &mut BTreeMap<String, Tensor>,
+    data: &Dataset,
+    s: &Schedule,
+    loss: impl Into<FinetuneLoss>,
+    checkpoint: Option<&Path>,
+    resume: Option<checkpoint::Loaded>,
+    on_step: &mut OnStep,
+) -> Result<Vec<f32>> {
     let loss = loss.into();
-    let settings = finetune_settings(s, data, &loss);
+    if matches!(loss, FinetuneLoss::CrossEntropyAlpa { .. }) && !matches!(on, TrainOn::Cpu) {
+        return Err(Error::Usage(
+            "--alpa trains on the CPU only for now (its attention head has no CUDA ops); use --device cpu".into(),
+        ));
+    }
+    let mut settings = finetune_settings(s, data, &loss);
+    record_precision(&mut settings, on);
     let run = Run {
         cfg,
         stage: "finetune",
@@ -378,27 +465,54 @@ pub fn finetune(
         settings,
         checkpoint,
     };
-    run.epochs(
+    on_device!(on, cfg, |d| run.epochs(
         params,
         data,
         resume,
         on_step,
-        &mut |params, opt, step, idx, lr| {
+        d,
+        &mut |d, params, opt, step, idx, lr| {
             let (x, y) = data.batch(idx)?;
             let sc = run.step_config(step, &loss);
             Ok(match &loss {
                 FinetuneLoss::CrossEntropyAlpa { alpa, .. } => {
                     alpa_finetune_step(cfg, params, opt, &x, &y, lr, &sc, alpa)?.loss
                 }
-                _ => finetune_step(cfg, params, opt, &x, &y, lr, &sc)?.loss,
+                _ => finetune_step_on(d, cfg, params, opt, &x, &y, lr, &sc)?.loss,
             })
         },
-    )
+    ))
 }
 
 /// Masked image modelling with BEiT's block-wise masks over `mask_ratio` of the patches.
 #[allow(clippy::too_many_arguments)]
 pub fn pretrain(
+    cfg: &VitConfig,
+    params: &mut BTreeMap<String, Tensor>,
+    data: &Dataset,
+    s: &Schedule,
+    mask_ratio: f32,
+    checkpoint: Option<&Path>,
+    resume: Option<checkpoint::Loaded>,
+    on_step: &mut OnStep,
+) -> Result<Vec<f32>> {
+    pretrain_on(
+        &TrainOn::Cpu,
+        cfg,
+        params,
+        data,
+        s,
+        mask_ratio,
+        checkpoint,
+        resume,
+        on_step,
+    )
+}
+
+/// `pretrain` on the device `on`.
+#[allow(clippy::too_many_arguments)]
+pub fn pretrain_on(
+    on: &TrainOn,
     cfg: &VitConfig,
     params: &mut BTreeMap<String, Tensor>,
     data: &Dataset,
@@ -416,7 +530,8 @@ pub fn pretrain(
     let (gh, gw) = cfg.grid();
     let num_mask = ((gh * gw) as f32 * mask_ratio).round().max(1.0) as usize;
     let min_patches = 4.min(num_mask);
-    let settings = pretrain_settings(s, data, mask_ratio);
+    let mut settings = pretrain_settings(s, data, mask_ratio);
+    record_precision(&mut settings, on);
     let run = Run {
         cfg,
         stage: "pretrain",
@@ -424,21 +539,22 @@ pub fn pretrain(
         settings,
         checkpoint,
     };
-    run.epochs(
+    on_device!(on, cfg, |d| run.epochs(
         params,
         data,
         resume,
         on_step,
-        &mut |params, opt, step, idx, lr| {
+        d,
+        &mut |d, params, opt, step, idx, lr| {
             let (x, _) = data.batch(idx)?;
             let mut rng = Rng::new(s.seed ^ (0x3a5c_0000_0000 + step as u64));
             let mask: Vec<bool> = (0..idx.len())
                 .flat_map(|_| block_mask(gh, gw, num_mask, min_patches, &mut rng))
                 .collect();
             let sc = run.step_config(step, &FinetuneLoss::from(0.0));
-            Ok(mim_step(cfg, params, opt, &x, &mask, lr, &sc)?.loss)
+            Ok(mim_step_on(d, cfg, params, opt, &x, &mask, lr, &sc)?.loss)
         },
-    )
+    ))
 }
 
 /// Top-1 accuracy of the classifier in `params` on `data`.

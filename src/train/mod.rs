@@ -4,6 +4,7 @@
 
 pub mod alpa;
 pub mod checkpoint;
+pub mod device;
 pub mod export;
 pub mod loops;
 pub mod loss;

@@ -9,6 +9,7 @@ use crate::error::{Error, Result};
 use crate::model::exec::Exec;
 use crate::model::{VisionTransformer, VitConfig};
 use crate::tensor::Tensor;
+use crate::train::device::{OnCpu, TrainDevice};
 use crate::train::loss::{cross_entropy, group_labels, group_softmax};
 use crate::train::optim::{clip_and_update, AdamW};
 use crate::train::tape::Tape;
@@ -59,35 +60,32 @@ fn build(
     Ok((store, model))
 }
 
-/// Backward from `out`, gradient clipping and the AdamW update; returns the gradient norm.
-/// The caller drops its model first, so the parameters are updated in place, not copied.
-#[allow(clippy::too_many_arguments)]
-fn backward_and_update(
-    params: &mut BTreeMap<String, Tensor>,
-    opt: &mut AdamW,
-    tape: Tape,
-    out: crate::train::tape::Var,
-    dout: Vec<f32>,
-    loss: f32,
-    lr: f32,
-    sc: &StepConfig,
-) -> Result<f32> {
+/// A loss that is no longer finite stops the run with what to do about it.
+fn check_loss(loss: f32) -> Result<()> {
     if !loss.is_finite() {
         return Err(Error::Data(format!(
             "loss became {loss}: lower the learning rate"
         )));
     }
-    let grads = tape.backward(out, dout)?;
-    Ok(clip_and_update(
-        opt,
-        params,
-        &grads.params,
-        lr,
-        sc.clip_grad,
-    ))
+    Ok(())
 }
 
 pub fn finetune_step(
+    cfg: &VitConfig,
+    params: &mut BTreeMap<String, Tensor>,
+    opt: &mut AdamW,
+    images: &Tensor,
+    labels: &[usize],
+    lr: f32,
+    sc: &StepConfig,
+) -> Result<StepStats> {
+    finetune_step_on(&mut OnCpu, cfg, params, opt, images, labels, lr, sc)
+}
+
+/// `finetune_step` on a training device.
+#[allow(clippy::too_many_arguments)]
+pub fn finetune_step_on<D: TrainDevice>(
+    dev: &mut D,
     cfg: &VitConfig,
     params: &mut BTreeMap<String, Tensor>,
     opt: &mut AdamW,
@@ -115,10 +113,11 @@ pub fn finetune_step(
             "label {bad} out of range for {n_classes} classes"
         )));
     }
-    let mut tape = Tape::with_drop_path(sc.drop_path, cfg.depth, sc.seed);
+    let mut tape = dev.tape(sc.drop_path, cfg.depth, sc.seed)?;
     let (_, logits) = model.forward_with(&mut tape, images)?;
     let logits = logits.expect("head checked above");
-    let z = tape.value(&logits).as_slice();
+    let z = tape.to_host(&logits)?;
+    let z = z.as_slice();
     let (loss, dlogits) = match &sc.groups {
         None => cross_entropy(z, labels, classes, sc.label_smoothing),
         Some(groups) => {
@@ -130,7 +129,8 @@ pub fn finetune_step(
         }
     };
     drop((model, store));
-    let grad_norm = backward_and_update(params, opt, tape, logits, dlogits, loss, lr, sc)?;
+    check_loss(loss)?;
+    let grad_norm = dev.update(tape, vec![(logits, dlogits)], params, opt, lr, sc.clip_grad)?;
     Ok(StepStats { loss, grad_norm })
 }
 
@@ -203,6 +203,21 @@ pub fn mim_step(
     lr: f32,
     sc: &StepConfig,
 ) -> Result<StepStats> {
+    mim_step_on(&mut OnCpu, cfg, params, opt, images, mask, lr, sc)
+}
+
+/// `mim_step` on a training device.
+#[allow(clippy::too_many_arguments)]
+pub fn mim_step_on<D: TrainDevice>(
+    dev: &mut D,
+    cfg: &VitConfig,
+    params: &mut BTreeMap<String, Tensor>,
+    opt: &mut AdamW,
+    images: &Tensor,
+    mask: &[bool],
+    lr: f32,
+    sc: &StepConfig,
+) -> Result<StepStats> {
     use crate::model::layers::{Linear, LinearBias, Norm, Param};
     use crate::train::mim::{masked_token_rows, mse, patch_targets};
     let (store, model) = build(cfg, params, lr)?;
@@ -221,7 +236,7 @@ pub fn mim_step(
     if rows.is_empty() {
         return Err(Error::Usage("the mask hides no patch".into()));
     }
-    let mut tape = Tape::with_drop_path(sc.drop_path, cfg.depth, sc.seed);
+    let mut tape = dev.tape(sc.drop_path, cfg.depth, sc.seed)?;
     let tokens = model.forward_masked(&mut tape, images, mask, &token, &norm)?;
     let sel = tape.gather_rows(&tokens, &rows)?;
     let pred = tape.linear(&sel, &head, crate::backend::Activation::None)?;
@@ -236,9 +251,10 @@ pub fn mim_step(
         .filter(|&i| mask[i])
         .flat_map(|i| all[i * k..(i + 1) * k].iter().copied())
         .collect();
-    let (loss, dpred) = mse(tape.value(&pred).as_slice(), &target);
+    let (loss, dpred) = mse(tape.to_host(&pred)?.as_slice(), &target);
     drop((model, store, token, norm, head));
-    let grad_norm = backward_and_update(params, opt, tape, pred, dpred, loss, lr, sc)?;
+    check_loss(loss)?;
+    let grad_norm = dev.update(tape, vec![(pred, dpred)], params, opt, lr, sc.clip_grad)?;
     Ok(StepStats { loss, grad_norm })
 }
 
@@ -388,11 +404,7 @@ pub fn alpa_finetune_step(
     alpa: &AlpaConfig,
 ) -> Result<StepStats> {
     let (loss, grads) = alpa_loss_and_grads(cfg, params, images, labels, sc, alpa)?;
-    if !loss.is_finite() {
-        return Err(Error::Data(format!(
-            "loss became {loss}: lower the learning rate"
-        )));
-    }
+    check_loss(loss)?;
     let grad_norm = clip_and_update(opt, params, &grads.params, lr, sc.clip_grad);
     Ok(StepStats { loss, grad_norm })
 }
