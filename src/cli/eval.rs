@@ -386,7 +386,12 @@ pub fn evaluate(
                     bar.inc(1);
                     continue 'methods;
                 }
-                Err(e) => return Err(Error::Data(format!("{name}: {e}"))),
+                // The method named once, whether or not its own message starts with it.
+                Err(e) => {
+                    let e = e.to_string();
+                    let said = e.strip_prefix(name).and_then(|r| r.strip_prefix(": "));
+                    return Err(Error::Data(format!("{name}: {}", said.unwrap_or(&e))));
+                }
             };
             let fit_seconds = t.elapsed().as_secs_f64();
             let t = Instant::now();

@@ -14,7 +14,10 @@ const MAX_VARIANTS: usize = 64;
 
 /// Settings whose single value is itself a comma-separated list.
 fn list_valued(method: &str, key: &str) -> bool {
-    method == "mos" && key == "groups"
+    matches!(
+        (method, key),
+        ("mos", "groups") | ("mahalanobis-ensemble", "weights") | ("gram", "powers")
+    )
 }
 
 /// Every combination of the listed values of `given` (key=value strings for method `m`).
