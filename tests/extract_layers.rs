@@ -37,11 +37,11 @@ fn layers_come_from_the_same_forward_and_are_recorded() {
         let last = &layers.as_slice()[(i * 2 + 1) * d..(i * 2 + 2) * d];
         let mean = last.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
         let var = last.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / d as f64;
-        for j in 0..d {
-            let want = ((last[j] as f64 - mean) / (var + norm.eps as f64).sqrt()) as f32
-                * norm.weight[j]
+        let got = &s.features.as_slice()[i * d..(i + 1) * d];
+        for (j, (&v, &g)) in last.iter().zip(got).enumerate() {
+            let want = ((v as f64 - mean) / (var + norm.eps as f64).sqrt()) as f32 * norm.weight[j]
                 + norm.bias[j];
-            worst = worst.max((want - s.features.as_slice()[i * d + j]).abs());
+            worst = worst.max((want - g).abs());
         }
     }
     assert!(worst < 1e-4, "fc_norm(layer 2) vs features: {worst}");

@@ -112,6 +112,14 @@ fn write(
     Ok(n)
 }
 
+/// The optional columns every chunk of an extraction must carry.
+pub(crate) struct Columns {
+    /// Patch tokens per row of `local` (0: none).
+    pub tokens: usize,
+    pub odin: bool,
+    pub layers: bool,
+}
+
 /// The chunks of one extraction, in order, into the store at `out`: (rows, skipped files).
 pub(crate) fn assemble(
     chunks: &[PathBuf],
@@ -119,10 +127,13 @@ pub(crate) fn assemble(
     out: &Path,
     head: Option<&Head>,
     mut manifest: Manifest,
-    tokens: usize,
-    odin: bool,
-    layers: bool,
+    columns: Columns,
 ) -> Result<(usize, usize)> {
+    let Columns {
+        tokens,
+        odin,
+        layers,
+    } = columns;
     let mut parts = Vec::new();
     for (path, planned) in chunks.iter().zip(plan) {
         let c = super::load_chunk(path)?;

@@ -424,9 +424,11 @@ pub fn extract(
         out,
         head.as_ref(),
         manifest,
-        tokens,
-        opts.odin.is_some(),
-        !opts.layers.is_empty(),
+        merge::Columns {
+            tokens,
+            odin: opts.odin.is_some(),
+            layers: !opts.layers.is_empty(),
+        },
     )?;
     std::fs::remove_dir_all(&partial).map_err(|e| Error::io(&partial, e))?;
     Ok(Summary {
