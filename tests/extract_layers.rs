@@ -92,7 +92,7 @@ fn bad_layers_are_refused_on_one_line() {
 }
 
 #[test]
-fn shards_of_other_layers_do_not_merge() {
+fn shards_merge_only_with_the_same_layers() {
     let tmp = tempfile::tempdir().unwrap();
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
     let (code, _, err) = extract(
@@ -104,8 +104,27 @@ fn shards_of_other_layers_do_not_merge() {
     let (code, _, err) = extract("digits:0-4@test", &b, &["--shard", "1/2", "--layers", "2"]);
     assert_eq!(code, 0, "{err}");
     let out = tmp.path().join("m").to_string_lossy().into_owned();
-    let (a, b) = (a.to_string_lossy(), b.to_string_lossy());
-    assert_refused(&run_mood(&["merge", &a, &b, "-o", &out]), &["--layers"]);
+    let (a_s, b_s) = (a.to_string_lossy(), b.to_string_lossy());
+    assert_refused(&run_mood(&["merge", &a_s, &b_s, "-o", &out]), &["--layers"]);
+    // Shards of the same layers merge into the unsharded store's layers.npy, byte for byte.
+    let c = tmp.path().join("c");
+    let (code, _, err) = extract(
+        "digits:0-4@test",
+        &c,
+        &["--shard", "1/2", "--layers", "1,2"],
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = run_mood(&["merge", &a_s, &c.to_string_lossy(), "-o", &out]);
+    assert_eq!(code, 0, "{err}");
+    let whole = tmp.path().join("whole");
+    let (code, _, err) = extract("digits:0-4@test", &whole, &["--layers", "1,2"]);
+    assert_eq!(code, 0, "{err}");
+    let merged = mood::store::FeatureStore::open(Path::new(&out)).unwrap();
+    assert_eq!(merged.manifest.layers, [1, 2]);
+    assert_eq!(
+        std::fs::read(Path::new(&out).join("layers.npy")).unwrap(),
+        std::fs::read(whole.join("layers.npy")).unwrap()
+    );
 }
 
 /// `mood eval` with the multi-layer methods on stores extracted with --layers; a test store of
