@@ -44,4 +44,8 @@ pub struct Inputs<'a> {
     pub head: Option<&'a Head>,
     /// [n] ODIN scores from the extraction (`mood extract --odin`).
     pub odin: Option<&'a [f32]>,
+    /// [n, L·D] per-block pooled features (`mood extract --layers`), with `layer_blocks` the L
+    /// block numbers.
+    pub layers: Option<Matrix<'a>>,
+    pub layer_blocks: &'a [usize],
 }

@@ -6,6 +6,8 @@
 //! logits.npy       [n, C] optional
 //! labels.npy       [n] integer, optional (class index per row)
 //! local.npy        [n, T, D] optional patch-token features (for `csd`)
+//! layers.npy       [n, L, D] optional: the mean patch token of each block listed in the
+//!                  manifest's `layers` (`mood extract --layers`; for `mahalanobis-ensemble`, `gram`)
 //! head.safetensors optional: head.weight [C, D], head.bias [C], fc_norm.weight/.bias [D]
 //! manifest.json    model, weights hash, preprocessing, count, sources, skipped files, the
 //!                  identity of the run, the files that belong to the store, completion record
@@ -57,6 +59,9 @@ pub struct Manifest {
     pub local_tokens: usize,
     /// Element type of features.npy and local.npy: "f32" or "f16" (logits are always f32).
     pub dtype: String,
+    /// The block numbers (1-based) of layers.npy's L entries, in order; empty without it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<usize>,
     /// (temperature, epsilon) of odin.npy, when the extraction computed ODIN scores.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub odin: Option<(f32, f32)>,
@@ -113,6 +118,7 @@ pub const STORE_FILES: &[&str] = &[
     "local.npy",
     "index.npy",
     "odin.npy",
+    "layers.npy",
     "head.safetensors",
 ];
 
@@ -135,6 +141,8 @@ pub struct FeatureStore {
     pub head: Option<Head>,
     /// [n] ODIN scores (`extract --odin`).
     pub odin: Option<Tensor>,
+    /// [n, L, D] per-block features (`extract --layers`), the blocks in `manifest.layers`.
+    pub layers: Option<Tensor>,
     /// What the reader noticed and the command should say (a store without manifest, ...).
     pub notes: Vec<String>,
 }
@@ -211,6 +219,7 @@ fn check_manifest(
     features: &Tensor,
     local: Option<&Tensor>,
     has_odin: bool,
+    layers: Option<&Tensor>,
 ) -> Result<()> {
     if m.format < 2 && m.count == 0 {
         return Ok(());
@@ -234,6 +243,19 @@ fn check_manifest(
             return bad(format!(
                 "local_tokens {} but local.npy has {tokens} tokens per row",
                 m.local_tokens
+            ));
+        }
+        let blocks = layers.map_or(0, |l| l.shape()[1]);
+        if m.layers.len() != blocks {
+            return bad(format!(
+                "layers {:?} but layers.npy has {blocks} blocks per row",
+                m.layers
+            ));
+        }
+        if let Some(l) = layers.filter(|l| l.shape()[2] != d) {
+            return bad(format!(
+                "layers.npy is {} wide but features.npy {d}",
+                l.shape()[2]
             ));
         }
         if m.odin.is_some() != has_odin {
@@ -398,10 +420,31 @@ impl FeatureStore {
             }
             None => None,
         };
+        let layers = match optional("layers.npy") {
+            Some(p) => {
+                let t = crate::npy::map_float(&p)?;
+                if t.shape().len() != 3 {
+                    return Err(Error::format(
+                        &p,
+                        format!("expected [rows, blocks, dim], found {:?}", t.shape()),
+                    ));
+                }
+                rows_match(&p, t.shape()[0])?;
+                Some(t)
+            }
+            None => None,
+        };
         let head = optional("head.safetensors")
             .map(|p| read_head(&p))
             .transpose()?;
-        check_manifest(dir, &manifest, &features, local.as_ref(), odin.is_some())?;
+        check_manifest(
+            dir,
+            &manifest,
+            &features,
+            local.as_ref(),
+            odin.is_some(),
+            layers.as_ref(),
+        )?;
         Ok(FeatureStore {
             dir: dir.to_path_buf(),
             manifest,
@@ -411,6 +454,7 @@ impl FeatureStore {
             local,
             head,
             odin,
+            layers,
             notes,
         })
     }
@@ -442,6 +486,11 @@ impl FeatureStore {
             local_tokens: self.local.as_ref().map_or(0, |t| t.shape()[1]),
             head: head.or(self.head.as_ref()),
             odin: self.odin.as_ref().map(|t| t.as_slice()),
+            layers: self.layers.as_ref().map(|t| Matrix {
+                data: t.as_slice(),
+                cols: t.shape()[1] * t.shape()[2],
+            }),
+            layer_blocks: &self.manifest.layers,
         }
     }
 }

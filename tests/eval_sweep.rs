@@ -133,6 +133,21 @@ fn eval_scores_each_listed_value_and_tunes_on_a_named_set() {
     assert_eq!(rows.len(), 3, "knn (one k), msp, react");
     assert_eq!(rows[0]["args"]["k"], want_k);
     assert_eq!(rows[0]["results"].as_array().unwrap().len(), 1);
+    // report.json says what was chosen, for which method, on which set (item 3 of issue 16).
+    let tuned = report["tuned"].as_array().unwrap();
+    assert_eq!(tuned.len(), 1, "only knn had listed values: {tuned:?}");
+    assert_eq!(tuned[0]["method"], "knn");
+    assert_eq!(tuned[0]["on"], "val");
+    assert_eq!(tuned[0]["chosen"], format!("knn k={want_k}"));
+    assert_eq!(tuned[0]["args"]["k"], want_k);
+    assert_eq!(tuned[0]["values"], 3);
+    assert_eq!(
+        tuned[0]["auroc"].as_f64().unwrap(),
+        auroc(&report_row(&tmp, want_k), 0),
+        "the AUROC on val of the chosen value"
+    );
+    let md = std::fs::read_to_string(p("report/report.md")).unwrap();
+    assert!(md.contains(&tuned_line(&out)), "{md}");
     // Its far AUROC is the untuned row's.
     assert_eq!(
         rows[0]["results"][0]["metrics"]["auroc"].as_f64().unwrap(),
@@ -144,6 +159,59 @@ fn eval_scores_each_listed_value_and_tunes_on_a_named_set() {
         &["--tune-on nope", "no --ood set"],
     );
     assert_refused(&eval(&["--method-arg", "knn.k=1,,5"]), &["empty value"]);
+}
+
+/// The `tuned on ...` line of eval's stdout.
+fn tuned_line(out: &str) -> String {
+    out.lines()
+        .find(|l| l.starts_with("tuned on "))
+        .expect("a tuned line")
+        .to_string()
+}
+
+/// A method skipped under `--methods all` is named once on its line: nnguide's own error starts
+/// with "nnguide: ", which the skip line must not repeat.
+#[test]
+fn eval_names_a_skipped_method_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = |s: &str| tmp.path().join(s).to_string_lossy().into_owned();
+    store(&tmp.path().join("train"), 150, 1, None);
+    store(&tmp.path().join("id"), 30, 2, None);
+    store(&tmp.path().join("far"), 30, 4, Some(-3.0));
+    let (code, out, err) = mood(&[
+        "eval",
+        "--train",
+        &p("train"),
+        "--id",
+        &p("id"),
+        "--ood",
+        &format!("far={}", p("far")),
+        "--methods",
+        "all",
+        "-o",
+        &p("report"),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("skipped nnguide:"))
+        .unwrap_or_else(|| panic!("no skip line for nnguide: {out}"));
+    assert!(line.starts_with("skipped nnguide: K = 100"), "{line}");
+    assert!(!out.contains("nnguide: nnguide"), "{out}");
+    let md = std::fs::read_to_string(p("report/report.md")).unwrap();
+    assert!(md.contains("- nnguide skipped: K = 100"), "{md}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(p("report/report.json")).unwrap()).unwrap();
+    let skip = report["skipped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["method"] == "nnguide")
+        .unwrap();
+    assert!(
+        skip["reason"].as_str().unwrap().starts_with("K = 100"),
+        "{skip}"
+    );
 }
 
 /// The knn row with `k` of an untuned run into a fresh folder.

@@ -201,9 +201,18 @@ impl Synthetic {
             local_tokens: T,
             head: Some(&self.head),
             odin: Some(&self.odin),
+            // The patch tokens stand in for per-block features: T blocks of D.
+            layers: Some(Matrix {
+                data: &self.local,
+                cols: T * D,
+            }),
+            layer_blocks: &BLOCKS[..T],
         }
     }
 }
+
+/// Block numbers of the stand-in per-block features.
+const BLOCKS: [usize; 12] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12];
 
 #[test]
 fn every_method_saves_and_loads_to_the_same_scores() {
@@ -218,14 +227,15 @@ fn every_method_saves_and_loads_to_the_same_scores() {
             "nnguide" => &["k=5", "alpha=0.5"],
             _ => &[],
         };
-        // SHE needs every class predicted right at least once: labels are the predictions here.
+        // SHE and OpenMax need every class predicted right (OpenMax: twice): labels are the
+        // predictions here.
         let predicted: Vec<usize> = train
             .logits
             .chunks_exact(C)
             .map(|r| (0..C).fold(0, |b, k| if r[k] > r[b] { k } else { b }))
             .collect();
         let fit_on = match m.name {
-            "she" => Inputs {
+            "she" | "openmax" => Inputs {
                 labels: Some(&predicted),
                 ..train.inputs()
             },

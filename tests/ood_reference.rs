@@ -284,6 +284,10 @@ fn posthoc_methods_match_numpy_transcriptions() {
         ("nci", &["alpha=0.1"], "nci_01"),
         ("nnguide", &["k=10", "alpha=1"], "nnguide_all"),
         ("nnguide", &["k=5", "alpha=0.5"], "nnguide_half"),
+        ("openmax", &[], "openmax"),
+        ("openmax", &["distance=eucos"], "openmax_eucos"),
+        ("openmax", &["tailsize=5", "alpha=1"], "openmax_t5_a1"),
+        ("openmax", &["tailsize=100", "alpha=10"], "openmax_t100_a10"),
         ("rmds", &[], "rmds"),
         ("she", &[], "she"),
         ("relation", &[], "relation"),
@@ -303,6 +307,7 @@ fn posthoc_methods_match_numpy_transcriptions() {
         assert_eq!(got.len(), want.len(), "{case}");
         // rmds is a difference of two squared distances (each ~D here) scored by an f32 GEMM:
         // as for `mahalanobis` above, its rounding is relative to the largest score.
+        // openmax's score, −P(unknown), is in [−1, 0]: absolute error.
         let floor = match *name {
             "rmds" => want.iter().fold(1.0f64, |a, b| a.max(b.abs())),
             _ => 1.0,
@@ -320,10 +325,139 @@ fn posthoc_methods_match_numpy_transcriptions() {
         assert_eq!(again, got, "{case}: scores after save and load");
     }
     let z = mood::ood::subspace::logits(&train, &head.weight, &head.bias, d);
+    openmax_weibulls_match_the_numpy_fit(&z, head.bias.len(), &labels);
     let t = mood::ood::temperature::fit_temperature(&z, head.bias.len(), &labels, 0.2).unwrap();
     let want = f64s("posthoc_temperature")[0];
     assert!(
         (t as f64 - want).abs() <= 1e-5 * want,
         "T: ours {t}, scipy {want}"
     );
+}
+
+/// The Weibull of each class (scale, shape, shift) of the default OpenMax case against the numpy
+/// re-expression of libMR's FitHigh (tools/make_posthoc_fixtures.py). On numpy's own float64
+/// tails the fit alone is compared, to 1e-9 relative: both solve the same likelihood equation to
+/// machine precision. Through the detector (f32 logits here, float64 there, and the parameters
+/// kept as f32 in the detector file) to 1e-5: a tail's values move by ~1e-7 relative, and the
+/// maximum likelihood fit of 6 to 20 values amplifies that about tenfold.
+fn openmax_weibulls_match_the_numpy_fit(z: &[f32], c: usize, labels: &[usize]) {
+    use mood::ood::openmax::{OpenMax, OpenMaxDistance, Weibull};
+    let want = f64s("posthoc_openmax_weibull");
+    let tails = f64s("posthoc_openmax_tails");
+    let mut worst = 0.0f64;
+    for (k, tail) in tails.chunks_exact(20).enumerate() {
+        let tail: Vec<f64> = tail.iter().copied().filter(|v| !v.is_nan()).collect();
+        let w = Weibull::fit_high(&tail).unwrap();
+        for (g, r) in [w.scale, w.shape, w.small]
+            .iter()
+            .zip(&want[3 * k..3 * k + 3])
+        {
+            let err = (g - r).abs() / r.abs();
+            worst = worst.max(err);
+            assert!(
+                err <= 1e-9,
+                "class {k}, tail of {}: ours {g}, numpy {r}",
+                tail.len()
+            );
+        }
+    }
+    eprintln!("openmax weibull fit on numpy's tails: max relative error {worst:.2e}");
+    let fit = OpenMax::fit(z, c, labels, 20, OpenMaxDistance::Euclidean).unwrap();
+    worst = 0.0;
+    for (k, w) in fit.weibulls().iter().enumerate() {
+        for (j, (g, r)) in [w.scale, w.shape, w.small]
+            .iter()
+            .zip(&want[3 * k..3 * k + 3])
+            .enumerate()
+        {
+            let err = (g - r).abs() / r.abs();
+            worst = worst.max(err);
+            assert!(err <= 1e-5, "class {k} parameter {j}: ours {g}, numpy {r}");
+        }
+    }
+    eprintln!("openmax weibull parameters through the detector: max relative error {worst:.2e}");
+}
+
+/// The multi-layer methods (`mahalanobis-ensemble`, `gram`) on per-block features shaped as
+/// layers.npy, through the detector, against numpy transcriptions of OpenOOD's mds_ensemble and
+/// gram postprocessors (tools/make_multilayer_fixtures.py), and again after a save and load:
+/// mahalanobis-ensemble to 1e-5 of its largest |score| (as `mahalanobis`: an f32 scoring GEMM),
+/// gram to 1e-5 relative (|score| > 1) or absolute.
+#[test]
+fn multilayer_methods_match_numpy_transcriptions() {
+    use mood::ood::detector::{parse_args, Detector, Inputs, Matrix};
+    let (ts, train) = f32s("layers_train");
+    let (_, labels) = f32s("layers_labels");
+    let (zs, train_z) = f32s("layers_logits");
+    let (_, test) = f32s("layers_test");
+    let (_, test_z) = f32s("layers_test_logits");
+    let labels: Vec<usize> = labels.iter().map(|&l| l as usize).collect();
+    let (l, d, c) = (ts[1], ts[2], zs[1]);
+    let blocks: Vec<usize> = (1..=l).map(|b| 4 * b).collect();
+    let inputs = |x: &'static [f32],
+                  z: &'static [f32],
+                  labels: Option<&'static [usize]>,
+                  blocks: &'static [usize]| Inputs {
+        // Features are the last block's (present in every store; unused by these methods).
+        features: Some(Matrix {
+            data: x,
+            cols: l * d,
+        }),
+        logits: Some(Matrix { data: z, cols: c }),
+        labels,
+        layers: Some(Matrix {
+            data: x,
+            cols: l * d,
+        }),
+        layer_blocks: blocks,
+        ..Default::default()
+    };
+    let leak = |v: Vec<f32>| -> &'static [f32] { Box::leak(v.into_boxed_slice()) };
+    let (train, test, train_z, test_z) = (leak(train), leak(test), leak(train_z), leak(test_z));
+    let labels: &'static [usize] = Box::leak(labels.into_boxed_slice());
+    let blocks: &'static [usize] = Box::leak(blocks.into_boxed_slice());
+    let train_in = inputs(train, train_z, Some(labels), blocks);
+    let test_in = inputs(test, test_z, None, blocks);
+    let cases: &[(&str, &[&str], &str)] = &[
+        ("mahalanobis-ensemble", &[], "mds_ensemble"),
+        (
+            "mahalanobis-ensemble",
+            &["weights=0.5,-1,2"],
+            "mds_ensemble_w",
+        ),
+        ("gram", &[], "gram"),
+        ("gram", &["powers=1,3"], "gram_p13"),
+    ];
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, args, case) in cases {
+        let m = mood::ood::methods::method(name).unwrap();
+        let given: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let det = Detector::fit(name, parse_args(m, &given).unwrap(), &train_in)
+            .unwrap_or_else(|e| panic!("{case}: {e}"));
+        let got = det.score(&test_in).unwrap();
+        let want = f64s(&format!("layers_expected_{case}"));
+        assert_eq!(got.len(), want.len(), "{case}");
+        let floor = match *name {
+            "mahalanobis-ensemble" => want.iter().fold(1.0f64, |a, b| a.max(b.abs())),
+            _ => 1.0,
+        };
+        let mut worst = 0.0f64;
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            let err = (*g as f64 - w).abs() / w.abs().max(floor);
+            worst = worst.max(err);
+            assert!(err <= 1e-5, "{case}[{i}]: ours {g}, numpy {w}");
+        }
+        eprintln!("{case}: max error {worst:.2e}");
+        let path = tmp.path().join(format!("{case}.safetensors"));
+        det.save(&path).unwrap();
+        let again = Detector::load(&path).unwrap().score(&test_in).unwrap();
+        assert_eq!(again, got, "{case}: scores after save and load");
+        // Rows of other blocks are refused, naming both lists.
+        let other: &'static [usize] = Box::leak(vec![1usize, 2, 3].into_boxed_slice());
+        let e = det
+            .score(&inputs(test, test_z, None, other))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("[1, 2, 3]") && e.contains("[4, 8, 12]"), "{e}");
+    }
 }

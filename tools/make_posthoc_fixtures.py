@@ -9,7 +9,18 @@ One shared random set (tests/fixtures/ood/posthoc_*.npy):
   posthoc_test.npy    [120, 64] float32: 80 rows like train, 40 from a shifted distribution
   posthoc_w.npy [10, 64], posthoc_b.npy [10]: a head that reads the classes (train accuracy < 100%)
 and posthoc_expected_<case>.npy (float64, one score per test row) for the cases in CASES below;
-posthoc_temperature.npy holds the temperature fitted by temp-scaling.
+posthoc_temperature.npy holds the temperature fitted by temp-scaling, and
+posthoc_openmax_weibull.npy [C, 3] the (scale, shape, smallest tail value) of each class's
+Weibull fit of the default OpenMax case, and posthoc_openmax_tails.npy [C, 20] the float64 tails
+it was fitted on (NaN-padded where a class has fewer than 20 correctly classified rows).
+
+OpenMax's Weibull fit is libMR's MetaRecognition::FitHigh (translate_amount 1, no scores dropped)
+re-expressed from its C source: the tail shifted so its smallest value is 1, the Weibull maximum
+likelihood fit of weibull.c (log data, rescaled to [-1, 0], the root of the profile likelihood
+equation for the Gumbel scale, then the location) and W_score = the Weibull CDF at the shifted
+distance (0 below the shift). libMR stops its root search at a tolerance of 1e-6 on the rescaled
+problem; here the root is found to machine precision, so these are the exact maximum likelihood
+estimates (libMR's own parameters differ from them by up to about that tolerance).
 """
 import os
 import sys
@@ -21,7 +32,8 @@ ensure_venv()
 
 import numpy as np  # noqa: E402
 from scipy.linalg import pinvh  # noqa: E402
-from scipy.optimize import minimize_scalar  # noqa: E402
+from scipy.optimize import brentq, minimize_scalar  # noqa: E402
+from scipy.spatial import distance as spd  # noqa: E402
 from scipy.special import logsumexp, softmax  # noqa: E402
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "ood")
@@ -161,6 +173,68 @@ def temperature(train, y, w, b, fraction):
     return r.x
 
 
+def weibull_fit_high(tail):
+    """libMR FitHigh on `tail` (fit size = its length): (scale, shape, small_score)."""
+    tail = np.sort(np.asarray(tail, dtype=np.float64))[::-1]
+    small = tail[-1]
+    y = np.log(tail + 1.0 - small)  # translate_amount = 1: every value >= 1, log >= 0
+    top, span = y.max(), y.max() - y.min()
+    x0 = (y - top) / span  # in [-1, 0]
+
+    def f(sigma):  # the profile likelihood equation of the Gumbel (log-Weibull) scale
+        w = np.exp(x0 / sigma)
+        return sigma + x0.mean() - np.sum(x0 * w) / np.sum(w)
+
+    sigma = np.sqrt(6.0) * np.std(x0, ddof=1) / np.pi
+    lo, hi = sigma, sigma
+    while f(lo) > 0:
+        lo /= 2
+    while f(hi) < 0:
+        hi *= 2
+    sigma = brentq(f, lo, hi, xtol=1e-300, rtol=4 * np.finfo(float).eps, maxiter=500)
+    mu = sigma * np.log(np.mean(np.exp(x0 / sigma)))
+    mu, sigma = span * mu + top, span * sigma
+    return np.exp(mu), 1.0 / sigma, small
+
+
+def w_score(fit, x):
+    scale, shape, small = fit
+    t = x + 1.0 - small
+    return 0.0 if t < 0 else 1.0 - np.exp(-((t / scale) ** shape))
+
+
+def openmax_distance(mav, z, kind):
+    if kind == "eucos":
+        return spd.euclidean(mav, z) * 0.5 + spd.cosine(mav, z)
+    return spd.euclidean(mav, z)
+
+
+def openmax(train, y, x, w, b, tailsize=20, alpha=3, kind="euclidean"):
+    """OpenOOD's OpenMax on the logits: MAVs of correctly classified train rows, a Weibull per
+    class on the largest distances to its MAV, the top-alpha logits revised; score = -P(unknown)."""
+    zt, zq = logits(train, w, b), logits(x, w, b)
+    right = zt.argmax(1) == y
+    mavs, fits, tails = [], [], np.full((C, tailsize), np.nan)
+    for c in range(C):
+        rows = zt[right & (y == c)]
+        mav = rows.mean(0)
+        d = np.array([openmax_distance(mav, r, kind) for r in rows])
+        mavs.append(mav)
+        tail = np.sort(d)[-tailsize:]
+        tails[c, :len(tail)] = tail
+        fits.append(weibull_fit_high(tail))
+    scores = []
+    for z in zq:
+        ranked = z.argsort()[::-1][:alpha]
+        omega = np.zeros(C)
+        omega[ranked] = [(alpha + 1 - i) / alpha for i in range(1, alpha + 1)]
+        revised = np.array([z[c] * (1 - w_score(fits[c], openmax_distance(mavs[c], z, kind)) * omega[c])
+                            for c in range(C)])
+        unknown = np.exp(np.sum(z - revised))
+        scores.append(-unknown / (np.sum(np.exp(revised)) + unknown))
+    return np.array(scores), np.array(fits), tails
+
+
 def msp(z):
     return softmax(z, axis=1).max(1)
 
@@ -192,6 +266,13 @@ def main():
         "t2fnorm": msp(logits(test / np.float32(0.1), w, b)),
         "t2fnorm_5": msp(logits(test / np.float32(5.0), w, b)),
     }
+    cases["openmax"], fits, tails = openmax(train, y, test, w, b)
+    cases["openmax_eucos"], _, _ = openmax(train, y, test, w, b, kind="eucos")
+    cases["openmax_t5_a1"], _, _ = openmax(train, y, test, w, b, tailsize=5, alpha=1)
+    cases["openmax_t100_a10"], _, _ = openmax(train, y, test, w, b, tailsize=100, alpha=10)
+    print("correctly classified train rows per class:",
+          [int(np.sum((logits(train, w, b).argmax(1) == y) & (y == c))) for c in range(C)])
+    print("openmax weibull (scale, shape, small):", fits[:2])
     temp = temperature(train, y, w, b, 0.2)
     cases["temp-scaling"] = msp(logits(test, w, b) / temp)
     print(f"temperature: {temp:.6f}")
@@ -202,6 +283,8 @@ def main():
     np.save(os.path.join(OUT, "posthoc_w.npy"), w)
     np.save(os.path.join(OUT, "posthoc_b.npy"), b)
     np.save(os.path.join(OUT, "posthoc_temperature.npy"), np.array([temp]))
+    np.save(os.path.join(OUT, "posthoc_openmax_weibull.npy"), fits.astype(np.float64))
+    np.save(os.path.join(OUT, "posthoc_openmax_tails.npy"), tails)
     for name, s in cases.items():
         assert np.all(np.isfinite(s)), name
         np.save(os.path.join(OUT, f"posthoc_expected_{name}.npy"), s.astype(np.float64))

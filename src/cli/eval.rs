@@ -335,6 +335,7 @@ pub fn evaluate(
         .into(),
         methods: Vec::new(),
         skipped: Vec::new(),
+        tuned: Vec::new(),
         provenance: crate::report::Provenance::of(train, id, oods, ood_stores),
     };
     let bar = crate::progress::Progress::new(names.len() as u64, "methods", "eval");
@@ -350,10 +351,9 @@ pub fn evaluate(
             missing.extend(s.inputs(head).missing(&score_needs));
         }
         if !missing.is_empty() && skip_missing {
-            report.skipped.push(Skip {
-                method: name.into(),
-                reason: format!("needs {}", missing[0].what()),
-            });
+            report
+                .skipped
+                .push(Skip::new(name, &format!("needs {}", missing[0].what())));
             bar.inc(1);
             continue;
         }
@@ -382,14 +382,16 @@ pub fn evaluate(
                 // `all` means every method these stores can run: one that cannot (MOS without
                 // group-softmax logits, say) is listed with the reason, not fatal.
                 Err(e) if skip_missing => {
-                    report.skipped.push(Skip {
-                        method: name.into(),
-                        reason: e.to_string(),
-                    });
+                    report.skipped.push(Skip::new(name, &e.to_string()));
                     bar.inc(1);
                     continue 'methods;
                 }
-                Err(e) => return Err(Error::Data(format!("{name}: {e}"))),
+                // The method named once, whether or not its own message starts with it.
+                Err(e) => {
+                    let e = e.to_string();
+                    let said = e.strip_prefix(name).and_then(|r| r.strip_prefix(": "));
+                    return Err(Error::Data(format!("{name}: {}", said.unwrap_or(&e))));
+                }
             };
             let fit_seconds = t.elapsed().as_secs_f64();
             let t = Instant::now();
@@ -442,10 +444,7 @@ pub fn evaluate(
             match finite {
                 // As for a fit that fails under `all`: listed with the reason, not fatal.
                 Err(e) if skip_missing => {
-                    report.skipped.push(Skip {
-                        method: label,
-                        reason: e.to_string(),
-                    });
+                    report.skipped.push(Skip::new(&label, &e.to_string()));
                     continue;
                 }
                 r => r?,

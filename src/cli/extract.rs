@@ -40,7 +40,13 @@ pub struct Args {
     /// Also write the last block's patch tokens (local.npy, for `csd`).
     #[arg(long)]
     pub local: bool,
-    /// Element type of features.npy and local.npy (f16 halves the disk; logits stay f32).
+    /// Also write, from the same forward, the mean patch token of these blocks (1-based,
+    /// increasing), e.g. 4,8,12: layers.npy [n, L, D], for `mahalanobis-ensemble` and `gram`.
+    /// Transformers on the CPU only.
+    #[arg(long, value_name = "B1,B2,...")]
+    pub layers: Option<String>,
+    /// Element type of features.npy, local.npy and layers.npy (f16 halves the disk; logits stay
+    /// f32).
     #[arg(long, default_value = "f32", value_parser = ["f32", "f16"])]
     pub dtype: String,
     /// Where to run the model: cpu, cuda, or auto (cuda if a device is usable, else cpu with a
@@ -121,6 +127,18 @@ pub fn open_source(spec: &str, preset: &str, img_size: usize) -> Result<(Box<dyn
 pub fn run(args: Args) -> Result<()> {
     let shard = parse_shard(&args.shard)?;
     let odin = args.odin.as_deref().map(parse_odin).transpose()?;
+    let layers = args
+        .layers
+        .as_deref()
+        .map(parse_layers)
+        .transpose()?
+        .unwrap_or_default();
+    if !layers.is_empty() && !matches!(args.device, Device::Cpu) {
+        return Err(Error::Usage(
+            "--layers runs the model on the CPU for now; leave out --device (or use --device cpu)"
+                .into(),
+        ));
+    }
     let device = args.device;
     if args.batch == 0 || args.chunk == 0 {
         return Err(Error::Usage(
@@ -171,6 +189,7 @@ pub fn run(args: Args) -> Result<()> {
         chunk: args.chunk,
         shard,
         local: args.local,
+        layers,
         odin,
         overwrite: args.overwrite,
     };
@@ -222,6 +241,24 @@ pub fn run_merge(args: MergeArgs) -> Result<()> {
         args.output.display()
     );
     Ok(())
+}
+
+/// `--layers 4,8,12`: block numbers, increasing, each once (their range is checked against the
+/// model).
+fn parse_layers(s: &str) -> Result<Vec<usize>> {
+    let bad = || {
+        Error::Usage(format!(
+            "--layers {s}: expected block numbers from 1, increasing, e.g. 4,8,12"
+        ))
+    };
+    let v: Vec<usize> = s
+        .split(',')
+        .map(|b| b.trim().parse::<usize>().map_err(|_| bad()))
+        .collect::<Result<_>>()?;
+    if v.is_empty() || v[0] == 0 || v.windows(2).any(|w| w[0] >= w[1]) {
+        return Err(bad());
+    }
+    Ok(v)
 }
 
 /// `T,EPS` of `--odin`: a positive temperature and a non-negative input step.

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use crate::error::{Error, Result};
 use crate::ood::detector::{parse_args, Method};
-use crate::report::{average, Report};
+use crate::report::{average, Report, Tuned};
 
 /// At most this many settings combinations per method (a typo like `k=1,...` repeated must not
 /// fit thousands of detectors).
@@ -14,7 +14,10 @@ const MAX_VARIANTS: usize = 64;
 
 /// Settings whose single value is itself a comma-separated list.
 fn list_valued(method: &str, key: &str) -> bool {
-    method == "mos" && key == "groups"
+    matches!(
+        (method, key),
+        ("mos", "groups") | ("mahalanobis-ensemble", "weights") | ("gram", "powers")
+    )
 }
 
 /// Every combination of the listed values of `given` (key=value strings for method `m`).
@@ -87,7 +90,8 @@ pub fn label(
 }
 
 /// Keeps, per method, the row with the best AUROC on the OOD set `on`, then drops `on` from every
-/// row and average. Returns one line per method that had a choice.
+/// row and average. Records each method that had a choice in `report.tuned` and returns the line
+/// to print for each.
 pub fn tune(report: &mut Report, on: &str) -> Vec<String> {
     let base = |label: &str| label.split(' ').next().unwrap_or("").to_string();
     let auroc_on = |r: &crate::report::MethodResult| {
@@ -115,12 +119,16 @@ pub fn tune(report: &mut Report, on: &str) -> Vec<String> {
             }
         });
         if j - i > 1 {
-            said.push(format!(
-                "tuned on {on}: {} (AUROC {:.2} on {on}, best of {} values)",
-                rows[best].method,
-                100.0 * auroc_on(&rows[best]),
-                j - i
-            ));
+            let t = Tuned {
+                method: name.clone(),
+                on: on.to_string(),
+                chosen: rows[best].method.clone(),
+                args: rows[best].args.clone(),
+                auroc: auroc_on(&rows[best]),
+                values: j - i,
+            };
+            said.push(t.line());
+            report.tuned.push(t);
         }
         kept.push(best);
         i = j;

@@ -17,6 +17,7 @@ pub(crate) struct Part {
     pub logits: Option<Tensor>,
     pub local: Option<Tensor>,
     pub odin: Option<Tensor>,
+    pub layers: Option<Tensor>,
 }
 
 fn width(t: &Tensor) -> usize {
@@ -79,6 +80,9 @@ fn write(
     if let Some(o) = &first.odin {
         column("odin.npy", &|p| p.odin.as_ref(), shape_of(o), false)?;
     }
+    if let Some(l) = &first.layers {
+        column("layers.npy", &|p| p.layers.as_ref(), shape_of(l), f16)?;
+    }
     let index: Vec<i64> = order.iter().map(|&(p, r)| parts[p].index[r]).collect();
     crate::npy::write_i64(&out.join("index.npy"), &index)?;
     let labels: Vec<i64> = order.iter().map(|&(p, r)| parts[p].labels[r]).collect();
@@ -100,11 +104,20 @@ fn write(
     files.extend(first.local.as_ref().map(|_| "local.npy"));
     files.push("index.npy");
     files.extend(first.odin.as_ref().map(|_| "odin.npy"));
+    files.extend(first.layers.as_ref().map(|_| "layers.npy"));
     files.extend(head.map(|_| "head.safetensors"));
     manifest.files = files.into_iter().map(String::from).collect();
     manifest.complete = true;
     crate::store::write_manifest(out, &manifest)?;
     Ok(n)
+}
+
+/// The optional columns every chunk of an extraction must carry.
+pub(crate) struct Columns {
+    /// Patch tokens per row of `local` (0: none).
+    pub tokens: usize,
+    pub odin: bool,
+    pub layers: bool,
 }
 
 /// The chunks of one extraction, in order, into the store at `out`: (rows, skipped files).
@@ -114,9 +127,13 @@ pub(crate) fn assemble(
     out: &Path,
     head: Option<&Head>,
     mut manifest: Manifest,
-    tokens: usize,
-    odin: bool,
+    columns: Columns,
 ) -> Result<(usize, usize)> {
+    let Columns {
+        tokens,
+        odin,
+        layers,
+    } = columns;
     let mut parts = Vec::new();
     for (path, planned) in chunks.iter().zip(plan) {
         let c = super::load_chunk(path)?;
@@ -143,7 +160,11 @@ pub(crate) fn assemble(
         let features =
             get("features")?.ok_or_else(|| Error::format(path, "chunk has no features"))?;
         let lacks = |name: &str| -> Result<bool> { Ok(n > 0 && get(name)?.is_none()) };
-        if features.shape()[0] != n || (tokens > 0 && lacks("local")?) || (odin && lacks("odin")?) {
+        if features.shape()[0] != n
+            || (tokens > 0 && lacks("local")?)
+            || (odin && lacks("odin")?)
+            || (layers && lacks("layers")?)
+        {
             return Err(Error::format(
                 path,
                 "chunk is inconsistent; delete it and rerun",
@@ -156,6 +177,7 @@ pub(crate) fn assemble(
             logits: get("logits")?,
             local: get("local")?,
             odin: get("odin")?,
+            layers: get("layers")?,
             features,
         });
     }
@@ -267,6 +289,7 @@ pub fn merge(dirs: &[PathBuf], out: &Path, overwrite: bool) -> Result<usize> {
             logits: s.logits.clone(),
             local: s.local.clone(),
             odin: s.odin.clone(),
+            layers: s.layers.clone(),
         });
     }
     let ids: Vec<Identity> = manifests

@@ -42,6 +42,9 @@ pub struct Options {
     pub local: bool,
     /// (temperature, epsilon): also score every image by ODIN through the CPU model (odin.npy).
     pub odin: Option<(f32, f32)>,
+    /// Block numbers whose mean patch token to keep (layers.npy [n, L, D]), from the same
+    /// forward; empty: none.
+    pub layers: Vec<usize>,
     /// Replace whatever store or unfinished run of another identity is in the output.
     pub overwrite: bool,
 }
@@ -67,6 +70,7 @@ struct Chunk {
     logits: Vec<f32>,
     local: Vec<f32>,
     odin: Vec<f32>,
+    layers: Vec<f32>,
     skipped: Vec<Skipped>,
 }
 
@@ -88,7 +92,14 @@ fn raw_i64(name: &str, v: &[i64]) -> RawTensor {
     }
 }
 
-fn save_chunk(path: &Path, c: &Chunk, d: usize, classes: usize, tokens: usize) -> Result<()> {
+fn save_chunk(
+    path: &Path,
+    c: &Chunk,
+    d: usize,
+    classes: usize,
+    tokens: usize,
+    blocks: usize,
+) -> Result<()> {
     let n = c.index.len();
     let mut t = vec![
         raw_i64("index", &c.index),
@@ -100,6 +111,9 @@ fn save_chunk(path: &Path, c: &Chunk, d: usize, classes: usize, tokens: usize) -
     }
     if tokens > 0 {
         t.push(raw_f32("local", vec![n, tokens, d], &c.local));
+    }
+    if blocks > 0 {
+        t.push(raw_f32("layers", vec![n, blocks, d], &c.layers));
     }
     if c.odin.len() == n && n > 0 {
         t.push(raw_f32("odin", vec![n], &c.odin));
@@ -180,6 +194,26 @@ pub fn extract(
     }
     let d = model.feature_dim();
     let classes = model.num_classes().unwrap_or(0);
+    // The per-block hook is in the transformer's forward, run here on the CPU.
+    let layers_model = match (opts.layers.is_empty(), model.as_vit()) {
+        (true, _) => None,
+        (false, None) => {
+            return Err(Error::Usage(format!(
+                "--layers: per-block features come from the transformer's blocks; {} has none",
+                model.name()
+            )))
+        }
+        (false, Some(vit)) => {
+            let depth = vit.blocks.len();
+            if let Some(l) = opts.layers.iter().find(|&&l| l == 0 || l > depth) {
+                return Err(Error::Usage(format!(
+                    "--layers: block {l} does not exist; {} has blocks 1..={depth}",
+                    model.name()
+                )));
+            }
+            Some(vit)
+        }
+    };
     let odin_model = match (opts.odin, model.as_vit()) {
         (Some(_), None) => {
             return Err(Error::Usage(format!(
@@ -198,6 +232,8 @@ pub fn extract(
     id.logits = classes > 0;
     id.local = opts.local;
     id.odin = opts.odin;
+    id.layers = opts.layers.clone();
+    manifest.layers = opts.layers.clone();
     id.dtype = if manifest.dtype.is_empty() {
         "f32".into()
     } else {
@@ -273,7 +309,7 @@ pub fn extract(
             .and_then(|v| v.parse().ok());
         let mut written = 0usize;
         let mut finish = |k: usize, c: Chunk| -> Result<()> {
-            save_chunk(&chunk_path(k), &c, d, classes, tokens)?;
+            save_chunk(&chunk_path(k), &c, d, classes, tokens, opts.layers.len())?;
             written += 1;
             if fault_after == Some(written) {
                 std::process::abort();
@@ -296,6 +332,7 @@ pub fn extract(
                             logits: vec![],
                             local: vec![],
                             odin: vec![],
+                            layers: vec![],
                             skipped: vec![],
                         },
                     )
@@ -327,7 +364,18 @@ pub fn extract(
             if !good.is_empty() {
                 let x = Tensor::from_vec(&[good.len(), chans, size, size], images)?;
                 let t = Instant::now();
-                let (o, local) = if opts.local {
+                let (o, local) = if let Some(vit) = layers_model {
+                    // One forward with the per-block hook (on the CPU: `--device` is checked
+                    // to be cpu when --layers is given).
+                    let (o, l, per_block) = vit.forward_layers_on(
+                        &mut crate::model::exec::Infer,
+                        &x,
+                        &opts.layers,
+                        opts.local,
+                    )?;
+                    chunk.layers.extend_from_slice(per_block.as_slice());
+                    (o, l)
+                } else if opts.local {
                     let (o, l) = runner.forward_local(&x)?;
                     (o, Some(l))
                 } else {
@@ -376,8 +424,11 @@ pub fn extract(
         out,
         head.as_ref(),
         manifest,
-        tokens,
-        opts.odin.is_some(),
+        merge::Columns {
+            tokens,
+            odin: opts.odin.is_some(),
+            layers: !opts.layers.is_empty(),
+        },
     )?;
     std::fs::remove_dir_all(&partial).map_err(|e| Error::io(&partial, e))?;
     Ok(Summary {

@@ -250,9 +250,23 @@ impl VisionTransformer {
         })
     }
 
-    /// The transformer blocks on a token sequence [B·N, D].
-    fn blocks_with<E: Exec>(&self, e: &mut E, mut x: E::V, b: usize) -> Result<E::V> {
+    /// The transformer blocks on a token sequence [B·N, D]. `taps` (block numbers 1..=depth, in
+    /// the order wanted) is the per-block hook of `mood extract --layers`: after each tapped
+    /// block, the mean of its output's patch tokens (the class token left out, no norm) [B, D]
+    /// is pushed to `tapped`, in `taps` order, from this one pass.
+    fn blocks_with<E: Exec>(
+        &self,
+        e: &mut E,
+        mut x: E::V,
+        b: usize,
+        taps: &[usize],
+        tapped: &mut Vec<(usize, E::V)>,
+    ) -> Result<E::V> {
         let (cfg, n) = (&self.cfg, self.cfg.tokens());
+        let every: Vec<usize> = match taps.is_empty() {
+            true => Vec::new(),
+            false => (0..b * n).collect(),
+        };
         for (i, blk) in self.blocks.iter().enumerate() {
             let h = e.layernorm(&x, &blk.norm1, cfg.eps)?;
             let qkv = e.linear(&h, &blk.qkv, Activation::None)?;
@@ -263,7 +277,13 @@ impl VisionTransformer {
             let h = e.linear(&h, &blk.fc1, Activation::Gelu)?;
             let h = e.linear(&h, &blk.fc2, Activation::None)?;
             x = e.residual(x, h, blk.gamma2.as_ref(), i)?;
+            if taps.contains(&(i + 1)) {
+                // `pool` consumes its input: it pools a copy, and the stream goes on.
+                let copy = e.gather_rows(&x, &every)?;
+                tapped.push((i + 1, e.pool(copy, b, Pool::MeanPatches)?));
+            }
         }
+        tapped.sort_by_key(|(block, _)| taps.iter().position(|t| t == block));
         Ok(x)
     }
 
@@ -283,7 +303,7 @@ impl VisionTransformer {
         let patches = e.patch_embed(&img, &self.patch_w, &self.patch_b)?;
         let patches = e.mask_rows(patches, mask, mask_token)?;
         let x = e.assemble_tokens(patches, &self.cls, self.pos.as_ref(), b)?;
-        let x = self.blocks_with(e, x, b)?;
+        let x = self.blocks_with(e, x, b, &[], &mut Vec::new())?;
         e.layernorm(&x, final_norm, self.cfg.eps)
     }
 
@@ -330,6 +350,66 @@ impl VisionTransformer {
         Ok((logits, local))
     }
 
+    /// One forward giving the features and logits, the last block's patch tokens [B, G, D] when
+    /// `local`, and for each of `layers` (block numbers 1..=depth) the mean of that block's output
+    /// patch tokens, as [B, L, D] (`mood extract --layers`), the outputs copied to the host.
+    pub fn forward_layers_on<E: Exec>(
+        &self,
+        e: &mut E,
+        images: &Tensor,
+        layers: &[usize],
+        local: bool,
+    ) -> Result<(Output, Option<Tensor>, Tensor)> {
+        let depth = self.blocks.len();
+        if let Some(l) = layers.iter().find(|&&l| l == 0 || l > depth) {
+            return Err(Error::Usage(format!(
+                "--layers {l}: {} has blocks 1..={depth}",
+                self.cfg.name
+            )));
+        }
+        if layers.is_empty() || layers.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(Error::Usage(format!(
+                "--layers {layers:?}: block numbers in increasing order, each once"
+            )));
+        }
+        let (b, n, g, d) = (
+            images.shape()[0],
+            self.cfg.tokens(),
+            self.patches(),
+            self.cfg.embed_dim,
+        );
+        let mut tapped = Vec::new();
+        let x = self.tokens_tapped(e, images, layers, &mut tapped)?;
+        let local = match local {
+            true => {
+                let rows: Vec<usize> = (0..b)
+                    .flat_map(|i| (n - g..n).map(move |t| i * n + t))
+                    .collect();
+                let l = e.gather_rows(&x, &rows)?;
+                Some(e.to_host(&l)?.reshape(&[b, g, d])?)
+            }
+            false => None,
+        };
+        let (features, logits) = self.head_with(e, x, b)?;
+        let out = Output {
+            features: e.to_host(&features)?,
+            logits: logits.map(|l| e.to_host(&l)).transpose()?,
+        };
+        // [L][B, D] → [B, L, D]
+        let per: Vec<Tensor> = tapped
+            .iter()
+            .map(|(_, v)| e.to_host(v))
+            .collect::<Result<_>>()?;
+        let mut all = vec![0.0f32; b * layers.len() * d];
+        for (j, t) in per.iter().enumerate() {
+            for (i, row) in t.as_slice().chunks_exact(d).enumerate() {
+                let at = (i * layers.len() + j) * d;
+                all[at..at + d].copy_from_slice(row);
+            }
+        }
+        Ok((out, local, Tensor::from_vec(&[b, layers.len(), d], all)?))
+    }
+
     fn patches(&self) -> usize {
         self.cfg.grid().0 * self.cfg.grid().1
     }
@@ -348,6 +428,17 @@ impl VisionTransformer {
 
     /// Patch embedding and the blocks: every token [B·N, D] after the last block.
     fn tokens_with<E: Exec>(&self, e: &mut E, images: &Tensor) -> Result<E::V> {
+        self.tokens_tapped(e, images, &[], &mut Vec::new())
+    }
+
+    /// `tokens_with`, with the per-block hook of `blocks_with`.
+    fn tokens_tapped<E: Exec>(
+        &self,
+        e: &mut E,
+        images: &Tensor,
+        taps: &[usize],
+        tapped: &mut Vec<(usize, E::V)>,
+    ) -> Result<E::V> {
         let cfg = &self.cfg;
         let s = cfg.img_size;
         match images.shape() {
@@ -363,7 +454,7 @@ impl VisionTransformer {
         let img = e.input(images)?;
         let patches = e.patch_embed(&img, &self.patch_w, &self.patch_b)?;
         let x = e.assemble_tokens(patches, &self.cls, self.pos.as_ref(), b)?;
-        self.blocks_with(e, x, b)
+        self.blocks_with(e, x, b, taps, tapped)
     }
 
     /// Pooling, the final norm and the head on the tokens of `b` images.

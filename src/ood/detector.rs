@@ -33,6 +33,7 @@ impl<'a> Inputs<'a> {
                 Head => self.head.is_none(),
                 Local => self.local.is_none(),
                 Odin => self.odin.is_none(),
+                Layers => self.layers.is_none(),
             })
             .collect()
     }
@@ -285,6 +286,7 @@ impl Detector {
                         .features
                         .filter(|_| m.needs.contains(&Features))
                         .map(|f| f.data),
+                    layers: inputs.layers.map(|l| (l.data, l.cols, inputs.layer_blocks)),
                     dim,
                     logits: z.as_ref().map(|(z, c)| (&z[..], *c)),
                     labels: inputs.labels,
@@ -387,6 +389,7 @@ impl Detector {
                         true => Some(features()?),
                         false => None,
                     },
+                    layers: inputs.layers.map(|l| (l.data, l.cols, inputs.layer_blocks)),
                     dim: self.header.dim,
                     logits: z.as_ref().map(|(z, c)| (&z[..], *c)),
                     labels: None,

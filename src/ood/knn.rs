@@ -49,14 +49,13 @@ impl Knn {
         (&self.train, self.n)
     }
 
-    /// The k-th largest dot product of each normalised query row with the normalised train rows,
-    /// and the query rows' squared norms.
-    fn kth_dots(&self, features: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
+    /// The k-th largest dot product of each normalised query row with the normalised train rows.
+    fn kth_dots(&self, features: &[f32]) -> Result<Vec<f32>> {
         let q = normalise(features, self.dim, "features")?;
         // Query rows per GEMM: enough for an efficient GEMM, with the [block, n] dot products
         // kept near 64 MB.
         let block = ((16 << 20) / self.n.max(1)).clamp(64, 1024);
-        let (mut kth, mut norms) = (Vec::new(), Vec::new());
+        let mut kth = Vec::new();
         let mut dots = vec![0.0f32; block * self.n];
         for chunk in q.chunks(block * self.dim) {
             let b = chunk.len() / self.dim;
@@ -73,23 +72,17 @@ impl Knn {
                 let (_, v, _) = r.select_nth_unstable_by(self.n - self.k, |a, b| a.total_cmp(b));
                 *v
             }));
-            norms.extend(
-                chunk
-                    .chunks(self.dim)
-                    .map(|r| r.iter().map(|v| v * v).sum::<f32>()),
-            );
         }
-        Ok((kth, norms))
+        Ok(kth)
     }
 
-    /// −‖q − t_(k)‖² = −(‖q‖² + 1 − 2 q·t_(k)) (‖q‖ is 1 up to the 1e-10 guard and rounding).
+    /// −‖q − t_(k)‖² = −(‖q‖² + 1 − 2 q·t_(k)) (‖q‖ is 1 up to the 1e-10 guard and rounding):
+    /// `score_many` at the fitted k.
     pub fn score(&self, features: &[f32]) -> Result<Vec<f32>> {
-        let (kth, norms) = self.kth_dots(features)?;
-        Ok(kth
-            .iter()
-            .zip(&norms)
-            .map(|(dot, qq)| -(qq + 1.0 - 2.0 * dot).max(0.0))
-            .collect())
+        Ok(self
+            .score_many(features, &[self.k])?
+            .pop()
+            .expect("one k, one score vector"))
     }
 
     /// `score` for each of `ks` (each in 1..=the fitted k) from one pass of GEMMs: one selection
@@ -138,7 +131,7 @@ impl Knn {
 
     /// The cosine similarity to the k-th most similar train row (k = 1: MOOD v1's `cos`).
     pub fn cosine(&self, features: &[f32]) -> Result<Vec<f32>> {
-        Ok(self.kth_dots(features)?.0)
+        self.kth_dots(features)
     }
 
     pub fn save(&self, s: &mut Stats) {

@@ -16,6 +16,8 @@ pub enum Need {
     Local,
     /// ODIN scores computed through the model at extraction time.
     Odin,
+    /// Per-block pooled features (`mood extract --layers`).
+    Layers,
 }
 
 impl Need {
@@ -27,6 +29,7 @@ impl Need {
             Need::Head => "the linear head (head.safetensors or --head)",
             Need::Local => "patch-token features (local.npy; extract with --local)",
             Need::Odin => "ODIN scores (odin.npy; extract with --odin)",
+            Need::Layers => "per-block features (layers.npy; extract with --layers, e.g. 4,8,12)",
         }
     }
 
@@ -271,6 +274,16 @@ pub const METHODS: &[Method] = &[
         about: "NNGuide: energy times the mean top-K similarity to an energy-weighted train bank",
     },
     Method {
+        name: "openmax",
+        needs: &[Logits, Labels],
+        args: &[
+            ("tailsize", "20", "largest distances per class that fit its Weibull"),
+            ("alpha", "3", "top-ranked classes whose logits are revised"),
+            ("distance", "euclidean", "to the mean activation vector: euclidean or eucos"),
+        ],
+        about: "OpenMax: -P(unknown) after Weibull revision of the top logits (libMR's fit)",
+    },
+    Method {
         name: "rmds",
         needs: &[Features, Labels],
         args: &[],
@@ -287,6 +300,22 @@ pub const METHODS: &[Method] = &[
         needs: &[Features, Logits],
         args: &[("pow", "1", "power of each relation edge")],
         about: "Relation: sum of feature-and-softmax relations to every train row above 0.03",
+    },
+    Method {
+        name: "mahalanobis-ensemble",
+        needs: &[Layers, Labels],
+        args: &[(
+            "weights",
+            "1",
+            "per-layer weights, comma-separated (one value: every layer)",
+        )],
+        about: "Lee et al.'s multi-layer Mahalanobis: weighted sum of per-block max_c -MD/2",
+    },
+    Method {
+        name: "gram",
+        needs: &[Layers, Labels, Logits],
+        args: &[("powers", "1,2,3,4,5", "Gram matrix orders, comma-separated")],
+        about: "Gram: deviation of per-block Gram features from the predicted class's train ranges",
     },
     Method {
         name: "temp-scaling",

@@ -4,8 +4,8 @@
 //! `gaussian` (Mahalanobis family), `centroid` (distances to centroids, k-means), `knn` (exact
 //! kNN and 1-NN cosine), `csd` (MODE), `logits` (MSP, MaxLogit, Energy, Entropy, GradNorm,
 //! KL-matching, MOS), `subspace` (ReAct, ViM, Residual) and, through `posthoc`, OpenOOD v1.5's
-//! feature-store methods (`ash`, `dice`, `gen`, `fdbd`, `nci`, `nnguide`, `rmds`, `she`,
-//! `relation`, `temperature`; docs/methods.md). ODIN needs the model's input gradient, so it is
+//! feature-store methods (`ash`, `dice`, `gen`, `fdbd`, `nci`, `nnguide`, `openmax`, `rmds`,
+//! `she`, `relation`, `temperature`; docs/methods.md). ODIN needs the model's input gradient, so it is
 //! computed at extraction (`extract::odin`) and only read here.
 //! `cuda_score` (feature `cuda`) scores the Mahalanobis family and kNN on the GPU.
 
@@ -23,8 +23,10 @@ pub mod knn;
 pub mod linalg;
 pub mod logits;
 pub mod methods;
+pub mod multilayer;
 pub mod nci;
 pub mod nnguide;
+pub mod openmax;
 pub mod posthoc;
 pub mod relation;
 pub mod rmds;

@@ -10,8 +10,10 @@ use crate::ood::dice::Dice;
 use crate::ood::fdbd::Fdbd;
 use crate::ood::logits::msp;
 use crate::ood::methods::arg;
+use crate::ood::multilayer::{self, Gram, MahalanobisEnsemble};
 use crate::ood::nci::Nci;
 use crate::ood::nnguide::NnGuide;
+use crate::ood::openmax::{self, OpenMax, OpenMaxDistance};
 use crate::ood::relation::Relation;
 use crate::ood::rmds::Rmds;
 use crate::ood::she::She;
@@ -30,17 +32,22 @@ pub const NAMES: &[&str] = &[
     "fdbd",
     "nci",
     "nnguide",
+    "openmax",
     "rmds",
     "she",
     "relation",
     "temp-scaling",
     "t2fnorm",
+    "mahalanobis-ensemble",
+    "gram",
 ];
 
 /// What the detector hands over: each present when the method's registry entry needs it.
 #[derive(Clone, Copy, Default)]
 pub struct Given<'a> {
     pub features: Option<&'a [f32]>,
+    /// Per-block features [n, L·D], their width L·D and the L block numbers.
+    pub layers: Option<(&'a [f32], usize, &'a [usize])>,
     pub dim: usize,
     pub logits: Option<(&'a [f32], usize)>,
     pub labels: Option<&'a [usize]>,
@@ -51,6 +58,13 @@ impl<'a> Given<'a> {
     fn features(&self) -> Result<&'a [f32]> {
         self.features
             .ok_or_else(|| Error::Usage("this method needs features (features.npy)".into()))
+    }
+    fn layers(&self) -> Result<(&'a [f32], usize, &'a [usize])> {
+        self.layers.ok_or_else(|| {
+            Error::Usage(
+                "this method needs per-block features (layers.npy; extract with --layers)".into(),
+            )
+        })
     }
     fn logits(&self) -> Result<(&'a [f32], usize)> {
         self.logits
@@ -73,11 +87,14 @@ pub enum Posthoc {
     Fdbd(Fdbd),
     Nci(Nci),
     NnGuide(NnGuide),
+    OpenMax(OpenMax),
     Rmds(Rmds),
     She(She),
     Relation(Relation),
     TempScaled(f32),
     T2fNorm,
+    Ensemble(MahalanobisEnsemble),
+    Gram(Gram),
 }
 
 fn flag(args: &BTreeMap<String, String>, key: &str) -> Result<bool> {
@@ -99,6 +116,14 @@ fn positive(args: &BTreeMap<String, String>, key: &str) -> Result<f64> {
         )));
     }
     Ok(v)
+}
+
+fn powers(args: &BTreeMap<String, String>) -> Result<Vec<i32>> {
+    multilayer::parse_powers(args.get("powers").map_or("", String::as_str))
+}
+
+fn distance(args: &BTreeMap<String, String>) -> Result<OpenMaxDistance> {
+    OpenMaxDistance::parse(args.get("distance").map_or("", String::as_str))
 }
 
 impl Posthoc {
@@ -141,6 +166,17 @@ impl Posthoc {
                     arg(args, "alpha")?,
                 )?)
             }
+            "openmax" => {
+                let (z, c) = g.logits()?;
+                openmax::check_alpha(arg(args, "alpha")?, c)?;
+                Posthoc::OpenMax(OpenMax::fit(
+                    z,
+                    c,
+                    g.labels()?,
+                    arg(args, "tailsize")?,
+                    distance(args)?,
+                )?)
+            }
             "rmds" => Posthoc::Rmds(Rmds::fit(g.features()?, g.labels()?, d)?),
             "she" => {
                 let (z, c) = g.logits()?;
@@ -158,6 +194,16 @@ impl Posthoc {
             "t2fnorm" => {
                 positive(args, "tau")?;
                 Posthoc::T2fNorm
+            }
+            "mahalanobis-ensemble" => {
+                let (x, cols, blocks) = g.layers()?;
+                multilayer::parse_weights(&arg::<String>(args, "weights")?, blocks.len())?;
+                Posthoc::Ensemble(MahalanobisEnsemble::fit(x, cols, blocks, g.labels()?)?)
+            }
+            "gram" => {
+                let (x, cols, blocks) = g.layers()?;
+                let (_, c) = g.logits()?;
+                Posthoc::Gram(Gram::fit(x, cols, blocks, g.labels()?, c, &powers(args)?)?)
             }
             _ => unreachable!("NAMES lists every post-hoc method"),
         })
@@ -194,6 +240,16 @@ impl Posthoc {
                 let (z, c) = g.logits()?;
                 nn.score(g.features()?, z, c)
             }
+            Posthoc::OpenMax(o) => {
+                let (z, c) = g.logits()?;
+                if c != o.classes {
+                    return Err(Error::Data(format!(
+                        "openmax: the logits have {c} classes, the detector {}",
+                        o.classes
+                    )));
+                }
+                o.score(z, arg(args, "alpha")?)
+            }
             Posthoc::Rmds(r) => r.score(g.features()?),
             Posthoc::She(s) => {
                 let (z, c) = g.logits()?;
@@ -206,6 +262,16 @@ impl Posthoc {
             Posthoc::TempScaled(t) => {
                 let (z, c) = g.logits()?;
                 msp(z, c, *t)
+            }
+            Posthoc::Ensemble(m) => {
+                let (x, _, blocks) = g.layers()?;
+                let w = multilayer::parse_weights(&arg::<String>(args, "weights")?, blocks.len())?;
+                m.score(x, blocks, &w)
+            }
+            Posthoc::Gram(gr) => {
+                let (x, _, blocks) = g.layers()?;
+                let (z, c) = g.logits()?;
+                gr.score(x, blocks, z, c)
             }
             Posthoc::T2fNorm => {
                 let h = g.head()?;
@@ -224,10 +290,13 @@ impl Posthoc {
             Posthoc::Fdbd(x) => x.save(s),
             Posthoc::Nci(x) => x.save(s),
             Posthoc::NnGuide(x) => x.save(s),
+            Posthoc::OpenMax(x) => x.save(s),
             Posthoc::Rmds(x) => x.save(s),
             Posthoc::She(x) => x.save(s),
             Posthoc::Relation(x) => x.save(s),
             Posthoc::TempScaled(t) => s.put("temperature", &[1], &[*t]),
+            Posthoc::Ensemble(x) => x.save(s),
+            Posthoc::Gram(x) => x.save(s),
             Posthoc::Shaped(_) | Posthoc::Gen | Posthoc::T2fNorm => {}
         }
     }
@@ -247,11 +316,14 @@ impl Posthoc {
             "fdbd" => Posthoc::Fdbd(Fdbd::load(s, d)?),
             "nci" => Posthoc::Nci(Nci::load(s, d)?),
             "nnguide" => Posthoc::NnGuide(NnGuide::load(s, arg(args, "k")?, d)?),
+            "openmax" => Posthoc::OpenMax(OpenMax::load(s, distance(args)?)?),
             "rmds" => Posthoc::Rmds(Rmds::load(s, d)?),
             "she" => Posthoc::She(She::load(s, d)?),
             "relation" => Posthoc::Relation(Relation::load(s, d)?),
             "temp-scaling" => Posthoc::TempScaled(s.scalar("temperature")?),
             "t2fnorm" => Posthoc::T2fNorm,
+            "mahalanobis-ensemble" => Posthoc::Ensemble(MahalanobisEnsemble::load(s)?),
+            "gram" => Posthoc::Gram(Gram::load(s, &powers(args)?)?),
             _ => unreachable!("NAMES lists every post-hoc method"),
         })
     }

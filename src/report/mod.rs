@@ -32,6 +32,48 @@ pub struct Skip {
     pub reason: String,
 }
 
+/// One `--tune-on` choice: of the `values` settings variants of `method`, the row `chosen`
+/// (its settings `args`) had the best AUROC on the OOD set `on`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Tuned {
+    pub method: String,
+    pub on: String,
+    pub chosen: String,
+    pub args: std::collections::BTreeMap<String, String>,
+    pub auroc: f64,
+    pub values: usize,
+}
+
+impl Tuned {
+    /// The line `mood eval` prints for it.
+    pub fn line(&self) -> String {
+        format!(
+            "tuned on {}: {} (AUROC {:.2} on {}, best of {} values)",
+            self.on,
+            self.chosen,
+            100.0 * self.auroc,
+            self.on,
+            self.values
+        )
+    }
+}
+
+impl Skip {
+    /// A method left out, and why. The method's name is said once: a reason that already starts
+    /// with it (an error such as "nnguide: K = 100 ...") loses that prefix, so the line reads
+    /// "skipped nnguide: K = 100 ...", not "skipped nnguide: nnguide: K = 100 ...".
+    pub fn new(method: &str, reason: &str) -> Skip {
+        let reason = reason
+            .strip_prefix(method)
+            .and_then(|r| r.strip_prefix(": "))
+            .unwrap_or(reason);
+        Skip {
+            method: method.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Report {
     pub train: String,
@@ -42,6 +84,9 @@ pub struct Report {
     pub aupr: String,
     pub methods: Vec<MethodResult>,
     pub skipped: Vec<Skip>,
+    /// What `--tune-on NAME` chose, one entry per method that had listed values (empty
+    /// without it).
+    pub tuned: Vec<Tuned>,
     /// Where the numbers come from: the mood version and each store's model and preprocessing.
     pub provenance: Provenance,
 }
@@ -320,6 +365,9 @@ impl Report {
         }
         for sk in &self.skipped {
             let _ = writeln!(s, "- {} skipped: {}", sk.method, sk.reason);
+        }
+        for t in &self.tuned {
+            let _ = writeln!(s, "- {}", t.line());
         }
         s
     }

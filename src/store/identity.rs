@@ -34,6 +34,10 @@ pub struct Identity {
     pub local: bool,
     pub odin: Option<(f32, f32)>,
     pub dtype: String,
+    /// The blocks of layers.npy (`--layers`); empty without it (and then not written, so a
+    /// store without layers keeps the manifest of earlier versions).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<usize>,
 }
 
 /// Each identity field as the option that sets it, for messages.
@@ -53,6 +57,7 @@ const FLAGS: &[(&str, &str)] = &[
     ("local", "--local"),
     ("odin", "--odin"),
     ("dtype", "--dtype"),
+    ("layers", "--layers"),
 ];
 
 fn show(v: &serde_json::Value) -> String {
