@@ -212,3 +212,29 @@ fn extract_runs_bit_and_a_checkpoint_of_another_family_is_named() {
         );
     }
 }
+
+#[test]
+fn mood_forward_gives_timms_outputs_from_moss_layout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (f, l) = (tmp.path().join("f.npy"), tmp.path().join("l.npy"));
+    let s = |p: &std::path::Path| p.to_string_lossy().into_owned();
+    let r = common::run_mood(&[
+        "forward",
+        "--arch",
+        "test_tiny_bit",
+        "--weights",
+        &s(&fixture("bit/tiny_bit-group-finetune.pth.tar")),
+        "--input",
+        &s(&fixture("bit/tiny_bit_input.npy")),
+        "--features",
+        &s(&f),
+        "--logits",
+        &s(&l),
+    ]);
+    assert_eq!(r.0, 0, "{}", r.2);
+    assert!(!r.2.contains("not used"), "{}", r.2);
+    let (_, got_f) = mood::npy::read_f32(&f).unwrap();
+    let (_, got_l) = mood::npy::read_f32(&l).unwrap();
+    assert!(rel(&got_f, &read("features").1) <= 1e-4);
+    assert!(rel(&got_l, &read("logits").1) <= 1e-4);
+}

@@ -72,6 +72,9 @@ impl BitConfig {
         let (layers, channels, stem, groups, img, classes) = match name {
             "resnetv2_50x1_bit" => ([3, 4, 6, 3], full, 64, 32, 224, 1000),
             "resnetv2_101x1_bit" => ([3, 4, 23, 3], full, 64, 32, 224, 1000),
+            // MOS's setting: BiT-S-R101x1 at its test resolution (480×480) with the group-softmax
+            // head of ImageNet's 8 groups (1000 + 8 logits).
+            "resnetv2_101x1_bit_mos" => ([3, 4, 23, 3], full, 64, 32, 480, 1008),
             // tools/make_bit_fixtures.py's tiny model (4 groups, so that few channels suffice).
             "test_tiny_bit" => ([1, 2, 1, 1], [16, 32, 32, 64], 8, 4, 48, 10),
             _ => return None,
@@ -89,7 +92,12 @@ impl BitConfig {
     }
 
     pub fn preset_names() -> &'static [&'static str] {
-        &["resnetv2_50x1_bit", "resnetv2_101x1_bit", "test_tiny_bit"]
+        &[
+            "resnetv2_50x1_bit",
+            "resnetv2_101x1_bit",
+            "resnetv2_101x1_bit_mos",
+            "test_tiny_bit",
+        ]
     }
 
     /// (input channels, output channels, stride) of every block, stage by stage.

@@ -1,20 +1,25 @@
 //! Google's BiT checkpoints and their names.
 //!
-//! - `.npz` (numpy's zip of `.npy` arrays, stored or deflated), read without Python: every array
-//!   through the bounded .npy header parser (crate::npy), float16/32/64, C or Fortran order.
-//!   Google's BiT names are mapped to timm's (the kernels from TensorFlow's HWIO to OIHW):
-//!     resnet/root_block/standardized_conv2d/kernel        → stem.conv.weight
-//!     resnet/blockS/unitUU/{a,b,c}/standardized_conv2d/kernel → stages.S-1.blocks.UU-1.conv{1,2,3}.weight
-//!     resnet/blockS/unitUU/{a,b,c}/group_norm/{gamma,beta}   → ....norm{1,2,3}.{weight,bias}
-//!     resnet/blockS/unitUU/a/proj/standardized_conv2d/kernel → ....downsample.conv.weight
-//!     resnet/group_norm/{gamma,beta}                      → norm.{weight,bias}
-//!     resnet/head/conv2d/{kernel,bias}                    → head.fc.{weight,bias}
-//!   Arrays under other names keep them (and are reported as unused).
-//! - big_transfer's PyTorch names (the model MOS fine-tunes; its `.pth.tar` holds them under
-//!   "model" with DataParallel's `module.`, which the .pth reader and keymap remove):
-//!     root.conv → stem.conv, body.blockS.unitUU.{gnN,convN,downsample} →
-//!     stages.S-1.blocks.UU-1.{normN,convN,downsample.conv}, before_head.gn → norm, head.conv → head.fc.
-//!   Applied to any checkpoint that has `root.conv.weight`.
+//! `.npz` files (numpy's zip of `.npy` arrays, stored or deflated) are read without Python: every
+//! array through the bounded .npy header parser (crate::npy), float16/32/64, C or Fortran order.
+//! Google's BiT names are mapped to timm's, the kernels from TensorFlow's HWIO to OIHW:
+//!
+//! | Google (`resnet/` + ...)                          | timm                                  |
+//! |---------------------------------------------------|---------------------------------------|
+//! | `root_block/standardized_conv2d/kernel`           | `stem.conv.weight`                    |
+//! | `blockS/unitUU/{a,b,c}/standardized_conv2d/kernel`| `stages.S-1.blocks.UU-1.conv{1,2,3}.weight` |
+//! | `blockS/unitUU/{a,b,c}/group_norm/{gamma,beta}`   | `stages.S-1.blocks.UU-1.norm{1,2,3}.{weight,bias}` |
+//! | `blockS/unitUU/a/proj/standardized_conv2d/kernel` | `stages.S-1.blocks.UU-1.downsample.conv.weight` |
+//! | `group_norm/{gamma,beta}`                         | `norm.{weight,bias}`                  |
+//! | `head/conv2d/{kernel,bias}`                       | `head.fc.{weight,bias}`               |
+//!
+//! Arrays under other names keep them (and are reported as unused).
+//!
+//! big_transfer's PyTorch names (the model MOS fine-tunes; its `.pth.tar` holds them under
+//! "model", with DataParallel's `module.`, which the .pth reader and keymap remove) are mapped in
+//! any checkpoint that has `root.conv.weight`: `root.conv` → `stem.conv`,
+//! `body.blockS.unitUU.{gnN,convN,downsample}` → `stages.S-1.blocks.UU-1.{normN,convN,downsample.conv}`,
+//! `before_head.gn` → `norm`, `head.conv` → `head.fc`.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -32,7 +37,7 @@ pub fn is_npz(path: &Path) -> bool {
     let Ok(zip) = zip::ZipArchive::new(file) else {
         return false;
     };
-    zip.len() > 0 && zip.file_names().all(|n| n.ends_with(".npy"))
+    !zip.is_empty() && zip.file_names().all(|n| n.ends_with(".npy"))
 }
 
 /// Every array of the .npz at `path`, with Google's BiT names mapped to timm's.
