@@ -161,7 +161,7 @@ pub fn fit(
             features.len()
         )));
     }
-    if cfg.batch == 0 || !(cfg.base_lr > 0.0) {
+    if cfg.batch == 0 || cfg.base_lr.is_nan() || cfg.base_lr <= 0.0 {
         return Err(Error::Usage(
             "mos head: the batch and learning rate must be positive".into(),
         ));
