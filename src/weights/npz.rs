@@ -1,7 +1,7 @@
 //! Google's BiT checkpoints and their names.
 //!
 //! `.npz` files (numpy's zip of `.npy` arrays, stored or deflated) are read without Python: every
-//! array through the bounded .npy header parser (crate::npy), float16/32/64, C or Fortran order.
+//! array through the bounded .npy header parser (crate::npy), float16/32/64 in C order.
 //! Google's BiT names are mapped to timm's, the kernels from TensorFlow's HWIO to OIHW:
 //!
 //! | Google (`resnet/` + ...)                          | timm                                  |
@@ -96,15 +96,8 @@ fn array(at: &Path, name: String, bytes: &[u8]) -> Result<RawTensor> {
             ))
         }
     };
-    let body = h.body(at, bytes, dtype.size())?;
-    let data = if h.fortran_order {
-        // Fortran order of shape s is C order of s reversed: reverse the axes back.
-        let rev: Vec<usize> = h.shape.iter().rev().copied().collect();
-        let perm: Vec<usize> = (0..rev.len()).rev().collect();
-        permute(body, &rev, &perm, dtype.size())
-    } else {
-        body.to_vec()
-    };
+    // The header parser refuses Fortran order (beyond one non-trivial axis, where it is C order).
+    let data = h.body(at, bytes, dtype.size())?.to_vec();
     Ok(RawTensor {
         name,
         dtype,
@@ -278,6 +271,22 @@ mod tests {
         ] {
             assert_eq!(big_transfer_name(b).as_deref(), Some(t), "{b}");
         }
+    }
+
+    #[test]
+    fn a_fortran_ordered_array_is_refused_naming_the_entry() {
+        let dict = "{'descr': '<f4', 'fortran_order': True, 'shape': (2, 3), }";
+        let mut h = format!("{dict}{}", " ".repeat(128 - 10 - dict.len() - 1));
+        h.push('\n');
+        let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+        bytes.extend_from_slice(&(h.len() as u16).to_le_bytes());
+        bytes.extend_from_slice(h.as_bytes());
+        bytes.extend_from_slice(&[0u8; 24]);
+        let e = array(Path::new("x.npz:a.npy"), "a".into(), &bytes)
+            .err()
+            .expect("Fortran order accepted")
+            .to_string();
+        assert!(e.contains("x.npz:a.npy") && e.contains("Fortran"), "{e}");
     }
 
     #[test]
