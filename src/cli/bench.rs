@@ -99,6 +99,9 @@ pub fn run(args: Args) -> Result<()> {
     if let Some(cfg) = crate::model::resnet::ResNetConfig::preset(&args.arch) {
         return resnet_bench(&args, &cfg);
     }
+    if let Some(cfg) = crate::model::bit::BitConfig::preset(&args.arch) {
+        return bit_bench(&args, &cfg);
+    }
     let cfg = crate::model::backbone::vit_preset(&args.arch)?;
     if super::runner::on_cuda(args.device, "benchmarking", cuda_usable)?.is_some() {
         return cuda_bench(&args, &cfg);
@@ -223,6 +226,51 @@ fn resnet_bench(args: &Args, cfg: &crate::model::resnet::ResNetConfig) -> Result
         &cfg.name,
         "forward",
         (img_s, median, gflop),
+        ((m, k, n), sgemm),
+    );
+    Ok(())
+}
+
+/// `mood bench --arch resnetv2_*_bit`: the CPU forward of a BiT ResNet-v2 with random weights,
+/// as `resnet_bench`; the sgemm reference is stage 1's 3×3 convolution as im2col rows.
+fn bit_bench(args: &Args, cfg: &crate::model::bit::BitConfig) -> Result<()> {
+    use crate::model::bit::{random_store, Bit};
+    if args.train {
+        return Err(Error::Usage(
+            "--train: BiT ResNet-v2 is inference only in this version".into(),
+        ));
+    }
+    super::runner::cpu_only(args.device, "a BiT ResNet-v2", "no CUDA convolution yet")?;
+    let model = Bit::load(cfg, &random_store(cfg, 0))?;
+    let mut rng = init::Rng::new(1);
+    let shape = [args.batch, cfg.in_chans, cfg.img_size, cfg.img_size];
+    let n_in: usize = shape.iter().product();
+    let x = Tensor::from_vec(&shape, (0..n_in).map(|_| rng.normal() as f32).collect())?;
+    model.forward(&x)?; // warm-up
+    let pb = crate::progress::Progress::new(args.iters as u64, "iter", "bench");
+    let mut times = Vec::new();
+    for _ in 0..args.iters {
+        let t = Instant::now();
+        model.forward(&x)?;
+        times.push(t.elapsed().as_secs_f64());
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    times.sort_by(|a, b| a.total_cmp(b));
+    let median = times[times.len() / 2];
+    let cv = &model.blocks[0].convs[1].cv;
+    let side = cfg.img_size / 4;
+    let (m, k, n) = (args.batch * side * side, cv.patch_len(), cv.cout);
+    let sgemm = sgemm_rate(m, k, n, args.iters.max(3));
+    report_rate(
+        args,
+        &cfg.name,
+        "forward",
+        (
+            args.batch as f64 / median,
+            median,
+            model.flops_per_image() / 1e9,
+        ),
         ((m, k, n), sgemm),
     );
     Ok(())

@@ -44,6 +44,13 @@ pub fn run(args: Args) -> Result<()> {
                     if c.cifar_stem { ", CIFAR stem" } else { "" }
                 ));
             }
+            for name in crate::model::bit::BitConfig::preset_names() {
+                let c = crate::model::bit::BitConfig::preset(name).expect("listed preset");
+                lines.push(format!(
+                    "{name}: {}x{} input, BiT ResNet-v2 (GroupNorm, weight standardisation) blocks {:?}, feature width {}, {} classes (extract/forward, CPU)",
+                    c.img_size, c.img_size, c.layers, c.feature_dim(), c.num_classes
+                ));
+            }
         }
         What::Methods => {
             for m in crate::ood::detector::METHODS {

@@ -1,8 +1,10 @@
-//! Any backbone mood runs, chosen by `--arch`: a vision transformer (BEiT, ViT) or a ResNet.
+//! Any backbone mood runs, chosen by `--arch`: a vision transformer (BEiT, ViT), a ResNet or a
+//! BiT ResNet-v2.
 //! Extraction and `mood forward` see only what is common: the input geometry, the feature
 //! width, the head, and a `Runner` that gives features, logits and local tokens.
 
 use crate::error::{Error, Result};
+use crate::model::bit::{Bit, BitConfig};
 use crate::model::resnet::{ResNet, ResNetConfig};
 use crate::model::runner::{CpuRunner, Runner};
 use crate::model::{Output, VisionTransformer, VitConfig};
@@ -12,14 +14,25 @@ use crate::weights::WeightStore;
 pub enum Backbone {
     Vit(Box<VisionTransformer>),
     ResNet(Box<ResNet>),
+    Bit(Box<Bit>),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Family {
+    Vit,
+    ResNet,
+    Bit,
 }
 
 /// What the checkpoint's keys say it is, for the message when `--arch` says otherwise.
-fn family_of_keys(store: &WeightStore) -> Option<&'static str> {
+fn family_of_keys(store: &WeightStore) -> Option<(Family, &'static str)> {
     if store.contains("layer1.0.conv1.weight") {
-        Some("a ResNet (keys layer1.0.conv1.weight, ...; use --arch resnet18|resnet34|resnet50|resnet18_cifar|...)")
+        Some((Family::ResNet, "a ResNet (keys layer1.0.conv1.weight, ...; use --arch resnet18|resnet34|resnet50|resnet18_cifar|...)"))
+    } else if store.contains("stem.conv.weight") && store.contains("stages.0.blocks.0.conv1.weight")
+    {
+        Some((Family::Bit, "a BiT ResNet-v2 (keys stem.conv.weight, stages.N.blocks.M..., or Google's resnet/block1/unit01/... and big_transfer's body.block1.unit01...; use --arch resnetv2_101x1_bit|resnetv2_50x1_bit)"))
     } else if store.contains("patch_embed.proj.weight") {
-        Some("a vision transformer (keys patch_embed.proj.weight, blocks.N..., ...; use a beit_*/vit_* --arch)")
+        Some((Family::Vit, "a vision transformer (keys patch_embed.proj.weight, blocks.N..., ...; use a beit_*/vit_* --arch)"))
     } else {
         None
     }
@@ -29,29 +42,35 @@ fn family_of_keys(store: &WeightStore) -> Option<&'static str> {
 pub fn vit_preset(arch: &str) -> Result<VitConfig> {
     VitConfig::preset(arch).map_err(|e| match e {
         Error::Usage(m) => Error::Usage(format!(
-            "{m}; ResNets: {}",
-            ResNetConfig::preset_names().join(", ")
+            "{m}; ResNets: {}; BiT: {}",
+            ResNetConfig::preset_names().join(", "),
+            BitConfig::preset_names().join(", ")
         )),
         e => e,
     })
 }
 
 impl Backbone {
-    /// `arch` (a ViT/BEiT or ResNet preset) with the weights of `store`. A checkpoint of the
-    /// other family is named as such rather than reported as a missing tensor.
+    /// `arch` (a ViT/BEiT, ResNet or BiT preset) with the weights of `store`. A checkpoint of
+    /// another family is named as such rather than reported as a missing tensor.
     pub fn load(arch: &str, store: &WeightStore) -> Result<Backbone> {
         let resnet = ResNetConfig::preset(arch);
-        let is_vit = resnet.is_none();
-        let wrong_family = match family_of_keys(store) {
-            Some(f) if is_vit && f.starts_with("a ResNet") => Some(f),
-            Some(f) if !is_vit && f.starts_with("a vision") => Some(f),
-            _ => None,
+        let bit = BitConfig::preset(arch);
+        let family = match (&resnet, &bit) {
+            (Some(_), _) => Family::ResNet,
+            (_, Some(_)) => Family::Bit,
+            _ => Family::Vit,
         };
-        if let Some(f) = wrong_family {
-            return Err(Error::format(
-                store.path(),
-                format!("the weights are {f}, not --arch {arch}"),
-            ));
+        if let Some((f, what)) = family_of_keys(store) {
+            if f != family {
+                return Err(Error::format(
+                    store.path(),
+                    format!("the weights are {what}, not --arch {arch}"),
+                ));
+            }
+        }
+        if let Some(cfg) = bit {
+            return Ok(Backbone::Bit(Box::new(Bit::load(&cfg, store)?)));
         }
         match resnet {
             Some(cfg) => Ok(Backbone::ResNet(Box::new(ResNet::load(&cfg, store)?))),
@@ -68,6 +87,7 @@ impl Backbone {
         match self {
             Backbone::Vit(m) => &m.cfg.name,
             Backbone::ResNet(m) => &m.cfg.name,
+            Backbone::Bit(m) => &m.cfg.name,
         }
     }
 
@@ -75,6 +95,7 @@ impl Backbone {
         match self {
             Backbone::Vit(m) => m.cfg.img_size,
             Backbone::ResNet(m) => m.cfg.img_size,
+            Backbone::Bit(m) => m.cfg.img_size,
         }
     }
 
@@ -82,6 +103,7 @@ impl Backbone {
         match self {
             Backbone::Vit(m) => m.cfg.in_chans,
             Backbone::ResNet(m) => m.cfg.in_chans,
+            Backbone::Bit(m) => m.cfg.in_chans,
         }
     }
 
@@ -90,6 +112,7 @@ impl Backbone {
         match self {
             Backbone::Vit(m) => m.cfg.embed_dim,
             Backbone::ResNet(m) => m.cfg.feature_dim(),
+            Backbone::Bit(m) => m.cfg.feature_dim(),
         }
     }
 
@@ -98,6 +121,7 @@ impl Backbone {
         match self {
             Backbone::Vit(m) => m.num_classes(),
             Backbone::ResNet(m) => m.fc.as_ref().map(|(w, _)| w.shape()[0]),
+            Backbone::Bit(m) => m.fc.as_ref().map(|(w, _)| w.shape()[0]),
         }
     }
 
@@ -109,6 +133,10 @@ impl Backbone {
                 let (h, w) = m.final_grid(m.cfg.img_size);
                 h * w
             }
+            Backbone::Bit(m) => {
+                let (h, w) = m.final_grid(m.cfg.img_size);
+                h * w
+            }
         }
     }
 
@@ -117,6 +145,7 @@ impl Backbone {
         match self {
             Backbone::Vit(m) => m.store_head(),
             Backbone::ResNet(m) => m.store_head(),
+            Backbone::Bit(m) => m.store_head(),
         }
     }
 
@@ -124,7 +153,7 @@ impl Backbone {
     pub fn as_vit(&self) -> Option<&VisionTransformer> {
         match self {
             Backbone::Vit(m) => Some(m),
-            Backbone::ResNet(_) => None,
+            Backbone::ResNet(_) | Backbone::Bit(_) => None,
         }
     }
 
@@ -133,6 +162,7 @@ impl Backbone {
         match self {
             Backbone::Vit(m) => Box::new(CpuRunner(m)),
             Backbone::ResNet(m) => Box::new(ResNetRunner(m)),
+            Backbone::Bit(m) => Box::new(BitRunner(m)),
         }
     }
 }
@@ -141,6 +171,19 @@ impl Backbone {
 pub struct ResNetRunner<'m>(pub &'m ResNet);
 
 impl Runner for ResNetRunner<'_> {
+    fn forward(&mut self, images: &Tensor) -> Result<Output> {
+        self.0.forward(images)
+    }
+
+    fn forward_local(&mut self, images: &Tensor) -> Result<(Output, Tensor)> {
+        self.0.forward_local(images)
+    }
+}
+
+/// A BiT ResNet-v2 on the CPU.
+pub struct BitRunner<'m>(pub &'m Bit);
+
+impl Runner for BitRunner<'_> {
     fn forward(&mut self, images: &Tensor) -> Result<Output> {
         self.0.forward(images)
     }

@@ -1,7 +1,9 @@
 //! The backbones: vision transformers (configs as named presets, the BEiT/ViT forward written once
-//! over the `Exec` op set, relative positions, init) and timm's ResNets (resnet.rs).
+//! over the `Exec` op set, relative positions, init), timm's ResNets (resnet.rs) and BiT's ResNet-v2
+//! (bit.rs).
 
 pub mod backbone;
+pub mod bit;
 pub mod config;
 pub mod cpu_train;
 #[cfg(feature = "cuda")]

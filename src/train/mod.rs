@@ -9,6 +9,7 @@ pub mod export;
 pub mod loops;
 pub mod loss;
 pub mod mim;
+pub mod mos_head;
 pub mod optim;
 pub mod step;
 pub mod tape;

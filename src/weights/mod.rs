@@ -1,10 +1,12 @@
-//! Weights: named tensors from a safetensors file (memory-mapped, zero-copy for aligned f32) or a
-//! PyTorch .pth (restricted reader, no code execution), looked up by the checkpoint's own names.
+//! Weights: named tensors from a safetensors file (memory-mapped, zero-copy for aligned f32), a
+//! PyTorch .pth (restricted reader, no code execution) or a numpy .npz (Google's BiT checkpoints),
+//! looked up by the checkpoint's own names.
 //!
 //! Names are normalised once on open (`keymap`): wrapper prefixes such as `module.` are stripped and
 //! mmpretrain names are mapped onto timm's, so model code only ever asks for timm names.
 
 pub mod keymap;
+pub mod npz;
 pub mod pickle;
 pub mod pth;
 pub mod safetensors;
@@ -106,7 +108,11 @@ impl WeightStore {
             ));
         }
         let (map, raw) = if &head[..4] == b"PK\x03\x04" {
-            let tensors = pth::read(path)?;
+            let tensors = if npz::is_npz(path) {
+                npz::read(path)?
+            } else {
+                pth::read(path)?
+            };
             let entries = tensors
                 .into_iter()
                 .map(|t| {
@@ -125,7 +131,7 @@ impl WeightStore {
             let (map, entries) = safetensors::open(path)?;
             (Some(map), entries)
         };
-        let entries = keymap::normalise(raw);
+        let entries = npz::from_big_transfer(keymap::normalise(raw));
         Ok(WeightStore {
             path: path.to_path_buf(),
             map,

@@ -5,6 +5,7 @@
 pub mod attention;
 pub mod conv;
 pub mod elementwise;
+pub mod groupnorm;
 pub mod layernorm;
 pub mod matmul;
 pub mod patch_embed;
