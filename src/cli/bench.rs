@@ -44,6 +44,15 @@ pub struct Args {
     /// device is one.
     #[arg(long)]
     pub peak_tflops: Option<f64>,
+    /// Print the roofline prediction of the CUDA forward of --arch at --batch and --precision
+    /// (per op: FLOPs, bytes moved, bound and time at the device's peaks; the predicted images/s)
+    /// for --gpu (default: every known device), without running anything.
+    #[arg(long)]
+    pub roofline: bool,
+    /// The device model the roofline is computed for (h100-sxm, h100-pcie, h200, a100, l40s,
+    /// rtx4090, ...); default: the CUDA device's own name (the CPU stand-in: h200).
+    #[arg(long, value_name = "NAME")]
+    pub gpu: Option<String>,
     /// Time decoding + preprocessing of this image folder instead of a model (no model is run).
     #[arg(long, value_name = "DIR")]
     pub data: Option<std::path::PathBuf>,
@@ -89,6 +98,9 @@ pub fn run(args: Args) -> Result<()> {
         return Err(Error::Usage(
             "--batch and --iters must be at least 1".into(),
         ));
+    }
+    if args.roofline {
+        return roofline_report(&args);
     }
     if let Some(dir) = &args.data {
         return super::bench_data::run(dir, &args.preset, args.img_size, args.iters, args.json);
@@ -173,6 +185,58 @@ pub fn run(args: Args) -> Result<()> {
                 calls / args.iters as u64
             );
         }
+    }
+    Ok(())
+}
+
+/// `mood bench --roofline`: the analytic roofline of the CUDA forward (src/roofline.rs), for
+/// --gpu or every known device; nothing is run, so no GPU is needed.
+fn roofline_report(args: &Args) -> Result<()> {
+    use crate::roofline;
+    if crate::model::resnet::ResNetConfig::preset(&args.arch).is_some() {
+        return Err(Error::Usage(format!(
+            "--roofline: {} is a ResNet; the roofline covers the ViT/BEiT forward",
+            args.arch
+        )));
+    }
+    let cfg = crate::model::backbone::vit_preset(&args.arch)?;
+    let ops = roofline::forward_ops(&cfg, args.batch, args.precision);
+    let gpus: Vec<&'static roofline::Gpu> = match &args.gpu {
+        Some(name) => vec![roofline::gpu(name)?],
+        None => roofline::GPUS.iter().collect(),
+    };
+    let preds: Vec<_> = gpus
+        .iter()
+        .map(|g| roofline::predict(&ops, g, args.batch))
+        .collect();
+    if args.json {
+        let mut v = serde_json::json!({
+            "mode": "roofline",
+            "arch": cfg.name,
+            "batch": args.batch,
+            "precision": roofline::precision_name(args.precision),
+            "predictions": preds.iter().map(|p| roofline::prediction_json(p, args.precision)).collect::<Vec<_>>(),
+        });
+        if args.gpu.is_some() {
+            v["ops"] = roofline::ops_json(&ops, gpus[0]);
+        }
+        println!("{v}");
+        return Ok(());
+    }
+    println!(
+        "{} forward, {}, batch {}: roofline prediction (analytic; nothing was run)",
+        cfg.name,
+        roofline::precision_name(args.precision),
+        args.batch
+    );
+    if args.gpu.is_some() {
+        println!("  {}", roofline::describe_gpu(gpus[0]));
+        for line in roofline::table(&ops, gpus[0]) {
+            println!("{line}");
+        }
+    }
+    for p in &preds {
+        println!("  {}", roofline::describe(p, args.precision));
     }
     Ok(())
 }
