@@ -339,10 +339,7 @@ where
 
     /// Trains from now on: every tensor of `params` becomes an f32 master on the device (found by
     /// name before anything cached), and what was cached is dropped.
-    pub fn set_masters(
-        &mut self,
-        params: &std::collections::BTreeMap<String, Tensor>,
-    ) -> Result<()> {
+    pub fn set_masters(&mut self, params: &std::collections::BTreeMap<String, Tensor>) -> Result<()> {
         self.params.clear();
         self.masters = params
             .iter()
