@@ -19,6 +19,8 @@
 //! These are the bytes an op cannot avoid moving, not what today's kernels move: a separate cast
 //! pass, a re-read of a tile, or scores written to memory all show as a smaller fraction of the
 //! roofline. f32 ops are held to the CUDA-core FP32 peak (the f32 GEMMs run without TF32).
+//! Launch latency and tile quantisation are left out, so the prediction is a bound: at a small
+//! batch it is far out of reach.
 
 use crate::backend::Pool;
 use crate::error::{Error, Result};
@@ -400,7 +402,7 @@ pub fn describe_gpu(g: &Gpu) -> String {
 pub fn describe(pred: &Prediction, p: Precision) -> String {
     let b = pred.batch as f64;
     format!(
-        "predicted on {}: {:.0} images/s ({:.3} ms per batch of {}; {:.2} GFLOP and {:.1} MB per image; {:.1} TFLOP/s, {:.1}% of the {} peak)",
+        "predicted on {}: {:.0} images/s, {:.3} ms per batch of {} ({:.2} GFLOP and {:.1} MB per image; {:.1} TFLOP/s, {:.1}% of the {} peak)",
         pred.gpu.name,
         pred.img_per_s(),
         1e3 * pred.seconds,

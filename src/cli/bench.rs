@@ -1,5 +1,7 @@
 //! `mood bench`: forward throughput on random weights and inputs, beside the sgemm rate the `gemm`
 //! crate reaches on the model's largest GEMM shape in the same process, so the two compare directly.
+//! `--roofline` prints the analytic roofline prediction of the CUDA forward (src/roofline.rs)
+//! without running anything.
 //! `--device cuda` times the CUDA forward instead (the model's forward on src/model/cuda_exec.rs); `--device auto` takes
 //! CUDA when a device is usable and says why not when it falls back to the CPU. `--data` times
 //! image decoding instead (bench_data.rs), `--ood` OOD scoring (bench_ood.rs).
@@ -22,8 +24,9 @@ pub struct Args {
     /// Timed forward passes (after one warm-up pass).
     #[arg(long, default_value_t = 5)]
     pub iters: usize,
-    /// Print a per-op time profile: of the timed passes (CPU), or of each op run alone at the
-    /// model's shapes (CUDA).
+    /// Print a per-op time profile: of the timed passes (CPU); CUDA: each op of the forward timed
+    /// by CUDA events beside its roofline (FLOPs, bytes, achieved rate, fraction of the bound),
+    /// then each op run alone at the model's shapes.
     #[arg(long)]
     pub profile: bool,
     /// Print one JSON object instead of text.
