@@ -347,8 +347,7 @@ impl Prediction {
         self.batch as f64 / self.seconds
     }
 
-    /// TFLOP/s the prediction implies, and its share of the device's peak at `p` (the MFU the
-    /// roofline allows).
+    /// The TFLOP/s the prediction implies (over the device's peak: the MFU the roofline allows).
     pub fn tflops(&self) -> f64 {
         self.flops / self.seconds / 1e12
     }
