@@ -21,6 +21,7 @@ pub mod profile;
 pub mod progress;
 pub mod report;
 pub mod rng;
+pub mod roofline;
 pub mod store;
 pub mod tensor;
 pub mod train;

@@ -18,7 +18,9 @@
 #      cuda_compile.txt every kernel through NVRTC (CUBIN sm_90 + PTX), registers and spills
 #      cuda_parity.txt  every CUDA op against the CPU op (max abs / rel error per case)
 #      cuda_model.txt   timm fixtures through the CUDA f32 forward; BEiT-B CUDA f32/bf16 vs CPU
-#      bench.txt        mood bench --device cuda, BEiT-B and BEiT-L, bf16 and f32, per-op profiles;
+#      bench.txt        mood bench --roofline (the prediction, per known device); mood bench --device
+#                       cuda, BEiT-B and BEiT-L, bf16 and f32, with --profile: each op's time, FLOPs,
+#                       bytes, TFLOP/s or GB/s and fraction of its roofline, predicted vs measured;
 #                       mood bench --ood mahalanobis|knn --device cuda (OOD scoring of 50,000 x 1024,
 #                       host to host and device-resident, with the difference from the CPU)
 #      bench_pytorch.txt timm eager / torch.compile under bf16 autocast (only if torch+timm import)
@@ -165,11 +167,17 @@ run() {
     # against 1000 classes in under 50 ms, and kNN (k = 50) against a 50,000-row train bank.
     step bench 90 "$BIN/mood" bench --ood mahalanobis --device cuda --rows 50000 --dim 1024 --classes 1000 --iters 20
     step bench 90 "$BIN/mood" bench --ood knn --device cuda --rows 50000 --dim 1024 --classes 1000 --train-rows 50000 --iters 10
+    # The roofline prediction (analytic, instant), then the measured forward with each op beside
+    # its roofline on this device, at the batch of 256 (bf16) and at 64.
     for arch in beit_base_patch16_224 beit_large_patch16_224; do
-        step bench 90 "$BIN/mood" bench --device cuda --precision bf16 --arch "$arch" --batch 64 --iters 20 --profile
+        step bench 10 "$BIN/mood" bench --roofline --precision bf16 --arch "$arch" --batch 256
     done
+    for arch in beit_base_patch16_224 beit_large_patch16_224; do
+        step bench 90 "$BIN/mood" bench --device cuda --precision bf16 --arch "$arch" --batch 256 --iters 10 --profile
+    done
+    step bench 60 "$BIN/mood" bench --device cuda --precision bf16 --arch beit_base_patch16_224 --batch 64 --iters 20 --profile
     step bench 60 "$BIN/mood" bench --device cuda --precision f32 --arch beit_base_patch16_224 --batch 32 --iters 10 --profile
-    step bench 60 "$BIN/mood" bench --device cuda --precision bf16 --arch beit_base_patch16_224 --batch 256 --iters 10 --json
+    step bench 60 "$BIN/mood" bench --device cuda --precision bf16 --arch beit_base_patch16_224 --batch 256 --iters 10 --profile --json
     if [ -n "${PY:-}" ] && "$PY" -c 'import torch, timm' 2>/dev/null; then
         step bench_pytorch 240 "$PY" tools/bench_pytorch.py --device cuda --mood "$BIN/mood" \
             --arch beit_base_patch16_224 --batch 64 --iters 20

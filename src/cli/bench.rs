@@ -1,5 +1,7 @@
 //! `mood bench`: forward throughput on random weights and inputs, beside the sgemm rate the `gemm`
 //! crate reaches on the model's largest GEMM shape in the same process, so the two compare directly.
+//! `--roofline` prints the analytic roofline prediction of the CUDA forward (src/roofline.rs)
+//! without running anything.
 //! `--device cuda` times the CUDA forward instead (the model's forward on src/model/cuda_exec.rs); `--device auto` takes
 //! CUDA when a device is usable and says why not when it falls back to the CPU. `--data` times
 //! image decoding instead (bench_data.rs), `--ood` OOD scoring (bench_ood.rs).
@@ -22,8 +24,9 @@ pub struct Args {
     /// Timed forward passes (after one warm-up pass).
     #[arg(long, default_value_t = 5)]
     pub iters: usize,
-    /// Print a per-op time profile: of the timed passes (CPU), or of each op run alone at the
-    /// model's shapes (CUDA).
+    /// Print a per-op time profile: of the timed passes (CPU); CUDA: each op of the forward timed
+    /// by CUDA events beside its roofline (FLOPs, bytes, achieved rate, fraction of the bound),
+    /// then each op run alone at the model's shapes.
     #[arg(long)]
     pub profile: bool,
     /// Print one JSON object instead of text.
@@ -44,6 +47,15 @@ pub struct Args {
     /// device is one.
     #[arg(long)]
     pub peak_tflops: Option<f64>,
+    /// Print the roofline prediction of the CUDA forward of --arch at --batch and --precision
+    /// (per op: FLOPs, bytes moved, bound and time at the device's peaks; the predicted images/s)
+    /// for --gpu (default: every known device), without running anything.
+    #[arg(long)]
+    pub roofline: bool,
+    /// The device model the roofline is computed for (h100-sxm, h100-pcie, h200, a100, l40s,
+    /// rtx4090, ...); default: the CUDA device's own name (the CPU stand-in: h200).
+    #[arg(long, value_name = "NAME")]
+    pub gpu: Option<String>,
     /// Time decoding + preprocessing of this image folder instead of a model (no model is run).
     #[arg(long, value_name = "DIR")]
     pub data: Option<std::path::PathBuf>,
@@ -89,6 +101,9 @@ pub fn run(args: Args) -> Result<()> {
         return Err(Error::Usage(
             "--batch and --iters must be at least 1".into(),
         ));
+    }
+    if args.roofline {
+        return roofline_report(&args);
     }
     if let Some(dir) = &args.data {
         return super::bench_data::run(dir, &args.preset, args.img_size, args.iters, args.json);
@@ -176,6 +191,58 @@ pub fn run(args: Args) -> Result<()> {
                 calls / args.iters as u64
             );
         }
+    }
+    Ok(())
+}
+
+/// `mood bench --roofline`: the analytic roofline of the CUDA forward (src/roofline.rs), for
+/// --gpu or every known device; nothing is run, so no GPU is needed.
+fn roofline_report(args: &Args) -> Result<()> {
+    use crate::roofline;
+    if crate::model::resnet::ResNetConfig::preset(&args.arch).is_some() {
+        return Err(Error::Usage(format!(
+            "--roofline: {} is a ResNet; the roofline covers the ViT/BEiT forward",
+            args.arch
+        )));
+    }
+    let cfg = crate::model::backbone::vit_preset(&args.arch)?;
+    let ops = roofline::forward_ops(&cfg, args.batch, args.precision);
+    let gpus: Vec<&'static roofline::Gpu> = match &args.gpu {
+        Some(name) => vec![roofline::gpu(name)?],
+        None => roofline::GPUS.iter().collect(),
+    };
+    let preds: Vec<_> = gpus
+        .iter()
+        .map(|g| roofline::predict(&ops, g, args.batch))
+        .collect();
+    if args.json {
+        let mut v = serde_json::json!({
+            "mode": "roofline",
+            "arch": cfg.name,
+            "batch": args.batch,
+            "precision": roofline::precision_name(args.precision),
+            "predictions": preds.iter().map(|p| roofline::prediction_json(p, args.precision)).collect::<Vec<_>>(),
+        });
+        if args.gpu.is_some() {
+            v["ops"] = roofline::ops_json(&ops, gpus[0]);
+        }
+        println!("{v}");
+        return Ok(());
+    }
+    println!(
+        "{} forward, {}, batch {}: roofline prediction (analytic; nothing was run)",
+        cfg.name,
+        roofline::precision_name(args.precision),
+        args.batch
+    );
+    if args.gpu.is_some() {
+        println!("  {}", roofline::describe_gpu(gpus[0]));
+        for line in roofline::table(&ops, gpus[0]) {
+            println!("{line}");
+        }
+    }
+    for p in &preds {
+        println!("  {}", roofline::describe(p, args.precision));
     }
     Ok(())
 }

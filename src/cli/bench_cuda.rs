@@ -1,22 +1,30 @@
 //! `mood bench --device cuda`: the CUDA forward's throughput (the model's forward on
-//! src/model/cuda_exec.rs) with the batch resident on the device, its host-to-host rate, and with
-//! `--profile` the time of each op at the model's shapes, run alone, so that a GPU session sees
-//! where a forward's time goes.
+//! src/model/cuda_exec.rs) with the batch resident on the device, its host-to-host rate, and the
+//! roofline prediction for the device (src/roofline.rs) beside it. With `--profile`: each op of
+//! the forward timed by CUDA events (its time, FLOPs, bytes, achieved TFLOP/s or GB/s and fraction
+//! of its roofline), then each op alone at the model's shapes (every attention path), so that a
+//! short GPU session sees where a forward's time goes and how far each op is from its bound.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use cudarc::cublas::{CudaBlas, Gemm};
-use cudarc::driver::CudaSlice;
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::{CudaEvent, CudaSlice};
 
 use super::bench::{Args, Precision};
 use crate::backend::cuda::attention::Dims as AttDims;
+use crate::backend::cuda::device::cuda_err;
 use crate::backend::cuda::{self as cu, CudaDevice};
-use crate::backend::Activation;
+use crate::backend::{Activation, Pool};
 use crate::error::{Error, Result};
 use crate::model::cuda_attention::{AttentionPath, Compute, Workspace};
+use crate::model::cuda_exec::{CudaExec, DeviceValue};
 use crate::model::cuda_model::CudaModel;
+use crate::model::exec::Exec;
+use crate::model::layers::{Linear, Norm, Param, RelBias};
 use crate::model::{init, VisionTransformer, VitConfig};
+use crate::roofline;
 use crate::tensor::Tensor;
 
 /// Median forward time of the CUDA model, from host images to host features and logits (the
@@ -67,7 +75,18 @@ pub fn run(args: &Args, cfg: &VitConfig) -> Result<()> {
             "--train is CPU only: there is no CUDA training step yet".into(),
         ));
     }
+    // An unknown --gpu fails before anything runs.
+    let named = args.gpu.as_deref().map(roofline::gpu).transpose()?;
     let dev = Arc::new(CudaDevice::new(0)?);
+    // The roofline's device: --gpu, else the device's own name; the stand-in is no GPU, so its
+    // prediction is for the H200 (what the project's GPU sessions get).
+    let roof_gpu = named.or_else(|| {
+        if crate::cuda_stand_in::is_stand_in_device(dev.name()) {
+            roofline::match_gpu("h200")
+        } else {
+            roofline::match_gpu(dev.name())
+        }
+    });
     dev.load_all()?; // NVRTC compiles (or reads its cache) before any timing
     let store = init::random_store(cfg, 0);
     let model = VisionTransformer::load(cfg, &store)?;
@@ -83,16 +102,45 @@ pub fn run(args: &Args, cfg: &VitConfig) -> Result<()> {
         v.sort_by(|a, b| a.total_cmp(b));
         v[v.len() / 2]
     };
-    if crate::cuda_stand_in::is_stand_in_device(dev.name()) {
+    let stand_in = crate::cuda_stand_in::is_stand_in_device(dev.name());
+    let ops = roofline::forward_ops(cfg, args.batch, args.precision);
+    let pred = roof_gpu.map(|g| roofline::predict(&ops, g, args.batch));
+    let measured = if args.profile {
+        Some(match args.precision {
+            Precision::F32 => op_times::<f32>(&dev, &model, &x, args.iters)?,
+            Precision::Bf16 => op_times::<half::bf16>(&dev, &model, &x, args.iters)?,
+        })
+    } else {
+        None
+    };
+    // On the stand-in the per-op times are CPU times: no rate is quoted against a GPU roofline.
+    let profile = measured
+        .as_ref()
+        .map(|m| roofline::profile(&ops, m, roof_gpu, !stand_in));
+    let pred_json = pred
+        .as_ref()
+        .map(|p| roofline::prediction_json(p, args.precision));
+    let precision = roofline::precision_name(args.precision);
+    if stand_in {
         // The stand-in runs the kernels on the CPU: its times say nothing about any GPU.
         let per_batch = med(&mut times);
         if args.json {
-            println!(
-                "{{\"mode\":\"forward\",\"device\":{:?},\"stand_in\":true,\"arch\":\"{}\",\"batch\":{},\"img_per_s\":null,\"tflop_per_s\":null,\"mfu\":null}}",
-                dev.name(),
-                cfg.name,
-                args.batch
-            );
+            let mut v = serde_json::json!({
+                "mode": "forward",
+                "device": dev.name(),
+                "stand_in": true,
+                "arch": cfg.name,
+                "batch": args.batch,
+                "precision": precision,
+                "img_per_s": null,
+                "tflop_per_s": null,
+                "mfu": null,
+                "predicted": pred_json,
+            });
+            if let Some((_, rows)) = profile {
+                v["ops"] = rows;
+            }
+            println!("{v}");
         } else {
             println!(
                 "{} forward on {}: {} batches of {} ran ({per_batch:.2} s each, CPU time). {}",
@@ -102,6 +150,22 @@ pub fn run(args: &Args, cfg: &VitConfig) -> Result<()> {
                 args.batch,
                 crate::cuda_stand_in::NO_GPU_FIGURES
             );
+            if let Some((lines, _)) = profile {
+                println!(
+                    "  per-op profile of the forward, {} passes (CPU times on the stand-in; roofline: predicted for {}):",
+                    args.iters,
+                    roof_gpu.map_or("no GPU", |g| g.name)
+                );
+                for l in lines {
+                    println!("{l}");
+                }
+            }
+            if let Some(p) = &pred {
+                println!(
+                    "  a prediction, not a measurement: {}",
+                    roofline::describe(p, args.precision)
+                );
+            }
         }
         return Ok(());
     }
@@ -112,52 +176,286 @@ pub fn run(args: &Args, cfg: &VitConfig) -> Result<()> {
     let img_s_host = args.batch as f64 / median_host;
     let gflop = cfg.flops_per_image() / 1e9;
     let tflops = img_s * gflop / 1e3;
-    let precision = format!("{:?}", args.precision).to_lowercase();
-    let hopper = ["H100", "H200"].iter().any(|n| dev.name().contains(n));
-    let peak = args.peak_tflops.or(match (hopper, args.precision) {
-        (true, Precision::Bf16) => Some(989.0),
-        (true, Precision::F32) => Some(67.0),
-        _ => None,
-    });
+    let peak = args
+        .peak_tflops
+        .or(roof_gpu.map(|g| g.peak_tflops(args.precision)));
     let mfu = peak.map(|p| tflops / p);
+    let of_roofline = pred.as_ref().map(|p| img_s / p.img_per_s());
     if args.json {
-        println!(
-            "{{\"mode\":\"forward\",\"device\":{:?},\"precision\":\"{precision}\",\"arch\":\"{}\",\"batch\":{},\"img_per_s\":{img_s:.4},\"gflop_per_image\":{gflop:.3},\"tflop_per_s\":{tflops:.3},\"peak_tflop_per_s\":{},\"mfu\":{},\"median_s\":{median:.6},\"img_per_s_host_to_host\":{img_s_host:.4}}}",
-            dev.name(),
-            cfg.name,
-            args.batch,
-            peak.map_or("null".into(), |p| format!("{p}")),
-            mfu.map_or("null".into(), |m| format!("{m:.4}")),
-        );
-    } else {
-        println!(
-            "{} forward on {}, {precision}: batch {}: {img_s:.1} images/s ({:.2} ms per batch, images on the device, median of {})",
-            cfg.name,
-            dev.describe(),
-            args.batch,
-            1e3 * median,
-            args.iters
-        );
-        match (peak, mfu) {
-            (Some(p), Some(m)) => println!(
-                "  {tflops:.1} TFLOP/s at {gflop:.2} GFLOP per image: MFU {:.1}% of {p} TFLOP/s",
-                100.0 * m
-            ),
-            _ => println!(
-                "  {tflops:.1} TFLOP/s at {gflop:.2} GFLOP per image (pass --peak-tflops for MFU)"
-            ),
+        let mut v = serde_json::json!({
+            "mode": "forward",
+            "device": dev.name(),
+            "precision": precision,
+            "arch": cfg.name,
+            "batch": args.batch,
+            "img_per_s": img_s,
+            "gflop_per_image": gflop,
+            "tflop_per_s": tflops,
+            "peak_tflop_per_s": peak,
+            "mfu": mfu,
+            "median_s": median,
+            "img_per_s_host_to_host": img_s_host,
+            "predicted": pred_json,
+            "fraction_of_predicted": of_roofline,
+        });
+        if let Some((_, rows)) = profile {
+            v["ops"] = rows;
         }
-        println!(
-            "  host to host (upload images, download features and logits): {img_s_host:.1} images/s"
-        );
+        println!("{v}");
+        return Ok(());
     }
-    if args.profile {
+    println!(
+        "{} forward on {}, {precision}: batch {}: {img_s:.1} images/s ({:.2} ms per batch, images on the device, median of {})",
+        cfg.name,
+        dev.describe(),
+        args.batch,
+        1e3 * median,
+        args.iters
+    );
+    match (peak, mfu) {
+        (Some(p), Some(m)) => println!(
+            "  {tflops:.1} TFLOP/s at {gflop:.2} GFLOP per image: MFU {:.1}% of {p} TFLOP/s",
+            100.0 * m
+        ),
+        _ => println!(
+            "  {tflops:.1} TFLOP/s at {gflop:.2} GFLOP per image (pass --peak-tflops for MFU)"
+        ),
+    }
+    println!(
+        "  host to host (upload images, download features and logits): {img_s_host:.1} images/s"
+    );
+    match (&pred, of_roofline) {
+        (Some(p), Some(f)) => println!(
+            "  {}; measured: {img_s:.0} images/s, {:.1}% of it",
+            roofline::describe(p, args.precision),
+            100.0 * f
+        ),
+        _ => println!(
+            "  no roofline: `{}` is not in the device table (known: {}); --gpu NAME predicts for one",
+            dev.name(),
+            roofline::known_gpus()
+        ),
+    }
+    if let Some((lines, _)) = profile {
+        println!(
+            "  per-op profile of the forward (CUDA events around each op, {} passes; roofline = max(FLOPs / peak, bytes / bandwidth){}):",
+            args.iters,
+            roof_gpu.map_or(String::new(), |g| format!(" on {}", g.name))
+        );
+        for l in lines {
+            println!("{l}");
+        }
         match args.precision {
             Precision::F32 => op_profile::<f32>(&dev, cfg, args.batch, args.iters, median)?,
             Precision::Bf16 => op_profile::<half::bf16>(&dev, cfg, args.batch, args.iters, median)?,
         }
     }
     Ok(())
+}
+
+/// The model's forward on `CudaExec` with a CUDA event recorded on the stream after every op (and
+/// one before the first), so each op's time is the stream's time between its two events: what
+/// it costs inside the forward, launch gaps included. Ops are named as `roofline::forward_ops`
+/// names them.
+struct Timed<'e, T: Compute> {
+    exec: &'e mut CudaExec<T>,
+    /// Embedding width, MLP width, images in the batch: to name the linear layers and norms.
+    d: usize,
+    hidden: usize,
+    batch: usize,
+    events: Vec<(&'static str, CudaEvent)>,
+}
+
+fn record(dev: &CudaDevice) -> Result<CudaEvent> {
+    dev.stream()
+        .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+        .map_err(cuda_err("record a CUDA event"))
+}
+
+impl<'e, T: Compute> Timed<'e, T>
+where
+    CudaBlas: Gemm<T>,
+{
+    fn new(exec: &'e mut CudaExec<T>, cfg: &VitConfig, batch: usize) -> Result<Self> {
+        let start = record(exec.device())?;
+        Ok(Timed {
+            exec,
+            d: cfg.embed_dim,
+            hidden: cfg.mlp_hidden,
+            batch,
+            events: vec![("", start)],
+        })
+    }
+
+    fn mark<V>(&mut self, name: &'static str, v: V) -> Result<V> {
+        let e = record(self.exec.device())?;
+        self.events.push((name, e));
+        Ok(v)
+    }
+
+    fn linear_name(&self, l: &Linear) -> &'static str {
+        let (d, f) = (self.d, self.hidden);
+        // The transformer blocks' layers, by timm's names (as the executor tells them apart).
+        if !l.w.name.starts_with("blocks.") {
+            return "head";
+        }
+        match l.w.value.shape() {
+            [n, k] if (*n, *k) == (3 * d, d) => "qkv",
+            [n, k] if (*n, *k) == (d, d) => "proj",
+            [n, k] if (*n, *k) == (f, d) => "fc1+gelu",
+            [n, k] if (*n, *k) == (d, f) => "fc2",
+            _ => "linear",
+        }
+    }
+
+    /// Waits for the stream; each op's seconds, in the order run.
+    fn finish(self) -> Result<Vec<(&'static str, f64)>> {
+        self.exec.device().sync()?;
+        self.events
+            .windows(2)
+            .map(|w| {
+                let ms = w[0]
+                    .1
+                    .elapsed_ms(&w[1].1)
+                    .map_err(cuda_err("time between CUDA events"))?;
+                Ok((w[1].0, f64::from(ms) / 1e3))
+            })
+            .collect()
+    }
+}
+
+impl<T: Compute> Exec for Timed<'_, T>
+where
+    CudaBlas: Gemm<T>,
+{
+    type V = DeviceValue<T>;
+
+    fn input(&mut self, images: &Tensor) -> Result<Self::V> {
+        let v = self.exec.input(images)?;
+        self.mark("input", v)
+    }
+
+    fn patch_embed(&mut self, images: &Self::V, w: &Param, b: &Param) -> Result<Self::V> {
+        let v = self.exec.patch_embed(images, w, b)?;
+        self.mark("patch_embed", v)
+    }
+
+    fn assemble_tokens(
+        &mut self,
+        patches: Self::V,
+        cls: &Param,
+        pos: Option<&Param>,
+        b: usize,
+    ) -> Result<Self::V> {
+        let v = self.exec.assemble_tokens(patches, cls, pos, b)?;
+        self.mark("assemble_tokens", v)
+    }
+
+    fn layernorm(&mut self, x: &Self::V, norm: &Norm, eps: f32) -> Result<Self::V> {
+        let name = if x.shape().first().is_some_and(|&m| m > self.batch) {
+            "layernorm"
+        } else {
+            "final_norm"
+        };
+        let v = self.exec.layernorm(x, norm, eps)?;
+        self.mark(name, v)
+    }
+
+    fn linear(&mut self, x: &Self::V, l: &Linear, act: Activation) -> Result<Self::V> {
+        let name = self.linear_name(l);
+        let v = self.exec.linear(x, l, act)?;
+        self.mark(name, v)
+    }
+
+    fn attention(
+        &mut self,
+        qkv: Self::V,
+        bias: Option<&RelBias>,
+        b: usize,
+        n: usize,
+        heads: usize,
+    ) -> Result<Self::V> {
+        let v = self.exec.attention(qkv, bias, b, n, heads)?;
+        self.mark("attention", v)
+    }
+
+    fn residual(
+        &mut self,
+        x: Self::V,
+        y: Self::V,
+        gamma: Option<&Param>,
+        block: usize,
+    ) -> Result<Self::V> {
+        let v = self.exec.residual(x, y, gamma, block)?;
+        self.mark("residual", v)
+    }
+
+    fn pool(&mut self, x: Self::V, b: usize, how: Pool) -> Result<Self::V> {
+        let v = self.exec.pool(x, b, how)?;
+        self.mark("pool", v)
+    }
+
+    fn mask_rows(&mut self, x: Self::V, mask: &[bool], token: &Param) -> Result<Self::V> {
+        let v = self.exec.mask_rows(x, mask, token)?;
+        self.mark("mask_rows", v)
+    }
+
+    fn gather_rows(&mut self, x: &Self::V, rows: &[usize]) -> Result<Self::V> {
+        let v = self.exec.gather_rows(x, rows)?;
+        self.mark("gather_rows", v)
+    }
+
+    fn to_host(&mut self, v: &Self::V) -> Result<Tensor> {
+        let t = self.exec.to_host(v)?;
+        self.mark("to_host", t)
+    }
+}
+
+/// Per op of the forward (in the order first run), its calls and seconds per forward, averaged
+/// over `iters` passes timed by `Timed` after one warm-up pass.
+fn op_times<T: Compute>(
+    dev: &Arc<CudaDevice>,
+    model: &VisionTransformer,
+    x: &Tensor,
+    iters: usize,
+) -> Result<Vec<roofline::Measured>>
+where
+    CudaBlas: Gemm<T>,
+{
+    let mut gpu = CudaModel::<T>::new(Arc::clone(dev), model);
+    gpu.exec.stage_input(x)?;
+    gpu.forward_queued(x)?; // warm-up: uploads, cuBLAS heuristics, allocator pool
+    dev.sync()?;
+    let b = x.shape()[0];
+    let mut rows: Vec<roofline::Measured> = Vec::new();
+    for _ in 0..iters {
+        let mut timed = Timed::new(&mut gpu.exec, &model.cfg, b)?;
+        drop(model.forward_with(&mut timed, x)?);
+        let mut calls: Vec<(&'static str, usize)> = Vec::new();
+        for (name, secs) in timed.finish()? {
+            match rows.iter_mut().find(|r| r.name == name) {
+                Some(r) => r.seconds += secs,
+                None => rows.push(roofline::Measured {
+                    name,
+                    calls: 0,
+                    seconds: secs,
+                }),
+            }
+            match calls.iter_mut().find(|c| c.0 == name) {
+                Some(c) => c.1 += 1,
+                None => calls.push((name, 1)),
+            }
+        }
+        for (name, n) in calls {
+            if let Some(r) = rows.iter_mut().find(|r| r.name == name) {
+                r.calls = n;
+            }
+        }
+    }
+    for r in &mut rows {
+        r.seconds /= iters as f64;
+    }
+    Ok(rows)
 }
 
 /// Seconds per call of `f`, over `iters` calls after one warm-up, with the device drained before
