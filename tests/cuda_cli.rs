@@ -316,3 +316,30 @@ fn mood_cuda_sim_1_runs_the_binary_on_the_stand_in() {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("MOOD_CUDA_SIM_LIB"), "{err}");
 }
+
+#[test]
+fn extract_odin_on_cuda_matches_the_cpu() {
+    let (env, _) = env();
+    let env = pairs(&env);
+    let tmp = tempfile::tempdir().unwrap();
+    let store = |name: &str, device: &str| {
+        let out = tmp.path().join(name);
+        let args = ["--batch", "8", "--odin", "--device", device];
+        let (code, _, err) = extract_tiny_env("digits:0-4@test", &out, &args, &env);
+        assert_eq!(code, 0, "extract --odin --device {device}: {err}");
+        npy(&out.join("odin.npy"))
+    };
+    let cpu = store("cpu", "cpu");
+    let cuda = store("cuda", "cuda");
+    // The scores are max softmax(z'/1000) of the perturbed input: ~1/C plus a small signal, so
+    // compare their spread around the mean, where ODIN's information is.
+    let mean = cpu.iter().sum::<f32>() / cpu.len() as f32;
+    let spread: Vec<f32> = cpu.iter().map(|v| v - mean).collect();
+    let got: Vec<f32> = cuda.iter().map(|v| v - mean).collect();
+    let err = max_rel(&got, &spread);
+    println!(
+        "odin.npy: {} scores, cuda f32 vs cpu max rel (around the mean) {err:.2e}",
+        cpu.len()
+    );
+    assert!(err <= 1e-3, "ODIN on CUDA differs from the CPU: {err}");
+}

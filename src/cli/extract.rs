@@ -58,7 +58,7 @@ pub struct Args {
     pub precision: Precision,
     /// Also score every image by ODIN through the model (odin.npy, for `mood eval --methods
     /// odin`): temperature and input step, default 1000,0.0014. Costs a backward and a second
-    /// forward per batch, on the CPU.
+    /// forward per batch, on the --device the features run on.
     #[arg(long, value_name = "T,EPS", num_args = 0..=1, default_missing_value = "1000,0.0014")]
     pub odin: Option<String>,
     /// Replace a store (finished or not) in --out that another run made, instead of refusing.
@@ -184,6 +184,11 @@ pub fn run(args: Args) -> Result<()> {
         }),
         ..Default::default()
     };
+    // ODIN runs where the features do (its tape needs the same executor kind).
+    let odin_on = match (odin, device_kind) {
+        (Some(_), "cuda") => super::train_common::open_cuda(args.precision)?,
+        _ => crate::train::device::TrainOn::Cpu,
+    };
     let opts = Options {
         batch: args.batch,
         chunk: args.chunk,
@@ -191,6 +196,7 @@ pub fn run(args: Args) -> Result<()> {
         local: args.local,
         layers,
         odin,
+        odin_on,
         overwrite: args.overwrite,
     };
     let s = extract::extract(

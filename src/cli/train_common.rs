@@ -102,14 +102,14 @@ impl ScheduleArgs {
 }
 
 #[cfg(feature = "cuda")]
-fn open_cuda(precision: Precision) -> Result<TrainOn> {
+pub fn open_cuda(precision: Precision) -> Result<TrainOn> {
     let dev = std::sync::Arc::new(crate::backend::cuda::CudaDevice::new(0)?);
     eprintln!("cuda: {}", dev.describe());
     Ok(TrainOn::Cuda { dev, precision })
 }
 
 #[cfg(not(feature = "cuda"))]
-fn open_cuda(_: Precision) -> Result<TrainOn> {
+pub fn open_cuda(_: Precision) -> Result<TrainOn> {
     Err(Error::Cuda(
         "this binary was built without the `cuda` feature".into(),
     ))

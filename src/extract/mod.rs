@@ -40,8 +40,10 @@ pub struct Options {
     pub shard: (usize, usize),
     /// Also keep the last block's patch tokens (local.npy).
     pub local: bool,
-    /// (temperature, epsilon): also score every image by ODIN through the CPU model (odin.npy).
+    /// (temperature, epsilon): also score every image by ODIN through the model (odin.npy),
+    /// on `odin_on` (the device the features come from).
     pub odin: Option<(f32, f32)>,
+    pub odin_on: crate::train::device::TrainOn,
     /// Block numbers whose mean patch token to keep (layers.npy [n, L, D]), from the same
     /// forward; empty: none.
     pub layers: Vec<usize>,
@@ -223,6 +225,7 @@ pub fn extract(
         }
         (_, vit) => vit,
     };
+    let mut odin_exec = odin_model.map(|vit| odin::OdinExec::new(&opts.odin_on, vit));
     let mut id = manifest.identity.take().unwrap_or_default();
     id.mood_version = env!("CARGO_PKG_VERSION").into();
     (id.source_rows, id.source_sha256) = source::listing(source);
@@ -381,11 +384,11 @@ pub fn extract(
                 } else {
                     (runner.forward(&x)?, None)
                 };
-                if let (Some((temp, eps)), Some(vit)) = (opts.odin, odin_model) {
-                    // ODIN needs the input gradient, which only the CPU model's tape gives.
-                    chunk
-                        .odin
-                        .extend(crate::extract::odin::scores(vit, &x, temp, eps)?);
+                if let (Some((temp, eps)), Some(vit), Some(ex)) =
+                    (opts.odin, odin_model, odin_exec.as_mut())
+                {
+                    // ODIN needs the input gradient: the training tape on the same device.
+                    chunk.odin.extend(ex.scores(vit, &x, temp, eps)?);
                 }
                 model_seconds += t.elapsed().as_secs_f64();
                 chunk.features.extend_from_slice(o.features.as_slice());

@@ -191,6 +191,11 @@ impl<E: TrainExec> Tape<E> {
         &mut self.exec
     }
 
+    /// The executor back, the records dropped (a forward whose gradients are not wanted).
+    pub fn into_exec(self) -> E {
+        self.exec
+    }
+
     fn push(&mut self, t: E::Buf) -> Var {
         self.values.push(Some(t));
         Var(self.values.len() - 1)
