@@ -75,11 +75,16 @@ fn finetune_on_cuda_matches_the_cpu_and_repeats() {
     let (a, gpu, err) = run("a.safetensors", &["--device", "cuda"]);
     assert!(err.contains("cuda: "), "the device is named: {err}");
     let (b, _, _) = run("b.safetensors", &["--device", "cuda"]);
-    let (_, bf16, _) = run(
+    let (bf16_ck, bf16, _) = run(
         "bf16.safetensors",
         &["--device", "cuda", "--precision", "bf16"],
     );
     println!("held-out accuracy: cpu {cpu:.2}%, cuda f32 {gpu:.2}%, cuda bf16 {bf16:.2}%");
+    assert_ne!(
+        std::fs::read(&a).unwrap(),
+        std::fs::read(&bf16_ck).unwrap(),
+        "bf16 autocast trained the same weights as f32"
+    );
     assert!(
         (cpu - gpu).abs() <= 1.0,
         "CUDA f32 {gpu}% vs CPU {cpu}%: more than 1 point apart"
