@@ -19,10 +19,13 @@
 //
 // Training backward (f32 gradients; every sum runs in a fixed order, no atomics, so two runs give
 // the same bits). Column sums are two-stage, as the CPU's reduce::column_sums: a partial sum per
-// chunk of R = 64 rows (rows added in order), then the partials added in chunk order. With the
-// products rounded before the add (ew_mul, no FMA contraction) the results are the CPU's bits.
+// chunk of R rows (rows added in order; R = 64, the CPU's REDUCE_ROWS, or 4 for the attention
+// dbias, the CPU's image groups), then the partials added in chunk order. With the products
+// rounded before the add (ew_mul, no FMA contraction) the results are the CPU's bits. This is the
+// one column-sum family: linear and patch-embedding bias gradients, dγ, dtoken, attention dbias.
 //   colsum_part:      part[p, c] = Σ_{r in chunk p} x[row(r), c]   row(r) = rows ? rows[r] : r
-//   colsum_finish:    out[c] = part[0, c] + part[1, c] + ...        (in chunk order)
+//   colsum_finish:    s = part[0, c] + part[1, c] + ... (in chunk order);
+//                     out[c] = accumulate ? out[c] + s : s  (gradient accumulation)
 //   residual_bwd:     for x' = x + γ ⊙ (k[r / n] · y): dbranch = dy · γ · k[r / n] (γ, k optional)
 //                     and part[p, c] = Σ_{r in chunk p} dy[r, c] · yv[r, c] (dγ's partials, yv the
 //                     branch as added, f32 or bf16)
@@ -199,13 +202,13 @@ colsum_part_f32(const float* x, const int* rows, float* part, int R, int D, int 
 }
 
 extern "C" __global__ void __launch_bounds__(256)
-colsum_finish_f32(const float* part, float* out, int P, int D) {
+colsum_finish_f32(const float* part, float* out, int P, int D, int accumulate) {
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= D) return;
     // Starts from the first partial, not from 0, as the CPU's sum_in_order does.
     float acc = P > 0 ? part[c] : 0.f;
     for (int p = 1; p < P; ++p) acc += part[(long long)p * D + c];
-    out[c] = acc;
+    out[c] = accumulate ? out[c] + acc : acc;
 }
 
 template <typename T>

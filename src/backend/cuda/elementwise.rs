@@ -7,16 +7,9 @@
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
-use super::device::{as_i32, check_len, CudaDevice};
+use super::device::{as_i32, check_len, cuda_err, f32_or_bf16, nonempty, CudaDevice};
 use super::{ptr_mut_or_null, ptr_or_null, Storage};
 use crate::error::{Error, Result};
-
-fn not_f16<T: Storage>(op: &str) -> Result<()> {
-    if T::NAME == "f16" {
-        return Err(Error::Cuda(format!("{op}: f32 or bf16 only")));
-    }
-    Ok(())
-}
 
 /// Shared by bias_add and bias_gelu: y [M, D] (in place) with bias [D] (optional for GELU).
 fn bias_epilogue<T: Storage>(
@@ -26,7 +19,7 @@ fn bias_epilogue<T: Storage>(
     bias: Option<&CudaSlice<f32>>,
     (m, d): (usize, usize),
 ) -> Result<()> {
-    not_f16::<T>(kernel)?;
+    f32_or_bf16::<T>(kernel)?;
     check_len(kernel, y, m * d)?;
     if let Some(b) = bias {
         check_len(&format!("{kernel} bias"), b, d)?;
@@ -72,7 +65,7 @@ pub fn gelu_backward<T: Storage>(
     dy: &CudaSlice<T>,
     dx: &mut CudaSlice<T>,
 ) -> Result<()> {
-    not_f16::<T>("gelu_bwd")?;
+    f32_or_bf16::<T>("gelu_bwd")?;
     let n = x.len();
     check_len("gelu_bwd dy", dy, n)?;
     check_len("gelu_bwd dx", dx, n)?;
@@ -94,7 +87,7 @@ pub fn gelu_backward_into<T: Storage>(
     x: &CudaSlice<T>,
     dy: &mut CudaSlice<f32>,
 ) -> Result<()> {
-    not_f16::<T>("gelu_bwd_into")?;
+    f32_or_bf16::<T>("gelu_bwd_into")?;
     let n = x.len();
     check_len("gelu_bwd_into dy", dy, n)?;
     if n == 0 {
@@ -116,7 +109,7 @@ pub fn residual<T: Storage>(
     gamma: Option<&CudaSlice<f32>>,
     (m, d): (usize, usize),
 ) -> Result<()> {
-    not_f16::<T>("residual_scale")?;
+    f32_or_bf16::<T>("residual_scale")?;
     check_len("residual x", x, m * d)?;
     check_len("residual y", y, m * d)?;
     if let Some(g) = gamma {
@@ -255,20 +248,11 @@ pub fn select_rows(
 // Training backward: the launchers the device tape calls. Gradients are f32 [rows, D] row-major.
 // Every sum runs in a fixed order (no atomics): the same inputs give the same bits on every run.
 
-/// An output of `n` elements must exist: CUDA allocates no empty buffer, and an empty gradient
-/// is a caller's shape mistake, said here in one line rather than as a failed allocation.
-fn nonempty(what: &str, n: usize) -> Result<()> {
-    if n == 0 {
-        return Err(Error::Cuda(format!("{what}: the output would be empty")));
-    }
-    Ok(())
-}
-
 /// Rows per chunk of the two-stage column sums: the CPU's `reduce::REDUCE_ROWS`, so that the
 /// partial sums, and their sum in chunk order, are the CPU's own.
-const SUM_ROWS: usize = crate::backend::cpu::reduce::REDUCE_ROWS;
+pub const SUM_ROWS: usize = crate::backend::cpu::reduce::REDUCE_ROWS;
 
-/// The launch shape of the column kernels: one thread per (column, chunk of SUM_ROWS rows).
+/// The launch shape of the column kernels: one thread per (column, chunk of rows).
 fn column_grid(d: usize, chunks: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (d.div_ceil(256) as u32, chunks.clamp(1, 65535) as u32, 1),
@@ -277,46 +261,75 @@ fn column_grid(d: usize, chunks: usize) -> LaunchConfig {
     }
 }
 
-/// out [D] = Σ over the P chunk partials part [P, D], added in chunk order.
+/// out [D] = Σ over the P chunk partials part [P, D], added in chunk order (or out += that sum
+/// when `accumulate`).
 fn colsum_finish(
     dev: &CudaDevice,
     part: &CudaSlice<f32>,
-    p: usize,
-    d: usize,
-) -> Result<CudaSlice<f32>> {
-    let mut out = dev.empty::<f32>(d)?;
-    let (pi, di) = (as_i32("chunks", p)?, as_i32("D", d)?);
+    out: &mut CudaSlice<f32>,
+    accumulate: bool,
+    (p, d): (usize, usize),
+) -> Result<()> {
+    let (pi, di, acc) = (as_i32("chunks", p)?, as_i32("D", d)?, i32::from(accumulate));
     let f = dev.function("elementwise", "colsum_finish_f32")?;
     let cfg = LaunchConfig {
         grid_dim: (d.div_ceil(256) as u32, 1, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: part holds P·D values (P ≥ 1), out D.
-    unsafe { launch!(dev, f, "colsum_finish_f32", cfg, [part, &mut out, &pi, &di]) }?;
-    Ok(out)
+    // SAFETY: part holds P·D values (P ≥ 1), out D (the callers check).
+    unsafe {
+        launch!(
+            dev,
+            f,
+            "colsum_finish_f32",
+            cfg,
+            [part, out, &pi, &di, &acc]
+        )
+    }
 }
 
-/// Σ over rows (all of x [M, D], or the listed ones) into [D]: partial sums of SUM_ROWS rows in
-/// row order, then the partials in chunk order.
-fn column_sums(
+/// The one column-sum family: out [D] = Σ over the rows of x [M, D] (all of them, or the listed
+/// ones), or out += that when `accumulate`. Partial sums of `chunk` rows added in row order, then
+/// the partials added in chunk order: with `chunk` = SUM_ROWS the CPU's `reduce::column_sums`,
+/// with 4 the CPU attention backward's image groups; either way the CPU's bits.
+pub(crate) fn column_sums_into(
     dev: &CudaDevice,
     x: &CudaSlice<f32>,
     rows: Option<&[i32]>,
+    chunk: usize,
+    out: &mut CudaSlice<f32>,
+    accumulate: bool,
     (m, d): (usize, usize),
-) -> Result<CudaSlice<f32>> {
-    let r = rows.map_or(m, <[i32]>::len);
-    if r == 0 {
-        return dev.zeros(d);
+) -> Result<()> {
+    check_len("column sums input", x, m * d)?;
+    check_len("column sums output", out, d)?;
+    if let Some(&bad) = rows.and_then(|l| l.iter().find(|&&r| r < 0 || r as usize >= m)) {
+        return Err(Error::Cuda(format!(
+            "column sums: row {bad} out of range for {m} rows"
+        )));
     }
-    let p = r.div_ceil(SUM_ROWS);
-    let (ri, di, ci) = (as_i32("rows", r)?, as_i32("D", d)?, SUM_ROWS as i32);
+    let r = rows.map_or(m, <[i32]>::len);
+    if d == 0 {
+        return Ok(());
+    }
+    if r == 0 {
+        if !accumulate {
+            dev.stream()
+                .memset_zeros(out)
+                .map_err(cuda_err("zero column sums"))?;
+        }
+        return Ok(());
+    }
+    let chunk = chunk.max(1);
+    let p = r.div_ceil(chunk);
+    let (ri, di, ci) = (as_i32("rows", r)?, as_i32("D", d)?, as_i32("chunk", chunk)?);
     as_i32("M", m)?;
     let mut part = dev.empty::<f32>(p * d)?;
     let list = rows.map(|l| dev.upload(l)).transpose()?;
     let pl = ptr_or_null(dev.stream(), list.as_ref());
     let f = dev.function("elementwise", "colsum_part_f32")?;
-    // SAFETY: x holds M·D values and every listed row is < M (the callers check); part P·D.
+    // SAFETY: x holds M·D values and every listed row is in 0..M (checked above); part P·D.
     unsafe {
         launch!(
             dev,
@@ -326,7 +339,7 @@ fn column_sums(
             [x, &pl, &mut part, &ri, &di, &ci]
         )
     }?;
-    colsum_finish(dev, &part, p, d)
+    colsum_finish(dev, &part, out, accumulate, (p, d))
 }
 
 /// Column sums of x [M, N]: out [N] = Σ_r x[r, :] (bias, layer-scale, class-token and
@@ -339,7 +352,21 @@ pub fn sum_rows(
 ) -> Result<CudaSlice<f32>> {
     check_len("sum_rows x", x, m * n)?;
     nonempty("sum_rows (N = 0)", n)?;
-    column_sums(dev, x, None, (m, n))
+    let mut out = dev.empty::<f32>(n)?;
+    column_sums_into(dev, x, None, SUM_ROWS, &mut out, false, (m, n))?;
+    Ok(out)
+}
+
+/// `sum_rows` into a given out [N]: overwritten, or with `accumulate` out += Σ_r x[r, :] (the
+/// CPU's `out + reduce::column_sums(x)`, bit for bit): a bias gradient added over micro-batches.
+pub fn sum_rows_into(
+    dev: &CudaDevice,
+    x: &CudaSlice<f32>,
+    out: &mut CudaSlice<f32>,
+    accumulate: bool,
+    (m, n): (usize, usize),
+) -> Result<()> {
+    column_sums_into(dev, x, None, SUM_ROWS, out, accumulate, (m, n))
 }
 
 /// Backward of the residual x' = x + γ ⊙ (k[r / n] · y) given dy = dx' [M, D] (f32):
@@ -356,7 +383,7 @@ pub fn residual_backward<T: Storage>(
     dy: &CudaSlice<f32>,
     (m, d): (usize, usize),
 ) -> Result<(CudaSlice<f32>, Option<CudaSlice<f32>>)> {
-    not_f16::<T>("residual_bwd")?;
+    f32_or_bf16::<T>("residual_bwd")?;
     check_len("residual_backward yv", yv, m * d)?;
     check_len("residual_backward dy", dy, m * d)?;
     if let Some(g) = gamma {
@@ -402,9 +429,14 @@ pub fn residual_backward<T: Storage>(
             [yv, &pg, &pk, &ni, dy, &mut dbranch, &pp, &mi, &di, &ci]
         )
     }?;
-    let dgamma = part
-        .map(|part| colsum_finish(dev, &part, p, d))
-        .transpose()?;
+    let dgamma = match part {
+        Some(part) => {
+            let mut dg = dev.empty::<f32>(d)?;
+            colsum_finish(dev, &part, &mut dg, false, (p, d))?;
+            Some(dg)
+        }
+        None => None,
+    };
     Ok((dbranch, dgamma))
 }
 
@@ -417,7 +449,7 @@ pub fn scale_rows<T: Storage>(
     n: usize,
     d: usize,
 ) -> Result<()> {
-    not_f16::<T>("scale_rows")?;
+    f32_or_bf16::<T>("scale_rows")?;
     check_len("scale_rows x", x, keep.len() * n * d)?;
     let total = x.len();
     if total == 0 {
@@ -492,7 +524,8 @@ pub fn mask_rows_backward(
     check_len("mask_rows_backward dy", dy, m * d)?;
     nonempty("mask_rows_backward", m * d)?;
     let masked: Vec<i32> = (0..as_i32("M", m)?).filter(|&r| mask[r as usize]).collect();
-    let dtoken = column_sums(dev, dy, Some(&masked), (m, d))?;
+    let mut dtoken = dev.empty::<f32>(d)?;
+    column_sums_into(dev, dy, Some(&masked), SUM_ROWS, &mut dtoken, false, (m, d))?;
     let mut dx = dev.empty::<f32>(m * d)?;
     let flags: Vec<u8> = mask.iter().map(|&b| b as u8).collect();
     let flags = dev.upload(&flags)?;
