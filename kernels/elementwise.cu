@@ -33,8 +33,10 @@
 //   pool_bwd:         mean over tokens 1..N: dx[b, t, :] = t ≥ 1 ? dy[b, :] · inv : 0, inv = 1/(N−1)
 //                     class token:           dx[b, t, :] = t = 0 ? dy[b, :] : 0
 //   mask_rows_bwd:    dx[r, :] = mask[r] ? 0 : dy[r, :]          (dtoken: colsum over masked rows)
-//   gather_rows_bwd:  dx[j, :] = Σ_{r : rows[r] = j} dy[r, :] in increasing r, from the inverse
-//                     map (CSR: off [M+1], src [R]) built on the host
+//   csr_sum:          out[j, c] = Σ_{k = off[j]}^{off[j+1]−1} x[src[k]·s_src + c·s_col], k in order:
+//                     the CSR inverse of a map built on the host. Gathered rows' backward
+//                     (s_src = D, s_col = 1: dx[j] = Σ_{r : rows[r] = j} dy[r]) and BEiT's
+//                     relative-position table gradient (s_src = 1, s_col = N·N over dbias [H, N·N])
 //   assemble_bwd:     dpatches[b, t−1, :] = dy[b, t, :] (t ≥ 1); dpos[t, :] = Σ_b dy[b, t, :] in
 //                     image order; dcls = dpos[0] (pos may be null)
 //   add_assign:       acc += g;   scale: x *= s
@@ -286,15 +288,16 @@ mask_rows_bwd_f32(const float* dy, const unsigned char* mask, float* dx, long lo
 }
 
 extern "C" __global__ void __launch_bounds__(256)
-gather_rows_bwd_f32(const float* dy, const int* off, const int* src, float* dx, int M, int D) {
+csr_sum_f32(const float* x, const int* off, const int* src, float* out, int M, int D,
+            long long s_src, long long s_col) {
     const long long n = (long long)M * D;
     GRID_STRIDE(i, n) {
         const long long j = i / D;
         const int c = (int)(i - j * D);
-        // The sources of row j in increasing order: the CPU's scatter-add order, with no atomics.
+        // The sources of target j in increasing order: the CPU's scatter-add order, no atomics.
         float acc = 0.f;
-        for (int k = off[j]; k < off[j + 1]; ++k) acc += dy[(long long)src[k] * D + c];
-        dx[i] = acc;
+        for (int k = off[j]; k < off[j + 1]; ++k) acc += x[(long long)src[k] * s_src + c * s_col];
+        out[i] = acc;
     }
 }
 

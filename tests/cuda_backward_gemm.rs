@@ -349,6 +349,8 @@ fn cases() -> Vec<Case> {
     v.push(attention_backward::<f32>((2, 65, 4, 64), true, true));
     v.push(attention_backward::<bf16>((2, 65, 4, 64), true, true));
     v.push(attention_backward::<bf16>((2, 17, 2, 32), true, false));
+    // More than one group of 4 images: dbias adds the groups' partials as the CPU.
+    v.push(attention_backward::<f32>((9, 17, 2, 32), true, true));
     for (wh, h) in [(2, 3), (4, 2), (14, 12)] {
         v.push(relpos_grad(wh, h));
     }

@@ -958,21 +958,8 @@ impl RelposScatter {
                 "relpos scatter: index[{p}] = {ix} is past the table's {rows} rows"
             )));
         }
-        // Counting sort by table row, stable, so each row's pairs stay in ascending order: the
-        // order in which the CPU's scatter adds them.
-        let mut offsets = vec![0i32; rows + 1];
-        for &ix in index {
-            offsets[ix + 1] += 1;
-        }
-        for r in 0..rows {
-            offsets[r + 1] += offsets[r];
-        }
-        let mut next: Vec<i32> = offsets[..rows].to_vec();
-        let mut positions = vec![0i32; nn.max(1)];
-        for (p, &ix) in index.iter().enumerate() {
-            positions[next[ix] as usize] = p as i32;
-            next[ix] += 1;
-        }
+        // Each table row's pairs in ascending order: the order in which the CPU's scatter adds.
+        let (offsets, positions) = elementwise::csr_inverse(index, rows);
         Ok(RelposScatter {
             offsets: dev.upload(&offsets)?,
             positions: dev.upload(&positions)?,
@@ -991,37 +978,24 @@ impl RelposScatter {
     ) -> Result<CudaSlice<f32>> {
         check_len("relpos dbias", dbias, h * self.nn)?;
         let total = self.rows * h;
-        let (ri, hi, nni) = (
-            as_i32("table rows", self.rows)?,
-            as_i32("H", h)?,
-            as_i32("N·N", self.nn)?,
-        );
+        as_i32("H", h)?;
         as_i32("rows·H", total)?;
-        if total == 0 {
-            return Err(Error::Cuda(format!(
-                "relpos table gradient: empty shape ({} rows, H = {h})",
-                self.rows
-            )));
-        }
+        nonempty(
+            &format!("relpos table gradient ({} rows, H = {h})", self.rows),
+            total,
+        )?;
         let mut dtable = dev.empty::<f32>(total)?;
-        let f = dev.function("attention", "attention_relpos_grad_f32")?;
-        // SAFETY: offsets [rows + 1] and positions [N·N] index only inside dbias [H, N·N] (every
-        // position < N·N, checked in `new`); dtable holds rows·H.
+        // SAFETY: every position is < N·N (checked in `new`) and h < H, so h·N·N + position lies
+        // inside dbias [H, N·N]; dtable holds rows·H.
         unsafe {
-            launch!(
+            elementwise::csr_sum(
                 dev,
-                f,
-                "attention_relpos_grad_f32",
-                dev.grid_stride(total),
-                [
-                    dbias,
-                    &self.offsets,
-                    &self.positions,
-                    &mut dtable,
-                    &ri,
-                    &hi,
-                    &nni
-                ]
+                dbias,
+                &self.offsets,
+                &self.positions,
+                &mut dtable,
+                (self.rows, h),
+                (1, self.nn as i64),
             )
         }?;
         Ok(dtable)

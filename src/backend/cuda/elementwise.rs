@@ -3,7 +3,10 @@
 //! token assembly [cls; patches] + pos, and the f32 → bf16/f16 casts. Same math as src/backend/cpu/{elementwise,vecmath}.rs.
 //! Then the training backward (column sums, residual with layer scale and drop-path, pooling,
 //! masked and gathered rows, token assembly, accumulation), each matching the CPU tape's
-//! reference and summing in a fixed order.
+//! reference and summing in a fixed order. Two helpers serve the other launcher files too:
+//! `column_sums_into`, the one column-sum family (every bias gradient, dγ, dtoken, the attention
+//! dbias), and `csr_sum`, the atomics-free scatter-add (gathered rows, BEiT's relative-position
+//! table).
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
@@ -559,37 +562,69 @@ pub fn gather_rows_backward(
             "gather_rows_backward: row {bad} out of range for {m} rows"
         )));
     }
-    let (mi, di) = (as_i32("M", m)?, as_i32("D", d)?);
     as_i32("R", rows.len())?;
     nonempty("gather_rows_backward", m * d)?;
-    // The inverse map as CSR (a counting sort keeps each target's sources in increasing r).
+    let (off, src) = csr_inverse(rows, m);
+    let mut dx = dev.empty::<f32>(m * d)?;
+    let (off, src) = (dev.upload(&off)?, dev.upload(&src)?);
+    // SAFETY: dy holds R·D values and every source is < R, so src[k]·D + c < R·D; dx M·D.
+    unsafe { csr_sum(dev, dy, &off, &src, &mut dx, (m, d), (d as i64, 1)) }?;
+    Ok(dx)
+}
+
+/// The inverse of a map from R sources to M targets (`target[k]` < M, checked by the callers) as
+/// CSR: offsets [M + 1] and sources [max(R, 1)], each target's sources in increasing k (a stable
+/// counting sort): the order in which the CPU's scatter-adds add them. Built on the host, once.
+pub(crate) fn csr_inverse(target: &[usize], m: usize) -> (Vec<i32>, Vec<i32>) {
     let mut off = vec![0i32; m + 1];
-    for &r in rows {
-        off[r + 1] += 1;
+    for &t in target {
+        off[t + 1] += 1;
     }
     for j in 0..m {
         off[j + 1] += off[j];
     }
     let mut next: Vec<i32> = off[..m].to_vec();
-    let mut src = vec![0i32; rows.len().max(1)];
-    for (k, &r) in rows.iter().enumerate() {
-        src[next[r] as usize] = k as i32;
-        next[r] += 1;
+    let mut src = vec![0i32; target.len().max(1)];
+    for (k, &t) in target.iter().enumerate() {
+        src[next[t] as usize] = k as i32;
+        next[t] += 1;
     }
-    let mut dx = dev.empty::<f32>(m * d)?;
-    let (off, src) = (dev.upload(&off)?, dev.upload(&src)?);
-    let f = dev.function("elementwise", "gather_rows_bwd_f32")?;
-    // SAFETY: dy holds R·D values; off M + 1 offsets into src, whose entries are < R; dx M·D.
+    (off, src)
+}
+
+/// out [M, D]: out[j, c] = Σ over the sources k of target j (CSR `off` [M + 1], `src`, from
+/// `csr_inverse`) of x[src[k]·s_src + c·s_col], added in k order, no atomics. The scatter-add of
+/// gathered rows (s_src = D, s_col = 1) and BEiT's relative-position table gradient (s_src = 1,
+/// s_col = N·N) in one kernel.
+///
+/// # Safety
+/// Every source index s in `src` (up to off[M]) has s·s_src + (D − 1)·s_col inside x.
+pub(crate) unsafe fn csr_sum(
+    dev: &CudaDevice,
+    x: &CudaSlice<f32>,
+    off: &CudaSlice<i32>,
+    src: &CudaSlice<i32>,
+    out: &mut CudaSlice<f32>,
+    (m, d): (usize, usize),
+    (s_src, s_col): (i64, i64),
+) -> Result<()> {
+    check_len("csr_sum offsets", off, m + 1)?;
+    check_len("csr_sum output", out, m * d)?;
+    let (mi, di) = (as_i32("M", m)?, as_i32("D", d)?);
+    if m * d == 0 {
+        return Ok(());
+    }
+    let f = dev.function("elementwise", "csr_sum_f32")?;
+    // SAFETY: the caller's contract on x; off [M + 1] and out [M·D] checked above.
     unsafe {
         launch!(
             dev,
             f,
-            "gather_rows_bwd_f32",
+            "csr_sum_f32",
             dev.grid_stride(m * d),
-            [dy, &off, &src, &mut dx, &mi, &di]
+            [x, off, src, out, &mi, &di, &s_src, &s_col]
         )
-    }?;
-    Ok(dx)
+    }
 }
 
 /// Backward of the token assembly x[b, t] = (t = 0 ? cls : patches[b, t − 1]) (+ pos[t]):
