@@ -30,12 +30,10 @@
 //   attention_softmax_bwd_f32: dS = P ⊙ (dP − rowsum(dP ⊙ P)), in place over dP [rows, N];
 //     one warp per row (lane-strided sums, then a fixed xor-shuffle tree: same bits every run).
 //     Launch shape: grid = ceil(rows / W), block = 32·W.
-//   attention_dbias_sum_f32: dbias[e] = Σ_b dS[b, e] over e < H·N·N, images added in order.
-//     Launch shape: grid-stride, block 256.
-//   attention_relpos_grad_f32: BEiT's relative-position table gradient from dbias [H, N·N]:
-//     dtable[r, h] = Σ_{p ∈ rows r of the CSR} dbias[h, pos[p]], pos ascending within a row, so
-//     the sum runs in the order of the CPU's scatter (model/relpos.rs scatter_bias_grad) and no
-//     two threads write one value. Launch shape: grid-stride over rows·H, block 256.
+//   dbias = Σ_b dS_b is not here: it is the column-sum family of elementwise.cu (colsum_part /
+//     colsum_finish over dS read as [B, H·N·N], groups of 4 images as the CPU adds them).
+//   BEiT's relative-position table gradient dtable[r, h] = Σ_{pairs p of row r} dbias[h, p] is
+//     elementwise.cu's csr_sum_f32 (strides 1 and N·N), shared with the gathered rows' backward.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -240,27 +238,4 @@ attention_softmax_bwd_f32(const float* __restrict__ p, float* __restrict__ dp, l
     for (int j = lane; j < N; j += 32) dot = fmaf(pr[j], gr[j], dot);
     for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
     for (int j = lane; j < N; j += 32) gr[j] = pr[j] * (gr[j] - dot);
-}
-
-extern "C" __global__ void __launch_bounds__(256)
-attention_dbias_sum_f32(const float* __restrict__ ds, float* __restrict__ dbias, int B,
-                        long long HNN) {
-    ATT_GRID_STRIDE(e, HNN) {
-        float s = 0.f;
-        for (int b = 0; b < B; ++b) s += ds[(long long)b * HNN + e];
-        dbias[e] = s;
-    }
-}
-
-extern "C" __global__ void __launch_bounds__(256)
-attention_relpos_grad_f32(const float* __restrict__ dbias, const int* __restrict__ offsets,
-                          const int* __restrict__ pos, float* __restrict__ dtable, int rows, int H,
-                          int NN) {
-    ATT_GRID_STRIDE(e, (long long)rows * H) {
-        const int r = (int)(e / H), h = (int)(e % H);
-        const float* g = dbias + (long long)h * NN;
-        float s = 0.f;
-        for (int q = offsets[r]; q < offsets[r + 1]; ++q) s += g[pos[q]];
-        dtable[e] = s;
-    }
 }

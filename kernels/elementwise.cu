@@ -19,10 +19,13 @@
 //
 // Training backward (f32 gradients; every sum runs in a fixed order, no atomics, so two runs give
 // the same bits). Column sums are two-stage, as the CPU's reduce::column_sums: a partial sum per
-// chunk of R = 64 rows (rows added in order), then the partials added in chunk order. With the
-// products rounded before the add (ew_mul, no FMA contraction) the results are the CPU's bits.
+// chunk of R rows (rows added in order; R = 64, the CPU's REDUCE_ROWS, or 4 for the attention
+// dbias, the CPU's image groups), then the partials added in chunk order. With the products
+// rounded before the add (ew_mul, no FMA contraction) the results are the CPU's bits. This is the
+// one column-sum family: linear and patch-embedding bias gradients, dγ, dtoken, attention dbias.
 //   colsum_part:      part[p, c] = Σ_{r in chunk p} x[row(r), c]   row(r) = rows ? rows[r] : r
-//   colsum_finish:    out[c] = part[0, c] + part[1, c] + ...        (in chunk order)
+//   colsum_finish:    s = part[0, c] + part[1, c] + ... (in chunk order);
+//                     out[c] = accumulate ? out[c] + s : s  (gradient accumulation)
 //   residual_bwd:     for x' = x + γ ⊙ (k[r / n] · y): dbranch = dy · γ · k[r / n] (γ, k optional)
 //                     and part[p, c] = Σ_{r in chunk p} dy[r, c] · yv[r, c] (dγ's partials, yv the
 //                     branch as added, f32 or bf16)
@@ -30,8 +33,10 @@
 //   pool_bwd:         mean over tokens 1..N: dx[b, t, :] = t ≥ 1 ? dy[b, :] · inv : 0, inv = 1/(N−1)
 //                     class token:           dx[b, t, :] = t = 0 ? dy[b, :] : 0
 //   mask_rows_bwd:    dx[r, :] = mask[r] ? 0 : dy[r, :]          (dtoken: colsum over masked rows)
-//   gather_rows_bwd:  dx[j, :] = Σ_{r : rows[r] = j} dy[r, :] in increasing r, from the inverse
-//                     map (CSR: off [M+1], src [R]) built on the host
+//   csr_sum:          out[j, c] = Σ_{k = off[j]}^{off[j+1]−1} x[src[k]·s_src + c·s_col], k in order:
+//                     the CSR inverse of a map built on the host. Gathered rows' backward
+//                     (s_src = D, s_col = 1: dx[j] = Σ_{r : rows[r] = j} dy[r]) and BEiT's
+//                     relative-position table gradient (s_src = 1, s_col = N·N over dbias [H, N·N])
 //   assemble_bwd:     dpatches[b, t−1, :] = dy[b, t, :] (t ≥ 1); dpos[t, :] = Σ_b dy[b, t, :] in
 //                     image order; dcls = dpos[0] (pos may be null)
 //   add_assign:       acc += g;   scale: x *= s
@@ -199,13 +204,13 @@ colsum_part_f32(const float* x, const int* rows, float* part, int R, int D, int 
 }
 
 extern "C" __global__ void __launch_bounds__(256)
-colsum_finish_f32(const float* part, float* out, int P, int D) {
+colsum_finish_f32(const float* part, float* out, int P, int D, int accumulate) {
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= D) return;
     // Starts from the first partial, not from 0, as the CPU's sum_in_order does.
     float acc = P > 0 ? part[c] : 0.f;
     for (int p = 1; p < P; ++p) acc += part[(long long)p * D + c];
-    out[c] = acc;
+    out[c] = accumulate ? out[c] + acc : acc;
 }
 
 template <typename T>
@@ -283,15 +288,16 @@ mask_rows_bwd_f32(const float* dy, const unsigned char* mask, float* dx, long lo
 }
 
 extern "C" __global__ void __launch_bounds__(256)
-gather_rows_bwd_f32(const float* dy, const int* off, const int* src, float* dx, int M, int D) {
+csr_sum_f32(const float* x, const int* off, const int* src, float* out, int M, int D,
+            long long s_src, long long s_col) {
     const long long n = (long long)M * D;
     GRID_STRIDE(i, n) {
         const long long j = i / D;
         const int c = (int)(i - j * D);
-        // The sources of row j in increasing order: the CPU's scatter-add order, with no atomics.
+        // The sources of target j in increasing order: the CPU's scatter-add order, no atomics.
         float acc = 0.f;
-        for (int k = off[j]; k < off[j + 1]; ++k) acc += dy[(long long)src[k] * D + c];
-        dx[i] = acc;
+        for (int k = off[j]; k < off[j + 1]; ++k) acc += x[(long long)src[k] * s_src + c * s_col];
+        out[i] = acc;
     }
 }
 

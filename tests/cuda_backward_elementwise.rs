@@ -2,7 +2,8 @@
 //! loss against the CPU tape's references, from one table of cases (op, shape, outputs, each
 //! with its tolerance on rel_i = |gpu_i − cpu_i| / (|cpu_i| + rms(cpu)), as tests/cuda_parity.rs):
 //!   - f32 gradients: 1e-5. Most come out bit-identical, because the kernels sum in the CPU's
-//!     order (chunks of 64 rows, then the chunks in order) and round products on their own; the
+//!     order (chunks of 64 rows, then the chunks in order) and round products on their own (the
+//!     column sums, plain and accumulated, are held to exactly 0); the
 //!     exceptions are the masked-row sum (chunks of 64 masked rows against the CPU's single pass)
 //!     and LayerNorm's dγ/dβ (per-block partials), still far inside 1e-5.
 //!   - AdamW: 1e-6 (it is bit-exact by construction: every operation rounded on its own).
@@ -67,8 +68,17 @@ fn sum_rows(m: usize, n: usize) -> Case {
     let run: Run = Box::new(move |dev, rng| {
         let x = randn(rng, m * n, 1.0);
         let want = cpu::reduce::column_sums(&x, n);
-        let got = cu::elementwise::sum_rows(dev, &dev.upload(&x)?, (m, n))?;
-        Ok(vec![out("sum", dev.download(&got)?, want, F32_TOL)])
+        let xd = dev.upload(&x)?;
+        let got = cu::elementwise::sum_rows(dev, &xd, (m, n))?;
+        // Accumulated into an existing buffer: the CPU's acc + column_sums(x), bit for bit.
+        let acc0 = randn(rng, n, 1.0);
+        let mut acc = dev.upload(&acc0)?;
+        cu::elementwise::sum_rows_into(dev, &xd, &mut acc, true, (m, n))?;
+        let acc_want = acc0.iter().zip(&want).map(|(a, s)| a + s).collect();
+        Ok(vec![
+            out("sum", dev.download(&got)?, want, 0.0),
+            out("sum+=", dev.download(&acc)?, acc_want, 0.0),
+        ])
     });
     Case("sum_rows", format!("[{m}, {n}]"), run)
 }
@@ -693,6 +703,11 @@ fn bad_lengths_are_errors() {
     expect_err(
         "sum_rows",
         cu::elementwise::sum_rows(dev, &x12, (5, 3)).map(drop),
+    );
+    let mut out4 = buf(4);
+    expect_err(
+        "sum_rows_into out",
+        cu::elementwise::sum_rows_into(dev, &x12, &mut out4, true, (4, 3)),
     );
     expect_err(
         "assemble without patches",

@@ -17,7 +17,8 @@
 //! and what the GPU keeps in bf16 inside (P and dS as GEMM operands, the bf16 forward output) to
 //! 2e-2, about 2^-9 relative per rounded operand. The `dy f32` / `dO f32` cases pass unrounded
 //! gradients instead, so the launcher's own rounding of them shows too: 2e-2 on every output.
-//! relpos, col2im: exact (0), they only move values or add them in the CPU's order.
+//! relpos, col2im and the bias gradients db (linear, patch embedding, also accumulated): exact
+//! (0), they only move values or add them in the CPU's order (elementwise.cu's column sums).
 //! Every reduction is fixed-order, and `backward_launchers_are_bitwise_deterministic` checks it by
 //! running each launcher twice. Without a GPU all of this runs on the CPU stand-in
 //! (tests/common/cuda.rs).
@@ -100,8 +101,8 @@ fn linear_backward<T: Storage>(
             Out("dw", dev.download(&dw)?, dw_want.clone(), t),
         ];
         match db {
-            Some(db) => outs.push(Out("db", dev.download(&db)?, db_want, F32_TOL)),
-            None if want_db => outs.push(Out("db", Vec::new(), db_want, F32_TOL)),
+            Some(db) => outs.push(Out("db", dev.download(&db)?, db_want, 0.0)),
+            None if want_db => outs.push(Out("db", Vec::new(), db_want, 0.0)),
             None => {}
         }
         // Accumulation: dw0 + dyᵀ·x into an existing buffer (beta = 1), db likewise; no dx.
@@ -122,12 +123,7 @@ fn linear_backward<T: Storage>(
         let db_sum = cpu::reduce::column_sums(&dy, n);
         let add = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x + y).collect::<Vec<_>>();
         outs.push(Out("dw+=", dev.download(&dwd)?, add(&dw0, &dw_want), t));
-        outs.push(Out(
-            "db+=",
-            dev.download(&dbd)?,
-            add(&db0, &db_sum),
-            F32_TOL,
-        ));
+        outs.push(Out("db+=", dev.download(&dbd)?, add(&db0, &db_sum), 0.0));
         Ok(outs)
     });
     Case(
@@ -170,14 +166,18 @@ fn attention_backward<T: Storage>(
         let rd = dev.upload(&rel)?;
         let bias_d = bias.then_some(&rd);
         let qd = up::<T>(dev, &qkv)?;
-        let (out, probs) = if T::NAME == "f32" {
+        let (out, probs, kept) = if T::NAME == "f32" {
             let qd = dev.upload(&qkv)?;
             let mut o = dev.zeros::<f32>(b * n * d)?;
             let mut ws = cu::attention::BatchedScratch::new(dev, &gd)?;
             let p = cu::attention::forward_keep_probs_f32(
                 dev, &qd, bias_d, &mut o, &gd, scale, &mut ws,
             )?;
-            (dev.download(&o)?, p)
+            let mut kept = dev.zeros::<f32>(b * h * n * n)?;
+            cu::attention::forward_keep_probs_f32_into(
+                dev, &qd, bias_d, &mut o, &gd, scale, &mut ws, &mut kept,
+            )?;
+            (dev.download(&o)?, p, kept)
         } else {
             let qd = up::<bf16>(dev, &qkv)?;
             let mut o = dev.zeros::<bf16>(b * n * d)?;
@@ -185,18 +185,39 @@ fn attention_backward<T: Storage>(
             let p = cu::attention::forward_keep_probs_bf16(
                 dev, &qd, bias_d, &mut o, &gd, scale, &mut ws,
             )?;
+            let mut kept = dev.zeros::<f32>(b * h * n * n)?;
+            cu::attention::forward_keep_probs_bf16_into(
+                dev, &qd, bias_d, &mut o, &gd, scale, &mut ws, &mut kept,
+            )?;
             let o = dev.download(&o)?.into_iter().map(bf16::to_f32).collect();
-            (o, p)
+            (o, p, kept)
         };
         let dd = dev.upload(&dout)?;
         let (dqkv, dbias) =
             cu::attention::backward_batched(dev, &qd, &probs, &dd, bias, &gd, scale)?;
+        let (p_got, dqkv_got) = (dev.download(&probs)?, dev.download(&dqkv)?);
+        let dbias_got = dbias.as_ref().map(|g| dev.download(g)).transpose()?;
+        // The kept-scratch forms give the one-off calls' bits: P written into a caller's buffer,
+        // and the backward with one BackwardScratch used twice.
+        let mut ws_b = cu::attention::BackwardScratch::<T>::new(dev, &gd)?;
+        let mut again = (Vec::new(), None);
+        for _ in 0..2 {
+            let (g, db) = cu::attention::backward_batched_with(
+                dev, &qd, &probs, &dd, bias, &gd, scale, &mut ws_b,
+            )?;
+            again = (dev.download(&g)?, db.map(|x| dev.download(&x)).transpose()?);
+        }
         let mut outs = vec![
             Out("out", out, out_want, tol::<T>()),
             // P comes from f32 scores on both sides (bf16 only rounds qkv, which the CPU sees).
-            Out("probs", dev.download(&probs)?, p_want, F32_TOL),
-            Out("dqkv", dev.download(&dqkv)?, dqkv_want, tol::<T>()),
+            Out("probs", p_got.clone(), p_want, F32_TOL),
+            Out("probs into", dev.download(&kept)?, p_got, 0.0),
+            Out("dqkv", dqkv_got.clone(), dqkv_want, tol::<T>()),
+            Out("dqkv scratch", again.0, dqkv_got, 0.0),
         ];
+        if let (Some(a), Some(g)) = (again.1, dbias_got) {
+            outs.push(Out("dbias scratch", a, g, 0.0));
+        }
         match (dbias, dbias_want) {
             (Some(g), Some(w)) => {
                 let t = tol_exact::<T>(round_grad);
@@ -292,7 +313,7 @@ fn patch_embed_backward<T: Storage>(b: usize, c: usize, hw: usize, p: usize, d: 
         // dy is rounded like the inputs: the GEMMs see bf16-exact operands (see the module doc).
         Ok(vec![
             Out("dweight", dev.download(&dw)?, dw_want, F32_TOL),
-            Out("dbias", dev.download(&db)?, db_want, F32_TOL),
+            Out("dbias", dev.download(&db)?, db_want, 0.0),
             Out("dimages", dimg, dimg_want, F32_TOL),
         ])
     });
@@ -328,6 +349,8 @@ fn cases() -> Vec<Case> {
     v.push(attention_backward::<f32>((2, 65, 4, 64), true, true));
     v.push(attention_backward::<bf16>((2, 65, 4, 64), true, true));
     v.push(attention_backward::<bf16>((2, 17, 2, 32), true, false));
+    // More than one group of 4 images: dbias adds the groups' partials as the CPU.
+    v.push(attention_backward::<f32>((9, 17, 2, 32), true, true));
     for (wh, h) in [(2, 3), (4, 2), (14, 12)] {
         v.push(relpos_grad(wh, h));
     }

@@ -22,7 +22,7 @@ use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::cublas::{Gemm, GemmConfig, StridedBatchedConfig};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
-use super::device::{as_i32, check_len, cuda_err, CudaDevice};
+use super::device::{as_i32, check_len, cuda_err, f32_or_bf16, nonempty, CudaDevice};
 use super::matmul::{cudaDataType_t, data_type, gemm_rm, RowMajor};
 use super::{elementwise, ptr_mut_or_null, ptr_or_null, softmax, Storage};
 use crate::error::{Error, Result};
@@ -556,36 +556,44 @@ pub fn forward_batched_bf16(
     permute(dev, "merge", &ws.oh, out, bnd, dims)
 }
 
-/// Runs `fwd` (one of the batched forwards) with a fresh P [B, H, N, N] swapped in as the scratch's
-/// probabilities, and hands that P back: the softmax writes it in place, so keeping it costs no
-/// copy, only an allocation per call (each layer's P must live until its backward anyway).
-fn keep_probs<T: Storage>(
-    dev: &CudaDevice,
+/// Runs `fwd` (one of the batched forwards) with the caller's `probs` [B, H, N, N] swapped in as
+/// the scratch's probabilities: the softmax writes P there in place, so keeping it costs no copy.
+fn keep_probs_into<T: Storage>(
     dims: &Dims,
     ws: &mut BatchedScratch<T>,
+    probs: &mut CudaSlice<f32>,
     fwd: impl FnOnce(&mut BatchedScratch<T>) -> Result<()>,
-) -> Result<CudaSlice<f32>> {
+) -> Result<()> {
     let Dims { b, n, h, dh } = *dims;
     let bhnn = b * h * n * n;
-    if bhnn * dh == 0 {
-        // No device buffer can hold zero elements (CUDA refuses 0-byte allocations).
-        return Err(Error::Cuda(format!(
-            "attention keep-probs: empty shape B = {b}, N = {n}, H = {h}, Dh = {dh}"
-        )));
-    }
+    nonempty(
+        &format!("attention keep-probs (B = {b}, N = {n}, H = {h}, Dh = {dh})"),
+        bhnn * dh,
+    )?;
     check_len("attention probs scratch", &ws.probs, bhnn)?;
-    let mut probs = dev.empty::<f32>(bhnn)?;
-    std::mem::swap(&mut ws.probs, &mut probs);
+    check_len("attention kept probs", probs, bhnn)?;
+    std::mem::swap(&mut ws.probs, probs);
     let r = fwd(ws);
     // Swapped back whatever happened, so the scratch keeps its own buffer.
-    std::mem::swap(&mut ws.probs, &mut probs);
-    r.map(|()| probs)
+    std::mem::swap(&mut ws.probs, probs);
+    r
+}
+
+/// A fresh P [B, H, N, N] for `keep_probs_into` (each layer's P must live until its backward).
+fn fresh_probs(dev: &CudaDevice, dims: &Dims) -> Result<CudaSlice<f32>> {
+    let Dims { b, n, h, dh } = *dims;
+    nonempty(
+        &format!("attention keep-probs (B = {b}, N = {n}, H = {h}, Dh = {dh})"),
+        b * h * n * n * dh,
+    )?;
+    dev.empty::<f32>(b * h * n * n)
 }
 
 /// `forward_batched_f32` that also returns the softmax probabilities P [B, H, N, N] (f32, rows
 /// summing to 1) of softmax(scale·Q_bh K_bhᵀ + bias_h): what `backward_batched` reads, as
 /// `backend::attention_keep_probs` on the CPU. qkv [B·N, 3·D], bias [H, N, N] or None, out
-/// [B·N, D]; `ws` from `BatchedScratch::new` for these dims.
+/// [B·N, D]; `ws` from `BatchedScratch::new` for these dims. Allocates P; a caller that keeps
+/// its P buffers (one per layer) passes them to `forward_keep_probs_f32_into` instead.
 pub fn forward_keep_probs_f32(
     dev: &CudaDevice,
     qkv: &CudaSlice<f32>,
@@ -595,7 +603,24 @@ pub fn forward_keep_probs_f32(
     scale: f32,
     ws: &mut BatchedScratch<f32>,
 ) -> Result<CudaSlice<f32>> {
-    keep_probs(dev, dims, ws, |ws| {
+    let mut probs = fresh_probs(dev, dims)?;
+    forward_keep_probs_f32_into(dev, qkv, bias, out, dims, scale, ws, &mut probs)?;
+    Ok(probs)
+}
+
+/// `forward_keep_probs_f32` writing P into the caller's `probs` [B, H, N, N]: no allocation.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_keep_probs_f32_into(
+    dev: &CudaDevice,
+    qkv: &CudaSlice<f32>,
+    bias: Option<&CudaSlice<f32>>,
+    out: &mut CudaSlice<f32>,
+    dims: &Dims,
+    scale: f32,
+    ws: &mut BatchedScratch<f32>,
+    probs: &mut CudaSlice<f32>,
+) -> Result<()> {
+    keep_probs_into(dims, ws, probs, |ws| {
         forward_batched_f32(dev, qkv, bias, out, dims, scale, ws)
     })
 }
@@ -611,7 +636,24 @@ pub fn forward_keep_probs_bf16(
     scale: f32,
     ws: &mut BatchedScratch<half::bf16>,
 ) -> Result<CudaSlice<f32>> {
-    keep_probs(dev, dims, ws, |ws| {
+    let mut probs = fresh_probs(dev, dims)?;
+    forward_keep_probs_bf16_into(dev, qkv, bias, out, dims, scale, ws, &mut probs)?;
+    Ok(probs)
+}
+
+/// `forward_keep_probs_bf16` writing P into the caller's `probs` [B, H, N, N]: no allocation.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_keep_probs_bf16_into(
+    dev: &CudaDevice,
+    qkv: &CudaSlice<half::bf16>,
+    bias: Option<&CudaSlice<f32>>,
+    out: &mut CudaSlice<half::bf16>,
+    dims: &Dims,
+    scale: f32,
+    ws: &mut BatchedScratch<half::bf16>,
+    probs: &mut CudaSlice<f32>,
+) -> Result<()> {
+    keep_probs_into(dims, ws, probs, |ws| {
         forward_batched_bf16(dev, qkv, bias, out, dims, scale, ws)
     })
 }
@@ -625,16 +667,63 @@ fn at_mut<T>(dev: &CudaDevice, s: &mut CudaSlice<T>, off: usize) -> u64 {
     ptr_mut_or_null(dev.stream(), Some(s)) + (off * std::mem::size_of::<T>()) as u64
 }
 
+/// Images per partial of the dbias sum: the CPU attention backward's IMAGES_PER_GROUP
+/// (src/backend/cpu/attention.rs), so that dbias adds the images in the CPU's order.
+const DBIAS_IMAGES: usize = 4;
+
+/// Scratch of `backward_batched_with` for one (batch, dims, precision), made once and kept by a
+/// training loop: head-major q, k, v (`qkvh`, 3·B·N·D) and dO (`doh`, B·N·D) in the GEMMs'
+/// operand type, dP/dS (`ds`, B·H·N·N f32), the head-major dq, dk, dv (`dqkvh`, 3·B·N·D f32),
+/// and for bf16 one B·H·N·N bf16 buffer that holds P, then dS, rounded for their GEMMs.
+pub struct BackwardScratch<T> {
+    qkvh: CudaSlice<T>,
+    doh: CudaSlice<T>,
+    ds: CudaSlice<f32>,
+    dqkvh: CudaSlice<f32>,
+    half: Option<CudaSlice<T>>,
+    dims: (usize, usize, usize, usize),
+}
+
+impl<T: Storage> BackwardScratch<T> {
+    pub fn new(dev: &CudaDevice, dims: &Dims) -> Result<BackwardScratch<T>> {
+        f32_or_bf16::<T>("attention backward")?;
+        let Dims { b, n, h, dh } = *dims;
+        let (bnd, bhnn) = (b * n * h * dh, b * h * n * n);
+        nonempty(
+            &format!("attention backward (B = {b}, N = {n}, H = {h}, Dh = {dh})"),
+            bnd,
+        )?;
+        Ok(BackwardScratch {
+            qkvh: dev.empty::<T>(3 * bnd)?,
+            doh: dev.empty::<T>(bnd)?,
+            ds: dev.empty::<f32>(bhnn)?,
+            dqkvh: dev.empty::<f32>(3 * bnd)?,
+            half: (T::NAME != "f32")
+                .then(|| dev.empty::<T>(bhnn))
+                .transpose()?,
+            dims: (b, n, h, dh),
+        })
+    }
+
+    /// The dims this scratch was made for, as `Dims`.
+    pub fn dims(&self) -> Dims {
+        let (b, n, h, dh) = self.dims;
+        Dims { b, n, h, dh }
+    }
+}
+
 /// Gradients of the attention forward from its probabilities, for the whole batch:
 /// qkv [B·N, 3·D] (T = f32 or bf16; q | k | v, head h at columns h·Dh of each), probs P
 /// [B, H, N, N] f32 (from `forward_keep_probs_*`), dout [B·N, D] f32. Per (image b, head h):
 ///   dV = Pᵀ·dO,  dP = dO·Vᵀ,  dS = P ⊙ (dP − rowsum(dP ⊙ P)),  dQ = scale·dS·K,  dK = scale·dSᵀ·Q,
 /// returned as dqkv [B·N, 3·D] f32 in qkv's layout, and with `want_dbias` dbias [H, N, N] f32 =
-/// Σ_b dS_b (images added in order). Same math and layout as `backend::cpu::attention::backward`
-/// (which uses scale = Dh^-1/2). Each product is ONE strided-batched GEMM over the B·H heads
-/// (head-major copies of q, k, v and dO as in `forward_batched_*`). bf16: the GEMM operands are
-/// bf16 (dO, P and dS rounded, as autocast does) with f32 accumulation and f32 outputs; the
-/// softmax backward and dbias are f32 throughout.
+/// Σ_b dS_b (groups of 4 images, then the groups, as the CPU adds them). Same math and layout as
+/// `backend::cpu::attention::backward` (which uses scale = Dh^-1/2). Each product is ONE
+/// strided-batched GEMM over the B·H heads (head-major copies of q, k, v and dO as in
+/// `forward_batched_*`). bf16: the GEMM operands are bf16 (dO, P and dS rounded, as autocast
+/// does) with f32 accumulation and f32 outputs; the softmax backward and dbias are f32
+/// throughout. Makes its scratch for this call; a training loop keeps a `BackwardScratch` per
+/// (batch, precision) and calls `backward_batched_with`.
 pub fn backward_batched<T: Storage>(
     dev: &CudaDevice,
     qkv: &CudaSlice<T>,
@@ -644,35 +733,70 @@ pub fn backward_batched<T: Storage>(
     dims: &Dims,
     scale: f32,
 ) -> Result<(CudaSlice<f32>, Option<CudaSlice<f32>>)> {
-    if T::NAME == "f16" {
-        return Err(Error::Cuda("attention backward: f32 or bf16 only".into()));
-    }
+    f32_or_bf16::<T>("attention backward")?;
+    let Dims { b, n, h, dh } = *dims;
+    let (bnd, bhnn) = (b * n * h * dh, b * h * n * n);
+    // The buffers first, so a wrong length is named before the scratch's empty-shape refusal.
+    check_len("attention backward qkv", qkv, 3 * bnd)?;
+    check_len("attention backward probs", probs, bhnn)?;
+    check_len("attention backward dout", dout, bnd)?;
+    let mut ws = BackwardScratch::<T>::new(dev, dims)?;
+    backward_batched_with(dev, qkv, probs, dout, want_dbias, dims, scale, &mut ws)
+}
+
+/// `backward_batched` with the caller's scratch (`BackwardScratch::new` for these dims): only the
+/// returned dqkv and dbias are allocated.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_batched_with<T: Storage>(
+    dev: &CudaDevice,
+    qkv: &CudaSlice<T>,
+    probs: &CudaSlice<f32>,
+    dout: &CudaSlice<f32>,
+    want_dbias: bool,
+    dims: &Dims,
+    scale: f32,
+    ws: &mut BackwardScratch<T>,
+) -> Result<(CudaSlice<f32>, Option<CudaSlice<f32>>)> {
+    f32_or_bf16::<T>("attention backward")?;
     let Dims { b, n, h, dh } = *dims;
     let d = h * dh;
     let (bnd, nn, bh) = (b * n * d, n * n, b * h);
     check_len("attention backward qkv", qkv, 3 * bnd)?;
     check_len("attention backward probs", probs, bh * nn)?;
     check_len("attention backward dout", dout, bnd)?;
-    if bnd == 0 {
+    if ws.dims != (b, n, h, dh) {
+        let w = ws.dims();
         return Err(Error::Cuda(format!(
-            "attention backward: empty shape B = {b}, N = {n}, H = {h}, Dh = {dh}"
+            "attention backward: scratch made for B = {}, N = {}, H = {}, Dh = {}, called with \
+             B = {b}, N = {n}, H = {h}, Dh = {dh}",
+            w.b, w.n, w.h, w.dh
         )));
     }
+    nonempty(
+        &format!("attention backward (B = {b}, N = {n}, H = {h}, Dh = {dh})"),
+        bnd,
+    )?;
     let (bi, ni, hi, di) = (
         as_i32("B", b)?,
         as_i32("N", n)?,
         as_i32("H", h)?,
         as_i32("Dh", dh)?,
     );
-    let hnn = as_i32("H·N·N", h * nn)? as i64;
+    as_i32("H·N·N", h * nn)?;
     let rows = (bh * n) as i64;
     let ty = data_type::<T>();
     let ndh = n * dh;
+    let BackwardScratch {
+        qkvh,
+        doh,
+        ds,
+        dqkvh,
+        half,
+        ..
+    } = ws;
 
     // Head-major q, k, v (as the forward) and dO, in the GEMMs' operand type.
-    let mut qkvh = dev.empty::<T>(3 * bnd)?;
-    permute(dev, "split", qkv, &mut qkvh, 3 * bnd, dims)?;
-    let mut doh = dev.empty::<T>(bnd)?;
+    permute(dev, "split", qkv, qkvh, 3 * bnd, dims)?;
     let name = format!("attention_split_grad_{}", T::NAME);
     let f = dev.function("attention", &name)?;
     let one = 1i32;
@@ -683,19 +807,15 @@ pub fn backward_batched<T: Storage>(
             f,
             name,
             dev.grid_stride(bnd),
-            [dout, &mut doh, &one, &bi, &ni, &hi, &di]
+            [dout, &mut *doh, &one, &bi, &ni, &hi, &di]
         )
     }?;
-    // P as the dV GEMM's operand: itself in f32, rounded to bf16 for a bf16 GEMM.
-    let probs_half = if T::NAME == "f32" {
-        None
-    } else {
-        let mut p = dev.empty::<T>(bh * nn)?;
-        elementwise::cast(dev, probs, &mut p)?;
-        Some(p)
-    };
-    let p_op = match &probs_half {
-        Some(p) => at(dev, p, 0),
+    // P as the dV GEMM's operand: itself in f32, rounded to bf16 (into `half`) for a bf16 GEMM.
+    let p_op = match half.as_mut() {
+        Some(p) => {
+            elementwise::cast(dev, probs, p)?;
+            at(dev, p, 0)
+        }
         None => at(dev, probs, 0),
     };
     let mat = |ptr, ty, ld, stride, trans| RowMajor {
@@ -706,23 +826,17 @@ pub fn backward_batched<T: Storage>(
         trans,
     };
     let f32_ty = cudaDataType_t::CUDA_R_32F;
-    let (q_op, k_op, v_op) = (
-        at(dev, &qkvh, 0),
-        at(dev, &qkvh, bnd),
-        at(dev, &qkvh, 2 * bnd),
-    );
-    let do_op = at(dev, &doh, 0);
-    let mut dqkvh = dev.empty::<f32>(3 * bnd)?;
-    let mut ds = dev.empty::<f32>(bh * nn)?;
-    let ds_ptr = at_mut(dev, &mut ds, 0);
+    let (q_op, k_op, v_op) = (at(dev, qkvh, 0), at(dev, qkvh, bnd), at(dev, qkvh, 2 * bnd));
+    let do_op = at(dev, doh, 0);
+    let ds_ptr = at_mut(dev, ds, 0);
     let (dq, dk, dv) = (
-        at_mut(dev, &mut dqkvh, 0),
-        at_mut(dev, &mut dqkvh, bnd),
-        at_mut(dev, &mut dqkvh, 2 * bnd),
+        at_mut(dev, dqkvh, 0),
+        at_mut(dev, dqkvh, bnd),
+        at_mut(dev, dqkvh, 2 * bnd),
     );
     // SAFETY (the four GEMMs): every operand is a batch of B·H row-major matrices inside its
     // buffer: [N, Dh] (stride N·Dh) in qkvh (3 blocks of B·N·D), doh and dqkvh; [N, N] (stride
-    // N·N) in P and dS; all sized from the checked dims above.
+    // N·N) in P, dS and `half`; the scratch was checked against these dims above.
     unsafe {
         gemm_rm(
             dev,
@@ -755,35 +869,24 @@ pub fn backward_batched<T: Storage>(
             f,
             "attention_softmax_bwd_f32",
             dev.warp_per_row(bh * n),
-            [probs, &mut ds, &rows, &ni]
+            [probs, &mut *ds, &rows, &ni]
         )
     }?;
     let dbias = if want_dbias {
+        // Σ_b dS_b: dS read as [B, H·N·N] and summed by the column-sum kernels in the CPU's
+        // image groups.
         let mut dbias = dev.empty::<f32>(h * nn)?;
-        let f = dev.function("attention", "attention_dbias_sum_f32")?;
-        // SAFETY: ds holds B blocks of H·N·N, dbias one.
-        unsafe {
-            launch!(
-                dev,
-                f,
-                "attention_dbias_sum_f32",
-                dev.grid_stride(h * nn),
-                [&ds, &mut dbias, &bi, &hnn]
-            )
-        }?;
+        elementwise::column_sums_into(dev, ds, None, DBIAS_IMAGES, &mut dbias, false, (b, h * nn))?;
         Some(dbias)
     } else {
         None
     };
-    let ds_half = if T::NAME == "f32" {
-        None
-    } else {
-        let mut p = dev.empty::<T>(bh * nn)?;
-        elementwise::cast(dev, &ds, &mut p)?;
-        Some(p)
-    };
-    let (ds_op, ds_ty) = match &ds_half {
-        Some(p) => (at(dev, p, 0), ty),
+    // dS as the dQ/dK GEMMs' operand: itself in f32, rounded to bf16 (over P's copy) for bf16.
+    let (ds_op, ds_ty) = match half.as_mut() {
+        Some(p) => {
+            elementwise::cast(dev, ds, p)?;
+            (at(dev, p, 0), ty)
+        }
         None => (ds_ptr, f32_ty),
     };
     // SAFETY: as above.
@@ -821,7 +924,7 @@ pub fn backward_batched<T: Storage>(
             f,
             "attention_merge_grad_f32",
             dev.grid_stride(3 * bnd),
-            [&dqkvh, &mut dqkv, &three, &bi, &ni, &hi, &di]
+            [&*dqkvh, &mut dqkv, &three, &bi, &ni, &hi, &di]
         )
     }?;
     Ok((dqkv, dbias))
@@ -855,21 +958,8 @@ impl RelposScatter {
                 "relpos scatter: index[{p}] = {ix} is past the table's {rows} rows"
             )));
         }
-        // Counting sort by table row, stable, so each row's pairs stay in ascending order: the
-        // order in which the CPU's scatter adds them.
-        let mut offsets = vec![0i32; rows + 1];
-        for &ix in index {
-            offsets[ix + 1] += 1;
-        }
-        for r in 0..rows {
-            offsets[r + 1] += offsets[r];
-        }
-        let mut next: Vec<i32> = offsets[..rows].to_vec();
-        let mut positions = vec![0i32; nn.max(1)];
-        for (p, &ix) in index.iter().enumerate() {
-            positions[next[ix] as usize] = p as i32;
-            next[ix] += 1;
-        }
+        // Each table row's pairs in ascending order: the order in which the CPU's scatter adds.
+        let (offsets, positions) = elementwise::csr_inverse(index, rows);
         Ok(RelposScatter {
             offsets: dev.upload(&offsets)?,
             positions: dev.upload(&positions)?,
@@ -888,37 +978,24 @@ impl RelposScatter {
     ) -> Result<CudaSlice<f32>> {
         check_len("relpos dbias", dbias, h * self.nn)?;
         let total = self.rows * h;
-        let (ri, hi, nni) = (
-            as_i32("table rows", self.rows)?,
-            as_i32("H", h)?,
-            as_i32("N·N", self.nn)?,
-        );
+        as_i32("H", h)?;
         as_i32("rows·H", total)?;
-        if total == 0 {
-            return Err(Error::Cuda(format!(
-                "relpos table gradient: empty shape ({} rows, H = {h})",
-                self.rows
-            )));
-        }
+        nonempty(
+            &format!("relpos table gradient ({} rows, H = {h})", self.rows),
+            total,
+        )?;
         let mut dtable = dev.empty::<f32>(total)?;
-        let f = dev.function("attention", "attention_relpos_grad_f32")?;
-        // SAFETY: offsets [rows + 1] and positions [N·N] index only inside dbias [H, N·N] (every
-        // position < N·N, checked in `new`); dtable holds rows·H.
+        // SAFETY: every position is < N·N (checked in `new`) and h < H, so h·N·N + position lies
+        // inside dbias [H, N·N]; dtable holds rows·H.
         unsafe {
-            launch!(
+            elementwise::csr_sum(
                 dev,
-                f,
-                "attention_relpos_grad_f32",
-                dev.grid_stride(total),
-                [
-                    dbias,
-                    &self.offsets,
-                    &self.positions,
-                    &mut dtable,
-                    &ri,
-                    &hi,
-                    &nni
-                ]
+                dbias,
+                &self.offsets,
+                &self.positions,
+                &mut dtable,
+                (self.rows, h),
+                (1, self.nn as i64),
             )
         }?;
         Ok(dtable)

@@ -445,3 +445,23 @@ pub fn check_len<T>(what: &str, s: &CudaSlice<T>, want: usize) -> Result<()> {
     }
     Ok(())
 }
+
+/// An output of `n` elements must exist: CUDA allocates no empty buffer (0-byte allocations are
+/// refused), and an empty gradient is a caller's shape mistake, said in one line rather than as
+/// a failed allocation.
+pub fn nonempty(what: &str, n: usize) -> Result<()> {
+    if n == 0 {
+        return Err(Error::Cuda(format!(
+            "{what}: empty shape (no device buffer holds zero elements)"
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses f16 storage for the ops that exist in f32 and bf16 only.
+pub fn f32_or_bf16<T: super::Storage>(op: &str) -> Result<()> {
+    if T::NAME == "f16" {
+        return Err(Error::Cuda(format!("{op}: f32 or bf16 only")));
+    }
+    Ok(())
+}

@@ -3,20 +3,16 @@
 //! token assembly [cls; patches] + pos, and the f32 → bf16/f16 casts. Same math as src/backend/cpu/{elementwise,vecmath}.rs.
 //! Then the training backward (column sums, residual with layer scale and drop-path, pooling,
 //! masked and gathered rows, token assembly, accumulation), each matching the CPU tape's
-//! reference and summing in a fixed order.
+//! reference and summing in a fixed order. Two helpers serve the other launcher files too:
+//! `column_sums_into`, the one column-sum family (every bias gradient, dγ, dtoken, the attention
+//! dbias), and `csr_sum`, the atomics-free scatter-add (gathered rows, BEiT's relative-position
+//! table).
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
-use super::device::{as_i32, check_len, CudaDevice};
+use super::device::{as_i32, check_len, cuda_err, f32_or_bf16, nonempty, CudaDevice};
 use super::{ptr_mut_or_null, ptr_or_null, Storage};
 use crate::error::{Error, Result};
-
-fn not_f16<T: Storage>(op: &str) -> Result<()> {
-    if T::NAME == "f16" {
-        return Err(Error::Cuda(format!("{op}: f32 or bf16 only")));
-    }
-    Ok(())
-}
 
 /// Shared by bias_add and bias_gelu: y [M, D] (in place) with bias [D] (optional for GELU).
 fn bias_epilogue<T: Storage>(
@@ -26,7 +22,7 @@ fn bias_epilogue<T: Storage>(
     bias: Option<&CudaSlice<f32>>,
     (m, d): (usize, usize),
 ) -> Result<()> {
-    not_f16::<T>(kernel)?;
+    f32_or_bf16::<T>(kernel)?;
     check_len(kernel, y, m * d)?;
     if let Some(b) = bias {
         check_len(&format!("{kernel} bias"), b, d)?;
@@ -72,7 +68,7 @@ pub fn gelu_backward<T: Storage>(
     dy: &CudaSlice<T>,
     dx: &mut CudaSlice<T>,
 ) -> Result<()> {
-    not_f16::<T>("gelu_bwd")?;
+    f32_or_bf16::<T>("gelu_bwd")?;
     let n = x.len();
     check_len("gelu_bwd dy", dy, n)?;
     check_len("gelu_bwd dx", dx, n)?;
@@ -94,7 +90,7 @@ pub fn gelu_backward_into<T: Storage>(
     x: &CudaSlice<T>,
     dy: &mut CudaSlice<f32>,
 ) -> Result<()> {
-    not_f16::<T>("gelu_bwd_into")?;
+    f32_or_bf16::<T>("gelu_bwd_into")?;
     let n = x.len();
     check_len("gelu_bwd_into dy", dy, n)?;
     if n == 0 {
@@ -116,7 +112,7 @@ pub fn residual<T: Storage>(
     gamma: Option<&CudaSlice<f32>>,
     (m, d): (usize, usize),
 ) -> Result<()> {
-    not_f16::<T>("residual_scale")?;
+    f32_or_bf16::<T>("residual_scale")?;
     check_len("residual x", x, m * d)?;
     check_len("residual y", y, m * d)?;
     if let Some(g) = gamma {
@@ -255,20 +251,11 @@ pub fn select_rows(
 // Training backward: the launchers the device tape calls. Gradients are f32 [rows, D] row-major.
 // Every sum runs in a fixed order (no atomics): the same inputs give the same bits on every run.
 
-/// An output of `n` elements must exist: CUDA allocates no empty buffer, and an empty gradient
-/// is a caller's shape mistake, said here in one line rather than as a failed allocation.
-fn nonempty(what: &str, n: usize) -> Result<()> {
-    if n == 0 {
-        return Err(Error::Cuda(format!("{what}: the output would be empty")));
-    }
-    Ok(())
-}
-
 /// Rows per chunk of the two-stage column sums: the CPU's `reduce::REDUCE_ROWS`, so that the
 /// partial sums, and their sum in chunk order, are the CPU's own.
-const SUM_ROWS: usize = crate::backend::cpu::reduce::REDUCE_ROWS;
+pub const SUM_ROWS: usize = crate::backend::cpu::reduce::REDUCE_ROWS;
 
-/// The launch shape of the column kernels: one thread per (column, chunk of SUM_ROWS rows).
+/// The launch shape of the column kernels: one thread per (column, chunk of rows).
 fn column_grid(d: usize, chunks: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (d.div_ceil(256) as u32, chunks.clamp(1, 65535) as u32, 1),
@@ -277,46 +264,75 @@ fn column_grid(d: usize, chunks: usize) -> LaunchConfig {
     }
 }
 
-/// out [D] = Σ over the P chunk partials part [P, D], added in chunk order.
+/// out [D] = Σ over the P chunk partials part [P, D], added in chunk order (or out += that sum
+/// when `accumulate`).
 fn colsum_finish(
     dev: &CudaDevice,
     part: &CudaSlice<f32>,
-    p: usize,
-    d: usize,
-) -> Result<CudaSlice<f32>> {
-    let mut out = dev.empty::<f32>(d)?;
-    let (pi, di) = (as_i32("chunks", p)?, as_i32("D", d)?);
+    out: &mut CudaSlice<f32>,
+    accumulate: bool,
+    (p, d): (usize, usize),
+) -> Result<()> {
+    let (pi, di, acc) = (as_i32("chunks", p)?, as_i32("D", d)?, i32::from(accumulate));
     let f = dev.function("elementwise", "colsum_finish_f32")?;
     let cfg = LaunchConfig {
         grid_dim: (d.div_ceil(256) as u32, 1, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: part holds P·D values (P ≥ 1), out D.
-    unsafe { launch!(dev, f, "colsum_finish_f32", cfg, [part, &mut out, &pi, &di]) }?;
-    Ok(out)
+    // SAFETY: part holds P·D values (P ≥ 1), out D (the callers check).
+    unsafe {
+        launch!(
+            dev,
+            f,
+            "colsum_finish_f32",
+            cfg,
+            [part, out, &pi, &di, &acc]
+        )
+    }
 }
 
-/// Σ over rows (all of x [M, D], or the listed ones) into [D]: partial sums of SUM_ROWS rows in
-/// row order, then the partials in chunk order.
-fn column_sums(
+/// The one column-sum family: out [D] = Σ over the rows of x [M, D] (all of them, or the listed
+/// ones), or out += that when `accumulate`. Partial sums of `chunk` rows added in row order, then
+/// the partials added in chunk order: with `chunk` = SUM_ROWS the CPU's `reduce::column_sums`,
+/// with 4 the CPU attention backward's image groups; either way the CPU's bits.
+pub(crate) fn column_sums_into(
     dev: &CudaDevice,
     x: &CudaSlice<f32>,
     rows: Option<&[i32]>,
+    chunk: usize,
+    out: &mut CudaSlice<f32>,
+    accumulate: bool,
     (m, d): (usize, usize),
-) -> Result<CudaSlice<f32>> {
-    let r = rows.map_or(m, <[i32]>::len);
-    if r == 0 {
-        return dev.zeros(d);
+) -> Result<()> {
+    check_len("column sums input", x, m * d)?;
+    check_len("column sums output", out, d)?;
+    if let Some(&bad) = rows.and_then(|l| l.iter().find(|&&r| r < 0 || r as usize >= m)) {
+        return Err(Error::Cuda(format!(
+            "column sums: row {bad} out of range for {m} rows"
+        )));
     }
-    let p = r.div_ceil(SUM_ROWS);
-    let (ri, di, ci) = (as_i32("rows", r)?, as_i32("D", d)?, SUM_ROWS as i32);
+    let r = rows.map_or(m, <[i32]>::len);
+    if d == 0 {
+        return Ok(());
+    }
+    if r == 0 {
+        if !accumulate {
+            dev.stream()
+                .memset_zeros(out)
+                .map_err(cuda_err("zero column sums"))?;
+        }
+        return Ok(());
+    }
+    let chunk = chunk.max(1);
+    let p = r.div_ceil(chunk);
+    let (ri, di, ci) = (as_i32("rows", r)?, as_i32("D", d)?, as_i32("chunk", chunk)?);
     as_i32("M", m)?;
     let mut part = dev.empty::<f32>(p * d)?;
     let list = rows.map(|l| dev.upload(l)).transpose()?;
     let pl = ptr_or_null(dev.stream(), list.as_ref());
     let f = dev.function("elementwise", "colsum_part_f32")?;
-    // SAFETY: x holds M·D values and every listed row is < M (the callers check); part P·D.
+    // SAFETY: x holds M·D values and every listed row is in 0..M (checked above); part P·D.
     unsafe {
         launch!(
             dev,
@@ -326,7 +342,7 @@ fn column_sums(
             [x, &pl, &mut part, &ri, &di, &ci]
         )
     }?;
-    colsum_finish(dev, &part, p, d)
+    colsum_finish(dev, &part, out, accumulate, (p, d))
 }
 
 /// Column sums of x [M, N]: out [N] = Σ_r x[r, :] (bias, layer-scale, class-token and
@@ -339,7 +355,21 @@ pub fn sum_rows(
 ) -> Result<CudaSlice<f32>> {
     check_len("sum_rows x", x, m * n)?;
     nonempty("sum_rows (N = 0)", n)?;
-    column_sums(dev, x, None, (m, n))
+    let mut out = dev.empty::<f32>(n)?;
+    column_sums_into(dev, x, None, SUM_ROWS, &mut out, false, (m, n))?;
+    Ok(out)
+}
+
+/// `sum_rows` into a given out [N]: overwritten, or with `accumulate` out += Σ_r x[r, :] (the
+/// CPU's `out + reduce::column_sums(x)`, bit for bit): a bias gradient added over micro-batches.
+pub fn sum_rows_into(
+    dev: &CudaDevice,
+    x: &CudaSlice<f32>,
+    out: &mut CudaSlice<f32>,
+    accumulate: bool,
+    (m, n): (usize, usize),
+) -> Result<()> {
+    column_sums_into(dev, x, None, SUM_ROWS, out, accumulate, (m, n))
 }
 
 /// Backward of the residual x' = x + γ ⊙ (k[r / n] · y) given dy = dx' [M, D] (f32):
@@ -356,7 +386,7 @@ pub fn residual_backward<T: Storage>(
     dy: &CudaSlice<f32>,
     (m, d): (usize, usize),
 ) -> Result<(CudaSlice<f32>, Option<CudaSlice<f32>>)> {
-    not_f16::<T>("residual_bwd")?;
+    f32_or_bf16::<T>("residual_bwd")?;
     check_len("residual_backward yv", yv, m * d)?;
     check_len("residual_backward dy", dy, m * d)?;
     if let Some(g) = gamma {
@@ -402,9 +432,14 @@ pub fn residual_backward<T: Storage>(
             [yv, &pg, &pk, &ni, dy, &mut dbranch, &pp, &mi, &di, &ci]
         )
     }?;
-    let dgamma = part
-        .map(|part| colsum_finish(dev, &part, p, d))
-        .transpose()?;
+    let dgamma = match part {
+        Some(part) => {
+            let mut dg = dev.empty::<f32>(d)?;
+            colsum_finish(dev, &part, &mut dg, false, (p, d))?;
+            Some(dg)
+        }
+        None => None,
+    };
     Ok((dbranch, dgamma))
 }
 
@@ -417,7 +452,7 @@ pub fn scale_rows<T: Storage>(
     n: usize,
     d: usize,
 ) -> Result<()> {
-    not_f16::<T>("scale_rows")?;
+    f32_or_bf16::<T>("scale_rows")?;
     check_len("scale_rows x", x, keep.len() * n * d)?;
     let total = x.len();
     if total == 0 {
@@ -492,7 +527,8 @@ pub fn mask_rows_backward(
     check_len("mask_rows_backward dy", dy, m * d)?;
     nonempty("mask_rows_backward", m * d)?;
     let masked: Vec<i32> = (0..as_i32("M", m)?).filter(|&r| mask[r as usize]).collect();
-    let dtoken = column_sums(dev, dy, Some(&masked), (m, d))?;
+    let mut dtoken = dev.empty::<f32>(d)?;
+    column_sums_into(dev, dy, Some(&masked), SUM_ROWS, &mut dtoken, false, (m, d))?;
     let mut dx = dev.empty::<f32>(m * d)?;
     let flags: Vec<u8> = mask.iter().map(|&b| b as u8).collect();
     let flags = dev.upload(&flags)?;
@@ -526,37 +562,69 @@ pub fn gather_rows_backward(
             "gather_rows_backward: row {bad} out of range for {m} rows"
         )));
     }
-    let (mi, di) = (as_i32("M", m)?, as_i32("D", d)?);
     as_i32("R", rows.len())?;
     nonempty("gather_rows_backward", m * d)?;
-    // The inverse map as CSR (a counting sort keeps each target's sources in increasing r).
+    let (off, src) = csr_inverse(rows, m);
+    let mut dx = dev.empty::<f32>(m * d)?;
+    let (off, src) = (dev.upload(&off)?, dev.upload(&src)?);
+    // SAFETY: dy holds R·D values and every source is < R, so src[k]·D + c < R·D; dx M·D.
+    unsafe { csr_sum(dev, dy, &off, &src, &mut dx, (m, d), (d as i64, 1)) }?;
+    Ok(dx)
+}
+
+/// The inverse of a map from R sources to M targets (`target[k]` < M, checked by the callers) as
+/// CSR: offsets [M + 1] and sources [max(R, 1)], each target's sources in increasing k (a stable
+/// counting sort): the order in which the CPU's scatter-adds add them. Built on the host, once.
+pub(crate) fn csr_inverse(target: &[usize], m: usize) -> (Vec<i32>, Vec<i32>) {
     let mut off = vec![0i32; m + 1];
-    for &r in rows {
-        off[r + 1] += 1;
+    for &t in target {
+        off[t + 1] += 1;
     }
     for j in 0..m {
         off[j + 1] += off[j];
     }
     let mut next: Vec<i32> = off[..m].to_vec();
-    let mut src = vec![0i32; rows.len().max(1)];
-    for (k, &r) in rows.iter().enumerate() {
-        src[next[r] as usize] = k as i32;
-        next[r] += 1;
+    let mut src = vec![0i32; target.len().max(1)];
+    for (k, &t) in target.iter().enumerate() {
+        src[next[t] as usize] = k as i32;
+        next[t] += 1;
     }
-    let mut dx = dev.empty::<f32>(m * d)?;
-    let (off, src) = (dev.upload(&off)?, dev.upload(&src)?);
-    let f = dev.function("elementwise", "gather_rows_bwd_f32")?;
-    // SAFETY: dy holds R·D values; off M + 1 offsets into src, whose entries are < R; dx M·D.
+    (off, src)
+}
+
+/// out [M, D]: out[j, c] = Σ over the sources k of target j (CSR `off` [M + 1], `src`, from
+/// `csr_inverse`) of x[src[k]·s_src + c·s_col], added in k order, no atomics. The scatter-add of
+/// gathered rows (s_src = D, s_col = 1) and BEiT's relative-position table gradient (s_src = 1,
+/// s_col = N·N) in one kernel.
+///
+/// # Safety
+/// Every source index s in `src` (up to off[M]) has s·s_src + (D − 1)·s_col inside x.
+pub(crate) unsafe fn csr_sum(
+    dev: &CudaDevice,
+    x: &CudaSlice<f32>,
+    off: &CudaSlice<i32>,
+    src: &CudaSlice<i32>,
+    out: &mut CudaSlice<f32>,
+    (m, d): (usize, usize),
+    (s_src, s_col): (i64, i64),
+) -> Result<()> {
+    check_len("csr_sum offsets", off, m + 1)?;
+    check_len("csr_sum output", out, m * d)?;
+    let (mi, di) = (as_i32("M", m)?, as_i32("D", d)?);
+    if m * d == 0 {
+        return Ok(());
+    }
+    let f = dev.function("elementwise", "csr_sum_f32")?;
+    // SAFETY: the caller's contract on x; off [M + 1] and out [M·D] checked above.
     unsafe {
         launch!(
             dev,
             f,
-            "gather_rows_bwd_f32",
+            "csr_sum_f32",
             dev.grid_stride(m * d),
-            [dy, &off, &src, &mut dx, &mi, &di]
+            [x, off, src, out, &mi, &di, &s_src, &s_col]
         )
-    }?;
-    Ok(dx)
+    }
 }
 
 /// Backward of the token assembly x[b, t] = (t = 0 ? cls : patches[b, t − 1]) (+ pos[t]):

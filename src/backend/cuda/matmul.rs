@@ -10,18 +10,19 @@
 //!
 //! The backward (`linear_backward`, for training) runs its GEMMs through `gemm_rm`, which states
 //! every product in row-major terms and always writes f32 (the gradients stay f32 whatever the
-//! storage), and the bias gradient through kernels/matmul.cu (fixed-order column sums).
+//! storage), and the bias gradient through `elementwise::sum_rows_into` (the CPU's fixed-order
+//! column sums, bit for bit).
 
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t};
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::CudaSlice;
 
 pub(crate) use cudarc::cublas::sys::cudaDataType_t;
 
-use super::device::{as_i32, check_len, cuda_err, CudaDevice};
+use super::device::{as_i32, check_len, cuda_err, f32_or_bf16, nonempty, CudaDevice};
 use super::{elementwise, ptr_mut_or_null, ptr_or_null, Storage};
 use crate::backend::Activation;
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// out[M, N] = x[M, K] · w[N, K]ᵀ (no bias): also the cross term q·tᵀ of squared distances.
 pub fn matmul_nt<T: Storage>(
@@ -79,9 +80,7 @@ pub fn linear<T: Storage>(
 where
     CudaBlas: Gemm<T>,
 {
-    if T::NAME == "f16" {
-        return Err(Error::Cuda("linear: f32 or bf16 only".into()));
-    }
+    f32_or_bf16::<T>("linear")?;
     if let Some(b) = bias {
         check_len("linear bias", b, n)?;
     }
@@ -182,69 +181,6 @@ pub(crate) unsafe fn gemm_rm(
     )))
 }
 
-/// Rows per chunk of the first column-sum pass (kernels/matmul.cu CS_ROWS).
-const CS_ROWS: usize = 256;
-
-/// db[N] = Σ_i dy[i, :] over dy [M, N] (f32), or db += that when `accumulate`. Two passes with a
-/// split fixed by M alone (kernels/matmul.cu), so the bits do not depend on the GPU or the run.
-pub fn column_sums(
-    dev: &CudaDevice,
-    dy: &CudaSlice<f32>,
-    db: &mut CudaSlice<f32>,
-    accumulate: bool,
-    (m, n): (usize, usize),
-) -> Result<()> {
-    check_len("column sums input", dy, m * n)?;
-    check_len("column sums output", db, n)?;
-    if n == 0 {
-        return Ok(());
-    }
-    let chunks = m.div_ceil(CS_ROWS);
-    if chunks > 65535 {
-        return Err(Error::Cuda(format!(
-            "column sums: M = {m} rows exceed the grid (at most {} rows)",
-            65535 * CS_ROWS
-        )));
-    }
-    let (mi, ni, ci) = (as_i32("M", m)?, as_i32("N", n)?, as_i32("chunks", chunks)?);
-    let mut part = dev.empty::<f32>((chunks * n).max(1))?;
-    if chunks > 0 {
-        let f = dev.function("matmul", "column_sums_partial_f32")?;
-        let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(32) as u32, chunks as u32, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: dy holds M·N values; part holds chunks·N, one row per grid row.
-        unsafe {
-            launch!(
-                dev,
-                f,
-                "column_sums_partial_f32",
-                cfg,
-                [dy, &mut part, &mi, &ni]
-            )
-        }?;
-    }
-    let f = dev.function("matmul", "column_sums_reduce_f32")?;
-    let cfg = LaunchConfig {
-        grid_dim: (n.div_ceil(256) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let beta = i32::from(accumulate);
-    // SAFETY: part holds chunks·N values (none read when chunks = 0), db N.
-    unsafe {
-        launch!(
-            dev,
-            f,
-            "column_sums_reduce_f32",
-            cfg,
-            [&part, db, &ci, &ni, &beta]
-        )
-    }
-}
-
 /// (dx [M, K], dw [N, K], db [N] when asked), all f32: what `linear_backward` returns.
 pub type LinearGrads = (CudaSlice<f32>, CudaSlice<f32>, Option<CudaSlice<f32>>);
 
@@ -252,7 +188,7 @@ pub type LinearGrads = (CudaSlice<f32>, CudaSlice<f32>, Option<CudaSlice<f32>>);
 ///   dx [M, K] = dy·w,   dw [N, K] = dyᵀ·x,   db [N] = Σ_i dy[i, :]   (all f32).
 /// f32: the GEMMs in f32 (sgemm semantics). bf16: dy is rounded to bf16 (as autocast feeds a bf16
 /// GEMM) and the GEMMs take bf16 operands with f32 accumulation and f32 output. db sums the f32 dy
-/// in a fixed order (`column_sums`), so two runs give the same bits.
+/// in the CPU's fixed order (`elementwise::sum_rows_into`): the CPU's bits, on every run.
 pub fn linear_backward<T: Storage>(
     dev: &CudaDevice,
     x: &CudaSlice<T>,
@@ -262,12 +198,10 @@ pub fn linear_backward<T: Storage>(
     dims: (usize, usize, usize),
 ) -> Result<LinearGrads> {
     let (m, k, n) = dims;
-    if m * k * n == 0 {
-        // No device buffer can hold zero elements (CUDA refuses 0-byte allocations).
-        return Err(Error::Cuda(format!(
-            "linear backward: empty shape M = {m}, K = {k}, N = {n}"
-        )));
-    }
+    nonempty(
+        &format!("linear backward (M = {m}, K = {k}, N = {n})"),
+        m * k * n,
+    )?;
     let mut dx = dev.empty::<f32>(m * k)?;
     let mut dw = dev.empty::<f32>(n * k)?;
     let mut db = want_db.then(|| dev.empty::<f32>(n)).transpose()?;
@@ -301,9 +235,7 @@ pub fn linear_backward_into<T: Storage>(
     accumulate: bool,
     (m, k, n): (usize, usize, usize),
 ) -> Result<()> {
-    if T::NAME == "f16" {
-        return Err(Error::Cuda("linear backward: f32 or bf16 only".into()));
-    }
+    f32_or_bf16::<T>("linear backward")?;
     check_len("linear backward x", x, m * k)?;
     check_len("linear backward weight", w, n * k)?;
     check_len("linear backward dy", dy, m * n)?;
@@ -388,7 +320,7 @@ pub fn linear_backward_into<T: Storage>(
         }
     }
     if let Some(db) = db {
-        column_sums(dev, dy, db, accumulate, (m, n))?;
+        elementwise::sum_rows_into(dev, dy, db, accumulate, (m, n))?;
     }
     Ok(())
 }

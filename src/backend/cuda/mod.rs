@@ -295,7 +295,6 @@ mod tests {
             "flash_attention",
             "layernorm",
             "loss",
-            "matmul",
             "optim",
             "patch_embed",
             "softmax",

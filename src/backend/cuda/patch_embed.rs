@@ -7,7 +7,7 @@
 use cudarc::cublas::{CudaBlas, Gemm};
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
-use super::device::{as_i32, check_len, CudaDevice};
+use super::device::{as_i32, check_len, f32_or_bf16, nonempty, CudaDevice};
 use super::{matmul, Storage};
 use crate::backend::Activation;
 use crate::error::{Error, Result};
@@ -42,9 +42,7 @@ pub fn im2col<T: Storage>(
     dims: Dims,
 ) -> Result<()> {
     let Dims { b, c, h, w, p } = dims;
-    if T::NAME == "f16" {
-        return Err(Error::Cuda("im2col: f32 or bf16 only".into()));
-    }
+    f32_or_bf16::<T>("im2col")?;
     if p == 0 {
         return Err(Error::Cuda("im2col: patch size 0".into()));
     }
@@ -115,12 +113,7 @@ pub fn col2im(dev: &CudaDevice, cols: &CudaSlice<f32>, dims: Dims) -> Result<Cud
     }
     check_len("col2im cols", cols, b * dims.patches() * dims.patch_len())?;
     let n = b * c * h * w;
-    if n == 0 {
-        // No device buffer can hold zero elements (CUDA refuses 0-byte allocations).
-        return Err(Error::Cuda(format!(
-            "col2im: empty images [{b}, {c}, {h}, {w}]"
-        )));
-    }
+    nonempty(&format!("col2im images [{b}, {c}, {h}, {w}]"), n)?;
     let mut images = dev.empty::<f32>(n)?;
     let [bi, ci, hi, wi, pi] = [
         as_i32("B", b)?,
@@ -165,11 +158,10 @@ pub fn backward<T: Storage>(
     }
     let rows = dims.b * dims.patches();
     let k = dims.patch_len();
-    if rows * k * d == 0 {
-        return Err(Error::Cuda(format!(
-            "patch embed backward: empty shape ({rows} patches of {k} values, D = {d})"
-        )));
-    }
+    nonempty(
+        &format!("patch embed backward ({rows} patches of {k} values, D = {d})"),
+        rows * k * d,
+    )?;
     check_len("patch embed backward dy", dy, rows * d)?;
     let mut cols = dev.empty::<T>(rows * k)?;
     im2col(dev, images, &mut cols, dims)?;
