@@ -158,3 +158,54 @@ fn pretrain_on_cuda_lowers_the_loss_as_the_cpu() {
         "CUDA and CPU losses differ: cpu {c0} -> {c1}, cuda {g0} -> {g1}"
     );
 }
+
+/// `mood demo --device cuda`: both models train and are extracted on the device (ODIN included),
+/// and the run's tables come out; a short run, against the same short run on the CPU.
+#[test]
+fn demo_on_cuda_runs_end_to_end() {
+    let (env, _) = common::cuda::cli_env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let demo = |device: &str| {
+        let (code, out, err) = run_mood_env(
+            &[
+                "demo",
+                "--pretrain-epochs",
+                "1",
+                "--finetune-epochs",
+                "1",
+                "--device",
+                device,
+            ],
+            &env,
+        );
+        assert_eq!(code, 0, "demo --device {device}: {err}");
+        out
+    };
+    let cpu = demo("cpu");
+    let gpu = demo("cuda");
+    assert!(gpu.contains("cuda: "), "names the device: {gpu}");
+    // The same training on both devices: the first reported AUROC line of each method table
+    // agrees to the table's rounding, or nearly (f32 sums in another order).
+    let maha = |out: &str| -> (f32, f32) {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with("MOOD's detector (mahalanobis)"))
+            .unwrap_or_else(|| panic!("no summary line: {out}"))
+            .to_string();
+        // "... average AUROC: (a) 93.89 vs (b) 91.68. 11 s in all"
+        let nums: Vec<f32> = line
+            .split_whitespace()
+            .filter_map(|w| w.trim_end_matches('.').parse().ok())
+            .collect();
+        (nums[0], nums[1])
+    };
+    let (c, g) = (maha(&cpu), maha(&gpu));
+    println!(
+        "demo mahalanobis AUROC: cpu (a) {} (b) {}, cuda (a) {} (b) {}",
+        c.0, c.1, g.0, g.1
+    );
+    assert!(
+        (c.0 - g.0).abs() <= 0.5 && (c.1 - g.1).abs() <= 0.5,
+        "CPU {c:?} and CUDA {g:?} demos differ by more than half a point"
+    );
+}

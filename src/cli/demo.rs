@@ -11,11 +11,14 @@ use std::path::Path;
 
 use crate::data::digits;
 use crate::error::{Error, Result};
+use crate::extract::odin::OdinExec;
+use crate::model::runner::{CpuRunner, Runner};
 use crate::model::{VisionTransformer, VitConfig};
 use crate::ood::detector::METHODS;
 use crate::report::Report;
 use crate::tensor::Tensor;
-use crate::train::loops::{accuracy, finetune, pretrain, Dataset, Schedule};
+use crate::train::device::TrainOn;
+use crate::train::loops::{accuracy, finetune_on, pretrain_on, Dataset, Schedule};
 use crate::train::step::{add_mim_params, prepare_for_finetune};
 use crate::weights::WeightStore;
 
@@ -34,6 +37,30 @@ pub struct Args {
     /// folder, or an earlier demo's); without it they go to a temporary folder removed at the end.
     #[arg(long)]
     pub out: Option<std::path::PathBuf>,
+    /// Where both models train and their stores are extracted: cpu, cuda (device 0), or auto
+    /// (the GPU where there is one). Fitting and scoring stay on the CPU.
+    #[arg(long, value_enum, default_value_t = super::bench::Device::Cpu)]
+    pub device: super::bench::Device,
+    /// On CUDA: f32, or bf16 autocast for training and extraction.
+    #[arg(long, value_enum, default_value_t = super::bench::Precision::F32)]
+    pub precision: super::bench::Precision,
+}
+
+/// The model's forward on the demo's device (the one forward of vit.rs through its executor).
+fn runner<'m>(model: &'m VisionTransformer, on: &TrainOn) -> Box<dyn Runner + 'm> {
+    match on {
+        TrainOn::Cpu => Box::new(CpuRunner(model)),
+        #[cfg(feature = "cuda")]
+        TrainOn::Cuda { dev, precision } => {
+            use crate::model::cuda_model::CudaModel;
+            match precision {
+                super::bench::Precision::F32 => Box::new(CudaModel::<f32>::new(dev.clone(), model)),
+                super::bench::Precision::Bf16 => {
+                    Box::new(CudaModel::<half::bf16>::new(dev.clone(), model))
+                }
+            }
+        }
+    }
 }
 
 static WEIGHTS: &[u8] = include_bytes!("../../tests/fixtures/timm/tiny_beit.safetensors");
@@ -119,6 +146,7 @@ const ODIN: (f32, f32) = (1000.0, 0.0014);
 /// Runs a model over normalised images and writes a feature store (features, logits, labels,
 /// patch tokens, head) to `dir`: what `mood extract` writes for image folders.
 fn extract_store(
+    on: &TrainOn,
     model: &VisionTransformer,
     images: &[f32],
     labels: Option<&[usize]>,
@@ -129,19 +157,21 @@ fn extract_store(
     let cfg = &model.cfg;
     let per = 3 * cfg.img_size * cfg.img_size;
     let (mut f, mut z, mut l, mut o) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut run = runner(model, on);
+    let mut odin_exec = OdinExec::new(on, model);
     for chunk in images.chunks(256 * per) {
         let x = Tensor::from_vec(
             &[chunk.len() / per, 3, cfg.img_size, cfg.img_size],
             chunk.to_vec(),
         )?;
-        let (out, local) = model.forward_local(&x)?;
+        let (out, local) = run.forward_local(&x)?;
         f.extend_from_slice(out.features.as_slice());
         if let Some(lg) = &out.logits {
             z.extend_from_slice(lg.as_slice());
         }
         l.extend_from_slice(local.as_slice());
         if odin && out.logits.is_some() {
-            o.extend(crate::extract::odin::scores(model, &x, ODIN.0, ODIN.1)?);
+            o.extend(odin_exec.scores(model, &x, ODIN.0, ODIN.1)?);
         }
     }
     let n = images.len() / per;
@@ -173,6 +203,7 @@ fn extract_store(
 
 /// Extracts every set into stores under `dir` and evaluates every method on them.
 fn evaluate(
+    on: &TrainOn,
     cfg: &VitConfig,
     params: &BTreeMap<String, Tensor>,
     sets: &Sets,
@@ -181,6 +212,7 @@ fn evaluate(
     let store = WeightStore::from_params("<demo model>", params);
     let model = VisionTransformer::load(cfg, &store)?;
     extract_store(
+        on,
         &model,
         &sets.train.images,
         Some(&sets.train.labels),
@@ -189,6 +221,7 @@ fn evaluate(
         false, // ODIN fits nothing: the train set needs no scores
     )?;
     extract_store(
+        on,
         &model,
         &sets.id_test.images,
         Some(&sets.id_test.labels),
@@ -199,7 +232,7 @@ fn evaluate(
     let mut oods = Vec::new();
     for (name, images) in &sets.ood {
         let sub = dir.join(name.split(' ').next().unwrap_or("ood"));
-        extract_store(&model, images, None, &sub, name, true)?;
+        extract_store(on, &model, images, None, &sub, name, true)?;
         oods.push((name.to_string(), sub));
     }
     let open = crate::store::FeatureStore::open;
@@ -294,8 +327,17 @@ pub fn run(args: Args) -> Result<()> {
     }
     let t0 = std::time::Instant::now();
     let diff = engine_check()?;
+    let on = super::runner::on_cuda(args.device, "running the demo", || {
+        super::train_common::open_cuda(args.precision)
+    })?
+    .unwrap_or(TrainOn::Cpu);
+    let place = match &on {
+        TrainOn::Cpu => "CPU".to_string(),
+        #[cfg(feature = "cuda")]
+        TrainOn::Cuda { .. } => format!("{} for training and extraction", on.describe()),
+    };
     println!(
-        "mood demo: MOOD in miniature on the bundled digits (CPU, {} threads)",
+        "mood demo: MOOD in miniature on the bundled digits ({place}, {} threads)",
         rayon::current_num_threads()
     );
     println!("  engine check: tiny BEiT features vs timm, max |diff| = {diff:.1e}");
@@ -344,7 +386,8 @@ pub fn run(args: Args) -> Result<()> {
     let mut mim = init.clone();
     mim.retain(|k, _| !k.starts_with("head.") && !k.starts_with("fc_norm."));
     add_mim_params(&mut mim, &cfg, args.seed);
-    let mim_hist = pretrain(
+    let mim_hist = pretrain_on(
+        &on,
         &cfg,
         &mut mim,
         &sets.train,
@@ -355,7 +398,8 @@ pub fn run(args: Args) -> Result<()> {
         &mut tick,
     )?;
     prepare_for_finetune(&mut mim, &cfg, 5, args.seed);
-    finetune(
+    finetune_on(
+        &on,
         &cfg,
         &mut mim,
         &sets.train,
@@ -369,7 +413,8 @@ pub fn run(args: Args) -> Result<()> {
     // (b) the same budget of supervised training from scratch.
     let mut scratch = init;
     prepare_for_finetune(&mut scratch, &cfg, 5, args.seed);
-    finetune(
+    finetune_on(
+        &on,
         &cfg,
         &mut scratch,
         &sets.train,
@@ -391,7 +436,7 @@ pub fn run(args: Args) -> Result<()> {
     ];
     let mut results = Vec::new();
     for (dir, title, params) in runs {
-        results.push((title, evaluate(&cfg, params, &sets, &root.join(dir))?));
+        results.push((title, evaluate(&on, &cfg, params, &sets, &root.join(dir))?));
     }
     if !keep {
         let _ = std::fs::remove_dir_all(&root);
