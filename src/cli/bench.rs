@@ -259,22 +259,8 @@ fn resnet_bench(args: &Args, cfg: &crate::model::resnet::ResNetConfig) -> Result
     }
     super::runner::cpu_only(args.device, "a ResNet", "no CUDA convolution yet")?;
     let model = ResNet::load(cfg, &random_store(cfg, 0))?;
-    let mut rng = init::Rng::new(1);
     let shape = [args.batch, cfg.in_chans, cfg.img_size, cfg.img_size];
-    let n_in: usize = shape.iter().product();
-    let x = Tensor::from_vec(&shape, (0..n_in).map(|_| rng.normal() as f32).collect())?;
-    model.forward(&x)?; // warm-up
-    let pb = crate::progress::Progress::new(args.iters as u64, "iter", "bench");
-    let mut times = Vec::new();
-    for _ in 0..args.iters {
-        let t = Instant::now();
-        model.forward(&x)?;
-        times.push(t.elapsed().as_secs_f64());
-        pb.inc(1);
-    }
-    pb.finish_and_clear();
-    times.sort_by(|a, b| a.total_cmp(b));
-    let median = times[times.len() / 2];
+    let median = median_forward_seconds(args, &shape, |x| model.forward(x).map(|_| ()))?;
     let img_s = args.batch as f64 / median;
     let gflop = flops_per_image(&model) / 1e9;
     let l1 = &model.blocks[0].convs
@@ -309,22 +295,8 @@ fn bit_bench(args: &Args, cfg: &crate::model::bit::BitConfig) -> Result<()> {
     }
     super::runner::cpu_only(args.device, "a BiT ResNet-v2", "no CUDA convolution yet")?;
     let model = Bit::load(cfg, &random_store(cfg, 0))?;
-    let mut rng = init::Rng::new(1);
     let shape = [args.batch, cfg.in_chans, cfg.img_size, cfg.img_size];
-    let n_in: usize = shape.iter().product();
-    let x = Tensor::from_vec(&shape, (0..n_in).map(|_| rng.normal() as f32).collect())?;
-    model.forward(&x)?; // warm-up
-    let pb = crate::progress::Progress::new(args.iters as u64, "iter", "bench");
-    let mut times = Vec::new();
-    for _ in 0..args.iters {
-        let t = Instant::now();
-        model.forward(&x)?;
-        times.push(t.elapsed().as_secs_f64());
-        pb.inc(1);
-    }
-    pb.finish_and_clear();
-    times.sort_by(|a, b| a.total_cmp(b));
-    let median = times[times.len() / 2];
+    let median = median_forward_seconds(args, &shape, |x| model.forward(x).map(|_| ()))?;
     let cv = &model.blocks[0].convs[1].cv;
     let side = cfg.img_size / 4;
     let (m, k, n) = (args.batch * side * side, cv.patch_len(), cv.cout);
@@ -341,6 +313,30 @@ fn bit_bench(args: &Args, cfg: &crate::model::bit::BitConfig) -> Result<()> {
         ((m, k, n), sgemm),
     );
     Ok(())
+}
+
+/// The median seconds of `args.iters` calls of `forward` on one random normal batch of `shape`,
+/// after one warm-up call (the convolutional benches; a progress bar meanwhile).
+fn median_forward_seconds(
+    args: &Args,
+    shape: &[usize; 4],
+    mut forward: impl FnMut(&Tensor) -> Result<()>,
+) -> Result<f64> {
+    let mut rng = init::Rng::new(1);
+    let n_in: usize = shape.iter().product();
+    let x = Tensor::from_vec(shape, (0..n_in).map(|_| rng.normal() as f32).collect())?;
+    forward(&x)?; // warm-up
+    let pb = crate::progress::Progress::new(args.iters as u64, "iter", "bench");
+    let mut times = Vec::new();
+    for _ in 0..args.iters {
+        let t = Instant::now();
+        forward(&x)?;
+        times.push(t.elapsed().as_secs_f64());
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    times.sort_by(|a, b| a.total_cmp(b));
+    Ok(times[times.len() / 2])
 }
 
 /// Prints a CPU model bench (`mode` "forward" or "train") as one JSON line (`--json`, what
