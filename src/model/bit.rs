@@ -19,7 +19,6 @@
 
 use crate::backend::cpu::conv::{self, Conv, Epilogue};
 use crate::backend::cpu::groupnorm;
-use crate::backend::cpu::matmul;
 use crate::error::{Error, Result};
 use crate::model::Output;
 use crate::tensor::Tensor;
@@ -411,37 +410,13 @@ impl Bit {
 
     /// Global average pooling and head.fc on the final map.
     fn head(&self, map: &[f32], b: usize) -> Result<Output> {
-        let f = self.cfg.feature_dim();
-        let hw = map.len() / (b * f).max(1);
-        let features = conv::mean_hw(map, (b, hw, 1, f));
-        let logits = match &self.fc {
-            Some((wt, bias)) => {
-                let c = wt.shape()[0];
-                let mut z = matmul::linear_new(&features, wt.as_slice(), b, f, c);
-                for row in z.chunks_exact_mut(c) {
-                    row.iter_mut()
-                        .zip(bias.as_slice())
-                        .for_each(|(v, b)| *v += b);
-                }
-                Some(Tensor::from_vec(&[b, c], z)?)
-            }
-            None => None,
-        };
-        Ok(Output {
-            features: Tensor::from_vec(&[b, f], features)?,
-            logits,
-        })
+        super::resnet::pool_and_classify(map, b, self.cfg.feature_dim(), self.fc.as_ref())
     }
 
     /// head.fc for a feature store's head.safetensors (the norm before the pooling is not a
     /// norm of the feature, so there is no fc_norm).
     pub fn store_head(&self) -> Option<crate::features::Head> {
-        let (w, b) = self.fc.as_ref()?;
-        Some(crate::features::Head {
-            weight: w.as_slice().to_vec(),
-            bias: b.as_slice().to_vec(),
-            fc_norm: None,
-        })
+        super::resnet::fc_head(self.fc.as_ref())
     }
 }
 

@@ -458,35 +458,51 @@ impl ResNet {
 
     /// Global average pooling and fc on the last stage's map.
     fn head(&self, map: &[f32], b: usize) -> Result<Output> {
-        let f = self.cfg.feature_dim();
-        let hw = map.len() / (b * f).max(1);
-        let features = conv::mean_hw(map, (b, hw, 1, f));
-        let logits = match &self.fc {
-            Some((wt, bias)) => {
-                let c = wt.shape()[0];
-                let mut z = matmul::linear_new(&features, wt.as_slice(), b, f, c);
-                for row in z.chunks_exact_mut(c) {
-                    row.iter_mut()
-                        .zip(bias.as_slice())
-                        .for_each(|(v, b)| *v += b);
-                }
-                Some(Tensor::from_vec(&[b, c], z)?)
-            }
-            None => None,
-        };
-        Ok(Output {
-            features: Tensor::from_vec(&[b, f], features)?,
-            logits,
-        })
+        pool_and_classify(map, b, self.cfg.feature_dim(), self.fc.as_ref())
     }
 
     /// The fc layer for a feature store's head.safetensors (no norm before it).
     pub fn store_head(&self) -> Option<crate::features::Head> {
-        let (w, b) = self.fc.as_ref()?;
-        Some(crate::features::Head {
-            weight: w.as_slice().to_vec(),
-            bias: b.as_slice().to_vec(),
-            fc_norm: None,
-        })
+        fc_head(self.fc.as_ref())
     }
+}
+
+/// The convolutional backbones' end (ResNet, BiT): global average pooling of the final map
+/// [B, H·W, F] (NHWC) to the features [B, F], and the fc layer (weight [C, F], bias [C]) to the
+/// logits when there is one.
+pub(crate) fn pool_and_classify(
+    map: &[f32],
+    b: usize,
+    f: usize,
+    fc: Option<&(Tensor, Tensor)>,
+) -> Result<Output> {
+    let hw = map.len() / (b * f).max(1);
+    let features = conv::mean_hw(map, (b, hw, 1, f));
+    let logits = match fc {
+        Some((wt, bias)) => {
+            let c = wt.shape()[0];
+            let mut z = matmul::linear_new(&features, wt.as_slice(), b, f, c);
+            for row in z.chunks_exact_mut(c) {
+                row.iter_mut()
+                    .zip(bias.as_slice())
+                    .for_each(|(v, b)| *v += b);
+            }
+            Some(Tensor::from_vec(&[b, c], z)?)
+        }
+        None => None,
+    };
+    Ok(Output {
+        features: Tensor::from_vec(&[b, f], features)?,
+        logits,
+    })
+}
+
+/// The fc layer as a feature store's head (no norm before it).
+pub(crate) fn fc_head(fc: Option<&(Tensor, Tensor)>) -> Option<crate::features::Head> {
+    let (w, b) = fc?;
+    Some(crate::features::Head {
+        weight: w.as_slice().to_vec(),
+        bias: b.as_slice().to_vec(),
+        fc_norm: None,
+    })
 }
