@@ -29,8 +29,8 @@ const ALIASES: [&str; 6] = [
 /// Set in the re-executed process, so it does not re-execute again.
 const ACTIVE: &str = "MOOD_CUDA_SIM_ACTIVE";
 
-/// The stand-in next to `exe`: `MOOD_CUDA_SIM_LIB` if set, else the executable's directory or its
-/// `deps/` (where cargo puts a dev-dependency's cdylib).
+/// The stand-in next to `exe`: `MOOD_CUDA_SIM_LIB` if set, else the newer of the one in the
+/// executable's directory and the one in its `deps/` (where cargo puts a dev-dependency's cdylib).
 pub fn find_library(exe: &Path) -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("MOOD_CUDA_SIM_LIB").filter(|v| !v.is_empty()) {
         let p = PathBuf::from(p);
@@ -44,9 +44,13 @@ pub fn find_library(exe: &Path) -> Result<PathBuf> {
         };
     }
     let dir = exe.parent().unwrap_or(Path::new("."));
+    // Both places can hold a build (`cargo build -p mood-cuda-sim` writes the first, `cargo test`
+    // the second): the newer one, so that a stale copy cannot lack entry points the code needs.
+    let modified = |p: &PathBuf| p.metadata().and_then(|m| m.modified()).ok();
     [dir.join(LIBRARY), dir.join("deps").join(LIBRARY)]
         .into_iter()
-        .find(|p| p.is_file())
+        .filter(|p| p.is_file())
+        .max_by_key(modified)
         .ok_or_else(|| {
             Error::Cuda(format!(
                 "the CPU stand-in ({LIBRARY}) is not next to {}: build it with \

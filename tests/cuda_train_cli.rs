@@ -5,7 +5,8 @@
 //!     within 1 point (f32), bf16 autocast learns too, and two CUDA runs write bit-identical
 //!     checkpoints;
 //!   - masked image modelling on the device lowers the reconstruction loss as the CPU run does;
-//!   - a bf16 checkpoint is not resumed at f32.
+//!   - a bf16 checkpoint is not resumed at f32;
+//!   - `mood bench --train --device cuda` times that same step (its first loss is the CPU's).
 
 #![cfg(feature = "cuda")]
 
@@ -207,5 +208,66 @@ fn demo_on_cuda_runs_end_to_end() {
     assert!(
         (c.0 - g.0).abs() <= 0.5 && (c.1 - g.1).abs() <= 0.5,
         "CPU {c:?} and CUDA {g:?} demos differ by more than half a point"
+    );
+}
+
+/// `mood bench --train --device cuda` times the step `mood finetune --device cuda` takes: its first
+/// step's loss is the CPU step's on the same random weights, images and labels (the bench's own
+/// recipe: random_store seed 0, images from Rng seed 1, label i mod classes), and on the stand-in
+/// it reports no GPU rate.
+#[test]
+fn bench_train_on_cuda_takes_the_cpu_step() {
+    use mood::model::{backbone::vit_preset, init};
+    use mood::tensor::Tensor;
+    use mood::train::optim::AdamW;
+    use mood::train::step::{finetune_step, StepConfig};
+
+    let (env, stand_in) = common::cuda::cli_env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let (code, out, err) = run_mood_env(
+        &[
+            "bench",
+            "--train",
+            "--device",
+            "cuda",
+            "--precision",
+            "f32",
+            "--arch",
+            "test_tiny_beit",
+            "--batch",
+            "3",
+            "--iters",
+            "1",
+            "--json",
+        ],
+        &env,
+    );
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim().lines().last().unwrap()).unwrap();
+    assert_eq!(v["mode"], "train");
+    assert_eq!(v["stand_in"], stand_in, "{v}");
+    assert_eq!(v["img_per_s"].is_null(), stand_in, "{v}");
+
+    let cfg = vit_preset("test_tiny_beit").unwrap();
+    let mut params = init::random_store(&cfg, 0).float_tensors().unwrap();
+    let mut rng = init::Rng::new(1);
+    let shape = [3, cfg.in_chans, cfg.img_size, cfg.img_size];
+    let n: usize = shape.iter().product();
+    let x = Tensor::from_vec(&shape, (0..n).map(|_| rng.normal() as f32).collect()).unwrap();
+    let labels: Vec<usize> = (0..3).map(|i| i % cfg.num_classes).collect();
+    let sc = StepConfig {
+        label_smoothing: 0.1,
+        clip_grad: 1.0,
+        ..Default::default()
+    };
+    let mut opt = AdamW::new(0.05, 0.75, cfg.depth);
+    let cpu = finetune_step(&cfg, &mut params, &mut opt, &x, &labels, 1e-5, &sc)
+        .unwrap()
+        .loss;
+    let gpu = v["loss_first"].as_f64().unwrap() as f32;
+    println!("first step's loss: cpu {cpu}, cuda f32 {gpu}");
+    assert!(
+        (cpu - gpu).abs() <= 1e-5 * cpu.abs(),
+        "CUDA bench step's loss {gpu} vs the CPU step's {cpu}"
     );
 }

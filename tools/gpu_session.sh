@@ -178,9 +178,13 @@ run() {
     step bench 60 "$BIN/mood" bench --device cuda --precision bf16 --arch beit_base_patch16_224 --batch 64 --iters 20 --profile
     step bench 60 "$BIN/mood" bench --device cuda --precision f32 --arch beit_base_patch16_224 --batch 32 --iters 10 --profile
     step bench 60 "$BIN/mood" bench --device cuda --precision bf16 --arch beit_base_patch16_224 --batch 256 --iters 10 --profile --json
+    # The fine-tuning step on the device (issue 13: >= 1.2x timm eager under bf16 autocast, batch 64).
+    step bench 90 "$BIN/mood" bench --train --device cuda --precision bf16 --arch beit_base_patch16_224 --batch 64 --iters 10
     if [ -n "${PY:-}" ] && "$PY" -c 'import torch, timm' 2>/dev/null; then
         step bench_pytorch 240 "$PY" tools/bench_pytorch.py --device cuda --mood "$BIN/mood" \
             --arch beit_base_patch16_224 --batch 64 --iters 20
+        step bench_pytorch 240 "$PY" tools/bench_pytorch.py --device cuda --train --mood "$BIN/mood" \
+            --arch beit_base_patch16_224 --batch 64 --iters 10
     else
         echo "bench_pytorch: SKIPPED (torch or timm does not import)" >>"$OUT/summary.txt"
     fi

@@ -33,7 +33,7 @@ pub struct Args {
     #[arg(long)]
     pub json: bool,
     /// Time full fine-tuning steps (forward on the tape, cross-entropy, backward, AdamW) instead
-    /// of inference forwards.
+    /// of inference forwards, on the CPU or (--device cuda, --precision) on the GPU.
     #[arg(long)]
     pub train: bool,
     /// Where to run: cpu, cuda, or auto (cuda if a device is usable, else cpu with a note).

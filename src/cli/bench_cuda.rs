@@ -17,7 +17,7 @@ use crate::backend::cuda::attention::Dims as AttDims;
 use crate::backend::cuda::device::cuda_err;
 use crate::backend::cuda::{self as cu, CudaDevice};
 use crate::backend::{Activation, Pool};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::model::cuda_attention::{AttentionPath, Compute, Workspace};
 use crate::model::cuda_exec::{CudaExec, DeviceValue};
 use crate::model::cuda_model::CudaModel;
@@ -70,14 +70,12 @@ pub fn run(args: &Args, cfg: &VitConfig) -> Result<()> {
         Ok((resident, host))
     }
 
-    if args.train {
-        return Err(Error::Usage(
-            "--train is CPU only: there is no CUDA training step yet".into(),
-        ));
-    }
     // An unknown --gpu fails before anything runs.
     let named = args.gpu.as_deref().map(roofline::gpu).transpose()?;
     let dev = Arc::new(CudaDevice::new(0)?);
+    if args.train {
+        return super::bench_train::run(args, cfg, dev);
+    }
     // The roofline's device: --gpu, else the device's own name; the stand-in is no GPU, so its
     // prediction is for the H200 (what the project's GPU sessions get).
     let roof_gpu = named.or_else(|| {

@@ -5,6 +5,8 @@ pub mod bench;
 pub mod bench_cuda;
 pub mod bench_data;
 pub mod bench_ood;
+#[cfg(feature = "cuda")]
+pub mod bench_train;
 pub mod convert;
 pub mod demo;
 pub mod eval;
