@@ -84,7 +84,7 @@ pub fn nchw_to_nhwc(x: &[f32], b: usize, c: usize, h: usize, w: usize) -> Vec<f3
 }
 
 /// im2col rows of images [b0, b1) of x [B, H, W, Cin] into `cols` [(b1−b0)·Ho·Wo, kh·kw·Cin].
-fn im2col(
+pub(super) fn im2col(
     x: &[f32],
     (h, w): (usize, usize),
     cv: &Conv,

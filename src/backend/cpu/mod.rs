@@ -4,6 +4,7 @@
 
 pub mod attention;
 pub mod conv;
+pub mod conv_grad;
 pub mod elementwise;
 pub mod groupnorm;
 pub mod layernorm;
