@@ -224,7 +224,7 @@ pub fn max_pool_backward(
             for oy in 0..ho {
                 for ox in 0..wo {
                     let g = &dy[((bi * ho + oy) * wo + ox) * c..][..c];
-                    for ch in 0..c {
+                    for (ch, &gc) in g.iter().enumerate() {
                         let mut best: Option<(usize, f32)> = None;
                         for i in 0..k {
                             let iy = (oy * s + i) as isize - p as isize;
@@ -243,7 +243,7 @@ pub fn max_pool_backward(
                             }
                         }
                         if let Some((at, _)) = best {
-                            img[at] += g[ch];
+                            img[at] += gc;
                         }
                     }
                 }
