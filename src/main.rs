@@ -49,6 +49,8 @@ enum Command {
     Fit(cli::fit::FitArgs),
     /// Score a feature store with a fitted detector.
     Score(cli::fit::ScoreArgs),
+    /// Fine-tune MOS's group-softmax head on a labelled train store's features.
+    MosHead(cli::mos_head::Args),
     /// Fit, score and compare methods: ID train/test stores against OOD stores.
     Eval(cli::eval::Args),
     /// Forward throughput on random weights, beside the sgemm rate of the same machine.
@@ -116,6 +118,7 @@ fn main() {
         Command::Merge(a) => cli::extract::run_merge(a),
         Command::Fit(a) => cli::fit::run_fit(a),
         Command::Score(a) => cli::fit::run_score(a),
+        Command::MosHead(a) => cli::mos_head::run(a),
         Command::Eval(a) => cli::eval::run(a),
         Command::Pretrain(a) => cli::pretrain::run(a),
         Command::Finetune(a) => cli::finetune::run(a),

@@ -17,6 +17,7 @@ pub mod fit;
 pub mod forward;
 pub mod info;
 pub mod list;
+pub mod mos_head;
 pub mod pretrain;
 pub mod provenance;
 pub mod runner;

@@ -97,6 +97,39 @@ fn logits_of<'a>(
     if let Some(z) = inputs.logits {
         return Ok((std::borrow::Cow::Borrowed(z.data), z.cols));
     }
+    head_logits(inputs, head)
+}
+
+/// MOS's `logits` setting: `head` takes the logits through the head from the features even where
+/// the store holds its own (those are the model's flat head; a group-softmax head trained by
+/// `mood mos-head` is another head over the same features).
+fn mos_logits<'a>(
+    args: &BTreeMap<String, String>,
+    inputs: &Inputs<'a>,
+    head: Option<&Head>,
+) -> Result<(std::borrow::Cow<'a, [f32]>, usize)> {
+    match args.get("logits").map(String::as_str).unwrap_or("store") {
+        "store" => logits_of(inputs, head),
+        "head" => {
+            if inputs.features.is_none() || head.or(inputs.head).is_none() {
+                return Err(Error::Usage(
+                    "mos with logits=head needs the store's features and a head (--head FILE)"
+                        .into(),
+                ));
+            }
+            head_logits(inputs, head)
+        }
+        other => Err(Error::Usage(format!(
+            "mos: logits={other}: expected store or head"
+        ))),
+    }
+}
+
+/// Logits computed through the head (`head`, else the inputs') from the features.
+fn head_logits<'a>(
+    inputs: &Inputs<'a>,
+    head: Option<&Head>,
+) -> Result<(std::borrow::Cow<'a, [f32]>, usize)> {
     let head = head.or(inputs.head);
     match (inputs.features, head) {
         (Some(f), Some(h)) => {
@@ -227,12 +260,16 @@ impl Detector {
                 Kind::Csd(Csd::fit(l.data, t, dim, norm, arg(&args, "k")?)?)
             }
             "msp" | "maxlogit" | "entropy" | "energy" | "gradnorm" | "mos" => {
-                let (z, c) = logits_of(inputs, None)?;
+                let (z, c) = match name {
+                    "mos" => mos_logits(&args, inputs, None)?,
+                    _ => logits_of(inputs, None)?,
+                };
                 crate::ood::check_rows(&z, c, "train logits")?;
                 if name == "mos" {
                     mos_groups(&args, c)?;
                 }
-                if inputs.logits.is_none() {
+                let through_head = name == "mos" && args.get("logits").is_some_and(|v| v == "head");
+                if inputs.logits.is_none() || through_head {
                     head = inputs.head.cloned();
                 }
                 Kind::Logit
@@ -398,7 +435,10 @@ impl Detector {
                 p.score(args, &given)
             }
             Kind::Logit => {
-                let (z, c) = logits_of(inputs, self.head.as_ref())?;
+                let (z, c) = match name {
+                    "mos" => mos_logits(args, inputs, self.head.as_ref())?,
+                    _ => logits_of(inputs, self.head.as_ref())?,
+                };
                 match name {
                     "msp" => logits::msp(&z, c, arg(args, "t")?),
                     "maxlogit" => logits::maxlogit(&z, c),

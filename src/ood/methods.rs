@@ -205,11 +205,18 @@ pub const METHODS: &[Method] = &[
     Method {
         name: "mos",
         needs: &[Logits],
-        args: &[(
-            "groups",
-            "auto",
-            "group sizes without 'others', e.g. 398,521,9 (auto: ImageNet's 8 for 1008 logits)",
-        )],
+        args: &[
+            (
+                "groups",
+                "auto",
+                "group sizes without 'others', e.g. 398,521,9 (auto: ImageNet's 8 for 1008 logits)",
+            ),
+            (
+                "logits",
+                "store",
+                "store: the store's logits (else the head's); head: the head's logits from the features, a group-softmax head from `mood mos-head`",
+            ),
+        ],
         about: "-min_g p_g(others) over group-softmax logits",
     },
     Method {
