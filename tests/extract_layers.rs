@@ -81,13 +81,18 @@ fn bad_layers_are_refused_on_one_line() {
             &[want],
         );
     }
+    // A ResNet has stages, not blocks with patch tokens: refused, saying why.
+    let resnet = common::fixture("resnet/tiny_resnet_basic_cifar.safetensors");
     assert_refused(
-        &extract(
+        &common::extract_arch(
+            "test_tiny_resnet_basic_cifar",
+            resnet.to_str().unwrap(),
             "digits:0-4@test",
             &out,
-            &["--layers", "1", "--device", "cuda"],
+            &["--layers", "1"],
+            &[],
         ),
-        &["--layers", "CPU"],
+        &["--layers", "ResNet", "per-stage hook"],
     );
 }
 
