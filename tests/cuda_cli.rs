@@ -1,5 +1,5 @@
-//! The commands with `--device cuda`, end to end through the binary: extract (f32 and bf16),
-//! forward, score, eval, bench and info, on a real GPU where there is one and on the CPU stand-in
+//! The commands with `--device cuda`, end to end through the binary: extract (f32 and bf16,
+//! --layers), forward, score, eval, bench and info, on a real GPU where there is one and on the CPU stand-in
 //! for CUDA otherwise (tests/common/cuda.rs), against the same commands on the CPU.
 
 #![cfg(feature = "cuda")]
@@ -342,4 +342,31 @@ fn extract_odin_on_cuda_matches_the_cpu() {
         cpu.len()
     );
     assert!(err <= 1e-3, "ODIN on CUDA differs from the CPU: {err}");
+}
+
+/// `--layers`: the per-block hook of the one forward runs on the CUDA executor too.
+#[test]
+fn extract_layers_on_cuda_matches_the_cpu() {
+    let (env, _) = env();
+    let env = pairs(&env);
+    let tmp = tempfile::tempdir().unwrap();
+    let store = |device: &str| {
+        let out = tmp.path().join(device);
+        let args = ["--batch", "8", "--layers", "1,2", "--device", device];
+        let (code, _, err) = extract_tiny_env("digits:0-4@test", &out, &args, &env);
+        assert_eq!(code, 0, "extract --layers 1,2 --device {device}: {err}");
+        let (shape, v) = mood::npy::read_f32(&out.join("layers.npy")).unwrap();
+        (shape, v, npy(&out.join("features.npy")))
+    };
+    let (cpu_shape, cpu, cpu_f) = store("cpu");
+    let (cuda_shape, cuda, cuda_f) = store("cuda");
+    assert_eq!(cpu_shape, cuda_shape);
+    assert_eq!(cpu_shape[1], 2, "[n, blocks, D]");
+    let err = max_rel(&cuda, &cpu);
+    let f_err = max_rel(&cuda_f, &cpu_f);
+    println!(
+        "layers.npy {cpu_shape:?}: cuda f32 vs cpu max rel {err:.2e} (features.npy {f_err:.2e})"
+    );
+    assert!(err < 1e-4, "layers.npy on CUDA differs from the CPU: {err}");
+    assert!(f_err < 1e-4, "features.npy with --layers: {f_err}");
 }

@@ -81,13 +81,18 @@ fn bad_layers_are_refused_on_one_line() {
             &[want],
         );
     }
+    // A ResNet has stages, not blocks with patch tokens: refused, saying why.
+    let resnet = common::fixture("resnet/tiny_resnet_basic_cifar.safetensors");
     assert_refused(
-        &extract(
+        &common::extract_arch(
+            "test_tiny_resnet_basic_cifar",
+            resnet.to_str().unwrap(),
             "digits:0-4@test",
             &out,
-            &["--layers", "1", "--device", "cuda"],
+            &["--layers", "1"],
+            &[],
         ),
-        &["--layers", "CPU"],
+        &["--layers", "ResNet", "per-stage hook"],
     );
 }
 
@@ -167,6 +172,63 @@ fn eval_runs_the_multilayer_methods() {
         &eval("ood1", "mahalanobis-ensemble"),
         &["blocks [1]", "blocks [1, 2]", "--layers"],
     );
+    // weights=lr: held-out train rows against the val_ood store; without it, refused naming it;
+    // a val_ood store of other blocks is refused naming both lists.
+    let lr = |val: Option<&str>| {
+        let mut a = vec![
+            "eval".to_string(),
+            "--train".into(),
+            p("train"),
+            "--id".into(),
+            p("id"),
+            "--ood".into(),
+            format!("near={}", p("ood")),
+            "--methods".into(),
+            "mahalanobis-ensemble".into(),
+            "--method-arg".into(),
+            "weights=lr".into(),
+        ];
+        if let Some(v) = val {
+            a.extend(["--method-arg".into(), format!("val_ood={}", p(v))]);
+        }
+        run_mood(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let (code, out, err) = lr(Some("ood"));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("| mahalanobis-ensemble"), "{out}");
+    assert_refused(&lr(None), &["weights=lr", "val_ood=DIR"]);
+    assert_refused(&lr(Some("ood1")), &["val_ood", "[1, 2]", "[1]"]);
+    // The fitted weights travel in the detector file: `mood score` needs no validation store.
+    let det = p("ens_lr.safetensors");
+    let val = format!("val_ood={}", p("ood"));
+    let fit: [&str; 11] = [
+        "fit",
+        "--method",
+        "mahalanobis-ensemble",
+        "--method-arg",
+        "weights=lr",
+        "--method-arg",
+        &val,
+        "--train",
+        &p("train"),
+        "-o",
+        &det,
+    ];
+    let (code, _, err) = run_mood(&fit);
+    assert_eq!(code, 0, "{err}");
+    let scores = p("ens_lr.npy");
+    let (code, _, err) = run_mood(&[
+        "score",
+        "--detector",
+        &det,
+        "--features",
+        &p("id"),
+        "-o",
+        &scores,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let (shape, s) = mood::npy::read_f32(Path::new(&scores)).unwrap();
+    assert!(shape[0] > 0 && s.iter().all(|v| v.is_finite()), "{s:?}");
     // A head class without train rows: gram is refused, its name said once.
     let (code, _, err) = run_mood(&[
         "eval",

@@ -461,3 +461,113 @@ fn multilayer_methods_match_numpy_transcriptions() {
         assert!(e.contains("[1, 2, 3]") && e.contains("[4, 8, 12]"), "{e}");
     }
 }
+
+/// Logistic regression against sklearn's LogisticRegression at the same C (its exact optimum,
+/// newton-cholesky at tol 1e-12; tools/make_logistic_fixtures.py), to 1e-5 relative.
+#[test]
+fn logistic_regression_matches_sklearn() {
+    use mood::ood::logistic;
+    let x = f64s("lr_plain_x");
+    let t: Vec<bool> = f64s("lr_plain_t").iter().map(|&v| v == 1.0).collect();
+    let want = f64s("lr_plain_expected");
+    for row in want.chunks(5) {
+        let m = logistic::fit(&x, 3, &t, row[0]).unwrap();
+        let got = [m.coef[0], m.coef[1], m.coef[2], m.intercept];
+        let err = got
+            .iter()
+            .zip(&row[1..])
+            .map(|(g, w)| (g - w).abs() / w.abs().max(1e-3))
+            .fold(0.0f64, f64::max);
+        eprintln!("logistic C = {}: max rel error {err:.2e}", row[0]);
+        assert!(
+            err <= 1e-5,
+            "C = {}: ours {got:?}, sklearn {:?}",
+            row[0],
+            &row[1..]
+        );
+    }
+}
+
+/// `mahalanobis-ensemble weights=lr` as OpenOOD's alpha_selector: the held-out train rows'
+/// and the OOD validation rows' per-layer scores (numpy), StratifiedKFold's folds, the C that
+/// LogisticRegressionCV(scoring="accuracy") chooses and the coefficients at that C (sklearn).
+#[test]
+fn ensemble_lr_weights_match_logistic_regression_cv() {
+    use mood::ood::logistic;
+    use mood::ood::multilayer::{LrValidation, MahalanobisEnsemble};
+    let (ts, train) = f32s("layers_train");
+    let (_, labels) = f32s("layers_labels");
+    let (_, valood) = f32s("lr_ens_valood");
+    let labels: Vec<usize> = labels.iter().map(|&l| l as usize).collect();
+    let (l, d) = (ts[1], ts[2]);
+    let blocks: Vec<usize> = (1..=l).map(|b| 4 * b).collect();
+    let want_x = f64s("lr_ens_x");
+    let t: Vec<bool> = f64s("lr_ens_t").iter().map(|&v| v == 1.0).collect();
+    let folds: Vec<usize> = f64s("lr_ens_folds").iter().map(|&v| v as usize).collect();
+    let want = f64s("lr_ens_expected");
+
+    assert_eq!(
+        logistic::stratified_folds(&t, 5),
+        folds,
+        "StratifiedKFold(5)"
+    );
+    let val = LrValidation {
+        ood: &valood,
+        blocks: &blocks,
+        c: None,
+    };
+    let (ens, lr) = MahalanobisEnsemble::fit_lr(&train, l * d, &blocks, &labels, &val).unwrap();
+    // The per-layer scores the regression saw: ID held-out rows, then the OOD rows.
+    let n_id = t.iter().filter(|&&v| v).count();
+    let mut held = Vec::new();
+    let mut seen = [0usize; 64];
+    for (i, &y) in labels.iter().enumerate() {
+        seen[y] += 1;
+        if seen[y] % 10 == 0 {
+            held.extend_from_slice(&train[i * l * d..(i + 1) * l * d]);
+        }
+    }
+    let got_x: Vec<f64> = ens
+        .layer_scores(&held)
+        .unwrap()
+        .into_iter()
+        .chain(ens.layer_scores(&valood).unwrap())
+        .collect();
+    assert_eq!(got_x.len(), want_x.len());
+    assert_eq!(held.len() / (l * d), n_id);
+    let floor = want_x.iter().fold(1.0f64, |a, b| a.max(b.abs()));
+    let x_err = got_x
+        .iter()
+        .zip(&want_x)
+        .map(|(g, w)| (g - w).abs() / floor)
+        .fold(0.0f64, f64::max);
+    assert!(x_err <= 1e-5, "per-layer scores: {x_err}");
+    assert!(
+        (lr.c / want[0] - 1.0).abs() < 1e-12,
+        "C: ours {}, LogisticRegressionCV {}",
+        lr.c,
+        want[0]
+    );
+    // On the fixture's own scores, so that only the regression is compared.
+    let exact = logistic::fit(&want_x, l, &t, want[0]).unwrap();
+    let got = [exact.coef[0], exact.coef[1], exact.coef[2], exact.intercept];
+    let err = got
+        .iter()
+        .zip(&want[1..])
+        .map(|(g, w)| (g - w).abs() / w.abs().max(1e-3))
+        .fold(0.0f64, f64::max);
+    // And through mood's own scores (f32 GEMMs): the weights within their rounding.
+    let w_err = lr
+        .coef
+        .iter()
+        .zip(&want[1..])
+        .map(|(g, w)| (g - w).abs() / w.abs())
+        .fold(0.0f64, f64::max);
+    eprintln!(
+        "ensemble lr: scores max err {x_err:.2e}; C = {:.4e}; coefficients max rel error {err:.2e} (on mood's scores {w_err:.2e})",
+        lr.c
+    );
+    assert!(err <= 1e-5, "ours {got:?}, sklearn {:?}", &want[1..]);
+    assert!(w_err <= 1e-3, "weights from mood's scores: {w_err}");
+    assert_eq!(ens.fitted_weights.as_deref(), Some(&lr.coef[..]));
+}

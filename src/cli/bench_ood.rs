@@ -6,6 +6,10 @@
 //! milliseconds per 50,000 rows (the target: 50,000 x 1024 against 1000 classes, under
 //! 50 ms on an H100).
 //!
+//! The multi-layer methods (`mahalanobis-ensemble`, `gram`) get per-block rows of three blocks
+//! (`BLOCKS`, as `mood extract --layers 4,8,12`), each block --dim wide around its own class
+//! means; the features and the head are the last block's.
+//!
 //! `--device cuda` times the GPU scorer (src/ood/cuda_score.rs) twice: host to host (the row
 //! check, upload, GEMMs, epilogues, download: what `mood score` pays) and with the rows already on
 //! the device; it also prints the largest difference from the CPU detector on the first 1024 rows.
@@ -22,6 +26,17 @@ use crate::ood::detector::{method, parse_args, Detector, Head, Inputs, Matrix, N
 
 /// The rows the CPU/GPU difference is measured on.
 const CHECK_ROWS: usize = 1024;
+
+/// The blocks of the synthetic per-block rows of the multi-layer methods.
+const BLOCKS: [usize; 3] = [4, 8, 12];
+
+/// The last of the blocks of rows [n, L·d] (the features of a store extracted with --layers).
+fn last_block(x: &[f32], d: usize) -> Vec<f32> {
+    let w = BLOCKS.len() * d;
+    x.chunks_exact(w)
+        .flat_map(|r| r[w - d..].iter().copied())
+        .collect()
+}
 
 /// `n` rows of width `d` around `means` [C, d], row i in class i mod C: (rows, labels).
 fn synthetic(n: usize, d: usize, means: &[f32], seed: u64) -> (Vec<f32>, Vec<usize>) {
@@ -107,46 +122,81 @@ pub fn run(args: &Args, name: &str) -> Result<()> {
     let settings = parse_args(m, &args.method_args)?;
     let k = settings.get("k").cloned();
 
+    let layered = m.needs.contains(&Need::Layers);
+    // Width of a synthetic row: one block, or every block of BLOCKS side by side.
+    let width = if layered { BLOCKS.len() * d } else { d };
     let mut rng = Rng::new(7);
-    let means: Vec<f32> = (0..classes * d).map(|_| rng.normal() as f32).collect();
-    let (train, labels) = synthetic(train_rows, d, &means, 1);
-    let (query, _) = synthetic(rows, d, &means, 2);
+    let means: Vec<f32> = (0..classes * width).map(|_| rng.normal() as f32).collect();
+    let (train, labels) = synthetic(train_rows, width, &means, 1);
+    let (query, _) = synthetic(rows, width, &means, 2);
     // A head that reads the classes: the class means, scaled so logits stay near unit size.
     let scale = 1.0 / (d as f32).sqrt();
     let head = Head {
-        weight: means.iter().map(|v| v * scale).collect(),
+        weight: means
+            .chunks_exact(width)
+            .flat_map(|mu| mu[width - d..].iter().map(|v| v * scale))
+            .collect(),
         bias: vec![0.0; classes],
         fc_norm: None,
     };
+    let (train_f, query_f) = match layered {
+        true => (last_block(&train, d), last_block(&query, d)),
+        false => (Vec::new(), Vec::new()),
+    };
+    // The features: the rows themselves, or their last block.
+    fn pick<'a>(layered: bool, rows: &'a [f32], last: &'a [f32]) -> &'a [f32] {
+        if layered {
+            last
+        } else {
+            rows
+        }
+    }
+    fn layer_inputs(layered: bool, x: &[f32], width: usize) -> Option<Matrix<'_>> {
+        layered.then_some(Matrix {
+            data: x,
+            cols: width,
+        })
+    }
     let t = Instant::now();
     let det = Detector::fit(
         name,
         settings,
         &Inputs {
             features: Some(Matrix {
-                data: &train,
+                data: pick(layered, &train, &train_f),
                 cols: d,
             }),
             labels: Some(&labels),
             head: Some(&head),
+            layers: layer_inputs(layered, &train, width),
+            layer_blocks: &BLOCKS,
             ..Default::default()
         },
     )?;
     let fit_s = t.elapsed().as_secs_f64();
     drop(train);
+    drop(train_f);
     let inputs = Inputs {
         features: Some(Matrix {
-            data: &query,
+            data: pick(layered, &query, &query_f),
             cols: d,
         }),
         head: Some(&head),
+        layers: layer_inputs(layered, &query, width),
+        layer_blocks: &BLOCKS,
         ..Default::default()
     };
 
     let device = ScoreDevice::open(args.device)?;
     let prepared = device.prepare(&det)?;
     let median_s = median_time(args.iters, || prepared.score(&inputs).map(drop))?;
-    let gpu = gpu_figures(&prepared, &det, &query, d, args.iters)?;
+    let gpu = gpu_figures(
+        &prepared,
+        &det,
+        pick(layered, &query, &query_f),
+        d,
+        args.iters,
+    )?;
 
     let per_50k = |s: f64| 1e3 * s * 50_000.0 / rows as f64;
     let rate = |s: f64| rows as f64 / s;

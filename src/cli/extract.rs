@@ -42,7 +42,7 @@ pub struct Args {
     pub local: bool,
     /// Also write, from the same forward, the mean patch token of these blocks (1-based,
     /// increasing), e.g. 4,8,12: layers.npy [n, L, D], for `mahalanobis-ensemble` and `gram`.
-    /// Transformers on the CPU only.
+    /// Transformers only (on any --device).
     #[arg(long, value_name = "B1,B2,...")]
     pub layers: Option<String>,
     /// Element type of features.npy, local.npy and layers.npy (f16 halves the disk; logits stay
@@ -133,12 +133,6 @@ pub fn run(args: Args) -> Result<()> {
         .map(parse_layers)
         .transpose()?
         .unwrap_or_default();
-    if !layers.is_empty() && !matches!(args.device, Device::Cpu) {
-        return Err(Error::Usage(
-            "--layers runs the model on the CPU for now; leave out --device (or use --device cpu)"
-                .into(),
-        ));
-    }
     let device = args.device;
     if args.batch == 0 || args.chunk == 0 {
         return Err(Error::Usage(

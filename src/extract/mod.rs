@@ -196,26 +196,23 @@ pub fn extract(
     }
     let d = model.feature_dim();
     let classes = model.num_classes().unwrap_or(0);
-    // The per-block hook is in the transformer's forward, run here on the CPU.
-    let layers_model = match (opts.layers.is_empty(), model.as_vit()) {
-        (true, _) => None,
-        (false, None) => {
+    // The per-block hook is in the transformer's forward (vit.rs), on whichever executor the
+    // runner drives; ResNet and BiT have none yet.
+    if !opts.layers.is_empty() {
+        let Some(vit) = model.as_vit() else {
             return Err(Error::Usage(format!(
-                "--layers: per-block features come from the transformer's blocks; {} has none",
+                "--layers: per-block features are the mean patch tokens of a transformer's blocks; {} is a ResNet, whose forward has no per-stage hook yet",
                 model.name()
-            )))
+            )));
+        };
+        let depth = vit.blocks.len();
+        if let Some(l) = opts.layers.iter().find(|&&l| l == 0 || l > depth) {
+            return Err(Error::Usage(format!(
+                "--layers: block {l} does not exist; {} has blocks 1..={depth}",
+                model.name()
+            )));
         }
-        (false, Some(vit)) => {
-            let depth = vit.blocks.len();
-            if let Some(l) = opts.layers.iter().find(|&&l| l == 0 || l > depth) {
-                return Err(Error::Usage(format!(
-                    "--layers: block {l} does not exist; {} has blocks 1..={depth}",
-                    model.name()
-                )));
-            }
-            Some(vit)
-        }
-    };
+    }
     let odin_model = match (opts.odin, model.as_vit()) {
         (Some(_), None) => {
             return Err(Error::Usage(format!(
@@ -367,15 +364,9 @@ pub fn extract(
             if !good.is_empty() {
                 let x = Tensor::from_vec(&[good.len(), chans, size, size], images)?;
                 let t = Instant::now();
-                let (o, local) = if let Some(vit) = layers_model {
-                    // One forward with the per-block hook (on the CPU: `--device` is checked
-                    // to be cpu when --layers is given).
-                    let (o, l, per_block) = vit.forward_layers_on(
-                        &mut crate::model::exec::Infer,
-                        &x,
-                        &opts.layers,
-                        opts.local,
-                    )?;
+                let (o, local) = if !opts.layers.is_empty() {
+                    // One forward with the per-block hook, on the runner's device.
+                    let (o, l, per_block) = runner.forward_layers(&x, &opts.layers, opts.local)?;
                     chunk.layers.extend_from_slice(per_block.as_slice());
                     (o, l)
                 } else if opts.local {

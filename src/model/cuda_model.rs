@@ -140,4 +140,16 @@ where
     fn forward_local(&mut self, images: &Tensor) -> Result<(Output, Tensor)> {
         CudaModel::forward_local(self, images)
     }
+
+    fn forward_layers(
+        &mut self,
+        images: &Tensor,
+        layers: &[usize],
+        local: bool,
+    ) -> Result<(Output, Option<Tensor>, Tensor)> {
+        let b = images.shape().first().copied().unwrap_or(0);
+        self.model
+            .forward_layers_on(&mut self.exec, images, layers, local)
+            .map_err(|e| self.batch_error(b, e))
+    }
 }

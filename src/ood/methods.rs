@@ -311,11 +311,23 @@ pub const METHODS: &[Method] = &[
     Method {
         name: "mahalanobis-ensemble",
         needs: &[Layers, Labels],
-        args: &[(
-            "weights",
-            "1",
-            "per-layer weights, comma-separated (one value: every layer)",
-        )],
+        args: &[
+            (
+                "weights",
+                "1",
+                "per-layer weights, comma-separated (one value: every layer), or lr: fitted by logistic regression, ID held-out train rows vs val_ood",
+            ),
+            (
+                "val_ood",
+                "",
+                "weights=lr: the store of OOD validation rows (extracted with the same --layers)",
+            ),
+            (
+                "lr_c",
+                "cv",
+                "weights=lr: the L2 penalty's C, or cv (LogisticRegressionCV's 5-fold choice)",
+            ),
+        ],
         about: "Lee et al.'s multi-layer Mahalanobis: weighted sum of per-block max_c -MD/2",
     },
     Method {

@@ -21,6 +21,7 @@ pub mod gaussian;
 pub mod gen;
 pub mod knn;
 pub mod linalg;
+pub mod logistic;
 pub mod logits;
 pub mod methods;
 pub mod multilayer;

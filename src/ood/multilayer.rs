@@ -6,7 +6,12 @@
 //!   Out-of-Distribution Samples and Adversarial Attacks", NeurIPS 2018; OpenOOD v1.5
 //!   mds_ensemble_postprocessor.py): per layer l, class means and one tied covariance of the
 //!   class-centred train rows (biased), P_l = pinvh; s_l(x) = max_c −½ (x_l − μ_{l,c})ᵀ P_l
-//!   (x_l − μ_{l,c}); score = Σ_l w_l·s_l with OpenOOD's weights (its `alpha_list`, 1 per layer).
+//!   (x_l − μ_{l,c}); score = Σ_l w_l·s_l with OpenOOD's weights (its `alpha_list`, 1 per layer),
+//!   or, with `weights=lr`, Lee et al.'s / OpenOOD's logistic regression: a tenth of each
+//!   class's train rows (`held_out`) is kept out of the statistics as the ID validation set, the
+//!   rows of the store `val_ood` are the OOD one, and w is the coefficient vector (intercept
+//!   dropped) of an L2 logistic regression of ID (1) vs OOD (0) on the rows [s_1 … s_L]
+//!   (`logistic`: C chosen as LogisticRegressionCV does, or `lr_c`).
 //!   Lee et al. and OpenOOD first move the input a step against the gradient of the score
 //!   (`noise` 0.0014); that needs the model, which a store does not hold, so mood scores without
 //!   it (noise 0). Each layer's distances are `mahalanobis`'s GEMM kernel (`gaussian`).
@@ -25,6 +30,7 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 use crate::ood::check_rows;
 use crate::ood::gaussian::{GaussianScore, Reduce, Whitened};
+use crate::ood::logistic::{self, Logistic};
 use crate::ood::stats::Stats;
 
 /// Layer `l` of rows [n, L·D] as its own [n, D] matrix.
@@ -80,6 +86,45 @@ pub struct MahalanobisEnsemble {
     pub blocks: Vec<usize>,
     pub dim: usize,
     layers: Vec<GaussianScore>,
+    /// The weights of `weights=lr`, fitted with the statistics.
+    pub fitted_weights: Option<Vec<f64>>,
+}
+
+/// What `weights=lr` fits the weights on: the OOD validation rows [m, L·D] and their blocks,
+/// and `lr_c` (None: C by cross-validation).
+pub struct LrValidation<'a> {
+    pub ood: &'a [f32],
+    pub blocks: &'a [usize],
+    pub c: Option<f64>,
+}
+
+/// `lr_c`: `cv` (LogisticRegressionCV's choice) or a positive number.
+pub fn parse_lr_c(s: &str) -> Result<Option<f64>> {
+    if s == "cv" {
+        return Ok(None);
+    }
+    match s.parse::<f64>() {
+        Ok(c) if c.is_finite() && c > 0.0 => Ok(Some(c)),
+        _ => Err(Error::Usage(format!(
+            "--method-arg lr_c={s}: `cv` or a number > 0"
+        ))),
+    }
+}
+
+/// The per-block rows of the store at `dir` (`val_ood` of `weights=lr`) and their blocks.
+pub fn read_val_ood(dir: &str) -> Result<(Vec<f32>, Vec<usize>)> {
+    if dir.is_empty() {
+        return Err(Error::Usage(
+            "mahalanobis-ensemble weights=lr: name the OOD validation store with --method-arg val_ood=DIR (extracted with the same --layers)".into(),
+        ));
+    }
+    let store = crate::store::FeatureStore::open(std::path::Path::new(dir))?;
+    let layers = store.layers.ok_or_else(|| {
+        Error::Usage(format!(
+            "--method-arg val_ood={dir}: the store has no layers.npy; extract it with --layers"
+        ))
+    })?;
+    Ok((layers.as_slice().to_vec(), store.manifest.layers.clone()))
 }
 
 fn plain(part: Whitened) -> GaussianScore {
@@ -106,29 +151,116 @@ impl MahalanobisEnsemble {
             blocks: blocks.to_vec(),
             dim: d,
             layers,
+            fitted_weights: None,
         })
+    }
+
+    /// `weights=lr`: the statistics on the train rows but a held-out tenth of each class, and
+    /// the weights of a logistic regression of those held-out rows' per-layer scores (ID, 1)
+    /// against the validation OOD rows' (0). Also hands back the regression.
+    pub fn fit_lr(
+        x: &[f32],
+        cols: usize,
+        blocks: &[usize],
+        labels: &[usize],
+        val: &LrValidation,
+    ) -> Result<(MahalanobisEnsemble, Logistic)> {
+        let n = check_rows(x, cols, "train layer features")?;
+        if labels.len() != n {
+            return Err(Error::Data(format!(
+                "mahalanobis-ensemble: {n} train rows but {} labels",
+                labels.len()
+            )));
+        }
+        let classes = labels.iter().max().map_or(0, |&c| c + 1);
+        let mut seen = vec![0usize; classes];
+        let out: Vec<bool> = labels
+            .iter()
+            .map(|&y| {
+                seen[y] += 1;
+                held_out(seen[y] - 1)
+            })
+            .collect();
+        let pick = |keep: bool| -> (Vec<f32>, Vec<usize>) {
+            let mut rows = Vec::new();
+            let mut ys = Vec::new();
+            for (i, r) in x.chunks_exact(cols).enumerate() {
+                if out[i] != keep {
+                    rows.extend_from_slice(r);
+                    ys.push(labels[i]);
+                }
+            }
+            (rows, ys)
+        };
+        let (kept, kept_labels) = pick(true);
+        let (id_val, _) = pick(false);
+        if id_val.is_empty() {
+            return Err(Error::Data(
+                "mahalanobis-ensemble weights=lr: no class has 10 train rows, so none is held out as ID validation; use more train rows".into(),
+            ));
+        }
+        let mut m = MahalanobisEnsemble::fit(&kept, cols, blocks, &kept_labels)?;
+        check_blocks("mahalanobis-ensemble val_ood", blocks, val.blocks)?;
+        let l = blocks.len();
+        let id_s = m.layer_scores(&id_val)?;
+        let ood_s = m.layer_scores(val.ood)?;
+        let t: Vec<bool> = (0..id_s.len() / l)
+            .map(|_| true)
+            .chain((0..ood_s.len() / l).map(|_| false))
+            .collect();
+        let rows: Vec<f64> = id_s.into_iter().chain(ood_s).collect();
+        let lr = match val.c {
+            Some(c) => logistic::fit(&rows, l, &t, c)?,
+            None => logistic::fit_cv(&rows, l, &t)?,
+        };
+        m.fitted_weights = Some(lr.coef.clone());
+        Ok((m, lr))
+    }
+
+    /// Per-layer scores s_l = max_c −½ (x_l − μ_{l,c})ᵀ P_l (x_l − μ_{l,c}) of rows [n, L·D], as
+    /// [n, L].
+    pub fn layer_scores(&self, x: &[f32]) -> Result<Vec<f64>> {
+        let l = self.blocks.len();
+        let n = check_rows(x, l * self.dim, "layer features")?;
+        let mut out = vec![0.0f64; n * l];
+        for (k, g) in self.layers.iter().enumerate() {
+            // GaussianScore gives −min_c d_c = 2·max_c −½ d_c.
+            let s = g.score(&layer(x, k, l, self.dim))?;
+            for (i, v) in s.iter().enumerate() {
+                out[i * l + k] = 0.5 * *v as f64;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The weights setting `spec` as per-layer weights: `lr` is the fitted ones.
+    pub fn weights(&self, spec: &str) -> Result<Vec<f64>> {
+        match (spec, &self.fitted_weights) {
+            ("lr", Some(w)) => Ok(w.clone()),
+            ("lr", None) => Err(Error::Data(
+                "mahalanobis-ensemble: weights=lr, but the detector holds no fitted weights; fit it again with weights=lr".into(),
+            )),
+            _ => parse_weights(spec, self.blocks.len()),
+        }
     }
 
     pub fn score(&self, x: &[f32], blocks: &[usize], weights: &[f64]) -> Result<Vec<f32>> {
         check_blocks("mahalanobis-ensemble", &self.blocks, blocks)?;
         let l = self.blocks.len();
-        let n = check_rows(x, l * self.dim, "layer features")?;
-        let mut total = vec![0.0f64; n];
-        for (k, (g, w)) in self.layers.iter().zip(weights).enumerate() {
-            // GaussianScore gives −min_c d_c = 2·max_c −½ d_c.
-            let s = g.score(&layer(x, k, l, self.dim))?;
-            total
-                .iter_mut()
-                .zip(&s)
-                .for_each(|(t, v)| *t += w * 0.5 * *v as f64);
-        }
-        Ok(total.iter().map(|&v| v as f32).collect())
+        let s = self.layer_scores(x)?;
+        Ok(s.chunks_exact(l)
+            .map(|r| r.iter().zip(weights).map(|(v, w)| v * w).sum::<f64>() as f32)
+            .collect())
     }
 
     pub fn save(&self, s: &mut Stats) {
         save_blocks(s, "ensemble", &self.blocks);
         for (k, g) in self.layers.iter().enumerate() {
             g.parts[0].save(&format!("ensemble.layer{k}"), s);
+        }
+        if let Some(w) = &self.fitted_weights {
+            let w: Vec<f32> = w.iter().map(|&v| v as f32).collect();
+            s.put("ensemble.weights", &[w.len()], &w);
         }
     }
 
@@ -143,10 +275,25 @@ impl MahalanobisEnsemble {
                 "mahalanobis-ensemble statistics: layers of different widths".into(),
             ));
         }
+        let fitted_weights = match s.contains("ensemble.weights") {
+            true => {
+                let (_, w) = s.get("ensemble.weights", 1)?;
+                if w.len() != blocks.len() {
+                    return Err(Error::Data(format!(
+                        "mahalanobis-ensemble statistics: {} fitted weights for {} blocks",
+                        w.len(),
+                        blocks.len()
+                    )));
+                }
+                Some(w.iter().map(|&v| v as f64).collect())
+            }
+            false => None,
+        };
         Ok(MahalanobisEnsemble {
             blocks,
             dim,
             layers,
+            fitted_weights,
         })
     }
 }

@@ -197,8 +197,21 @@ impl Posthoc {
             }
             "mahalanobis-ensemble" => {
                 let (x, cols, blocks) = g.layers()?;
-                multilayer::parse_weights(&arg::<String>(args, "weights")?, blocks.len())?;
-                Posthoc::Ensemble(MahalanobisEnsemble::fit(x, cols, blocks, g.labels()?)?)
+                let spec = arg::<String>(args, "weights")?;
+                let c = multilayer::parse_lr_c(&arg::<String>(args, "lr_c")?)?;
+                Posthoc::Ensemble(if spec == "lr" {
+                    let (ood, ood_blocks) =
+                        multilayer::read_val_ood(&arg::<String>(args, "val_ood")?)?;
+                    let val = multilayer::LrValidation {
+                        ood: &ood,
+                        blocks: &ood_blocks,
+                        c,
+                    };
+                    MahalanobisEnsemble::fit_lr(x, cols, blocks, g.labels()?, &val)?.0
+                } else {
+                    multilayer::parse_weights(&spec, blocks.len())?;
+                    MahalanobisEnsemble::fit(x, cols, blocks, g.labels()?)?
+                })
             }
             "gram" => {
                 let (x, cols, blocks) = g.layers()?;
@@ -265,8 +278,7 @@ impl Posthoc {
             }
             Posthoc::Ensemble(m) => {
                 let (x, _, blocks) = g.layers()?;
-                let w = multilayer::parse_weights(&arg::<String>(args, "weights")?, blocks.len())?;
-                m.score(x, blocks, &w)
+                m.score(x, blocks, &m.weights(&arg::<String>(args, "weights")?)?)
             }
             Posthoc::Gram(gr) => {
                 let (x, _, blocks) = g.layers()?;
