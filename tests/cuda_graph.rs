@@ -290,3 +290,50 @@ fn graphed_forward_equals_eager_bit_for_bit() {
         );
     }
 }
+
+/// `mood extract --device cuda` replays the graph by default (`MOOD_CUDA_GRAPH=0` turns it off):
+/// several full batches and a partial last one give the same store, byte for byte, either way,
+/// and no capture fell back to the eager forward.
+#[test]
+fn extraction_with_graphs_writes_the_eager_store() {
+    let (env, _) = common::cuda::cli_env();
+    let tmp = tempfile::tempdir().unwrap();
+    let extract = |name: &str, graph: &str| {
+        let out = tmp.path().join(name);
+        let mut env: Vec<(&str, &str)> =
+            env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        env.push(("MOOD_CUDA_GRAPH", graph));
+        for precision in ["f32", "bf16"] {
+            let dir = out.join(precision);
+            let args = [
+                "--batch",
+                "64",
+                "--device",
+                "cuda",
+                "--precision",
+                precision,
+            ];
+            let (code, _, err) = common::extract_tiny_env("digits:0-4@test", &dir, &args, &env);
+            assert_eq!(code, 0, "extract {name} {precision}: {err}");
+            assert!(!err.contains("CUDA graph"), "a capture fell back: {err}");
+        }
+        out
+    };
+    let (graphed, eager) = (extract("graphed", "1"), extract("eager", "0"));
+    for precision in ["f32", "bf16"] {
+        for file in ["features.npy", "logits.npy"] {
+            let (shape, g) = mood::npy::read_f32(&graphed.join(precision).join(file)).unwrap();
+            let (_, e) = mood::npy::read_f32(&eager.join(precision).join(file)).unwrap();
+            println!("{precision} {file} {shape:?}: graphed and eager stores compared");
+            assert!(
+                shape[0] > 4 * 64,
+                "{file}: {shape:?}: more than four batches"
+            );
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert!(
+                bits(&g) == bits(&e),
+                "{precision} {file}: graphed differs from eager"
+            );
+        }
+    }
+}

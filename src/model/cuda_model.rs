@@ -223,6 +223,38 @@ where
         g.download().map(Some)
     }
 
+    /// Captures the forward for `images`' shape now, after an eager forward of it unless that
+    /// was the last to run, for `launch_graph`. The images go into the graph's input buffer.
+    pub fn capture_graph(&mut self, images: &Tensor) -> Result<()> {
+        if self
+            .graph
+            .as_ref()
+            .is_some_and(|g| g.shape == images.shape())
+        {
+            return Ok(());
+        }
+        self.graph = None;
+        if self.last_shape != images.shape() {
+            self.model.forward_on(&mut self.exec, images)?;
+            self.last_shape = images.shape().to_vec();
+        }
+        let g = self.capture(images)?;
+        self.graph = Some(g);
+        Ok(())
+    }
+
+    /// Queues one launch of the graph `capture_graph` made, on the images in its input buffer
+    /// (what a throughput benchmark times; `device().sync()` waits).
+    pub fn launch_graph(&mut self) -> Result<()> {
+        let g = self
+            .graph
+            .as_ref()
+            .ok_or_else(|| Error::Cuda("launch_graph: no graph captured".into()))?;
+        g.graph.launch()?;
+        self.launches += 1;
+        Ok(())
+    }
+
     /// Captures the forward for `images`' shape, which ran eagerly just before (so every
     /// parameter is on the device and the attention workspace is made for this shape).
     fn capture(&mut self, images: &Tensor) -> Result<GraphedForward<T>> {
