@@ -1,5 +1,6 @@
 //! `mood bench --device cuda`: the CUDA forward's throughput (the model's forward on
-//! src/model/cuda_exec.rs) with the batch resident on the device, its host-to-host rate, and the
+//! src/model/cuda_exec.rs) with the batch resident on the device, its host-to-host rate, the same
+//! two as one CUDA graph launch a batch (src/model/cuda_model.rs), and the
 //! roofline prediction for the device (src/roofline.rs) beside it. With `--profile`: each op of
 //! the forward timed by CUDA events (its time, FLOPs, bytes, achieved TFLOP/s or GB/s and fraction
 //! of its roofline), then each op alone at the model's shapes (every attention path), so that a
@@ -27,16 +28,24 @@ use crate::model::{init, VisionTransformer, VitConfig};
 use crate::roofline;
 use crate::tensor::Tensor;
 
+/// Forward times, seconds: eager and as one CUDA graph launch (`CudaModel::launch_graph`), each
+/// with the images on the device and from host images to host outputs.
+struct Times {
+    resident: Vec<f64>,
+    host: Vec<f64>,
+    graphed: Vec<f64>,
+    graphed_host: Vec<f64>,
+}
+
 /// Median forward time of the CUDA model, from host images to host features and logits (the
 /// upload and download are part of what feature extraction pays).
 pub fn run(args: &Args, cfg: &VitConfig) -> Result<()> {
-    /// (device-resident forward times, host-to-host forward times), seconds.
     fn timed<T: Compute>(
         dev: &Arc<CudaDevice>,
         model: &VisionTransformer,
         x: &Tensor,
         iters: usize,
-    ) -> Result<(Vec<f64>, Vec<f64>)>
+    ) -> Result<Times>
     where
         CudaBlas: Gemm<T>,
     {
@@ -48,7 +57,7 @@ pub fn run(args: &Args, cfg: &VitConfig) -> Result<()> {
             gpu.forward_queued(x)?; // warm-up: cuBLAS heuristics, allocator pool
         }
         dev.sync()?;
-        let pb = super::progress(2 * iters as u64, "iter");
+        let pb = super::progress(4 * iters as u64, "iter");
         let mut resident = Vec::with_capacity(iters);
         for _ in 0..iters {
             let t = Instant::now();
@@ -57,6 +66,27 @@ pub fn run(args: &Args, cfg: &VitConfig) -> Result<()> {
             resident.push(t.elapsed().as_secs_f64());
             pb.inc(1);
         }
+        // The same forward as one graph launch a batch: what the launch overhead costs eagerly.
+        gpu.capture_graph(x)?;
+        gpu.launch_graph()?;
+        dev.sync()?;
+        let mut graphed = Vec::with_capacity(iters);
+        for _ in 0..iters {
+            let t = Instant::now();
+            gpu.launch_graph()?;
+            dev.sync()?;
+            graphed.push(t.elapsed().as_secs_f64());
+            pb.inc(1);
+        }
+        gpu.set_graphs(true); // `forward` now replays that graph: upload, launch, download
+        let mut graphed_host = Vec::with_capacity(iters);
+        for _ in 0..iters {
+            let t = Instant::now();
+            gpu.forward(x)?;
+            graphed_host.push(t.elapsed().as_secs_f64());
+            pb.inc(1);
+        }
+        drop(gpu);
         let mut host = Vec::with_capacity(iters);
         let mut unstaged = CudaModel::<T>::new(Arc::clone(dev), model);
         unstaged.forward(x)?; // uploads the weights
@@ -67,7 +97,12 @@ pub fn run(args: &Args, cfg: &VitConfig) -> Result<()> {
             pb.inc(1);
         }
         pb.finish_and_clear();
-        Ok((resident, host))
+        Ok(Times {
+            resident,
+            host,
+            graphed,
+            graphed_host,
+        })
     }
 
     // An unknown --gpu fails before anything runs.
@@ -92,10 +127,12 @@ pub fn run(args: &Args, cfg: &VitConfig) -> Result<()> {
     let shape = [args.batch, cfg.in_chans, cfg.img_size, cfg.img_size];
     let n_in = shape.iter().product();
     let x = Tensor::from_vec(&shape, (0..n_in).map(|_| rng.normal() as f32).collect())?;
-    let (mut times, mut host) = match args.precision {
+    let t = match args.precision {
         Precision::F32 => timed::<f32>(&dev, &model, &x, args.iters)?,
         Precision::Bf16 => timed::<half::bf16>(&dev, &model, &x, args.iters)?,
     };
+    let (mut times, mut host) = (t.resident, t.host);
+    let (mut graphed, mut graphed_host) = (t.graphed, t.graphed_host);
     let med = |v: &mut Vec<f64>| {
         v.sort_by(|a, b| a.total_cmp(b));
         v[v.len() / 2]
@@ -122,6 +159,7 @@ pub fn run(args: &Args, cfg: &VitConfig) -> Result<()> {
     if stand_in {
         // The stand-in runs the kernels on the CPU: its times say nothing about any GPU.
         let per_batch = med(&mut times);
+        let per_batch_graphed = med(&mut graphed);
         if args.json {
             let mut v = serde_json::json!({
                 "mode": "forward",
@@ -141,7 +179,7 @@ pub fn run(args: &Args, cfg: &VitConfig) -> Result<()> {
             println!("{v}");
         } else {
             println!(
-                "{} forward on {}: {} batches of {} ran ({per_batch:.2} s each, CPU time). {}",
+                "{} forward on {}: {} batches of {} ran ({per_batch:.2} s each, {per_batch_graphed:.2} s as a CUDA graph, CPU time). {}",
                 cfg.name,
                 dev.describe(),
                 args.iters,
@@ -170,6 +208,8 @@ pub fn run(args: &Args, cfg: &VitConfig) -> Result<()> {
     // The headline: images already on the device, as PyTorch benchmarks measure; the host-to-host
     // figure (upload of the batch, download of features and logits) is printed beside it.
     let (median, median_host) = (med(&mut times), med(&mut host));
+    let img_s_graphed = args.batch as f64 / med(&mut graphed);
+    let img_s_graphed_host = args.batch as f64 / med(&mut graphed_host);
     let img_s = args.batch as f64 / median;
     let img_s_host = args.batch as f64 / median_host;
     let gflop = cfg.flops_per_image() / 1e9;
@@ -193,6 +233,8 @@ pub fn run(args: &Args, cfg: &VitConfig) -> Result<()> {
             "mfu": mfu,
             "median_s": median,
             "img_per_s_host_to_host": img_s_host,
+            "img_per_s_graphed": img_s_graphed,
+            "img_per_s_graphed_host_to_host": img_s_graphed_host,
             "predicted": pred_json,
             "fraction_of_predicted": of_roofline,
         });
@@ -221,6 +263,10 @@ pub fn run(args: &Args, cfg: &VitConfig) -> Result<()> {
     }
     println!(
         "  host to host (upload images, download features and logits): {img_s_host:.1} images/s"
+    );
+    println!(
+        "  as one CUDA graph launch a batch: {img_s_graphed:.1} images/s ({:.2} ms per batch, images on the device), {img_s_graphed_host:.1} images/s host to host",
+        1e3 * args.batch as f64 / img_s_graphed
     );
     match (&pred, of_roofline) {
         (Some(p), Some(f)) => println!(

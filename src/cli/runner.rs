@@ -74,7 +74,7 @@ fn cuda_runner(
     batch: usize,
 ) -> Result<(Box<dyn Runner + '_>, String)> {
     use crate::backend::cuda::CudaDevice;
-    use crate::model::cuda_model::CudaModel;
+    use crate::model::cuda_model::{graphs_from_env, CudaModel};
     let dev = std::sync::Arc::new(CudaDevice::new(0)?);
     eprintln!("cuda: {}", dev.describe());
     // The model name only: free memory and the like change from run to run.
@@ -83,11 +83,13 @@ fn cuda_runner(
         Precision::F32 => {
             let mut gpu = CudaModel::<f32>::new(dev, model);
             gpu.check_batch_fits(batch)?;
+            gpu.set_graphs(graphs_from_env());
             Box::new(gpu)
         }
         Precision::Bf16 => {
             let mut gpu = CudaModel::<half::bf16>::new(dev, model);
             gpu.check_batch_fits(batch)?;
+            gpu.set_graphs(graphs_from_env());
             Box::new(gpu)
         }
     };

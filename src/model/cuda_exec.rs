@@ -173,6 +173,15 @@ where
         Ok(())
     }
 
+    /// Puts `staged` in place of the staged images, returning what was there: a graphed forward
+    /// lends its own input buffer for the capture (`super::cuda_model`).
+    pub fn swap_staged(
+        &mut self,
+        staged: Option<(Vec<usize>, CudaSlice<f32>)>,
+    ) -> Option<(Vec<usize>, CudaSlice<f32>)> {
+        std::mem::replace(&mut self.staged, staged)
+    }
+
     pub fn device(&self) -> &Arc<CudaDevice> {
         &self.dev
     }

@@ -184,7 +184,9 @@ impl CudaDevice {
         // per-launch events cudarc records for cross-stream safety are pure overhead.
         // SAFETY: no slice is ever used on a second stream (the struct owns the only one).
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.default_stream();
+        // A created stream, not the legacy default one: only a created stream can be captured
+        // into a CUDA graph (`super::graph`).
+        let stream = ctx.new_stream().map_err(cuda_err("create stream"))?;
         keep_pool_memory(&ctx)?;
         let blas = CudaBlas::new(stream.clone()).map_err(cuda_err("create cuBLAS handle"))?;
         let name = ctx.name().map_err(cuda_err("device name"))?;

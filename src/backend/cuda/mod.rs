@@ -1,7 +1,8 @@
 //! CUDA backend: the kernel sources (kernels/*.cu, embedded by build.rs), their NVRTC compilation
-//! with a disk cache (`nvrtc`), the device (`device`: context, stream, cuBLAS, loaded modules) and
-//! one launcher file per kernel family, with the same stems as the CPU ops (`layernorm`,
-//! `attention`, `distance`, ...) plus `matmul` (cuBLAS).
+//! with a disk cache (`nvrtc`), the device (`device`: context, stream, cuBLAS, loaded modules), a
+//! CUDA graph of the launches a closure queues (`graph`), and one launcher file per kernel family,
+//! with the same stems as the CPU ops (`layernorm`, `attention`, `distance`, ...) plus `matmul`
+//! (cuBLAS).
 //!
 //! Every entry point checks that the CUDA library it needs can be dlopened before touching cudarc,
 //! because cudarc panics when a library is missing; a missing library is an `Error::Cuda`.
@@ -32,6 +33,7 @@ pub mod device;
 pub mod distance;
 pub mod elementwise;
 pub mod flash_attention;
+pub mod graph;
 pub mod layernorm;
 pub mod loss;
 pub mod matmul;

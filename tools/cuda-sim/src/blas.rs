@@ -22,6 +22,8 @@ const NOT_SUPPORTED: u32 = 15;
 struct Handle {
     pointer_mode_device: bool,
     math_mode: c_int,
+    /// The stream set by cublasSetStream: while it captures, products are recorded (`graph`).
+    stream: usize,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -292,6 +294,19 @@ unsafe fn gemm_batched(
     if h.is_null() {
         return NOT_INITIALIZED;
     }
+    let stream = (*h.cast::<Handle>()).stream as *mut c_void;
+    if crate::graph::capturing(stream) {
+        return record_gemm(
+            h,
+            s,
+            scalars,
+            (a, at, sa),
+            (b, bt, sb),
+            (c, ct, sc),
+            batches,
+            what,
+        );
+    }
     if crate::sticky() != crate::CUDA_SUCCESS {
         return EXECUTION_FAILED;
     }
@@ -380,11 +395,69 @@ unsafe fn gemm_batched(
     SUCCESS
 }
 
+/// `gemm_batched` on a capturing stream: the product runs at each launch of the graph, with
+/// host-mode alpha and beta read now (cuBLAS reads host scalars when it is called).
+#[allow(clippy::too_many_arguments)]
+unsafe fn record_gemm(
+    h: *mut c_void,
+    s: Result<Shape, String>,
+    scalars: (*const c_void, *const c_void),
+    a: (u64, Ty, i64),
+    b: (u64, Ty, i64),
+    c: (u64, Ty, i64),
+    batches: c_int,
+    what: &str,
+) -> u32 {
+    let handle = &*h.cast::<Handle>();
+    let read = |p: *const c_void| (!p.is_null()).then(|| *p.cast::<f32>());
+    let host = match handle.pointer_mode_device {
+        false => Some((read(scalars.0), read(scalars.1))),
+        true => None,
+    };
+    let device = (scalars.0 as usize, scalars.1 as usize);
+    let (h, name) = (h as usize, what.to_string());
+    let step = move || {
+        // Pointers into the closure's own copies, which live as long as the graph.
+        let (alpha, beta) = match &host {
+            Some((alpha, beta)) => (
+                alpha.as_ref().map_or(std::ptr::null(), |v| v as *const f32),
+                beta.as_ref().map_or(std::ptr::null(), |v| v as *const f32),
+            ),
+            None => (device.0 as *const f32, device.1 as *const f32),
+        };
+        let scalars = (alpha.cast(), beta.cast());
+        // SAFETY: the handle and buffers outlive the graph (the caller's contract, as on a GPU).
+        match unsafe {
+            gemm_batched(
+                h as *mut c_void,
+                s.clone(),
+                scalars,
+                a,
+                b,
+                c,
+                batches,
+                &name,
+            )
+        } {
+            SUCCESS => Ok(()),
+            st => Err((
+                crate::CUDA_ERROR_LAUNCH_FAILED,
+                format!("{name}: cuBLAS status {st}"),
+            )),
+        }
+    };
+    match crate::graph::record(handle.stream as *mut c_void, what, step) {
+        crate::CUDA_SUCCESS => SUCCESS,
+        _ => EXECUTION_FAILED,
+    }
+}
+
 #[no_mangle]
 pub unsafe extern "C" fn cublasCreate_v2(h: *mut *mut c_void) -> u32 {
     *h = handle(Handle {
         pointer_mode_device: false,
         math_mode: 0,
+        stream: 0,
     });
     SUCCESS
 }
@@ -396,7 +469,11 @@ pub unsafe extern "C" fn cublasDestroy_v2(h: *mut c_void) -> u32 {
 }
 
 #[no_mangle]
-pub extern "C" fn cublasSetStream_v2(_h: *mut c_void, _s: *mut c_void) -> u32 {
+pub unsafe extern "C" fn cublasSetStream_v2(h: *mut c_void, s: *mut c_void) -> u32 {
+    if h.is_null() {
+        return NOT_INITIALIZED;
+    }
+    (*h.cast::<Handle>()).stream = s as usize;
     SUCCESS
 }
 

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, Once};
 use std::time::Instant;
 
+use crate::graph;
 use crate::table::KernelEntry;
 use crate::*;
 
@@ -219,6 +220,9 @@ pub unsafe extern "C" fn cuCtxPopCurrent_v2(ctx: *mut *mut c_void) -> Result {
 
 #[no_mangle]
 pub extern "C" fn cuCtxSynchronize() -> Result {
+    if let Some(refused) = graph::refuse_context_sync() {
+        return refused;
+    }
     sticky()
 }
 
@@ -228,7 +232,7 @@ pub extern "C" fn cuCtxSetLimit(_l: c_int, _v: usize) -> Result {
 }
 
 // Streams and events: the stand-in runs every call to completion, so a stream is only a handle
-// and an event a time stamp.
+// (and, while it captures, a recording: `graph`) and an event a time stamp.
 
 #[no_mangle]
 pub unsafe extern "C" fn cuStreamCreate(s: *mut *mut c_void, _flags: c_uint) -> Result {
@@ -252,12 +256,18 @@ pub unsafe extern "C" fn cuStreamDestroy_v2(s: *mut c_void) -> Result {
 }
 
 #[no_mangle]
-pub extern "C" fn cuStreamSynchronize(_s: *mut c_void) -> Result {
+pub extern "C" fn cuStreamSynchronize(s: *mut c_void) -> Result {
+    if let Some(refused) = graph::refuse_on_capturing(s, "cuStreamSynchronize") {
+        return refused;
+    }
     sticky()
 }
 
 #[no_mangle]
-pub extern "C" fn cuStreamQuery(_s: *mut c_void) -> Result {
+pub extern "C" fn cuStreamQuery(s: *mut c_void) -> Result {
+    if let Some(refused) = graph::refuse_on_capturing(s, "cuStreamQuery") {
+        return refused;
+    }
     sticky()
 }
 
@@ -281,11 +291,21 @@ pub unsafe extern "C" fn cuCtxGetStreamPriorityRange(lo: *mut c_int, hi: *mut c_
 
 #[no_mangle]
 pub unsafe extern "C" fn cuLaunchHostFunc(
-    _s: *mut c_void,
+    s: *mut c_void,
     f: Option<unsafe extern "C" fn(*mut c_void)>,
     data: *mut c_void,
 ) -> Result {
     check_sticky!();
+    if graph::capturing(s) {
+        let data = data as usize;
+        return graph::record(s, "cuLaunchHostFunc", move || {
+            if let Some(f) = f {
+                // SAFETY: the caller keeps `data` valid for as long as the graph may run.
+                unsafe { f(data as *mut c_void) };
+            }
+            Ok(())
+        });
+    }
     if let Some(f) = f {
         f(data);
     }
@@ -299,8 +319,17 @@ pub unsafe extern "C" fn cuEventCreate(e: *mut *mut c_void, _flags: c_uint) -> R
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cuEventRecord(e: *mut c_void, _s: *mut c_void) -> Result {
+pub unsafe extern "C" fn cuEventRecord(e: *mut c_void, s: *mut c_void) -> Result {
     check_sticky!();
+    if graph::capturing(s) {
+        // An event node: the time stamp is taken when the graph runs.
+        let e = e as usize;
+        return graph::record(s, "cuEventRecord", move || {
+            // SAFETY: the caller keeps the event alive while the graph may run.
+            unsafe { *(e as *mut Instant) = Instant::now() };
+            Ok(())
+        });
+    }
     *e.cast::<Instant>() = Instant::now();
     CUDA_SUCCESS
 }
@@ -354,6 +383,13 @@ pub unsafe extern "C" fn cuEventDestroy_v2(e: *mut c_void) -> Result {
 
 #[no_mangle]
 pub unsafe extern "C" fn cuMemAlloc_v2(p: *mut u64, bytes: usize) -> Result {
+    if let Some(refused) = graph::refuse_unsafe_call("cuMemAlloc") {
+        return refused;
+    }
+    alloc(p, bytes)
+}
+
+unsafe fn alloc(p: *mut u64, bytes: usize) -> Result {
     check_sticky!();
     if bytes == 0 {
         return fail(CUDA_ERROR_INVALID_VALUE, "cuMemAlloc of 0 bytes".into());
@@ -371,8 +407,12 @@ pub unsafe extern "C" fn cuMemAlloc_v2(p: *mut u64, bytes: usize) -> Result {
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cuMemAllocAsync(p: *mut u64, bytes: usize, _s: *mut c_void) -> Result {
-    cuMemAlloc_v2(p, bytes)
+pub unsafe extern "C" fn cuMemAllocAsync(p: *mut u64, bytes: usize, s: *mut c_void) -> Result {
+    check_sticky!();
+    if graph::capturing(s) {
+        return graph::alloc_in_capture(s, p, bytes);
+    }
+    alloc(p, bytes)
 }
 
 /// The one device's default memory pool: a handle, and the release threshold set on it (what a
@@ -444,6 +484,13 @@ pub unsafe extern "C" fn cuMemPoolGetAttribute(
 
 #[no_mangle]
 pub extern "C" fn cuMemFree_v2(p: u64) -> Result {
+    if let Some(refused) = graph::refuse_unsafe_call("cuMemFree") {
+        return refused;
+    }
+    free(p)
+}
+
+fn free(p: u64) -> Result {
     check_sticky!();
     if p == 0 || memory::free(p) {
         CUDA_SUCCESS
@@ -456,8 +503,12 @@ pub extern "C" fn cuMemFree_v2(p: u64) -> Result {
 }
 
 #[no_mangle]
-pub extern "C" fn cuMemFreeAsync(p: u64, _s: *mut c_void) -> Result {
-    cuMemFree_v2(p)
+pub extern "C" fn cuMemFreeAsync(p: u64, s: *mut c_void) -> Result {
+    check_sticky!();
+    if graph::capturing(s) {
+        return graph::free_in_capture(s, p);
+    }
+    free(p)
 }
 
 #[no_mangle]
@@ -509,8 +560,28 @@ unsafe fn copy(dst: u64, src: u64, n: usize, dst_dev: bool, src_dev: bool, what:
     CUDA_SUCCESS
 }
 
+/// A synchronous copy or memset: refused while the calling thread captures (`graph`).
+macro_rules! refuse_during_capture {
+    ($what:expr) => {
+        if let Some(refused) = graph::refuse_unsafe_call($what) {
+            return refused;
+        }
+    };
+}
+
+/// A copy between host and device on stream `s`: a capture cannot hold one (the stand-in does
+/// not model pinned host memory, whose copies a driver can capture).
+macro_rules! refuse_on_capturing {
+    ($s:expr, $what:expr) => {
+        if let Some(refused) = graph::refuse_on_capturing($s, $what) {
+            return refused;
+        }
+    };
+}
+
 #[no_mangle]
 pub unsafe extern "C" fn cuMemcpyHtoD_v2(dst: u64, src: *const c_void, n: usize) -> Result {
+    refuse_during_capture!("cuMemcpyHtoD");
     copy(dst, src as u64, n, true, false, "cuMemcpyHtoD")
 }
 #[no_mangle]
@@ -518,12 +589,14 @@ pub unsafe extern "C" fn cuMemcpyHtoDAsync_v2(
     dst: u64,
     src: *const c_void,
     n: usize,
-    _s: *mut c_void,
+    s: *mut c_void,
 ) -> Result {
+    refuse_on_capturing!(s, "cuMemcpyHtoDAsync (a host-to-device copy)");
     copy(dst, src as u64, n, true, false, "cuMemcpyHtoDAsync")
 }
 #[no_mangle]
 pub unsafe extern "C" fn cuMemcpyDtoH_v2(dst: *mut c_void, src: u64, n: usize) -> Result {
+    refuse_during_capture!("cuMemcpyDtoH");
     copy(dst as u64, src, n, false, true, "cuMemcpyDtoH")
 }
 #[no_mangle]
@@ -531,12 +604,14 @@ pub unsafe extern "C" fn cuMemcpyDtoHAsync_v2(
     dst: *mut c_void,
     src: u64,
     n: usize,
-    _s: *mut c_void,
+    s: *mut c_void,
 ) -> Result {
+    refuse_on_capturing!(s, "cuMemcpyDtoHAsync (a device-to-host copy)");
     copy(dst as u64, src, n, false, true, "cuMemcpyDtoHAsync")
 }
 #[no_mangle]
 pub unsafe extern "C" fn cuMemcpyDtoD_v2(dst: u64, src: u64, n: usize) -> Result {
+    refuse_during_capture!("cuMemcpyDtoD");
     copy(dst, src, n, true, true, "cuMemcpyDtoD")
 }
 #[no_mangle]
@@ -544,8 +619,17 @@ pub unsafe extern "C" fn cuMemcpyDtoDAsync_v2(
     dst: u64,
     src: u64,
     n: usize,
-    _s: *mut c_void,
+    s: *mut c_void,
 ) -> Result {
+    if graph::capturing(s) {
+        return graph::record(s, "cuMemcpyDtoDAsync", move || {
+            // SAFETY: `copy` checks both ranges against the live allocations when the graph runs.
+            match unsafe { copy(dst, src, n, true, true, "cuMemcpyDtoDAsync") } {
+                CUDA_SUCCESS => Ok(()),
+                code => Err((code, "device-to-device copy out of bounds".into())),
+            }
+        });
+    }
     copy(dst, src, n, true, true, "cuMemcpyDtoDAsync")
 }
 
@@ -567,21 +651,44 @@ unsafe fn memset(dst: u64, value: u32, width: usize, count: usize, what: &str) -
     CUDA_SUCCESS
 }
 
+/// A memset on stream `s`: run now, or recorded while `s` captures.
+unsafe fn memset_on(
+    s: *mut c_void,
+    dst: u64,
+    value: u32,
+    width: usize,
+    n: usize,
+    what: &'static str,
+) -> Result {
+    if graph::capturing(s) {
+        return graph::record(s, what, move || {
+            // SAFETY: `memset` checks the range against the live allocations when the graph runs.
+            match unsafe { memset(dst, value, width, n, what) } {
+                CUDA_SUCCESS => Ok(()),
+                code => Err((code, "memset out of bounds".into())),
+            }
+        });
+    }
+    memset(dst, value, width, n, what)
+}
+
 #[no_mangle]
 pub unsafe extern "C" fn cuMemsetD8_v2(dst: u64, v: u8, n: usize) -> Result {
+    refuse_during_capture!("cuMemsetD8");
     memset(dst, v as u32, 1, n, "cuMemsetD8")
 }
 #[no_mangle]
-pub unsafe extern "C" fn cuMemsetD8Async(dst: u64, v: u8, n: usize, _s: *mut c_void) -> Result {
-    memset(dst, v as u32, 1, n, "cuMemsetD8Async")
+pub unsafe extern "C" fn cuMemsetD8Async(dst: u64, v: u8, n: usize, s: *mut c_void) -> Result {
+    memset_on(s, dst, v as u32, 1, n, "cuMemsetD8Async")
 }
 #[no_mangle]
 pub unsafe extern "C" fn cuMemsetD32_v2(dst: u64, v: u32, n: usize) -> Result {
+    refuse_during_capture!("cuMemsetD32");
     memset(dst, v, 4, n, "cuMemsetD32")
 }
 #[no_mangle]
-pub unsafe extern "C" fn cuMemsetD32Async(dst: u64, v: u32, n: usize, _s: *mut c_void) -> Result {
-    memset(dst, v, 4, n, "cuMemsetD32Async")
+pub unsafe extern "C" fn cuMemsetD32Async(dst: u64, v: u32, n: usize, s: *mut c_void) -> Result {
+    memset_on(s, dst, v, 4, n, "cuMemsetD32Async")
 }
 
 // Modules and kernels.
@@ -748,7 +855,7 @@ pub unsafe extern "C" fn cuLaunchKernel(
     by: c_uint,
     bz: c_uint,
     smem: c_uint,
-    _stream: *mut c_void,
+    stream: *mut c_void,
     params: *mut *mut c_void,
     extra: *mut *mut c_void,
 ) -> Result {
@@ -814,7 +921,19 @@ pub unsafe extern "C" fn cuLaunchKernel(
             ),
         );
     }
-    match crate::launch::run(func.entry, [gx, gy, gz], [bx, by, bz], smem, params) {
+    let (entry, grid, block) = (func.entry, [gx, gy, gz], [bx, by, bz]);
+    if graph::capturing(stream) {
+        // A kernel node: the parameter values as they are now, the buffers as they are then.
+        let stored = match crate::launch::copy_params(entry, params) {
+            Ok(s) => s,
+            Err((code, msg)) => return fail(code, msg),
+        };
+        return graph::record(stream, &format!("kernel {name}"), move || {
+            let mut args = stored.clone();
+            crate::launch::run_copied(entry, grid, block, smem, &mut args)
+        });
+    }
+    match crate::launch::run(entry, grid, block, smem, params) {
         Ok(()) => CUDA_SUCCESS,
         Err((code, msg)) => fail(code, msg),
     }

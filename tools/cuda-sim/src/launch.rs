@@ -55,23 +55,19 @@ impl Args {
     }
 }
 
-/// Runs `kernel` on the grid; `params` is cuLaunchKernel's kernelParams.
+/// Copies of the parameter values `params` points at (cuLaunchKernel's kernelParams), one 8-byte
+/// aligned buffer each: what a launch reads, and what a graph's kernel step keeps.
 ///
 /// # Safety
 /// `params` holds one valid pointer per kernel parameter, each to a value of its size.
-pub unsafe fn run(
+pub unsafe fn copy_params(
     kernel: &'static KernelEntry,
-    grid: [u32; 3],
-    block: [u32; 3],
-    dyn_smem: u32,
     params: *mut *mut c_void,
-) -> Result<(), (u32, String)> {
+) -> Result<Vec<Vec<u64>>, (u32, String)> {
     let name = kernel.name();
-    // Copies of the parameter values, 8-byte aligned, that every fiber reads.
     let sizes = kernel.param_sizes();
     let mut storage: Vec<Vec<u64>> = Vec::with_capacity(sizes.len());
-    let mut buffers = Vec::new();
-    for (i, (&size, &is_ptr)) in sizes.iter().zip(kernel.param_is_pointer()).enumerate() {
+    for (i, &size) in sizes.iter().enumerate() {
         // SAFETY: the caller's contract.
         let src = unsafe { *params.add(i) } as *const u8;
         if src.is_null() {
@@ -83,6 +79,39 @@ pub unsafe fn run(
         let mut v = vec![0u64; (size as usize).div_ceil(8).max(1)];
         // SAFETY: src points at `size` bytes (the caller's contract); v has room for them.
         unsafe { std::ptr::copy_nonoverlapping(src, v.as_mut_ptr().cast(), size as usize) };
+        storage.push(v);
+    }
+    Ok(storage)
+}
+
+/// Runs `kernel` on the grid; `params` is cuLaunchKernel's kernelParams.
+///
+/// # Safety
+/// `params` holds one valid pointer per kernel parameter, each to a value of its size.
+pub unsafe fn run(
+    kernel: &'static KernelEntry,
+    grid: [u32; 3],
+    block: [u32; 3],
+    dyn_smem: u32,
+    params: *mut *mut c_void,
+) -> Result<(), (u32, String)> {
+    // SAFETY: the caller's contract.
+    let mut storage = unsafe { copy_params(kernel, params) }?;
+    run_copied(kernel, grid, block, dyn_smem, &mut storage)
+}
+
+/// Runs `kernel` on the grid with parameter values copied by `copy_params`, after checking that
+/// every pointer among them lies inside a live allocation.
+pub fn run_copied(
+    kernel: &'static KernelEntry,
+    grid: [u32; 3],
+    block: [u32; 3],
+    dyn_smem: u32,
+    storage: &mut [Vec<u64>],
+) -> Result<(), (u32, String)> {
+    let name = kernel.name();
+    let mut buffers = Vec::new();
+    for (i, (v, &is_ptr)) in storage.iter().zip(kernel.param_is_pointer()).enumerate() {
         if is_ptr == 1 && v[0] != 0 {
             let p = v[0];
             match memory::containing(p) {
@@ -97,7 +126,6 @@ pub unsafe fn run(
                 }
             }
         }
-        storage.push(v);
     }
     let args = Args(storage.iter_mut().map(|v| v.as_mut_ptr().cast()).collect());
     let blocks = grid.iter().map(|&g| g as u64).product::<u64>();

@@ -12,13 +12,15 @@
 //! memory than sm_90 allows without the opt-in attribute, unknown kernel names, pointers outside
 //! every allocation. It also looks for bugs a GPU hides: new memory is NaN bytes, the thread
 //! order changes between barriers, writes past a buffer's end fault or are found in its slack.
-//! Work is synchronous: every call has finished when it returns.
+//! Work is synchronous: every call has finished when it returns, except on a stream that is being
+//! captured into a CUDA graph, where it is recorded and runs at each cuGraphLaunch (`graph`).
 
 #![allow(non_snake_case)]
 #![allow(clippy::missing_safety_doc)]
 
 mod blas;
 mod driver;
+mod graph;
 mod launch;
 mod memory;
 mod module;
@@ -36,11 +38,15 @@ pub(crate) const CUDA_ERROR_OUT_OF_MEMORY: u32 = 2;
 pub(crate) const CUDA_ERROR_INVALID_DEVICE: u32 = 101;
 pub(crate) const CUDA_ERROR_INVALID_IMAGE: u32 = 200;
 pub(crate) const CUDA_ERROR_INVALID_HANDLE: u32 = 400;
+pub(crate) const CUDA_ERROR_ILLEGAL_STATE: u32 = 401;
 pub(crate) const CUDA_ERROR_NOT_FOUND: u32 = 500;
 pub(crate) const CUDA_ERROR_ILLEGAL_ADDRESS: u32 = 700;
 pub(crate) const CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES: u32 = 701;
 pub(crate) const CUDA_ERROR_LAUNCH_FAILED: u32 = 719;
 pub(crate) const CUDA_ERROR_NOT_SUPPORTED: u32 = 801;
+pub(crate) const CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED: u32 = 900;
+pub(crate) const CUDA_ERROR_STREAM_CAPTURE_INVALIDATED: u32 = 901;
+pub(crate) const CUDA_ERROR_STREAM_CAPTURE_WRONG_THREAD: u32 = 908;
 
 /// CUDA's name for a result code.
 pub(crate) fn code_name(code: u32) -> &'static str {
@@ -53,11 +59,15 @@ pub(crate) fn code_name(code: u32) -> &'static str {
         200 => "CUDA_ERROR_INVALID_IMAGE",
         201 => "CUDA_ERROR_INVALID_CONTEXT",
         400 => "CUDA_ERROR_INVALID_HANDLE",
+        401 => "CUDA_ERROR_ILLEGAL_STATE",
         500 => "CUDA_ERROR_NOT_FOUND",
         700 => "CUDA_ERROR_ILLEGAL_ADDRESS",
         701 => "CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES",
         719 => "CUDA_ERROR_LAUNCH_FAILED",
         801 => "CUDA_ERROR_NOT_SUPPORTED",
+        900 => "CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED",
+        901 => "CUDA_ERROR_STREAM_CAPTURE_INVALIDATED",
+        908 => "CUDA_ERROR_STREAM_CAPTURE_WRONG_THREAD",
         _ => "CUDA_ERROR_UNKNOWN",
     }
 }
