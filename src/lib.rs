@@ -17,6 +17,8 @@ pub mod metrics;
 pub mod model;
 pub mod npy;
 pub mod ood;
+pub mod param_groups;
+pub mod pipeline;
 pub mod profile;
 pub mod progress;
 pub mod report;

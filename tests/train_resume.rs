@@ -121,8 +121,7 @@ fn finetune_says_what_it_does() {
     );
     let n = mood::train::loops::Dataset::len(&{
         let cfg = mood::model::VitConfig::preset("test_tiny_beit").unwrap();
-        let (d, _) =
-            mood::cli::train_common::training_data("digits:0-2", "mood", &cfg, true).unwrap();
+        let (d, _) = mood::pipeline::data::training_data("digits:0-2", "mood", &cfg, true).unwrap();
         d
     });
     if n % 64 != 0 {

@@ -16,6 +16,15 @@ pub enum Precision {
     Bf16,
 }
 
+/// Where a command computes (`--device`): the CPU, CUDA device 0, or CUDA when a device is
+/// usable and else the CPU with a one-line note (pipeline::device::on_cuda).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda,
+    Auto,
+}
+
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;

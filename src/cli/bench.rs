@@ -87,14 +87,7 @@ pub struct Args {
     pub method_args: Vec<String>,
 }
 
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Device {
-    Cpu,
-    Cuda,
-    Auto,
-}
-
-pub use crate::backend::Precision;
+pub use crate::backend::{Device, Precision};
 
 pub fn run(args: Args) -> Result<()> {
     if args.batch == 0 || args.iters == 0 {
@@ -118,7 +111,7 @@ pub fn run(args: Args) -> Result<()> {
         return bit_bench(&args, &cfg);
     }
     let cfg = crate::model::backbone::vit_preset(&args.arch)?;
-    if super::runner::on_cuda(args.device, "benchmarking", cuda_usable)?.is_some() {
+    if crate::pipeline::device::on_cuda(args.device, "benchmarking", cuda_usable)?.is_some() {
         return cuda_bench(&args, &cfg);
     }
     let store = init::random_store(&cfg, 0);
@@ -257,7 +250,7 @@ fn resnet_bench(args: &Args, cfg: &crate::model::resnet::ResNetConfig) -> Result
             "--train: ResNets are inference only in this version".into(),
         ));
     }
-    super::runner::cpu_only(args.device, "a ResNet", "no CUDA convolution yet")?;
+    crate::pipeline::device::cpu_only(args.device, "a ResNet", "no CUDA convolution yet")?;
     let model = ResNet::load(cfg, &random_store(cfg, 0))?;
     let shape = [args.batch, cfg.in_chans, cfg.img_size, cfg.img_size];
     let median = median_forward_seconds(args, &shape, |x| model.forward(x).map(|_| ()))?;
@@ -293,7 +286,7 @@ fn bit_bench(args: &Args, cfg: &crate::model::bit::BitConfig) -> Result<()> {
             "--train: BiT ResNet-v2 is inference only in this version".into(),
         ));
     }
-    super::runner::cpu_only(args.device, "a BiT ResNet-v2", "no CUDA convolution yet")?;
+    crate::pipeline::device::cpu_only(args.device, "a BiT ResNet-v2", "no CUDA convolution yet")?;
     let model = Bit::load(cfg, &random_store(cfg, 0))?;
     let shape = [args.batch, cfg.in_chans, cfg.img_size, cfg.img_size];
     let median = median_forward_seconds(args, &shape, |x| model.forward(x).map(|_| ()))?;

@@ -9,10 +9,10 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use crate::backend::{Device, Precision};
 use crate::data::digits;
 use crate::error::{Error, Result};
-use crate::extract::odin::OdinExec;
-use crate::model::runner::{CpuRunner, Runner};
+use crate::model::backbone::Backbone;
 use crate::model::{VisionTransformer, VitConfig};
 use crate::ood::detector::METHODS;
 use crate::report::Report;
@@ -39,28 +39,11 @@ pub struct Args {
     pub out: Option<std::path::PathBuf>,
     /// Where both models train and their stores are extracted: cpu, cuda (device 0), or auto
     /// (the GPU where there is one). Fitting and scoring stay on the CPU.
-    #[arg(long, value_enum, default_value_t = super::bench::Device::Cpu)]
-    pub device: super::bench::Device,
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    pub device: Device,
     /// On CUDA: f32, or bf16 autocast for training and extraction.
-    #[arg(long, value_enum, default_value_t = super::bench::Precision::F32)]
-    pub precision: super::bench::Precision,
-}
-
-/// The model's forward on the demo's device (the one forward of vit.rs through its executor).
-fn runner<'m>(model: &'m VisionTransformer, on: &TrainOn) -> Box<dyn Runner + 'm> {
-    match on {
-        TrainOn::Cpu => Box::new(CpuRunner(model)),
-        #[cfg(feature = "cuda")]
-        TrainOn::Cuda { dev, precision } => {
-            use crate::model::cuda_model::CudaModel;
-            match precision {
-                super::bench::Precision::F32 => Box::new(CudaModel::<f32>::new(dev.clone(), model)),
-                super::bench::Precision::Bf16 => {
-                    Box::new(CudaModel::<half::bf16>::new(dev.clone(), model))
-                }
-            }
-        }
-    }
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    pub precision: Precision,
 }
 
 static WEIGHTS: &[u8] = include_bytes!("../../tests/fixtures/timm/tiny_beit.safetensors");
@@ -143,63 +126,8 @@ fn check_out(out: &Path) -> Result<()> {
 /// ODIN's (temperature, epsilon): the defaults of `mood extract --odin`.
 const ODIN: (f32, f32) = (1000.0, 0.0014);
 
-/// Runs a model over normalised images and writes a feature store (features, logits, labels,
-/// patch tokens, head) to `dir`: what `mood extract` writes for image folders.
-fn extract_store(
-    on: &TrainOn,
-    model: &VisionTransformer,
-    images: &[f32],
-    labels: Option<&[usize]>,
-    dir: &Path,
-    source: &str,
-    odin: bool,
-) -> Result<()> {
-    let cfg = &model.cfg;
-    let per = 3 * cfg.img_size * cfg.img_size;
-    let (mut f, mut z, mut l, mut o) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut run = runner(model, on);
-    let mut odin_exec = OdinExec::new(on, model);
-    for chunk in images.chunks(256 * per) {
-        let x = Tensor::from_vec(
-            &[chunk.len() / per, 3, cfg.img_size, cfg.img_size],
-            chunk.to_vec(),
-        )?;
-        let (out, local) = run.forward_local(&x)?;
-        f.extend_from_slice(out.features.as_slice());
-        if let Some(lg) = &out.logits {
-            z.extend_from_slice(lg.as_slice());
-        }
-        l.extend_from_slice(local.as_slice());
-        if odin && out.logits.is_some() {
-            o.extend(odin_exec.scores(model, &x, ODIN.0, ODIN.1)?);
-        }
-    }
-    let n = images.len() / per;
-    let (d, g) = (cfg.embed_dim, cfg.grid().0 * cfg.grid().1);
-    let head = model.store_head();
-    let logits = match &head {
-        Some(h) => Some(Tensor::from_vec(&[n, h.bias.len()], z)?),
-        None => None,
-    };
-    crate::store::write(
-        dir,
-        crate::store::Contents {
-            features: &Tensor::from_vec(&[n, d], f)?,
-            logits: logits.as_ref(),
-            labels,
-            local: Some(&Tensor::from_vec(&[n, g, d], l)?),
-            head: head.as_ref(),
-            odin: (o.len() == n).then_some((o.as_slice(), ODIN)),
-            manifest: crate::store::Manifest {
-                model: cfg.name.clone(),
-                weights: "<trained by mood demo>".into(),
-                preprocess: "digits: 8x8 nearest upsampled, mean/std 0.5".into(),
-                sources: vec![source.into()],
-                ..Default::default()
-            },
-        },
-    )
-}
+/// How the demo's images were rendered, for the stores' manifests.
+const PREPROCESS: &str = "digits: 8x8 nearest upsampled, mean/std 0.5";
 
 /// Extracts every set into stores under `dir` and evaluates every method on them.
 fn evaluate(
@@ -210,29 +138,31 @@ fn evaluate(
     dir: &Path,
 ) -> Result<(f32, Report)> {
     let store = WeightStore::from_params("<demo model>", params);
-    let model = VisionTransformer::load(cfg, &store)?;
-    extract_store(
-        on,
-        &model,
+    let model = Backbone::Vit(Box::new(VisionTransformer::load(cfg, &store)?));
+    let extract = |images: &[f32], labels: Option<&[usize]>, sub: &Path, name: &str, odin| {
+        crate::pipeline::extract::from_memory(
+            on, &model, images, labels, sub, name, PREPROCESS, odin,
+        )
+    };
+    // ODIN fits nothing: the train set needs no scores.
+    extract(
         &sets.train.images,
         Some(&sets.train.labels),
         &dir.join("train"),
         "digits 0-4, train split",
-        false, // ODIN fits nothing: the train set needs no scores
+        None,
     )?;
-    extract_store(
-        on,
-        &model,
+    extract(
         &sets.id_test.images,
         Some(&sets.id_test.labels),
         &dir.join("id"),
         "digits 0-4, test split",
-        true,
+        Some(ODIN),
     )?;
     let mut oods = Vec::new();
     for (name, images) in &sets.ood {
         let sub = dir.join(name.split(' ').next().unwrap_or("ood"));
-        extract_store(on, &model, images, None, &sub, name, true)?;
+        extract(images, None, &sub, name, Some(ODIN))?;
         oods.push((name.to_string(), sub));
     }
     let open = crate::store::FeatureStore::open;
@@ -246,8 +176,8 @@ fn evaluate(
         .map(|m| m.name)
         .filter(|&n| n != "mos")
         .collect();
-    let cpu = crate::cli::score_device::ScoreDevice::cpu();
-    let plan = crate::cli::eval::Plan {
+    let cpu = crate::pipeline::score_device::ScoreDevice::cpu();
+    let plan = crate::pipeline::eval::Plan {
         device: &cpu,
         names: &names,
         method_args: &[],
@@ -256,7 +186,7 @@ fn evaluate(
         skip_missing: true,
         plots: Some(dir),
     };
-    let report = crate::cli::eval::evaluate(
+    let report = crate::pipeline::eval::evaluate(
         &plan,
         &open(&dir.join("train"))?,
         &open(&dir.join("id"))?,
@@ -327,10 +257,7 @@ pub fn run(args: Args) -> Result<()> {
     }
     let t0 = std::time::Instant::now();
     let diff = engine_check()?;
-    let on = super::runner::on_cuda(args.device, "running the demo", || {
-        super::train_common::open_cuda(args.precision)
-    })?
-    .unwrap_or(TrainOn::Cpu);
+    let on = crate::pipeline::device::train_on(args.device, args.precision, "running the demo")?;
     let place = match &on {
         TrainOn::Cpu => "CPU".to_string(),
         #[cfg(feature = "cuda")]

@@ -1,12 +1,11 @@
 //! `mood extract` (images → feature store, resumable, shardable) and `mood merge` (shards → one
 //! store in source order).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use super::bench::{Device, Precision};
-use crate::error::{Error, Result};
-use crate::extract::{self, source, Options, Source};
-use crate::store::Manifest;
+use crate::backend::{Device, Precision};
+use crate::error::Result;
+use crate::pipeline::extract::{parse_layers, parse_odin, parse_shard, Request};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -79,51 +78,6 @@ pub struct MergeArgs {
     pub overwrite: bool,
 }
 
-fn parse_shard(s: &str) -> Result<(usize, usize)> {
-    let bad = || {
-        Error::Usage(format!(
-            "--shard `{s}`: expected i/N with 0 <= i < N, e.g. 3/8"
-        ))
-    };
-    let (i, n) = s.split_once('/').ok_or_else(bad)?;
-    let (i, n) = (
-        i.parse::<usize>().map_err(|_| bad())?,
-        n.parse::<usize>().map_err(|_| bad())?,
-    );
-    if n == 0 || i >= n {
-        return Err(bad());
-    }
-    Ok((i, n))
-}
-
-pub fn open_source(spec: &str, preset: &str, img_size: usize) -> Result<(Box<dyn Source>, String)> {
-    if spec == "digits" || spec.starts_with("digits:") || spec.starts_with("digits@") {
-        let s = source::Digits::parse(spec, img_size)?;
-        return Ok((
-            Box::new(s),
-            "digits: 8x8 nearest-upsampled, mean/std 0.5".into(),
-        ));
-    }
-    if let Some(cifar) = crate::data::cifar::parse_spec(spec) {
-        let s = source::Cifar::open(&cifar?, preset, img_size)?;
-        let p = crate::data::Preprocess::preset(preset, img_size)?;
-        return Ok((Box::new(s), format!("{preset}: {p:?}")));
-    }
-    let path = Path::new(spec);
-    if path.is_dir() {
-        let s = source::Folder::open(path, preset, img_size)?;
-        let p = crate::data::Preprocess::preset(preset, img_size)?;
-        return Ok((Box::new(s), format!("{preset}: {p:?}")));
-    }
-    if spec.contains('/') || path.exists() {
-        return Err(Error::Usage(format!("--data {spec}: no such directory")));
-    }
-    Err(Error::Usage(format!(
-        "--data `{spec}`: not a directory or a known data set (digits[:CLASSES][@train|@test], \
-         cifar10:DIR[@train|@test], cifar100:DIR[@train|@test])"
-    )))
-}
-
 pub fn run(args: Args) -> Result<()> {
     let shard = parse_shard(&args.shard)?;
     let odin = args.odin.as_deref().map(parse_odin).transpose()?;
@@ -133,74 +87,23 @@ pub fn run(args: Args) -> Result<()> {
         .map(parse_layers)
         .transpose()?
         .unwrap_or_default();
-    let device = args.device;
-    if args.batch == 0 || args.chunk == 0 {
-        return Err(Error::Usage(
-            "--batch and --chunk must be at least 1".into(),
-        ));
-    }
-    let model = super::load_model(&args.arch, &args.weights)?;
-    let (source, preprocess) = open_source(&args.data, &args.preset, model.img_size())?;
-    if source.is_empty() {
-        return Err(Error::Data(format!("--data `{}` has no images", args.data)));
-    }
-    // The largest batch actually run (batches never span chunks): a smaller one needs less
-    // device memory.
-    let largest = args.batch.min(args.chunk).min(source.len()).max(1);
-    let (mut runner, described) =
-        super::runner::runner_described(&model, device, args.precision, largest)?;
-    let (device_kind, device_name) = match described.split_once(':') {
-        Some((kind, name)) => (kind.trim(), name.trim().to_string()),
-        None => (described.as_str(), crate::backend::cpu::describe()),
-    };
-    let weights_sha256 = crate::fsutil::sha256_file(&args.weights)?;
-    let manifest = Manifest {
-        model: args.arch.clone(),
-        weights: args.weights.display().to_string(),
-        weights_sha256: weights_sha256.clone(),
-        preprocess: preprocess.clone(),
-        sources: vec![args.data.clone()],
-        dtype: args.dtype.clone(),
-        odin,
-        identity: Some(crate::store::Identity {
-            arch: args.arch.clone(),
-            weights_sha256,
-            preprocess,
-            // The CPU forward is f32 whatever --precision says.
-            precision: if device_kind == "cpu" {
-                "f32".into()
-            } else {
-                format!("{:?}", args.precision).to_lowercase()
-            },
-            device: device_kind.to_string(),
-            device_name: device_name.to_string(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    // ODIN runs where the features do (its tape needs the same executor kind).
-    let odin_on = match (odin, device_kind) {
-        (Some(_), "cuda") => super::train_common::open_cuda(args.precision)?,
-        _ => crate::train::device::TrainOn::Cpu,
-    };
-    let opts = Options {
+    let s = crate::pipeline::extract::run(&Request {
+        arch: &args.arch,
+        weights: &args.weights,
+        data: &args.data,
+        preset: &args.preset,
+        out: &args.out,
         batch: args.batch,
         chunk: args.chunk,
         shard,
         local: args.local,
         layers,
+        dtype: &args.dtype,
+        device: args.device,
+        precision: args.precision,
         odin,
-        odin_on,
         overwrite: args.overwrite,
-    };
-    let s = extract::extract(
-        &model,
-        &mut *runner,
-        source.as_ref(),
-        &args.out,
-        &opts,
-        manifest,
-    )?;
+    })?;
     if s.already_complete {
         eprintln!(
             "{}: already complete ({} rows, made by a run with these settings); nothing to do",
@@ -241,40 +144,4 @@ pub fn run_merge(args: MergeArgs) -> Result<()> {
         args.output.display()
     );
     Ok(())
-}
-
-/// `--layers 4,8,12`: block numbers, increasing, each once (their range is checked against the
-/// model).
-fn parse_layers(s: &str) -> Result<Vec<usize>> {
-    let bad = || {
-        Error::Usage(format!(
-            "--layers {s}: expected block numbers from 1, increasing, e.g. 4,8,12"
-        ))
-    };
-    let v: Vec<usize> = s
-        .split(',')
-        .map(|b| b.trim().parse::<usize>().map_err(|_| bad()))
-        .collect::<Result<_>>()?;
-    if v.is_empty() || v[0] == 0 || v.windows(2).any(|w| w[0] >= w[1]) {
-        return Err(bad());
-    }
-    Ok(v)
-}
-
-/// `T,EPS` of `--odin`: a positive temperature and a non-negative input step.
-fn parse_odin(s: &str) -> Result<(f32, f32)> {
-    let bad = || {
-        Error::Usage(format!(
-            "--odin {s}: expected T,EPS with T > 0 and EPS >= 0, e.g. 1000,0.0014"
-        ))
-    };
-    let (t, e) = s.split_once(',').ok_or_else(bad)?;
-    let (t, e): (f32, f32) = (
-        t.trim().parse().map_err(|_| bad())?,
-        e.trim().parse().map_err(|_| bad())?,
-    );
-    if !(t.is_finite() && t > 0.0 && e.is_finite() && e >= 0.0) {
-        return Err(bad());
-    }
-    Ok((t, e))
 }

@@ -3,12 +3,11 @@
 
 use std::path::PathBuf;
 
-use super::train_common::{
-    bar_callback, initial_params, note_dropped, step_bar, steps_done, take_output, training_data,
-    ScheduleArgs,
-};
+use super::train_common::{bar_callback, step_bar, ScheduleArgs};
 use crate::error::{Error, Result};
 use crate::model::VitConfig;
+use crate::pipeline::data::training_data;
+use crate::pipeline::train::{initial_params, note_dropped, steps_done, take_output};
 use crate::train::loops::finetune_on;
 use crate::train::loops::FinetuneLoss;
 use crate::train::step::prepare_for_finetune;
@@ -109,7 +108,7 @@ pub fn run(args: Args) -> Result<()> {
     // Read (and check) the held-out set before training, so that a wrong --val fails in seconds
     // rather than after the last epoch.
     let heldout =
-        super::train_common::heldout_data(&args.data, args.val.as_deref(), &args.preset, &cfg)?;
+        crate::pipeline::data::heldout_data(&args.data, args.val.as_deref(), &args.preset, &cfg)?;
     if let Some(&bad) = heldout
         .as_ref()
         .and_then(|h| h.labels.iter().find(|&&l| l >= classes))

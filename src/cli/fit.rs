@@ -3,11 +3,13 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use super::bench::Device;
-use super::score_device::ScoreDevice;
+use crate::backend::Device;
 use crate::error::Result;
-use crate::ood::detector::{method, parse_args, Detector, Head};
-use crate::store::{read_head, FeatureStore};
+use crate::ood::detector::{method, parse_args, Detector};
+use crate::pipeline::eval::{load_head, refuse_empty};
+use crate::pipeline::provenance;
+use crate::pipeline::score_device::ScoreDevice;
+use crate::store::FeatureStore;
 
 #[derive(clap::Args, Debug)]
 pub struct FitArgs {
@@ -28,8 +30,8 @@ pub struct FitArgs {
     pub output: PathBuf,
     /// Fits (means, covariances, pseudo-inverses in f64) run on the CPU: cpu, or auto (with a
     /// note); cuda is refused. `mood score --device cuda` scores on the GPU.
-    #[arg(long, value_enum, default_value_t = super::bench::Device::Cpu)]
-    pub device: super::bench::Device,
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    pub device: Device,
 }
 
 #[derive(clap::Args, Debug)]
@@ -53,25 +55,21 @@ pub struct ScoreArgs {
     pub allow_mismatch: bool,
 }
 
-pub fn load_head(path: Option<&std::path::Path>) -> Result<Option<Head>> {
-    path.map(read_head).transpose()
-}
-
 pub fn run_fit(args: FitArgs) -> Result<()> {
-    super::runner::cpu_only(args.device, "fitting", "f64 statistics on the host")?;
+    crate::pipeline::device::cpu_only(args.device, "fitting", "f64 statistics on the host")?;
     let m = method(&args.method)?;
     let settings = parse_args(m, &args.method_args)?;
     crate::fsutil::refuse_inside(&args.output, "-o", &args.train, "the train store")?;
     let head = load_head(args.head.as_deref())?;
     let store = FeatureStore::open(&args.train)?;
-    super::eval::refuse_empty(&store, "--train", &args.train)?;
-    super::provenance::say_notes(&store);
+    refuse_empty(&store, "--train", &args.train)?;
+    provenance::say_notes(&store);
     let t = Instant::now();
     let det = Detector::fit(m.name, settings, &store.inputs(head.as_ref()))?;
     det.save(&args.output)?;
     let mut prov = store.manifest.provenance();
     prov.dim = store.dim();
-    super::provenance::stamp_detector(&args.output, &prov)?;
+    provenance::stamp_detector(&args.output, &prov)?;
     eprintln!(
         "fitted {} on {} rows of {} in {:.2} s -> {}",
         m.name,
@@ -87,14 +85,14 @@ pub fn run_score(args: ScoreArgs) -> Result<()> {
     crate::fsutil::refuse_inside(&args.output, "-o", &args.features, "the store")?;
     let det = Detector::load(&args.detector)?;
     let store = FeatureStore::open(&args.features)?;
-    super::provenance::say_notes(&store);
-    match super::provenance::detector_provenance(&args.detector)? {
+    provenance::say_notes(&store);
+    match provenance::detector_provenance(&args.detector)? {
         Some(trained) => {
             let mut prov = store.manifest.provenance();
             prov.dim = store.dim();
             let d = format!("--detector {}", args.detector.display());
             let f = format!("--features {}", args.features.display());
-            super::provenance::compare(&trained, &d, &prov, &f, args.allow_mismatch)?;
+            provenance::compare(&trained, &d, &prov, &f, args.allow_mismatch)?;
         }
         None if !crate::progress::quiet() => eprintln!(
             "note: {} records no train store provenance (an older mood): not compared with {}",

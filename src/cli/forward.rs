@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use super::bench::{Device, Precision};
+use crate::backend::{Device, Precision};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
@@ -64,7 +64,7 @@ pub fn run(args: Args) -> Result<()> {
     }
     // The largest batch actually run: fewer images than --batch need less device memory.
     let largest = args.batch.min(shape[0]).max(1);
-    let mut runner = super::runner::runner(&model, args.device, args.precision, largest)?;
+    let mut runner = crate::pipeline::device::runner(&model, args.device, args.precision, largest)?;
     let total = shape[0];
     let pb = super::progress(total as u64, "img");
     let mut feats = Vec::new();

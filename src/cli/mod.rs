@@ -1,4 +1,5 @@
-//! One module per subcommand; each exposes `Args` (clap) and `run(args) -> Result<()>`.
+//! One module per subcommand; each exposes `Args` (clap) and `run(args) -> Result<()>`, which
+//! turns the arguments into calls of crate::pipeline and prints the outcome.
 
 pub mod bench;
 #[cfg(feature = "cuda")]
@@ -19,15 +20,11 @@ pub mod info;
 pub mod list;
 pub mod mos_head;
 pub mod pretrain;
-pub mod provenance;
-pub mod runner;
-pub mod score_device;
-pub mod sweep;
 pub mod train_common;
 
-use crate::error::Result;
-use crate::model::backbone::Backbone;
-use crate::weights::WeightStore;
+// bench_ood.rs names the scoring device from here.
+pub use crate::pipeline::load_model;
+pub use crate::pipeline::score_device;
 
 /// Sizes rayon's global pool (and so gemm's threads); 0 = one per logical core.
 pub fn init_threads(threads: usize) {
@@ -43,26 +40,4 @@ pub fn init_threads(threads: usize) {
 /// `crate::progress`).
 pub fn progress(len: u64, unit: &str) -> crate::progress::Progress {
     crate::progress::Progress::new(len, unit, "progress")
-}
-
-/// Loads `--arch` with `--weights`, warning about checkpoint tensors the model did not use.
-pub fn load_model(arch: &str, weights: &std::path::Path) -> Result<Backbone> {
-    let store = WeightStore::open(weights)?;
-    let model = Backbone::load(arch, &store)?;
-    let unused = store.unused();
-    if !unused.is_empty() {
-        eprintln!(
-            "warning: {} tensor(s) in {} not used by {arch}: {}{}",
-            unused.len(),
-            weights.display(),
-            unused
-                .iter()
-                .take(4)
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(", "),
-            if unused.len() > 4 { ", ..." } else { "" }
-        );
-    }
-    Ok(model)
 }

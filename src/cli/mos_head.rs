@@ -62,8 +62,8 @@ pub fn run(args: Args) -> Result<()> {
     let layout = layout(&args)?;
     crate::fsutil::refuse_inside(&args.output, "-o", &args.train, "the train store")?;
     let store = FeatureStore::open(&args.train)?;
-    super::eval::refuse_empty(&store, "--train", &args.train)?;
-    super::provenance::say_notes(&store);
+    crate::pipeline::eval::refuse_empty(&store, "--train", &args.train)?;
+    crate::pipeline::provenance::say_notes(&store);
     let labels = store.labels.as_ref().ok_or_else(|| {
         Error::Usage(format!(
             "--train {}: the store has no labels (labels.npy); the head is trained on labelled rows",
@@ -91,7 +91,7 @@ pub fn run(args: Args) -> Result<()> {
     write_head(&tmp, &head)?;
     let mut prov = store.manifest.provenance();
     prov.dim = dim;
-    super::provenance::stamp_detector(&tmp, &prov)?;
+    crate::pipeline::provenance::stamp_detector(&tmp, &prov)?;
     std::fs::rename(&tmp, &args.output).map_err(|e| Error::io(&args.output, e))?;
     let sizes: Vec<String> = layout.sizes.iter().map(|n| n.to_string()).collect();
     eprintln!(

@@ -4,12 +4,11 @@
 
 use std::path::PathBuf;
 
-use super::train_common::{
-    bar_callback, initial_params, note_dropped, step_bar, steps_done, take_output, training_data,
-    ScheduleArgs,
-};
+use super::train_common::{bar_callback, step_bar, ScheduleArgs};
 use crate::error::Result;
 use crate::model::VitConfig;
+use crate::pipeline::data::training_data;
+use crate::pipeline::train::{initial_params, note_dropped, steps_done, take_output};
 use crate::train::loops::pretrain_on;
 use crate::train::step::add_mim_params;
 

@@ -1,13 +1,10 @@
-//! What `mood pretrain` and `mood finetune` share: the schedule options, the data spec and the
-//! progress display.
+//! What `mood pretrain` and `mood finetune` share on the command line: the schedule options and
+//! the progress display (their setup is pipeline::train, their data pipeline::data).
 
-use std::path::Path;
-
-use super::bench::{Device, Precision};
+use crate::backend::{Device, Precision};
 use crate::error::{Error, Result};
-use crate::model::VitConfig;
 use crate::train::device::TrainOn;
-use crate::train::loops::{Dataset, Schedule};
+use crate::train::loops::Schedule;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ScheduleArgs {
@@ -55,8 +52,7 @@ pub struct ScheduleArgs {
 impl ScheduleArgs {
     /// Where to train, from --device and --precision (`auto` notes a fallback to the CPU).
     pub fn train_on(&self) -> Result<TrainOn> {
-        let cuda = super::runner::on_cuda(self.device, "training", || open_cuda(self.precision))?;
-        Ok(cuda.unwrap_or(TrainOn::Cpu))
+        crate::pipeline::device::train_on(self.device, self.precision, "training")
     }
 
     pub fn schedule(&self) -> Result<Schedule> {
@@ -101,152 +97,6 @@ impl ScheduleArgs {
     }
 }
 
-#[cfg(feature = "cuda")]
-pub fn open_cuda(precision: Precision) -> Result<TrainOn> {
-    let dev = std::sync::Arc::new(crate::backend::cuda::CudaDevice::new(0)?);
-    eprintln!("cuda: {}", dev.describe());
-    Ok(TrainOn::Cuda { dev, precision })
-}
-
-#[cfg(not(feature = "cuda"))]
-pub fn open_cuda(_: Precision) -> Result<TrainOn> {
-    Err(Error::Cuda(
-        "this binary was built without the `cuda` feature".into(),
-    ))
-}
-
-/// Training images from a data spec: `digits[:CLASSES]` (the train part of the bundled digits'
-/// fixed split, rendered at the model's input size), or anything `mood extract --data` reads (an
-/// image folder with class sub-folders, `cifar10:DIR@train`, ...) through `preset`, loaded into
-/// memory once. Also returns the number of classes the data names (None for the digits, whose
-/// head keeps the preset's 10).
-pub fn training_data(
-    spec: &str,
-    preset: &str,
-    cfg: &VitConfig,
-    need_labels: bool,
-) -> Result<(Dataset, Option<usize>)> {
-    if is_digits(spec) {
-        return Ok((digits_part(spec, cfg, false)?, None));
-    }
-    let (source, _) = super::extract::open_source(spec, preset, cfg.img_size)?;
-    let classes = source.classes().len();
-    Ok((
-        load_all(spec, source.as_ref(), cfg, need_labels)?,
-        (classes > 0).then_some(classes),
-    ))
-}
-
-/// The held-out images to report accuracy on: `--val SPEC` when given, else the digits' test
-/// part for a digits spec, else none.
-pub fn heldout_data(
-    spec: &str,
-    val: Option<&str>,
-    preset: &str,
-    cfg: &VitConfig,
-) -> Result<Option<Dataset>> {
-    match val {
-        Some(v) if is_digits(v) => Ok(Some(digits_part(v, cfg, true)?)),
-        Some(v) => {
-            let (source, _) = super::extract::open_source(v, preset, cfg.img_size)?;
-            Ok(Some(load_all(v, source.as_ref(), cfg, true)?))
-        }
-        None if is_digits(spec) => Ok(Some(digits_part(spec, cfg, true)?)),
-        None => Ok(None),
-    }
-}
-
-fn is_digits(spec: &str) -> bool {
-    spec == "digits" || spec.starts_with("digits:")
-}
-
-/// Training keeps its images in memory (random order every epoch); beyond this it asks for a
-/// smaller set instead of swapping.
-const MAX_IN_MEMORY: usize = 16 << 30;
-
-/// Every readable image of `source` with its label, decoded and preprocessed in parallel;
-/// unreadable files are skipped with a warning, as `mood extract` does. Without `need_labels`,
-/// unlabelled images (a flat folder) get label 0.
-fn load_all(
-    spec: &str,
-    source: &dyn crate::extract::Source,
-    cfg: &VitConfig,
-    need_labels: bool,
-) -> Result<Dataset> {
-    let (n, sample) = (source.len(), source.sample_len());
-    if n == 0 {
-        return Err(Error::Usage(format!("--data {spec}: no images")));
-    }
-    if sample != cfg.in_chans * cfg.img_size * cfg.img_size {
-        return Err(Error::Usage(format!(
-            "--data {spec} gives {sample}-value images, {} takes {}x{}x{}",
-            cfg.name, cfg.in_chans, cfg.img_size, cfg.img_size
-        )));
-    }
-    if n.saturating_mul(sample * 4) > MAX_IN_MEMORY {
-        return Err(Error::Usage(format!(
-            "--data {spec}: {n} images of {sample} floats need {:.1} GiB in memory, over the {} GiB \
-             training holds; train on a subset (a smaller folder)",
-            (n * sample * 4) as f64 / (1u64 << 30) as f64,
-            MAX_IN_MEMORY >> 30
-        )));
-    }
-    let pb = crate::progress::Progress::new(n as u64, "images", "loading");
-    let (mut images, mut labels) = (Vec::with_capacity(n * sample), Vec::with_capacity(n));
-    let rows: Vec<usize> = (0..n).collect();
-    for batch in rows.chunks(64) {
-        let mut buf = vec![0f32; batch.len() * sample];
-        let results = source.load(batch, &mut buf);
-        for ((&r, res), img) in batch.iter().zip(results).zip(buf.chunks_exact(sample)) {
-            if let Err(e) = res {
-                pb.suspend(|| eprintln!("warning: skipping {}: {e}", source.item_name(r)));
-                continue;
-            }
-            let label = source
-                .label(r)
-                .or((!need_labels).then_some(0))
-                .ok_or_else(|| {
-                    Error::Usage(format!(
-                        "--data {spec}: {} has no label; fine-tuning needs class sub-folders",
-                        source.item_name(r)
-                    ))
-                })?;
-            images.extend_from_slice(img);
-            labels.push(label);
-        }
-        pb.inc(batch.len() as u64);
-    }
-    pb.finish_and_clear();
-    Ok(Dataset {
-        images,
-        chw: [cfg.in_chans, cfg.img_size, cfg.img_size],
-        labels,
-    })
-}
-
-fn digits_part(spec: &str, cfg: &VitConfig, test: bool) -> Result<Dataset> {
-    let (name, classes) = spec.split_once(':').unwrap_or((spec, ""));
-    if name != "digits" {
-        return Err(Error::Usage(format!(
-            "--data `{spec}`: only the bundled `digits[:CLASSES]` can be trained on in this version"
-        )));
-    }
-    if cfg.img_size % 8 != 0 || cfg.in_chans != 3 {
-        return Err(Error::Usage(format!(
-            "{} takes {}x{} inputs; the digits render at multiples of 8 with 3 channels",
-            cfg.name, cfg.img_size, cfg.img_size
-        )));
-    }
-    let classes = crate::data::digits::parse_classes(classes)?;
-    let d = crate::data::digits::load()?;
-    let (images, labels) = crate::data::digits::split(&d, &classes, test, cfg.img_size);
-    Ok(Dataset {
-        images,
-        chw: [3, cfg.img_size, cfg.img_size],
-        labels,
-    })
-}
-
 /// Progress over all steps showing the running loss (`what`: "finetune" or "pretrain").
 pub fn step_bar(total: u64, done: u64, what: &str) -> crate::progress::Progress {
     let pb = crate::progress::Progress::new(total, "steps", what);
@@ -263,97 +113,4 @@ pub fn bar_callback(
         pb.inc(1);
         true
     }
-}
-
-/// Steps already done by the checkpoint `resume` continues from.
-pub fn steps_done(resume: &Option<crate::train::checkpoint::Loaded>, per_epoch: u64) -> u64 {
-    resume
-        .as_ref()
-        .and_then(|r| r.progress.as_ref())
-        .map_or(0, |p| (p.epoch as u64 + 1) * per_epoch)
-}
-
-/// Takes the output checkpoint `out` for this run: one writer at a time (a lock file beside it),
-/// temporaries of killed runs removed, and an existing checkpoint either resumed (`resume`),
-/// replaced (`overwrite`) or left alone with a one-line refusal. Returns the lock (held while
-/// training) and the checkpoint to resume from.
-pub fn take_output(
-    out: &Path,
-    resume: bool,
-    overwrite: bool,
-) -> Result<(
-    crate::fsutil::Lock,
-    Option<crate::train::checkpoint::Loaded>,
-)> {
-    let name = out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .ok_or_else(|| Error::Usage(format!("-o {}: not a file name", out.display())))?;
-    let dir = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => std::path::PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-    let lock = crate::fsutil::Lock::acquire(&dir.join(format!(".{name}.lock")), out)?;
-    let stale = crate::fsutil::remove_stale_temps(&dir, Some(&name));
-    if stale > 0 && !crate::progress::quiet() {
-        eprintln!(
-            "note: removed {stale} temporary file(s) of {} left by an interrupted run",
-            out.display()
-        );
-    }
-    if !out.exists() {
-        if resume && !crate::progress::quiet() {
-            eprintln!(
-                "note: --resume: no checkpoint at {} yet, so starting from the beginning",
-                out.display()
-            );
-        }
-        return Ok((lock, None));
-    }
-    if resume {
-        return Ok((lock, Some(crate::train::checkpoint::load(out)?)));
-    }
-    if overwrite {
-        return Ok((lock, None));
-    }
-    let what = match crate::train::checkpoint::read_progress(out) {
-        Ok(Some(p)) => format!(
-            "a {} checkpoint of {} after epoch {}",
-            p.stage,
-            p.arch,
-            p.epoch + 1
-        ),
-        _ => "a file".to_string(),
-    };
-    Err(Error::Usage(format!(
-        "-o {} already exists ({what}): add --resume to continue it, or --overwrite to start over and replace it",
-        out.display()
-    )))
-}
-
-/// Says how many images drop-last leaves out of each epoch (BEiT's loaders do the same).
-pub fn note_dropped(images: usize, batch: usize) {
-    let dropped = images % batch.max(1);
-    if dropped > 0 && batch <= images && !crate::progress::quiet() {
-        eprintln!(
-            "note: {images} images in batches of {batch}: the last {dropped} of each epoch's shuffled \
-             order are left out (drop-last, as BEiT's loaders; other images each epoch)"
-        );
-    }
-}
-
-/// Parameters to start from: a checkpoint's tensors, or a random initialisation.
-pub fn initial_params(
-    cfg: &VitConfig,
-    weights: Option<&Path>,
-    seed: u64,
-) -> Result<std::collections::BTreeMap<String, crate::tensor::Tensor>> {
-    let store = match weights {
-        Some(p) => crate::weights::WeightStore::open(p)?,
-        None => crate::model::init::random_store(cfg, seed),
-    };
-    // Training updates tensors in place; a mapped one is copied on its first write (Tensor's
-    // copy-on-write), so the file is never touched.
-    store.float_tensors()
 }

@@ -6,6 +6,7 @@ pub mod digits;
 pub mod image_folder;
 pub mod preprocess;
 pub mod resample;
+pub mod spec;
 
 pub use image_folder::{decode_bytes, decode_file, ImageFolder, RgbImage};
 pub use preprocess::{preprocess_batch, Interp, Preprocess, Resize};

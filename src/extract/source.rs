@@ -1,5 +1,6 @@
-//! Where extraction reads images from: the bundled digits, or an image folder / CIFAR through the
-//! data readers. A source hands out preprocessed images (CHW, normalised) by row index.
+//! Where extraction reads images from: the bundled digits, images in memory, or an image folder /
+//! CIFAR through the data readers. A source hands out preprocessed images (CHW, normalised) by
+//! row index.
 
 use crate::error::{Error, Result};
 
@@ -47,13 +48,25 @@ pub struct Digits {
 }
 
 impl Digits {
+    /// The digits a `digits[:CLASSES][@train|@test]` spec names (parsed by data::spec).
     pub fn parse(spec: &str, img_size: usize) -> Result<Digits> {
-        let (spec, part) = match spec.split_once('@') {
-            Some((s, p)) => (s, Some(p)),
-            None => (spec, None),
-        };
-        let (_, classes) = spec.split_once(':').unwrap_or((spec, ""));
-        let classes = crate::data::digits::parse_classes(classes)?;
+        match crate::data::spec::DataSpec::parse(spec)? {
+            crate::data::spec::DataSpec::Digits { classes, part } => {
+                Digits::new(&classes, part, img_size)
+            }
+            _ => Err(Error::Usage(format!(
+                "--data `{spec}`: not digits[:CLASSES][@train|@test]"
+            ))),
+        }
+    }
+
+    /// `classes` of the digits (empty = all), of one part or (None) both, at `img_size`.
+    pub fn new(
+        classes: &[usize],
+        part: Option<crate::data::spec::DigitsPart>,
+        img_size: usize,
+    ) -> Result<Digits> {
+        use crate::data::spec::DigitsPart;
         if img_size % 8 != 0 {
             return Err(Error::Usage(format!(
                 "the digits render at multiples of 8 pixels, not {img_size}"
@@ -62,17 +75,12 @@ impl Digits {
         let d = crate::data::digits::load()?;
         let parts: Vec<bool> = match part {
             None => vec![false, true],
-            Some("train") => vec![false],
-            Some("test") => vec![true],
-            Some(p) => {
-                return Err(Error::Usage(format!(
-                    "digits@{p}: the digits have `train` and `test` parts"
-                )))
-            }
+            Some(DigitsPart::Train) => vec![false],
+            Some(DigitsPart::Test) => vec![true],
         };
         let (mut images, mut labels) = (Vec::new(), Vec::new());
         for test in parts {
-            let (i, l) = crate::data::digits::split(&d, &classes, test, img_size);
+            let (i, l) = crate::data::digits::split(&d, classes, test, img_size);
             images.extend(i);
             labels.extend(l);
         }
@@ -103,6 +111,71 @@ impl Source for Digits {
         (0..=self.labels.iter().copied().max().unwrap_or(0))
             .map(|c| c.to_string())
             .collect()
+    }
+    fn load(&self, rows: &[usize], out: &mut [f32]) -> Vec<Result<()>> {
+        rows.iter()
+            .zip(out.chunks_exact_mut(self.sample))
+            .map(|(&r, slot)| {
+                slot.copy_from_slice(&self.images[r * self.sample..(r + 1) * self.sample]);
+                Ok(())
+            })
+            .collect()
+    }
+}
+
+/// Images already preprocessed in memory (the demo's sets), rows named `NAME[i]`; labelled or
+/// not.
+pub struct InMemory<'a> {
+    images: &'a [f32],
+    labels: Option<&'a [usize]>,
+    sample: usize,
+    name: String,
+}
+
+impl<'a> InMemory<'a> {
+    /// `images` holds whole samples of `sample` values; `labels`, when given, one per sample.
+    pub fn new(
+        name: &str,
+        images: &'a [f32],
+        labels: Option<&'a [usize]>,
+        sample: usize,
+    ) -> Result<InMemory<'a>> {
+        let rows = images.len() / sample.max(1);
+        if sample == 0 || images.len() % sample != 0 || labels.is_some_and(|l| l.len() != rows) {
+            return Err(Error::Data(format!(
+                "{name}: {} values are not whole images of {sample} with one label each",
+                images.len()
+            )));
+        }
+        Ok(InMemory {
+            images,
+            labels,
+            sample,
+            name: name.to_string(),
+        })
+    }
+}
+
+impl Source for InMemory<'_> {
+    fn len(&self) -> usize {
+        self.images.len() / self.sample
+    }
+    fn sample_len(&self) -> usize {
+        self.sample
+    }
+    fn item_name(&self, i: usize) -> String {
+        format!("{}[{i}]", self.name)
+    }
+    fn label(&self, i: usize) -> Option<usize> {
+        self.labels.map(|l| l[i])
+    }
+    fn classes(&self) -> Vec<String> {
+        match self.labels {
+            Some(l) => (0..=l.iter().copied().max().unwrap_or(0))
+                .map(|c| c.to_string())
+                .collect(),
+            None => Vec::new(),
+        }
     }
     fn load(&self, rows: &[usize], out: &mut [f32]) -> Vec<Result<()>> {
         rows.iter()

@@ -7,36 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use crate::backend::cpu::vecmath;
 use crate::tensor::Tensor;
 
-/// BEiT/MOOD's parameter grouping: no weight decay for 1-D tensors (norms, biases, q/v biases,
-/// layer scales), `.bias`, and the tokens. The 2-D relative-position tables are decayed, as in
-/// MOOD's optimizer, unless `decay_rel_pos` is off (timm's grouping, `--no-decay-rel-pos`).
-pub fn uses_weight_decay(name: &str, shape: &[usize], decay_rel_pos: bool) -> bool {
-    !(shape.len() == 1
-        || name.ends_with(".bias")
-        || matches!(name, "cls_token" | "pos_embed" | "mask_token")
-        || (!decay_rel_pos && name.contains("relative_position_bias_table")))
-}
-
-/// BEiT's layer id for layer-wise lr decay: embeddings 0, block i → i + 1, the rest depth + 1.
-pub fn layer_id(name: &str, depth: usize) -> usize {
-    if matches!(name, "cls_token" | "pos_embed" | "mask_token") || name.starts_with("patch_embed") {
-        0
-    } else if name.starts_with("rel_pos_bias") {
-        depth + 1
-    } else if let Some(rest) = name.strip_prefix("blocks.") {
-        rest.split('.')
-            .next()
-            .and_then(|i| i.parse::<usize>().ok())
-            .map_or(depth + 1, |i| i + 1)
-    } else {
-        depth + 1
-    }
-}
-
-/// lr multiplier of `name`: decay^(depth + 1 − layer_id).
-pub fn layer_scale(name: &str, depth: usize, decay: f32) -> f32 {
-    decay.powi((depth + 1 - layer_id(name, depth)) as i32)
-}
+pub use crate::param_groups::{layer_id, layer_scale, uses_weight_decay, Moments};
 
 /// BEiT's per-step `cosine_scheduler`: warmup = linspace(0, base, warmup) (so the last warmup step
 /// is already `base`), then min + ½(base − min)(1 + cos(π·i / (total − warmup))).
@@ -106,9 +77,6 @@ pub fn clip_and_update(
     opt.update_scaled(params, grads, lr, clip_coef(norm, max_norm));
     norm
 }
-
-/// Per-parameter moment estimates, by parameter name.
-pub type Moments = HashMap<String, Vec<f32>>;
 
 pub struct AdamW {
     pub beta1: f32,
@@ -219,5 +187,25 @@ impl AdamW {
             };
             vecmath::adamw_update(p.as_mut_slice(), g, m, v, coefs);
         });
+    }
+}
+
+/// The device twin of a CPU optimiser: its hyper-parameters, step count and moments. (Written
+/// here, beside the CPU optimiser it reads, so that the backend never imports train.)
+#[cfg(feature = "cuda")]
+impl crate::backend::cuda::optim::DeviceAdamW {
+    pub fn from_cpu(
+        dev: &crate::backend::cuda::CudaDevice,
+        cpu: &AdamW,
+        params: &[(&str, &[usize])],
+    ) -> crate::error::Result<Self> {
+        let mut opt = Self::new(dev, params, cpu.weight_decay, cpu.layer_decay, cpu.depth)?;
+        opt.beta1 = cpu.beta1;
+        opt.beta2 = cpu.beta2;
+        opt.eps = cpu.eps;
+        opt.decay_rel_pos = cpu.decay_rel_pos;
+        let (m, v) = cpu.moments();
+        opt.restore(dev, cpu.step, m, v)?;
+        Ok(opt)
     }
 }

@@ -2,7 +2,9 @@
 //! AdamW over every parameter in one multi-tensor launch with the moments kept on the device.
 //! Same semantics as src/train/optim.rs (`grad_norm`, `AdamW::update_scaled`): bias correction,
 //! decoupled weight decay by MOOD's parameter groups (`uses_weight_decay`), layer-wise lr decay
-//! (`layer_scale`) and the clipping factor applied to each gradient inside the update.
+//! (`layer_scale`; both in src/param_groups.rs, since the backend imports nothing from train) and
+//! the clipping factor applied to each gradient inside the update. `DeviceAdamW::from_cpu` is
+//! written in src/train/optim.rs, beside the CPU optimiser it copies.
 //!
 //! Clipping: `grad_norm` downloads the norm (8 bytes, one sync per step) and the caller computes
 //! `train::optim::clip_coef` on the host, passing it to `DeviceAdamW::step` as `grad_scale`.
@@ -14,7 +16,7 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use super::device::{as_i32, check_len, CudaDevice};
 use super::{ptr_mut_or_null, ptr_or_null};
 use crate::error::{Error, Result};
-use crate::train::optim::{layer_scale, uses_weight_decay, Moments};
+use crate::param_groups::{layer_scale, uses_weight_decay, Moments};
 
 /// Elements per block of the multi-tensor kernels (`OPT_CHUNK` in kernels/optim.cu).
 const CHUNK: usize = 16384;
@@ -170,22 +172,6 @@ impl DeviceAdamW {
             slots,
             by_name,
         })
-    }
-
-    /// The device twin of a CPU optimiser: its hyper-parameters, step count and moments.
-    pub fn from_cpu(
-        dev: &CudaDevice,
-        cpu: &crate::train::optim::AdamW,
-        params: &[(&str, &[usize])],
-    ) -> Result<DeviceAdamW> {
-        let mut opt = DeviceAdamW::new(dev, params, cpu.weight_decay, cpu.layer_decay, cpu.depth)?;
-        opt.beta1 = cpu.beta1;
-        opt.beta2 = cpu.beta2;
-        opt.eps = cpu.eps;
-        opt.decay_rel_pos = cpu.decay_rel_pos;
-        let (m, v) = cpu.moments();
-        opt.restore(dev, cpu.step, m, v)?;
-        Ok(opt)
     }
 
     /// One AdamW update of every parameter in `params` at base learning rate `lr`, each gradient

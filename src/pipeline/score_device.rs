@@ -2,9 +2,9 @@
 //! with a GPU scorer (src/ood/cuda_score.rs: the Mahalanobis family and kNN) score on CUDA device
 //! 0, every other method on the CPU, which is said once, on one line. `cuda` without a usable
 //! device is a one-line error; `auto` falls back to the CPU with a one-line note (the rule of
-//! runner::on_cuda, shared with the forward commands).
+//! device::on_cuda, shared with the forward commands).
 
-use super::bench::Device;
+use crate::backend::Device;
 use crate::error::Result;
 use crate::ood::detector::{Detector, Inputs};
 
@@ -50,7 +50,7 @@ impl ScoreDevice {
 
     /// Opens the device `--device` asks for (see the module doc).
     pub fn open(device: Device) -> Result<ScoreDevice> {
-        let gpu = super::runner::on_cuda(device, "scoring", open_gpu)?;
+        let gpu = super::device::on_cuda(device, "scoring", open_gpu)?;
         #[cfg(not(feature = "cuda"))]
         let _: Option<()> = gpu;
         Ok(ScoreDevice {

@@ -1,12 +1,15 @@
-//! The model that `mood forward` and `mood extract` run their batches through: on the CPU, or on
-//! CUDA device 0 (`--device cuda`), with `--device auto` falling back to the CPU with a one-line
-//! note when no device is usable.
+//! Device choice for every command that computes: the `--device cpu|cuda|auto` rule (`on_cuda`,
+//! `cpu_only`), the model that `mood forward` and `mood extract` run their batches through (on the
+//! CPU, or on CUDA device 0), and the device training and the demo run on (`open_cuda`,
+//! `runner_on`). `--device auto` falls back to the CPU with a one-line note when no device is
+//! usable.
 
-use super::bench::{Device, Precision};
+use crate::backend::{Device, Precision};
 use crate::error::Result;
 use crate::model::backbone::Backbone;
-use crate::model::runner::Runner;
+use crate::model::runner::{CpuRunner, Runner};
 use crate::model::VisionTransformer;
+use crate::train::device::TrainOn;
 
 /// The model on `device`. On CUDA, `batch` (the largest batch it will be given) is checked
 /// against the free device memory first, so that a batch too big fails now with one that fits.
@@ -105,4 +108,41 @@ fn cuda_runner(
     Err(crate::error::Error::Cuda(
         "this binary was built without the `cuda` feature".into(),
     ))
+}
+
+/// CUDA device 0 for training (and the tape of ODIN scores), at `precision`.
+#[cfg(feature = "cuda")]
+pub fn open_cuda(precision: Precision) -> Result<TrainOn> {
+    let dev = std::sync::Arc::new(crate::backend::cuda::CudaDevice::new(0)?);
+    eprintln!("cuda: {}", dev.describe());
+    Ok(TrainOn::Cuda { dev, precision })
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn open_cuda(_: Precision) -> Result<TrainOn> {
+    Err(crate::error::Error::Cuda(
+        "this binary was built without the `cuda` feature".into(),
+    ))
+}
+
+/// Where to train from `--device` and `--precision` (`doing`, e.g. "training", names the work in
+/// `auto`'s note when it falls back to the CPU).
+pub fn train_on(device: Device, precision: Precision, doing: &str) -> Result<TrainOn> {
+    Ok(on_cuda(device, doing, || open_cuda(precision))?.unwrap_or(TrainOn::Cpu))
+}
+
+/// A transformer's forward on the device training ran on (the one forward of vit.rs through its
+/// executor), with no memory check: the demo's models are small.
+pub fn runner_on<'m>(model: &'m VisionTransformer, on: &TrainOn) -> Box<dyn Runner + 'm> {
+    match on {
+        TrainOn::Cpu => Box::new(CpuRunner(model)),
+        #[cfg(feature = "cuda")]
+        TrainOn::Cuda { dev, precision } => {
+            use crate::model::cuda_model::CudaModel;
+            match precision {
+                Precision::F32 => Box::new(CudaModel::<f32>::new(dev.clone(), model)),
+                Precision::Bf16 => Box::new(CudaModel::<half::bf16>::new(dev.clone(), model)),
+            }
+        }
+    }
 }
