@@ -1,7 +1,7 @@
 //! CUDA backend: the kernel sources (kernels/*.cu, embedded by build.rs), their NVRTC compilation
 //! with a disk cache (`nvrtc`), the device (`device`: context, stream, cuBLAS, loaded modules) and
 //! one launcher file per kernel family, with the same stems as the CPU ops (`layernorm`,
-//! `attention`, `distance`, ...) plus `matmul` (cuBLAS).
+//! `attention`, `distance`, ...) plus `matmul` (cuBLAS) and `lt` (cuBLASLt, the bias in the GEMM).
 //!
 //! Every entry point checks that the CUDA library it needs can be dlopened before touching cudarc,
 //! because cudarc panics when a library is missing; a missing library is an `Error::Cuda`.
@@ -34,6 +34,7 @@ pub mod elementwise;
 pub mod flash_attention;
 pub mod layernorm;
 pub mod loss;
+pub mod lt;
 pub mod matmul;
 pub mod nvrtc;
 pub mod optim;

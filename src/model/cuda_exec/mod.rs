@@ -5,12 +5,20 @@
 //!
 //! Precision T (`--precision`) is autocast's rule, as timm's bf16 autocast applies it:
 //!   - the transformer blocks' GEMMs and attention take T operands with f32 accumulation (f32:
-//!     cuBLAS sgemm, no TF32; bf16: cublasGemmEx; attention as `cuda_attention` chooses: flash
-//!     attention on tensor cores at bf16 where it applies, cuBLAS over the batch otherwise);
-//!   - LayerNorm reads the f32 residual stream and writes f32 (cast to T by the GEMM that reads
-//!     it); the patch embedding, the residual stream, pooling, the final norm and every linear
-//!     layer outside the blocks (the head, MIM's lm_head) stay f32: they are a sliver of the
-//!     FLOPs and their outputs are what OOD scores read.
+//!     no TF32; qkv, proj and fc2 on cuBLASLt with the f32 bias in the epilogue, rounded to T
+//!     once, and on cuBLAS sgemm / cublasGemmEx plus a bias pass where cuBLASLt has no
+//!     algorithm; fc1 on cuBLAS then bias + exact GELU in one pass; attention as
+//!     `cuda_attention` chooses: flash attention on tensor cores at bf16 where it applies,
+//!     cuBLAS over the batch otherwise);
+//!   - the blocks' LayerNorms (norm1, norm2) read the f32 residual stream and write T, the GEMM's
+//!     operand, in one pass; a residual followed by one of them is one pass too
+//!     (`Exec::residual_layernorm`: x += γ ⊙ y in f32, then LN(x) as T). The patch embedding,
+//!     the residual stream, pooling, the final norm and fc_norm and every linear layer outside
+//!     the blocks (the head, MIM's lm_head) stay f32: they are a sliver of the FLOPs and their
+//!     outputs are what OOD scores read.
+//!
+//! The training executor (`super::cuda_train`) runs the `*_ref` ops of `ops`: f32 LayerNorm
+//! outputs and the cuBLAS linears, as before the fused passes.
 //!
 //! Every activation is counted by a meter (live and peak bytes), so that the memory a batch
 //! needs is this executor's own buffer plan, measured (`super::cuda_model`), not a second model.
@@ -72,6 +80,17 @@ pub struct CudaExec<T: Compute> {
     /// Images already on the device that `input` copies from (benchmarks time the forward
     /// without the host-to-device transfer).
     staged: Option<(Vec<usize>, CudaSlice<f32>)>,
+    /// cuBLASLt for the blocks' linears without activation (the bias in the GEMM's epilogue).
+    lt: LtState,
+    /// cuBLASLt had no algorithm for a shape (cuBLAS and a bias pass ran instead); said once.
+    lt_refused: bool,
+}
+
+/// The executor's cuBLASLt: not made yet, made (with its workspace's lease), or unavailable.
+enum LtState {
+    Untried,
+    Ready { lt: cu::lt::Lt, _lease: Lease },
+    Unavailable,
 }
 
 /// The f32 slice as `CudaSlice<T>` when T is f32 (no copy), else None.
@@ -98,6 +117,8 @@ where
             head_dim: Some(head_dim),
             relpos: HashMap::new(),
             masters: HashMap::new(),
+            lt: LtState::Untried,
+            lt_refused: false,
         }
     }
 
@@ -193,6 +214,12 @@ pub(super) fn in_blocks(l: &Linear) -> bool {
     l.w.name.starts_with("blocks.")
 }
 
+/// Whether a LayerNorm feeds a T GEMM: the transformer blocks' norm1 and norm2 (their output is
+/// stored as T); the final norm and fc_norm stay f32.
+pub(super) fn norm_in_blocks(n: &Norm) -> bool {
+    n.w.name.starts_with("blocks.")
+}
+
 impl<T: Compute> Exec for CudaExec<T>
 where
     CudaBlas: Gemm<T>,
@@ -265,7 +292,10 @@ where
     }
 
     fn layernorm(&mut self, x: &DeviceValue<T>, norm: &Norm, eps: f32) -> Result<DeviceValue<T>> {
-        self.layernorm_ref(x, norm, eps)
+        match norm_in_blocks(norm) {
+            true => self.layernorm_low(x, norm, eps),
+            false => self.layernorm_ref(x, norm, eps),
+        }
     }
 
     fn linear(
@@ -274,6 +304,12 @@ where
         l: &Linear,
         act: Activation,
     ) -> Result<DeviceValue<T>> {
+        // The blocks' qkv, proj and fc2: the bias in cuBLASLt's epilogue where it takes the shape.
+        if act == Activation::None && in_blocks(l) && l.bias.tensor().is_some() {
+            if let Some(y) = self.linear_lt(x, l)? {
+                return Ok(y);
+            }
+        }
         self.linear_ref(x, l, act)
     }
 
@@ -297,6 +333,25 @@ where
     ) -> Result<DeviceValue<T>> {
         self.residual_into(&mut x, &y, gamma)?;
         Ok(x)
+    }
+
+    fn residual_layernorm(
+        &mut self,
+        mut x: DeviceValue<T>,
+        y: DeviceValue<T>,
+        gamma: Option<&Param>,
+        _block: usize,
+        norm: &Norm,
+        eps: f32,
+    ) -> Result<(DeviceValue<T>, DeviceValue<T>)> {
+        if norm_in_blocks(norm) && matches!(y.data, Data::Low(_)) {
+            let h = self.residual_layernorm_into(&mut x, &y, gamma, norm, eps)?;
+            return Ok((x, h));
+        }
+        // A norm outside the blocks keeps its f32 output: the two ops apart.
+        self.residual_into(&mut x, &y, gamma)?;
+        let h = self.layernorm_ref(&x, norm, eps)?;
+        Ok((x, h))
     }
 
     fn pool(&mut self, x: DeviceValue<T>, b: usize, how: Pool) -> Result<DeviceValue<T>> {

@@ -12,7 +12,7 @@ use crate::model::cuda_attention::{AttentionPath, Compute};
 use crate::model::layers::{Linear, Norm, Param, RelBias};
 use crate::tensor::Tensor;
 
-use super::{in_blocks, CudaExec, Data, DeviceValue};
+use super::{in_blocks, CudaExec, Data, DeviceValue, LtState};
 
 /// The ops on borrowed values: `Exec` (which may consume its inputs) and the training executor
 /// (whose records keep them) both run these.
@@ -70,12 +70,70 @@ where
         }
     }
 
-    pub(in crate::model) fn linear_ref(
+    /// LayerNorm of the f32 residual stream x stored as T, the operand of the T GEMM that reads
+    /// it (one pass: no f32 copy and no cast). An x already in T is normalised as it is.
+    pub(in crate::model) fn layernorm_low(
         &mut self,
         x: &DeviceValue<T>,
-        l: &Linear,
-        act: Activation,
+        norm: &Norm,
+        eps: f32,
     ) -> Result<DeviceValue<T>> {
+        let Data::F32(s) = &x.data else {
+            return self.layernorm_ref(x, norm, eps);
+        };
+        let (m, d) = x.rows_cols("layernorm")?;
+        self.ensure_f32(&norm.w)?;
+        self.ensure_f32(&norm.b)?;
+        let (w, b) = (self.f32_param(&norm.w.name)?, self.f32_param(&norm.b.name)?);
+        let mut y = self.dev.empty::<T>(m * d)?;
+        cu::layernorm::forward_from_f32(&self.dev, s, w, b, &mut y, None, (m, d), eps)?;
+        Ok(self.value(&[m, d], Data::Low(y)))
+    }
+
+    /// x += γ ⊙ y in place (x the f32 residual stream, y a T branch output), then h = LN(x)
+    /// stored as T, in one pass (`residual_layernorm_*`).
+    pub(in crate::model) fn residual_layernorm_into(
+        &mut self,
+        x: &mut DeviceValue<T>,
+        y: &DeviceValue<T>,
+        gamma: Option<&Param>,
+        norm: &Norm,
+        eps: f32,
+    ) -> Result<DeviceValue<T>> {
+        let (m, d) = x.rows_cols("residual layernorm")?;
+        if y.shape != x.shape {
+            return Err(Error::Data(format!(
+                "residual: branch {:?} does not match the stream {:?}",
+                y.shape, x.shape
+            )));
+        }
+        if let Some(g) = gamma {
+            self.ensure_f32(g)?;
+        }
+        self.ensure_f32(&norm.w)?;
+        self.ensure_f32(&norm.b)?;
+        let ys = match &y.data {
+            Data::Low(s) => s,
+            Data::F32(_) => {
+                return Err(Error::Cuda(format!(
+                    "residual layernorm: the branch must be {}",
+                    T::NAME
+                )))
+            }
+        };
+        let xs = match &mut x.data {
+            Data::F32(s) => s,
+            Data::Low(_) => return Err(Error::Cuda("residual: the stream must be f32".into())),
+        };
+        let g = gamma.map(|g| self.f32_param(&g.name)).transpose()?;
+        let ln = (self.f32_param(&norm.w.name)?, self.f32_param(&norm.b.name)?);
+        let mut h = self.dev.empty::<T>(m * d)?;
+        cu::layernorm::residual_forward(&self.dev, xs, ys, g, ln, &mut h, None, (m, d), eps)?;
+        Ok(self.value(&[m, d], Data::Low(h)))
+    }
+
+    /// (M, K, N) of linear layer `l` on x, or an error naming the weight.
+    fn linear_dims(x: &DeviceValue<T>, l: &Linear) -> Result<(usize, usize, usize)> {
         let (m, k) = x.rows_cols("linear input")?;
         let (n, k2) = l.w.value.dims2(&l.w.name)?;
         if k != k2 {
@@ -84,6 +142,69 @@ where
                 l.w.name
             )));
         }
+        Ok((m, k, n))
+    }
+
+    /// A blocks' linear layer with a bias and no activation, y = x·wᵀ + b at T, as one cuBLASLt
+    /// call with the bias in its epilogue; None where cuBLASLt cannot run it (unavailable, or no
+    /// algorithm for the shape: said once), and the caller runs `linear_ref`.
+    pub(in crate::model) fn linear_lt(
+        &mut self,
+        x: &DeviceValue<T>,
+        l: &Linear,
+    ) -> Result<Option<DeviceValue<T>>> {
+        let (m, k, n) = Self::linear_dims(x, l)?;
+        let Some(bias_key) = self.linear_bias(l)? else {
+            return Ok(None);
+        };
+        if matches!(self.lt, LtState::Untried) {
+            self.lt = match cu::lt::Lt::new(&self.dev) {
+                Ok(lt) => {
+                    let lease = self.meter.take(lt.workspace_size());
+                    LtState::Ready { lt, _lease: lease }
+                }
+                Err(e) => {
+                    eprintln!("note: {e}; the blocks' linears add their bias in a second pass");
+                    LtState::Unavailable
+                }
+            };
+        }
+        // The handle is taken out while the launcher borrows the parameters.
+        let mut state = std::mem::replace(&mut self.lt, LtState::Unavailable);
+        let LtState::Ready { lt, .. } = &mut state else {
+            self.lt = state;
+            return Ok(None);
+        };
+        self.ensure_low(&l.w.name, &l.w.value)?;
+        let mut out = self.dev.empty::<T>(m * n)?;
+        let run = (|| {
+            let mut tmp = None;
+            let xin = self.as_low(x, &mut tmp)?;
+            let (w, b) = (self.low(&l.w.name)?, self.f32_param(&bias_key)?);
+            lt.linear_bias(&self.dev, xin, w, b, &mut out, (m, k, n))
+        })();
+        self.lt = state;
+        if !run? {
+            if !self.lt_refused {
+                eprintln!(
+                    "note: cuBLASLt has no algorithm for {} ({m}x{k}x{n}, {}): cuBLAS and a bias pass instead",
+                    l.w.name,
+                    T::NAME
+                );
+                self.lt_refused = true;
+            }
+            return Ok(None);
+        }
+        Ok(Some(self.value(&[m, n], Data::Low(out))))
+    }
+
+    pub(in crate::model) fn linear_ref(
+        &mut self,
+        x: &DeviceValue<T>,
+        l: &Linear,
+        act: Activation,
+    ) -> Result<DeviceValue<T>> {
+        let (m, k, n) = Self::linear_dims(x, l)?;
         let bias_key = self.linear_bias(l)?.unwrap_or_default();
         if in_blocks(l) {
             self.ensure_low(&l.w.name, &l.w.value)?;
