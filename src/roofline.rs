@@ -384,14 +384,14 @@ pub fn predict(ops: &[Op], gpu: &'static Gpu, batch: usize) -> Prediction {
 pub fn table(ops: &[Op], gpu: &'static Gpu) -> Vec<String> {
     let total: f64 = ops.iter().map(|o| o.calls as f64 * o.roofline_s(gpu)).sum();
     let mut lines = vec![format!(
-        "    {:<16} {:>6} {:>12} {:>12} {:>8} {:>14} {:>6}",
+        "    {:<18} {:>6} {:>12} {:>12} {:>8} {:>14} {:>6}",
         "op", "calls", "GFLOP", "MB moved", "bound", "roofline ms", "share"
     )];
     for o in ops {
         let k = o.calls as f64;
         let t = k * o.roofline_s(gpu);
         lines.push(format!(
-            "    {:<16} {:>6} {:>12.2} {:>12.1} {:>8} {:>14.4} {:>5.1}%",
+            "    {:<18} {:>6} {:>12.2} {:>12.1} {:>8} {:>14.4} {:>5.1}%",
             o.name,
             o.calls,
             k * o.flops / 1e9,
@@ -480,7 +480,7 @@ pub fn profile(
 ) -> (Vec<String>, serde_json::Value) {
     let total: f64 = measured.iter().map(|m| m.seconds).sum();
     let mut lines = vec![format!(
-        "    {:<16} {:>6} {:>11} {:>6} {:>10} {:>10} {:>12} {:>16} {:>9}",
+        "    {:<18} {:>6} {:>11} {:>6} {:>10} {:>10} {:>12} {:>16} {:>9}",
         "op",
         "calls",
         "ms/forward",
@@ -507,7 +507,7 @@ pub fn profile(
         });
         let fraction = roof.filter(|_| on_gpu).map(|r| r / t);
         lines.push(format!(
-            "    {:<16} {:>6} {:>11.3} {:>5.1}% {:>10.2} {:>10.1} {:>12} {:>16} {:>9}",
+            "    {:<18} {:>6} {:>11.3} {:>5.1}% {:>10.2} {:>10.1} {:>12} {:>16} {:>9}",
             m.name,
             m.calls,
             1e3 * m.seconds,
