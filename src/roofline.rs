@@ -13,8 +13,10 @@
 //!     once (the N² scores never go to memory);
 //!   - LayerNorm, residual, token assembly, pooling: no tensor-core work; bytes read + written
 //!     once. The residual stream is f32 at every precision (autocast's rule), the LayerNorm of a
-//!     block reads it and writes the GEMM's operand at the precision; the patch embedding, the
-//!     final norm and the head run in f32 (src/model/cuda_exec.rs).
+//!     block reads it and writes the GEMM's operand at the precision; a residual followed by a
+//!     LayerNorm is one pass (`residual+layernorm`: the stream read once, written once, the
+//!     norm's output written), as the forward runs it (`Exec::residual_layernorm`); the patch
+//!     embedding, the final norm and the head run in f32 (src/model/cuda_exec/).
 //!
 //! These are the bytes an op cannot avoid moving, not what today's kernels move: a separate cast
 //! pass, a re-read of a tile, or scores written to memory all show as a smaller fraction of the
@@ -254,6 +256,7 @@ pub fn forward_ops(cfg: &VitConfig, b: usize, p: Precision) -> Vec<Op> {
         _ => f32b * f(cfg.num_heads) * n * n,
     };
     let pos_bytes = if cfg.abs_pos_emb { f32b * n * d } else { 0.0 };
+    let ls_bytes = if cfg.layer_scale { f32b * d } else { 0.0 };
     let pooled_rows = match cfg.pool {
         Pool::MeanPatches => g,
         Pool::ClassToken => 1.0,
@@ -281,9 +284,11 @@ pub fn forward_ops(cfg: &VitConfig, b: usize, p: Precision) -> Vec<Op> {
             bytes: f32b * (bf * g * d + d + bn * d) + pos_bytes,
             precision: Precision::F32,
         },
+        // The first block's norm1 alone; every later LayerNorm of a block runs in one pass
+        // with the residual before it (`residual+layernorm`).
         Op {
             name: "layernorm",
-            calls: 2 * cfg.depth,
+            calls: cfg.depth.min(1),
             flops: 0.0,
             bytes: f32b * bn * d + s * bn * d + 2.0 * f32b * d,
             precision: p,
@@ -297,12 +302,22 @@ pub fn forward_ops(cfg: &VitConfig, b: usize, p: Precision) -> Vec<Op> {
             precision: p,
         },
         gemm("proj", bn, d, d, p),
+        // x += γ ⊙ y, then h = LN(x) at the precision: x (f32) and y read, x and h written;
+        // γ and the norm's weight and bias read.
+        Op {
+            name: "residual+layernorm",
+            calls: (2 * cfg.depth).saturating_sub(1),
+            flops: 0.0,
+            bytes: 2.0 * f32b * bn * d + 2.0 * s * bn * d + ls_bytes + 2.0 * f32b * d,
+            precision: p,
+        },
+        // The last block's second residual (the final norm follows pooling): x (f32) and y
+        // read, x written; γ read.
         Op {
             name: "residual",
-            calls: 2 * cfg.depth,
-            // x (f32) and y read, x written; γ read.
+            calls: cfg.depth.min(1),
             flops: 0.0,
-            bytes: 2.0 * f32b * bn * d + s * bn * d + if cfg.layer_scale { f32b * d } else { 0.0 },
+            bytes: 2.0 * f32b * bn * d + s * bn * d + ls_bytes,
             precision: p,
         },
         gemm("fc1+gelu", bn, d, hid, p),
@@ -369,14 +384,14 @@ pub fn predict(ops: &[Op], gpu: &'static Gpu, batch: usize) -> Prediction {
 pub fn table(ops: &[Op], gpu: &'static Gpu) -> Vec<String> {
     let total: f64 = ops.iter().map(|o| o.calls as f64 * o.roofline_s(gpu)).sum();
     let mut lines = vec![format!(
-        "    {:<16} {:>6} {:>12} {:>12} {:>8} {:>14} {:>6}",
+        "    {:<18} {:>6} {:>12} {:>12} {:>8} {:>14} {:>6}",
         "op", "calls", "GFLOP", "MB moved", "bound", "roofline ms", "share"
     )];
     for o in ops {
         let k = o.calls as f64;
         let t = k * o.roofline_s(gpu);
         lines.push(format!(
-            "    {:<16} {:>6} {:>12.2} {:>12.1} {:>8} {:>14.4} {:>5.1}%",
+            "    {:<18} {:>6} {:>12.2} {:>12.1} {:>8} {:>14.4} {:>5.1}%",
             o.name,
             o.calls,
             k * o.flops / 1e9,
@@ -465,7 +480,7 @@ pub fn profile(
 ) -> (Vec<String>, serde_json::Value) {
     let total: f64 = measured.iter().map(|m| m.seconds).sum();
     let mut lines = vec![format!(
-        "    {:<16} {:>6} {:>11} {:>6} {:>10} {:>10} {:>12} {:>16} {:>9}",
+        "    {:<18} {:>6} {:>11} {:>6} {:>10} {:>10} {:>12} {:>16} {:>9}",
         "op",
         "calls",
         "ms/forward",
@@ -492,7 +507,7 @@ pub fn profile(
         });
         let fraction = roof.filter(|_| on_gpu).map(|r| r / t);
         lines.push(format!(
-            "    {:<16} {:>6} {:>11.3} {:>5.1}% {:>10.2} {:>10.1} {:>12} {:>16} {:>9}",
+            "    {:<18} {:>6} {:>11.3} {:>5.1}% {:>10.2} {:>10.1} {:>12} {:>16} {:>9}",
             m.name,
             m.calls,
             1e3 * m.seconds,

@@ -440,6 +440,37 @@ where
     )
 }
 
+/// cuBLASLt's linear with the bias in the GEMM's epilogue (`cu::lt::Lt::linear_bias`: qkv, proj
+/// and fc2 of the forward) against the CPU linear; a refused shape is an error here.
+fn linear_lt<T: Storage>(m: usize, k: usize, n: usize) -> Case {
+    let run: Run = Box::new(move |dev, rng| {
+        let x = rounded::<T>(&randn(rng, m * k, 1.0));
+        let w = rounded::<T>(&randn(rng, n * k, (k as f32).powf(-0.5)));
+        let b = randn(rng, n, 0.5);
+        let want = backend::linear(
+            &Tensor::from_vec(&[m, k], x.clone())?,
+            &Tensor::from_vec(&[n, k], w.clone())?,
+            Some(&Tensor::from_vec(&[n], b.clone())?),
+            Activation::None,
+        )?
+        .into_vec();
+        let (xd, wd, bd) = (up::<T>(dev, &x)?, up::<T>(dev, &w)?, dev.upload(&b)?);
+        let mut y = dev.zeros::<T>(m * n)?;
+        let mut lt = cu::lt::Lt::new(dev)?;
+        if !lt.linear_bias(dev, &xd, &wd, &bd, &mut y, (m, k, n))? {
+            return Err(mood::Error::Cuda("cuBLASLt has no algorithm".into()));
+        }
+        Ok(vec![Out("y", down(dev, &y)?, want)])
+    });
+    Case(
+        "linear_lt",
+        format!("M={m} K={k} N={n}"),
+        T::NAME,
+        tol_for::<T>(F32_SUM_TOL),
+        run,
+    )
+}
+
 /// THE table. Shapes follow BEiT/ViT-Base at batch 2 (M = 2·197 tokens, D = 768, F = 3072,
 /// H = 12 × 64), Large-style heads (Dh = 80, N = 257), and odd sizes that exercise the tails.
 fn cases() -> Vec<Case> {
@@ -498,6 +529,13 @@ fn cases() -> Vec<Case> {
         linear::<bf16>(m, d, 3 * d, Activation::None),
         linear::<bf16>(m, d, f, Activation::Gelu),
         linear::<bf16>(m, f, d, Activation::None),
+        linear_lt::<f32>(m, d, 3 * d),
+        linear_lt::<f32>(m, f, d),
+        linear_lt::<f32>(3, 5, 7),
+        linear_lt::<bf16>(m, d, 3 * d),
+        linear_lt::<bf16>(m, d, d),
+        linear_lt::<bf16>(m, f, d),
+        linear_lt::<bf16>(3, 5, 7),
         sqdist(64, 1000, d),
         mahalanobis(64, 10, d),
         mahalanobis(33, 1000, 100),

@@ -434,6 +434,21 @@ where
         self.mark("residual", v)
     }
 
+    fn residual_layernorm(
+        &mut self,
+        x: Self::V,
+        y: Self::V,
+        gamma: Option<&Param>,
+        block: usize,
+        norm: &Norm,
+        eps: f32,
+    ) -> Result<(Self::V, Self::V)> {
+        let v = self
+            .exec
+            .residual_layernorm(x, y, gamma, block, norm, eps)?;
+        self.mark("residual+layernorm", v)
+    }
+
     fn pool(&mut self, x: Self::V, b: usize, how: Pool) -> Result<Self::V> {
         let v = self.exec.pool(x, b, how)?;
         self.mark("pool", v)

@@ -42,6 +42,24 @@ pub trait Exec {
         gamma: Option<&Param>,
         block: usize,
     ) -> Result<Self::V>;
+    /// The residual of block `block` and the LayerNorm that follows it, as one op: returns
+    /// (x + γ ⊙ y, LN(x + γ ⊙ y)). By default the two ops one after the other (the CPU and the
+    /// training tape: the same values and records as calling them apart); the CUDA executor
+    /// runs them as one pass over the residual stream.
+    #[allow(clippy::too_many_arguments)]
+    fn residual_layernorm(
+        &mut self,
+        x: Self::V,
+        y: Self::V,
+        gamma: Option<&Param>,
+        block: usize,
+        norm: &Norm,
+        eps: f32,
+    ) -> Result<(Self::V, Self::V)> {
+        let x = self.residual(x, y, gamma, block)?;
+        let h = self.layernorm(&x, norm, eps)?;
+        Ok((x, h))
+    }
     /// [B·N, D] → [B, D]
     fn pool(&mut self, x: Self::V, b: usize, how: Pool) -> Result<Self::V>;
     /// Rows of x [M, D] with mask set become `token` (masked image modelling).

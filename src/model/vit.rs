@@ -267,16 +267,31 @@ impl VisionTransformer {
             true => Vec::new(),
             false => (0..b * n).collect(),
         };
+        // Each residual that a LayerNorm follows runs with it as one op (`residual_layernorm`):
+        // the first with the block's norm2, the second with the next block's norm1. The last
+        // block's residual stands alone: the final norm comes after pooling (ViT's class token,
+        // BEiT's fc_norm), and the taps read the stream itself.
+        let Some(first) = self.blocks.first() else {
+            return Ok(x);
+        };
+        let mut h = e.layernorm(&x, &first.norm1, cfg.eps)?;
         for (i, blk) in self.blocks.iter().enumerate() {
-            let h = e.layernorm(&x, &blk.norm1, cfg.eps)?;
             let qkv = e.linear(&h, &blk.qkv, Activation::None)?;
             let a = e.attention(qkv, blk.rel_bias.as_deref(), b, n, cfg.num_heads)?;
             let a = e.linear(&a, &blk.proj, Activation::None)?;
-            x = e.residual(x, a, blk.gamma1.as_ref(), i)?;
-            let h = e.layernorm(&x, &blk.norm2, cfg.eps)?;
-            let h = e.linear(&h, &blk.fc1, Activation::Gelu)?;
-            let h = e.linear(&h, &blk.fc2, Activation::None)?;
-            x = e.residual(x, h, blk.gamma2.as_ref(), i)?;
+            let (x1, h2) =
+                e.residual_layernorm(x, a, blk.gamma1.as_ref(), i, &blk.norm2, cfg.eps)?;
+            let m = e.linear(&h2, &blk.fc1, Activation::Gelu)?;
+            let m = e.linear(&m, &blk.fc2, Activation::None)?;
+            x = match self.blocks.get(i + 1) {
+                Some(next) => {
+                    let (x2, h1) =
+                        e.residual_layernorm(x1, m, blk.gamma2.as_ref(), i, &next.norm1, cfg.eps)?;
+                    h = h1;
+                    x2
+                }
+                None => e.residual(x1, m, blk.gamma2.as_ref(), i)?,
+            };
             if taps.contains(&(i + 1)) {
                 // `pool` consumes its input: it pools a copy, and the stream goes on.
                 let copy = e.gather_rows(&x, &every)?;

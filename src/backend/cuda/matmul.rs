@@ -2,7 +2,8 @@
 //! PyTorch layout, as `backend::linear`. f32 runs cublasSgemm (default math mode: no TF32, so it
 //! is comparable with the CPU at f32 tolerance); bf16 runs cublasGemmEx with bf16 inputs and
 //! output and f32 accumulation (CUBLAS_COMPUTE_32F). The bias and GELU are a second pass
-//! (kernels/elementwise.cu), since a plain GEMM has no epilogue.
+//! (kernels/elementwise.cu), since a plain GEMM has no epilogue (`lt` puts the bias of a linear
+//! without activation in cuBLASLt's epilogue instead; the model forward uses it where it can).
 //!
 //! cuBLAS is column-major. A row-major [R, C] matrix is the column-major [C, R] one, so
 //! y[M, N] row-major = yᵀ [N, M] column-major = w·xᵀ with w taken transposed (column-major

@@ -2,7 +2,7 @@
 //! with a disk cache (`nvrtc`), the device (`device`: context, stream, cuBLAS, loaded modules), a
 //! CUDA graph of the launches a closure queues (`graph`), and one launcher file per kernel family,
 //! with the same stems as the CPU ops (`layernorm`, `attention`, `distance`, ...) plus `matmul`
-//! (cuBLAS).
+//! (cuBLAS) and `lt` (cuBLASLt, the bias in the GEMM).
 //!
 //! Every entry point checks that the CUDA library it needs can be dlopened before touching cudarc,
 //! because cudarc panics when a library is missing; a missing library is an `Error::Cuda`.
@@ -36,6 +36,7 @@ pub mod flash_attention;
 pub mod graph;
 pub mod layernorm;
 pub mod loss;
+pub mod lt;
 pub mod matmul;
 pub mod nvrtc;
 pub mod optim;

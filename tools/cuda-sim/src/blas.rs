@@ -1,5 +1,5 @@
-//! The cuBLAS (libcublas.so.13) and cuBLASLt (libcublasLt.so.13) entry points mood uses, with
-//! cuBLAS's semantics: column-major matrices, op(A) and op(B) by the transpose flags, leading
+//! The cuBLAS (libcublas.so.13) entry points mood uses (and cuBLASLt's handle; `lt` has its
+//! matmul), with cuBLAS's semantics: column-major matrices, op(A) and op(B) by the transpose flags, leading
 //! dimensions, batch strides, C = alpha·op(A)·op(B) + beta·C where beta = 0 never reads C, bf16 and
 //! f16 inputs multiplied in f32 and the output rounded (to nearest even) to its declared type.
 //! Arguments are checked as cuBLAS checks them (CUBLAS_STATUS_INVALID_VALUE), and every matrix's
@@ -10,6 +10,7 @@ use std::ffi::{c_int, c_longlong, c_void};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use crate::lt::Operand;
 use crate::memory;
 use crate::{drop_handle, handle};
 
@@ -27,14 +28,14 @@ struct Handle {
 }
 
 #[derive(Clone, Copy, PartialEq)]
-enum Ty {
+pub(crate) enum Ty {
     F32,
     F16,
     Bf16,
 }
 
 impl Ty {
-    fn of(cuda_data_type: c_int) -> Option<Ty> {
+    pub(crate) fn of(cuda_data_type: c_int) -> Option<Ty> {
         match cuda_data_type {
             0 => Some(Ty::F32),
             2 => Some(Ty::F16),
@@ -42,7 +43,7 @@ impl Ty {
             _ => None,
         }
     }
-    fn size(self) -> usize {
+    pub(crate) fn size(self) -> usize {
         match self {
             Ty::F32 => 4,
             _ => 2,
@@ -50,14 +51,14 @@ impl Ty {
     }
     /// # Safety
     /// `p` points at element `i` of a buffer of this type.
-    unsafe fn load(self, p: u64, i: usize) -> f32 {
+    pub(crate) unsafe fn load(self, p: u64, i: usize) -> f32 {
         match self {
             Ty::F32 => *(p as *const f32).add(i),
             Ty::F16 => (*(p as *const f16).add(i)).to_f32(),
             Ty::Bf16 => (*(p as *const bf16).add(i)).to_f32(),
         }
     }
-    unsafe fn store(self, p: u64, i: usize, v: f32) {
+    pub(crate) unsafe fn store(self, p: u64, i: usize, v: f32) {
         match self {
             Ty::F32 => *(p as *mut f32).add(i) = v,
             Ty::F16 => *(p as *mut f16).add(i) = f16::from_f32(v),
@@ -155,7 +156,7 @@ impl Shape {
 }
 
 /// Checks that `batches` matrices of `extent` elements at stride `stride` lie in one allocation.
-fn check_batched(
+pub(crate) fn check_batched(
     p: u64,
     extent: usize,
     stride: i64,
@@ -278,6 +279,68 @@ unsafe fn gemm_one(
             ct.store(c, i + j * s.ldc, lc[i + j * m]);
         }
     }
+}
+
+/// alpha·op(A)·op(B) [m, n] as a dense column-major f32 matrix: each operand widened to f32
+/// (whatever its type and strides), multiplied in f32 by the `gemm` crate. cuBLASLt's matmul
+/// (`crate::lt`) applies its epilogue to this before the one rounding to D's type.
+///
+/// # Safety
+/// Both operands were checked to hold op(A) [m, k] and op(B) [k, n] at their strides.
+pub(crate) unsafe fn gemm_f32(
+    (m, n, k): (usize, usize, usize),
+    alpha: f32,
+    a: Operand,
+    b: Operand,
+    threads: usize,
+) -> Vec<f32> {
+    let mut out = vec![0f32; m * n];
+    if m == 0 || n == 0 || k == 0 {
+        return out;
+    }
+    // op(X)[r, c] of a stored X: X[c, r] when transposed.
+    let widen = |x: &Operand, rows: usize, cols: usize| {
+        let mut dense = vec![0f32; rows * cols];
+        for c in 0..cols {
+            for r in 0..rows {
+                let at = if x.trans {
+                    c * x.rs + r * x.cs
+                } else {
+                    r * x.rs + c * x.cs
+                };
+                dense[r + c * rows] = x.ty.load(x.ptr, at);
+            }
+        }
+        dense
+    };
+    let (la, lb) = (widen(&a, m, k), widen(&b, k, n));
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    gemm::gemm(
+        m,
+        n,
+        k,
+        out.as_mut_ptr(),
+        m as isize,
+        1,
+        false,
+        la.as_ptr(),
+        m as isize,
+        1,
+        lb.as_ptr(),
+        k as isize,
+        1,
+        0.0,
+        alpha,
+        false,
+        false,
+        false,
+        par,
+    );
+    out
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -660,7 +723,7 @@ pub unsafe extern "C" fn cublasGemmStridedBatchedEx(
     )
 }
 
-// cuBLASLt: a handle only, so far (mood checks the library is there; no Lt matmul is used yet).
+// cuBLASLt's handle; its matmul and descriptors are in `crate::lt`.
 
 #[no_mangle]
 pub unsafe extern "C" fn cublasLtCreate(h: *mut *mut c_void) -> u32 {

@@ -6,7 +6,8 @@
 //! mood binary. Device memory is host memory (`memory`); modules are the NVRTC images mood
 //! compiles, read only for their kernel list (`module`); kernels are kernels/*.cu compiled for
 //! the host by build.rs with include/mood_sim.h, each block's threads run as fibers
-//! (cpp/runtime.cpp, `launch`); cuBLAS GEMMs run on the `gemm` crate (`blas`).
+//! (cpp/runtime.cpp, `launch`); cuBLAS GEMMs run on the `gemm` crate (`blas`), cuBLASLt's matmul with its bias
+//! epilogue too (`lt`).
 //!
 //! What a GPU refuses, this refuses with the same codes: over 1024 threads a block, more shared
 //! memory than sm_90 allows without the opt-in attribute, unknown kernel names, pointers outside
@@ -22,6 +23,7 @@ mod blas;
 mod driver;
 mod graph;
 mod launch;
+mod lt;
 mod memory;
 mod module;
 mod table;
