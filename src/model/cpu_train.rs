@@ -21,6 +21,8 @@ impl TrainExec for CpuTrain {
     type Grad = Vec<f32>;
     /// The softmax probabilities [B, H, N, N].
     type AttnSaved = Vec<f32>;
+    /// Nothing: the backward recomputes each row's mean and 1/std from x (one cheap pass).
+    type NormSaved = ();
 
     fn shape(v: &Tensor) -> &[usize] {
         v.shape()
@@ -63,8 +65,11 @@ impl TrainExec for CpuTrain {
         backend::assemble_tokens(patches, &cls.value, pos.map(|p| &p.value), b)
     }
 
-    fn layernorm(&mut self, x: &Tensor, norm: &Norm, eps: f32) -> Result<Tensor> {
-        backend::layernorm(x, &norm.w.value, &norm.b.value, eps)
+    fn layernorm(&mut self, x: &Tensor, norm: &Norm, eps: f32) -> Result<(Tensor, ())> {
+        Ok((
+            backend::layernorm(x, &norm.w.value, &norm.b.value, eps)?,
+            (),
+        ))
     }
 
     fn linear(
@@ -194,6 +199,7 @@ impl TrainExec for CpuTrain {
     fn layernorm_backward(
         &mut self,
         x: &Tensor,
+        _: &(),
         norm: &Norm,
         eps: f32,
         dy: Vec<f32>,

@@ -49,6 +49,8 @@ where
     type Grad = CudaSlice<f32>;
     /// The softmax probabilities [B, H, N, N] (f32).
     type AttnSaved = CudaSlice<f32>;
+    /// Each row's mean and 1/std [M] (f32), as the forward computed them.
+    type NormSaved = (CudaSlice<f32>, CudaSlice<f32>);
 
     fn shape(v: &Buf<T>) -> &[usize] {
         v.shape()
@@ -114,8 +116,33 @@ where
         Ok(Rc::new(self.assemble_ref(patches, cls, pos, b)?))
     }
 
-    fn layernorm(&mut self, x: &Buf<T>, norm: &Norm, eps: f32) -> Result<Buf<T>> {
-        Ok(Rc::new(self.layernorm_ref(x, norm, eps)?))
+    fn layernorm(
+        &mut self,
+        x: &Buf<T>,
+        norm: &Norm,
+        eps: f32,
+    ) -> Result<(Buf<T>, (CudaSlice<f32>, CudaSlice<f32>))> {
+        let (m, d) = x.rows_cols("layernorm")?;
+        self.ensure_f32(&norm.w)?;
+        self.ensure_f32(&norm.b)?;
+        let dev = self.device().clone();
+        let (g, b) = (self.f32_param(&norm.w.name)?, self.f32_param(&norm.b.name)?);
+        let (mut mean, mut rstd) = (dev.empty::<f32>(m)?, dev.empty::<f32>(m)?);
+        let stats = Some((&mut mean, &mut rstd));
+        // Output precision as the inference forward: f32 from the f32 residual stream.
+        let data = match &x.data {
+            Data::F32(s) => {
+                let mut y = dev.empty::<f32>(m * d)?;
+                cu::layernorm::forward(&dev, s, g, b, &mut y, stats, (m, d), eps)?;
+                Data::F32(y)
+            }
+            Data::Low(s) => {
+                let mut y = dev.empty::<T>(m * d)?;
+                cu::layernorm::forward(&dev, s, g, b, &mut y, stats, (m, d), eps)?;
+                Data::Low(y)
+            }
+        };
+        Ok((Rc::new(self.value(&[m, d], data)), (mean, rstd)))
     }
 
     fn linear(
@@ -317,34 +344,20 @@ where
     fn layernorm_backward(
         &mut self,
         x: &Buf<T>,
+        (mean, rstd): &(CudaSlice<f32>, CudaSlice<f32>),
         norm: &Norm,
-        eps: f32,
+        _eps: f32,
         dy: CudaSlice<f32>,
     ) -> Result<(CudaSlice<f32>, CudaSlice<f32>, CudaSlice<f32>)> {
         let (m, d) = x.rows_cols("layernorm backward")?;
         let xs = x.f32("layernorm input")?;
         self.ensure_f32(&norm.w)?;
-        self.ensure_f32(&norm.b)?;
-        // The statistics are recomputed here rather than kept from the forward: one cheap pass
-        // over x, and the tape holds no per-op extras for LayerNorm.
         let dev = self.device().clone();
-        let mut scratch = dev.empty::<f32>(m * d)?;
-        let mut mean = dev.empty::<f32>(m)?;
-        let mut rstd = dev.empty::<f32>(m)?;
-        let (g, bta) = (self.f32_param(&norm.w.name)?, self.f32_param(&norm.b.name)?);
-        cu::layernorm::forward::<f32>(
-            &dev,
-            xs,
-            g,
-            bta,
-            &mut scratch,
-            Some((&mut mean, &mut rstd)),
-            (m, d),
-            eps,
-        )?;
+        let mut dx = dev.empty::<f32>(m * d)?;
+        let g = self.f32_param(&norm.w.name)?;
         let (dgamma, dbeta) =
-            cu::layernorm::backward::<f32>(&dev, xs, g, &mean, &rstd, &dy, &mut scratch, (m, d))?;
-        Ok((scratch, dgamma, dbeta))
+            cu::layernorm::backward::<f32>(&dev, xs, g, mean, rstd, &dy, &mut dx, (m, d))?;
+        Ok((dx, dgamma, dbeta))
     }
 
     fn linear_backward(

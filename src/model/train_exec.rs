@@ -34,6 +34,9 @@ pub trait TrainExec {
     type Grad;
     /// What attention's backward reads besides qkv (the probabilities, or flash statistics).
     type AttnSaved;
+    /// What LayerNorm's backward reads besides x (each row's mean and 1/std, or nothing when the
+    /// executor recomputes them).
+    type NormSaved;
 
     fn shape(v: &Self::Buf) -> &[usize];
 
@@ -53,7 +56,13 @@ pub trait TrainExec {
         pos: Option<&Param>,
         b: usize,
     ) -> Result<Self::Buf>;
-    fn layernorm(&mut self, x: &Self::Buf, norm: &Norm, eps: f32) -> Result<Self::Buf>;
+    /// (y, what the backward reads besides x)
+    fn layernorm(
+        &mut self,
+        x: &Self::Buf,
+        norm: &Norm,
+        eps: f32,
+    ) -> Result<(Self::Buf, Self::NormSaved)>;
     /// (y, the pre-activation when `act` is GELU)
     fn linear(
         &mut self,
@@ -112,6 +121,7 @@ pub trait TrainExec {
     fn layernorm_backward(
         &mut self,
         x: &Self::Buf,
+        saved: &Self::NormSaved,
         norm: &Norm,
         eps: f32,
         dy: Self::Grad,

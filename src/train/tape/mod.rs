@@ -40,6 +40,7 @@ enum Record<E: TrainExec> {
     LayerNorm {
         x: Var,
         xv: E::Buf,
+        saved: E::NormSaved,
         norm: Norm,
         eps: f32,
         out: Var,
@@ -348,6 +349,7 @@ impl<E: TrainExec> Tape<E> {
             Record::LayerNorm {
                 x,
                 xv,
+                saved,
                 norm,
                 eps,
                 out,
@@ -355,7 +357,7 @@ impl<E: TrainExec> Tape<E> {
                 let Some(dy) = vg[out.0].take() else {
                     return Ok(());
                 };
-                let (dx, dg, db) = ex.layernorm_backward(&xv, &norm, eps, dy)?;
+                let (dx, dg, db) = ex.layernorm_backward(&xv, &saved, &norm, eps, dy)?;
                 add_param(ex, params, &norm.w.name, dg)?;
                 add_param(ex, params, &norm.b.name, db)?;
                 accumulate(ex, vg, x, dx)?;
