@@ -234,7 +234,7 @@ impl TrainExec for CpuTrain {
     fn attention_backward(
         &mut self,
         qkv: &Tensor,
-        probs: &Vec<f32>,
+        probs: Vec<f32>,
         table: Option<TableRef<'_>>,
         d: AttnDims,
         dy: Vec<f32>,
@@ -245,7 +245,7 @@ impl TrainExec for CpuTrain {
             h: d.h,
             dh: d.dh,
         };
-        let (dqkv, dbias) = attention::backward(qkv.as_slice(), probs, table.is_some(), &ad, &dy);
+        let (dqkv, dbias) = attention::backward(qkv.as_slice(), &probs, table.is_some(), &ad, &dy);
         let dtable = match (table, dbias) {
             (Some(t), Some(db)) => {
                 let rows = t.table.value.shape()[0];

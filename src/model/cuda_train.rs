@@ -28,6 +28,55 @@ use crate::tensor::Tensor;
 
 type Buf<T> = Rc<DeviceValue<T>>;
 
+/// What attention in training reuses from step to step instead of allocating per call: the
+/// probability buffers P [B, H, N, N] that the backward hands back (each layer's P lives from its
+/// forward to its backward, so a step holds one per layer), and the backward's scratch for the
+/// last shape, per operand type (qkv at T from the blocks, or f32).
+pub struct TrainScratch<T> {
+    spare_probs: Vec<CudaSlice<f32>>,
+    backward_low: Option<cu::attention::BackwardScratch<T>>,
+    backward_f32: Option<cu::attention::BackwardScratch<f32>>,
+}
+
+impl<T> Default for TrainScratch<T> {
+    fn default() -> TrainScratch<T> {
+        TrainScratch {
+            spare_probs: Vec::new(),
+            backward_low: None,
+            backward_f32: None,
+        }
+    }
+}
+
+impl<T> TrainScratch<T> {
+    /// A P buffer of `len` values: a spare one if there is one of that size, else a new one
+    /// (spares of another size, from an earlier shape, are dropped).
+    fn probs(&mut self, dev: &cu::CudaDevice, len: usize) -> Result<CudaSlice<f32>> {
+        self.spare_probs.retain(|p| p.len() == len);
+        match self.spare_probs.pop() {
+            Some(p) => Ok(p),
+            None => dev.empty::<f32>(len.max(1)),
+        }
+    }
+}
+
+/// `slot`'s backward scratch, made anew when it is missing or for other dims.
+fn backward_scratch<'a, S: cu::Storage>(
+    dev: &cu::CudaDevice,
+    slot: &'a mut Option<cu::attention::BackwardScratch<S>>,
+    dims: &AttDims,
+) -> Result<&'a mut cu::attention::BackwardScratch<S>> {
+    let fits = slot.as_ref().is_some_and(|w| {
+        let d = w.dims();
+        (d.b, d.n, d.h, d.dh) == (dims.b, dims.n, dims.h, dims.dh)
+    });
+    if !fits {
+        *slot = None; // give the old scratch back before making the new one
+        *slot = Some(cu::attention::BackwardScratch::new(dev, dims)?);
+    }
+    Ok(slot.as_mut().expect("made above"))
+}
+
 impl<T: Compute> CudaExec<T>
 where
     CudaBlas: Gemm<T>,
@@ -205,16 +254,18 @@ where
         // Training runs the cuBLAS path, which keeps the probabilities backward reads.
         self.ensure_workspace(&dims)?;
         let mut out = self.device().empty::<T>(bn * d.h * d.dh)?;
+        let dev = self.device().clone();
+        let mut probs = self.train_scratch.probs(&dev, d.b * d.h * d.n * d.n)?;
         let mut ws = self.workspace.take();
         let mut tmp = None;
         let run = (|| {
             let xin = self.as_low(qkv, &mut tmp)?;
             let bias = bias_key.as_deref().map(|k| self.f32_param(k)).transpose()?;
             let w = ws.as_mut().map(|(w, _)| w);
-            T::attention_keep_probs(self.device(), xin, bias, &mut out, &dims, w)
+            T::attention_keep_probs(&dev, xin, bias, &mut out, &dims, w, &mut probs)
         })();
         self.workspace = ws;
-        let probs = run?;
+        run?;
         let y = self.value(&[bn, d.h * d.dh], Data::Low(out));
         Ok((Rc::new(y), probs))
     }
@@ -400,7 +451,7 @@ where
     fn attention_backward(
         &mut self,
         qkv: &Buf<T>,
-        probs: &CudaSlice<f32>,
+        probs: CudaSlice<f32>,
         table: Option<TableRef<'_>>,
         d: AttnDims,
         dy: CudaSlice<f32>,
@@ -413,26 +464,24 @@ where
             dh: d.dh,
         };
         let scale = (d.dh as f32).powf(-0.5);
+        let want_bias = table.is_some();
+        let sc = &mut self.train_scratch;
         let (dqkv, dbias) = match &qkv.data {
-            Data::F32(q) => cu::attention::backward_batched::<f32>(
-                &dev,
-                q,
-                probs,
-                &dy,
-                table.is_some(),
-                &dims,
-                scale,
-            )?,
-            Data::Low(q) => cu::attention::backward_batched::<T>(
-                &dev,
-                q,
-                probs,
-                &dy,
-                table.is_some(),
-                &dims,
-                scale,
-            )?,
+            Data::F32(q) => {
+                let ws = backward_scratch(&dev, &mut sc.backward_f32, &dims)?;
+                cu::attention::backward_batched_with::<f32>(
+                    &dev, q, &probs, &dy, want_bias, &dims, scale, ws,
+                )?
+            }
+            Data::Low(q) => {
+                let ws = backward_scratch(&dev, &mut sc.backward_low, &dims)?;
+                cu::attention::backward_batched_with::<T>(
+                    &dev, q, &probs, &dy, want_bias, &dims, scale, ws,
+                )?
+            }
         };
+        // P is read; the next step's forward of this shape writes into it again.
+        sc.spare_probs.push(probs);
         let dtable = match (table, dbias) {
             (Some(t), Some(db)) => {
                 if !self.relpos.contains_key(&t.table.name) {

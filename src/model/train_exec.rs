@@ -134,11 +134,12 @@ pub trait TrainExec {
         pre_gelu: Option<&Self::Buf>,
         dy: Self::Grad,
     ) -> Result<GradTriple<Self::Grad>>;
-    /// (dqkv, the table's gradient [rows, H] when there is a bias)
+    /// (dqkv, the table's gradient [rows, H] when there is a bias); `saved` is handed over, so an
+    /// executor may keep its buffers for the next forward.
     fn attention_backward(
         &mut self,
         qkv: &Self::Buf,
-        saved: &Self::AttnSaved,
+        saved: Self::AttnSaved,
         table: Option<TableRef<'_>>,
         dims: AttnDims,
         dy: Self::Grad,

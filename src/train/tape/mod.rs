@@ -340,7 +340,7 @@ impl<E: TrainExec> Tape<E> {
                 let tref = table
                     .as_ref()
                     .map(|(p, index)| TableRef { table: p, index });
-                let (dqkv, dtable) = ex.attention_backward(&qkvv, &saved, tref, dims, dy)?;
+                let (dqkv, dtable) = ex.attention_backward(&qkvv, saved, tref, dims, dy)?;
                 if let (Some((param, _)), Some(dt)) = (&table, dtable) {
                     add_param(ex, params, &param.name, dt)?;
                 }
