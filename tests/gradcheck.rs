@@ -488,6 +488,36 @@ mod on_cuda {
         });
     }
 
+    /// The tape's cross-entropy on the device against torch's loss and gradient (the fixture of
+    /// `cross_entropy_with_label_smoothing_matches_torch`).
+    fn cross_entropy_case(dev: &Arc<CudaDevice>) {
+        let fx = |n: &str| {
+            mood::npy::read_f32(
+                &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("tests/fixtures/train")
+                    .join(n),
+            )
+            .unwrap()
+            .1
+        };
+        let (logits, labels) = (fx("ce_logits.npy"), fx("ce_labels.npy"));
+        let (loss, grad) = (fx("ce_loss.npy"), fx("ce_grad.npy"));
+        let labels: Vec<usize> = labels.iter().map(|&l| l as usize).collect();
+        let mut tape = Tape::on(CudaExec::<f32>::new(Arc::clone(dev), "gradcheck", 8));
+        let z = Tensor::from_vec(&[labels.len(), 10], logits).unwrap();
+        let zv = tape.input(&z).unwrap();
+        let (ours, dz) = tape.cross_entropy(&zv, &labels, 0.1).unwrap();
+        let dz = tape.exec().grad_to_host(&dz).unwrap();
+        assert!(
+            (ours - loss[0]).abs() < 1e-5,
+            "cuda loss {ours} vs torch {}",
+            loss[0]
+        );
+        for (a, b) in dz.iter().zip(&grad) {
+            assert!((a - b).abs() < 1e-6, "cuda grad {a} vs torch {b}");
+        }
+    }
+
     #[test]
     fn cuda_tape_backward_matches_finite_differences() {
         let Some(dev) =
@@ -502,6 +532,7 @@ mod on_cuda {
         patch_embed_case(&dev);
         residual_case(&dev);
         mean_pool_case(&dev);
+        cross_entropy_case(&dev);
         println!("the CUDA tape's gradients match finite differences");
     }
 }

@@ -137,6 +137,38 @@ impl TrainExec for CpuTrain {
         Ok(v.clone())
     }
 
+    fn cross_entropy(
+        &mut self,
+        logits: &Tensor,
+        labels: &[usize],
+        smoothing: f32,
+    ) -> Result<(f32, Vec<f32>)> {
+        let (b, c) = loss_rows("cross_entropy logits", logits, labels.len())?;
+        if let Some(&bad) = labels.iter().find(|&&y| y >= c) {
+            return Err(Error::Data(format!(
+                "cross_entropy: label {bad} out of range for {c} classes"
+            )));
+        }
+        debug_assert_eq!(b, labels.len());
+        Ok(crate::train::loss::cross_entropy(
+            logits.as_slice(),
+            labels,
+            c,
+            smoothing,
+        ))
+    }
+
+    fn mse(&mut self, pred: &Tensor, target: &[f32]) -> Result<(f32, Vec<f32>)> {
+        if pred.numel() != target.len() {
+            return Err(Error::Data(format!(
+                "mse: {} predictions against {} targets",
+                pred.numel(),
+                target.len()
+            )));
+        }
+        Ok(crate::train::mim::mse(pred.as_slice(), target))
+    }
+
     fn grad_len(g: &Vec<f32>) -> usize {
         g.len()
     }
@@ -305,5 +337,15 @@ impl TrainExec for CpuTrain {
     fn gather_rows_backward(&mut self, dy: Vec<f32>, rows: &[usize], m: usize) -> Result<Vec<f32>> {
         let d = dy.len() / rows.len().max(1);
         Ok(elementwise::gather_rows_backward(&dy, rows, m, d))
+    }
+}
+
+/// (rows, columns) of a loss's input [B, C] whose B must be `rows`.
+fn loss_rows(what: &str, x: &Tensor, rows: usize) -> Result<(usize, usize)> {
+    match x.shape() {
+        &[b, c] if b == rows && b > 0 && c > 0 => Ok((b, c)),
+        s => Err(Error::Data(format!(
+            "{what}: shape {s:?} for {rows} labels (expected [{rows}, classes])"
+        ))),
     }
 }

@@ -316,6 +316,36 @@ where
         self.host_copy(v)
     }
 
+    fn cross_entropy(
+        &mut self,
+        logits: &Buf<T>,
+        labels: &[usize],
+        smoothing: f32,
+    ) -> Result<(f32, CudaSlice<f32>)> {
+        let (b, c) = logits.rows_cols("cross_entropy logits")?;
+        if b != labels.len() {
+            return Err(Error::Data(format!(
+                "cross_entropy: {b} rows of logits for {} labels",
+                labels.len()
+            )));
+        }
+        let z = logits.f32("cross_entropy logits")?;
+        cu::loss::cross_entropy(self.device(), z, labels, c, smoothing)
+    }
+
+    fn mse(&mut self, pred: &Buf<T>, target: &[f32]) -> Result<(f32, CudaSlice<f32>)> {
+        let (r, k) = pred.rows_cols("mse prediction")?;
+        if r * k != target.len() {
+            return Err(Error::Data(format!(
+                "mse: {} predictions against {} targets",
+                r * k,
+                target.len()
+            )));
+        }
+        let t = self.up(target)?;
+        cu::loss::mse(self.device(), pred.f32("mse prediction")?, &t, (r, k))
+    }
+
     fn grad_len(g: &CudaSlice<f32>) -> usize {
         g.len()
     }

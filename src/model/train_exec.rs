@@ -90,6 +90,19 @@ pub trait TrainExec {
     fn gather_rows(&mut self, x: &Self::Buf, rows: &[usize]) -> Result<Self::Buf>;
     fn to_host(&mut self, v: &Self::Buf) -> Result<Tensor>;
 
+    // --- losses: the scalar comes to the host, the gradient stays on the executor --------------
+    /// Cross-entropy with label smoothing ε of logits [B, C] against `labels` (B of them, each
+    /// < C), as `train::loss::cross_entropy`: (the batch-mean loss, dlogits).
+    fn cross_entropy(
+        &mut self,
+        logits: &Self::Buf,
+        labels: &[usize],
+        smoothing: f32,
+    ) -> Result<(f32, Self::Grad)>;
+    /// Mean squared error of pred [R, K] against `target` (R·K values), as `train::mim::mse`:
+    /// (loss, dpred).
+    fn mse(&mut self, pred: &Self::Buf, target: &[f32]) -> Result<(f32, Self::Grad)>;
+
     // --- gradients ---------------------------------------------------------------------------
     fn grad_len(g: &Self::Grad) -> usize;
     fn grad_from_host(&mut self, g: &[f32]) -> Result<Self::Grad>;
