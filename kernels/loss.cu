@@ -66,3 +66,40 @@ cross_entropy_sum(const double* row_loss, int B, float* loss) {
     for (int i = 0; i < B; ++i) total += row_loss[i];
     loss[0] = (float)(total / (double)B);
 }
+
+// Mean squared error of pred against target, both [R, K] (n = R·K values), as
+// src/train/mim.rs `mse`:
+//   loss = (1/n) Σ (p − t)²,  dp = 2 (p − t) / n,
+// the difference in f32 then squared and summed in f64 as the CPU does; row sums in a fixed
+// shuffle order, the total in row order (deterministic).
+//
+//   mse_rows: row_loss [R] (f64) = Σ_k (p − t)², and dp [R, K]
+//   mse_sum:  loss[0] = (f32)(Σ_rows row_loss / n), rows in order
+//
+// Launch shape: mse_rows: one warp per row, grid ceil(R / 4), block 128.
+//   mse_sum: grid 1, block 32 (lane 0 adds).
+
+extern "C" __global__ void __launch_bounds__(128)
+mse_rows(const float* pred, const float* target, int R, int K, double n, float* dp,
+         double* row_loss) {
+    const int lane = threadIdx.x & 31;
+    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= R) return;
+    const long long base = (long long)row * K;
+    double acc = 0.0;
+    for (int k = lane; k < K; k += 32) {
+        const float d = pred[base + k] - target[base + k];
+        acc += (double)d * (double)d;
+        dp[base + k] = (float)(2.0 * (double)d / n);
+    }
+    acc = ce_warp_sum(acc);
+    if (lane == 0) row_loss[row] = acc;
+}
+
+extern "C" __global__ void __launch_bounds__(32)
+mse_sum(const double* row_loss, int R, double n, float* loss) {
+    if (threadIdx.x != 0) return;
+    double total = 0.0;
+    for (int i = 0; i < R; ++i) total += row_loss[i];
+    loss[0] = (float)(total / n);
+}

@@ -470,6 +470,19 @@ fn cross_entropy(b: usize, c: usize, smoothing: f32) -> Case {
     Case("cross_entropy", format!("[{b}, {c}] ε = {smoothing}"), run)
 }
 
+fn mse(r: usize, k: usize) -> Case {
+    let run: Run = Box::new(move |dev, rng| {
+        let (p, t) = (randn(rng, r * k, 1.0), randn(rng, r * k, 1.0));
+        let (lw, gw) = mood::train::mim::mse(&p, &t);
+        let (l, g) = cu::loss::mse(dev, &dev.upload(&p)?, &dev.upload(&t)?, (r, k))?;
+        Ok(vec![
+            out("loss", vec![l], vec![lw], F64_TOL),
+            out("dpred", dev.download(&g)?, gw, F64_TOL),
+        ])
+    });
+    Case("mse", format!("[{r}, {k}]"), run)
+}
+
 fn layernorm_bwd(m: usize, d: usize) -> Case {
     let run: Run = Box::new(move |dev, rng| {
         let (x, g, b, dy) = (
@@ -548,6 +561,8 @@ fn cases() -> Vec<Case> {
         cross_entropy(5, 7, 0.0),
         cross_entropy(64, 1000, 0.1),
         cross_entropy(3, 1, 0.1),
+        mse(37, 48),
+        mse(3, 1),
         layernorm_bwd(300, 64),
         layernorm_bwd(2 * 197, 768),
     ]

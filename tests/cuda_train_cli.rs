@@ -100,14 +100,33 @@ fn finetune_on_cuda_matches_the_cpu_and_repeats() {
         "two CUDA runs with one seed wrote different checkpoints"
     );
 
-    // A bf16 checkpoint continued at f32 is another recipe: refused in one line.
-    let (code, _, err) = finetune(&bf16_ck, &["--device", "cuda", "--resume"], &env);
-    assert_ne!(code, 0);
-    let last = err.trim().lines().last().unwrap_or("");
-    assert!(
-        last.starts_with("error: cannot resume") && last.contains("--precision"),
-        "one line naming --precision: {err}"
-    );
+    // A bf16 checkpoint continued at f32 is another recipe, and the reverse: refused in one line
+    // naming both precisions.
+    for (ck, extra, want) in [
+        (
+            &bf16_ck,
+            &[][..],
+            "--precision (the checkpoint: bf16, this run: f32)",
+        ),
+        (
+            &a,
+            &["--precision", "bf16"][..],
+            "--precision (the checkpoint: f32, this run: bf16)",
+        ),
+    ] {
+        let args: Vec<&str> = ["--device", "cuda", "--resume"]
+            .iter()
+            .chain(extra)
+            .copied()
+            .collect();
+        let (code, _, err) = finetune(ck, &args, &env);
+        assert_ne!(code, 0);
+        let last = err.trim().lines().last().unwrap_or("");
+        assert!(
+            last.starts_with("error: cannot resume") && last.contains(want),
+            "one line naming {want}: {err}"
+        );
+    }
 }
 
 #[test]

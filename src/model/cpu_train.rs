@@ -21,6 +21,8 @@ impl TrainExec for CpuTrain {
     type Grad = Vec<f32>;
     /// The softmax probabilities [B, H, N, N].
     type AttnSaved = Vec<f32>;
+    /// Nothing: the backward recomputes each row's mean and 1/std from x (one cheap pass).
+    type NormSaved = ();
 
     fn shape(v: &Tensor) -> &[usize] {
         v.shape()
@@ -63,8 +65,11 @@ impl TrainExec for CpuTrain {
         backend::assemble_tokens(patches, &cls.value, pos.map(|p| &p.value), b)
     }
 
-    fn layernorm(&mut self, x: &Tensor, norm: &Norm, eps: f32) -> Result<Tensor> {
-        backend::layernorm(x, &norm.w.value, &norm.b.value, eps)
+    fn layernorm(&mut self, x: &Tensor, norm: &Norm, eps: f32) -> Result<(Tensor, ())> {
+        Ok((
+            backend::layernorm(x, &norm.w.value, &norm.b.value, eps)?,
+            (),
+        ))
     }
 
     fn linear(
@@ -132,6 +137,38 @@ impl TrainExec for CpuTrain {
         Ok(v.clone())
     }
 
+    fn cross_entropy(
+        &mut self,
+        logits: &Tensor,
+        labels: &[usize],
+        smoothing: f32,
+    ) -> Result<(f32, Vec<f32>)> {
+        let (b, c) = loss_rows("cross_entropy logits", logits, labels.len())?;
+        if let Some(&bad) = labels.iter().find(|&&y| y >= c) {
+            return Err(Error::Data(format!(
+                "cross_entropy: label {bad} out of range for {c} classes"
+            )));
+        }
+        debug_assert_eq!(b, labels.len());
+        Ok(crate::train::loss::cross_entropy(
+            logits.as_slice(),
+            labels,
+            c,
+            smoothing,
+        ))
+    }
+
+    fn mse(&mut self, pred: &Tensor, target: &[f32]) -> Result<(f32, Vec<f32>)> {
+        if pred.numel() != target.len() {
+            return Err(Error::Data(format!(
+                "mse: {} predictions against {} targets",
+                pred.numel(),
+                target.len()
+            )));
+        }
+        Ok(crate::train::mim::mse(pred.as_slice(), target))
+    }
+
     fn grad_len(g: &Vec<f32>) -> usize {
         g.len()
     }
@@ -194,6 +231,7 @@ impl TrainExec for CpuTrain {
     fn layernorm_backward(
         &mut self,
         x: &Tensor,
+        _: &(),
         norm: &Norm,
         eps: f32,
         dy: Vec<f32>,
@@ -228,7 +266,7 @@ impl TrainExec for CpuTrain {
     fn attention_backward(
         &mut self,
         qkv: &Tensor,
-        probs: &Vec<f32>,
+        probs: Vec<f32>,
         table: Option<TableRef<'_>>,
         d: AttnDims,
         dy: Vec<f32>,
@@ -239,7 +277,7 @@ impl TrainExec for CpuTrain {
             h: d.h,
             dh: d.dh,
         };
-        let (dqkv, dbias) = attention::backward(qkv.as_slice(), probs, table.is_some(), &ad, &dy);
+        let (dqkv, dbias) = attention::backward(qkv.as_slice(), &probs, table.is_some(), &ad, &dy);
         let dtable = match (table, dbias) {
             (Some(t), Some(db)) => {
                 let rows = t.table.value.shape()[0];
@@ -299,5 +337,15 @@ impl TrainExec for CpuTrain {
     fn gather_rows_backward(&mut self, dy: Vec<f32>, rows: &[usize], m: usize) -> Result<Vec<f32>> {
         let d = dy.len() / rows.len().max(1);
         Ok(elementwise::gather_rows_backward(&dy, rows, m, d))
+    }
+}
+
+/// (rows, columns) of a loss's input [B, C] whose B must be `rows`.
+fn loss_rows(what: &str, x: &Tensor, rows: usize) -> Result<(usize, usize)> {
+    match x.shape() {
+        &[b, c] if b == rows && b > 0 && c > 0 => Ok((b, c)),
+        s => Err(Error::Data(format!(
+            "{what}: shape {s:?} for {rows} labels (expected [{rows}, classes])"
+        ))),
     }
 }

@@ -115,7 +115,9 @@ pub trait Compute: Storage {
         ws: Option<&mut Workspace<Self>>,
     ) -> Result<()>;
 
-    /// The cuBLAS path that also returns the probabilities [B, H, N, N] (f32) for backward.
+    /// The cuBLAS path that also keeps the probabilities [B, H, N, N] (f32) for backward, in
+    /// the caller's `probs` (no allocation).
+    #[allow(clippy::too_many_arguments)]
     fn attention_keep_probs(
         dev: &CudaDevice,
         qkv: &CudaSlice<Self>,
@@ -123,7 +125,8 @@ pub trait Compute: Storage {
         out: &mut CudaSlice<Self>,
         dims: &Dims,
         ws: Option<&mut Workspace<Self>>,
-    ) -> Result<CudaSlice<f32>>;
+        probs: &mut CudaSlice<f32>,
+    ) -> Result<()>;
 }
 
 fn workspace<'a, T>(
@@ -166,17 +169,11 @@ impl Compute for f32 {
         out: &mut CudaSlice<f32>,
         dims: &Dims,
         ws: Option<&mut Workspace<f32>>,
-    ) -> Result<CudaSlice<f32>> {
+        probs: &mut CudaSlice<f32>,
+    ) -> Result<()> {
         let scale = (dims.dh as f32).powf(-0.5);
-        cu::attention::forward_keep_probs_f32(
-            dev,
-            qkv,
-            bias,
-            out,
-            dims,
-            scale,
-            workspace(ws, dims)?,
-        )
+        let ws = workspace(ws, dims)?;
+        cu::attention::forward_keep_probs_f32_into(dev, qkv, bias, out, dims, scale, ws, probs)
     }
 }
 
@@ -210,16 +207,10 @@ impl Compute for half::bf16 {
         out: &mut CudaSlice<half::bf16>,
         dims: &Dims,
         ws: Option<&mut Workspace<half::bf16>>,
-    ) -> Result<CudaSlice<f32>> {
+        probs: &mut CudaSlice<f32>,
+    ) -> Result<()> {
         let scale = (dims.dh as f32).powf(-0.5);
-        cu::attention::forward_keep_probs_bf16(
-            dev,
-            qkv,
-            bias,
-            out,
-            dims,
-            scale,
-            workspace(ws, dims)?,
-        )
+        let ws = workspace(ws, dims)?;
+        cu::attention::forward_keep_probs_bf16_into(dev, qkv, bias, out, dims, scale, ws, probs)
     }
 }

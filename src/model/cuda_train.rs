@@ -28,6 +28,55 @@ use crate::tensor::Tensor;
 
 type Buf<T> = Rc<DeviceValue<T>>;
 
+/// What attention in training reuses from step to step instead of allocating per call: the
+/// probability buffers P [B, H, N, N] that the backward hands back (each layer's P lives from its
+/// forward to its backward, so a step holds one per layer), and the backward's scratch for the
+/// last shape, per operand type (qkv at T from the blocks, or f32).
+pub struct TrainScratch<T> {
+    spare_probs: Vec<CudaSlice<f32>>,
+    backward_low: Option<cu::attention::BackwardScratch<T>>,
+    backward_f32: Option<cu::attention::BackwardScratch<f32>>,
+}
+
+impl<T> Default for TrainScratch<T> {
+    fn default() -> TrainScratch<T> {
+        TrainScratch {
+            spare_probs: Vec::new(),
+            backward_low: None,
+            backward_f32: None,
+        }
+    }
+}
+
+impl<T> TrainScratch<T> {
+    /// A P buffer of `len` values: a spare one if there is one of that size, else a new one
+    /// (spares of another size, from an earlier shape, are dropped).
+    fn probs(&mut self, dev: &cu::CudaDevice, len: usize) -> Result<CudaSlice<f32>> {
+        self.spare_probs.retain(|p| p.len() == len);
+        match self.spare_probs.pop() {
+            Some(p) => Ok(p),
+            None => dev.empty::<f32>(len.max(1)),
+        }
+    }
+}
+
+/// `slot`'s backward scratch, made anew when it is missing or for other dims.
+fn backward_scratch<'a, S: cu::Storage>(
+    dev: &cu::CudaDevice,
+    slot: &'a mut Option<cu::attention::BackwardScratch<S>>,
+    dims: &AttDims,
+) -> Result<&'a mut cu::attention::BackwardScratch<S>> {
+    let fits = slot.as_ref().is_some_and(|w| {
+        let d = w.dims();
+        (d.b, d.n, d.h, d.dh) == (dims.b, dims.n, dims.h, dims.dh)
+    });
+    if !fits {
+        *slot = None; // give the old scratch back before making the new one
+        *slot = Some(cu::attention::BackwardScratch::new(dev, dims)?);
+    }
+    Ok(slot.as_mut().expect("made above"))
+}
+
 impl<T: Compute> CudaExec<T>
 where
     CudaBlas: Gemm<T>,
@@ -49,6 +98,8 @@ where
     type Grad = CudaSlice<f32>;
     /// The softmax probabilities [B, H, N, N] (f32).
     type AttnSaved = CudaSlice<f32>;
+    /// Each row's mean and 1/std [M] (f32), as the forward computed them.
+    type NormSaved = (CudaSlice<f32>, CudaSlice<f32>);
 
     fn shape(v: &Buf<T>) -> &[usize] {
         v.shape()
@@ -114,8 +165,33 @@ where
         Ok(Rc::new(self.assemble_ref(patches, cls, pos, b)?))
     }
 
-    fn layernorm(&mut self, x: &Buf<T>, norm: &Norm, eps: f32) -> Result<Buf<T>> {
-        Ok(Rc::new(self.layernorm_ref(x, norm, eps)?))
+    fn layernorm(
+        &mut self,
+        x: &Buf<T>,
+        norm: &Norm,
+        eps: f32,
+    ) -> Result<(Buf<T>, (CudaSlice<f32>, CudaSlice<f32>))> {
+        let (m, d) = x.rows_cols("layernorm")?;
+        self.ensure_f32(&norm.w)?;
+        self.ensure_f32(&norm.b)?;
+        let dev = self.device().clone();
+        let (g, b) = (self.f32_param(&norm.w.name)?, self.f32_param(&norm.b.name)?);
+        let (mut mean, mut rstd) = (dev.empty::<f32>(m)?, dev.empty::<f32>(m)?);
+        let stats = Some((&mut mean, &mut rstd));
+        // Output precision as the inference forward: f32 from the f32 residual stream.
+        let data = match &x.data {
+            Data::F32(s) => {
+                let mut y = dev.empty::<f32>(m * d)?;
+                cu::layernorm::forward(&dev, s, g, b, &mut y, stats, (m, d), eps)?;
+                Data::F32(y)
+            }
+            Data::Low(s) => {
+                let mut y = dev.empty::<T>(m * d)?;
+                cu::layernorm::forward(&dev, s, g, b, &mut y, stats, (m, d), eps)?;
+                Data::Low(y)
+            }
+        };
+        Ok((Rc::new(self.value(&[m, d], data)), (mean, rstd)))
     }
 
     fn linear(
@@ -178,16 +254,18 @@ where
         // Training runs the cuBLAS path, which keeps the probabilities backward reads.
         self.ensure_workspace(&dims)?;
         let mut out = self.device().empty::<T>(bn * d.h * d.dh)?;
+        let dev = self.device().clone();
+        let mut probs = self.train_scratch.probs(&dev, d.b * d.h * d.n * d.n)?;
         let mut ws = self.workspace.take();
         let mut tmp = None;
         let run = (|| {
             let xin = self.as_low(qkv, &mut tmp)?;
             let bias = bias_key.as_deref().map(|k| self.f32_param(k)).transpose()?;
             let w = ws.as_mut().map(|(w, _)| w);
-            T::attention_keep_probs(self.device(), xin, bias, &mut out, &dims, w)
+            T::attention_keep_probs(&dev, xin, bias, &mut out, &dims, w, &mut probs)
         })();
         self.workspace = ws;
-        let probs = run?;
+        run?;
         let y = self.value(&[bn, d.h * d.dh], Data::Low(out));
         Ok((Rc::new(y), probs))
     }
@@ -236,6 +314,36 @@ where
 
     fn to_host(&mut self, v: &Buf<T>) -> Result<Tensor> {
         self.host_copy(v)
+    }
+
+    fn cross_entropy(
+        &mut self,
+        logits: &Buf<T>,
+        labels: &[usize],
+        smoothing: f32,
+    ) -> Result<(f32, CudaSlice<f32>)> {
+        let (b, c) = logits.rows_cols("cross_entropy logits")?;
+        if b != labels.len() {
+            return Err(Error::Data(format!(
+                "cross_entropy: {b} rows of logits for {} labels",
+                labels.len()
+            )));
+        }
+        let z = logits.f32("cross_entropy logits")?;
+        cu::loss::cross_entropy(self.device(), z, labels, c, smoothing)
+    }
+
+    fn mse(&mut self, pred: &Buf<T>, target: &[f32]) -> Result<(f32, CudaSlice<f32>)> {
+        let (r, k) = pred.rows_cols("mse prediction")?;
+        if r * k != target.len() {
+            return Err(Error::Data(format!(
+                "mse: {} predictions against {} targets",
+                r * k,
+                target.len()
+            )));
+        }
+        let t = self.up(target)?;
+        cu::loss::mse(self.device(), pred.f32("mse prediction")?, &t, (r, k))
     }
 
     fn grad_len(g: &CudaSlice<f32>) -> usize {
@@ -317,34 +425,20 @@ where
     fn layernorm_backward(
         &mut self,
         x: &Buf<T>,
+        (mean, rstd): &(CudaSlice<f32>, CudaSlice<f32>),
         norm: &Norm,
-        eps: f32,
+        _eps: f32,
         dy: CudaSlice<f32>,
     ) -> Result<(CudaSlice<f32>, CudaSlice<f32>, CudaSlice<f32>)> {
         let (m, d) = x.rows_cols("layernorm backward")?;
         let xs = x.f32("layernorm input")?;
         self.ensure_f32(&norm.w)?;
-        self.ensure_f32(&norm.b)?;
-        // The statistics are recomputed here rather than kept from the forward: one cheap pass
-        // over x, and the tape holds no per-op extras for LayerNorm.
         let dev = self.device().clone();
-        let mut scratch = dev.empty::<f32>(m * d)?;
-        let mut mean = dev.empty::<f32>(m)?;
-        let mut rstd = dev.empty::<f32>(m)?;
-        let (g, bta) = (self.f32_param(&norm.w.name)?, self.f32_param(&norm.b.name)?);
-        cu::layernorm::forward::<f32>(
-            &dev,
-            xs,
-            g,
-            bta,
-            &mut scratch,
-            Some((&mut mean, &mut rstd)),
-            (m, d),
-            eps,
-        )?;
+        let mut dx = dev.empty::<f32>(m * d)?;
+        let g = self.f32_param(&norm.w.name)?;
         let (dgamma, dbeta) =
-            cu::layernorm::backward::<f32>(&dev, xs, g, &mean, &rstd, &dy, &mut scratch, (m, d))?;
-        Ok((scratch, dgamma, dbeta))
+            cu::layernorm::backward::<f32>(&dev, xs, g, mean, rstd, &dy, &mut dx, (m, d))?;
+        Ok((dx, dgamma, dbeta))
     }
 
     fn linear_backward(
@@ -387,7 +481,7 @@ where
     fn attention_backward(
         &mut self,
         qkv: &Buf<T>,
-        probs: &CudaSlice<f32>,
+        probs: CudaSlice<f32>,
         table: Option<TableRef<'_>>,
         d: AttnDims,
         dy: CudaSlice<f32>,
@@ -400,26 +494,24 @@ where
             dh: d.dh,
         };
         let scale = (d.dh as f32).powf(-0.5);
+        let want_bias = table.is_some();
+        let sc = &mut self.train_scratch;
         let (dqkv, dbias) = match &qkv.data {
-            Data::F32(q) => cu::attention::backward_batched::<f32>(
-                &dev,
-                q,
-                probs,
-                &dy,
-                table.is_some(),
-                &dims,
-                scale,
-            )?,
-            Data::Low(q) => cu::attention::backward_batched::<T>(
-                &dev,
-                q,
-                probs,
-                &dy,
-                table.is_some(),
-                &dims,
-                scale,
-            )?,
+            Data::F32(q) => {
+                let ws = backward_scratch(&dev, &mut sc.backward_f32, &dims)?;
+                cu::attention::backward_batched_with::<f32>(
+                    &dev, q, &probs, &dy, want_bias, &dims, scale, ws,
+                )?
+            }
+            Data::Low(q) => {
+                let ws = backward_scratch(&dev, &mut sc.backward_low, &dims)?;
+                cu::attention::backward_batched_with::<T>(
+                    &dev, q, &probs, &dy, want_bias, &dims, scale, ws,
+                )?
+            }
         };
+        // P is read; the next step's forward of this shape writes into it again.
+        sc.spare_probs.push(probs);
         let dtable = match (table, dbias) {
             (Some(t), Some(db)) => {
                 if !self.relpos.contains_key(&t.table.name) {

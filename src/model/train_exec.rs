@@ -34,6 +34,9 @@ pub trait TrainExec {
     type Grad;
     /// What attention's backward reads besides qkv (the probabilities, or flash statistics).
     type AttnSaved;
+    /// What LayerNorm's backward reads besides x (each row's mean and 1/std, or nothing when the
+    /// executor recomputes them).
+    type NormSaved;
 
     fn shape(v: &Self::Buf) -> &[usize];
 
@@ -53,7 +56,13 @@ pub trait TrainExec {
         pos: Option<&Param>,
         b: usize,
     ) -> Result<Self::Buf>;
-    fn layernorm(&mut self, x: &Self::Buf, norm: &Norm, eps: f32) -> Result<Self::Buf>;
+    /// (y, what the backward reads besides x)
+    fn layernorm(
+        &mut self,
+        x: &Self::Buf,
+        norm: &Norm,
+        eps: f32,
+    ) -> Result<(Self::Buf, Self::NormSaved)>;
     /// (y, the pre-activation when `act` is GELU)
     fn linear(
         &mut self,
@@ -80,6 +89,19 @@ pub trait TrainExec {
     fn mask_rows(&mut self, x: &Self::Buf, mask: &[bool], token: &Param) -> Result<Self::Buf>;
     fn gather_rows(&mut self, x: &Self::Buf, rows: &[usize]) -> Result<Self::Buf>;
     fn to_host(&mut self, v: &Self::Buf) -> Result<Tensor>;
+
+    // --- losses: the scalar comes to the host, the gradient stays on the executor --------------
+    /// Cross-entropy with label smoothing ε of logits [B, C] against `labels` (B of them, each
+    /// < C), as `train::loss::cross_entropy`: (the batch-mean loss, dlogits).
+    fn cross_entropy(
+        &mut self,
+        logits: &Self::Buf,
+        labels: &[usize],
+        smoothing: f32,
+    ) -> Result<(f32, Self::Grad)>;
+    /// Mean squared error of pred [R, K] against `target` (R·K values), as `train::mim::mse`:
+    /// (loss, dpred).
+    fn mse(&mut self, pred: &Self::Buf, target: &[f32]) -> Result<(f32, Self::Grad)>;
 
     // --- gradients ---------------------------------------------------------------------------
     fn grad_len(g: &Self::Grad) -> usize;
@@ -112,6 +134,7 @@ pub trait TrainExec {
     fn layernorm_backward(
         &mut self,
         x: &Self::Buf,
+        saved: &Self::NormSaved,
         norm: &Norm,
         eps: f32,
         dy: Self::Grad,
@@ -124,11 +147,12 @@ pub trait TrainExec {
         pre_gelu: Option<&Self::Buf>,
         dy: Self::Grad,
     ) -> Result<GradTriple<Self::Grad>>;
-    /// (dqkv, the table's gradient [rows, H] when there is a bias)
+    /// (dqkv, the table's gradient [rows, H] when there is a bias); `saved` is handed over, so an
+    /// executor may keep its buffers for the next forward.
     fn attention_backward(
         &mut self,
         qkv: &Self::Buf,
-        saved: &Self::AttnSaved,
+        saved: Self::AttnSaved,
         table: Option<TableRef<'_>>,
         dims: AttnDims,
         dy: Self::Grad,

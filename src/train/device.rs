@@ -1,6 +1,7 @@
 //! Where a training step runs. A step (train/step.rs) is written once over `TrainDevice`: it asks
-//! for a tape, runs the model's forward on it, computes the loss on the host from the (small)
-//! outputs, and hands the tape back for backward, clipping and the update. `OnCpu` updates the
+//! for a tape, runs the model's forward on it, computes the loss on the tape's executor (only the
+//! scalar comes back to the host), and hands the tape back with the loss's gradient for backward,
+//! clipping and the update. `OnCpu` updates the
 //! host parameters with `optim::AdamW`; `OnCuda` keeps f32 masters and AdamW's moments on the
 //! device (one multi-tensor launch per step) and copies them back only when the loop saves.
 
@@ -43,12 +44,12 @@ pub trait TrainDevice {
     fn start(&mut self, params: &BTreeMap<String, Tensor>, opt: &AdamW) -> Result<()>;
     /// A tape for one step, with drop-path at `drop_path` (linspace over `depth` blocks).
     fn tape(&mut self, drop_path: f32, depth: usize, seed: u64) -> Result<Tape<Self::E>>;
-    /// Backward from `seeds`, gradient clipping at `clip` (0: none) and one AdamW update at `lr`;
+    /// Backward from `seeds` (gradients on the executor), gradient clipping at `clip` (0: none) and one AdamW update at `lr`;
     /// returns the gradient norm before clipping.
     fn update(
         &mut self,
         tape: Tape<Self::E>,
-        seeds: Vec<(Var, Vec<f32>)>,
+        seeds: Vec<(Var, <Self::E as TrainExec>::Grad)>,
         params: &mut BTreeMap<String, Tensor>,
         opt: &mut AdamW,
         lr: f32,
@@ -81,7 +82,7 @@ impl TrainDevice for OnCpu {
         lr: f32,
         clip: f32,
     ) -> Result<f32> {
-        let grads = tape.backward_many(seeds)?;
+        let (grads, _) = tape.backward_from(seeds)?;
         Ok(clip_and_update(opt, params, &grads.params, lr, clip))
     }
 
@@ -167,13 +168,13 @@ mod cuda {
         fn update(
             &mut self,
             tape: Tape<CudaExec<T>>,
-            seeds: Vec<(Var, Vec<f32>)>,
+            seeds: Vec<(Var, cudarc::driver::CudaSlice<f32>)>,
             _params: &mut BTreeMap<String, Tensor>,
             _opt: &mut AdamW,
             lr: f32,
             clip: f32,
         ) -> Result<f32> {
-            let (grads, mut exec) = tape.backward_keep(seeds)?;
+            let (grads, mut exec) = tape.backward_from(seeds)?;
             let mut names: Vec<&String> = grads.params.keys().collect();
             names.sort();
             // The norm sums the tensors in name order, so a run repeats bit for bit.

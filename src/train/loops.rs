@@ -284,6 +284,13 @@ fn settings_differences(old: &serde_json::Value, new: &serde_json::Value) -> Vec
     let (mut a, mut b) = (serde_json::Map::new(), serde_json::Map::new());
     flatten(old, "", &mut a);
     flatten(new, "", &mut b);
+    // An f32 run records no precision (`record_precision`): absent means f32, so a bf16
+    // checkpoint resumed at f32, or the reverse, is named with both precisions.
+    if a.contains_key("precision") || b.contains_key("precision") {
+        for m in [&mut a, &mut b] {
+            m.entry("precision").or_insert_with(|| "f32".into());
+        }
+    }
     b.retain(|k, _| a.contains_key(k));
     crate::store::differences(
         &serde_json::Value::Object(a),

@@ -1,5 +1,5 @@
-//! One supervised fine-tuning step: forward on the tape, cross-entropy with label smoothing,
-//! backward, gradient clipping, AdamW. Parameters live in a name → tensor map (the checkpoint's
+//! One supervised fine-tuning step: forward on the tape, cross-entropy with label smoothing (on
+//! the tape's executor: a CUDA step copies back only the loss), backward, gradient clipping, AdamW. Parameters live in a name → tensor map (the checkpoint's
 //! names); the model is rebuilt over them each step without copying (derived tensors such as the
 //! dense relative-position bias are recomputed from the updated tables).
 
@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use crate::error::{Error, Result};
 use crate::model::exec::Exec;
+use crate::model::train_exec::TrainExec;
 use crate::model::{VisionTransformer, VitConfig};
 use crate::tensor::Tensor;
 use crate::train::device::{OnCpu, TrainDevice};
@@ -116,16 +117,17 @@ pub fn finetune_step_on<D: TrainDevice>(
     let mut tape = dev.tape(sc.drop_path, cfg.depth, sc.seed)?;
     let (_, logits) = model.forward_with(&mut tape, images)?;
     let logits = logits.expect("head checked above");
-    let z = tape.to_host(&logits)?;
-    let z = z.as_slice();
     let (loss, dlogits) = match &sc.groups {
-        None => cross_entropy(z, labels, classes, sc.label_smoothing),
+        // On the device: only the loss comes back.
+        None => tape.cross_entropy(&logits, labels, sc.label_smoothing)?,
         Some(groups) => {
+            let z = tape.to_host(&logits)?;
             let per_group: Vec<Vec<usize>> = labels
                 .iter()
                 .map(|&l| group_labels(l, groups).expect("labels checked above"))
                 .collect();
-            group_softmax(z, groups, &per_group)
+            let (loss, dz) = group_softmax(z.as_slice(), groups, &per_group);
+            (loss, tape.exec().grad_from_host(&dz)?)
         }
     };
     drop((model, store));
@@ -219,7 +221,7 @@ pub fn mim_step_on<D: TrainDevice>(
     sc: &StepConfig,
 ) -> Result<StepStats> {
     use crate::model::layers::{Linear, LinearBias, Norm, Param};
-    use crate::train::mim::{masked_token_rows, mse, patch_targets};
+    use crate::train::mim::{masked_token_rows, patch_targets};
     let (store, model) = build(cfg, params, lr)?;
     let d = cfg.embed_dim;
     let k = cfg.in_chans * cfg.patch_size * cfg.patch_size;
@@ -251,7 +253,7 @@ pub fn mim_step_on<D: TrainDevice>(
         .filter(|&i| mask[i])
         .flat_map(|i| all[i * k..(i + 1) * k].iter().copied())
         .collect();
-    let (loss, dpred) = mse(tape.to_host(&pred)?.as_slice(), &target);
+    let (loss, dpred) = tape.mse(&pred, &target)?;
     drop((model, store, token, norm, head));
     check_loss(loss)?;
     let grad_norm = dev.update(tape, vec![(pred, dpred)], params, opt, lr, sc.clip_grad)?;

@@ -1,5 +1,6 @@
 //! Launchers of kernels/loss.cu: cross-entropy with label smoothing and its gradient, as
-//! src/train/loss.rs `cross_entropy` (f64 inside, deterministic sums).
+//! src/train/loss.rs `cross_entropy`, and the mean squared error of masked image modelling, as
+//! src/train/mim.rs `mse` (f64 inside, deterministic sums).
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
@@ -80,4 +81,56 @@ pub fn cross_entropy(
     let labels = dev.upload(&host)?;
     let (loss, dz) = cross_entropy_device(dev, logits, &labels, classes, smoothing)?;
     Ok((dev.download(&loss)?[0], dz))
+}
+
+/// Mean squared error of `pred` against `target`, both [R, K] (n = R·K): loss = Σ (p − t)² / n
+/// and dpred = 2 (p − t) / n, as `train::mim::mse` (f64 sums; only their order differs).
+/// Returns (loss [1] on the device, dpred [R, K]); no host synchronisation.
+pub fn mse_device(
+    dev: &CudaDevice,
+    pred: &CudaSlice<f32>,
+    target: &CudaSlice<f32>,
+    (r, k): (usize, usize),
+) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
+    check_len("mse pred", pred, r * k)?;
+    check_len("mse target", target, r * k)?;
+    if r * k == 0 {
+        return Err(Error::Cuda(format!("mse: no values ({r} rows of {k})")));
+    }
+    let (ri, ki) = (as_i32("R", r)?, as_i32("K", k)?);
+    let n = (r * k) as f64;
+    let mut dp = dev.empty::<f32>(r * k)?;
+    let mut loss = dev.empty::<f32>(1)?;
+    let mut rows = dev.empty::<f64>(r)?;
+    let f = dev.function("loss", "mse_rows")?;
+    // SAFETY: pred, target and dp hold R·K values, rows R.
+    unsafe {
+        launch!(
+            dev,
+            f,
+            "mse_rows",
+            dev.warp_per_row(r),
+            [pred, target, &ri, &ki, &n, &mut dp, &mut rows]
+        )
+    }?;
+    let f = dev.function("loss", "mse_sum")?;
+    let cfg = LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: rows holds R values, loss 1.
+    unsafe { launch!(dev, f, "mse_sum", cfg, [&rows, &ri, &n, &mut loss]) }?;
+    Ok((loss, dp))
+}
+
+/// `mse_device` with the loss downloaded (4 bytes, one sync): (loss, dpred [R, K]).
+pub fn mse(
+    dev: &CudaDevice,
+    pred: &CudaSlice<f32>,
+    target: &CudaSlice<f32>,
+    dims: (usize, usize),
+) -> Result<(f32, CudaSlice<f32>)> {
+    let (loss, dp) = mse_device(dev, pred, target, dims)?;
+    Ok((dev.download(&loss)?[0], dp))
 }

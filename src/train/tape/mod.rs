@@ -40,6 +40,7 @@ enum Record<E: TrainExec> {
     LayerNorm {
         x: Var,
         xv: E::Buf,
+        saved: E::NormSaved,
         norm: Norm,
         eps: f32,
         out: Var,
@@ -220,16 +221,43 @@ impl<E: TrainExec> Tape<E> {
 
     /// `backward_many`, handing the executor back (it holds the parameters on a device).
     pub fn backward_keep(mut self, seeds: Vec<(Var, Vec<f32>)>) -> Result<(Grads<E::Grad>, E)> {
+        let seeds = seeds
+            .into_iter()
+            .map(|(v, g)| Ok((v, self.exec.grad_from_host(&g)?)))
+            .collect::<Result<Vec<_>>>()?;
+        self.backward_from(seeds)
+    }
+
+    /// Cross-entropy with label smoothing of the logits `v` [B, C], on the executor (only the
+    /// loss comes back): (loss, dlogits, the seed of `backward_from`).
+    pub fn cross_entropy(
+        &mut self,
+        v: &Var,
+        labels: &[usize],
+        smoothing: f32,
+    ) -> Result<(f32, E::Grad)> {
+        let z = self.get(*v).clone();
+        self.exec.cross_entropy(&z, labels, smoothing)
+    }
+
+    /// Mean squared error of `v` against `target`, on the executor: (loss, dv).
+    pub fn mse(&mut self, v: &Var, target: &[f32]) -> Result<(f32, E::Grad)> {
+        let p = self.get(*v).clone();
+        self.exec.mse(&p, target)
+    }
+
+    /// Backward from gradients already on the executor (a loss computed there), handing the
+    /// executor back.
+    pub fn backward_from(mut self, seeds: Vec<(Var, E::Grad)>) -> Result<(Grads<E::Grad>, E)> {
         let mut vg: Vec<Option<E::Grad>> = (0..self.values.len()).map(|_| None).collect();
-        for (out, dout) in seeds {
+        for (out, g) in seeds {
             let have: usize = E::shape(self.get(out)).iter().product();
-            if dout.len() != have {
+            if E::grad_len(&g) != have {
                 return Err(Error::Data(format!(
                     "backward: gradient has {} values, output has {have}",
-                    dout.len(),
+                    E::grad_len(&g),
                 )));
             }
-            let g = self.exec.grad_from_host(&dout)?;
             accumulate(&mut self.exec, &mut vg, out, g)?;
         }
         // Forward values are no longer needed: records hold what backward reads.
@@ -339,7 +367,7 @@ impl<E: TrainExec> Tape<E> {
                 let tref = table
                     .as_ref()
                     .map(|(p, index)| TableRef { table: p, index });
-                let (dqkv, dtable) = ex.attention_backward(&qkvv, &saved, tref, dims, dy)?;
+                let (dqkv, dtable) = ex.attention_backward(&qkvv, saved, tref, dims, dy)?;
                 if let (Some((param, _)), Some(dt)) = (&table, dtable) {
                     add_param(ex, params, &param.name, dt)?;
                 }
@@ -348,6 +376,7 @@ impl<E: TrainExec> Tape<E> {
             Record::LayerNorm {
                 x,
                 xv,
+                saved,
                 norm,
                 eps,
                 out,
@@ -355,7 +384,7 @@ impl<E: TrainExec> Tape<E> {
                 let Some(dy) = vg[out.0].take() else {
                     return Ok(());
                 };
-                let (dx, dg, db) = ex.layernorm_backward(&xv, &norm, eps, dy)?;
+                let (dx, dg, db) = ex.layernorm_backward(&xv, &saved, &norm, eps, dy)?;
                 add_param(ex, params, &norm.w.name, dg)?;
                 add_param(ex, params, &norm.b.name, db)?;
                 accumulate(ex, vg, x, dx)?;

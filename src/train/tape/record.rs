@@ -58,11 +58,12 @@ impl<E: TrainExec> Exec for Tape<E> {
 
     fn layernorm(&mut self, x: &Var, norm: &Norm, eps: f32) -> Result<Var> {
         let xv = self.get(*x).clone();
-        let y = self.exec.layernorm(&xv, norm, eps)?;
+        let (y, saved) = self.exec.layernorm(&xv, norm, eps)?;
         let out = self.push(y);
         self.records.push(Record::LayerNorm {
             x: *x,
             xv,
+            saved,
             norm: norm.clone(),
             eps,
             out,
