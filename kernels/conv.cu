@@ -1,10 +1,12 @@
 // 2-D convolution and pooling on NHWC activations [B, H, W, C] (channels innermost), as the CPU
 // ops of src/backend/cpu/conv.rs. A convolution is im2col + one cuBLAS GEMM (launcher
-// src/backend/cuda/conv.rs) + an epilogue pass:
+// src/backend/cuda/conv.rs) + an epilogue pass. The maps the models keep are f32; T is the GEMM
+// operand type (im2col writes the rows as T) or, for the pooling kernels, the storage:
 //   nchw_to_nhwc:  y[b, p, c] = x[b, c, p]   (p = y·W + x over the H·W positions; the input images
 //                  arrive NCHW, f32, and are stored as T)
 //   conv_im2col:   cols[(b·Ho + oy)·Wo + ox, (i·k + j)·C + c] = x[b, oy·s − p + i, ox·s − p + j, c]
-//                  or 0 where the tap falls in the zero padding; the column order (i, j, c) is the
+//                  or 0 where the tap falls in the zero padding (x f32, cols T: the cast to a bf16
+//                  GEMM operand happens here); the column order (i, j, c) is the
 //                  weight's [Cout, kh, kw, Cin] (`weight_to_hwc`), so the GEMM reads it in place.
 //                  Ho = (H + 2p − k)/s + 1.
 //   conv_epilogue: y[r, o] = act((acc[r, o] + bias[o]) + res[r, o]), act = ReLU or identity,
@@ -49,7 +51,7 @@ __device__ void nchw_to_nhwc(const float* __restrict__ x, T* __restrict__ y, int
 }
 
 template <typename T>
-__device__ void conv_im2col(const T* __restrict__ x, T* __restrict__ cols, int B, int H, int W,
+__device__ void conv_im2col(const float* __restrict__ x, T* __restrict__ cols, int B, int H, int W,
                             int C, int K, int S, int P, int Ho, int Wo) {
     const int row_len = K * K * C;
     const long long n = (long long)B * Ho * Wo * row_len;
@@ -126,7 +128,7 @@ __device__ void mean_hw(const T* __restrict__ x, float* __restrict__ y, int B, i
         nchw_to_nhwc<T>(x, y, B, C, HW);                                                      \
     }                                                                                         \
     extern "C" __global__ void __launch_bounds__(256)                                         \
-        conv_im2col_##SUF(const T* x, T* cols, int B, int H, int W, int C, int K, int S,      \
+        conv_im2col_##SUF(const float* x, T* cols, int B, int H, int W, int C, int K, int S,      \
                           int P, int Ho, int Wo) {                                            \
         conv_im2col<T>(x, cols, B, H, W, C, K, S, P, Ho, Wo);                                 \
     }                                                                                         \

@@ -3,11 +3,13 @@
 //! Parameters are uploaded on first use and found again by their checkpoint name; the maps stay
 //! on the device and the host sees the features, the logits and (forward_local) the last map.
 //!
-//! Precision T: the maps and the convolution weights are stored as T (f32 or bf16); every
-//! convolution multiplies in f32 (sgemm semantics at f32, bf16 operands with f32 accumulation
-//! at bf16), adds the bias and the residual in f32 and rounds once. GroupNorm's statistics are
-//! f32. The pooled features and the fc layer are f32 whatever T, as the ViT executor keeps its
-//! head: they are a sliver of the FLOPs and what OOD scores read.
+//! Precision T is the convolutions' GEMM operand type: at bf16 the weights are stored as bf16 and
+//! each convolution's im2col rows are rounded to bf16 (cuBLAS GemmEx, f32 accumulation); at f32
+//! it is sgemm (no TF32). The maps between ops stay f32 whatever T, as the ViT executor keeps
+//! its residual stream: bias, residual and ReLU are added to the f32 accumulator, and GroupNorm,
+//! max-pool, pooling and the fc layer read and write f32. Storing the maps as bf16 too was
+//! measured first: BiT's GroupNorms amplify the rounding of their input (a residual stream whose
+//! mean outgrows its spread), and the tiny BiT's logits moved by 1.5e-1 against the CPU.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -60,16 +62,16 @@ impl<T: Storage> CudaConvExec<T> {
         &self.dev
     }
 
-    fn empty(&self, d: Nhwc) -> Result<CudaSlice<T>> {
+    fn empty(&self, d: Nhwc) -> Result<CudaSlice<f32>> {
         cu::device::nonempty(&format!("map {d:?}"), d.len())?;
-        self.dev.empty::<T>(d.len())
+        self.dev.empty::<f32>(d.len())
     }
 }
 
 impl<T: Storage> ConvExec for CudaConvExec<T> {
-    type S = CudaSlice<T>;
+    type S = CudaSlice<f32>;
 
-    fn input(&mut self, images: &Tensor) -> Result<Map<CudaSlice<T>>> {
+    fn input(&mut self, images: &Tensor) -> Result<Map<CudaSlice<f32>>> {
         let [b, c, h, w] = images.shape() else {
             return Err(Error::Data(format!(
                 "expected images [B, C, H, W], got {:?}",
@@ -90,11 +92,11 @@ impl<T: Storage> ConvExec for CudaConvExec<T> {
 
     fn conv2d(
         &mut self,
-        x: &Map<CudaSlice<T>>,
+        x: &Map<CudaSlice<f32>>,
         p: &ConvParams,
-        residual: Option<&Map<CudaSlice<T>>>,
+        residual: Option<&Map<CudaSlice<f32>>>,
         relu: bool,
-    ) -> Result<Map<CudaSlice<T>>> {
+    ) -> Result<Map<CudaSlice<f32>>> {
         let d = x.dims;
         let out = window_out(d, p.cv.cout, (p.cv.k, p.cv.stride, p.cv.pad));
         if d.c != p.cv.cin || out.is_empty() {
@@ -140,10 +142,10 @@ impl<T: Storage> ConvExec for CudaConvExec<T> {
 
     fn max_pool(
         &mut self,
-        x: &Map<CudaSlice<T>>,
+        x: &Map<CudaSlice<f32>>,
         (k, s, p): (usize, usize, usize),
         pad: PoolPad,
-    ) -> Result<Map<CudaSlice<T>>> {
+    ) -> Result<Map<CudaSlice<f32>>> {
         let d = x.dims;
         let out = window_out(d, d.c, (k, s, p));
         let mut y = self.empty(out)?;
@@ -160,10 +162,10 @@ impl<T: Storage> ConvExec for CudaConvExec<T> {
 
     fn group_norm(
         &mut self,
-        x: &Map<CudaSlice<T>>,
+        x: &Map<CudaSlice<f32>>,
         gn: &GroupNormParams,
         relu: bool,
-    ) -> Result<Map<CudaSlice<T>>> {
+    ) -> Result<Map<CudaSlice<f32>>> {
         let d = x.dims;
         let mut y = self.empty(d)?;
         let gk = format!("{}.weight", gn.name);
@@ -183,7 +185,7 @@ impl<T: Storage> ConvExec for CudaConvExec<T> {
         Ok(Map { dims: d, data: y })
     }
 
-    fn pool_and_classify(&mut self, x: &Map<CudaSlice<T>>, head: Option<Head>) -> Result<Output> {
+    fn pool_and_classify(&mut self, x: &Map<CudaSlice<f32>>, head: Option<Head>) -> Result<Output> {
         let d = x.dims;
         let (b, f) = (d.b, d.c);
         let mut feats = self.dev.empty::<f32>(b * f)?;
@@ -224,15 +226,9 @@ impl<T: Storage> ConvExec for CudaConvExec<T> {
         })
     }
 
-    fn to_host(&mut self, x: &Map<CudaSlice<T>>) -> Result<Tensor> {
+    fn to_host(&mut self, x: &Map<CudaSlice<f32>>) -> Result<Tensor> {
         let d = x.dims;
-        let host: Vec<f32> = self
-            .dev
-            .download(&x.data)?
-            .into_iter()
-            .map(T::to_f32)
-            .collect();
-        Tensor::from_vec(&[d.b, d.h * d.w, d.c], host)
+        Tensor::from_vec(&[d.b, d.h * d.w, d.c], self.dev.download(&x.data)?)
     }
 }
 

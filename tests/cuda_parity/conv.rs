@@ -3,14 +3,17 @@
 //! NHWC maps. Geometries are those of ResNet and BiT (7×7/2 stems, 3×3 same and strided, 1×1
 //! strided shortcuts, 1×1 direct GEMMs), at odd sizes so that padding and tails are exercised.
 //! Tolerances: the convolutions F32_SUM_TOL at f32 (the GEMM sums K products in another order)
-//! and HALF_TOL at bf16 (inputs rounded to bf16 on the host, one rounding of the f32 result);
+//! and at bf16 too (operands rounded to bf16 on both sides, f32 accumulation and an f32 result,
+//! so only the summation order differs);
 //! max-pool and the layout change exact; mean_hw and GroupNorm F32_TOL (f32 sums on the device,
 //! f64 on the CPU).
 
 use super::{cpu, cu, randn, rounded, tol_for, up, Case, Out, Run, Storage, F32_SUM_TOL, F32_TOL};
 use cpu::conv::{Conv, Epilogue, PoolPad};
 
-/// conv2d of x [B, H, H, Cin] by `cv`, with a bias, a residual and ReLU as asked.
+/// conv2d of x [B, H, H, Cin] by `cv`, with a bias, a residual and ReLU as asked. x, the residual
+/// and y are f32; T is the GEMM operand type (x's rows and the weight rounded to T: the CPU
+/// reference takes the rounded values).
 pub fn conv2d<T: Storage>(
     b: usize,
     h: usize,
@@ -19,22 +22,22 @@ pub fn conv2d<T: Storage>(
 ) -> Case {
     let run: Run = Box::new(move |dev, rng| {
         let ho = cv.out_size(h);
-        let x = rounded::<T>(&randn(rng, b * h * h * cv.cin, 1.0));
+        let x = randn(rng, b * h * h * cv.cin, 1.0);
         let std = (2.0 / cv.patch_len() as f32).sqrt();
         let w = rounded::<T>(&randn(rng, cv.cout * cv.patch_len(), std));
         let bv = randn(rng, cv.cout, 0.5);
-        let res = rounded::<T>(&randn(rng, b * ho * ho * cv.cout, 1.0));
+        let res = randn(rng, b * ho * ho * cv.cout, 1.0);
         let ep = Epilogue {
             bias: bias.then_some(&bv[..]),
             residual: residual.then_some(&res[..]),
             relu,
         };
-        let want = cpu::conv::conv2d(&x, (b, h, h), &w, &cv, &ep);
+        let want = cpu::conv::conv2d(&rounded::<T>(&x), (b, h, h), &w, &cv, &ep);
         let (xd, wd, bd, rd) = (
-            up::<T>(dev, &x)?,
+            dev.upload(&x)?,
             up::<T>(dev, &w)?,
             dev.upload(&bv)?,
-            up::<T>(dev, &res)?,
+            dev.upload(&res)?,
         );
         let y = cu::conv::conv2d(
             dev,
@@ -46,8 +49,7 @@ pub fn conv2d<T: Storage>(
             residual.then_some(&rd),
             relu,
         )?;
-        let got = dev.download(&y)?.into_iter().map(T::to_f32).collect();
-        Ok(vec![Out("y", got, want)])
+        Ok(vec![Out("y", dev.download(&y)?, want)])
     });
     let epilogue = [(bias, "+b"), (residual, "+res"), (relu, " relu")]
         .iter()
@@ -61,7 +63,7 @@ pub fn conv2d<T: Storage>(
             cv.cin, cv.cout, cv.k, cv.k, cv.stride, cv.pad
         ),
         T::NAME,
-        tol_for::<T>(F32_SUM_TOL),
+        F32_SUM_TOL,
         run,
     )
 }

@@ -1,10 +1,10 @@
 //! Launchers of kernels/conv.cu: 2-D convolution and pooling on NHWC activations, as the CPU ops
 //! of src/backend/cpu/conv.rs (same geometry type `Conv`, same weight layout [Cout, kh, kw, Cin]).
-//! A convolution is im2col (`conv_im2col`, skipped for a 1×1 stride-1 convolution, whose input
-//! already is the im2col matrix) + one cuBLAS GEMM into an f32 accumulator (`matmul::gemm_rm`:
+//! A convolution takes an f32 map and returns one: im2col (`conv_im2col`, which writes the rows
+//! as the GEMM operand type T; a 1×1 stride-1 convolution's input already is the im2col matrix,
+//! cast to T where T is bf16) + one cuBLAS GEMM into an f32 accumulator (`matmul::gemm_rm`:
 //! sgemm semantics at f32, bf16 operands with f32 accumulation at bf16) + `conv_epilogue`
-//! (bias, residual, ReLU, one rounding to the storage type). Every buffer is checked against
-//! the shape before a launch.
+//! (bias, residual, ReLU in f32). Every buffer is checked against the shape before a launch.
 
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
@@ -52,10 +52,11 @@ fn geometry_ok(what: &str, cv: &Conv, (h, w): (usize, usize)) -> Result<(usize, 
     Ok((ho, wo))
 }
 
-/// x [B, H, W, Cin] → cols [B·Ho·Wo, kh·kw·Cin] (zero padding), in the weight's column order.
+/// x [B, H, W, Cin] (f32) → cols [B·Ho·Wo, kh·kw·Cin] in T (zero padding), in the weight's
+/// column order.
 pub fn im2col<T: Storage>(
     dev: &CudaDevice,
-    x: &CudaSlice<T>,
+    x: &CudaSlice<f32>,
     cols: &mut CudaSlice<T>,
     (b, h, w): (usize, usize, usize),
     cv: &Conv,
@@ -135,18 +136,19 @@ pub fn epilogue<T: Storage>(
 }
 
 /// y [B, Ho, Wo, Cout] = act(conv(x [B, H, W, Cin], w [Cout, kh, kw, Cin]) + bias + residual),
-/// as `backend::cpu::conv::conv2d`. The weight is in T, the bias [Cout] f32.
+/// as `backend::cpu::conv::conv2d`: x, bias [Cout], the residual and y f32; the weight in T, the
+/// GEMM operand type (the rows of x are rounded to T on the way in).
 #[allow(clippy::too_many_arguments)]
 pub fn conv2d<T: Storage>(
     dev: &CudaDevice,
-    x: &CudaSlice<T>,
+    x: &CudaSlice<f32>,
     (b, h, w): (usize, usize, usize),
     wt: &CudaSlice<T>,
     cv: &Conv,
     bias: Option<&CudaSlice<f32>>,
-    residual: Option<&CudaSlice<T>>,
+    residual: Option<&CudaSlice<f32>>,
     relu: bool,
-) -> Result<CudaSlice<T>> {
+) -> Result<CudaSlice<f32>> {
     f32_or_bf16::<T>("conv2d")?;
     let (ho, wo) = geometry_ok("conv2d", cv, (h, w))?;
     check_len("conv2d input", x, b * h * w * cv.cin)?;
@@ -156,17 +158,25 @@ pub fn conv2d<T: Storage>(
         &format!("conv2d output [{b}, {ho}, {wo}, {}]", cv.cout),
         rows * n * k,
     )?;
+    let s = dev.stream();
     let direct = cv.k == 1 && cv.stride == 1 && cv.pad == 0;
-    let cols = if direct {
+    // The GEMM's left operand [rows, K]: x itself (a direct 1×1 at f32), else a T copy.
+    let cols = if direct && T::NAME == "f32" {
         None
     } else {
         let mut cols = dev.empty::<T>(rows * k)?;
-        im2col(dev, x, &mut cols, (b, h, w), cv)?;
+        if direct {
+            super::elementwise::cast(dev, x, &mut cols)?;
+        } else {
+            im2col(dev, x, &mut cols, (b, h, w), cv)?;
+        }
         Some(cols)
     };
-    let a = cols.as_ref().unwrap_or(x);
+    let left = match &cols {
+        Some(c) => ptr_or_null(s, Some(c)),
+        None => ptr_or_null(s, Some(x)),
+    };
     let mut acc = dev.empty::<f32>(rows * n)?;
-    let s = dev.stream();
     let rm = |ptr, trans| RowMajor {
         ptr,
         ty: data_type::<T>(),
@@ -175,15 +185,15 @@ pub fn conv2d<T: Storage>(
         trans,
     };
     // acc[rows, Cout] = cols[rows, K] · w[Cout, K]ᵀ
-    // SAFETY: cols (or x, for a direct 1×1) is [rows, K], w [Cout, K] and acc [rows, Cout], all
-    // checked or allocated above.
+    // SAFETY: the left operand (cols, or x for a direct 1×1 at f32, both of type T) is
+    // [rows, K], w [Cout, K] and acc [rows, Cout], all checked or allocated above.
     unsafe {
         gemm_rm(
             dev,
             "conv2d",
             (rows, n, k),
             1.0,
-            rm(ptr_or_null(s, Some(a)), false),
+            rm(left, false),
             rm(ptr_or_null(s, Some(wt)), true),
             0.0,
             (ptr_mut_or_null(s, Some(&mut acc)), n, 0),
@@ -191,7 +201,7 @@ pub fn conv2d<T: Storage>(
         )
     }?;
     drop(cols);
-    let mut y = dev.empty::<T>(rows * n)?;
+    let mut y = dev.empty::<f32>(rows * n)?;
     epilogue(dev, &acc, bias, residual, relu, &mut y, (rows, n))?;
     Ok(y)
 }
