@@ -276,7 +276,7 @@ fn resnet_bench(args: &Args, cfg: &crate::model::resnet::ResNetConfig) -> Result
         return Ok(());
     }
     let img_s = args.batch as f64 / median;
-    let gflop = flops_per_image(&model) / 1e9;
+    let gflop = flops_per_image(model) / 1e9;
     let l1 = &model.blocks[0].convs
         [usize::from(cfg.block == crate::model::resnet::BlockKind::Bottleneck)]
     .cv;
