@@ -52,6 +52,9 @@ use attention_batched::attention_batched;
 #[path = "cuda_parity/fused.rs"]
 mod fused;
 use fused::{layernorm_from_f32, residual_layernorm};
+// The convolutional nets' kernels (ResNet, BiT): convolution, pooling, GroupNorm on NHWC maps.
+#[path = "cuda_parity/conv.rs"]
+mod conv;
 
 /// One output of a case: its name, the GPU values and the CPU reference (both as f32).
 struct Out(&'static str, Vec<f32>, Vec<f32>);
@@ -557,6 +560,8 @@ fn cases() -> Vec<Case> {
     .into_iter()
     // Flash attention on tensor cores, forward and backward (N = 5, 17, 197, 257; B = 1, 3).
     .chain(flash_attention::cases())
+    // Convolution, max-pool, global average pool and GroupNorm (ResNet, BiT).
+    .chain(conv::cases())
     .collect()
 }
 

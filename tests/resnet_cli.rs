@@ -86,17 +86,6 @@ fn a_checkpoint_of_the_other_family_is_named() {
             ARCH,
             &weights(),
             "digits:0-4@test",
-            &tmp.path().join("c"),
-            &["--device", "cuda"],
-            &[],
-        ),
-        &["--device cuda", "ResNet"],
-    );
-    assert_refused(
-        &extract_arch(
-            ARCH,
-            &weights(),
-            "digits:0-4@test",
             &tmp.path().join("d"),
             &["--odin"],
             &[],

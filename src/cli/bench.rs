@@ -9,6 +9,7 @@
 use std::time::Instant;
 
 use crate::error::{Error, Result};
+use crate::model::backbone::Backbone;
 use crate::model::{init, VisionTransformer, VitConfig};
 use crate::profile;
 use crate::tensor::Tensor;
@@ -250,12 +251,25 @@ fn resnet_bench(args: &Args, cfg: &crate::model::resnet::ResNetConfig) -> Result
             "--train: ResNets are inference only in this version".into(),
         ));
     }
-    crate::pipeline::device::cpu_only(args.device, "a ResNet", "no CUDA convolution yet")?;
-    let model = ResNet::load(cfg, &random_store(cfg, 0))?;
+    let backbone = Backbone::ResNet(Box::new(ResNet::load(cfg, &random_store(cfg, 0))?));
+    let Backbone::ResNet(model) = &backbone else {
+        unreachable!("built as a ResNet")
+    };
     let shape = [args.batch, cfg.in_chans, cfg.img_size, cfg.img_size];
-    let median = median_forward_seconds(args, &shape, |x| model.forward(x).map(|_| ()))?;
+    let (mut run, on) =
+        crate::pipeline::device::runner_described(&backbone, args.device, args.precision, args.batch)?;
+    let median = median_forward_seconds(args, &shape, |x| run.forward(x).map(|_| ()))?;
+    if on != "cpu" {
+        let rate = (
+            args.batch as f64 / median,
+            median,
+            flops_per_image(model) / 1e9,
+        );
+        report_device_rate(args, &cfg.name, &on, rate);
+        return Ok(());
+    }
     let img_s = args.batch as f64 / median;
-    let gflop = flops_per_image(&model) / 1e9;
+    let gflop = flops_per_image(model) / 1e9;
     let l1 = &model.blocks[0].convs
         [usize::from(cfg.block == crate::model::resnet::BlockKind::Bottleneck)]
     .cv;
@@ -286,10 +300,23 @@ fn bit_bench(args: &Args, cfg: &crate::model::bit::BitConfig) -> Result<()> {
             "--train: BiT ResNet-v2 is inference only in this version".into(),
         ));
     }
-    crate::pipeline::device::cpu_only(args.device, "a BiT ResNet-v2", "no CUDA convolution yet")?;
-    let model = Bit::load(cfg, &random_store(cfg, 0))?;
+    let backbone = Backbone::Bit(Box::new(Bit::load(cfg, &random_store(cfg, 0))?));
+    let Backbone::Bit(model) = &backbone else {
+        unreachable!("built as a BiT")
+    };
     let shape = [args.batch, cfg.in_chans, cfg.img_size, cfg.img_size];
-    let median = median_forward_seconds(args, &shape, |x| model.forward(x).map(|_| ()))?;
+    let (mut run, on) =
+        crate::pipeline::device::runner_described(&backbone, args.device, args.precision, args.batch)?;
+    let median = median_forward_seconds(args, &shape, |x| run.forward(x).map(|_| ()))?;
+    if on != "cpu" {
+        let rate = (
+            args.batch as f64 / median,
+            median,
+            model.flops_per_image() / 1e9,
+        );
+        report_device_rate(args, &cfg.name, &on, rate);
+        return Ok(());
+    }
     let cv = &model.blocks[0].convs[1].cv;
     let side = cfg.img_size / 4;
     let (m, k, n) = (args.batch * side * side, cv.patch_len(), cv.cout);
@@ -306,6 +333,28 @@ fn bit_bench(args: &Args, cfg: &crate::model::bit::BitConfig) -> Result<()> {
         ((m, k, n), sgemm),
     );
     Ok(())
+}
+
+/// A convolutional net's forward rate on the device `on` ("cuda: <name>"): images in from the
+/// host and features and logits back, as extraction runs it.
+fn report_device_rate(args: &Args, arch: &str, on: &str, (img_s, median, gflop): (f64, f64, f64)) {
+    let precision = format!("{:?}", args.precision).to_lowercase();
+    if args.json {
+        println!(
+            "{{\"mode\":\"forward\",\"arch\":\"{arch}\",\"device\":\"{on}\",\"precision\":\"{precision}\",\"batch\":{},\"img_per_s\":{img_s:.4},\"gflop_per_image\":{gflop:.3},\"gflop_per_s\":{:.2},\"median_s\":{median:.5}}}",
+            args.batch,
+            img_s * gflop
+        );
+    } else {
+        println!(
+            "{arch} forward on {on} ({precision}): batch {}: {img_s:.2} images/s ({median:.4} s per batch, median of {}, host transfers included)",
+            args.batch, args.iters
+        );
+        println!(
+            "  {:.1} GFLOP/s at {gflop:.2} GFLOP per image",
+            img_s * gflop
+        );
+    }
 }
 
 /// The median seconds of `args.iters` calls of `forward` on one random normal batch of `shape`,

@@ -34,7 +34,7 @@ pub fn run(args: Args) -> Result<()> {
             for name in crate::model::resnet::ResNetConfig::preset_names() {
                 let c = crate::model::resnet::ResNetConfig::preset(name).expect("listed preset");
                 lines.push(format!(
-                    "{name}: {}x{} input, ResNet {:?} blocks {:?}, feature width {}, {} classes{} (extract/forward, CPU)",
+                    "{name}: {}x{} input, ResNet {:?} blocks {:?}, feature width {}, {} classes{} (extract/forward/bench, CPU or CUDA)",
                     c.img_size,
                     c.img_size,
                     c.block,
@@ -47,7 +47,7 @@ pub fn run(args: Args) -> Result<()> {
             for name in crate::model::bit::BitConfig::preset_names() {
                 let c = crate::model::bit::BitConfig::preset(name).expect("listed preset");
                 lines.push(format!(
-                    "{name}: {}x{} input, BiT ResNet-v2 (GroupNorm, weight standardisation) blocks {:?}, feature width {}, {} classes (extract/forward, CPU)",
+                    "{name}: {}x{} input, BiT ResNet-v2 (GroupNorm, weight standardisation) blocks {:?}, feature width {}, {} classes (extract/forward/bench, CPU or CUDA)",
                     c.img_size, c.img_size, c.layers, c.feature_dim(), c.num_classes
                 ));
             }

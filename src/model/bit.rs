@@ -17,9 +17,12 @@
 //! Checkpoints in Google's .npz and in big_transfer's PyTorch names (MOS's fine-tuned files) are
 //! renamed to timm's on open (weights/npz.rs).
 
-use crate::backend::cpu::conv::{self, Conv, Epilogue};
+use crate::backend::cpu::conv::{self, Conv};
 use crate::backend::cpu::groupnorm;
 use crate::error::{Error, Result};
+use crate::model::conv_exec::{
+    image_dims, ConvExec, ConvInfer, ConvParams, GroupNormParams, Head, Map, PoolPad,
+};
 use crate::model::Output;
 use crate::tensor::Tensor;
 use crate::weights::WeightStore;
@@ -167,8 +170,10 @@ pub fn random_store(cfg: &BitConfig, seed: u64) -> WeightStore {
     WeightStore::from_tensors(&cfg.name, tensors)
 }
 
-/// A weight-standardised convolution: kernel [Cout, kh, kw, Cin], no bias.
+/// A weight-standardised convolution: kernel [Cout, kh, kw, Cin], no bias, under its checkpoint
+/// name.
 pub struct StdConv {
+    pub name: String,
     pub cv: Conv,
     pub w: Vec<f32>,
 }
@@ -186,22 +191,27 @@ impl StdConv {
         }
         groupnorm::standardize(&mut w, cv.cout, WS_EPS);
         let w = conv::weight_to_hwc(&w, cv.cout, cv.cin, cv.k);
-        Ok(StdConv { cv, w })
+        Ok(StdConv {
+            name: name.to_string(),
+            cv,
+            w,
+        })
     }
 
-    /// conv(x) (+ residual) on NHWC x [B, H, W, Cin].
-    fn run(&self, x: &[f32], bhw: (usize, usize, usize), residual: Option<&[f32]>) -> Vec<f32> {
-        let ep = Epilogue {
-            bias: None,
-            residual,
-            relu: false,
-        };
-        conv::conv2d(x, bhw, &self.w, &self.cv, &ep)
+    /// What the executors take.
+    pub fn params(&self) -> ConvParams<'_> {
+        ConvParams {
+            name: &self.name,
+            cv: &self.cv,
+            w: &self.w,
+            b: None,
+        }
     }
 }
 
 /// GroupNorm's scale and shift, followed by ReLU wherever the model uses it.
 pub struct GroupNorm {
+    pub name: String,
     pub gamma: Vec<f32>,
     pub beta: Vec<f32>,
     pub groups: usize,
@@ -216,23 +226,22 @@ impl GroupNorm {
                 .to_vec())
         };
         Ok(GroupNorm {
+            name: name.to_string(),
             gamma: get("weight")?,
             beta: get("bias")?,
             groups,
         })
     }
 
-    /// ReLU(GN(x)) of x [B, H·W, C].
-    fn run(&self, x: &[f32], b: usize, hw: usize) -> Vec<f32> {
-        let c = self.gamma.len();
-        groupnorm::group_norm(
-            x,
-            (b, hw, c),
-            self.groups,
-            (&self.gamma, &self.beta),
-            GN_EPS,
-            true,
-        )
+    /// What the executors take (GN's ε, 1e-5).
+    pub fn params(&self) -> GroupNormParams<'_> {
+        GroupNormParams {
+            name: &self.name,
+            gamma: &self.gamma,
+            beta: &self.beta,
+            groups: self.groups,
+            eps: GN_EPS,
+        }
     }
 }
 
@@ -358,59 +367,60 @@ impl Bit {
 
     /// images [B, C, H, W] (NCHW, normalised) → features [B, F] and logits [B, C].
     pub fn forward(&self, images: &Tensor) -> Result<Output> {
-        let (map, b, _) = self.last_stage(images)?;
-        self.head(&map, b)
+        self.forward_on(&mut ConvInfer, images)
     }
 
     /// `forward` and the final map (after the last norm and ReLU) as local tokens [B, h·w, F].
     pub fn forward_local(&self, images: &Tensor) -> Result<(Output, Tensor)> {
-        let (map, b, hw) = self.last_stage(images)?;
-        let out = self.head(&map, b)?;
-        Ok((
-            out,
-            Tensor::from_vec(&[b, hw, self.cfg.feature_dim()], map)?,
-        ))
+        self.forward_local_on(&mut ConvInfer, images)
     }
 
-    /// The final map, ReLU(GN(last stage)), NHWC [B, h, w, F], with B and h·w.
-    fn last_stage(&self, images: &Tensor) -> Result<(Vec<f32>, usize, usize)> {
-        let cfg = &self.cfg;
-        let (b, h, w) = match images.shape() {
-            [b, c, h, w] if *c == cfg.in_chans && *h > 0 && *w > 0 => (*b, *h, *w),
-            other => {
-                return Err(Error::Data(format!(
-                    "{} expects images [B, {}, H, W], got {other:?}",
-                    cfg.name, cfg.in_chans
-                )))
-            }
-        };
-        let x = conv::nchw_to_nhwc(images.as_slice(), b, cfg.in_chans, h, w);
-        let x = self.stem.run(&x, (b, h, w), None);
-        let (h, w) = (self.stem.cv.out_size(h), self.stem.cv.out_size(w));
-        let c = cfg.stem_width;
-        let x = pad_zero(&x, (b, h, w, c), 1);
-        let (h, w) = (h + 2, w + 2);
-        let mut x = conv::max_pool(&x, (b, h, w, c), 3, 2, 0);
-        let (mut h, mut w) = ((h - 3) / 2 + 1, (w - 3) / 2 + 1);
+    /// `forward` run by executor `e`.
+    pub fn forward_on<E: ConvExec>(&self, e: &mut E, images: &Tensor) -> Result<Output> {
+        let map = self.last_stage(e, images)?;
+        e.pool_and_classify(&map, self.head())
+    }
+
+    /// `forward_local` run by executor `e`.
+    pub fn forward_local_on<E: ConvExec>(
+        &self,
+        e: &mut E,
+        images: &Tensor,
+    ) -> Result<(Output, Tensor)> {
+        let map = self.last_stage(e, images)?;
+        let out = e.pool_and_classify(&map, self.head())?;
+        Ok((out, e.to_host(&map)?))
+    }
+
+    /// The final map, ReLU(GN(last stage)), NHWC [B, h, w, F].
+    fn last_stage<E: ConvExec>(&self, e: &mut E, images: &Tensor) -> Result<Map<E::S>> {
+        image_dims(images, self.cfg.in_chans, &self.cfg.name)?;
+        let x = e.input(images)?;
+        let x = e.conv2d(&x, &self.stem.params(), None, false)?;
+        let mut x = e.max_pool(&x, (3, 2, 1), PoolPad::Zero)?;
         for blk in &self.blocks {
-            let p = blk.norms[0].run(&x, b, h * w);
-            let projected = blk.downsample.as_ref().map(|d| d.run(&p, (b, h, w), None));
-            let y = blk.convs[0].run(&p, (b, h, w), None);
+            let p = e.group_norm(&x, &blk.norms[0].params(), true)?;
+            let projected = match &blk.downsample {
+                Some(d) => Some(e.conv2d(&p, &d.params(), None, false)?),
+                None => None,
+            };
+            let y = e.conv2d(&p, &blk.convs[0].params(), None, false)?;
             drop(p);
-            let y = blk.norms[1].run(&y, b, h * w);
-            let y = blk.convs[1].run(&y, (b, h, w), None);
-            (h, w) = (blk.convs[1].cv.out_size(h), blk.convs[1].cv.out_size(w));
-            let y = blk.norms[2].run(&y, b, h * w);
-            let shortcut = projected.as_deref().unwrap_or(&x);
-            x = blk.convs[2].run(&y, (b, h, w), Some(shortcut));
+            let y = e.group_norm(&y, &blk.norms[1].params(), true)?;
+            let y = e.conv2d(&y, &blk.convs[1].params(), None, false)?;
+            let y = e.group_norm(&y, &blk.norms[2].params(), true)?;
+            let shortcut = projected.as_ref().unwrap_or(&x);
+            x = e.conv2d(&y, &blk.convs[2].params(), Some(shortcut), false)?;
         }
-        let x = self.norm.run(&x, b, h * w);
-        Ok((x, b, h * w))
+        e.group_norm(&x, &self.norm.params(), true)
     }
 
-    /// Global average pooling and head.fc on the final map.
-    fn head(&self, map: &[f32], b: usize) -> Result<Output> {
-        super::resnet::pool_and_classify(map, b, self.cfg.feature_dim(), self.fc.as_ref())
+    /// head.fc, for the executors' pool_and_classify.
+    fn head(&self) -> Option<Head<'_>> {
+        self.fc.as_ref().map(|fc| Head {
+            name: "head.fc",
+            fc,
+        })
     }
 
     /// head.fc for a feature store's head.safetensors (the norm before the pooling is not a
@@ -418,20 +428,6 @@ impl Bit {
     pub fn store_head(&self) -> Option<crate::features::Head> {
         super::resnet::fc_head(self.fc.as_ref())
     }
-}
-
-/// x [B, H, W, C] with `p` rows and columns of zeros around each image.
-fn pad_zero(x: &[f32], (b, h, w, c): (usize, usize, usize, usize), p: usize) -> Vec<f32> {
-    let (hp, wp) = (h + 2 * p, w + 2 * p);
-    let mut out = vec![0.0f32; b * hp * wp * c];
-    for bi in 0..b {
-        for y in 0..h {
-            let src = ((bi * h + y) * w) * c;
-            let dst = ((bi * hp + y + p) * wp + p) * c;
-            out[dst..dst + w * c].copy_from_slice(&x[src..src + w * c]);
-        }
-    }
-    out
 }
 
 #[cfg(test)]

@@ -5,9 +5,12 @@
 pub mod backbone;
 pub mod bit;
 pub mod config;
+pub mod conv_exec;
 pub mod cpu_train;
 #[cfg(feature = "cuda")]
 pub mod cuda_attention;
+#[cfg(feature = "cuda")]
+pub mod cuda_conv;
 #[cfg(feature = "cuda")]
 pub mod cuda_exec;
 #[cfg(feature = "cuda")]

@@ -14,9 +14,10 @@
 //! w' = w·γ/√(var + ε), b' = β − mean·γ/√(var + ε), ε = 1e-5. Activations are NHWC (see
 //! backend/cpu/conv.rs).
 
-use crate::backend::cpu::conv::{self, Conv, Epilogue};
+use crate::backend::cpu::conv::{self, Conv};
 use crate::backend::cpu::matmul;
 use crate::error::{Error, Result};
+use crate::model::conv_exec::{image_dims, ConvExec, ConvInfer, ConvParams, Head, Map, PoolPad};
 use crate::model::Output;
 use crate::tensor::Tensor;
 use crate::weights::WeightStore;
@@ -238,8 +239,10 @@ pub fn flops_per_image(model: &ResNet) -> f64 {
     total + 2.0 * (model.cfg.feature_dim() * model.cfg.num_classes) as f64
 }
 
-/// A convolution with its BatchNorm folded in: weight [Cout, kh, kw, Cin], bias [Cout].
+/// A convolution with its BatchNorm folded in: weight [Cout, kh, kw, Cin], bias [Cout], under
+/// the convolution's checkpoint name (a device executor uploads it once by that name).
 pub struct FoldedConv {
+    pub name: String,
     pub cv: Conv,
     pub w: Vec<f32>,
     pub b: Vec<f32>,
@@ -269,23 +272,22 @@ impl FoldedConv {
                 .for_each(|x| *x *= scale);
             b[o] = beta.as_slice()[o] - mean.as_slice()[o] * scale;
         }
-        Ok(FoldedConv { cv, w, b })
+        Ok(FoldedConv {
+            name: conv.to_string(),
+            cv,
+            w,
+            b,
+        })
     }
 
-    /// act(conv(x) + b (+ residual)) on NHWC x [B, H, W, Cin].
-    fn run(
-        &self,
-        x: &[f32],
-        bhw: (usize, usize, usize),
-        residual: Option<&[f32]>,
-        relu: bool,
-    ) -> Vec<f32> {
-        let ep = Epilogue {
-            bias: Some(&self.b),
-            residual,
-            relu,
-        };
-        conv::conv2d(x, bhw, &self.w, &self.cv, &ep)
+    /// What the executors take.
+    pub fn params(&self) -> ConvParams<'_> {
+        ConvParams {
+            name: &self.name,
+            cv: &self.cv,
+            w: &self.w,
+            b: Some(&self.b),
+        }
     }
 }
 
@@ -402,63 +404,60 @@ impl ResNet {
 
     /// images [B, C, S, S] (NCHW, normalised) → features [B, F] and logits [B, C].
     pub fn forward(&self, images: &Tensor) -> Result<Output> {
-        let (map, b, _) = self.last_stage(images)?;
-        self.head(&map, b)
+        self.forward_on(&mut ConvInfer, images)
     }
 
     /// `forward` and the last stage's map as local tokens [B, h·w, F] (MODE's local features:
     /// one token per position of the final feature map).
     pub fn forward_local(&self, images: &Tensor) -> Result<(Output, Tensor)> {
-        let (map, b, hw) = self.last_stage(images)?;
-        let out = self.head(&map, b)?;
-        let f = self.cfg.feature_dim();
-        Ok((out, Tensor::from_vec(&[b, hw, f], map)?))
+        self.forward_local_on(&mut ConvInfer, images)
     }
 
-    /// The last stage's map, NHWC [B, h, w, F], with B and h·w.
-    fn last_stage(&self, images: &Tensor) -> Result<(Vec<f32>, usize, usize)> {
-        let cfg = &self.cfg;
-        let (b, h, w) = match images.shape() {
-            [b, c, h, w] if *c == cfg.in_chans && *h > 0 && *w > 0 => (*b, *h, *w),
-            other => {
-                return Err(Error::Data(format!(
-                    "{} expects images [B, {}, H, W], got {other:?}",
-                    cfg.name, cfg.in_chans
-                )))
-            }
-        };
-        let x = conv::nchw_to_nhwc(images.as_slice(), b, cfg.in_chans, h, w);
-        let mut x = self.stem.run(&x, (b, h, w), None, true);
-        let (mut h, mut w) = (self.stem.cv.out_size(h), self.stem.cv.out_size(w));
-        if !cfg.cifar_stem {
-            x = conv::max_pool(&x, (b, h, w, cfg.stem_width), 3, 2, 1);
-            (h, w) = ((h + 2 - 3) / 2 + 1, (w + 2 - 3) / 2 + 1);
+    /// `forward` run by executor `e`.
+    pub fn forward_on<E: ConvExec>(&self, e: &mut E, images: &Tensor) -> Result<Output> {
+        let map = self.last_stage(e, images)?;
+        e.pool_and_classify(&map, self.head())
+    }
+
+    /// `forward_local` run by executor `e`.
+    pub fn forward_local_on<E: ConvExec>(
+        &self,
+        e: &mut E,
+        images: &Tensor,
+    ) -> Result<(Output, Tensor)> {
+        let map = self.last_stage(e, images)?;
+        let out = e.pool_and_classify(&map, self.head())?;
+        Ok((out, e.to_host(&map)?))
+    }
+
+    /// The last stage's map, NHWC [B, h, w, F].
+    fn last_stage<E: ConvExec>(&self, e: &mut E, images: &Tensor) -> Result<Map<E::S>> {
+        image_dims(images, self.cfg.in_chans, &self.cfg.name)?;
+        let x = e.input(images)?;
+        let mut x = e.conv2d(&x, &self.stem.params(), None, true)?;
+        if !self.cfg.cifar_stem {
+            x = e.max_pool(&x, (3, 2, 1), PoolPad::NegInf)?;
         }
         for blk in &self.blocks {
-            let projected = blk
-                .downsample
-                .as_ref()
-                .map(|ds| ds.run(&x, (b, h, w), None, false));
-            let shortcut = projected.as_deref().unwrap_or(&x);
+            let projected = match &blk.downsample {
+                Some(ds) => Some(e.conv2d(&x, &ds.params(), None, false)?),
+                None => None,
+            };
             let last = blk.convs.len() - 1;
-            let mut y: Option<Vec<f32>> = None;
-            let (mut hh, mut ww) = (h, w);
+            let mut y: Option<Map<E::S>> = None;
             for (j, c) in blk.convs.iter().enumerate() {
-                let input = y.as_deref().unwrap_or(&x);
-                let res = (j == last).then_some(shortcut);
-                let out = c.run(input, (b, hh, ww), res, true);
-                y = Some(out);
-                (hh, ww) = (c.cv.out_size(hh), c.cv.out_size(ww));
+                let input = y.as_ref().unwrap_or(&x);
+                let res = (j == last).then(|| projected.as_ref().unwrap_or(&x));
+                y = Some(e.conv2d(input, &c.params(), res, true)?);
             }
             x = y.expect("a block has convolutions");
-            (h, w) = (hh, ww);
         }
-        Ok((x, b, h * w))
+        Ok(x)
     }
 
-    /// Global average pooling and fc on the last stage's map.
-    fn head(&self, map: &[f32], b: usize) -> Result<Output> {
-        pool_and_classify(map, b, self.cfg.feature_dim(), self.fc.as_ref())
+    /// The fc layer, for the executors' pool_and_classify.
+    fn head(&self) -> Option<Head<'_>> {
+        self.fc.as_ref().map(|fc| Head { name: "fc", fc })
     }
 
     /// The fc layer for a feature store's head.safetensors (no norm before it).

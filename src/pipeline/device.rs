@@ -31,8 +31,8 @@ pub fn runner_described(
     batch: usize,
 ) -> Result<(Box<dyn Runner + '_>, String)> {
     let Some(vit) = model.as_vit() else {
-        cpu_only(device, "a ResNet", "no CUDA convolution yet")?;
-        return Ok((model.cpu_runner(), "cpu".into()));
+        let cuda = on_cuda(device, "running", || cuda_conv_runner(model, precision))?;
+        return Ok(cuda.unwrap_or_else(|| (model.cpu_runner(), "cpu".into())));
     };
     let cuda = on_cuda(device, "running", || cuda_runner(vit, precision, batch))?;
     Ok(cuda.unwrap_or_else(|| (model.cpu_runner(), "cpu".into())))
@@ -97,6 +97,43 @@ fn cuda_runner(
         }
     };
     Ok((r, name))
+}
+
+/// A ResNet or BiT on CUDA device 0 (src/model/cuda_conv.rs).
+#[cfg(feature = "cuda")]
+pub fn cuda_conv_runner(
+    model: &Backbone,
+    precision: Precision,
+) -> Result<(Box<dyn Runner + '_>, String)> {
+    use crate::backend::cuda::CudaDevice;
+    use crate::model::cuda_conv::{ConvNet, CudaConvModel};
+    let net = match model {
+        Backbone::ResNet(m) => ConvNet::ResNet(m),
+        Backbone::Bit(m) => ConvNet::Bit(m),
+        Backbone::Vit(_) => {
+            return Err(crate::error::Error::Usage(
+                "a vision transformer runs on CudaModel, not the convolutional executor".into(),
+            ))
+        }
+    };
+    let dev = std::sync::Arc::new(CudaDevice::new(0)?);
+    eprintln!("cuda: {}", dev.describe());
+    let name = format!("cuda: {}", dev.name());
+    let r: Box<dyn Runner + '_> = match precision {
+        Precision::F32 => Box::new(CudaConvModel::<f32>::new(dev, net)),
+        Precision::Bf16 => Box::new(CudaConvModel::<half::bf16>::new(dev, net)),
+    };
+    Ok((r, name))
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn cuda_conv_runner(
+    _model: &Backbone,
+    _precision: Precision,
+) -> Result<(Box<dyn Runner + '_>, String)> {
+    Err(crate::error::Error::Cuda(
+        "this binary was built without the `cuda` feature".into(),
+    ))
 }
 
 #[cfg(not(feature = "cuda"))]

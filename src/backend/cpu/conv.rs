@@ -49,6 +49,14 @@ pub struct Epilogue<'a> {
     pub relu: bool,
 }
 
+/// Where a max-pool window leaves the image: its taps are skipped (timm's MaxPool2d pads with
+/// −∞) or read as zeros (BiT's stem zero-pads before an unpadded max-pool).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PoolPad {
+    NegInf,
+    Zero,
+}
+
 /// Bound on the im2col buffer of one group of images.
 const COLS_BYTES: usize = 64 << 20;
 

@@ -29,11 +29,13 @@ macro_rules! launch {
 }
 
 pub mod attention;
+pub mod conv;
 pub mod device;
 pub mod distance;
 pub mod elementwise;
 pub mod flash_attention;
 pub mod graph;
+pub mod groupnorm;
 pub mod layernorm;
 pub mod loss;
 pub mod lt;
@@ -293,9 +295,11 @@ mod tests {
         let stems: Vec<&str> = kernel_sources().iter().map(|(s, _)| *s).collect();
         for want in [
             "attention",
+            "conv",
             "distance",
             "elementwise",
             "flash_attention",
+            "groupnorm",
             "layernorm",
             "loss",
             "optim",
