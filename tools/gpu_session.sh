@@ -5,7 +5,7 @@
 #    (in .gitignore, so it travels only when carried):
 #        CARGO_TARGET_DIR=/work/target-cuda tools/gpu_session.sh prepare
 #    which runs `cargo build --release` and
-#        cargo test --release --no-run --test cuda_compile --test cuda_parity --test cuda_model
+#        cargo test --release --no-run --test cuda_compile --test cuda_parity --test cuda_model --test cuda_graph --test cuda_conv
 #    and takes the test executables' paths from cargo's JSON messages (`"executable"` of each
 #    compiler-artifact). The copies are stripped to stay well under the 64 MiB carry limit.
 #    The device call sends the checkout of the session that makes it: these files (this script,
@@ -34,7 +34,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=gpu-bin
-TESTS=(cuda_compile cuda_parity cuda_model)
+TESTS=(cuda_compile cuda_parity cuda_model cuda_graph cuda_conv)
 
 prepare() {
     set -e
@@ -163,6 +163,9 @@ run() {
     step cuda_compile 120 "$BIN/cuda_compile" --nocapture --test-threads=1
     step cuda_parity 180 "$BIN/cuda_parity" --nocapture --test-threads=1
     step cuda_model 150 "$BIN/cuda_model" --nocapture --test-threads=1
+    # CUDA graphs on the real driver (capture of cuBLAS/cuBLASLt included) and the convolutional nets.
+    step cuda_graph 60 "$BIN/cuda_graph" --nocapture --test-threads=1
+    step cuda_conv 60 "$BIN/cuda_conv" --nocapture --test-threads=1
     # OOD scoring on the GPU (src/ood/cuda_score.rs): the issue's target, 50,000 x 1024 features
     # against 1000 classes in under 50 ms, and kNN (k = 50) against a 50,000-row train bank.
     step bench 90 "$BIN/mood" bench --ood mahalanobis --device cuda --rows 50000 --dim 1024 --classes 1000 --iters 20
