@@ -256,8 +256,12 @@ fn resnet_bench(args: &Args, cfg: &crate::model::resnet::ResNetConfig) -> Result
         unreachable!("built as a ResNet")
     };
     let shape = [args.batch, cfg.in_chans, cfg.img_size, cfg.img_size];
-    let (mut run, on) =
-        crate::pipeline::device::runner_described(&backbone, args.device, args.precision, args.batch)?;
+    let (mut run, on) = crate::pipeline::device::runner_described(
+        &backbone,
+        args.device,
+        args.precision,
+        args.batch,
+    )?;
     let median = median_forward_seconds(args, &shape, |x| run.forward(x).map(|_| ()))?;
     if on != "cpu" {
         let rate = (
@@ -305,8 +309,12 @@ fn bit_bench(args: &Args, cfg: &crate::model::bit::BitConfig) -> Result<()> {
         unreachable!("built as a BiT")
     };
     let shape = [args.batch, cfg.in_chans, cfg.img_size, cfg.img_size];
-    let (mut run, on) =
-        crate::pipeline::device::runner_described(&backbone, args.device, args.precision, args.batch)?;
+    let (mut run, on) = crate::pipeline::device::runner_described(
+        &backbone,
+        args.device,
+        args.precision,
+        args.batch,
+    )?;
     let median = median_forward_seconds(args, &shape, |x| run.forward(x).map(|_| ()))?;
     if on != "cpu" {
         let rate = (
