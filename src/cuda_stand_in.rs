@@ -71,19 +71,28 @@ pub fn alias_dir(library: &Path) -> Result<PathBuf> {
             .iter()
             .all(|a| std::fs::read_link(d.join(a)).is_ok_and(|t| t == library))
     };
-    if complete(&dir) {
-        return Ok(dir);
-    }
-    let tmp = parent.join(format!(".cuda-sim-aliases.{}.tmp", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    for a in ALIASES {
-        std::os::unix::fs::symlink(&library, tmp.join(a)).map_err(|e| Error::io(tmp.join(a), e))?;
-    }
-    let _ = std::fs::remove_dir_all(&dir);
-    if std::fs::rename(&tmp, &dir).is_err() {
-        // Another process made it first.
+    // Threads of one process take turns; processes may still race, so a lost race (another
+    // process replacing the directory between our rename and our check) is retried.
+    static MAKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = MAKING.lock().unwrap_or_else(|p| p.into_inner());
+    for _attempt in 0..5 {
+        if complete(&dir) {
+            return Ok(dir);
+        }
+        let tmp = parent.join(format!(".cuda-sim-aliases.{}.tmp", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        for a in ALIASES {
+            std::os::unix::fs::symlink(&library, tmp.join(a))
+                .map_err(|e| Error::io(tmp.join(a), e))?;
+        }
+        if !complete(&dir) {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        if std::fs::rename(&tmp, &dir).is_err() {
+            // Another process made it first.
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
     }
     if complete(&dir) {
         Ok(dir)
