@@ -12,8 +12,11 @@
 //! - `train`: the setup of `mood pretrain` / `mood finetune` (output checkpoint, resume);
 //! - `pretrain`, `finetune`: their runs (data, parameters, loss, epochs, held-out accuracy);
 //! - `forward`: a checkpoint over an .npy of images; `export`: a checkpoint's classifier for timm;
-//! - `demo`: the plan of `mood demo` (data, both models, their stores and reports).
+//! - `demo`: the plan of `mood demo` (data, both models, their stores and reports);
+//! - `bench_cuda`: the measurements of `mood bench --device cuda` (forward times, op profiles).
 
+#[cfg(feature = "cuda")]
+pub mod bench_cuda;
 pub mod data;
 pub mod demo;
 pub mod device;
