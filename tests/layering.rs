@@ -155,3 +155,40 @@ fn layers_point_one_way() {
         broken.join("\n")
     );
 }
+
+/// Lines a command's file may have: its clap arguments (with their help) and a short `run` that
+/// turns them into a pipeline call and prints the outcome. A file past it holds logic that
+/// belongs in pipeline/. The benchmarks (bench*.rs) are not held to it yet.
+const CLI_FILE_LINES: usize = 200;
+
+#[test]
+fn command_files_are_arguments_and_a_short_run() {
+    let mut long = Vec::new();
+    for f in files(&src(), "cli") {
+        let name = f.file_name().unwrap().to_string_lossy().into_owned();
+        if name.starts_with("bench") {
+            continue;
+        }
+        let lines = std::fs::read_to_string(&f).unwrap().lines().count();
+        if lines > CLI_FILE_LINES {
+            long.push(format!("src/cli/{name}: {lines} lines"));
+        }
+    }
+    assert!(
+        long.is_empty(),
+        "command files past {CLI_FILE_LINES} lines (move their logic into pipeline/):\n{}",
+        long.join("\n")
+    );
+}
+
+#[test]
+fn the_pipeline_takes_typed_values_not_arguments() {
+    // clap belongs to cli/: the pipeline is called with plain options structs.
+    let mut found = Vec::new();
+    for f in files(&src(), "pipeline") {
+        if code(&std::fs::read_to_string(&f).unwrap()).contains("clap::") {
+            found.push(f.strip_prefix(src()).unwrap().display().to_string());
+        }
+    }
+    assert!(found.is_empty(), "pipeline files that use clap: {found:?}");
+}

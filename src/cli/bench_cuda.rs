@@ -4,102 +4,23 @@
 //! roofline prediction for the device (src/roofline.rs) beside it. With `--profile`: each op of
 //! the forward timed by CUDA events (its time, FLOPs, bytes, achieved TFLOP/s or GB/s and fraction
 //! of its roofline), then each op of a block alone at the model's shapes, run by the same fused
-//! kernels and library calls as the forward (every attention path; `op_profile`), so that a short
-//! GPU session sees where a forward's time goes and how far each op is from its bound.
+//! kernels and library calls as the forward (every attention path), so that a short GPU session
+//! sees where a forward's time goes and how far each op is from its bound. The measurements are
+//! pipeline::bench_cuda; this file runs them and prints.
 
 use std::sync::Arc;
-use std::time::Instant;
-
-use cudarc::cublas::{CudaBlas, Gemm};
 
 use super::bench::{Args, Precision};
 use crate::backend::cuda::CudaDevice;
 use crate::error::Result;
-use crate::model::cuda_attention::Compute;
-use crate::model::cuda_model::CudaModel;
 use crate::model::{init, VisionTransformer, VitConfig};
+use crate::pipeline::bench_cuda::{forward_times, op_alone, op_times};
 use crate::roofline;
 use crate::tensor::Tensor;
-
-mod op_profile;
-
-/// Forward times, seconds: eager and as one CUDA graph launch (`CudaModel::launch_graph`), each
-/// with the images on the device and from host images to host outputs.
-struct Times {
-    resident: Vec<f64>,
-    host: Vec<f64>,
-    graphed: Vec<f64>,
-    graphed_host: Vec<f64>,
-}
 
 /// Median forward time of the CUDA model, from host images to host features and logits (the
 /// upload and download are part of what feature extraction pays).
 pub fn run(args: &Args, cfg: &VitConfig) -> Result<()> {
-    fn timed<T: Compute>(
-        dev: &Arc<CudaDevice>,
-        model: &VisionTransformer,
-        x: &Tensor,
-        iters: usize,
-    ) -> Result<Times>
-    where
-        CudaBlas: Gemm<T>,
-    {
-        let mut gpu = CudaModel::<T>::new(Arc::clone(dev), model);
-        let b = x.shape()[0];
-        gpu.check_batch_fits(b)?; // before the batch's buffers: fail with a batch that fits
-        gpu.exec.stage_input(x)?;
-        for _ in 0..3 {
-            gpu.forward_queued(x)?; // warm-up: cuBLAS heuristics, allocator pool
-        }
-        dev.sync()?;
-        let pb = super::progress(4 * iters as u64, "iter");
-        let mut resident = Vec::with_capacity(iters);
-        for _ in 0..iters {
-            let t = Instant::now();
-            gpu.forward_queued(x)?;
-            dev.sync()?;
-            resident.push(t.elapsed().as_secs_f64());
-            pb.inc(1);
-        }
-        // The same forward as one graph launch a batch: what the launch overhead costs eagerly.
-        gpu.capture_graph(x)?;
-        gpu.launch_graph()?;
-        dev.sync()?;
-        let mut graphed = Vec::with_capacity(iters);
-        for _ in 0..iters {
-            let t = Instant::now();
-            gpu.launch_graph()?;
-            dev.sync()?;
-            graphed.push(t.elapsed().as_secs_f64());
-            pb.inc(1);
-        }
-        gpu.set_graphs(true); // `forward` now replays that graph: upload, launch, download
-        let mut graphed_host = Vec::with_capacity(iters);
-        for _ in 0..iters {
-            let t = Instant::now();
-            gpu.forward(x)?;
-            graphed_host.push(t.elapsed().as_secs_f64());
-            pb.inc(1);
-        }
-        drop(gpu);
-        let mut host = Vec::with_capacity(iters);
-        let mut unstaged = CudaModel::<T>::new(Arc::clone(dev), model);
-        unstaged.forward(x)?; // uploads the weights
-        for _ in 0..iters {
-            let t = Instant::now();
-            unstaged.forward(x)?; // returns host tensors, so the device work is finished
-            host.push(t.elapsed().as_secs_f64());
-            pb.inc(1);
-        }
-        pb.finish_and_clear();
-        Ok(Times {
-            resident,
-            host,
-            graphed,
-            graphed_host,
-        })
-    }
-
     // An unknown --gpu fails before anything runs.
     let named = args.gpu.as_deref().map(roofline::gpu).transpose()?;
     let dev = Arc::new(CudaDevice::new(0)?);
@@ -123,8 +44,8 @@ pub fn run(args: &Args, cfg: &VitConfig) -> Result<()> {
     let n_in = shape.iter().product();
     let x = Tensor::from_vec(&shape, (0..n_in).map(|_| rng.normal() as f32).collect())?;
     let t = match args.precision {
-        Precision::F32 => timed::<f32>(&dev, &model, &x, args.iters)?,
-        Precision::Bf16 => timed::<half::bf16>(&dev, &model, &x, args.iters)?,
+        Precision::F32 => forward_times::<f32>(&dev, &model, &x, args.iters)?,
+        Precision::Bf16 => forward_times::<half::bf16>(&dev, &model, &x, args.iters)?,
     };
     let (mut times, mut host) = (t.resident, t.host);
     let (mut graphed, mut graphed_host) = (t.graphed, t.graphed_host);
@@ -136,7 +57,6 @@ pub fn run(args: &Args, cfg: &VitConfig) -> Result<()> {
     let ops = roofline::forward_ops(cfg, args.batch, args.precision);
     let pred = roof_gpu.map(|g| roofline::predict(&ops, g, args.batch));
     let (measured, alone_rows) = if args.profile {
-        use op_profile::{op_alone, op_times};
         // Each op alone: enough calls for a GPU's timer; the stand-in's CPU times need no more.
         let calls = if stand_in {
             args.iters

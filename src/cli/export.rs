@@ -1,17 +1,10 @@
 //! `mood export CKPT -o weights.safetensors`: the classifier of a `mood finetune` checkpoint as a
 //! weights-only file that timm's `load_state_dict(strict=True)` takes (see `train::export`), with
-//! where it came from in the safetensors metadata.
+//! where it came from in the safetensors metadata (pipeline::export).
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use crate::error::{Error, Result};
-use crate::model::VitConfig;
-use crate::train::checkpoint;
-use crate::weights::WeightStore;
-
-/// The metadata key of an exported file that records its source.
-pub const KEY: &str = "mood_export";
+use crate::error::Result;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -28,112 +21,23 @@ pub struct Args {
     pub overwrite: bool,
 }
 
-/// What an exported file records about where it came from.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-pub struct Source {
-    pub mood_version: String,
-    pub arch: String,
-    /// Head outputs; None for a checkpoint without a head (timm: `num_classes=0`).
-    pub num_classes: Option<usize>,
-    /// The checkpoint's file name (its hash below says which file it was).
-    pub checkpoint: String,
-    pub checkpoint_sha256: String,
-    /// "finetune" or "pretrain", with its progress, when the checkpoint records them.
-    pub stage: Option<String>,
-    pub optimizer_step: Option<u32>,
-}
-
-/// The `--arch` to export as: the option, the checkpoint's own record, or both when they agree.
-fn arch_of(args: &Args, recorded: Option<&str>) -> Result<String> {
-    match (args.arch.as_deref(), recorded) {
-        (Some(a), Some(r)) if a != r => Err(Error::Usage(format!(
-            "--arch {a}: {} is a checkpoint of {r}; leave --arch out or give --arch {r}",
-            args.checkpoint.display()
-        ))),
-        (Some(a), _) => Ok(a.to_string()),
-        (None, Some(r)) => Ok(r.to_string()),
-        (None, None) => Err(Error::Usage(format!(
-            "{} records no architecture (not written by mood finetune): give --arch",
-            args.checkpoint.display()
-        ))),
-    }
-}
-
-fn is_safetensors(path: &Path) -> bool {
-    path.extension().is_some_and(|e| e == "safetensors")
-}
-
 pub fn run(args: Args) -> Result<()> {
-    if crate::fsutil::resolve(&args.output) == crate::fsutil::resolve(&args.checkpoint) {
-        return Err(Error::Usage(format!(
-            "-o {} is the checkpoint being exported: write the export elsewhere",
-            args.output.display()
-        )));
-    }
-    if args.output.exists() && !args.overwrite {
-        return Err(Error::Usage(format!(
-            "-o {} exists: add --overwrite to replace it",
-            args.output.display()
-        )));
-    }
-    let store = WeightStore::open(&args.checkpoint)?;
-    let progress = if is_safetensors(&args.checkpoint) {
-        checkpoint::read_progress(&args.checkpoint)?
-    } else {
-        None
-    };
-    if progress.as_ref().is_some_and(|p| p.stage == "pretrain") {
-        // Its encoder ends in MIM's `norm`, not a classifier's `fc_norm` and head.
-        return Err(Error::Usage(format!(
-            "{} is a `mood pretrain` checkpoint, not a classifier: fine-tune it first \
-             (mood finetune --weights {0}) and export that",
-            args.checkpoint.display()
-        )));
-    }
-    let arch = arch_of(&args, progress.as_ref().map(|p| p.arch.as_str()))?;
-    let cfg = VitConfig::preset(&arch)?;
-    let selected = crate::train::export::select(&store, &cfg)?;
-    let source = Source {
-        mood_version: env!("CARGO_PKG_VERSION").into(),
-        arch: arch.clone(),
-        num_classes: selected.num_classes,
-        checkpoint: args
-            .checkpoint
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        checkpoint_sha256: crate::fsutil::sha256_file(&args.checkpoint)?,
-        stage: progress.as_ref().map(|p| p.stage.clone()),
-        optimizer_step: progress.as_ref().map(|p| p.optimizer_step),
-    };
-    let meta = HashMap::from([
-        // What safetensors' PyTorch writer puts there; some loaders look for it.
-        ("format".to_string(), "pt".to_string()),
-        (
-            KEY.to_string(),
-            serde_json::to_string(&source).map_err(|e| Error::Data(e.to_string()))?,
-        ),
-    ]);
-    let tensors: Vec<_> = selected.tensors.into_values().collect();
-    if let Some(dir) = args.output.parent() {
-        let dir = if dir.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            dir
-        };
-        let name = args.output.file_name().map(|n| n.to_string_lossy());
-        crate::fsutil::remove_stale_temps(dir, name.as_deref());
-    }
-    crate::weights::safetensors::write(&args.output, &tensors, Some(meta))?;
-    let head = match selected.num_classes {
+    let sum = crate::pipeline::export::run(&crate::pipeline::export::Request {
+        checkpoint: &args.checkpoint,
+        output: &args.output,
+        arch: args.arch.as_deref(),
+        overwrite: args.overwrite,
+    })?;
+    let head = match sum.num_classes {
         Some(c) => format!("a head of {c} classes"),
         None => "no head (timm: num_classes=0)".into(),
     };
     eprintln!(
-        "wrote {} tensors of {arch} ({head}) to {}; left out {} training tensors (optimizer moments and the like)",
-        tensors.len(),
+        "wrote {} tensors of {} ({head}) to {}; left out {} training tensors (optimizer moments and the like)",
+        sum.tensors,
+        sum.arch,
         args.output.display(),
-        selected.dropped.len()
+        sum.dropped
     );
     Ok(())
 }

@@ -1,15 +1,11 @@
-//! `mood fit` (a detector from an ID train store) and `mood score` (a detector over any store).
+//! `mood fit` (a detector from an ID train store) and `mood score` (a detector over any store);
+//! the runs are pipeline::fit.
 
 use std::path::PathBuf;
-use std::time::Instant;
 
 use crate::backend::Device;
 use crate::error::Result;
-use crate::ood::detector::{method, parse_args, Detector};
-use crate::pipeline::eval::{load_head, refuse_empty};
-use crate::pipeline::provenance;
-use crate::pipeline::score_device::ScoreDevice;
-use crate::store::FeatureStore;
+use crate::pipeline::fit::{fit, score, FitRequest, ScoreRequest};
 
 #[derive(clap::Args, Debug)]
 pub struct FitArgs {
@@ -56,63 +52,39 @@ pub struct ScoreArgs {
 }
 
 pub fn run_fit(args: FitArgs) -> Result<()> {
-    crate::pipeline::device::cpu_only(args.device, "fitting", "f64 statistics on the host")?;
-    let m = method(&args.method)?;
-    let settings = parse_args(m, &args.method_args)?;
-    crate::fsutil::refuse_inside(&args.output, "-o", &args.train, "the train store")?;
-    let head = load_head(args.head.as_deref())?;
-    let store = FeatureStore::open(&args.train)?;
-    refuse_empty(&store, "--train", &args.train)?;
-    provenance::say_notes(&store);
-    let t = Instant::now();
-    let det = Detector::fit(m.name, settings, &store.inputs(head.as_ref()))?;
-    det.save(&args.output)?;
-    let mut prov = store.manifest.provenance();
-    prov.dim = store.dim();
-    provenance::stamp_detector(&args.output, &prov)?;
+    let fitted = fit(&FitRequest {
+        method: &args.method,
+        method_args: &args.method_args,
+        train: &args.train,
+        head: args.head.as_deref(),
+        output: &args.output,
+        device: args.device,
+    })?;
     eprintln!(
         "fitted {} on {} rows of {} in {:.2} s -> {}",
-        m.name,
-        store.rows(),
+        fitted.method,
+        fitted.rows,
         args.train.display(),
-        t.elapsed().as_secs_f64(),
+        fitted.seconds,
         args.output.display()
     );
     Ok(())
 }
 
 pub fn run_score(args: ScoreArgs) -> Result<()> {
-    crate::fsutil::refuse_inside(&args.output, "-o", &args.features, "the store")?;
-    let det = Detector::load(&args.detector)?;
-    let store = FeatureStore::open(&args.features)?;
-    provenance::say_notes(&store);
-    match provenance::detector_provenance(&args.detector)? {
-        Some(trained) => {
-            let mut prov = store.manifest.provenance();
-            prov.dim = store.dim();
-            let d = format!("--detector {}", args.detector.display());
-            let f = format!("--features {}", args.features.display());
-            provenance::compare(&trained, &d, &prov, &f, args.allow_mismatch)?;
-        }
-        None if !crate::progress::quiet() => eprintln!(
-            "note: {} records no train store provenance (an older mood): not compared with {}",
-            args.detector.display(),
-            args.features.display()
-        ),
-        None => {}
-    }
-    let device = ScoreDevice::open(args.device)?;
-    device.note_cpu_methods(&[det.method()]);
-    let t = Instant::now();
-    let scorer = device.prepare(&det)?;
-    let scores = scorer.score(&store.inputs(None))?;
-    crate::npy::write_f32(&args.output, &[scores.len()], &scores)?;
+    let scored = score(&ScoreRequest {
+        detector: &args.detector,
+        features: &args.features,
+        output: &args.output,
+        device: args.device,
+        allow_mismatch: args.allow_mismatch,
+    })?;
     eprintln!(
         "{} scores of {} rows on the {} in {:.2} s -> {}",
-        det.method(),
-        scores.len(),
-        if scorer.on_gpu() { "GPU" } else { "CPU" },
-        t.elapsed().as_secs_f64(),
+        scored.method,
+        scored.rows,
+        if scored.on_gpu { "GPU" } else { "CPU" },
+        scored.seconds,
         args.output.display()
     );
     Ok(())

@@ -1,10 +1,10 @@
-//! `mood forward`: features (and logits) of a float32 NCHW .npy of normalised images.
+//! `mood forward`: features (and logits) of a float32 NCHW .npy of normalised images (the run is
+//! pipeline::forward).
 
 use std::path::PathBuf;
 
 use crate::backend::{Device, Precision};
-use crate::error::{Error, Result};
-use crate::tensor::Tensor;
+use crate::error::Result;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -35,61 +35,17 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    if args.batch == 0 {
-        return Err(Error::Usage("--batch must be at least 1".into()));
-    }
-    let model = super::load_model(&args.arch, &args.weights)?;
-    if args.logits.is_some() && model.num_classes().is_none() {
-        return Err(Error::Usage(format!(
-            "--logits: {} has no `head.weight`, so there are no logits",
-            args.weights.display()
-        )));
-    }
-    let (shape, data) = crate::npy::read_f32(&args.input)?;
-    let (chans, size) = (model.in_chans(), model.img_size());
-    let per_image = chans * size * size;
-    // read_f32 checked that the shape's product is the data's length; the dims are still the
-    // file's, so they are compared one by one rather than multiplied.
-    match shape[..] {
-        [_, c, h, w] if c == chans && h == size && w == size => {}
-        _ => {
-            return Err(Error::format(
-                &args.input,
-                format!(
-                    "expected images of shape [B, {chans}, {size}, {size}] for {}, found {shape:?}",
-                    model.name(),
-                ),
-            ))
-        }
-    }
-    // The largest batch actually run: fewer images than --batch need less device memory.
-    let largest = args.batch.min(shape[0]).max(1);
-    let mut runner = crate::pipeline::device::runner(&model, args.device, args.precision, largest)?;
-    let total = shape[0];
-    let pb = super::progress(total as u64, "img");
-    let mut feats = Vec::new();
-    let mut logits = Vec::new();
-    let (mut d, mut c) = (0, 0);
-    for start in (0..total).step_by(args.batch) {
-        let end = (start + args.batch).min(total);
-        let x = Tensor::from_vec(
-            &[end - start, chans, size, size],
-            data[start * per_image..end * per_image].to_vec(),
-        )?;
-        let out = runner.forward(&x)?;
-        d = out.features.shape()[1];
-        feats.extend_from_slice(out.features.as_slice());
-        if let Some(l) = out.logits {
-            c = l.shape()[1];
-            logits.extend_from_slice(l.as_slice());
-        }
-        pb.inc((end - start) as u64);
-    }
-    pb.finish_and_clear();
-    crate::npy::write_f32(&args.features, &[total, d], &feats)?;
-    if let Some(path) = &args.logits {
-        crate::npy::write_f32(path, &[total, c], &logits)?;
-    }
+    let sum = crate::pipeline::forward::run(&crate::pipeline::forward::Request {
+        arch: &args.arch,
+        weights: &args.weights,
+        input: &args.input,
+        features: &args.features,
+        logits: args.logits.as_deref(),
+        batch: args.batch,
+        device: args.device,
+        precision: args.precision,
+    })?;
+    let (total, d, c) = (sum.images, sum.dim, sum.classes);
     eprintln!(
         "{total} images -> {} [{total}, {d}]{}; peak RSS {}",
         args.features.display(),
@@ -97,19 +53,7 @@ pub fn run(args: Args) -> Result<()> {
             .as_ref()
             .map(|p| format!(", {} [{total}, {c}]", p.display()))
             .unwrap_or_default(),
-        peak_rss()
+        crate::pipeline::forward::peak_rss()
     );
     Ok(())
-}
-
-/// Peak resident set size of this process (VmHWM), for memory reports.
-pub fn peak_rss() -> String {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .map(|l| l.trim_start_matches("VmHWM:").trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into())
 }

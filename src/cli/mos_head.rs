@@ -1,14 +1,10 @@
 //! `mood mos-head`: MOS's group-softmax head fine-tuned on a train store's features, the backbone
 //! frozen (src/train/mos_head.rs), written as a head file that `mood eval|fit --head FILE` reads;
-//! `mos` scores through it with `--method-arg mos.logits=head`.
+//! `mos` scores through it with `--method-arg mos.logits=head`. The run is pipeline::mos_head.
 
 use std::path::PathBuf;
-use std::time::Instant;
 
-use crate::error::{Error, Result};
-use crate::features::Head;
-use crate::store::{write_head, FeatureStore};
-use crate::train::mos_head::{fit, GroupLayout, MosHeadConfig};
+use crate::error::Result;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -34,74 +30,25 @@ pub struct Args {
     pub output: PathBuf,
 }
 
-fn layout(args: &Args) -> Result<GroupLayout> {
-    match (&args.groups, &args.group_sizes) {
-        (Some(path), None) => {
-            let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-            GroupLayout::parse(&text, &path.display().to_string())
-        }
-        (None, Some(list)) => {
-            let sizes = list
-                .split(',')
-                .map(|s| s.trim().parse::<usize>().ok().filter(|&n| n > 0))
-                .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| {
-                    Error::Usage(format!(
-                        "--group-sizes {list}: expected positive integers separated by commas"
-                    ))
-                })?;
-            Ok(GroupLayout::in_order(&sizes))
-        }
-        _ => Err(Error::Usage(
-            "give the groups: --groups FILE or --group-sizes N1,N2,...".into(),
-        )),
-    }
-}
-
 pub fn run(args: Args) -> Result<()> {
-    let layout = layout(&args)?;
-    crate::fsutil::refuse_inside(&args.output, "-o", &args.train, "the train store")?;
-    let store = FeatureStore::open(&args.train)?;
-    crate::pipeline::eval::refuse_empty(&store, "--train", &args.train)?;
-    crate::pipeline::provenance::say_notes(&store);
-    let labels = store.labels.as_ref().ok_or_else(|| {
-        Error::Usage(format!(
-            "--train {}: the store has no labels (labels.npy); the head is trained on labelled rows",
-            args.train.display()
-        ))
-    })?;
-    let cfg = MosHeadConfig {
+    let sum = crate::pipeline::mos_head::run(&crate::pipeline::mos_head::Request {
+        train: &args.train,
+        groups: args.groups.as_deref(),
+        group_sizes: args.group_sizes.as_deref(),
         batch: args.batch,
-        base_lr: args.lr,
+        lr: args.lr,
         seed: args.seed,
-        ..Default::default()
-    };
-    let t = Instant::now();
-    let dim = store.dim();
-    let fitted = fit(store.features.as_slice(), dim, labels, &layout, &cfg)?;
-    let head = Head {
-        weight: fitted.weight,
-        bias: fitted.bias,
-        // Stored features are already past fc_norm; it is kept so that `csd` with this head file
-        // normalises local tokens as with the store's own head.
-        fc_norm: store.head.as_ref().and_then(|h| h.fc_norm.clone()),
-    };
-    // Written under a temporary name and renamed once stamped, so a crash leaves no head.
-    let tmp = crate::fsutil::temp_path(&args.output);
-    write_head(&tmp, &head)?;
-    let mut prov = store.manifest.provenance();
-    prov.dim = dim;
-    crate::pipeline::provenance::stamp_detector(&tmp, &prov)?;
-    std::fs::rename(&tmp, &args.output).map_err(|e| Error::io(&args.output, e))?;
-    let sizes: Vec<String> = layout.sizes.iter().map(|n| n.to_string()).collect();
+        output: &args.output,
+    })?;
+    let sizes: Vec<String> = sum.sizes.iter().map(|n| n.to_string()).collect();
     eprintln!(
         "mos head: {} groups, {} logits, {} SGD steps on {} rows in {:.2} s (last loss {:.4}) -> {}",
-        layout.sizes.len(),
-        layout.width(),
-        fitted.steps,
-        labels.len(),
-        t.elapsed().as_secs_f64(),
-        fitted.last_loss,
+        sum.sizes.len(),
+        sum.width,
+        sum.steps,
+        sum.rows,
+        sum.seconds,
+        sum.last_loss,
         args.output.display()
     );
     println!(

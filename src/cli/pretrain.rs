@@ -1,16 +1,13 @@
 //! `mood pretrain`: masked image modelling on unlabelled in-distribution images (BEiT's block-wise
 //! masking, a learnable mask token, normalised-pixel regression; see `train::mim` for how this
-//! differs from BEiT's dVAE-token targets).
+//! differs from BEiT's dVAE-token targets). The run is pipeline::pretrain.
 
 use std::path::PathBuf;
 
 use super::train_common::{bar_callback, step_bar, ScheduleArgs};
 use crate::error::Result;
 use crate::model::VitConfig;
-use crate::pipeline::data::training_data;
-use crate::pipeline::train::{initial_params, note_dropped, steps_done, take_output};
-use crate::train::loops::pretrain_on;
-use crate::train::step::add_mim_params;
+use crate::pipeline::pretrain::{prepare, Options};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -47,41 +44,30 @@ pub fn run(args: Args) -> Result<()> {
     let cfg = VitConfig::preset(&args.arch)?;
     let s = args.schedule.schedule()?;
     let on = args.schedule.train_on()?;
-    // Before the data is read: a checkpoint in the way is said in seconds.
-    let (_lock, resume) = take_output(&args.output, args.resume, args.overwrite)?;
-    let (data, _) = training_data(&args.data, &args.preset, &cfg, false)?;
-    let mut params = initial_params(&cfg, args.weights.as_deref(), s.seed)?;
-    params.retain(|k, _| !k.starts_with("head.") && !k.starts_with("fc_norm."));
-    add_mim_params(&mut params, &cfg, s.seed);
-    if let Some(r) = &resume {
-        let mut settings = crate::train::loops::pretrain_settings(&s, &data, args.mask_ratio);
-        crate::train::loops::record_precision(&mut settings, &on);
-        crate::train::loops::check_resume("pretrain", &cfg, &settings, r)?;
-    }
-    note_dropped(data.len(), s.batch);
-    let per_epoch = (data.len() / s.batch.max(1)) as u64;
-    let done = steps_done(&resume, per_epoch);
+    let opts = Options {
+        cfg,
+        weights: args.weights.as_deref(),
+        data: &args.data,
+        preset: &args.preset,
+        mask_ratio: args.mask_ratio,
+        output: &args.output,
+        overwrite: args.overwrite,
+        resume: args.resume,
+    };
+    let mut run = prepare(&opts, s, on)?;
+    let per_epoch = run.steps_per_epoch();
     eprintln!(
         "masked image modelling: {} on {} images ({}), {} epochs of {} steps, mask ratio {}",
-        cfg.name,
-        data.len(),
+        run.cfg.name,
+        run.data.len(),
         args.data,
-        s.epochs,
+        run.schedule.epochs,
         per_epoch,
         args.mask_ratio
     );
-    let pb = step_bar(s.epochs as u64 * per_epoch, done, "pretrain");
-    let hist = pretrain_on(
-        &on,
-        &cfg,
-        &mut params,
-        &data,
-        &s,
-        args.mask_ratio,
-        Some(&args.output),
-        resume,
-        &mut bar_callback(&pb),
-    )?;
+    let total = run.schedule.epochs as u64 * per_epoch;
+    let pb = step_bar(total, run.steps_done(), "pretrain");
+    let hist = run.train(&mut bar_callback(&pb))?;
     pb.finish_and_clear();
     if let (Some(first), Some(last)) = (hist.first(), hist.last()) {
         eprintln!(

@@ -7,13 +7,27 @@
 //! - `score_device`: where detectors score (GPU scorers or the CPU);
 //! - `data`: data specs (data::spec, one parser) opened as extraction sources or training sets;
 //! - `extract`: the extraction run, one path for `mood extract` and `mood demo`;
-//! - `eval`, `sweep`, `provenance`: fit, score and evaluate plans and their checks;
-//! - `train`: the setup of `mood pretrain` / `mood finetune` (output checkpoint, resume).
+//! - `eval`, `sweep`, `provenance`: fit, score and evaluate plans and their checks; `fit`: the
+//!   runs of `mood fit` and `mood score`; `mos_head`: MOS's head on a store;
+//! - `train`: the setup of `mood pretrain` / `mood finetune` (output checkpoint, resume);
+//! - `pretrain`, `finetune`: their runs (data, parameters, loss, epochs, held-out accuracy);
+//! - `forward`: a checkpoint over an .npy of images; `export`: a checkpoint's classifier for timm;
+//! - `demo`: the plan of `mood demo` (data, both models, their stores and reports);
+//! - `bench_cuda`: the measurements of `mood bench --device cuda` (forward times, op profiles).
 
+#[cfg(feature = "cuda")]
+pub mod bench_cuda;
 pub mod data;
+pub mod demo;
 pub mod device;
 pub mod eval;
+pub mod export;
 pub mod extract;
+pub mod finetune;
+pub mod fit;
+pub mod forward;
+pub mod mos_head;
+pub mod pretrain;
 pub mod provenance;
 pub mod score_device;
 pub mod sweep;

@@ -203,7 +203,7 @@ where
 
 /// Per op of the forward (in the order first run), its calls and seconds per forward, averaged
 /// over `iters` passes timed by `Timed` after one warm-up pass.
-pub(super) fn op_times<T: Compute>(
+pub fn op_times<T: Compute>(
     dev: &Arc<CudaDevice>,
     model: &VisionTransformer,
     x: &Tensor,
@@ -265,7 +265,7 @@ fn per_call(dev: &CudaDevice, iters: usize, mut f: impl FnMut() -> Result<()>) -
 /// runs it, `iters` calls after a warm-up: its seconds per call, with the calls per forward of
 /// its `ops` entry. Patch embedding, pooling and the head are left out (well under 1% of the
 /// FLOPs).
-pub(super) fn op_alone<T: Compute>(
+pub fn op_alone<T: Compute>(
     dev: &CudaDevice,
     cfg: &VitConfig,
     b: usize,
