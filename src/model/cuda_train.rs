@@ -26,6 +26,8 @@ use crate::model::layers::{Linear, Norm, Param, RelBias};
 use crate::model::train_exec::{AttnDims, GradTriple, TableRef, TrainExec};
 use crate::tensor::Tensor;
 
+mod losses;
+
 type Buf<T> = Rc<DeviceValue<T>>;
 
 /// What attention in training reuses from step to step instead of allocating per call: the
@@ -322,15 +324,7 @@ where
         labels: &[usize],
         smoothing: f32,
     ) -> Result<(f32, CudaSlice<f32>)> {
-        let (b, c) = logits.rows_cols("cross_entropy logits")?;
-        if b != labels.len() {
-            return Err(Error::Data(format!(
-                "cross_entropy: {b} rows of logits for {} labels",
-                labels.len()
-            )));
-        }
-        let z = logits.f32("cross_entropy logits")?;
-        cu::loss::cross_entropy(self.device(), z, labels, c, smoothing)
+        self.cross_entropy_loss(logits, labels, smoothing)
     }
 
     fn group_softmax(
@@ -339,46 +333,23 @@ where
         groups: &[usize],
         labels: &[usize],
     ) -> Result<(f32, CudaSlice<f32>)> {
-        let per_group = crate::train::loss::group_targets(labels, groups)?;
-        let (b, _) = logits.rows_cols("group_softmax logits")?;
-        if b != labels.len() {
-            return Err(Error::Data(format!(
-                "group_softmax: {b} rows of logits for {} labels",
-                labels.len()
-            )));
-        }
-        let z = logits.f32("group_softmax logits")?;
-        cu::loss::group_softmax(self.device(), z, groups, &per_group)
+        self.group_softmax_loss(logits, groups, labels)
     }
 
     fn mse(&mut self, pred: &Buf<T>, target: &[f32]) -> Result<(f32, CudaSlice<f32>)> {
-        let (r, k) = pred.rows_cols("mse prediction")?;
-        if r * k != target.len() {
-            return Err(Error::Data(format!(
-                "mse: {} predictions against {} targets",
-                r * k,
-                target.len()
-            )));
-        }
-        let t = self.up(target)?;
-        cu::loss::mse(self.device(), pred.f32("mse prediction")?, &t, (r, k))
+        self.mse_loss(pred, target)
     }
 
     fn relu(&mut self, x: &Buf<T>) -> Result<Buf<T>> {
-        let y = cu::loss::alpa_relu(self.device(), x.f32("relu input")?)?;
-        Ok(Rc::new(self.value(&x.shape, Data::F32(y))))
+        self.alpa_relu(x)
     }
 
-    fn relu_backward(&mut self, y: &Buf<T>, mut dy: CudaSlice<f32>) -> Result<CudaSlice<f32>> {
-        cu::loss::alpa_relu_backward(self.device(), y.f32("relu output")?, &mut dy)?;
-        Ok(dy)
+    fn relu_backward(&mut self, y: &Buf<T>, dy: CudaSlice<f32>) -> Result<CudaSlice<f32>> {
+        self.alpa_relu_backward(y, dy)
     }
 
     fn alpa_terms(&mut self, q: &Buf<T>, k: &Buf<T>, v: &Buf<T>, m: usize) -> Result<Vec<f32>> {
-        let dims = alpa_dims(q, m)?;
-        let (q, k, v) = (q.f32("alpa q")?, k.f32("alpa k")?, v.f32("alpa v")?);
-        let terms = cu::loss::alpa_terms(self.device(), q, k, v, dims)?;
-        self.device().download(&terms)
+        self.alpa_cross_terms(q, k, v, m)
     }
 
     fn alpa_terms_backward(
@@ -389,16 +360,7 @@ where
         m: usize,
         g: &[f32],
     ) -> Result<(CudaSlice<f32>, CudaSlice<f32>, CudaSlice<f32>)> {
-        let dims = alpa_dims(q, m)?;
-        let (q, k, v) = (q.f32("alpa q")?, k.f32("alpa k")?, v.f32("alpa v")?);
-        if g.len() != m * m {
-            return Err(Error::Data(format!(
-                "alpa_terms_backward: {} gradients for {m}×{m} terms",
-                g.len()
-            )));
-        }
-        let g = self.up(g)?;
-        cu::loss::alpa_terms_backward(self.device(), q, k, v, &g, dims)
+        self.alpa_cross_terms_backward(q, k, v, m, g)
     }
 
     fn grad_len(g: &CudaSlice<f32>) -> usize {
@@ -633,15 +595,4 @@ where
         let d = dy.len() / rows.len().max(1);
         cu::elementwise::gather_rows_backward(self.device(), &dy, rows, (m, d))
     }
-}
-
-/// ALPA's (M, T, d) from q [M·T, d] (k and v are checked by length in the launcher).
-fn alpa_dims<T>(q: &DeviceValue<T>, m: usize) -> Result<(usize, usize, usize)> {
-    let (rows, d) = q.rows_cols("alpa q")?;
-    if m == 0 || rows % m != 0 {
-        return Err(Error::Data(format!(
-            "alpa_terms: {rows} rows do not split into {m} views"
-        )));
-    }
-    Ok((m, rows / m, d))
 }
