@@ -119,3 +119,74 @@ fn alpa_fine_tuning_gradients_match_finite_differences() {
         );
     }
 }
+
+/// The fixture through `alpa_on`, ALPA written over the training executor's ops, on the CPU
+/// executor: the same loss, similarity and gradients as PyTorch (tolerances as above), and within
+/// 1e-5 (max |diff| / max |value|) of the host reference `Alpa::forward_backward`.
+#[test]
+fn alpa_on_the_cpu_executor_matches_torch_and_the_reference() {
+    use mood::model::cpu_train::CpuTrain;
+    use mood::model::layers::Param;
+    use mood::train::alpa::alpa_on;
+    let (fs, f) = mood::npy::read_f32(&fixture("train/alpa_features.npy")).unwrap();
+    let (_, labels) = mood::npy::read_f32(&fixture("train/alpa_labels.npy")).unwrap();
+    let labels: Vec<usize> = labels.iter().map(|&l| l as usize).collect();
+    let bytes = std::fs::read(fixture("train/alpa_loss.npy")).unwrap();
+    let want_loss: f64 = npyz::NpyFile::new(&bytes[..]).unwrap().into_vec().unwrap()[0];
+    let w = WeightStore::open(&fixture("train/alpa_weights.safetensors")).unwrap();
+    let g = WeightStore::open(&fixture("train/alpa_grads.safetensors")).unwrap();
+    let get = |s: &WeightStore, n: &str| s.get(n, s.shape_of(n).unwrap()).unwrap().into_vec();
+    let params: [Param; 6] = std::array::from_fn(|i| {
+        Param::load(&w, WEIGHT_NAMES[i], w.shape_of(WEIGHT_NAMES[i]).unwrap()).unwrap()
+    });
+    let (m, t, dim) = (fs[0], fs[1], fs[2]);
+    let features = mood::Tensor::from_vec(&[m * t, dim], f.clone()).unwrap();
+    let out = alpa_on(&mut CpuTrain, &features, &params, &labels, 10.0, 1.0).unwrap();
+    let weights: Vec<Vec<f32>> = WEIGHT_NAMES.iter().map(|n| get(&w, n)).collect();
+    let reference = Alpa {
+        weights: std::array::from_fn(|i| &weights[i][..]),
+        dim,
+        proj: w.shape_of("query.2").unwrap()[0],
+        scale: 10.0,
+    }
+    .forward_backward(&f, &labels, t);
+    assert!(
+        (out.loss as f64 - want_loss).abs() < 1e-5 * want_loss.abs(),
+        "loss {} vs torch {want_loss}",
+        out.loss
+    );
+    let worst = |ours: &[f32], want: &[f32]| {
+        let scale = want.iter().fold(0.0f32, |a, b| a.max(b.abs()));
+        ours.iter()
+            .zip(want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max)
+            / scale
+    };
+    let mut table = vec![
+        ("loss", worst(&[out.loss], &[reference.loss]), 1e-5),
+        (
+            "similarity",
+            worst(&out.similarity, &reference.similarity),
+            1e-5,
+        ),
+        (
+            "features",
+            worst(&out.d_features, &reference.d_features),
+            1e-5,
+        ),
+        (
+            "features (torch)",
+            worst(&out.d_features, &get(&g, "features")),
+            1e-4,
+        ),
+    ];
+    for (i, n) in WEIGHT_NAMES.iter().enumerate() {
+        table.push((n, worst(&out.d_weights[i], &reference.d_weights[i]), 1e-5));
+        table.push((n, worst(&out.d_weights[i], &get(&g, n)), 1e-4));
+    }
+    for (name, err, tol) in table {
+        println!("{name:<18} {err:.2e} (≤ {tol:.0e})");
+        assert!(err <= tol, "{name}: {err} > {tol}");
+    }
+}

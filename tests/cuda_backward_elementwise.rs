@@ -7,7 +7,9 @@
 //!     exceptions are the masked-row sum (chunks of 64 masked rows against the CPU's single pass)
 //!     and LayerNorm's dγ/dβ (per-block partials), still far inside 1e-5.
 //!   - AdamW: 1e-6 (it is bit-exact by construction: every operation rounded on its own).
-//!   - grad norm and cross-entropy: 1e-6 (both f64 inside; only the order of f64 sums differs).
+//!   - ALPA's cross-view attention terms and their backward: 1e-5 (f32, one thread per row
+//!     against the CPU's GEMMs); its ReLU: exact.
+//!   - grad norm, cross-entropy and MOS's group softmax: 1e-6 (both f64 inside; only the order of f64 sums differs).
 //!
 //! Every reduction is also run twice on the same inputs and must repeat bit for bit, and every
 //! launcher refuses a buffer of the wrong length with an error, not a panic.
@@ -470,6 +472,77 @@ fn cross_entropy(b: usize, c: usize, smoothing: f32) -> Case {
     Case("cross_entropy", format!("[{b}, {c}] ε = {smoothing}"), run)
 }
 
+fn group_softmax(b: usize, groups: &'static [usize]) -> Case {
+    let run: Run = Box::new(move |dev, rng| {
+        let width: usize = groups.iter().map(|s| s + 1).sum();
+        let classes: usize = groups.iter().sum();
+        let z = randn(rng, b * width, 3.0);
+        let labels: Vec<usize> = (0..b)
+            .map(|_| (rng.uniform() * classes as f64) as usize)
+            .collect();
+        let per_group = loss::group_targets(&labels, groups)?;
+        let (lw, gw) = loss::group_softmax(&z, groups, &per_group);
+        let (l, g) = cu::loss::group_softmax(dev, &dev.upload(&z)?, groups, &per_group)?;
+        Ok(vec![
+            out("loss", vec![l], vec![lw], F64_TOL),
+            out("dlogits", dev.download(&g)?, gw, F64_TOL),
+        ])
+    });
+    Case("group_softmax", format!("[{b}] groups {groups:?}"), run)
+}
+
+/// ALPA's ReLU and its backward against the CPU executor's.
+fn alpa_relu(n: usize) -> Case {
+    let run: Run = Box::new(move |dev, rng| {
+        let (x, dy) = (randn(rng, n, 1.0), randn(rng, n, 1.0));
+        let y_want: Vec<f32> = x.iter().map(|v| v.max(0.0)).collect();
+        let dx_want: Vec<f32> = dy
+            .iter()
+            .zip(&y_want)
+            .map(|(g, &y)| if y > 0.0 { *g } else { 0.0 })
+            .collect();
+        let y = cu::loss::alpa_relu(dev, &dev.upload(&x)?)?;
+        let mut dx = dev.upload(&dy)?;
+        cu::loss::alpa_relu_backward(dev, &y, &mut dx)?;
+        Ok(vec![
+            out("y", dev.download(&y)?, y_want, 0.0),
+            out("dx", dev.download(&dx)?, dx_want, 0.0),
+        ])
+    });
+    Case("alpa_relu", format!("[{n}]"), run)
+}
+
+/// ALPA's cross-view attention terms [M, M] and their backward (dq, dk, dv) against
+/// `train::alpa::alpa_terms{,_backward}`; g has zeros on the diagonal, as SupCon's does.
+fn alpa_terms(m: usize, t: usize, d: usize) -> Case {
+    let run: Run = Box::new(move |dev, rng| {
+        let n = m * t * d;
+        let (q, k, v) = (randn(rng, n, 1.0), randn(rng, n, 1.0), randn(rng, n, 1.0));
+        let g: Vec<f32> = (0..m * m)
+            .map(|i| {
+                if i / m == i % m {
+                    0.0
+                } else {
+                    rng.normal() as f32
+                }
+            })
+            .collect();
+        let terms_want = mood::train::alpa::alpa_terms(&q, &k, &v, m, d);
+        let (dq_w, dk_w, dv_w) = mood::train::alpa::alpa_terms_backward(&q, &k, &v, m, d, &g);
+        let (qd, kd, vd) = (dev.upload(&q)?, dev.upload(&k)?, dev.upload(&v)?);
+        let terms = cu::loss::alpa_terms(dev, &qd, &kd, &vd, (m, t, d))?;
+        let (dq, dk, dv) =
+            cu::loss::alpa_terms_backward(dev, &qd, &kd, &vd, &dev.upload(&g)?, (m, t, d))?;
+        Ok(vec![
+            out("terms", dev.download(&terms)?, terms_want, F32_TOL),
+            out("dq", dev.download(&dq)?, dq_w, F32_TOL),
+            out("dk", dev.download(&dk)?, dk_w, F32_TOL),
+            out("dv", dev.download(&dv)?, dv_w, F32_TOL),
+        ])
+    });
+    Case("alpa_terms", format!("M = {m}, T = {t}, d = {d}"), run)
+}
+
 fn mse(r: usize, k: usize) -> Case {
     let run: Run = Box::new(move |dev, rng| {
         let (p, t) = (randn(rng, r * k, 1.0), randn(rng, r * k, 1.0));
@@ -561,6 +634,13 @@ fn cases() -> Vec<Case> {
         cross_entropy(5, 7, 0.0),
         cross_entropy(64, 1000, 0.1),
         cross_entropy(3, 1, 0.1),
+        group_softmax(5, &[2, 3]),
+        group_softmax(64, &[40, 1, 70, 3]),
+        group_softmax(3, &[1]),
+        alpa_relu(1000),
+        alpa_terms(6, 16, 8),
+        alpa_terms(4, 49, 80),
+        alpa_terms(2, 1, 3),
         mse(37, 48),
         mse(3, 1),
         layernorm_bwd(300, 64),
@@ -685,6 +765,29 @@ fn reductions_repeat_bit_for_bit() {
         v.extend(bits(&dev.download(&dz)?));
         Ok(v)
     });
+    let groups = [30, 1, 69];
+    let per_group = loss::group_targets(&labels, &groups).unwrap();
+    let zg = dev.upload(&randn(&mut rng, m * 103, 2.0)).unwrap();
+    run("group_softmax loss, dlogits", &|| {
+        let (l, dz) = cu::loss::group_softmax(dev, &zg, &groups, &per_group)?;
+        let mut v = vec![l.to_bits()];
+        v.extend(bits(&dev.download(&dz)?));
+        Ok(v)
+    });
+    let (qa, ka, va) = (
+        dev.upload(&randn(&mut rng, 6 * 16 * 8, 1.0)).unwrap(),
+        dev.upload(&randn(&mut rng, 6 * 16 * 8, 1.0)).unwrap(),
+        dev.upload(&randn(&mut rng, 6 * 16 * 8, 1.0)).unwrap(),
+    );
+    let ga = dev.upload(&randn(&mut rng, 36, 1.0)).unwrap();
+    run("alpa_terms, backward dq, dk, dv", &|| {
+        let mut v = bits(&dev.download(&cu::loss::alpa_terms(dev, &qa, &ka, &va, (6, 16, 8))?)?);
+        let (dq, dk, dv) = cu::loss::alpa_terms_backward(dev, &qa, &ka, &va, &ga, (6, 16, 8))?;
+        for g in [dq, dk, dv] {
+            v.extend(bits(&dev.download(&g)?));
+        }
+        Ok(v)
+    });
     let b = randn(&mut rng, d, 1.0);
     run("layernorm backward dγ, dβ", &|| {
         let (dx, dg, db) = layernorm_device(dev, &x, &g, &b, &y, (m, d))?;
@@ -731,6 +834,26 @@ fn bad_lengths_are_errors() {
     expect_err(
         "cross_entropy empty",
         cu::loss::cross_entropy(dev, &x4, &[], 0, 0.0).map(drop),
+    );
+    expect_err(
+        "group_softmax logits",
+        cu::loss::group_softmax(dev, &x12, &[2, 3], &[vec![1, 0], vec![0, 3]]).map(drop),
+    );
+    expect_err(
+        "group_softmax label beyond its group",
+        cu::loss::group_softmax(dev, &x4, &[3], &[vec![4]]).map(drop),
+    );
+    expect_err(
+        "alpa_terms q, k, v",
+        cu::loss::alpa_terms(dev, &x12, &x12, &x5, (1, 3, 4)).map(drop),
+    );
+    expect_err(
+        "alpa_terms_backward g",
+        cu::loss::alpa_terms_backward(dev, &x12, &x12, &x12, &x5, (1, 3, 4)).map(drop),
+    );
+    expect_err(
+        "alpa_relu_backward",
+        cu::loss::alpa_relu_backward(dev, &x12, &mut buf(5)),
     );
     expect_err(
         "residual γ",

@@ -4,6 +4,8 @@
 //!     chance after 3: 33%, 72% after 10 on the CPU) reaches the CPU run's held-out accuracy
 //!     within 1 point (f32), bf16 autocast learns too, and two CUDA runs write bit-identical
 //!     checkpoints;
+//!   - `--mos-groups` and `--alpa` on the device end at the CPU run's loss and accuracy, and
+//!     repeat bit for bit;
 //!   - masked image modelling on the device lowers the reconstruction loss as the CPU run does;
 //!   - a bf16 checkpoint is not resumed at f32;
 //!   - `mood bench --train --device cuda` times that same step (its first loss is the CPU's).
@@ -125,6 +127,74 @@ fn finetune_on_cuda_matches_the_cpu_and_repeats() {
         assert!(
             last.starts_with("error: cannot resume") && last.contains(want),
             "one line naming {want}: {err}"
+        );
+    }
+}
+
+/// `--mos-groups` (the group softmax on the device) and `--alpa` (ALPA's MLPs and cross-view
+/// attention on the device) with `--device cuda`: 2 epochs on three digits end at the CPU run's
+/// mean loss (within 1e-3 relative) and held-out accuracy (within 1 point), and two CUDA runs
+/// write bit-identical checkpoints.
+#[test]
+fn mos_and_alpa_finetune_on_cuda_match_the_cpu_and_repeat() {
+    let (env, _) = common::cuda::cli_env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let tmp = tempfile::tempdir().unwrap();
+    for (loss, extra) in [
+        ("mos", &["--mos-groups", "2,1"][..]),
+        ("alpa", &["--alpa", "0.5", "--alpa-dim", "16"][..]),
+    ] {
+        let run = |device: &str, name: &str| {
+            let out = tmp.path().join(format!("{loss}-{name}.safetensors"));
+            let o = s(&out);
+            let mut args = vec![
+                "finetune",
+                "--arch",
+                "test_tiny_beit",
+                "--data",
+                "digits:0-2",
+                "--epochs",
+                "2",
+                "--batch",
+                "16",
+                "--lr",
+                "1e-3",
+                "--warmup-epochs",
+                "1",
+                "--layer-decay",
+                "1",
+                "--seed",
+                "0",
+                "--device",
+                device,
+                "-o",
+                &o,
+            ];
+            args.extend_from_slice(extra);
+            let (code, stdout, err) = run_mood_env(&args, &env);
+            assert_eq!(code, 0, "finetune {args:?}: {err}");
+            // "last epoch mean loss X; wrote ..."
+            let mean: f32 = err
+                .lines()
+                .find_map(|l| l.strip_prefix("last epoch mean loss "))
+                .and_then(|l| l.split(';').next())
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or_else(|| panic!("no loss line: {err}"));
+            (out, mean, accuracy(&stdout))
+        };
+        let (_, cl, ca) = run("cpu", "cpu");
+        let (a, gl, ga) = run("cuda", "a");
+        let (b, _, _) = run("cuda", "b");
+        println!("{loss}: mean loss cpu {cl:.6} cuda {gl:.6}; accuracy cpu {ca:.2}% cuda {ga:.2}%");
+        assert!(
+            (gl - cl).abs() <= 1e-3 * cl.abs(),
+            "{loss}: CUDA mean loss {gl} vs CPU {cl}"
+        );
+        assert!((ga - ca).abs() <= 1.0, "{loss}: CUDA {ga}% vs CPU {ca}%");
+        assert_eq!(
+            std::fs::read(&a).unwrap(),
+            std::fs::read(&b).unwrap(),
+            "{loss}: two CUDA runs with one seed wrote different checkpoints"
         );
     }
 }

@@ -158,6 +158,27 @@ impl TrainExec for CpuTrain {
         ))
     }
 
+    fn group_softmax(
+        &mut self,
+        logits: &Tensor,
+        groups: &[usize],
+        labels: &[usize],
+    ) -> Result<(f32, Vec<f32>)> {
+        let per_group = crate::train::loss::group_targets(labels, groups)?;
+        let width: usize = groups.iter().map(|s| s + 1).sum();
+        let (_, c) = loss_rows("group_softmax logits", logits, labels.len())?;
+        if c != width {
+            return Err(Error::Data(format!(
+                "group_softmax: {c} logits per image for groups {groups:?} ({width} outputs)"
+            )));
+        }
+        Ok(crate::train::loss::group_softmax(
+            logits.as_slice(),
+            groups,
+            &per_group,
+        ))
+    }
+
     fn mse(&mut self, pred: &Tensor, target: &[f32]) -> Result<(f32, Vec<f32>)> {
         if pred.numel() != target.len() {
             return Err(Error::Data(format!(
@@ -167,6 +188,55 @@ impl TrainExec for CpuTrain {
             )));
         }
         Ok(crate::train::mim::mse(pred.as_slice(), target))
+    }
+
+    fn relu(&mut self, x: &Tensor) -> Result<Tensor> {
+        Tensor::from_vec(x.shape(), x.as_slice().iter().map(|v| v.max(0.0)).collect())
+    }
+
+    fn relu_backward(&mut self, y: &Tensor, mut dy: Vec<f32>) -> Result<Vec<f32>> {
+        dy.iter_mut().zip(y.as_slice()).for_each(|(g, &h)| {
+            if h <= 0.0 {
+                *g = 0.0
+            }
+        });
+        Ok(dy)
+    }
+
+    fn alpa_terms(&mut self, q: &Tensor, k: &Tensor, v: &Tensor, m: usize) -> Result<Vec<f32>> {
+        let d = alpa_dims(q, k, v, m)?;
+        Ok(crate::train::alpa::alpa_terms(
+            q.as_slice(),
+            k.as_slice(),
+            v.as_slice(),
+            m,
+            d,
+        ))
+    }
+
+    fn alpa_terms_backward(
+        &mut self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        m: usize,
+        g: &[f32],
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let d = alpa_dims(q, k, v, m)?;
+        if g.len() != m * m {
+            return Err(Error::Data(format!(
+                "alpa_terms_backward: {} gradients for {m}×{m} terms",
+                g.len()
+            )));
+        }
+        Ok(crate::train::alpa::alpa_terms_backward(
+            q.as_slice(),
+            k.as_slice(),
+            v.as_slice(),
+            m,
+            d,
+            g,
+        ))
     }
 
     fn grad_len(g: &Vec<f32>) -> usize {
@@ -346,6 +416,20 @@ fn loss_rows(what: &str, x: &Tensor, rows: usize) -> Result<(usize, usize)> {
         &[b, c] if b == rows && b > 0 && c > 0 => Ok((b, c)),
         s => Err(Error::Data(format!(
             "{what}: shape {s:?} for {rows} labels (expected [{rows}, classes])"
+        ))),
+    }
+}
+
+/// The projection width d of ALPA's q, k, v, which must be one shape [M·T, d].
+fn alpa_dims(q: &Tensor, k: &Tensor, v: &Tensor, m: usize) -> Result<usize> {
+    match q.shape() {
+        [rows, d] if m > 0 && rows % m == 0 && k.shape() == q.shape() && v.shape() == q.shape() => {
+            Ok(*d)
+        }
+        s => Err(Error::Data(format!(
+            "alpa_terms: q {s:?}, k {:?}, v {:?} for {m} views",
+            k.shape(),
+            v.shape()
         ))),
     }
 }

@@ -26,6 +26,8 @@ use crate::model::layers::{Linear, Norm, Param, RelBias};
 use crate::model::train_exec::{AttnDims, GradTriple, TableRef, TrainExec};
 use crate::tensor::Tensor;
 
+mod losses;
+
 type Buf<T> = Rc<DeviceValue<T>>;
 
 /// What attention in training reuses from step to step instead of allocating per call: the
@@ -322,28 +324,43 @@ where
         labels: &[usize],
         smoothing: f32,
     ) -> Result<(f32, CudaSlice<f32>)> {
-        let (b, c) = logits.rows_cols("cross_entropy logits")?;
-        if b != labels.len() {
-            return Err(Error::Data(format!(
-                "cross_entropy: {b} rows of logits for {} labels",
-                labels.len()
-            )));
-        }
-        let z = logits.f32("cross_entropy logits")?;
-        cu::loss::cross_entropy(self.device(), z, labels, c, smoothing)
+        self.cross_entropy_loss(logits, labels, smoothing)
+    }
+
+    fn group_softmax(
+        &mut self,
+        logits: &Buf<T>,
+        groups: &[usize],
+        labels: &[usize],
+    ) -> Result<(f32, CudaSlice<f32>)> {
+        self.group_softmax_loss(logits, groups, labels)
     }
 
     fn mse(&mut self, pred: &Buf<T>, target: &[f32]) -> Result<(f32, CudaSlice<f32>)> {
-        let (r, k) = pred.rows_cols("mse prediction")?;
-        if r * k != target.len() {
-            return Err(Error::Data(format!(
-                "mse: {} predictions against {} targets",
-                r * k,
-                target.len()
-            )));
-        }
-        let t = self.up(target)?;
-        cu::loss::mse(self.device(), pred.f32("mse prediction")?, &t, (r, k))
+        self.mse_loss(pred, target)
+    }
+
+    fn relu(&mut self, x: &Buf<T>) -> Result<Buf<T>> {
+        self.alpa_relu(x)
+    }
+
+    fn relu_backward(&mut self, y: &Buf<T>, dy: CudaSlice<f32>) -> Result<CudaSlice<f32>> {
+        self.alpa_relu_backward(y, dy)
+    }
+
+    fn alpa_terms(&mut self, q: &Buf<T>, k: &Buf<T>, v: &Buf<T>, m: usize) -> Result<Vec<f32>> {
+        self.alpa_cross_terms(q, k, v, m)
+    }
+
+    fn alpa_terms_backward(
+        &mut self,
+        q: &Buf<T>,
+        k: &Buf<T>,
+        v: &Buf<T>,
+        m: usize,
+        g: &[f32],
+    ) -> Result<(CudaSlice<f32>, CudaSlice<f32>, CudaSlice<f32>)> {
+        self.alpa_cross_terms_backward(q, k, v, m, g)
     }
 
     fn grad_len(g: &CudaSlice<f32>) -> usize {

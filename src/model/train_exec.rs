@@ -99,9 +99,43 @@ pub trait TrainExec {
         labels: &[usize],
         smoothing: f32,
     ) -> Result<(f32, Self::Grad)>;
+    /// MOS's group-softmax loss of logits [B, Σ(size + 1)] (`groups` the sizes, classes assigned
+    /// in order) against class `labels` (B of them, each < Σ size), as
+    /// `train::loss::group_softmax`: (the sum over groups of each group's batch-mean loss, dlogits).
+    fn group_softmax(
+        &mut self,
+        logits: &Self::Buf,
+        groups: &[usize],
+        labels: &[usize],
+    ) -> Result<(f32, Self::Grad)>;
     /// Mean squared error of pred [R, K] against `target` (R·K values), as `train::mim::mse`:
     /// (loss, dpred).
     fn mse(&mut self, pred: &Self::Buf, target: &[f32]) -> Result<(f32, Self::Grad)>;
+
+    // --- ALPA's head (train::alpa::alpa_on) -----------------------------------------------------
+    /// max(x, 0), f32.
+    fn relu(&mut self, x: &Self::Buf) -> Result<Self::Buf>;
+    /// dy where the ReLU's output y > 0, else 0.
+    fn relu_backward(&mut self, y: &Self::Buf, dy: Self::Grad) -> Result<Self::Grad>;
+    /// ALPA's cross terms of q, k, v [M·T, d] (M views of T tokens, f32):
+    /// t(b←a) = Σ_p cos(V_b[p], (softmax(Q_b K_aᵀ/√d) V_a)[p]), as `terms[b·M + a]` [M, M] on the
+    /// host (the one small matrix SupCon needs), as `train::alpa::alpa_terms`.
+    fn alpa_terms(
+        &mut self,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        m: usize,
+    ) -> Result<Vec<f32>>;
+    /// (dq, dk, dv) [M·T, d] for ∂L/∂terms `g` [M, M] (from the host).
+    fn alpa_terms_backward(
+        &mut self,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        m: usize,
+        g: &[f32],
+    ) -> Result<(Self::Grad, Self::Grad, Self::Grad)>;
 
     // --- gradients ---------------------------------------------------------------------------
     fn grad_len(g: &Self::Grad) -> usize;

@@ -1,7 +1,10 @@
 //! MODE's ALPA loss (SPEC E): an attention-based similarity between the local (patch-token)
-//! features of two views, then a supervised contrastive loss over all pairs of a batch. Forward
-//! and backward are written out here over plain arrays; the gradient with respect to the local
-//! features goes back into the backbone through the tape.
+//! features of two views, then a supervised contrastive loss over all pairs of a batch. Written
+//! twice: `Alpa::forward_backward` over plain host arrays (the reference, held to PyTorch), and
+//! `alpa_on` over the training executor's ops (`TrainExec`: bias-free linear, ReLU, the cross-view
+//! attention terms), so that it runs on the CPU and on CUDA from one description; the latter's
+//! CPU ops are this file's functions. The gradient with respect to the local features goes back
+//! into the backbone through the tape.
 //!
 //! For views a, b with tokens F [T, D]: Q, K, V = MLP_{q,k,v}(F), each Linear(D→D) → ReLU →
 //! Linear(D→d), no biases. Ã = softmax(Q_b K_aᵀ/√d)·V_a, B̃ = softmax(Q_a K_bᵀ/√d)·V_b and
@@ -12,6 +15,10 @@
 use rayon::prelude::*;
 
 use crate::backend::cpu::matmul::linear_nobias;
+use crate::backend::Activation;
+use crate::error::{Error, Result};
+use crate::model::layers::{Linear, LinearBias, Param};
+use crate::model::train_exec::TrainExec;
 
 /// The six MLP weights in nn.Linear layout: `query.0` [D, D], `query.2` [d, D], likewise key and value.
 pub const WEIGHT_NAMES: [&str; 6] = ["query.0", "query.2", "key.0", "key.2", "value.0", "value.2"];
@@ -269,53 +276,12 @@ impl Alpa<'_> {
             .map(|i| mlp(features, w[2 * i], w[2 * i + 1], n, dim, d))
             .collect();
         let (q, k, v) = (&branches[0].1, &branches[1].1, &branches[2].1);
-        // s(a, b) = (t(b←a) + t(a←b)) / T (the diagonal is reported, not used by the loss).
         let terms = cross_terms(q, k, v, m, t, d, None).terms;
-        let mut s = vec![0.0f32; m * m];
-        for a in 0..m {
-            for b in 0..m {
-                s[a * m + b] = (terms[b * m + a] + terms[a * m + b]) / t as f32;
-            }
-        }
-        // Contrastive loss over logits τ·s and its gradient ∂L/∂s (symmetric pairs summed).
-        let mut loss = 0.0f64;
-        let mut ds = vec![0.0f32; m * m];
-        for i in 0..m {
-            let logits: Vec<f64> = (0..m)
-                .map(|j| self.scale as f64 * s[i * m + j] as f64)
-                .collect();
-            let mx = (0..m)
-                .filter(|&j| j != i)
-                .map(|j| logits[j])
-                .fold(f64::NEG_INFINITY, f64::max);
-            let sum: f64 = (0..m)
-                .filter(|&j| j != i)
-                .map(|j| (logits[j] - mx).exp())
-                .sum();
-            let lse = mx + sum.ln();
-            let pos: Vec<usize> = (0..m)
-                .filter(|&j| j != i && labels[j] == labels[i])
-                .collect();
-            if pos.is_empty() {
-                continue;
-            }
-            let c = pos.len() as f64;
-            loss -= pos.iter().map(|&j| logits[j] - lse).sum::<f64>() / c / m as f64;
-            for j in (0..m).filter(|&j| j != i) {
-                let soft = (logits[j] - lse).exp();
-                let ind = if labels[j] == labels[i] { 1.0 } else { 0.0 };
-                let dl = (soft - ind / c) * c / c / m as f64;
-                ds[i * m + j] += (self.scale as f64 * dl) as f32;
-            }
-        }
-        // Back through each pair's similarity into Q, K, V: both terms of s(a, b) get
-        // ∂L/∂s(a, b) + ∂L/∂s(b, a), over T.
-        let mut g = vec![0.0f32; m * m];
-        for a in 0..m {
-            for b in (0..m).filter(|&b| b != a) {
-                g[b * m + a] = (ds[a * m + b] + ds[b * m + a]) / t as f32;
-            }
-        }
+        let SupCon {
+            loss,
+            similarity: s,
+            d_terms: g,
+        } = supcon(&terms, labels, t, self.scale);
         let CrossSums { dq, dk, dv, .. } = cross_terms(q, k, v, m, t, d, Some(&g));
         // Back through the MLPs: out = relu(F W1ᵀ) W2ᵀ.
         let mut d_features = vec![0.0f32; n * dim];
@@ -368,10 +334,168 @@ impl Alpa<'_> {
             d_weights[2 * i + 1] = dw2;
         }
         AlpaOutput {
-            loss: loss as f32,
+            loss,
             similarity: s,
             d_features,
             d_weights,
         }
     }
+}
+
+/// The contrastive half of ALPA, from the cross terms [M, M] (`terms[b·M + a]` = t(b←a)): the
+/// loss, the similarity s and ∂L/∂terms.
+pub struct SupCon {
+    pub loss: f32,
+    /// s(a, b) = (t(b←a) + t(a←b)) / T [M, M] (the diagonal is reported, not used by the loss).
+    pub similarity: Vec<f32>,
+    /// ∂L/∂terms [M, M], laid out as `terms`.
+    pub d_terms: Vec<f32>,
+}
+
+/// SupCon over logits τ·s of M views with `labels` (T tokens each), and its gradient back to the
+/// cross terms. M² values: it runs on the host on every device.
+pub fn supcon(terms: &[f32], labels: &[usize], t: usize, scale: f32) -> SupCon {
+    let m = labels.len();
+    let mut s = vec![0.0f32; m * m];
+    for a in 0..m {
+        for b in 0..m {
+            s[a * m + b] = (terms[b * m + a] + terms[a * m + b]) / t as f32;
+        }
+    }
+    // Contrastive loss over logits τ·s and its gradient ∂L/∂s (symmetric pairs summed).
+    let mut loss = 0.0f64;
+    let mut ds = vec![0.0f32; m * m];
+    for i in 0..m {
+        let logits: Vec<f64> = (0..m).map(|j| scale as f64 * s[i * m + j] as f64).collect();
+        let mx = (0..m)
+            .filter(|&j| j != i)
+            .map(|j| logits[j])
+            .fold(f64::NEG_INFINITY, f64::max);
+        let sum: f64 = (0..m)
+            .filter(|&j| j != i)
+            .map(|j| (logits[j] - mx).exp())
+            .sum();
+        let lse = mx + sum.ln();
+        let pos: Vec<usize> = (0..m)
+            .filter(|&j| j != i && labels[j] == labels[i])
+            .collect();
+        if pos.is_empty() {
+            continue;
+        }
+        let c = pos.len() as f64;
+        loss -= pos.iter().map(|&j| logits[j] - lse).sum::<f64>() / c / m as f64;
+        for j in (0..m).filter(|&j| j != i) {
+            let soft = (logits[j] - lse).exp();
+            let ind = if labels[j] == labels[i] { 1.0 } else { 0.0 };
+            let dl = (soft - ind / c) * c / c / m as f64;
+            ds[i * m + j] += (scale as f64 * dl) as f32;
+        }
+    }
+    // Back through each pair's similarity into the terms: both terms of s(a, b) get
+    // ∂L/∂s(a, b) + ∂L/∂s(b, a), over T.
+    let mut g = vec![0.0f32; m * m];
+    for a in 0..m {
+        for b in (0..m).filter(|&b| b != a) {
+            g[b * m + a] = (ds[a * m + b] + ds[b * m + a]) / t as f32;
+        }
+    }
+    SupCon {
+        loss: loss as f32,
+        similarity: s,
+        d_terms: g,
+    }
+}
+
+/// The CPU op `alpa_terms` (see `TrainExec`): every cross term t(b←a) of q, k, v [M·T, d], as
+/// `terms[b·M + a]`.
+pub fn alpa_terms(q: &[f32], k: &[f32], v: &[f32], m: usize, d: usize) -> Vec<f32> {
+    let t = q.len() / (m * d).max(1);
+    cross_terms(q, k, v, m, t, d, None).terms
+}
+
+/// The CPU op `alpa_terms_backward`: (dq, dk, dv) [M·T, d] for ∂L/∂terms `g` [M, M].
+pub fn alpa_terms_backward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    m: usize,
+    d: usize,
+    g: &[f32],
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let t = q.len() / (m * d).max(1);
+    let CrossSums { dq, dk, dv, .. } = cross_terms(q, k, v, m, t, d, Some(g));
+    (dq, dk, dv)
+}
+
+/// What `alpa_on` returns: the loss and similarity as `AlpaOutput`, the gradients (of
+/// weight·L) on the executor.
+pub struct AlpaGrads<G> {
+    pub loss: f32,
+    pub similarity: Vec<f32>,
+    /// ∂(weight·L)/∂F [M·T, D]
+    pub d_features: G,
+    /// ∂(weight·L)/∂weights, in `WEIGHT_NAMES` order
+    pub d_weights: [G; 6],
+}
+
+/// ALPA's forward and backward over the training executor's ops, for local features [M·T, D]
+/// of M views with `labels`; the gradients are those of `weight`·L (the term's weight in the
+/// fine-tuning loss). The features, the MLPs' activations and Q, K, V stay on the executor; only
+/// the M×M matrix of cross terms comes to the host for SupCon (a few KB, where a device SupCon
+/// would be M launches' worth of bookkeeping for M² values) and its gradient goes back.
+pub fn alpa_on<E: TrainExec>(
+    exec: &mut E,
+    features: &E::Buf,
+    weights: &[Param; 6],
+    labels: &[usize],
+    scale: f32,
+    weight: f32,
+) -> Result<AlpaGrads<E::Grad>> {
+    let m = labels.len();
+    let rows = match E::shape(features) {
+        [rows, _] if m > 0 && rows % m == 0 => *rows,
+        f => {
+            return Err(Error::Data(format!(
+                "ALPA: local features {f:?} do not split into {m} views"
+            )))
+        }
+    };
+    let t = rows / m;
+    let linear = |w: &Param| Linear {
+        w: w.clone(),
+        bias: LinearBias::None,
+    };
+    let mut branches = Vec::with_capacity(3);
+    for i in 0..3 {
+        let (l1, l2) = (linear(&weights[2 * i]), linear(&weights[2 * i + 1]));
+        let (pre, _) = exec.linear(features, &l1, Activation::None)?;
+        let hidden = exec.relu(&pre)?;
+        let (out, _) = exec.linear(&hidden, &l2, Activation::None)?;
+        branches.push((l1, l2, hidden, out));
+    }
+    let (q, k, v) = (&branches[0].3, &branches[1].3, &branches[2].3);
+    let terms = exec.alpa_terms(q, k, v, m)?;
+    let sc = supcon(&terms, labels, t, scale);
+    let g: Vec<f32> = sc.d_terms.iter().map(|x| x * weight).collect();
+    let (dq, dk, dv) = exec.alpa_terms_backward(q, k, v, m, &g)?;
+    let mut d_features: Option<E::Grad> = None;
+    let mut d_weights: Vec<E::Grad> = Vec::with_capacity(6);
+    for ((l1, l2, hidden, _), dout) in branches.iter().zip([dq, dk, dv]) {
+        let (dh, dw2, _) = exec.linear_backward(hidden, l2, None, dout)?;
+        let dh = exec.relu_backward(hidden, dh)?;
+        let (df, dw1, _) = exec.linear_backward(features, l1, None, dh)?;
+        match d_features.as_mut() {
+            None => d_features = Some(df),
+            Some(acc) => exec.add_grad(acc, &df)?,
+        }
+        d_weights.push(dw1);
+        d_weights.push(dw2);
+    }
+    let mut it = d_weights.into_iter();
+    Ok(AlpaGrads {
+        loss: sc.loss,
+        similarity: sc.similarity,
+        d_features: d_features.expect("three branches"),
+        d_weights: std::array::from_fn(|_| it.next().expect("six weights")),
+    })
 }

@@ -17,7 +17,7 @@ use crate::train::device::OnCuda;
 use crate::train::device::{OnCpu, TrainDevice, TrainOn};
 use crate::train::mim::block_mask;
 use crate::train::optim::{warmup_cosine, AdamW};
-use crate::train::step::alpa_finetune_step;
+use crate::train::step::alpa_finetune_step_on;
 use crate::train::step::{finetune_step_on, mim_step_on, StepConfig};
 use crate::weights::WeightStore;
 
@@ -458,11 +458,6 @@ pub fn finetune_on(
     on_step: &mut OnStep,
 ) -> Result<Vec<f32>> {
     let loss = loss.into();
-    if matches!(loss, FinetuneLoss::CrossEntropyAlpa { .. }) && !matches!(on, TrainOn::Cpu) {
-        return Err(Error::Usage(
-            "--alpa trains on the CPU only for now (its attention head has no CUDA ops); use --device cpu".into(),
-        ));
-    }
     let mut settings = finetune_settings(s, data, &loss);
     record_precision(&mut settings, on);
     let run = Run {
@@ -483,7 +478,7 @@ pub fn finetune_on(
             let sc = run.step_config(step, &loss);
             Ok(match &loss {
                 FinetuneLoss::CrossEntropyAlpa { alpa, .. } => {
-                    alpa_finetune_step(cfg, params, opt, &x, &y, lr, &sc, alpa)?.loss
+                    alpa_finetune_step_on(d, cfg, params, opt, &x, &y, lr, &sc, alpa)?.loss
                 }
                 _ => finetune_step_on(d, cfg, params, opt, &x, &y, lr, &sc)?.loss,
             })

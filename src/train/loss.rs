@@ -1,5 +1,7 @@
 //! Classification losses and their gradients.
 
+use crate::error::{Error, Result};
+
 /// Cross-entropy with label smoothing ε, averaged over the batch, as torch's
 /// `CrossEntropyLoss(label_smoothing=ε)`: targets q = (1 − ε)·onehot(y) + ε/C, loss = −Σ q·log softmax(z).
 /// Returns (loss, dlogits [B, C]) with dlogits = (softmax(z) − q) / B.
@@ -82,6 +84,22 @@ pub fn group_labels(c: usize, group_sizes: &[usize]) -> Option<Vec<usize>> {
         start += size;
     }
     None
+}
+
+/// `group_labels` of every image's class: [B][G], or a one-line error naming the first class
+/// beyond the groups.
+pub fn group_targets(labels: &[usize], group_sizes: &[usize]) -> Result<Vec<Vec<usize>>> {
+    labels
+        .iter()
+        .map(|&c| {
+            group_labels(c, group_sizes).ok_or_else(|| {
+                Error::Data(format!(
+                    "label {c} out of range for groups {group_sizes:?} ({} classes)",
+                    group_sizes.iter().sum::<usize>()
+                ))
+            })
+        })
+        .collect()
 }
 
 /// MOS's prediction (SPEC F): in each group the best non-"others" probability; the class of the

@@ -1,5 +1,5 @@
-//! One supervised fine-tuning step: forward on the tape, cross-entropy with label smoothing (on
-//! the tape's executor: a CUDA step copies back only the loss), backward, gradient clipping, AdamW. Parameters live in a name → tensor map (the checkpoint's
+//! One supervised fine-tuning step: forward on the tape, cross-entropy with label smoothing or
+//! MOS's group softmax (on the tape's executor: a CUDA step copies back only the loss), backward, gradient clipping, AdamW. Parameters live in a name → tensor map (the checkpoint's
 //! names); the model is rebuilt over them each step without copying (derived tensors such as the
 //! dense relative-position bias are recomputed from the updated tables).
 
@@ -11,9 +11,8 @@ use crate::model::train_exec::TrainExec;
 use crate::model::{VisionTransformer, VitConfig};
 use crate::tensor::Tensor;
 use crate::train::device::{OnCpu, TrainDevice};
-use crate::train::loss::{cross_entropy, group_labels, group_softmax};
-use crate::train::optim::{clip_and_update, AdamW};
-use crate::train::tape::Tape;
+use crate::train::optim::AdamW;
+use crate::train::tape::{Tape, Var};
 use crate::weights::WeightStore;
 
 pub struct StepConfig {
@@ -120,15 +119,7 @@ pub fn finetune_step_on<D: TrainDevice>(
     let (loss, dlogits) = match &sc.groups {
         // On the device: only the loss comes back.
         None => tape.cross_entropy(&logits, labels, sc.label_smoothing)?,
-        Some(groups) => {
-            let z = tape.to_host(&logits)?;
-            let per_group: Vec<Vec<usize>> = labels
-                .iter()
-                .map(|&l| group_labels(l, groups).expect("labels checked above"))
-                .collect();
-            let (loss, dz) = group_softmax(z.as_slice(), groups, &per_group);
-            (loss, tape.exec().grad_from_host(&dz)?)
-        }
+        Some(groups) => tape.group_softmax(&logits, groups, labels)?,
     };
     drop((model, store));
     check_loss(loss)?;
@@ -325,34 +316,30 @@ fn shifted_views(images: &Tensor, s: usize, seed: u64) -> Vec<f32> {
     out
 }
 
-/// Loss (CE + weight·ALPA) and gradients of every parameter, ALPA's MLPs included, for one batch:
-/// the whole of an ALPA step but the update.
-pub fn alpa_loss_and_grads(
+/// The backward's starting gradients: each output with its gradient on the executor.
+pub type Seeds<E> = Vec<(Var, <E as TrainExec>::Grad)>;
+
+/// The forward of an ALPA step on `tape`: cross-entropy over both views' logits plus
+/// weight·ALPA over their patch tokens (`train::alpa::alpa_on`, on the tape's executor). Returns
+/// the loss and the backward's seeds (dlogits, dlocal); ALPA's MLP weight gradients are seeded
+/// on the tape by name.
+pub fn alpa_forward<E: TrainExec>(
+    tape: &mut Tape<E>,
     cfg: &VitConfig,
     params: &BTreeMap<String, Tensor>,
     images: &Tensor,
     labels: &[usize],
     sc: &StepConfig,
     alpa: &AlpaConfig,
-) -> Result<(f32, crate::train::tape::Grads)> {
-    use crate::train::alpa::{Alpa, WEIGHT_NAMES};
+) -> Result<(f32, Seeds<E>)> {
+    use crate::model::layers::Param;
+    use crate::train::alpa::{alpa_on, WEIGHT_NAMES};
     let mut views = images.as_slice().to_vec();
     views.extend(shifted_views(images, alpa.shift, sc.seed));
     let mut shape = images.shape().to_vec();
     shape[0] *= 2;
     let views = Tensor::from_vec(&shape, views)?;
     let labels2: Vec<usize> = labels.iter().chain(labels).copied().collect();
-    let weights: Vec<Tensor> = WEIGHT_NAMES
-        .iter()
-        .map(|n| {
-            params
-                .get(&format!("alpa.{n}.weight"))
-                .cloned()
-                .ok_or_else(|| {
-                    Error::Usage(format!("ALPA needs `alpa.{n}.weight` (add_alpa_params)"))
-                })
-        })
-        .collect::<Result<_>>()?;
     let store = WeightStore::from_params("<training state>", params);
     let model = VisionTransformer::load(cfg, &store)?;
     let classes = model.num_classes().ok_or_else(|| {
@@ -363,33 +350,57 @@ pub fn alpa_loss_and_grads(
             "label {bad} out of range for {classes} classes"
         )));
     }
-    let mut tape = Tape::with_drop_path(sc.drop_path, cfg.depth, sc.seed);
-    let (logits, local) = model.forward_local_with(&mut tape, &views)?;
+    let d = cfg.embed_dim;
+    let weights = WEIGHT_NAMES
+        .iter()
+        .map(|n| {
+            let name = format!("alpa.{n}.weight");
+            if !params.contains_key(&name) {
+                return Err(Error::Usage(format!(
+                    "ALPA needs `{name}` (add_alpa_params)"
+                )));
+            }
+            let rows = if n.ends_with(".2") { alpa.proj } else { d };
+            Param::load(&store, &name, &[rows, d])
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let weights: [Param; 6] = weights
+        .try_into()
+        .map_err(|_| Error::Data("six weights".into()))?;
+    let (logits, local) = model.forward_local_with(tape, &views)?;
     let logits = logits.expect("head checked above");
-    let (ce, dlogits) = cross_entropy(
-        tape.value(&logits).as_slice(),
+    let (ce, dlogits) = tape.cross_entropy(&logits, &labels2, sc.label_smoothing)?;
+    let features = tape.buf(&local);
+    let out = alpa_on(
+        tape.exec(),
+        &features,
+        &weights,
         &labels2,
-        classes,
-        sc.label_smoothing,
-    );
-    let head = Alpa {
-        weights: std::array::from_fn(|i| weights[i].as_slice()),
-        dim: cfg.embed_dim,
-        proj: alpa.proj,
-        scale: 10.0,
-    };
-    let g = cfg.grid().0 * cfg.grid().1;
-    let out = head.forward_backward(tape.value(&local).as_slice(), &labels2, g);
-    drop((model, store));
-    let loss = ce + alpa.weight * out.loss;
-    let dlocal: Vec<f32> = out.d_features.iter().map(|v| v * alpa.weight).collect();
-    let mut grads = tape.backward_many(vec![(logits, dlogits), (local, dlocal)])?;
-    for (n, dw) in WEIGHT_NAMES.iter().zip(out.d_weights) {
-        grads.params.insert(
-            format!("alpa.{n}.weight"),
-            dw.into_iter().map(|v| v * alpa.weight).collect(),
-        );
+        10.0,
+        alpa.weight,
+    )?;
+    for (w, g) in weights.iter().zip(out.d_weights) {
+        tape.seed_param(&w.name, g);
     }
+    Ok((
+        ce + alpa.weight * out.loss,
+        vec![(logits, dlogits), (local, out.d_features)],
+    ))
+}
+
+/// Loss (CE + weight·ALPA) and gradients of every parameter, ALPA's MLPs included, for one batch
+/// on the CPU: the whole of an ALPA step but the update.
+pub fn alpa_loss_and_grads(
+    cfg: &VitConfig,
+    params: &BTreeMap<String, Tensor>,
+    images: &Tensor,
+    labels: &[usize],
+    sc: &StepConfig,
+    alpa: &AlpaConfig,
+) -> Result<(f32, crate::train::tape::Grads)> {
+    let mut tape = Tape::with_drop_path(sc.drop_path, cfg.depth, sc.seed);
+    let (loss, seeds) = alpa_forward(&mut tape, cfg, params, images, labels, sc, alpa)?;
+    let (grads, _) = tape.backward_from(seeds)?;
     Ok((loss, grads))
 }
 
@@ -405,8 +416,29 @@ pub fn alpa_finetune_step(
     sc: &StepConfig,
     alpa: &AlpaConfig,
 ) -> Result<StepStats> {
-    let (loss, grads) = alpa_loss_and_grads(cfg, params, images, labels, sc, alpa)?;
+    alpa_finetune_step_on(&mut OnCpu, cfg, params, opt, images, labels, lr, sc, alpa)
+}
+
+/// `alpa_finetune_step` on a training device: the backbone, ALPA's MLPs and its attention terms
+/// run on the device's executor (only the M×M terms and the losses come to the host).
+#[allow(clippy::too_many_arguments)]
+pub fn alpa_finetune_step_on<D: TrainDevice>(
+    dev: &mut D,
+    cfg: &VitConfig,
+    params: &mut BTreeMap<String, Tensor>,
+    opt: &mut AdamW,
+    images: &Tensor,
+    labels: &[usize],
+    lr: f32,
+    sc: &StepConfig,
+    alpa: &AlpaConfig,
+) -> Result<StepStats> {
+    if !lr.is_finite() {
+        return Err(Error::Usage(format!("learning rate {lr} is not finite")));
+    }
+    let mut tape = dev.tape(sc.drop_path, cfg.depth, sc.seed)?;
+    let (loss, seeds) = alpa_forward(&mut tape, cfg, params, images, labels, sc, alpa)?;
     check_loss(loss)?;
-    let grad_norm = clip_and_update(opt, params, &grads.params, lr, sc.clip_grad);
+    let grad_norm = dev.update(tape, seeds, params, opt, lr, sc.clip_grad)?;
     Ok(StepStats { loss, grad_norm })
 }

@@ -116,6 +116,9 @@ pub struct Tape<E: TrainExec = CpuTrain> {
     pub want_input_grad: bool,
     /// Drop-path rate of each block (empty: none), as timm's linspace(0, rate, depth).
     pub drop_path: Vec<f32>,
+    /// Gradients of parameters computed outside the records (ALPA's MLPs), added to the
+    /// backward's by name.
+    param_seeds: Vec<(String, E::Grad)>,
     batch: usize,
     rng: Rng,
 }
@@ -168,6 +171,7 @@ impl<E: TrainExec> Tape<E> {
             values: Vec::new(),
             records: Vec::new(),
             want_input_grad: false,
+            param_seeds: Vec::new(),
             drop_path: Vec::new(),
             batch: 1,
             rng: Rng::new(0),
@@ -240,6 +244,29 @@ impl<E: TrainExec> Tape<E> {
         self.exec.cross_entropy(&z, labels, smoothing)
     }
 
+    /// MOS's group-softmax loss of the logits `v` for class `labels`, on the executor (only the
+    /// loss comes back): (loss, dlogits).
+    pub fn group_softmax(
+        &mut self,
+        v: &Var,
+        groups: &[usize],
+        labels: &[usize],
+    ) -> Result<(f32, E::Grad)> {
+        let z = self.get(*v).clone();
+        self.exec.group_softmax(&z, groups, labels)
+    }
+
+    /// A recorded activation as the executor holds it (a shared handle; cheap to clone).
+    pub fn buf(&self, v: &Var) -> E::Buf {
+        self.get(*v).clone()
+    }
+
+    /// Adds `g` to parameter `name`'s gradient at the end of the next backward (a loss whose
+    /// own parameters are differentiated outside the tape, as ALPA's MLPs).
+    pub fn seed_param(&mut self, name: &str, g: E::Grad) {
+        self.param_seeds.push((name.to_string(), g));
+    }
+
     /// Mean squared error of `v` against `target`, on the executor: (loss, dv).
     pub fn mse(&mut self, v: &Var, target: &[f32]) -> Result<(f32, E::Grad)> {
         let p = self.get(*v).clone();
@@ -266,6 +293,9 @@ impl<E: TrainExec> Tape<E> {
         while let Some(rec) = self.records.pop() {
             let _t = crate::profile::scope(rec.profile_name());
             self.backward_record(rec, &mut vg, &mut grads)?;
+        }
+        for (name, g) in std::mem::take(&mut self.param_seeds) {
+            add_param(&mut self.exec, &mut grads.params, &name, g)?;
         }
         if self.want_input_grad {
             grads.input = vg.first_mut().and_then(|g| g.take());
