@@ -39,6 +39,8 @@ enum Command {
     Pretrain(cli::pretrain::Args),
     /// Supervised (multi-class or one-class) fine-tuning.
     Finetune(cli::finetune::Args),
+    /// MODE's supervised-contrastive (+ ALPA) training of a ResNet encoder, on the CPU.
+    ModeTrain(cli::mode_train::Args),
     /// A checkpoint's classifier as weights-only safetensors that timm loads with strict=True.
     Export(cli::export::Args),
     /// Images through a model into a feature store (resumable, shardable).
@@ -122,6 +124,7 @@ fn main() {
         Command::Eval(a) => cli::eval::run(a),
         Command::Pretrain(a) => cli::pretrain::run(a),
         Command::Finetune(a) => cli::finetune::run(a),
+        Command::ModeTrain(a) => cli::mode_train::run(a),
         Command::Export(a) => cli::export::run(a),
     };
     if let Err(e) = result {

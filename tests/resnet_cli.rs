@@ -81,15 +81,5 @@ fn a_checkpoint_of_the_other_family_is_named() {
         ),
         &["a ResNet", "not --arch test_tiny_beit"],
     );
-    assert_refused(
-        &extract_arch(
-            ARCH,
-            &weights(),
-            "digits:0-4@test",
-            &tmp.path().join("d"),
-            &["--odin"],
-            &[],
-        ),
-        &["--odin"],
-    );
+    // `--odin` on a ResNet runs since odin_resnet.rs (tests/resnet_odin.rs).
 }

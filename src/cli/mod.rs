@@ -18,6 +18,7 @@ pub mod fit;
 pub mod forward;
 pub mod info;
 pub mod list;
+pub mod mode_train;
 pub mod mos_head;
 pub mod pretrain;
 pub mod train_common;

@@ -16,6 +16,7 @@
 
 pub mod merge;
 pub mod odin;
+pub mod odin_resnet;
 pub mod source;
 pub mod state;
 
@@ -214,13 +215,25 @@ pub fn extract(
         }
     }
     let odin_model = match (opts.odin, model.as_vit()) {
-        (Some(_), None) => {
+        (Some(_), None) if !matches!(model, Backbone::ResNet(_)) => {
             return Err(Error::Usage(format!(
             "--odin: ODIN runs through the transformer's training tape, which {} does not have yet",
             model.name()
         )))
         }
         (_, vit) => vit,
+    };
+    // A ResNet's ODIN runs through its CPU backward (odin_resnet.rs).
+    let odin_resnet = match (opts.odin, model) {
+        (Some(_), Backbone::ResNet(r)) => {
+            if !matches!(opts.odin_on, crate::train::device::TrainOn::Cpu) {
+                return Err(Error::Usage(
+                    "--odin on a ResNet runs on the CPU only for now; use --device cpu".into(),
+                ));
+            }
+            Some(r.as_ref())
+        }
+        _ => None,
     };
     let mut odin_exec = odin_model.map(|vit| odin::OdinExec::new(&opts.odin_on, vit));
     let mut id = manifest.identity.take().unwrap_or_default();
@@ -380,6 +393,9 @@ pub fn extract(
                 {
                     // ODIN needs the input gradient: the training tape on the same device.
                     chunk.odin.extend(ex.scores(vit, &x, temp, eps)?);
+                }
+                if let (Some((temp, eps)), Some(r)) = (opts.odin, odin_resnet) {
+                    chunk.odin.extend(odin_resnet::scores(r, &x, temp, eps)?);
                 }
                 model_seconds += t.elapsed().as_secs_f64();
                 chunk.features.extend_from_slice(o.features.as_slice());

@@ -22,6 +22,7 @@ pub mod init;
 pub mod layers;
 pub mod relpos;
 pub mod resnet;
+pub mod resnet_train;
 pub mod runner;
 pub mod train_exec;
 pub mod vit;

@@ -1,0 +1,101 @@
+//! `mood mode-train`: MODE's supervised-contrastive training of a ResNet encoder on the CPU
+//! (SupCon on the pooled features, optionally ALPA on the last stage's map); see train/mode.rs.
+
+use std::path::PathBuf;
+
+use crate::error::{Error, Result};
+use crate::model::resnet::ResNetConfig;
+use crate::train::mode::{self, ModeSettings};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// ResNet preset, e.g. resnet18_cifar (MODE's CIFAR backbone).
+    #[arg(long)]
+    pub arch: String,
+    /// Training images: digits[:CLASSES][@train|@test] (the train part by default).
+    #[arg(long)]
+    pub data: String,
+    /// MODE's recipe: supcon (SupCon alone), mode-t (SupCon + ALPA), mode-f (ALPA alone, from
+    /// --weights); the options below override its values.
+    #[arg(long, default_value = "supcon")]
+    pub recipe: String,
+    /// Start from this checkpoint (a mode-train output or a timm ResNet); fresh weights otherwise.
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
+    /// Add ALPA with this weight (0 turns off the recipe's ALPA).
+    #[arg(long, value_name = "WEIGHT")]
+    pub alpa: Option<f32>,
+    /// Weight of SupCon (0: ALPA alone).
+    #[arg(long, value_name = "WEIGHT")]
+    pub supcon: Option<f32>,
+    /// Projection width d of ALPA's query/key/value MLPs (MODE: 80).
+    #[arg(long)]
+    pub alpa_dim: Option<usize>,
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Images per step (each gives two views).
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Base learning rate of SGD's cosine schedule.
+    #[arg(long)]
+    pub lr: Option<f32>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output checkpoint (safetensors; rewritten atomically after every epoch).
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Replace an existing --output checkpoint.
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let cfg = ResNetConfig::preset(&args.arch).ok_or_else(|| {
+        Error::Usage(format!(
+            "--arch {}: not a ResNet preset ({})",
+            args.arch,
+            ResNetConfig::preset_names().join(", ")
+        ))
+    })?;
+    let mut s = ModeSettings::preset(&args.recipe)?;
+    s.epochs = args.epochs.unwrap_or(s.epochs);
+    s.batch = args.batch.unwrap_or(s.batch);
+    s.lr = args.lr.unwrap_or(s.lr);
+    s.supcon_weight = args.supcon.unwrap_or(s.supcon_weight);
+    s.alpa_dim = args.alpa_dim.unwrap_or(s.alpa_dim);
+    s.seed = args.seed;
+    if let Some(w) = args.alpa {
+        s.alpa_weight = (w != 0.0).then_some(w);
+    }
+    s.check()?;
+    if s.recipe == "mode-f" && args.weights.is_none() {
+        return Err(Error::Usage(
+            "--recipe mode-f fine-tunes a trained encoder: give --weights".into(),
+        ));
+    }
+    let (_lock, _) = crate::pipeline::train::take_output(&args.output, false, args.overwrite)?;
+    let data = mode::digits_data(&args.data, cfg.img_size)?;
+    let mut params = match &args.weights {
+        Some(p) => mode::load_start(p)?,
+        None => mode::initial_params(&cfg, &s),
+    };
+    mode::add_heads(&mut params, cfg.feature_dim(), &s);
+    let quiet = crate::progress::quiet();
+    mode::train(
+        &cfg,
+        &mut params,
+        &data,
+        &s,
+        Some(&args.output),
+        &mut |e, l| {
+            if !quiet {
+                eprintln!(
+                    "epoch {e}: loss {:.4} (supcon {:.4}, alpa {:.4})",
+                    l.total, l.supcon, l.alpa
+                );
+            }
+        },
+    )?;
+    println!("wrote {}", args.output.display());
+    Ok(())
+}
