@@ -195,70 +195,83 @@ fn cross_terms(
     let rows = m * t;
     let blk = t * d;
     let inv = 1.0 / (d as f32).sqrt();
-    (0..m)
-        .into_par_iter()
-        .fold(
-            || CrossSums::zeros(m, rows, d, g.is_some()),
-            |mut acc, a| {
-                let (ka, va) = (&k[a * blk..(a + 1) * blk], &v[a * blk..(a + 1) * blk]);
-                let mut p = vec![0.0f32; rows * t];
-                gemm((q, false), (ka, true), rows, d, t, &mut p, false);
-                p.iter_mut().for_each(|x| *x *= inv);
-                softmax_rows(&mut p, t);
-                let mut x = vec![0.0f32; rows * d];
-                gemm((&p, false), (va, false), rows, t, d, &mut x, false);
-                let Some(g) = g else {
-                    for (r, (vr, xr)) in v.chunks_exact(d).zip(x.chunks_exact(d)).enumerate() {
-                        acc.terms[(r / t) * m + a] += cosine(vr, xr, None);
+    // Source views go in a fixed number of contiguous chunks, each summed in order and the chunk
+    // sums added in order: the same bits for any thread count (rayon's fold/reduce would group
+    // them as work is stolen, and a run would not repeat).
+    let chunk = m.div_ceil(CROSS_CHUNKS).max(1);
+    let sources: Vec<usize> = (0..m).collect();
+    let partial: Vec<CrossSums> = sources
+        .par_chunks(chunk)
+        .map(|views| {
+            views
+                .iter()
+                .fold(CrossSums::zeros(m, rows, d, g.is_some()), |mut acc, &a| {
+                    let (ka, va) = (&k[a * blk..(a + 1) * blk], &v[a * blk..(a + 1) * blk]);
+                    let mut p = vec![0.0f32; rows * t];
+                    gemm((q, false), (ka, true), rows, d, t, &mut p, false);
+                    p.iter_mut().for_each(|x| *x *= inv);
+                    softmax_rows(&mut p, t);
+                    let mut x = vec![0.0f32; rows * d];
+                    gemm((&p, false), (va, false), rows, t, d, &mut x, false);
+                    let Some(g) = g else {
+                        for (r, (vr, xr)) in v.chunks_exact(d).zip(x.chunks_exact(d)).enumerate() {
+                            acc.terms[(r / t) * m + a] += cosine(vr, xr, None);
+                        }
+                        return acc;
+                    };
+                    let mut dx = vec![0.0f32; rows * d];
+                    for (r, ((vr, xr), dxr)) in v
+                        .chunks_exact(d)
+                        .zip(x.chunks_exact(d))
+                        .zip(dx.chunks_exact_mut(d))
+                        .enumerate()
+                    {
+                        let gb = g[(r / t) * m + a];
+                        let dvr = &mut acc.dv[r * d..(r + 1) * d];
+                        acc.terms[(r / t) * m + a] +=
+                            cosine(vr, xr, (gb != 0.0).then_some((gb, dvr, dxr)));
                     }
-                    return acc;
-                };
-                let mut dx = vec![0.0f32; rows * d];
-                for (r, ((vr, xr), dxr)) in v
-                    .chunks_exact(d)
-                    .zip(x.chunks_exact(d))
-                    .zip(dx.chunks_exact_mut(d))
-                    .enumerate()
-                {
-                    let gb = g[(r / t) * m + a];
-                    let dvr = &mut acc.dv[r * d..(r + 1) * d];
-                    acc.terms[(r / t) * m + a] +=
-                        cosine(vr, xr, (gb != 0.0).then_some((gb, dvr, dxr)));
-                }
-                // X̃ = P V_a: dP = dX̃ V_aᵀ, dV_a += Pᵀ dX̃.
-                let mut dp = vec![0.0f32; rows * t];
-                gemm((&dx, false), (va, true), rows, d, t, &mut dp, false);
-                gemm(
-                    (&p, true),
-                    (&dx, false),
-                    t,
-                    rows,
-                    d,
-                    &mut acc.dv[a * blk..(a + 1) * blk],
-                    true,
-                );
-                // Softmax backward, then S = Q K_aᵀ/√d: dQ += dS K_a, dK_a += dSᵀ Q.
-                for (pr, dpr) in p.chunks_exact(t).zip(dp.chunks_exact_mut(t)) {
-                    let dot: f32 = pr.iter().zip(dpr.iter()).map(|(x, y)| x * y).sum();
-                    for (pc, dc) in pr.iter().zip(dpr.iter_mut()) {
-                        *dc = pc * (*dc - dot) * inv;
+                    // X̃ = P V_a: dP = dX̃ V_aᵀ, dV_a += Pᵀ dX̃.
+                    let mut dp = vec![0.0f32; rows * t];
+                    gemm((&dx, false), (va, true), rows, d, t, &mut dp, false);
+                    gemm(
+                        (&p, true),
+                        (&dx, false),
+                        t,
+                        rows,
+                        d,
+                        &mut acc.dv[a * blk..(a + 1) * blk],
+                        true,
+                    );
+                    // Softmax backward, then S = Q K_aᵀ/√d: dQ += dS K_a, dK_a += dSᵀ Q.
+                    for (pr, dpr) in p.chunks_exact(t).zip(dp.chunks_exact_mut(t)) {
+                        let dot: f32 = pr.iter().zip(dpr.iter()).map(|(x, y)| x * y).sum();
+                        for (pc, dc) in pr.iter().zip(dpr.iter_mut()) {
+                            *dc = pc * (*dc - dot) * inv;
+                        }
                     }
-                }
-                gemm((&dp, false), (ka, false), rows, t, d, &mut acc.dq, true);
-                gemm(
-                    (&dp, true),
-                    (q, false),
-                    t,
-                    rows,
-                    d,
-                    &mut acc.dk[a * blk..(a + 1) * blk],
-                    true,
-                );
-                acc
-            },
-        )
-        .reduce(|| CrossSums::zeros(m, rows, d, g.is_some()), CrossSums::add)
+                    gemm((&dp, false), (ka, false), rows, t, d, &mut acc.dq, true);
+                    gemm(
+                        (&dp, true),
+                        (q, false),
+                        t,
+                        rows,
+                        d,
+                        &mut acc.dk[a * blk..(a + 1) * blk],
+                        true,
+                    );
+                    acc
+                })
+        })
+        .collect();
+    partial
+        .into_iter()
+        .reduce(CrossSums::add)
+        .unwrap_or_else(|| CrossSums::zeros(m, rows, d, g.is_some()))
 }
+
+/// How many partial sums `cross_terms` keeps at once (each as large as dQ and dV).
+const CROSS_CHUNKS: usize = 8;
 
 impl Alpa<'_> {
     /// Loss and gradients for local features [M, T, D] of M views with `labels`.
