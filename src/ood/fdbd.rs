@@ -4,6 +4,8 @@
 //! default, `distance_as_normalizer=true`) or by ‖x‖ (`false`). The C×C boundary norms come from
 //! one Gram matrix of the head.
 
+use rayon::prelude::*;
+
 use crate::error::{Error, Result};
 use crate::ood::check_rows;
 use crate::ood::dice::column_mean;
@@ -51,8 +53,8 @@ impl Fdbd {
         check_rows(x, d, "features")?;
         let c = b.len();
         let z = logits(x, w, b, d);
-        Ok(z.chunks_exact(c)
-            .zip(x.chunks_exact(d))
+        Ok(z.par_chunks_exact(c)
+            .zip(x.par_chunks_exact(d))
             .map(|(zr, xr)| {
                 let p = (0..c).fold(0, |best, k| if zr[k] > zr[best] { k } else { best });
                 let gaps = &self.inv_gap[p * c..(p + 1) * c];
