@@ -112,7 +112,7 @@ pub fn score(
 ) -> Result<Vec<f32>> {
     let shaped = shape(x, d, percentile, how)?;
     Ok(logits(&shaped, w, b, d)
-        .chunks_exact(b.len())
+        .par_chunks_exact(b.len())
         .map(|r| lse(r) as f32)
         .collect())
 }

@@ -4,6 +4,8 @@
 //! contributions (numpy's linear interpolation) are kept, the rest zeroed; score =
 //! LSE(W_masked·x + b). p = 90 by default, as OpenOOD.
 
+use rayon::prelude::*;
+
 use crate::error::{Error, Result};
 use crate::ood::check_rows;
 use crate::ood::stats::Stats;
@@ -63,7 +65,7 @@ impl Dice {
     pub fn score(&self, x: &[f32], d: usize, b: &[f32]) -> Result<Vec<f32>> {
         check_rows(x, d, "features")?;
         Ok(logits(x, &self.masked, b, d)
-            .chunks_exact(b.len())
+            .par_chunks_exact(b.len())
             .map(|r| lse(r) as f32)
             .collect())
     }

@@ -8,22 +8,117 @@
 //! - gradnorm: ‖f‖₁ · Σ_c |C·p_c − 1|      (closed form of ‖∂L/∂W‖₁ for the linear head with
 //!   all-ones targets, MOODv2 / GradNorm; p = softmax(z))
 
+use rayon::prelude::*;
+
 use crate::error::{Error, Result};
 
 fn rows(z: &[f32], c: usize) -> Result<std::slice::ChunksExact<'_, f32>> {
+    check_logits(z, c)?;
+    Ok(z.chunks_exact(c))
+}
+
+/// Refuses logits that are not rows of `c` finite values (the scan runs in parallel).
+fn check_logits(z: &[f32], c: usize) -> Result<()> {
     if c == 0 || z.len() % c != 0 {
         return Err(Error::Data(format!(
             "{} logits do not form rows of {c} classes",
             z.len()
         )));
     }
-    if let Some(i) = z.iter().position(|v| !v.is_finite()) {
+    // By rows: a parallel search per value costs more than the scores.
+    if let Some(i) = z
+        .par_chunks(c)
+        .position_first(|r| r.iter().any(|v| !v.is_finite()))
+    {
         return Err(Error::Data(format!(
-            "logits row {} has a non-finite value",
-            i / c
+            "logits row {i} has a non-finite value"
         )));
     }
-    Ok(z.chunks_exact(c))
+    Ok(())
+}
+
+/// (max_c v_c/t, logsumexp_c v_c/t) of one row, in f64, without a per-row buffer.
+fn max_lse(row: &[f32], t: f64) -> (f64, f64) {
+    let m = row_max(row) as f64 / t;
+    (m, m + sum_exp_shifted(row, t, m).ln())
+}
+
+/// The largest value of a row (NaN ignored, as f32::max), over eight lanes so that the compiler
+/// vectorises it.
+pub(crate) fn row_max(row: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let mut chunks = row.chunks_exact(8);
+    for ch in &mut chunks {
+        for j in 0..8 {
+            lanes[j] = lanes[j].max(ch[j]);
+        }
+    }
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    lanes.iter().fold(tail, |a, &b| a.max(b))
+}
+
+/// Σ_k exp(v_k/t − m) over a row whose largest v/t is m, so every exponent is ≤ 0 and the sum
+/// is at least 1. libm's exp, one call per value, costs more than the GEMM that made the
+/// logits; `exp_nonpositive` is straight-line arithmetic the compiler vectorises. A group of
+/// four whose exponents are all below −60 is skipped: together they add less than 4e-26 to a
+/// sum of at least 1 (sharp rows, as t2fnorm's logits/τ, are mostly such groups).
+pub(crate) fn sum_exp_shifted(row: &[f32], t: f64, m: f64) -> f64 {
+    let mut acc = [0.0f64; 4];
+    let mut chunks = row.chunks_exact(4);
+    for ch in &mut chunks {
+        let x = [0, 1, 2, 3].map(|j| ch[j] as f64 / t - m);
+        if x.iter().all(|&v| v < -60.0) {
+            continue;
+        }
+        for j in 0..4 {
+            acc[j] += exp_nonpositive(x[j]);
+        }
+    }
+    let tail: f64 = chunks
+        .remainder()
+        .iter()
+        .map(|&v| exp_nonpositive(v as f64 / t - m))
+        .sum();
+    (acc[0] + acc[1]) + (acc[2] + acc[3]) + tail
+}
+
+/// exp(x) for x ≤ 0 to about 2 ulp: x = k·ln2 + r, |r| ≤ ln2/2 (ln2 in two parts, as fdlibm),
+/// exp(r) by its Taylor series to r¹² (truncation < 2e-16), times 2^k built in the exponent
+/// bits. Exponents below −700 give exp(−700) ≈ 1e-304 (in a sum with a largest term of 1, as
+/// good as 0).
+#[inline(always)]
+pub(crate) fn exp_nonpositive(x: f64) -> f64 {
+    const LN2_HI: f64 = 6.931_471_803_691_238e-1;
+    const LN2_LO: f64 = 1.908_214_929_270_587_7e-10;
+    // Adding 1.5·2^52 rounds to an integer held in the low mantissa bits.
+    const ROUND: f64 = 6_755_399_441_055_744.0;
+    let x = x.max(-700.0);
+    let kr = x * std::f64::consts::LOG2_E + ROUND;
+    let k = kr - ROUND;
+    let r = (x - k * LN2_HI) - k * LN2_LO;
+    let mut p = 1.0 / 479_001_600.0;
+    for c in [
+        1.0 / 39_916_800.0,
+        1.0 / 3_628_800.0,
+        1.0 / 362_880.0,
+        1.0 / 40_320.0,
+        1.0 / 5_040.0,
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ] {
+        p = p * r + c;
+    }
+    // k in [−1010, 0]: 2^k is a normal number with exponent field k + 1023.
+    let ki = kr.to_bits().wrapping_sub(ROUND.to_bits()) as i64;
+    p * f64::from_bits(((ki + 1023) as u64) << 52)
 }
 
 fn log_softmax(row: &[f32], t: f64) -> (Vec<f64>, f64) {
@@ -49,27 +144,28 @@ pub fn check_temperature(t: f32) -> Result<()> {
 
 pub fn msp(z: &[f32], c: usize, t: f32) -> Result<Vec<f32>> {
     check_temperature(t)?;
-    Ok(rows(z, c)?
+    check_logits(z, c)?;
+    // The largest log-probability is max/t − lse: no row of log-probabilities is built.
+    Ok(z.par_chunks_exact(c)
         .map(|r| {
-            log_softmax(r, t as f64)
-                .0
-                .into_iter()
-                .fold(f64::NEG_INFINITY, f64::max)
-                .exp() as f32
+            let (m, lse) = max_lse(r, t as f64);
+            (m - lse).exp() as f32
         })
         .collect())
 }
 
 pub fn maxlogit(z: &[f32], c: usize) -> Result<Vec<f32>> {
-    Ok(rows(z, c)?
+    check_logits(z, c)?;
+    Ok(z.par_chunks_exact(c)
         .map(|r| r.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)))
         .collect())
 }
 
 pub fn energy(z: &[f32], c: usize, t: f32) -> Result<Vec<f32>> {
     check_temperature(t)?;
-    Ok(rows(z, c)?
-        .map(|r| (t as f64 * log_softmax(r, t as f64).1) as f32)
+    check_logits(z, c)?;
+    Ok(z.par_chunks_exact(c)
+        .map(|r| (t as f64 * max_lse(r, t as f64).1) as f32)
         .collect())
 }
 
@@ -225,5 +321,35 @@ impl KlMatching {
             )));
         }
         Ok(KlMatching { c: shape[0], log_q })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The vectorised exp against libm's over the whole range the sums use, and the clamp.
+    #[test]
+    fn exp_nonpositive_matches_libm() {
+        let mut worst = 0.0f64;
+        for i in 0..=200_000 {
+            let x = -700.0 * (i as f64 / 200_000.0).powi(2);
+            let (got, want) = (exp_nonpositive(x), x.exp());
+            worst = worst.max((got - want).abs() / want);
+        }
+        assert!(worst < 1e-14, "max relative error {worst:e}");
+        assert_eq!(exp_nonpositive(0.0), 1.0);
+        assert!(exp_nonpositive(-1e6) <= 1e-300);
+    }
+
+    #[test]
+    fn msp_is_the_largest_softmax_probability() {
+        let z = [1.0f32, 3.0, -2.0, 0.5, 0.5, 0.5];
+        let got = msp(&z, 3, 2.0).unwrap();
+        for (g, r) in got.iter().zip(z.chunks(3)) {
+            let e: Vec<f64> = r.iter().map(|&v| (v as f64 / 2.0).exp()).collect();
+            let want = e.iter().cloned().fold(0.0, f64::max) / e.iter().sum::<f64>();
+            assert!((*g as f64 - want).abs() < 1e-7, "{g} vs {want}");
+        }
     }
 }

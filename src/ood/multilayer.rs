@@ -224,8 +224,8 @@ impl MahalanobisEnsemble {
         let n = check_rows(x, l * self.dim, "layer features")?;
         let mut out = vec![0.0f64; n * l];
         for (k, g) in self.layers.iter().enumerate() {
-            // GaussianScore gives −min_c d_c = 2·max_c −½ d_c.
-            let s = g.score(&layer(x, k, l, self.dim))?;
+            // GaussianScore gives −min_c d_c = 2·max_c −½ d_c. Block k is read in place.
+            let s = g.score_rows(x, n, l * self.dim, k * self.dim);
             for (i, v) in s.iter().enumerate() {
                 out[i * l + k] = 0.5 * *v as f64;
             }
@@ -310,23 +310,33 @@ fn widths(cols: usize, blocks: &[usize]) -> Result<(usize, usize)> {
 }
 
 /// The signed p-th root of the row sums of x^p (x^p)ᵀ: s_i = x_i^p·Σ_j x_j^p (in f64).
+/// |x_i^p·S|^{1/p} = |x_i|·|S|^{1/p}, so a row takes one root, not one per entry, and the sign
+/// is sign(S), times sign(x_i) for odd p.
 fn gram_row(x: &[f32], p: i32, out: &mut [f64]) {
     let sum: f64 = x.iter().map(|&v| (v as f64).powi(p)).sum();
+    let root = sum.abs().powf(1.0 / p as f64);
+    let odd = p % 2 != 0;
     for (o, &v) in out.iter_mut().zip(x) {
-        let s = (v as f64).powi(p) * sum;
-        *o = s.signum() * s.abs().powf(1.0 / p as f64);
+        let v = v as f64;
+        let sign = if odd { v.signum() } else { 1.0 } * sum.signum();
+        *o = sign * v.abs() * root;
     }
 }
 
 /// δ(g) against one class's ranges (min, max).
 fn deviation(g: &[f64], min: &[f32], max: &[f32]) -> f64 {
-    g.iter()
-        .zip(min.iter().zip(max))
-        .map(|(&v, (&lo, &hi))| {
-            let (lo, hi) = (lo as f64, hi as f64);
-            (lo - v).max(0.0) / (lo + 1e-6).abs() + (v - hi).max(0.0) / (hi + 1e-6).abs()
-        })
-        .sum()
+    // Most entries lie inside their range and add nothing: only those outside pay a division.
+    let mut sum = 0.0f64;
+    for (&v, (&lo, &hi)) in g.iter().zip(min.iter().zip(max)) {
+        let (lo, hi) = (lo as f64, hi as f64);
+        if v < lo {
+            sum += (lo - v) / (lo + 1e-6).abs();
+        }
+        if v > hi {
+            sum += (v - hi) / (hi + 1e-6).abs();
+        }
+    }
+    sum
 }
 
 /// Row i of the rows of one class (in store order) is held out when ⌊(i+1)/10⌋ > ⌊i/10⌋.
@@ -501,7 +511,7 @@ impl Gram {
             .map(|(r, zr)| {
                 let top = zr.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
                 let pred = (0..c).fold(0, |b, k| if zr[k] > zr[b] { k } else { b });
-                let conf = 1.0 / zr.iter().map(|&v| (v as f64 - top).exp()).sum::<f64>();
+                let conf = 1.0 / crate::ood::logits::sum_exp_shifted(zr, 1.0, top);
                 let dev: f64 = self
                     .deviations(r, pred)
                     .iter()

@@ -87,8 +87,8 @@ impl NnGuide {
             }));
         }
         Ok(conf
-            .iter()
-            .zip(z.chunks_exact(c))
+            .par_iter()
+            .zip(z.par_chunks_exact(c))
             .map(|(s, zr)| (s * lse(zr)) as f32)
             .collect())
     }

@@ -3,6 +3,8 @@
 
 use std::collections::BTreeMap;
 
+use rayon::prelude::*;
+
 use crate::error::{Error, Result};
 use crate::ood::ash::{self, Shaping};
 use crate::ood::detector::Head;
@@ -290,7 +292,7 @@ impl Posthoc {
                 let tau = positive(args, "tau")? as f32;
                 let x = g.features()?;
                 crate::ood::check_rows(x, d, "features")?;
-                let scaled: Vec<f32> = x.iter().map(|v| v / tau).collect();
+                let scaled: Vec<f32> = x.par_iter().map(|v| v / tau).collect();
                 msp(&logits(&scaled, &h.weight, &h.bias, d), h.bias.len(), 1.0)
             }
         }

@@ -7,6 +7,8 @@
 //! rounds relative to the spread of the features, not to their offset from the origin, which
 //! matters here because the score is a difference of two distances.
 
+use rayon::prelude::*;
+
 use crate::error::Result;
 use crate::ood::gaussian::{class_means, tied_covariance, GaussianScore, Reduce, Whitened};
 use crate::ood::stats::Stats;
@@ -26,9 +28,10 @@ fn plain(part: Whitened) -> GaussianScore {
 }
 
 fn centred(x: &[f32], centre: &[f32]) -> Vec<f32> {
-    x.chunks_exact(centre.len())
-        .flat_map(|r| r.iter().zip(centre).map(|(v, c)| v - c))
-        .collect()
+    let mut out = x.to_vec();
+    out.par_chunks_exact_mut(centre.len())
+        .for_each(|r| r.iter_mut().zip(centre).for_each(|(v, c)| *v -= c));
+    out
 }
 
 impl Rmds {

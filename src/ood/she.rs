@@ -2,7 +2,8 @@
 //! its default `inner_product` metric): the pattern of class c is the mean feature of the train
 //! rows labelled c and predicted c (argmax of the logits); score = x·pattern_ŷ, ŷ the prediction.
 
-use crate::backend::cpu::matmul::linear_nobias;
+use rayon::prelude::*;
+
 use crate::error::{Error, Result};
 use crate::ood::check_rows;
 use crate::ood::stats::Stats;
@@ -68,12 +69,17 @@ impl She {
                 self.patterns.len() / d
             )));
         }
-        let mut dots = vec![0.0f32; n * c];
-        linear_nobias(x, &self.patterns, n, d, c, &mut dots);
-        Ok(dots
-            .chunks_exact(c)
-            .zip(z.chunks_exact(c))
-            .map(|(dr, zr)| dr[argmax(zr)])
+        // Only the predicted class's pattern is used: one dot product per row (in f64), not an
+        // [n, C] GEMM against every pattern.
+        Ok(x.par_chunks_exact(d)
+            .zip(z.par_chunks_exact(c))
+            .map(|(xr, zr)| {
+                let p = argmax(zr);
+                xr.iter()
+                    .zip(&self.patterns[p * d..(p + 1) * d])
+                    .map(|(&a, &b)| a as f64 * b as f64)
+                    .sum::<f64>() as f32
+            })
             .collect())
     }
 

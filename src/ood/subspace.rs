@@ -9,6 +9,8 @@
 //!
 //! z = Wx + b is computed from the features, so a store needs only features and the head.
 
+use rayon::prelude::*;
+
 use crate::backend::cpu::matmul::linear_nobias;
 use crate::error::{Error, Result};
 use crate::ood::check_rows;
@@ -19,14 +21,14 @@ pub fn logits(x: &[f32], w: &[f32], b: &[f32], d: usize) -> Vec<f32> {
     let (n, c) = (x.len() / d, b.len());
     let mut z = vec![0.0f32; n * c];
     linear_nobias(x, w, n, d, c, &mut z);
-    z.chunks_exact_mut(c)
+    z.par_chunks_exact_mut(c)
         .for_each(|r| r.iter_mut().zip(b).for_each(|(v, bb)| *v += bb));
     z
 }
 
 pub(crate) fn lse(row: &[f32]) -> f64 {
-    let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-    m + row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln()
+    let m = crate::ood::logits::row_max(row) as f64;
+    m + crate::ood::logits::sum_exp_shifted(row, 1.0, m).ln()
 }
 
 fn check_head(w: &[f32], b: &[f32], d: usize) -> Result<()> {
