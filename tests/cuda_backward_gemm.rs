@@ -4,6 +4,8 @@
 //!   - `attention::forward_keep_probs_{f32,bf16}` + `backward_batched` vs
 //!     cpu::attention::{forward_keep_probs, backward}
 //!   - `attention::RelposScatter` / `relpos_table_grad`          vs model::relpos::scatter_bias_grad
+//!   - `relpos::RelposGather` (the forward's dense bias, re-derived after each training step)
+//!     vs model::relpos::gather_bias
 //!   - `patch_embed::col2im` and `patch_embed::backward`         vs cpu::patch_embed::{im2col, col2im}
 //!     + cpu::matmul::linear_backward
 //!
@@ -262,6 +264,20 @@ fn relpos_grad(wh: usize, h: usize) -> Case {
     Case("relpos_grad", format!("grid {wh}x{wh} H={h}"), "f32", run)
 }
 
+/// BEiT's dense bias [H, N, N] gathered from a random table for a wh × ww patch grid.
+fn relpos_gather(wh: usize, ww: usize, h: usize) -> Case {
+    let run: Run = Box::new(move |dev, rng| {
+        let index = relpos::relative_position_index(wh, ww);
+        let rows = relpos::num_relative_distance(wh, ww);
+        let table = randn(rng, rows * h, 1.0);
+        let want = relpos::gather_bias(&table, h, &index);
+        let gather = cu::relpos::RelposGather::new(dev, &index, rows)?;
+        let got = dev.download(&gather.gather(dev, &dev.upload(&table)?, h)?)?;
+        Ok(vec![Out("dense", got, want, 0.0)])
+    });
+    Case("relpos_gather", format!("grid {wh}x{ww} H={h}"), "f32", run)
+}
+
 fn col2im(b: usize, c: usize, hw: usize, p: usize) -> Case {
     let run: Run = Box::new(move |dev, rng| {
         let g = (hw / p) * (hw / p);
@@ -353,7 +369,9 @@ fn cases() -> Vec<Case> {
     v.push(attention_backward::<f32>((9, 17, 2, 32), true, true));
     for (wh, h) in [(2, 3), (4, 2), (14, 12)] {
         v.push(relpos_grad(wh, h));
+        v.push(relpos_gather(wh, wh, h));
     }
+    v.push(relpos_gather(3, 5, 2)); // a non-square grid
     v.push(col2im(2, 3, 16, 4));
     v.push(col2im(3, 2, 17, 4)); // a partial last row/column of pixels: zero gradient there
     v.push(patch_embed_backward::<f32>(2, 3, 16, 4, 24));
@@ -628,6 +646,17 @@ fn backward_launchers_refuse_bad_shapes() {
         "relpos dbias",
         scatter.grad(&dev, &z(3 * 25 + 1), 3).map(|_| ()),
         "dbias",
+    );
+    expect_err(
+        "relpos gather index",
+        cu::relpos::RelposGather::new(&dev, &bad, rows).map(|_| ()),
+        "index[3]",
+    );
+    let gather = cu::relpos::RelposGather::new(&dev, &index, rows).unwrap();
+    expect_err(
+        "relpos gather table",
+        gather.gather(&dev, &z(rows * 3 - 1), 3).map(|_| ()),
+        "table",
     );
     let dims = cu::patch_embed::Dims {
         b: 1,

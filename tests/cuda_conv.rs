@@ -217,3 +217,103 @@ fn timm_fixtures_through_cuda() {
     check("tiny_bit", ConvNet::Bit(&model), "bit");
     assert!(failures.is_empty(), "CUDA differs from timm: {failures:?}");
 }
+
+/// One convolution of `x` [B, H, W, Cin] on the device with im2col rows of at most `max_bytes`
+/// at once, downloaded.
+fn conv_chunked<T: Storage>(
+    dev: &CudaDevice,
+    (x, bhw): (&[f32], (usize, usize, usize)),
+    (w, cv): (&[f32], &mood::backend::cpu::conv::Conv),
+    (bias, residual): (&[f32], &[f32]),
+    max_bytes: usize,
+) -> Vec<f32> {
+    use mood::backend::cuda::conv;
+    let wt: Vec<T> = w.iter().map(|&v| T::from_f32(v)).collect();
+    let y = conv::conv2d_chunked(
+        dev,
+        &dev.upload(x).unwrap(),
+        bhw,
+        &dev.upload(&wt).unwrap(),
+        cv,
+        Some(&dev.upload(bias).unwrap()),
+        Some(&dev.upload(residual).unwrap()),
+        true,
+        max_bytes,
+    )
+    .unwrap();
+    dev.download(&y).unwrap()
+}
+
+/// A batch whose im2col rows exceed the limit runs over chunks of images (1, 2 and 3 images at a
+/// time, the last chunk partial). The chunks' GEMMs have fewer rows than the whole batch's, and
+/// a GEMM's bits depend on its shape (the stand-in's `gemm` crate blocks by it, as cuBLAS picks
+/// kernels by it), so chunked results agree with the unchunked one to f32 rounding, not bit
+/// for bit (measured on the stand-in: 3.7e-7): held to 1e-6 at f32 and bf16 (bf16 operands are
+/// rounded the same way in both; only the f32 sums' order differs). Below the limit (the default
+/// 1 GiB of rows) the convolution is the one GEMM it was, and matches the CPU within 1e-5.
+#[test]
+fn chunked_im2col_matches_unchunked() {
+    let Some(dev) = common::cuda::device("chunked_im2col_matches_unchunked") else {
+        return;
+    };
+    use mood::backend::cpu::conv::{conv2d, Conv, Epilogue};
+    let (b, h, w) = (7, 9, 11);
+    let cv = Conv {
+        cin: 5,
+        cout: 6,
+        k: 3,
+        stride: 2,
+        pad: 1,
+    };
+    let (ho, wo) = (cv.out_size(h), cv.out_size(w));
+    let mut rng = mood::rng::Rng::new(11);
+    let mut randn = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.normal() as f32).collect() };
+    let x = randn(b * h * w * cv.cin);
+    let wt = randn(cv.cout * cv.patch_len());
+    let bias = randn(cv.cout);
+    let residual = randn(b * ho * wo * cv.cout);
+    let cpu = conv2d(
+        &x,
+        (b, h, w),
+        &wt,
+        &cv,
+        &Epilogue {
+            bias: Some(&bias),
+            residual: Some(&residual),
+            relu: true,
+        },
+    );
+    let image_rows = ho * wo * cv.patch_len();
+    for t in ["f32", "bf16"] {
+        let run = |images: usize| {
+            let args = (
+                (&x[..], (b, h, w)),
+                (&wt[..], &cv),
+                (&bias[..], &residual[..]),
+            );
+            match t {
+                "f32" => conv_chunked::<f32>(&dev, args.0, args.1, args.2, images * image_rows * 4),
+                _ => conv_chunked::<half::bf16>(
+                    &dev,
+                    args.0,
+                    args.1,
+                    args.2,
+                    images * image_rows * 2,
+                ),
+            }
+        };
+        let whole = run(usize::MAX / (image_rows * 4));
+        if t == "f32" {
+            let err = max_rel(&whole, &cpu);
+            println!("conv2d f32 unchunked vs CPU: max_rel {err:.3e}");
+            assert!(err <= 1e-5, "{err}");
+        }
+        for images in [1, 2, 3] {
+            let got = run(images);
+            assert_eq!(got.len(), whole.len());
+            let err = max_rel(&got, &whole);
+            println!("conv2d {t}: chunks of {images} image(s) vs one chunk: max_rel {err:.3e}");
+            assert!(err <= 1e-6, "{t}, chunks of {images}: {err}");
+        }
+    }
+}

@@ -360,3 +360,73 @@ fn bench_train_on_cuda_takes_the_cpu_step() {
         "CUDA bench step's loss {gpu} vs the CPU step's {cpu}"
     );
 }
+
+/// A training batch too large for the device is refused before anything runs, in one line that
+/// names the largest batch that fits; that batch then trains, and one more image is refused.
+/// The stand-in reports a 132 MiB device (`MOOD_CUDA_SIM_MEMORY_MIB`), small enough that the
+/// tiny BEiT's batch of 300 cannot fit after the 128 MiB of headroom; a real GPU cannot be
+/// shrunk, so there only the first part (a batch that fits is not refused) is checked.
+#[test]
+fn a_training_batch_that_does_not_fit_names_one_that_does() {
+    let (env, sim) = common::cuda::cli_env();
+    let mut env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    if sim {
+        env.push(("MOOD_CUDA_SIM_MEMORY_MIB", "132"));
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("fit.safetensors");
+    let train = |batch: usize| {
+        let (b, o) = (batch.to_string(), s(&out));
+        let args = [
+            "finetune",
+            "--arch",
+            "test_tiny_beit",
+            "--data",
+            "digits:0-2",
+            "--epochs",
+            "1",
+            "--warmup-epochs",
+            "0",
+            "--batch",
+            &b,
+            "--device",
+            "cuda",
+            "-o",
+            &o,
+        ];
+        run_mood_env(&args, &env)
+    };
+    if !sim {
+        let (code, _, err) = train(16);
+        assert_eq!(code, 0, "batch 16 of the tiny model on a GPU: {err}");
+        return;
+    }
+    let (code, _, err) = train(300);
+    assert_ne!(code, 0, "batch 300 in 132 MiB was not refused: {err}");
+    let last = err.trim().lines().last().unwrap_or("");
+    println!("refused: {last}");
+    assert!(
+        last.contains("out of GPU memory: --batch 300 needs about"),
+        "one line naming the batch: {err}"
+    );
+    let fits: usize = last
+        .split("use --batch ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|w| w.parse().ok())
+        .unwrap_or_else(|| panic!("no batch that fits named: {last}"));
+    assert!((1..300).contains(&fits), "{fits}");
+    assert!(!out.exists(), "a refused run wrote a checkpoint");
+    let (code, _, err) = train(fits + 1);
+    assert_ne!(
+        code,
+        0,
+        "--batch {} (one more than named) was not refused",
+        fits + 1
+    );
+    assert!(err.contains("out of GPU memory"), "{err}");
+    let (code, stdout, err) = train(fits);
+    assert_eq!(code, 0, "the named --batch {fits} did not train: {err}");
+    println!("--batch {fits}: {}", stdout.lines().last().unwrap_or(""));
+    assert!(out.exists());
+}

@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 
 use crate::error::Result;
+use crate::model::config::VitConfig;
 use crate::model::cpu_train::CpuTrain;
 use crate::model::train_exec::TrainExec;
 use crate::tensor::Tensor;
@@ -57,6 +58,69 @@ pub trait TrainDevice {
     ) -> Result<f32>;
     /// Brings the parameters and the optimiser state back to the host (before a checkpoint).
     fn sync(&mut self, params: &mut BTreeMap<String, Tensor>, opt: &mut AdamW) -> Result<()>;
+    /// Fails, before anything is on the device, when a step of `batch` images of `cfg` with
+    /// `params` would not fit in the device's free memory, naming the largest batch that would.
+    /// The host has no such limit.
+    fn check_batch_fits(
+        &mut self,
+        _cfg: &VitConfig,
+        _params: &BTreeMap<String, Tensor>,
+        _batch: usize,
+    ) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Device bytes of one training step (`train_step_bytes`): `fixed` whatever the batch, plus
+/// `per_image` for each image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TrainBytes {
+    pub fixed: usize,
+    pub per_image: usize,
+}
+
+/// An estimate, from the shapes alone, of the device memory a training step of `cfg` needs, at
+/// `low` bytes per value of the blocks' GEMM operands (4: f32, 2: bf16). The fixed part is what
+/// lives across steps or is made once per step whatever the batch: the f32 masters, AdamW's two
+/// moments, the parameter gradients, the T copies of the weights the forward derives, and the
+/// dense relative-position biases [H, N, N] per block. Per image, in f32 (the training executor
+/// keeps f32 activations; bf16 only narrows GEMM operand copies, counted at f32 too, so this errs
+/// high): the input image; per block what the tape keeps for backward, ten [N, D] activations
+/// (norm1, qkv counted as three, attention out, proj, residual, norm2, fc2, residual, input),
+/// fc1 before and after GELU [N, M], and the attention probabilities with the scores
+/// [H, N, N] twice; then one block's backward scratch in flight (four [N, D], one [N, M], two
+/// [H, N, N]), the patch embedding and final norm (four [N, D]), and the head's logits and their
+/// gradient over every token ([N, V] twice, V the widest head: the classes, or MIM's vocabulary).
+pub fn train_step_bytes(
+    cfg: &VitConfig,
+    params: &BTreeMap<String, Tensor>,
+    low: usize,
+) -> TrainBytes {
+    let p: usize = params.values().map(|t| t.numel()).sum();
+    let (n, d, m, h, l) = (
+        cfg.tokens(),
+        cfg.embed_dim,
+        cfg.mlp_hidden,
+        cfg.num_heads,
+        cfg.depth,
+    );
+    let head = ["head.weight", "lm_head.weight"]
+        .iter()
+        .filter_map(|k| params.get(*k).and_then(|t| t.shape().first().copied()))
+        .max()
+        .unwrap_or(cfg.num_classes);
+    let (nd, nm, hnn) = (n * d, n * m, h * n * n);
+    let fixed = p * (4 * 4 + low) + l * hnn * 4;
+    let per_block = 10 * nd + 2 * nm + 2 * hnn;
+    let values = cfg.in_chans * cfg.img_size * cfg.img_size
+        + l * per_block
+        + (4 * nd + nm + 2 * hnn)
+        + 4 * nd
+        + 2 * n * head;
+    TrainBytes {
+        fixed,
+        per_image: values * 4,
+    }
 }
 
 /// Training on the CPU: the host parameters are updated in place.
@@ -104,7 +168,9 @@ mod cuda {
     use super::TrainDevice;
     use crate::backend::cuda::optim::{grad_norm, DeviceAdamW, StepParam};
     use crate::backend::cuda::CudaDevice;
+    use crate::backend::memory_budget::{batch_too_large, max_batch_that_fits, HEADROOM_BYTES};
     use crate::error::{Error, Result};
+    use crate::model::config::VitConfig;
     use crate::model::cuda_attention::Compute;
     use crate::model::cuda_exec::CudaExec;
     use crate::tensor::Tensor;
@@ -195,6 +261,26 @@ mod cuda {
             exec.refresh_params();
             self.exec = Some(exec);
             Ok(norm)
+        }
+
+        fn check_batch_fits(
+            &mut self,
+            cfg: &VitConfig,
+            params: &BTreeMap<String, Tensor>,
+            batch: usize,
+        ) -> Result<()> {
+            let need = super::train_step_bytes(cfg, params, std::mem::size_of::<T>());
+            let (free, _) = self.dev.memory()?;
+            let fixed = need.fixed + HEADROOM_BYTES;
+            if batch > max_batch_that_fits(free, need.per_image, fixed) {
+                return Err(Error::Cuda(batch_too_large(
+                    batch,
+                    free,
+                    need.per_image,
+                    fixed,
+                )));
+            }
+            Ok(())
         }
 
         fn sync(&mut self, params: &mut BTreeMap<String, Tensor>, opt: &mut AdamW) -> Result<()> {

@@ -322,6 +322,7 @@ impl Run<'_> {
     ) -> Result<Vec<f32>> {
         let s = self.s;
         let per_epoch = check_batch(data, s.batch)?;
+        dev.check_batch_fits(self.cfg, params, s.batch)?;
         let (mut opt, first) = self.start(params, resume)?;
         dev.start(params, &opt)?;
         let total = s.epochs * per_epoch;

@@ -6,7 +6,7 @@
 //! sgemm semantics at f32, bf16 operands with f32 accumulation at bf16) + `conv_epilogue`
 //! (bias, residual, ReLU in f32). Every buffer is checked against the shape before a launch.
 
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, PushKernelArg};
 
 use super::device::{as_i32, check_len, f32_or_bf16, nonempty, CudaDevice};
 use super::matmul::{data_type, gemm_rm, RowMajor};
@@ -61,11 +61,30 @@ pub fn im2col<T: Storage>(
     (b, h, w): (usize, usize, usize),
     cv: &Conv,
 ) -> Result<()> {
+    im2col_view(dev, &x.as_view(), &mut cols.as_view_mut(), (b, h, w), cv)
+}
+
+/// `im2col` on views: a batch-chunked convolution writes one chunk of images at a time.
+fn im2col_view<T: Storage>(
+    dev: &CudaDevice,
+    x: &CudaView<f32>,
+    cols: &mut CudaViewMut<T>,
+    (b, h, w): (usize, usize, usize),
+    cv: &Conv,
+) -> Result<()> {
     f32_or_bf16::<T>("conv im2col")?;
     let (ho, wo) = geometry_ok("conv im2col", cv, (h, w))?;
-    check_len("conv im2col input", x, b * h * w * cv.cin)?;
     let n = b * ho * wo * cv.patch_len();
-    check_len("conv im2col cols", cols, n)?;
+    for (what, len, want) in [
+        ("input", x.len(), b * h * w * cv.cin),
+        ("cols", cols.len(), n),
+    ] {
+        if len != want {
+            return Err(Error::Cuda(format!(
+                "conv im2col {what}: device buffer holds {len} elements, the shape needs {want}"
+            )));
+        }
+    }
     if n == 0 {
         return Ok(());
     }
@@ -135,11 +154,33 @@ pub fn epilogue<T: Storage>(
     }
 }
 
+/// The most bytes of im2col rows one convolution holds at once: a batch whose rows would need
+/// more runs im2col and the GEMM over chunks of whole images (an image's output rows depend only
+/// on its own rows), instead of one giant buffer. A GEMM's bits depend on its row count, so a
+/// chunked batch agrees with the one-GEMM result to f32 rounding, not bit for bit; batches under
+/// the limit run the one GEMM as before.
+pub const MAX_COLS_BYTES: usize = 1 << 30;
+
 /// y [B, Ho, Wo, Cout] = act(conv(x [B, H, W, Cin], w [Cout, kh, kw, Cin]) + bias + residual),
 /// as `backend::cpu::conv::conv2d`: x, bias [Cout], the residual and y f32; the weight in T, the
 /// GEMM operand type (the rows of x are rounded to T on the way in).
 #[allow(clippy::too_many_arguments)]
 pub fn conv2d<T: Storage>(
+    dev: &CudaDevice,
+    x: &CudaSlice<f32>,
+    bhw: (usize, usize, usize),
+    wt: &CudaSlice<T>,
+    cv: &Conv,
+    bias: Option<&CudaSlice<f32>>,
+    residual: Option<&CudaSlice<f32>>,
+    relu: bool,
+) -> Result<CudaSlice<f32>> {
+    conv2d_chunked(dev, x, bhw, wt, cv, bias, residual, relu, MAX_COLS_BYTES)
+}
+
+/// `conv2d` with im2col rows of at most `max_cols_bytes` at once (at least one image's).
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_chunked<T: Storage>(
     dev: &CudaDevice,
     x: &CudaSlice<f32>,
     (b, h, w): (usize, usize, usize),
@@ -148,6 +189,7 @@ pub fn conv2d<T: Storage>(
     bias: Option<&CudaSlice<f32>>,
     residual: Option<&CudaSlice<f32>>,
     relu: bool,
+    max_cols_bytes: usize,
 ) -> Result<CudaSlice<f32>> {
     f32_or_bf16::<T>("conv2d")?;
     let (ho, wo) = geometry_ok("conv2d", cv, (h, w))?;
@@ -160,22 +202,6 @@ pub fn conv2d<T: Storage>(
     )?;
     let s = dev.stream();
     let direct = cv.k == 1 && cv.stride == 1 && cv.pad == 0;
-    // The GEMM's left operand [rows, K]: x itself (a direct 1×1 at f32), else a T copy.
-    let cols = if direct && T::NAME == "f32" {
-        None
-    } else {
-        let mut cols = dev.empty::<T>(rows * k)?;
-        if direct {
-            super::elementwise::cast(dev, x, &mut cols)?;
-        } else {
-            im2col(dev, x, &mut cols, (b, h, w), cv)?;
-        }
-        Some(cols)
-    };
-    let left = match &cols {
-        Some(c) => ptr_or_null(s, Some(c)),
-        None => ptr_or_null(s, Some(x)),
-    };
     let mut acc = dev.empty::<f32>(rows * n)?;
     let rm = |ptr, trans| RowMajor {
         ptr,
@@ -184,23 +210,51 @@ pub fn conv2d<T: Storage>(
         stride: 0,
         trans,
     };
-    // acc[rows, Cout] = cols[rows, K] · w[Cout, K]ᵀ
-    // SAFETY: the left operand (cols, or x for a direct 1×1 at f32, both of type T) is
-    // [rows, K], w [Cout, K] and acc [rows, Cout], all checked or allocated above.
-    unsafe {
+    let w_ptr = ptr_or_null(s, Some(wt));
+    let acc_ptr = ptr_mut_or_null(s, Some(&mut acc));
+    // acc[r0.., Cout] = left[r, K] · w[Cout, K]ᵀ for the `r` rows from row r0.
+    // SAFETY (of each call): `left` is [r, K] of T, w [Cout, K], and rows r0..r0 + r of acc
+    // [rows, Cout] lie inside it (r0 + r ≤ rows), all checked or allocated here.
+    let gemm = |left: u64, r0: usize, r: usize| unsafe {
         gemm_rm(
             dev,
             "conv2d",
-            (rows, n, k),
+            (r, n, k),
             1.0,
             rm(left, false),
-            rm(ptr_or_null(s, Some(wt)), true),
+            rm(w_ptr, true),
             0.0,
-            (ptr_mut_or_null(s, Some(&mut acc)), n, 0),
+            (acc_ptr + (r0 * n * std::mem::size_of::<f32>()) as u64, n, 0),
             1,
         )
-    }?;
-    drop(cols);
+    };
+    if direct {
+        // x itself is the GEMM's left operand [rows, K] (cast to T where T is not f32).
+        if T::NAME == "f32" {
+            gemm(ptr_or_null(s, Some(x)), 0, rows)?;
+        } else {
+            let mut cols = dev.empty::<T>(rows * k)?;
+            super::elementwise::cast(dev, x, &mut cols)?;
+            gemm(ptr_or_null(s, Some(&cols)), 0, rows)?;
+        }
+    } else {
+        let per_image = ho * wo * k;
+        let chunk = (max_cols_bytes / (per_image * std::mem::size_of::<T>()).max(1)).clamp(1, b);
+        let mut cols = dev.empty::<T>(chunk * per_image)?;
+        let image = h * w * cv.cin;
+        for i0 in (0..b).step_by(chunk) {
+            let bc = chunk.min(b - i0);
+            let xin = x.slice(i0 * image..(i0 + bc) * image);
+            im2col_view(
+                dev,
+                &xin,
+                &mut cols.slice_mut(0..bc * per_image),
+                (bc, h, w),
+                cv,
+            )?;
+            gemm(ptr_or_null(s, Some(&cols)), i0 * ho * wo, bc * ho * wo)?;
+        }
+    }
     let mut y = dev.empty::<f32>(rows * n)?;
     epilogue(dev, &acc, bias, residual, relu, &mut y, (rows, n))?;
     Ok(y)

@@ -43,6 +43,7 @@ pub mod matmul;
 pub mod nvrtc;
 pub mod optim;
 pub mod patch_embed;
+pub mod relpos;
 pub mod softmax;
 pub mod tensor_core;
 
@@ -304,6 +305,7 @@ mod tests {
             "loss",
             "optim",
             "patch_embed",
+            "relpos",
             "softmax",
             "tensor_core",
         ] {

@@ -77,6 +77,8 @@ pub struct CudaExec<T: Compute> {
     pub(super) masters: HashMap<String, CudaSlice<f32>>,
     /// The relative-position gradient's inverse index per table (training; made once).
     pub(super) relpos: HashMap<String, cu::attention::RelposScatter>,
+    /// The relative-position index per table on the device, for the dense bias's gather.
+    relpos_gather: HashMap<String, cu::relpos::RelposGather>,
     /// Training: attention's kept probabilities and backward scratch, reused across steps.
     pub(super) train_scratch: crate::model::cuda_train::TrainScratch<T>,
     /// Images already on the device that `input` copies from (benchmarks time the forward
@@ -118,6 +120,7 @@ where
             staged: None,
             head_dim: Some(head_dim),
             relpos: HashMap::new(),
+            relpos_gather: HashMap::new(),
             train_scratch: Default::default(),
             masters: HashMap::new(),
             lt: LtState::Untried,

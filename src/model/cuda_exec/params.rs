@@ -83,34 +83,18 @@ where
         self.param_f32(&p.name, &p.value).map(|_| ())
     }
 
-    /// A tensor derived from parameters, cached under `key` until `refresh_params`: from the
-    /// masters when training (`from_masters`, given the host copies of the masters it names),
-    /// else uploaded from the host value.
-    fn derived_f32(
-        &mut self,
-        key: &str,
-        host: &Tensor,
-        sources: &[&str],
-        from_masters: impl FnOnce(&[Vec<f32>]) -> Vec<f32>,
-    ) -> Result<()> {
-        if self.params.contains_key(key) {
-            return Ok(());
-        }
-        let up = if sources.iter().all(|s| self.masters.contains_key(*s)) && !sources.is_empty() {
-            let inputs = sources
-                .iter()
-                .map(|s| self.dev.download(&self.masters[*s]))
-                .collect::<Result<Vec<_>>>()?;
-            self.dev.upload(&from_masters(&inputs))?
-        } else {
-            self.dev.upload(host.as_slice())?
-        };
+    /// Uploads the host value of a tensor derived from parameters under `key` (inference: the
+    /// parameters never change, so the loader's copy is the one to use).
+    fn derived_from_host(&mut self, key: &str, host: &Tensor) -> Result<()> {
+        let up = self.dev.upload(host.as_slice())?;
         self.params.insert(key.to_string(), DeviceParam::F32(up));
         Ok(())
     }
 
     /// The key of linear layer `l`'s f32 bias on the device (None without one): the parameter
-    /// itself, or BEiT's joined [q; 0; v] qkv bias.
+    /// itself, or BEiT's joined [q; 0; v] qkv bias, cached until `refresh_params`. When training,
+    /// the joined bias is copied from the masters on the device (two device-to-device copies
+    /// into zeros), never through the host.
     pub(in crate::model) fn linear_bias(&mut self, l: &Linear) -> Result<Option<String>> {
         match &l.bias {
             LinearBias::None => Ok(None),
@@ -120,24 +104,56 @@ where
             }
             LinearBias::QV { q, v, joined } => {
                 let key = format!("{}:bias", l.w.name);
-                self.derived_f32(&key, joined, &[&q.name, &v.name], |qv| {
-                    let d = qv[0].len();
-                    let mut out = qv[0].clone();
-                    out.extend(std::iter::repeat_n(0.0, d));
-                    out.extend_from_slice(&qv[1]);
-                    out
-                })?;
+                if self.params.contains_key(&key) {
+                    return Ok(Some(key));
+                }
+                match (self.masters.get(&q.name), self.masters.get(&v.name)) {
+                    (Some(qm), Some(vm)) => {
+                        let d = qm.len();
+                        if vm.len() != d {
+                            return Err(Error::Cuda(format!(
+                                "{}: q bias of {d} values, v bias of {}",
+                                l.w.name,
+                                vm.len()
+                            )));
+                        }
+                        let mut out = self.dev.zeros::<f32>(3 * d)?;
+                        let stream = self.dev.stream();
+                        let what = || cuda_err(format!("join the qkv bias of {}", l.w.name));
+                        stream
+                            .memcpy_dtod(qm, &mut out.slice_mut(0..d))
+                            .map_err(what())?;
+                        stream
+                            .memcpy_dtod(vm, &mut out.slice_mut(2 * d..3 * d))
+                            .map_err(what())?;
+                        self.params.insert(key.clone(), DeviceParam::F32(out));
+                    }
+                    _ => self.derived_from_host(&key, joined)?,
+                }
                 Ok(Some(key))
             }
         }
     }
 
-    /// The key of the dense relative-position bias [H, N, N] of `r` on the device.
+    /// The key of the dense relative-position bias [H, N, N] of `r` on the device, cached until
+    /// `refresh_params`. When training, gathered on the device from the table's master
+    /// (kernels/relpos.cu; the index is uploaded once per table), never through the host.
     pub(in crate::model) fn dense_bias(&mut self, r: &RelBias, heads: usize) -> Result<String> {
         let key = format!("{}:dense", r.table.name);
-        self.derived_f32(&key, &r.dense, &[&r.table.name], |t| {
-            crate::model::relpos::gather_bias(&t[0], heads, &r.index)
-        })?;
+        if self.params.contains_key(&key) {
+            return Ok(key);
+        }
+        let Some(table) = self.masters.get(&r.table.name) else {
+            self.derived_from_host(&key, &r.dense)?;
+            return Ok(key);
+        };
+        if !self.relpos_gather.contains_key(&r.table.name) {
+            let rows = table.len() / heads.max(1);
+            let gather = cu::relpos::RelposGather::new(&self.dev, &r.index, rows)?;
+            self.relpos_gather.insert(r.table.name.clone(), gather);
+        }
+        let dense = self.relpos_gather[&r.table.name].gather(&self.dev, table, heads)?;
+        self.params.insert(key.clone(), DeviceParam::F32(dense));
         Ok(key)
     }
 

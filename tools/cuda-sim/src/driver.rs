@@ -145,7 +145,7 @@ fn host_memory() -> (usize, usize) {
     };
     let total = (pages.max(0) as usize).saturating_mul(page.max(0) as usize);
     let free = (avail.max(0) as usize).saturating_mul(page.max(0) as usize);
-    (free, total)
+    crate::reported_memory::reported((free, total))
 }
 
 #[no_mangle]

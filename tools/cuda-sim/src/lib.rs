@@ -26,6 +26,7 @@ mod launch;
 mod lt;
 mod memory;
 mod module;
+mod reported_memory;
 mod table;
 
 use std::ffi::{c_char, CString};
