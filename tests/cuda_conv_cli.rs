@@ -83,3 +83,62 @@ fn bench_times_a_resnet_on_cuda() {
         );
     }
 }
+
+/// A conv net's batch too large for the device is refused before anything is uploaded, in one
+/// line naming a batch that fits (from `model::cuda_conv_memory`'s count of what the forward
+/// allocates); that batch then extracts, and one more image is refused. The stand-in reports a
+/// 160 MiB device (`MOOD_CUDA_SIM_MEMORY_MIB`): 32 MiB after the 128 MiB of headroom. A real GPU
+/// cannot be shrunk, so there only a batch that fits is checked.
+#[test]
+fn a_conv_batch_that_does_not_fit_names_one_that_does() {
+    let (env, sim) = common::cuda::cli_env();
+    let mut env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    if sim {
+        env.push(("MOOD_CUDA_SIM_MEMORY_MIB", "160"));
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let weights = fixture("resnet/tiny_resnet_basic_cifar.safetensors")
+        .to_string_lossy()
+        .into_owned();
+    let extract = |batch: usize| {
+        let out = tmp.path().join(format!("b{batch}"));
+        let b = batch.to_string();
+        let args = ["--batch", b.as_str(), "--device", "cuda", "--local"];
+        let (code, _, err) = extract_arch(
+            "test_tiny_resnet_basic_cifar",
+            &weights,
+            "digits@test",
+            &out,
+            &args,
+            &env,
+        );
+        (code, err, out)
+    };
+    if !sim {
+        let (code, err, _) = extract(16);
+        assert_eq!(code, 0, "batch 16 of the tiny ResNet on a GPU: {err}");
+        return;
+    }
+    let (code, err, _) = extract(200);
+    assert_ne!(code, 0, "batch 200 in 32 MiB was not refused: {err}");
+    let last = err.trim().lines().last().unwrap_or("");
+    println!("refused: {last}");
+    assert!(
+        last.contains("out of GPU memory: --batch 200 needs about"),
+        "one line naming the batch: {err}"
+    );
+    let fits: usize = last
+        .split("use --batch ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|w| w.parse().ok())
+        .unwrap_or_else(|| panic!("no batch that fits named: {last}"));
+    assert!((1..200).contains(&fits), "{fits}");
+    let (code, err, _) = extract(fits + 1);
+    assert_ne!(code, 0, "--batch {} (one more than named) ran", fits + 1);
+    assert!(err.contains("out of GPU memory"), "{err}");
+    let (code, err, out) = extract(fits);
+    assert_eq!(code, 0, "the named --batch {fits} did not extract: {err}");
+    assert!(out.join("features.npy").exists());
+    println!("--batch {fits} extracted");
+}

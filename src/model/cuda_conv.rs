@@ -243,6 +243,8 @@ pub enum ConvNet<'m> {
 pub struct CudaConvModel<'m, T: Storage> {
     pub net: ConvNet<'m>,
     pub exec: CudaConvExec<T>,
+    /// Whether the first batch was checked against the free device memory.
+    checked: bool,
 }
 
 impl<'m, T: Storage> CudaConvModel<'m, T> {
@@ -251,12 +253,40 @@ impl<'m, T: Storage> CudaConvModel<'m, T> {
         CudaConvModel {
             net,
             exec: CudaConvExec::new(dev),
+            checked: false,
         }
+    }
+
+    /// Fails, before the first batch uploads anything, when a batch of `images`' shape would not
+    /// fit in the device's free memory (with `HEADROOM_BYTES` kept back); the message names a
+    /// batch that would, from the counts of batches of 1 and 2 (linear in the batch, so it errs
+    /// low where im2col's chunking caps the scratch of large batches).
+    pub fn check_batch_fits(&mut self, images: &Tensor, local: bool) -> Result<()> {
+        use crate::backend::memory_budget::{batch_too_large, HEADROOM_BYTES};
+        use crate::model::cuda_conv_memory::forward_bytes;
+        if self.checked {
+            return Ok(());
+        }
+        let s = images.shape();
+        let need = forward_bytes::<T>(self.net, images, local)?;
+        let (free, _) = self.exec.device().memory()?;
+        if need + HEADROOM_BYTES > free {
+            let with = |b: usize| {
+                forward_bytes::<T>(self.net, &Tensor::zeros(&[b, s[1], s[2], s[3]]), local)
+            };
+            let (one, two) = (with(1)?, with(2)?);
+            let per_image = two.saturating_sub(one).max(1);
+            let fixed = one.saturating_sub(per_image) + HEADROOM_BYTES;
+            return Err(Error::Cuda(batch_too_large(s[0], free, per_image, fixed)));
+        }
+        self.checked = true;
+        Ok(())
     }
 }
 
 impl<T: Storage> Runner for CudaConvModel<'_, T> {
     fn forward(&mut self, images: &Tensor) -> Result<Output> {
+        self.check_batch_fits(images, false)?;
         match self.net {
             ConvNet::ResNet(m) => m.forward_on(&mut self.exec, images),
             ConvNet::Bit(m) => m.forward_on(&mut self.exec, images),
@@ -264,6 +294,7 @@ impl<T: Storage> Runner for CudaConvModel<'_, T> {
     }
 
     fn forward_local(&mut self, images: &Tensor) -> Result<(Output, Tensor)> {
+        self.check_batch_fits(images, true)?;
         match self.net {
             ConvNet::ResNet(m) => m.forward_local_on(&mut self.exec, images),
             ConvNet::Bit(m) => m.forward_local_on(&mut self.exec, images),
