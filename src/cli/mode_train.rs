@@ -31,6 +31,7 @@ pub struct Args {
     /// Projection width d of ALPA's query/key/value MLPs (MODE: 80).
     #[arg(long)]
     pub alpa_dim: Option<usize>,
+    /// Training epochs (the recipe's: 500).
     #[arg(long)]
     pub epochs: Option<usize>,
     /// Images per step (each gives two views).
@@ -39,6 +40,7 @@ pub struct Args {
     /// Base learning rate of SGD's cosine schedule.
     #[arg(long)]
     pub lr: Option<f32>,
+    /// Seed of the initial weights, the views' augmentation and the batch order.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Output checkpoint (safetensors; rewritten atomically after every epoch).
