@@ -142,11 +142,21 @@ group_softmax_rows(const float* z, const int* y, const int* starts, int B, int G
     double s = 0.0;
     for (int c = lane; c < w; c += 32) s += exp((double)(z[base + c] - mx));
     const double lse = (double)mx + log(ce_warp_sum(s));
-    if (lane == 0) row_loss[g * B + row] = -((double)z[base + t] - lse);
+    // The loss as cross_entropy_rows sums it (one nonzero term: the same value), and the
+    // gradient in a pass of its own: written any other way, the f64 division's slow path (a
+    // call) spilled here.
+    double acc = 0.0;
+    for (int c = lane; c < w; c += 32) {
+        const float q = c == t ? 1.f : 0.f;
+        acc += (double)q * ((double)z[base + c] - lse);
+    }
+    acc = ce_warp_sum(acc);
+    if (lane == 0) row_loss[g * B + row] = -acc;
     const double batch = (double)B;
     for (int c = lane; c < w; c += 32) {
+        const float q = c == t ? 1.f : 0.f;
         const double logp = (double)z[base + c] - lse;
-        dz[base + c] = (float)((exp(logp) - (c == t ? 1.0 : 0.0)) / batch);
+        dz[base + c] = (float)((exp(logp) - (double)q) / batch);
     }
 }
 
