@@ -121,19 +121,7 @@ fn a_conv_batch_that_does_not_fit_names_one_that_does() {
     }
     let (code, err, _) = extract(200);
     assert_ne!(code, 0, "batch 200 in 32 MiB was not refused: {err}");
-    let last = err.trim().lines().last().unwrap_or("");
-    println!("refused: {last}");
-    assert!(
-        last.contains("out of GPU memory: --batch 200 needs about"),
-        "one line naming the batch: {err}"
-    );
-    let fits: usize = last
-        .split("use --batch ")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|w| w.parse().ok())
-        .unwrap_or_else(|| panic!("no batch that fits named: {last}"));
-    assert!((1..200).contains(&fits), "{fits}");
+    let fits = common::cuda::refused_batch_and_named_fit(&err, 200);
     let (code, err, _) = extract(fits + 1);
     assert_ne!(code, 0, "--batch {} (one more than named) ran", fits + 1);
     assert!(err.contains("out of GPU memory"), "{err}");

@@ -403,19 +403,7 @@ fn a_training_batch_that_does_not_fit_names_one_that_does() {
     }
     let (code, _, err) = train(300);
     assert_ne!(code, 0, "batch 300 in 132 MiB was not refused: {err}");
-    let last = err.trim().lines().last().unwrap_or("");
-    println!("refused: {last}");
-    assert!(
-        last.contains("out of GPU memory: --batch 300 needs about"),
-        "one line naming the batch: {err}"
-    );
-    let fits: usize = last
-        .split("use --batch ")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|w| w.parse().ok())
-        .unwrap_or_else(|| panic!("no batch that fits named: {last}"));
-    assert!((1..300).contains(&fits), "{fits}");
+    let fits = common::cuda::refused_batch_and_named_fit(&err, 300);
     assert!(!out.exists(), "a refused run wrote a checkpoint");
     let (code, _, err) = train(fits + 1);
     assert_ne!(

@@ -99,10 +99,9 @@ impl<T: Storage> ConvExec for CountingExec<T> {
         &mut self,
         x: &Map<Held>,
         p: &ConvParams,
-        residual: Option<&Map<Held>>,
+        _residual: Option<&Map<Held>>,
         _relu: bool,
     ) -> Result<Map<Held>> {
-        let _ = residual;
         let (d, cv) = (x.dims, p.cv);
         let t = std::mem::size_of::<T>();
         self.param(p.name.to_string(), cv.cout * cv.patch_len() * t);

@@ -199,13 +199,12 @@ fn cross_terms(
     // sums added in order: the same bits for any thread count (rayon's fold/reduce would group
     // them as work is stolen, and a run would not repeat).
     let chunk = m.div_ceil(CROSS_CHUNKS).max(1);
-    let sources: Vec<usize> = (0..m).collect();
-    let partial: Vec<CrossSums> = sources
-        .par_chunks(chunk)
-        .map(|views| {
-            views
-                .iter()
-                .fold(CrossSums::zeros(m, rows, d, g.is_some()), |mut acc, &a| {
+    let partial: Vec<CrossSums> = (0..m.div_ceil(chunk))
+        .into_par_iter()
+        .map(|c| {
+            (c * chunk..((c + 1) * chunk).min(m)).fold(
+                CrossSums::zeros(m, rows, d, g.is_some()),
+                |mut acc, a| {
                     let (ka, va) = (&k[a * blk..(a + 1) * blk], &v[a * blk..(a + 1) * blk]);
                     let mut p = vec![0.0f32; rows * t];
                     gemm((q, false), (ka, true), rows, d, t, &mut p, false);
@@ -261,7 +260,8 @@ fn cross_terms(
                         true,
                     );
                     acc
-                })
+                },
+            )
         })
         .collect();
     partial

@@ -201,3 +201,22 @@ pub fn rerun_with_nvrtc(name: &str) {
         .expect("run the test with NVRTC");
     assert!(status.success(), "{name} failed (output above)");
 }
+
+/// The one-line refusal of a batch too large for the device (the last line of `stderr`) for
+/// `--batch asked`, and the batch it names as fitting (checked to lie in 1..asked).
+pub fn refused_batch_and_named_fit(stderr: &str, asked: usize) -> usize {
+    let last = stderr.trim().lines().last().unwrap_or("");
+    println!("refused: {last}");
+    assert!(
+        last.contains(&format!("out of GPU memory: --batch {asked} needs about")),
+        "one line naming the batch: {stderr}"
+    );
+    let fits: usize = last
+        .split("use --batch ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|w| w.parse().ok())
+        .unwrap_or_else(|| panic!("no batch that fits named: {last}"));
+    assert!((1..asked).contains(&fits), "{fits}");
+    fits
+}
