@@ -4,10 +4,11 @@
 //!   - ResNet-18 with the CIFAR stem at 32×32 and with the ImageNet stem at 64×64, and the tiny
 //!     BiT (GroupNorm, weight standardisation) at 48×48, random weights: features and logits at
 //!     f32 within 1e-5, rel = |gpu − cpu| / (|cpu| + rms(cpu)) as in tests/cuda_parity.rs; at bf16
-//!     (every convolution's operands rounded to bf16, f32 accumulation, f32 maps) the ResNets
-//!     within 5e-2 and BiT within 1e-1: its GroupNorms divide the operands' rounding error by
-//!     each group's spread, which is small where an image is flat (measured on the stand-in:
-//!     1.3e-2 for ResNet-18, 3.8e-2 for the tiny BiT). The figures are printed.
+//!     (every convolution's operands rounded to bf16, f32 accumulation, f32 maps) within the
+//!     project's bf16 tolerance 5e-2. BiT comes closest to it (measured on the stand-in: 3.8e-2
+//!     for the tiny BiT's features, 1.3e-2 for ResNet-18). BiT's GroupNorms renormalise each
+//!     group after every convolution, so the operands' rounding is not damped along the net as
+//!     much; the split of the error by layer was not measured. The figures are printed.
 //!   - forward_local: the last map as local tokens, f32, within 1e-5.
 //!   - timm's fixtures (every BatchNorm statistic randomised; BiT from its safetensors) through
 //!     CUDA at f32 within resnet_parity's 1e-4 of the largest value, and at bf16 within 5e-2.
@@ -32,8 +33,6 @@ use mood::Tensor;
 
 const F32_TOL: f32 = 1e-5;
 const BF16_TOL: f32 = 5e-2;
-/// BiT at bf16 against the CPU at f32 (see the module doc).
-const BIT_BF16_TOL: f32 = 1e-1;
 
 /// max |got − want| / (|want| + rms(want)), infinite on a non-finite value.
 fn max_rel(got: &[f32], want: &[f32]) -> f32 {
@@ -110,7 +109,7 @@ fn random_convnets_on_cuda_match_the_cpu() {
     for (name, net, x, bf16_tol) in [
         ("resnet18_cifar 2×32²", r18c, images(2, 32, 1), BF16_TOL),
         ("resnet18 1×64²", r18, images(1, 64, 2), BF16_TOL),
-        ("test_tiny_bit 2×48²", tb, images(2, 48, 3), BIT_BF16_TOL),
+        ("test_tiny_bit 2×48²", tb, images(2, 48, 3), BF16_TOL),
     ] {
         for (precision, (ef, el), tol) in [
             ("f32", against_cpu::<f32>(&dev, net, &x), F32_TOL),
