@@ -22,8 +22,10 @@
 #                       cuda, BEiT-B and BEiT-L, bf16 and f32, with --profile: each op's time, FLOPs,
 #                       bytes, TFLOP/s or GB/s and fraction of its roofline, predicted vs measured;
 #                       mood bench --ood mahalanobis|knn --device cuda (OOD scoring of 50,000 x 1024,
-#                       host to host and device-resident, with the difference from the CPU)
-#      bench_pytorch.txt timm eager / torch.compile under bf16 autocast (only if torch+timm import)
+#                       host to host and device-resident, with the difference from the CPU);
+#                       ResNet-50 (bf16, f32) and BiT-S-R101x1 (bf16) forwards on the device
+#      bench_pytorch.txt timm eager / torch.compile under bf16 autocast, BEiT-B and ResNet-50 (only if
+#                       torch+timm import)
 #      summary.txt      exit status of every step and its PASS/FAIL/SKIPPED lines
 #    (the device returns at most 8 files from $OUT, hence exactly these.)
 #
@@ -181,6 +183,11 @@ run() {
     step bench 60 "$BIN/mood" bench --device cuda --precision bf16 --arch beit_base_patch16_224 --batch 64 --iters 20 --profile
     step bench 60 "$BIN/mood" bench --device cuda --precision f32 --arch beit_base_patch16_224 --batch 32 --iters 10 --profile
     step bench 60 "$BIN/mood" bench --device cuda --precision bf16 --arch beit_base_patch16_224 --batch 256 --iters 10 --profile --json
+    # The convolutional backbones on the device (issue 17): ResNet-50 and BiT-S-R101x1 forwards,
+    # images in from the host and features back, as extraction runs them.
+    step bench 60 "$BIN/mood" bench --device cuda --precision bf16 --arch resnet50 --batch 256 --iters 10
+    step bench 60 "$BIN/mood" bench --device cuda --precision f32 --arch resnet50 --batch 64 --iters 10
+    step bench 60 "$BIN/mood" bench --device cuda --precision bf16 --arch resnetv2_101x1_bit --batch 64 --iters 10
     # The fine-tuning step on the device (issue 13: >= 1.2x timm eager under bf16 autocast, batch 64).
     step bench 90 "$BIN/mood" bench --train --device cuda --precision bf16 --arch beit_base_patch16_224 --batch 64 --iters 10
     if [ -n "${PY:-}" ] && "$PY" -c 'import torch, timm' 2>/dev/null; then
@@ -188,6 +195,8 @@ run() {
             --arch beit_base_patch16_224 --batch 64 --iters 20
         step bench_pytorch 240 "$PY" tools/bench_pytorch.py --device cuda --train --mood "$BIN/mood" \
             --arch beit_base_patch16_224 --batch 64 --iters 10
+        step bench_pytorch 180 "$PY" tools/bench_pytorch.py --device cuda --mood "$BIN/mood" \
+            --arch resnet50 --batch 256 --iters 20
     else
         echo "bench_pytorch: SKIPPED (torch or timm does not import)" >>"$OUT/summary.txt"
     fi
