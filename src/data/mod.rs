@@ -2,6 +2,7 @@
 //! the training tests, image folders, CIFAR-10/100, and torchvision-compatible preprocessing.
 
 pub mod cifar;
+pub mod color_jitter;
 pub mod digits;
 pub mod image_folder;
 pub mod preprocess;
