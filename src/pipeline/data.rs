@@ -1,6 +1,7 @@
 //! Data specs opened: `--data` / `--val` parsed once (data::spec::DataSpec) and turned into an
 //! extraction source (`open_source`, for `mood extract`) or into training images in memory
-//! (`training_data`, `heldout_data`, for `mood pretrain` / `mood finetune`).
+//! (`training_data`, `heldout_data`, for `mood pretrain` / `mood finetune`; `mode_training_data`
+//! for `mood mode-train`).
 
 use crate::data::spec::{DataSpec, DigitsPart};
 use crate::error::{Error, Result};

@@ -161,8 +161,8 @@ pub fn digits_data(spec: &str, size: usize) -> Result<Dataset> {
     use crate::data::spec::{DataSpec, DigitsPart};
     let DataSpec::Digits { classes, part } = DataSpec::parse(spec)? else {
         return Err(Error::Usage(format!(
-            "--data {spec}: MODE's training reads the bundled digits only for now \
-             (digits[:CLASSES][@train|@test])"
+            "--data {spec}: not a digits spec (digits[:CLASSES][@train|@test]); \
+             pipeline::data::mode_training_data reads the others"
         )));
     };
     if size % 8 != 0 {
