@@ -12,7 +12,9 @@ pub struct Args {
     /// ResNet preset, e.g. resnet18_cifar (MODE's CIFAR backbone).
     #[arg(long)]
     pub arch: String,
-    /// Training images: digits[:CLASSES][@train|@test] (the train part by default).
+    /// Training images: digits[:CLASSES][@train|@test] (the train part by default), an image
+    /// folder with class sub-folders, or cifar10:DIR / cifar100:DIR [@train|@test]; all but the
+    /// digits are resized to the ResNet's input and normalised with MODE's CIFAR statistics.
     #[arg(long)]
     pub data: String,
     /// MODE's recipe: supcon (SupCon alone), mode-t (SupCon + ALPA), mode-f (ALPA alone, from
@@ -49,6 +51,13 @@ pub struct Args {
     /// Replace an existing --output checkpoint.
     #[arg(long)]
     pub overwrite: bool,
+    /// Continue the --output checkpoint from the epoch it reached (its recorded settings must be
+    /// these).
+    #[arg(long, conflicts_with = "overwrite")]
+    pub resume: bool,
+    /// Leave out MODE's colour jitter and grayscale of the views (crop and flip only).
+    #[arg(long)]
+    pub no_color_aug: bool,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -69,35 +78,48 @@ pub fn run(args: Args) -> Result<()> {
     if let Some(w) = args.alpa {
         s.alpa_weight = (w != 0.0).then_some(w);
     }
+    if args.no_color_aug {
+        s.color = crate::data::color_jitter::ColorAug::OFF;
+    }
     s.check()?;
     if s.recipe == "mode-f" && args.weights.is_none() {
         return Err(Error::Usage(
             "--recipe mode-f fine-tunes a trained encoder: give --weights".into(),
         ));
     }
-    let (_lock, _) = crate::pipeline::train::take_output(&args.output, false, args.overwrite)?;
-    let data = mode::digits_data(&args.data, cfg.img_size)?;
-    let mut params = match &args.weights {
-        Some(p) => mode::load_start(p)?,
-        None => mode::initial_params(&cfg, &s),
+    let (_lock, resume) =
+        crate::pipeline::train::take_output(&args.output, args.resume, args.overwrite)?;
+    let (data, mean, std) = crate::pipeline::data::mode_training_data(&args.data, &cfg)?;
+    (s.pixel_mean, s.pixel_std) = (mean, std);
+    let (mut params, resume) = match (resume, &args.weights) {
+        (Some(r), _) => {
+            let (p, r) = mode::resume_from(r, &cfg, &mode::settings_record(&s, &data))?;
+            (p, Some(r))
+        }
+        (None, Some(p)) => (mode::load_start(p)?, None),
+        (None, None) => (mode::initial_params(&cfg, &s), None),
     };
+    if let Some(r) = resume.as_ref().filter(|r| r.epochs_done >= s.epochs) {
+        println!(
+            "{}: already trained for {} epochs",
+            args.output.display(),
+            r.epochs_done
+        );
+        return Ok(());
+    }
     mode::add_heads(&mut params, cfg.feature_dim(), &s);
     let quiet = crate::progress::quiet();
-    mode::train(
-        &cfg,
-        &mut params,
-        &data,
-        &s,
-        Some(&args.output),
-        &mut |e, l| {
-            if !quiet {
-                eprintln!(
-                    "epoch {e}: loss {:.4} (supcon {:.4}, alpa {:.4})",
-                    l.total, l.supcon, l.alpa
-                );
-            }
-        },
-    )?;
+    let mut each = |e: usize, l: mode::StepLoss| {
+        if !quiet {
+            eprintln!(
+                "epoch {e}: loss {:.4} (supcon {:.4}, alpa {:.4})",
+                l.total, l.supcon, l.alpa
+            );
+        }
+        true
+    };
+    let out = Some(args.output.as_path());
+    mode::train_from(&cfg, &mut params, &data, &s, out, resume, &mut each)?;
     println!("wrote {}", args.output.display());
     Ok(())
 }

@@ -1,7 +1,9 @@
 //! Data sets and image preprocessing: the bundled digits and photographs used by the demo and
-//! the training tests, image folders, CIFAR-10/100, and torchvision-compatible preprocessing.
+//! the training tests, image folders, CIFAR-10/100, torchvision-compatible preprocessing and the
+//! colour augmentation of MODE's training views.
 
 pub mod cifar;
+pub mod color_jitter;
 pub mod digits;
 pub mod image_folder;
 pub mod preprocess;

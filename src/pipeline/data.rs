@@ -1,6 +1,7 @@
 //! Data specs opened: `--data` / `--val` parsed once (data::spec::DataSpec) and turned into an
 //! extraction source (`open_source`, for `mood extract`) or into training images in memory
-//! (`training_data`, `heldout_data`, for `mood pretrain` / `mood finetune`).
+//! (`training_data`, `heldout_data`, for `mood pretrain` / `mood finetune`; `mode_training_data`
+//! for `mood mode-train`).
 
 use crate::data::spec::{DataSpec, DigitsPart};
 use crate::error::{Error, Result};
@@ -56,7 +57,7 @@ pub fn training_data(
     let (source, _) = open(parsed, preset, cfg.img_size)?;
     let classes = source.classes().len();
     Ok((
-        load_all(spec, source.as_ref(), cfg, need_labels)?,
+        load_all(spec, source.as_ref(), &vit_shape(cfg), need_labels)?,
         (classes > 0).then_some(classes),
     ))
 }
@@ -86,9 +87,55 @@ pub fn heldout_data(
         } => Ok(Some(digits_part(&classes, cfg, DigitsPart::Test)?)),
         parsed => {
             let (source, _) = open(parsed, preset, cfg.img_size)?;
-            Ok(Some(load_all(v, source.as_ref(), cfg, true)?))
+            Ok(Some(load_all(v, source.as_ref(), &vit_shape(cfg), true)?))
         }
     }
+}
+
+/// What `load_all` needs of a model: its name and input shape.
+struct InputShape<'a> {
+    name: &'a str,
+    in_chans: usize,
+    img_size: usize,
+}
+
+fn vit_shape(cfg: &VitConfig) -> InputShape<'_> {
+    InputShape {
+        name: &cfg.name,
+        in_chans: cfg.in_chans,
+        img_size: cfg.img_size,
+    }
+}
+
+/// MODE's training images (`mood mode-train --data`) for a ResNet `cfg`, with the per-channel
+/// mean and std they are normalised with: a digits spec as `mode::digits_data` renders it
+/// (mean/std ½), anything else `training_data` reads through the `cifar` preset (MODE's
+/// Resize((S, S)) bilinear and CIFAR statistics), every image labelled.
+pub fn mode_training_data(
+    spec: &str,
+    cfg: &crate::model::resnet::ResNetConfig,
+) -> Result<(Dataset, [f32; 3], [f32; 3])> {
+    use crate::data::preprocess::HALF;
+    let parsed = DataSpec::parse(spec)?;
+    if let DataSpec::Digits { .. } = parsed {
+        return Ok((
+            crate::train::mode::digits_data(spec, cfg.img_size)?,
+            HALF,
+            HALF,
+        ));
+    }
+    let p = crate::data::Preprocess::preset("cifar", cfg.img_size)?;
+    let (source, _) = open(parsed, "cifar", cfg.img_size)?;
+    let shape = InputShape {
+        name: &cfg.name,
+        in_chans: cfg.in_chans,
+        img_size: cfg.img_size,
+    };
+    Ok((
+        load_all(spec, source.as_ref(), &shape, true)?,
+        p.mean,
+        p.std,
+    ))
 }
 
 /// Training keeps its images in memory (random order every epoch); beyond this it asks for a
@@ -101,7 +148,7 @@ const MAX_IN_MEMORY: usize = 16 << 30;
 fn load_all(
     spec: &str,
     source: &dyn Source,
-    cfg: &VitConfig,
+    cfg: &InputShape,
     need_labels: bool,
 ) -> Result<Dataset> {
     let (n, sample) = (source.len(), source.sample_len());

@@ -4,15 +4,20 @@
 //! optimised by SGD (momentum 0.9, weight decay 1e-4 on every parameter, as torch.optim.SGD) with
 //! SupContrast's per-epoch cosine (η_min = lr·10⁻³, epochs counted from 1; a 10-epoch linear
 //! warmup from 0.01 when the batch exceeds 256). Views: RandomResizedCrop (scale 0.2–1, ratio
-//! 3/4–4/3, bilinear) and a horizontal flip with p ½; MODE's colour jitter and grayscale are left
-//! out (the digits are grey). Every draw derives from (seed, epoch, step), so two runs with the
-//! same settings end with the same weights. A checkpoint (parameters, BatchNorm statistics, the
-//! head, ALPA's MLPs, the momentum buffers under `optim.momentum.*` and the settings) is written
-//! atomically after every epoch; `mood extract --arch <resnet>` reads it as it is.
+//! 3/4–4/3, bilinear), a horizontal flip with p ½, then MODE's colour augmentation on the [0, 1]
+//! pixels (RandomApply(ColorJitter(0.4, 0.4, 0.4, 0.1), p 0.8), RandomGrayscale(p 0.2);
+//! data/color_jitter.rs; the views are un-normalised with the data's mean/std, jittered and
+//! normalised again). Every draw derives from (seed, epoch, step), so two runs with the same
+//! settings end with the same weights. A checkpoint (parameters, BatchNorm statistics, the head,
+//! ALPA's MLPs, the momentum buffers under `optim.momentum.*`, the epoch reached and the settings)
+//! is written atomically after every epoch; `mood extract --arch <resnet>` reads it as it is, and
+//! `resume_from` continues it (`mood mode-train --resume`): a run resumed from epoch k ends with
+//! the same bytes as one that never stopped.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
+use crate::data::color_jitter::ColorAug;
 use crate::error::{Error, Result};
 use crate::model::resnet::ResNetConfig;
 use crate::model::resnet_train::{init_params, ResNetTrain};
@@ -21,6 +26,7 @@ use crate::tensor::Tensor;
 use crate::train::alpa::{Alpa, WEIGHT_NAMES};
 use crate::train::checkpoint::Progress;
 use crate::train::loops::Dataset;
+pub use crate::train::mode_resume::{resume_from, Resume};
 use crate::train::supcon::{SupCon, HEAD_NAMES};
 use crate::weights::{safetensors, RawTensor, WDType};
 
@@ -43,6 +49,12 @@ pub struct ModeSettings {
     /// d, the query/key/value width of ALPA's MLPs (MODE: 80).
     pub alpa_dim: usize,
     pub seed: u64,
+    /// Colour jitter and grayscale of each view (MODE's: `ColorAug::MODE`).
+    pub color: ColorAug,
+    /// Per-channel mean and std the images are normalised with (the colour augmentation works
+    /// on the [0, 1] pixels); the digits': ½.
+    pub pixel_mean: [f32; 3],
+    pub pixel_std: [f32; 3],
 }
 
 impl ModeSettings {
@@ -73,6 +85,9 @@ impl ModeSettings {
             alpa_weight: alpa,
             alpa_dim: 80,
             seed: 0,
+            color: ColorAug::MODE,
+            pixel_mean: crate::data::preprocess::HALF,
+            pixel_std: crate::data::preprocess::HALF,
         })
     }
 
@@ -92,6 +107,21 @@ impl ModeSettings {
         finite("--weight-decay", self.weight_decay)?;
         finite("--supcon", self.supcon_weight)?;
         finite("--alpa", self.alpa_weight.unwrap_or(0.0))?;
+        let c = &self.color;
+        if ![c.jitter_p, c.grayscale_p]
+            .iter()
+            .all(|p| (0.0..=1.0).contains(p))
+            || ![c.brightness, c.contrast, c.saturation]
+                .iter()
+                .all(|v| *v >= 0.0)
+            || !(0.0..=0.5).contains(&c.hue)
+            || self.pixel_std.iter().any(|v| !(v.is_finite() && *v > 0.0))
+        {
+            return Err(Error::Usage(format!(
+                "colour augmentation {c:?} or pixel std {:?} out of range",
+                self.pixel_std
+            )));
+        }
         if self.epochs == 0 || self.batch < 2 || self.head_dim == 0 || self.alpa_dim == 0 {
             return Err(Error::Usage(format!(
                 "--epochs ({}), --batch ({}, at least 2), --head-dim ({}) and --alpa-dim ({}) must be positive",
@@ -131,8 +161,8 @@ pub fn digits_data(spec: &str, size: usize) -> Result<Dataset> {
     use crate::data::spec::{DataSpec, DigitsPart};
     let DataSpec::Digits { classes, part } = DataSpec::parse(spec)? else {
         return Err(Error::Usage(format!(
-            "--data {spec}: MODE's training reads the bundled digits only for now \
-             (digits[:CLASSES][@train|@test])"
+            "--data {spec}: not a digits spec (digits[:CLASSES][@train|@test]); \
+             pipeline::data::mode_training_data reads the others"
         )));
     };
     if size % 8 != 0 {
@@ -226,8 +256,33 @@ fn augment(img: &[f32], c: usize, s: usize, rng: &mut Rng, out: &mut [f32]) {
     }
 }
 
-/// The two views of a batch [B, C, S, S], view-major: [2B, C, S, S].
-pub fn two_views(images: &Tensor, seed: u64) -> Result<Tensor> {
+/// MODE's colour augmentation of one normalised view [C, S, S] in place: back to [0, 1] pixels
+/// with the data's mean/std, `ColorAug`, normalised again (untouched when nothing was drawn).
+fn color_view(view: &mut [f32], c: usize, s: &ModeSettings, rng: &mut Rng) {
+    let plane = view.len() / c;
+    let stats = |k: usize| (s.pixel_mean[k.min(2)], s.pixel_std[k.min(2)]);
+    let mut px = view.to_vec();
+    for (k, p) in px.chunks_exact_mut(plane).enumerate() {
+        let (m, sd) = stats(k);
+        p.iter_mut().for_each(|v| *v = *v * sd + m);
+    }
+    if s.color.apply(&mut px, c, rng) {
+        for (k, (dst, p)) in view
+            .chunks_exact_mut(plane)
+            .zip(px.chunks_exact(plane))
+            .enumerate()
+        {
+            let (m, sd) = stats(k);
+            for (d, v) in dst.iter_mut().zip(p) {
+                *d = (v - m) / sd;
+            }
+        }
+    }
+}
+
+/// The two views of a batch [B, C, S, S], view-major: [2B, C, S, S]; `s` gives the colour
+/// augmentation and the images' normalisation.
+pub fn two_views(images: &Tensor, seed: u64, s: &ModeSettings) -> Result<Tensor> {
     let [b, c, h, w] = images.shape() else {
         return Err(Error::Data("expected images [B, C, H, W]".into()));
     };
@@ -236,13 +291,14 @@ pub fn two_views(images: &Tensor, seed: u64) -> Result<Tensor> {
             "MODE's views need square images, got {h}x{w}"
         )));
     }
-    let (b, c, s) = (*b, *c, *h);
+    let (settings, (b, c, s)) = (s, (*b, *c, *h));
     let per = c * s * s;
     let mut out = vec![0.0f32; 2 * b * per];
     for (v, chunk) in out.chunks_exact_mut(b * per).enumerate() {
         for (i, dst) in chunk.chunks_exact_mut(per).enumerate() {
             let mut rng = Rng::new(seed ^ ((v as u64) << 32 | i as u64).wrapping_mul(0x9E37));
             augment(&images.as_slice()[i * per..][..per], c, s, &mut rng, dst);
+            color_view(dst, c, settings, &mut rng);
         }
     }
     Tensor::from_vec(&[2 * b, c, s, s], out)
@@ -370,7 +426,7 @@ pub fn settings_record(s: &ModeSettings, data: &Dataset) -> serde_json::Value {
     serde_json::json!({
         "mode": s,
         "data": data.fingerprint(),
-        "augment": "random-resized-crop(0.2-1, 3/4-4/3, bilinear) + hflip(0.5)",
+        "augment": "random-resized-crop(0.2-1, 3/4-4/3, bilinear) + hflip(0.5) + mode.color",
     })
 }
 
@@ -413,6 +469,24 @@ pub fn train(
     checkpoint: Option<&Path>,
     on_epoch: &mut dyn FnMut(usize, StepLoss),
 ) -> Result<History> {
+    let mut each = |e: usize, l: StepLoss| {
+        on_epoch(e, l);
+        true
+    };
+    train_from(cfg, params, data, s, checkpoint, None, &mut each)
+}
+
+/// `train` continuing from `resume` (the epochs it has done and its momentum buffers) when
+/// given; `on_epoch` returning false stops after that epoch's checkpoint (an interrupted run).
+pub fn train_from(
+    cfg: &ResNetConfig,
+    params: &mut BTreeMap<String, Tensor>,
+    data: &Dataset,
+    s: &ModeSettings,
+    checkpoint: Option<&Path>,
+    resume: Option<Resume>,
+    on_epoch: &mut dyn FnMut(usize, StepLoss) -> bool,
+) -> Result<History> {
     s.check()?;
     if s.batch > data.len() {
         return Err(Error::Usage(format!(
@@ -431,9 +505,10 @@ pub fn train(
     let net = ResNetTrain::new(cfg);
     let per_epoch = data.len() / s.batch;
     let settings = settings_record(s, data);
-    let mut momentum = BTreeMap::new();
+    let (mut momentum, first) =
+        resume.map_or((BTreeMap::new(), 0), |r| (r.momentum, r.epochs_done));
     let mut history = Vec::new();
-    for epoch in 0..s.epochs {
+    for epoch in first..s.epochs {
         let mut order: Vec<usize> = (0..data.len()).collect();
         let mut rng = Rng::new(s.seed ^ (0x6d0d_0000 + epoch as u64));
         for i in (1..order.len()).rev() {
@@ -443,7 +518,7 @@ pub fn train(
         for it in 0..per_epoch {
             let step = epoch * per_epoch + it;
             let (x, y) = data.batch(&order[it * s.batch..(it + 1) * s.batch])?;
-            let views = two_views(&x, s.seed ^ (0xa0_0000_0000 + step as u64))?;
+            let views = two_views(&x, s.seed ^ (0xa0_0000_0000 + step as u64), s)?;
             let labels: Vec<usize> = y.iter().chain(&y).copied().collect();
             let (loss, grads) = loss_and_grads(&net, params, &views, &labels, s)?;
             if !loss.total.is_finite() {
@@ -464,7 +539,7 @@ pub fn train(
             sum.alpa += loss.alpa / per_epoch as f32;
         }
         history.push(sum);
-        on_epoch(epoch, sum);
+        let go_on = on_epoch(epoch, sum);
         if let Some(path) = checkpoint {
             let progress = Progress {
                 arch: cfg.name.clone(),
@@ -475,6 +550,9 @@ pub fn train(
                 settings: settings.clone(),
             };
             save(path, params, &momentum, &progress)?;
+        }
+        if !go_on {
+            break;
         }
     }
     Ok(history)

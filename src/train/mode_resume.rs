@@ -1,0 +1,144 @@
+//! Continuing a MODE checkpoint (`mood mode-train --resume`): the file `train::mode::save` wrote
+//! holds the parameters, SGD's momentum buffers under `optim.momentum.*` and the progress (the
+//! epoch reached, the settings record). A resume takes all three back, but only for the same
+//! architecture and settings record (recipe, every hyper-parameter, seed, colour augmentation,
+//! the data's fingerprint and normalisation): any other would splice two runs together, so a
+//! difference is refused in one line naming each setting that differs.
+
+use std::collections::BTreeMap;
+
+use crate::error::{Error, Result};
+use crate::model::resnet::ResNetConfig;
+use crate::tensor::Tensor;
+use crate::train::checkpoint::Loaded;
+
+/// Where a resumed run picks up.
+pub struct Resume {
+    /// SGD's momentum buffer of every trained parameter.
+    pub momentum: BTreeMap<String, Vec<f32>>,
+    /// Epochs the checkpoint has finished (the next to run, counted from 0).
+    pub epochs_done: usize,
+}
+
+/// The settings record's fields as the command line names them (a field under one of these is
+/// named by it).
+const FLAGS: &[(&str, &str)] = &[
+    ("mode.recipe", "--recipe"),
+    ("data", "--data"),
+    ("mode.pixel_mean", "--data (its normalisation)"),
+    ("mode.pixel_std", "--data (its normalisation)"),
+    ("mode.epochs", "--epochs"),
+    ("mode.batch", "--batch"),
+    ("mode.lr", "--lr"),
+    ("mode.seed", "--seed"),
+    ("mode.supcon_weight", "--supcon"),
+    ("mode.alpa_weight", "--alpa"),
+    ("mode.alpa_dim", "--alpa-dim"),
+    ("mode.color", "--no-color-aug"),
+];
+
+/// `v`'s leaves under dotted keys (objects only; arrays stay whole).
+fn flatten(v: &serde_json::Value, prefix: &str, out: &mut BTreeMap<String, serde_json::Value>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, x) in m {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(x, &key, out);
+            }
+        }
+        other => {
+            out.insert(prefix.to_string(), other.clone());
+        }
+    }
+}
+
+/// A recorded value as its flag takes it: the settings' f32 numbers (recorded widened to f64)
+/// at f32's shortest, 0.1 rather than 0.10000000149011612.
+fn shown(v: &serde_json::Value) -> String {
+    match v.as_f64() {
+        Some(f) if v.is_f64() && (f as f32) as f64 == f => (f as f32).to_string(),
+        _ => v.to_string(),
+    }
+}
+
+/// "flag (the checkpoint: x, this run: y)" for every recorded setting this run changes; a
+/// setting the checkpoint did not record is not compared.
+pub fn settings_differences(old: &serde_json::Value, new: &serde_json::Value) -> Vec<String> {
+    let (mut a, mut b) = (BTreeMap::new(), BTreeMap::new());
+    flatten(old, "", &mut a);
+    flatten(new, "", &mut b);
+    let (mut out, mut seen) = (Vec::new(), std::collections::BTreeSet::new());
+    for (k, y) in &b {
+        let Some(x) = a.get(k) else { continue };
+        if x == y {
+            continue;
+        }
+        let (flag, field) = match FLAGS.iter().find(|(key, _)| k == key) {
+            Some(f) => (f.1, String::new()),
+            None => match FLAGS
+                .iter()
+                .find(|(key, _)| k.starts_with(&format!("{key}.")))
+            {
+                Some(f) => (f.1, format!(" {k}")),
+                None => (k.as_str(), String::new()),
+            },
+        };
+        // One entry per flag (--no-color-aug changes several fields): its first field.
+        if seen.insert(flag) {
+            let (x, y) = (shown(x), shown(y));
+            out.push(format!(
+                "{flag}{field} (the checkpoint: {x}, this run: {y})"
+            ));
+        }
+    }
+    out
+}
+
+/// The parameters and `Resume` of `loaded` (a `mood mode-train` output) for a run of `cfg`
+/// whose settings record is `settings`; refused unless the checkpoint is MODE's, of `cfg`, with
+/// the same record.
+pub fn resume_from(
+    loaded: Loaded,
+    cfg: &ResNetConfig,
+    settings: &serde_json::Value,
+) -> Result<(BTreeMap<String, Tensor>, Resume)> {
+    let p = loaded.progress.ok_or_else(|| {
+        Error::Usage("cannot resume: the checkpoint has no training progress".into())
+    })?;
+    if p.stage != "mode" || p.arch != cfg.name {
+        return Err(Error::Usage(format!(
+            "cannot resume: the checkpoint is {} of {}, this run is mode of {}",
+            p.stage, p.arch, cfg.name
+        )));
+    }
+    let diffs = settings_differences(&p.settings, settings);
+    if !diffs.is_empty() {
+        return Err(Error::Usage(format!(
+            "cannot resume: the checkpoint was trained with other settings: {}; rerun with the \
+             checkpoint's settings to continue it, or with --overwrite to start over",
+            diffs.join("; ")
+        )));
+    }
+    let (mut params, mut momentum) = (BTreeMap::new(), BTreeMap::new());
+    for (name, t) in loaded.params {
+        match name.strip_prefix("optim.momentum.") {
+            Some(k) => {
+                momentum.insert(k.to_string(), t.as_slice().to_vec());
+            }
+            None => {
+                params.insert(name, t);
+            }
+        }
+    }
+    Ok((
+        params,
+        Resume {
+            momentum,
+            epochs_done: p.epoch + 1,
+        },
+    ))
+}
