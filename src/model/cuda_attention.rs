@@ -159,7 +159,7 @@ impl Compute for f32 {
             return Err(Error::Cuda(format!("f32 attention has no {path:?} path")));
         }
         let scale = (dims.dh as f32).powf(-0.5);
-        cu::attention::forward_batched_f32(dev, qkv, bias, out, dims, scale, workspace(ws, dims)?)
+        cu::attention::forward_batched(dev, qkv, bias, out, dims, scale, workspace(ws, dims)?)
     }
 
     fn attention_keep_probs(
@@ -173,7 +173,7 @@ impl Compute for f32 {
     ) -> Result<()> {
         let scale = (dims.dh as f32).powf(-0.5);
         let ws = workspace(ws, dims)?;
-        cu::attention::forward_keep_probs_f32_into(dev, qkv, bias, out, dims, scale, ws, probs)
+        cu::attention::forward_keep_probs_into(dev, qkv, bias, out, dims, scale, ws, probs)
     }
 }
 
@@ -195,7 +195,7 @@ impl Compute for half::bf16 {
             AttentionPath::Fused => cu::attention::forward(dev, qkv, bias, out, dims, scale),
             AttentionPath::Gemm => {
                 let ws = workspace(ws, dims)?;
-                cu::attention::forward_batched_bf16(dev, qkv, bias, out, dims, scale, ws)
+                cu::attention::forward_batched(dev, qkv, bias, out, dims, scale, ws)
             }
         }
     }
@@ -211,6 +211,6 @@ impl Compute for half::bf16 {
     ) -> Result<()> {
         let scale = (dims.dh as f32).powf(-0.5);
         let ws = workspace(ws, dims)?;
-        cu::attention::forward_keep_probs_bf16_into(dev, qkv, bias, out, dims, scale, ws, probs)
+        cu::attention::forward_keep_probs_into(dev, qkv, bias, out, dims, scale, ws, probs)
     }
 }
