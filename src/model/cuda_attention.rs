@@ -10,7 +10,7 @@
 
 use cudarc::driver::CudaSlice;
 
-use crate::backend::cuda::attention::{BatchedScratch, Dims};
+use crate::backend::cuda::attention::{AttentionGemms, BatchedScratch, Dims};
 use crate::backend::cuda::{self as cu, CudaDevice, Storage};
 use crate::error::{Error, Result};
 
@@ -102,8 +102,8 @@ impl<T: Storage> Workspace<T> {
     }
 }
 
-/// The attention op per precision.
-pub trait Compute: Storage {
+/// The attention op per precision (the paths differ by precision; the cuBLAS one is generic).
+pub trait Compute: AttentionGemms {
     #[allow(clippy::too_many_arguments)]
     fn attention(
         dev: &CudaDevice,
@@ -126,7 +126,11 @@ pub trait Compute: Storage {
         dims: &Dims,
         ws: Option<&mut Workspace<Self>>,
         probs: &mut CudaSlice<f32>,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        let scale = (dims.dh as f32).powf(-0.5);
+        let ws = workspace(ws, dims)?;
+        cu::attention::forward_keep_probs_into(dev, qkv, bias, out, dims, scale, ws, probs)
+    }
 }
 
 fn workspace<'a, T>(
@@ -161,20 +165,6 @@ impl Compute for f32 {
         let scale = (dims.dh as f32).powf(-0.5);
         cu::attention::forward_batched(dev, qkv, bias, out, dims, scale, workspace(ws, dims)?)
     }
-
-    fn attention_keep_probs(
-        dev: &CudaDevice,
-        qkv: &CudaSlice<f32>,
-        bias: Option<&CudaSlice<f32>>,
-        out: &mut CudaSlice<f32>,
-        dims: &Dims,
-        ws: Option<&mut Workspace<f32>>,
-        probs: &mut CudaSlice<f32>,
-    ) -> Result<()> {
-        let scale = (dims.dh as f32).powf(-0.5);
-        let ws = workspace(ws, dims)?;
-        cu::attention::forward_keep_probs_into(dev, qkv, bias, out, dims, scale, ws, probs)
-    }
 }
 
 impl Compute for half::bf16 {
@@ -198,19 +188,5 @@ impl Compute for half::bf16 {
                 cu::attention::forward_batched(dev, qkv, bias, out, dims, scale, ws)
             }
         }
-    }
-
-    fn attention_keep_probs(
-        dev: &CudaDevice,
-        qkv: &CudaSlice<half::bf16>,
-        bias: Option<&CudaSlice<f32>>,
-        out: &mut CudaSlice<half::bf16>,
-        dims: &Dims,
-        ws: Option<&mut Workspace<half::bf16>>,
-        probs: &mut CudaSlice<f32>,
-    ) -> Result<()> {
-        let scale = (dims.dh as f32).powf(-0.5);
-        let ws = workspace(ws, dims)?;
-        cu::attention::forward_keep_probs_into(dev, qkv, bias, out, dims, scale, ws, probs)
     }
 }
