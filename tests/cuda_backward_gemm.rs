@@ -1,7 +1,7 @@
 //! The GEMM-side backward launchers for training on the GPU against the CPU ops the training tape
 //! uses (src/train/tape), from one table of cases as tests/cuda_parity.rs:
 //!   - `matmul::linear_backward` (+ `_into` with accumulation)   vs cpu::matmul::linear_backward
-//!   - `attention::forward_keep_probs_{f32,bf16}` + `backward_batched` vs
+//!   - `attention::forward_keep_probs` (f32, bf16) + `backward_batched` vs
 //!     cpu::attention::{forward_keep_probs, backward}
 //!   - `attention::RelposScatter` / `relpos_table_grad`          vs model::relpos::scatter_bias_grad
 //!   - `relpos::RelposGather` (the forward's dense bias, re-derived after each training step)
@@ -172,11 +172,10 @@ fn attention_backward<T: Storage>(
             let qd = dev.upload(&qkv)?;
             let mut o = dev.zeros::<f32>(b * n * d)?;
             let mut ws = cu::attention::BatchedScratch::new(dev, &gd)?;
-            let p = cu::attention::forward_keep_probs_f32(
-                dev, &qd, bias_d, &mut o, &gd, scale, &mut ws,
-            )?;
+            let p =
+                cu::attention::forward_keep_probs(dev, &qd, bias_d, &mut o, &gd, scale, &mut ws)?;
             let mut kept = dev.zeros::<f32>(b * h * n * n)?;
-            cu::attention::forward_keep_probs_f32_into(
+            cu::attention::forward_keep_probs_into(
                 dev, &qd, bias_d, &mut o, &gd, scale, &mut ws, &mut kept,
             )?;
             (dev.download(&o)?, p, kept)
@@ -184,11 +183,10 @@ fn attention_backward<T: Storage>(
             let qd = up::<bf16>(dev, &qkv)?;
             let mut o = dev.zeros::<bf16>(b * n * d)?;
             let mut ws = cu::attention::BatchedScratch::new(dev, &gd)?;
-            let p = cu::attention::forward_keep_probs_bf16(
-                dev, &qd, bias_d, &mut o, &gd, scale, &mut ws,
-            )?;
+            let p =
+                cu::attention::forward_keep_probs(dev, &qd, bias_d, &mut o, &gd, scale, &mut ws)?;
             let mut kept = dev.zeros::<f32>(b * h * n * n)?;
-            cu::attention::forward_keep_probs_bf16_into(
+            cu::attention::forward_keep_probs_into(
                 dev, &qd, bias_d, &mut o, &gd, scale, &mut ws, &mut kept,
             )?;
             let o = dev.download(&o)?.into_iter().map(bf16::to_f32).collect();
@@ -458,20 +456,12 @@ fn attention_twice<T: Storage>(
             let qd = dev.upload(&qkv)?;
             let mut o = dev.zeros::<f32>(b * n * d)?;
             let mut ws = cu::attention::BatchedScratch::new(dev, &gd)?;
-            cu::attention::forward_keep_probs_f32(dev, &qd, Some(&rd), &mut o, &gd, scale, &mut ws)?
+            cu::attention::forward_keep_probs(dev, &qd, Some(&rd), &mut o, &gd, scale, &mut ws)?
         } else {
             let qd = up::<bf16>(dev, &qkv)?;
             let mut o = dev.zeros::<bf16>(b * n * d)?;
             let mut ws = cu::attention::BatchedScratch::new(dev, &gd)?;
-            cu::attention::forward_keep_probs_bf16(
-                dev,
-                &qd,
-                Some(&rd),
-                &mut o,
-                &gd,
-                scale,
-                &mut ws,
-            )?
+            cu::attention::forward_keep_probs(dev, &qd, Some(&rd), &mut o, &gd, scale, &mut ws)?
         };
         let dd = dev.upload(&dout)?;
         let (dqkv, dbias) =

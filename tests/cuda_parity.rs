@@ -303,7 +303,7 @@ fn softmax(m: usize, n: usize, scale: f32) -> Case {
     )
 }
 
-/// `gemm`: the cuBLAS path (`forward_bf16_gemm` for bf16; f32 always takes `forward_f32`).
+/// `gemm`: the cuBLAS path (`forward_gemm`, which f32 always takes) for bf16.
 fn attention<T: Storage>(b: usize, n: usize, h: usize, dh: usize, bias: bool, gemm: bool) -> Case {
     let run: Run = Box::new(move |dev, rng| {
         let d = h * dh;
@@ -320,16 +320,16 @@ fn attention<T: Storage>(b: usize, n: usize, h: usize, dh: usize, bias: bool, ge
             ("f32", _) => {
                 let (qd, mut o) = (dev.upload(&qkv)?, dev.zeros::<f32>(b * n * d)?);
                 let mut sc = (dev.zeros::<f32>(hnn)?, dev.zeros::<f32>(hnn)?);
-                let scratch = (&mut sc.0, &mut sc.1);
-                cu::attention::forward_f32(dev, &qd, bias_d, &mut o, &gd, scale, scratch)?;
+                let scratch = (&mut sc.0, &mut sc.1, None);
+                cu::attention::forward_gemm(dev, &qd, bias_d, &mut o, &gd, scale, scratch)?;
                 dev.download(&o)?
             }
             ("bf16", true) => {
                 let (qd, mut o) = (up::<bf16>(dev, &qkv)?, dev.zeros::<bf16>(b * n * d)?);
                 let (s1, s2) = (dev.zeros::<f32>(hnn)?, dev.zeros::<f32>(hnn)?);
                 let mut sc = (s1, s2, dev.zeros::<bf16>(hnn)?);
-                let scratch = (&mut sc.0, &mut sc.1, &mut sc.2);
-                cu::attention::forward_bf16_gemm(dev, &qd, bias_d, &mut o, &gd, scale, scratch)?;
+                let scratch = (&mut sc.0, &mut sc.1, Some(&mut sc.2));
+                cu::attention::forward_gemm(dev, &qd, bias_d, &mut o, &gd, scale, scratch)?;
                 down(dev, &o)?
             }
             _ => {

@@ -6,6 +6,7 @@ mod common;
 
 use common::fixture;
 use mood::metrics;
+use mood::ood::detector::{parse_args, Detector, Inputs};
 use mood::ood::gaussian::GaussianScore;
 
 fn f32s(name: &str) -> (Vec<usize>, Vec<f32>) {
@@ -20,18 +21,63 @@ fn f64s(name: &str) -> Vec<f64> {
         .unwrap()
 }
 
-#[test]
-fn metrics_match_sklearn_including_ties_and_constant_scores() {
+/// Fits each case's method (name, args, fixture case) on `train` through the detector, as `mood
+/// fit` / `mood eval` run it, and compares its scores of `test` with the reference
+/// `{fixture}_{case}` to 1e-5 relative (of |score| > 1, else absolute; for the method `scaled`,
+/// of the largest |score|); then saves and loads the detector and asks for the same scores.
+/// Returns the fitted detectors.
+fn detectors_match(
+    cases: &[(&str, &[&str], &str)],
+    fixture: &str,
+    scaled: &str,
+    train: &Inputs,
+    test: &Inputs,
+) -> Vec<Detector> {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut fitted = Vec::new();
+    for (name, args, case) in cases {
+        let m = mood::ood::methods::method(name).unwrap();
+        let given: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let det = Detector::fit(name, parse_args(m, &given).unwrap(), train)
+            .unwrap_or_else(|e| panic!("{case}: {e}"));
+        let got = det.score(test).unwrap();
+        let want = f64s(&format!("{fixture}_{case}"));
+        assert_eq!(got.len(), want.len(), "{case}");
+        let floor = if *name == scaled {
+            largest_magnitude(&want)
+        } else {
+            1.0
+        };
+        let mut worst = 0.0f64;
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            let err = (*g as f64 - w).abs() / w.abs().max(floor);
+            worst = worst.max(err);
+            assert!(err <= 1e-5, "{case}[{i}]: ours {g}, numpy {w}");
+        }
+        eprintln!("{case}: max error {worst:.2e}");
+        let path = tmp.path().join(format!("{case}.safetensors"));
+        det.save(&path).unwrap();
+        let again = Detector::load(&path).unwrap().score(test).unwrap();
+        assert_eq!(again, got, "{case}: scores after save and load");
+        fitted.push(det);
+    }
+    fitted
+}
+
+/// The largest |v|, at least 1.
+fn largest_magnitude(v: &[f64]) -> f64 {
+    v.iter().fold(1.0f64, |a, b| a.max(b.abs()))
+}
+
+/// For each metrics fixture case (random, ties, constant), the values `compute(id, ood)` against
+/// the reference `metrics_{case}_{which}`, each named in `names`, to 1e-9.
+fn metrics_match(which: &str, names: &[&str], compute: impl Fn(&[f32], &[f32]) -> Vec<f64>) {
     for case in ["random", "ties", "constant"] {
         let (_, id) = f32s(&format!("metrics_{case}_id"));
         let (_, ood) = f32s(&format!("metrics_{case}_ood"));
-        let want = f64s(&format!("metrics_{case}_expected"));
-        let m = metrics::evaluate(&id, &ood).unwrap();
-        let got = [m.auroc, m.aupr_in, m.aupr_out, m.fpr95, m.detection_error];
-        for (name, (g, w)) in ["auroc", "aupr_in", "aupr_out", "fpr95", "detection_error"]
-            .iter()
-            .zip(got.iter().zip(&want))
-        {
+        let want = f64s(&format!("metrics_{case}_{which}"));
+        let got = compute(&id, &ood);
+        for (name, (g, w)) in names.iter().zip(got.iter().zip(&want)) {
             assert!(
                 (g - w).abs() < 1e-9,
                 "{case} {name}: ours {g}, reference {w}"
@@ -41,38 +87,36 @@ fn metrics_match_sklearn_including_ties_and_constant_scores() {
 }
 
 #[test]
+fn metrics_match_sklearn_including_ties_and_constant_scores() {
+    let names = ["auroc", "aupr_in", "aupr_out", "fpr95", "detection_error"];
+    metrics_match("expected", &names, |id, ood| {
+        let m = metrics::evaluate(id, ood).unwrap();
+        vec![m.auroc, m.aupr_in, m.aupr_out, m.fpr95, m.detection_error]
+    });
+}
+
+#[test]
 fn fpr_rules_and_trapezoid_aupr_match_their_repositories() {
     use metrics::{aupr_trapezoid, fpr95, FprRule};
-    for case in ["random", "ties", "constant"] {
-        let (_, id) = f32s(&format!("metrics_{case}_id"));
-        let (_, ood) = f32s(&format!("metrics_{case}_ood"));
-        let want = f64s(&format!("metrics_{case}_variants"));
+    let names = [
+        "moodv1",
+        "mos",
+        "openood",
+        "knn",
+        "aupr_in_trapz",
+        "aupr_out_trapz",
+    ];
+    metrics_match("variants", &names, |id, ood| {
         let neg = |v: &[f32]| v.iter().map(|x| -x).collect::<Vec<_>>();
-        let got = [
-            fpr95(&id, &ood, FprRule::MoodV1),
-            fpr95(&id, &ood, FprRule::Mos),
-            fpr95(&id, &ood, FprRule::OpenOod),
-            fpr95(&id, &ood, FprRule::KnnOod),
-            aupr_trapezoid(&id, &ood),
-            aupr_trapezoid(&neg(&ood), &neg(&id)),
-        ];
-        for (name, (g, w)) in [
-            "moodv1",
-            "mos",
-            "openood",
-            "knn",
-            "aupr_in_trapz",
-            "aupr_out_trapz",
+        vec![
+            fpr95(id, ood, FprRule::MoodV1),
+            fpr95(id, ood, FprRule::Mos),
+            fpr95(id, ood, FprRule::OpenOod),
+            fpr95(id, ood, FprRule::KnnOod),
+            aupr_trapezoid(id, ood),
+            aupr_trapezoid(&neg(ood), &neg(id)),
         ]
-        .iter()
-        .zip(got.iter().zip(&want))
-        {
-            assert!(
-                (g - w).abs() < 1e-9,
-                "{case} {name}: ours {g}, reference {w}"
-            );
-        }
-    }
+    });
 }
 
 #[test]
@@ -240,7 +284,7 @@ fn kl_matching_matches_numpy_loop_including_an_empty_class() {
 /// save and load.
 #[test]
 fn posthoc_methods_match_numpy_transcriptions() {
-    use mood::ood::detector::{parse_args, Detector, Head, Inputs, Matrix};
+    use mood::ood::detector::{Head, Matrix};
     let (ts, train) = f32s("posthoc_train");
     let (_, labels) = f32s("posthoc_labels");
     let (_, test) = f32s("posthoc_test");
@@ -296,34 +340,10 @@ fn posthoc_methods_match_numpy_transcriptions() {
         ("t2fnorm", &[], "t2fnorm"),
         ("t2fnorm", &["tau=5"], "t2fnorm_5"),
     ];
-    let tmp = tempfile::tempdir().unwrap();
-    for (name, args, case) in cases {
-        let m = mood::ood::methods::method(name).unwrap();
-        let given: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        let det = Detector::fit(name, parse_args(m, &given).unwrap(), &train_in)
-            .unwrap_or_else(|e| panic!("{case}: {e}"));
-        let got = det.score(&test_in).unwrap();
-        let want = f64s(&format!("posthoc_expected_{case}"));
-        assert_eq!(got.len(), want.len(), "{case}");
-        // rmds is a difference of two squared distances (each ~D here) scored by an f32 GEMM:
-        // as for `mahalanobis` above, its rounding is relative to the largest score.
-        // openmax's score, −P(unknown), is in [−1, 0]: absolute error.
-        let floor = match *name {
-            "rmds" => want.iter().fold(1.0f64, |a, b| a.max(b.abs())),
-            _ => 1.0,
-        };
-        let mut worst = 0.0f64;
-        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            let err = (*g as f64 - w).abs() / w.abs().max(floor);
-            worst = worst.max(err);
-            assert!(err <= 1e-5, "{case}[{i}]: ours {g}, numpy {w}");
-        }
-        eprintln!("{case}: max error {worst:.2e}");
-        let path = tmp.path().join(format!("{case}.safetensors"));
-        det.save(&path).unwrap();
-        let again = Detector::load(&path).unwrap().score(&test_in).unwrap();
-        assert_eq!(again, got, "{case}: scores after save and load");
-    }
+    // rmds is a difference of two squared distances (each ~D here) scored by an f32 GEMM: as for
+    // `mahalanobis` above, its rounding is relative to the largest score. openmax's score,
+    // −P(unknown), is in [−1, 0]: absolute error.
+    detectors_match(cases, "posthoc_expected", "rmds", &train_in, &test_in);
     let z = mood::ood::subspace::logits(&train, &head.weight, &head.bias, d);
     openmax_weibulls_match_the_numpy_fit(&z, head.bias.len(), &labels);
     let t = mood::ood::temperature::fit_temperature(&z, head.bias.len(), &labels, 0.2).unwrap();
@@ -385,7 +405,7 @@ fn openmax_weibulls_match_the_numpy_fit(z: &[f32], c: usize, labels: &[usize]) {
 /// gram to 1e-5 relative (|score| > 1) or absolute.
 #[test]
 fn multilayer_methods_match_numpy_transcriptions() {
-    use mood::ood::detector::{parse_args, Detector, Inputs, Matrix};
+    use mood::ood::detector::Matrix;
     let (ts, train) = f32s("layers_train");
     let (_, labels) = f32s("layers_labels");
     let (zs, train_z) = f32s("layers_logits");
@@ -428,30 +448,14 @@ fn multilayer_methods_match_numpy_transcriptions() {
         ("gram", &[], "gram"),
         ("gram", &["powers=1,3"], "gram_p13"),
     ];
-    let tmp = tempfile::tempdir().unwrap();
-    for (name, args, case) in cases {
-        let m = mood::ood::methods::method(name).unwrap();
-        let given: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        let det = Detector::fit(name, parse_args(m, &given).unwrap(), &train_in)
-            .unwrap_or_else(|e| panic!("{case}: {e}"));
-        let got = det.score(&test_in).unwrap();
-        let want = f64s(&format!("layers_expected_{case}"));
-        assert_eq!(got.len(), want.len(), "{case}");
-        let floor = match *name {
-            "mahalanobis-ensemble" => want.iter().fold(1.0f64, |a, b| a.max(b.abs())),
-            _ => 1.0,
-        };
-        let mut worst = 0.0f64;
-        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            let err = (*g as f64 - w).abs() / w.abs().max(floor);
-            worst = worst.max(err);
-            assert!(err <= 1e-5, "{case}[{i}]: ours {g}, numpy {w}");
-        }
-        eprintln!("{case}: max error {worst:.2e}");
-        let path = tmp.path().join(format!("{case}.safetensors"));
-        det.save(&path).unwrap();
-        let again = Detector::load(&path).unwrap().score(&test_in).unwrap();
-        assert_eq!(again, got, "{case}: scores after save and load");
+    let fitted = detectors_match(
+        cases,
+        "layers_expected",
+        "mahalanobis-ensemble",
+        &train_in,
+        &test_in,
+    );
+    for det in fitted {
         // Rows of other blocks are refused, naming both lists.
         let other: &'static [usize] = Box::leak(vec![1usize, 2, 3].into_boxed_slice());
         let e = det
@@ -535,7 +539,7 @@ fn ensemble_lr_weights_match_logistic_regression_cv() {
         .collect();
     assert_eq!(got_x.len(), want_x.len());
     assert_eq!(held.len() / (l * d), n_id);
-    let floor = want_x.iter().fold(1.0f64, |a, b| a.max(b.abs()));
+    let floor = largest_magnitude(&want_x);
     let x_err = got_x
         .iter()
         .zip(&want_x)

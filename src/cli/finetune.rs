@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use super::train_common::{bar_callback, step_bar, ScheduleArgs};
+use super::train_common::{bar_callback, step_bar, CheckpointArgs, ScheduleArgs};
 use crate::error::Result;
 use crate::model::VitConfig;
 use crate::pipeline::finetune::{prepare, Options};
@@ -51,15 +51,8 @@ pub struct Args {
     pub alpa_shift: usize,
     #[command(flatten)]
     pub schedule: ScheduleArgs,
-    /// Output checkpoint (safetensors; rewritten atomically after every epoch).
-    #[arg(short, long)]
-    pub output: PathBuf,
-    /// Replace an existing --output checkpoint (without it, an existing one needs --resume).
-    #[arg(long, conflicts_with = "resume")]
-    pub overwrite: bool,
-    /// Continue from `--output` if it exists (same settings), instead of starting over.
-    #[arg(long)]
-    pub resume: bool,
+    #[command(flatten)]
+    pub checkpoint: CheckpointArgs,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -78,9 +71,9 @@ pub fn run(args: Args) -> Result<()> {
         alpa: args.alpa,
         alpa_dim: args.alpa_dim,
         alpa_shift: args.alpa_shift,
-        output: &args.output,
-        overwrite: args.overwrite,
-        resume: args.resume,
+        output: &args.checkpoint.output,
+        overwrite: args.checkpoint.overwrite,
+        resume: args.checkpoint.resume,
     };
     let mut run = prepare(&opts, s, on)?;
     let per_epoch = run.steps_per_epoch();
@@ -99,7 +92,7 @@ pub fn run(args: Args) -> Result<()> {
     if let Some(last) = hist.last() {
         eprintln!(
             "last epoch mean loss {last:.4}; wrote {}",
-            args.output.display()
+            args.checkpoint.output.display()
         );
     }
     match run.heldout_accuracy()? {

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use super::train_common::{bar_callback, step_bar, ScheduleArgs};
+use super::train_common::{bar_callback, step_bar, CheckpointArgs, ScheduleArgs};
 use crate::error::Result;
 use crate::model::VitConfig;
 use crate::pipeline::pretrain::{prepare, Options};
@@ -29,15 +29,8 @@ pub struct Args {
     pub mask_ratio: f32,
     #[command(flatten)]
     pub schedule: ScheduleArgs,
-    /// Output checkpoint (safetensors; rewritten atomically after every epoch).
-    #[arg(short, long)]
-    pub output: PathBuf,
-    /// Replace an existing --output checkpoint (without it, an existing one needs --resume).
-    #[arg(long, conflicts_with = "resume")]
-    pub overwrite: bool,
-    /// Continue from `--output` if it exists.
-    #[arg(long)]
-    pub resume: bool,
+    #[command(flatten)]
+    pub checkpoint: CheckpointArgs,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -50,9 +43,9 @@ pub fn run(args: Args) -> Result<()> {
         data: &args.data,
         preset: &args.preset,
         mask_ratio: args.mask_ratio,
-        output: &args.output,
-        overwrite: args.overwrite,
-        resume: args.resume,
+        output: &args.checkpoint.output,
+        overwrite: args.checkpoint.overwrite,
+        resume: args.checkpoint.resume,
     };
     let mut run = prepare(&opts, s, on)?;
     let per_epoch = run.steps_per_epoch();
@@ -72,7 +65,7 @@ pub fn run(args: Args) -> Result<()> {
     if let (Some(first), Some(last)) = (hist.first(), hist.last()) {
         eprintln!(
             "reconstruction loss {first:.4} (first epoch) -> {last:.4} (last); wrote {}",
-            args.output.display()
+            args.checkpoint.output.display()
         );
     }
     Ok(())

@@ -1,5 +1,8 @@
-//! What `mood pretrain` and `mood finetune` share on the command line: the schedule options and
-//! the progress display (their setup is pipeline::train, their data pipeline::data).
+//! What `mood pretrain` and `mood finetune` share on the command line: the schedule options, the
+//! output checkpoint and the progress display (their setup is pipeline::train, their data
+//! pipeline::data).
+
+use std::path::PathBuf;
 
 use crate::backend::{Device, Precision};
 use crate::error::{Error, Result};
@@ -47,6 +50,20 @@ pub struct ScheduleArgs {
     /// master weights, optimiser state and gradients). The CPU trains in f32.
     #[arg(long, value_enum, default_value_t = Precision::F32)]
     pub precision: Precision,
+}
+
+/// The checkpoint a training run writes, and what to do when it already exists.
+#[derive(clap::Args, Debug, Clone)]
+pub struct CheckpointArgs {
+    /// Output checkpoint (safetensors; rewritten atomically after every epoch).
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Replace an existing --output checkpoint (without it, an existing one needs --resume).
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
+    /// Continue from `--output` if it exists (same settings), instead of starting over.
+    #[arg(long)]
+    pub resume: bool,
 }
 
 impl ScheduleArgs {

@@ -10,7 +10,7 @@
 
 use cudarc::driver::CudaSlice;
 
-use crate::backend::cuda::attention::{BatchedScratch, Dims};
+use crate::backend::cuda::attention::{AttentionGemms, BatchedScratch, Dims};
 use crate::backend::cuda::{self as cu, CudaDevice, Storage};
 use crate::error::{Error, Result};
 
@@ -102,8 +102,8 @@ impl<T: Storage> Workspace<T> {
     }
 }
 
-/// The attention op per precision.
-pub trait Compute: Storage {
+/// The attention op per precision (the paths differ by precision; the cuBLAS one is generic).
+pub trait Compute: AttentionGemms {
     #[allow(clippy::too_many_arguments)]
     fn attention(
         dev: &CudaDevice,
@@ -126,7 +126,11 @@ pub trait Compute: Storage {
         dims: &Dims,
         ws: Option<&mut Workspace<Self>>,
         probs: &mut CudaSlice<f32>,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        let scale = (dims.dh as f32).powf(-0.5);
+        let ws = workspace(ws, dims)?;
+        cu::attention::forward_keep_probs_into(dev, qkv, bias, out, dims, scale, ws, probs)
+    }
 }
 
 fn workspace<'a, T>(
@@ -159,21 +163,7 @@ impl Compute for f32 {
             return Err(Error::Cuda(format!("f32 attention has no {path:?} path")));
         }
         let scale = (dims.dh as f32).powf(-0.5);
-        cu::attention::forward_batched_f32(dev, qkv, bias, out, dims, scale, workspace(ws, dims)?)
-    }
-
-    fn attention_keep_probs(
-        dev: &CudaDevice,
-        qkv: &CudaSlice<f32>,
-        bias: Option<&CudaSlice<f32>>,
-        out: &mut CudaSlice<f32>,
-        dims: &Dims,
-        ws: Option<&mut Workspace<f32>>,
-        probs: &mut CudaSlice<f32>,
-    ) -> Result<()> {
-        let scale = (dims.dh as f32).powf(-0.5);
-        let ws = workspace(ws, dims)?;
-        cu::attention::forward_keep_probs_f32_into(dev, qkv, bias, out, dims, scale, ws, probs)
+        cu::attention::forward_batched(dev, qkv, bias, out, dims, scale, workspace(ws, dims)?)
     }
 }
 
@@ -195,22 +185,8 @@ impl Compute for half::bf16 {
             AttentionPath::Fused => cu::attention::forward(dev, qkv, bias, out, dims, scale),
             AttentionPath::Gemm => {
                 let ws = workspace(ws, dims)?;
-                cu::attention::forward_batched_bf16(dev, qkv, bias, out, dims, scale, ws)
+                cu::attention::forward_batched(dev, qkv, bias, out, dims, scale, ws)
             }
         }
-    }
-
-    fn attention_keep_probs(
-        dev: &CudaDevice,
-        qkv: &CudaSlice<half::bf16>,
-        bias: Option<&CudaSlice<f32>>,
-        out: &mut CudaSlice<half::bf16>,
-        dims: &Dims,
-        ws: Option<&mut Workspace<half::bf16>>,
-        probs: &mut CudaSlice<f32>,
-    ) -> Result<()> {
-        let scale = (dims.dh as f32).powf(-0.5);
-        let ws = workspace(ws, dims)?;
-        cu::attention::forward_keep_probs_bf16_into(dev, qkv, bias, out, dims, scale, ws, probs)
     }
 }

@@ -45,31 +45,66 @@ pub struct StepStats {
     pub grad_norm: f32,
 }
 
+fn check_lr(lr: f32) -> Result<()> {
+    if !lr.is_finite() {
+        return Err(Error::Usage(format!("learning rate {lr} is not finite")));
+    }
+    Ok(())
+}
+
 /// The model over the current parameters (no copies), and the store that names them.
 fn build(
     cfg: &VitConfig,
     params: &BTreeMap<String, Tensor>,
     lr: f32,
 ) -> Result<(WeightStore, VisionTransformer)> {
-    if !lr.is_finite() {
-        return Err(Error::Usage(format!("learning rate {lr} is not finite")));
-    }
+    check_lr(lr)?;
     let _t = crate::profile::scope("model_build");
     let store = WeightStore::from_params("<training state>", params);
     let model = VisionTransformer::load(cfg, &store)?;
     Ok((store, model))
 }
 
-/// A loss that is no longer finite stops the run with what to do about it.
-fn check_loss(loss: f32) -> Result<()> {
-    if !loss.is_finite() {
+/// The classes of the model's head, which classification fine-tuning needs.
+fn head_classes(model: &VisionTransformer) -> Result<usize> {
+    model.num_classes().ok_or_else(|| {
+        Error::Usage("fine-tuning needs a classification head (`head.weight`)".into())
+    })
+}
+
+fn check_labels(labels: &[usize], classes: usize) -> Result<()> {
+    if let Some(&bad) = labels.iter().find(|&&l| l >= classes) {
         return Err(Error::Data(format!(
-            "loss became {loss}: lower the learning rate"
+            "label {bad} out of range for {classes} classes"
         )));
     }
     Ok(())
 }
 
+/// The end of every step once its forward has given the loss and the backward's seeds: a loss
+/// that is no longer finite stops the run with what to do about it; otherwise the device's
+/// backward, gradient clipping and AdamW update.
+#[allow(clippy::too_many_arguments)]
+fn update<D: TrainDevice>(
+    dev: &mut D,
+    tape: Tape<D::E>,
+    loss: f32,
+    seeds: Seeds<D::E>,
+    params: &mut BTreeMap<String, Tensor>,
+    opt: &mut AdamW,
+    lr: f32,
+    sc: &StepConfig,
+) -> Result<StepStats> {
+    if !loss.is_finite() {
+        return Err(Error::Data(format!(
+            "loss became {loss}: lower the learning rate"
+        )));
+    }
+    let grad_norm = dev.update(tape, seeds, params, opt, lr, sc.clip_grad)?;
+    Ok(StepStats { loss, grad_norm })
+}
+
+/// One fine-tuning step on the CPU.
 pub fn finetune_step(
     cfg: &VitConfig,
     params: &mut BTreeMap<String, Tensor>,
@@ -95,9 +130,7 @@ pub fn finetune_step_on<D: TrainDevice>(
     sc: &StepConfig,
 ) -> Result<StepStats> {
     let (store, model) = build(cfg, params, lr)?;
-    let classes = model.num_classes().ok_or_else(|| {
-        Error::Usage("fine-tuning needs a classification head (`head.weight`)".into())
-    })?;
+    let classes = head_classes(&model)?;
     let width = sc
         .groups
         .as_ref()
@@ -107,12 +140,9 @@ pub fn finetune_step_on<D: TrainDevice>(
             "MOS groups need a head of {width} outputs (each group plus its 'others'); the head has {classes}"
         )));
     }
-    let n_classes = sc.groups.as_ref().map_or(classes, |g| g.iter().sum());
-    if let Some(&bad) = labels.iter().find(|&&l| l >= n_classes) {
-        return Err(Error::Data(format!(
-            "label {bad} out of range for {n_classes} classes"
-        )));
-    }
+    // With MOS groups the labels index the real classes, not the head's outputs.
+    let labelled = sc.groups.as_ref().map_or(classes, |g| g.iter().sum());
+    check_labels(labels, labelled)?;
     let mut tape = dev.tape(sc.drop_path, cfg.depth, sc.seed)?;
     let (_, logits) = model.forward_with(&mut tape, images)?;
     let logits = logits.expect("head checked above");
@@ -122,9 +152,8 @@ pub fn finetune_step_on<D: TrainDevice>(
         Some(groups) => tape.group_softmax(&logits, groups, labels)?,
     };
     drop((model, store));
-    check_loss(loss)?;
-    let grad_norm = dev.update(tape, vec![(logits, dlogits)], params, opt, lr, sc.clip_grad)?;
-    Ok(StepStats { loss, grad_norm })
+    let seeds = vec![(logits, dlogits)];
+    update(dev, tape, loss, seeds, params, opt, lr, sc)
 }
 
 /// The parameters that masked image modelling adds to the encoder: `mask_token` [D], the final
@@ -185,21 +214,8 @@ pub fn prepare_for_finetune(
     }
 }
 
-/// One masked-image-modelling step (see `train::mim`): returns the reconstruction loss.
-#[allow(clippy::too_many_arguments)]
-pub fn mim_step(
-    cfg: &VitConfig,
-    params: &mut BTreeMap<String, Tensor>,
-    opt: &mut AdamW,
-    images: &Tensor,
-    mask: &[bool],
-    lr: f32,
-    sc: &StepConfig,
-) -> Result<StepStats> {
-    mim_step_on(&mut OnCpu, cfg, params, opt, images, mask, lr, sc)
-}
-
-/// `mim_step` on a training device.
+/// One masked-image-modelling step (see `train::mim`) on a training device (`OnCpu` for the
+/// CPU): the loss is the reconstruction loss of the masked patches.
 #[allow(clippy::too_many_arguments)]
 pub fn mim_step_on<D: TrainDevice>(
     dev: &mut D,
@@ -246,9 +262,7 @@ pub fn mim_step_on<D: TrainDevice>(
         .collect();
     let (loss, dpred) = tape.mse(&pred, &target)?;
     drop((model, store, token, norm, head));
-    check_loss(loss)?;
-    let grad_norm = dev.update(tape, vec![(pred, dpred)], params, opt, lr, sc.clip_grad)?;
-    Ok(StepStats { loss, grad_norm })
+    update(dev, tape, loss, vec![(pred, dpred)], params, opt, lr, sc)
 }
 
 /// ALPA as an extra fine-tuning loss (SPEC E, MODE-T with cross-entropy in place of SupCon):
@@ -342,14 +356,7 @@ pub fn alpa_forward<E: TrainExec>(
     let labels2: Vec<usize> = labels.iter().chain(labels).copied().collect();
     let store = WeightStore::from_params("<training state>", params);
     let model = VisionTransformer::load(cfg, &store)?;
-    let classes = model.num_classes().ok_or_else(|| {
-        Error::Usage("fine-tuning needs a classification head (`head.weight`)".into())
-    })?;
-    if let Some(&bad) = labels.iter().find(|&&l| l >= classes) {
-        return Err(Error::Data(format!(
-            "label {bad} out of range for {classes} classes"
-        )));
-    }
+    check_labels(labels, head_classes(&model)?)?;
     let d = cfg.embed_dim;
     let weights = WEIGHT_NAMES
         .iter()
@@ -404,23 +411,9 @@ pub fn alpa_loss_and_grads(
     Ok((loss, grads))
 }
 
-/// One fine-tuning step with cross-entropy plus ALPA on two views per image.
-#[allow(clippy::too_many_arguments)]
-pub fn alpa_finetune_step(
-    cfg: &VitConfig,
-    params: &mut BTreeMap<String, Tensor>,
-    opt: &mut AdamW,
-    images: &Tensor,
-    labels: &[usize],
-    lr: f32,
-    sc: &StepConfig,
-    alpa: &AlpaConfig,
-) -> Result<StepStats> {
-    alpa_finetune_step_on(&mut OnCpu, cfg, params, opt, images, labels, lr, sc, alpa)
-}
-
-/// `alpa_finetune_step` on a training device: the backbone, ALPA's MLPs and its attention terms
-/// run on the device's executor (only the M×M terms and the losses come to the host).
+/// One fine-tuning step with cross-entropy plus ALPA on two views per image, on a training device
+/// (`OnCpu` for the CPU): the backbone, ALPA's MLPs and its attention terms run on the device's
+/// executor (only the M×M terms and the losses come to the host).
 #[allow(clippy::too_many_arguments)]
 pub fn alpa_finetune_step_on<D: TrainDevice>(
     dev: &mut D,
@@ -433,12 +426,8 @@ pub fn alpa_finetune_step_on<D: TrainDevice>(
     sc: &StepConfig,
     alpa: &AlpaConfig,
 ) -> Result<StepStats> {
-    if !lr.is_finite() {
-        return Err(Error::Usage(format!("learning rate {lr} is not finite")));
-    }
+    check_lr(lr)?;
     let mut tape = dev.tape(sc.drop_path, cfg.depth, sc.seed)?;
     let (loss, seeds) = alpa_forward(&mut tape, cfg, params, images, labels, sc, alpa)?;
-    check_loss(loss)?;
-    let grad_norm = dev.update(tape, seeds, params, opt, lr, sc.clip_grad)?;
-    Ok(StepStats { loss, grad_norm })
+    update(dev, tape, loss, seeds, params, opt, lr, sc)
 }

@@ -1,5 +1,5 @@
 //! Case builder of tests/cuda_parity.rs for the cuBLAS attention over the whole batch at once
-//! (`attention::forward_batched_{f32,bf16}`: head split/merge kernels around one strided-batched
+//! (`attention::forward_batched` at f32 and bf16: head split/merge kernels around one strided-batched
 //! GEMM per product over images × heads) against the CPU op, for any head dim.
 
 use super::{cpu, cu, randn, rounded, tol_for, up, Case, Out, Run, Storage, F32_SUM_TOL};
@@ -19,12 +19,12 @@ pub fn attention_batched<T: Storage>(b: usize, n: usize, h: usize, dh: usize, bi
         let got = if T::NAME == "f32" {
             let (qd, mut o) = (dev.upload(&qkv)?, dev.zeros::<f32>(b * n * d)?);
             let mut ws = cu::attention::BatchedScratch::new(dev, &gd)?;
-            cu::attention::forward_batched_f32(dev, &qd, bias_d, &mut o, &gd, scale, &mut ws)?;
+            cu::attention::forward_batched(dev, &qd, bias_d, &mut o, &gd, scale, &mut ws)?;
             dev.download(&o)?
         } else {
             let (qd, mut o) = (up::<bf16>(dev, &qkv)?, dev.zeros::<bf16>(b * n * d)?);
             let mut ws = cu::attention::BatchedScratch::new(dev, &gd)?;
-            cu::attention::forward_batched_bf16(dev, &qd, bias_d, &mut o, &gd, scale, &mut ws)?;
+            cu::attention::forward_batched(dev, &qd, bias_d, &mut o, &gd, scale, &mut ws)?;
             dev.download(&o)?.into_iter().map(bf16::to_f32).collect()
         };
         Ok(vec![Out("out", got, want)])

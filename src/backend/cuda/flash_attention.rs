@@ -4,7 +4,7 @@
 //! plus the optional row log-sum-exp lse [B, H, N] that a backward uses to rebuild P.
 //!
 //! Other head dims have no kernel: `unsupported` says why, and the caller runs
-//! `attention::forward_bf16_gemm` (any head dim) instead; `forward` refuses them rather than
+//! `attention::forward_batched` (any head dim) instead; `forward` refuses them rather than
 //! compute a wrong result.
 
 use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};

@@ -34,10 +34,7 @@ impl<T: Storage> BackwardScratch<T> {
         f32_or_bf16::<T>("attention backward")?;
         let Dims { b, n, h, dh } = *dims;
         let (bnd, bhnn) = (b * n * h * dh, b * h * n * n);
-        nonempty(
-            &format!("attention backward (B = {b}, N = {n}, H = {h}, Dh = {dh})"),
-            bnd,
-        )?;
+        nonempty(&format!("attention backward ({dims})"), bnd)?;
         Ok(BackwardScratch {
             qkvh: dev.empty::<T>(3 * bnd)?,
             doh: dev.empty::<T>(bnd)?,
@@ -65,7 +62,7 @@ impl<T: Storage> BackwardScratch<T> {
 /// Σ_b dS_b (groups of 4 images, then the groups, as the CPU adds them). Same math and layout as
 /// `backend::cpu::attention::backward` (which uses scale = Dh^-1/2). Each product is ONE
 /// strided-batched GEMM over the B·H heads (head-major copies of q, k, v and dO as in
-/// `forward_batched_*`). bf16: the GEMM operands are bf16 (dO, P and dS rounded, as autocast
+/// `forward_batched`). bf16: the GEMM operands are bf16 (dO, P and dS rounded, as autocast
 /// does) with f32 accumulation and f32 outputs; the softmax backward and dbias are f32
 /// throughout. Makes its scratch for this call; a training loop keeps a `BackwardScratch` per
 /// (batch, precision) and calls `backward_batched_with`.
@@ -110,23 +107,13 @@ pub fn backward_batched_with<T: Storage>(
     check_len("attention backward probs", probs, bh * nn)?;
     check_len("attention backward dout", dout, bnd)?;
     if ws.dims != (b, n, h, dh) {
-        let w = ws.dims();
         return Err(Error::Cuda(format!(
-            "attention backward: scratch made for B = {}, N = {}, H = {}, Dh = {}, called with \
-             B = {b}, N = {n}, H = {h}, Dh = {dh}",
-            w.b, w.n, w.h, w.dh
+            "attention backward: scratch made for {}, called with {dims}",
+            ws.dims()
         )));
     }
-    nonempty(
-        &format!("attention backward (B = {b}, N = {n}, H = {h}, Dh = {dh})"),
-        bnd,
-    )?;
-    let (bi, ni, hi, di) = (
-        as_i32("B", b)?,
-        as_i32("N", n)?,
-        as_i32("H", h)?,
-        as_i32("Dh", dh)?,
-    );
+    nonempty(&format!("attention backward ({dims})"), bnd)?;
+    let ni = as_i32("N", n)?;
     as_i32("H·N·N", h * nn)?;
     let rows = (bh * n) as i64;
     let ty = data_type::<T>();
@@ -142,19 +129,7 @@ pub fn backward_batched_with<T: Storage>(
 
     // Head-major q, k, v (as the forward) and dO, in the GEMMs' operand type.
     permute(dev, "split", qkv, qkvh, 3 * bnd, dims)?;
-    let name = format!("attention_split_grad_{}", T::NAME);
-    let f = dev.function("attention", &name)?;
-    let one = 1i32;
-    // SAFETY: dout holds B·N·D values, doh as many (S = 1 part).
-    unsafe {
-        launch!(
-            dev,
-            f,
-            name,
-            dev.grid_stride(bnd),
-            [dout, &mut *doh, &one, &bi, &ni, &hi, &di]
-        )
-    }?;
+    permute_grad(dev, "split", dout, doh, 1, dims)?;
     // P as the dV GEMM's operand: itself in f32, rounded to bf16 (into `half`) for a bf16 GEMM.
     let p_op = match half.as_mut() {
         Some(p) => {
@@ -163,11 +138,20 @@ pub fn backward_batched_with<T: Storage>(
         }
         None => at(dev, probs, 0),
     };
-    let mat = |ptr, ty, ld, stride, trans| RowMajor {
+    // The GEMMs' operands: batches of B·H row-major matrices, [N, Dh] per head (`head`) or [N, N]
+    // (`square`), of element type `ty`, used as is or transposed.
+    let head = |ptr, ty, trans| RowMajor {
         ptr,
         ty,
-        ld,
-        stride,
+        ld: dh,
+        stride: ndh,
+        trans,
+    };
+    let square = |ptr, ty, trans| RowMajor {
+        ptr,
+        ty,
+        ld: n,
+        stride: nn,
         trans,
     };
     let f32_ty = cudaDataType_t::CUDA_R_32F;
@@ -188,8 +172,8 @@ pub fn backward_batched_with<T: Storage>(
             "attention backward dV = Pᵀ·dO",
             (n, dh, n),
             1.0,
-            mat(p_op, ty, n, nn, true),
-            mat(do_op, ty, dh, ndh, false),
+            square(p_op, ty, true),
+            head(do_op, ty, false),
             0.0,
             (dv, dh, ndh),
             bh,
@@ -199,8 +183,8 @@ pub fn backward_batched_with<T: Storage>(
             "attention backward dP = dO·Vᵀ",
             (n, n, dh),
             1.0,
-            mat(do_op, ty, dh, ndh, false),
-            mat(v_op, ty, dh, ndh, true),
+            head(do_op, ty, false),
+            head(v_op, ty, true),
             0.0,
             (ds_ptr, n, nn),
             bh,
@@ -241,8 +225,8 @@ pub fn backward_batched_with<T: Storage>(
             "attention backward dQ = s·dS·K",
             (n, dh, n),
             scale,
-            mat(ds_op, ds_ty, n, nn, false),
-            mat(k_op, ty, dh, ndh, false),
+            square(ds_op, ds_ty, false),
+            head(k_op, ty, false),
             0.0,
             (dq, dh, ndh),
             bh,
@@ -252,27 +236,43 @@ pub fn backward_batched_with<T: Storage>(
             "attention backward dK = s·dSᵀ·Q",
             (n, dh, n),
             scale,
-            mat(ds_op, ds_ty, n, nn, true),
-            mat(q_op, ty, dh, ndh, false),
+            square(ds_op, ds_ty, true),
+            head(q_op, ty, false),
             0.0,
             (dk, dh, ndh),
             bh,
         )?;
     }
     let mut dqkv = dev.empty::<f32>(3 * bnd)?;
-    let three = 3i32;
-    let f = dev.function("attention", "attention_merge_grad_f32")?;
-    // SAFETY: dqkvh and dqkv hold 3·B·N·D values.
+    permute_grad(dev, "merge", dqkvh, &mut dqkv, 3, dims)?;
+    Ok((dqkv, dbias))
+}
+
+/// attention_{split,merge}_grad_U: `parts` f32 blocks of B·N·D ([B·N, parts·D] ↔ head-major
+/// [parts, B, H, N, Dh]) into U, as `permute` for the f32 gradients (dO in, dq|dk|dv out).
+fn permute_grad<U: Storage>(
+    dev: &CudaDevice,
+    which: &str,
+    src: &CudaSlice<f32>,
+    dst: &mut CudaSlice<U>,
+    parts: i32,
+    dims: &Dims,
+) -> Result<()> {
+    let (bi, ni, hi, di) = dims.kernel_args()?;
+    let Dims { b, n, h, dh } = *dims;
+    let count = parts as usize * b * n * h * dh;
+    let name = format!("attention_{which}_grad_{}", U::NAME);
+    let f = dev.function("attention", &name)?;
+    // SAFETY: the caller checked src and dst against `parts` blocks of B·N·D.
     unsafe {
         launch!(
             dev,
             f,
-            "attention_merge_grad_f32",
-            dev.grid_stride(3 * bnd),
-            [&*dqkvh, &mut dqkv, &three, &bi, &ni, &hi, &di]
+            name,
+            dev.grid_stride(count),
+            [src, dst, &parts, &bi, &ni, &hi, &di]
         )
-    }?;
-    Ok((dqkv, dbias))
+    }
 }
 
 /// BEiT's relative-position index [N·N] (table row of each (query i, key j) pair, i·N + j) turned
