@@ -172,31 +172,36 @@ group_softmax_sum(const double* row_loss, int B, int G, float* loss) {
     loss[0] = total;
 }
 
-// MODE's ALPA head (src/train/alpa.rs): the ReLU of its MLPs and the cross-view attention terms.
+// MODE's ALPA head (src/train/alpa.rs): the ReLU of its MLPs and the element-wise and reduction
+// steps of the cross-view attention terms, whose contractions are cuBLAS GEMMs
+// (src/backend/cuda/loss.rs).
 //
 //   alpa_relu:          y = max(x, 0)
 //   alpa_relu_backward: dy = (y > 0 ? dy : 0), in place
 //
-// With q, k, v [R = M·T, D] (M views of T tokens; row r = b·T + p is token p of view b) and
-// inv = 1/√D, for every source view a and row r:
-//   P[a, r, j] = softmax_j(q_r · k_{aT+j} · inv),  x[a, r] = Σ_j P[a, r, j] v_{aT+j},
-//   cos[a, r]  = v_r · x / (max(|v_r|, 1e-8) · max(|x|, 1e-8))
-//   terms[b·M + a] = Σ_p cos[a, b·T + p]                       (p in order)
-// and back, for g = ∂L/∂terms [M, M]: with gc = g[b·M + a] and n_v, n_x the clamped norms,
-//   dv_r  += Σ_a gc (x/(n_v n_x) − cos·v_r/n_v²),   dx[a, r] = gc (v_r/(n_v n_x) − cos·x/n_x²),
-//   dS_j   = P_j (dx · v_{aT+j} − Σ_i P_i dx · v_{aT+i}) · inv,
-//   dq_r   = Σ_a Σ_j dS_j k_{aT+j},
-//   dk_{aT+j} = Σ_r dS[a, r, j] q_r,   dv_{aT+j} += Σ_r P[a, r, j] dx[a, r].
-// Every sum runs in a fixed order in one thread (f32, as the CPU's), so a run repeats bit for
-// bit; no atomics. The backward is two kernels: one thread per query row (dq, the cosine's dv,
-// and P, dS, dx kept for the second), then one thread per key row (dk and the attention's dv).
+// With q, k, v [R = M·T, D] (M views of T tokens; row b·T + p is token p of view b) and
+// inv = 1/√D, the terms t(b←a) = Σ_p cos(v_{bT+p}, x̃[b, p, a]), x̃ = softmax(q K_aᵀ·inv)·V_a, are
+// computed one block of nb query views × na source views at a time, its scratch laid out so that
+// the score GEMM is one product: S = Q_blk K_blkᵀ·inv is [nb·T, na·T] row-major, i.e. the
+// T-long segment (r, a) holds the scores of query row r against source view a's keys, at
+// segment index r·na + a; x̃ [nb·T, na, D] the same way (row (r, a) at r·na + a).
 //
-//   alpa_cross_rows:           P [M, R, T] (scratch), cos [M, R]     thread per (a, r)
-//   alpa_cross_sum:            terms [M, M]                          thread per (b, a)
-//   alpa_cross_backward_rows:  dq, dv [R, D]; P, dS [M, R, T], dx [M, R, D]   thread per r
-//   alpa_cross_backward_keys:  dk [R, D]; dv += (attention part)     thread per key row
+//   alpa_softmax:          P = softmax of each T-segment of S, in place
+//   alpa_cos_terms:        terms[b·M + a] = Σ_p cos(v_{bT+p}, x̃[(b, p), a])   (p in order)
+//   alpa_cos_backward:     for g = ∂L/∂terms [M, M], gc = g[b·M + a], n_v, n_x the norms
+//                          clamped at 1e-8 and c the cosine:
+//                            dv_r += Σ_a gc (x̃/(n_v n_x) − c·v_r/n_v²)   (a in order)
+//                            x̃ ← dx̃ = gc (v_r/(n_v n_x) − c·x̃/n_x²)      (in place; 0 if gc = 0)
+//   alpa_softmax_backward: dP ← dS = P ⊙ (dP − Σ_j P_j dP_j)·inv, per segment, in place
 //
-// Launch shape: 1-D, block 128, grid ceil(count / 128).
+// Every sum is a loop in order in one thread or a fixed shuffle tree in one warp (f32, as the
+// CPU's), and each output has one writer, so a run repeats bit for bit; no atomics.
+//
+// Launch shape: block 128. alpa_relu, alpa_relu_backward: one thread per value, grid
+//   ceil(n / 128). alpa_softmax, alpa_softmax_backward: one warp per T-segment, grid
+//   ceil(segments / 4). alpa_cos_terms: one thread per (b, a) pair of the block; alpa_cos_backward:
+//   one thread per query row of the block (its dv row has no other writer); grid
+//   ceil(items / 128). Their work is O(pairs·T·D), against the GEMMs' O(pairs·T²·D).
 
 extern "C" __global__ void __launch_bounds__(128)
 alpa_relu(const float* x, float* y, long long n) {
@@ -210,135 +215,104 @@ alpa_relu_backward(const float* y, float* dy, long long n) {
     if (i < n && !(y[i] > 0.f)) dy[i] = 0.f;
 }
 
-// P[a, r, :] = softmax(q_r · k_a[j] · inv) into p (T values).
-__device__ void alpa_probs(const float* qr, const float* ka, int T, int D, float inv, float* p) {
+__device__ __forceinline__ float alpa_warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+alpa_softmax(float* s, long long segments, int T) {
+    const int lane = threadIdx.x & 31;
+    const long long seg = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (seg >= segments) return;
+    float* p = s + seg * T;
     float mx = __int_as_float(0xff800000);
-    for (int j = 0; j < T; ++j) {
-        float s = 0.f;
-        for (int c = 0; c < D; ++c) s += qr[c] * ka[(long long)j * D + c];
-        s *= inv;
-        p[j] = s;
-        mx = fmaxf(mx, s);
-    }
+    for (int j = lane; j < T; j += 32) mx = fmaxf(mx, p[j]);
+    mx = ce_warp_max(mx);
     float sum = 0.f;
-    for (int j = 0; j < T; ++j) {
-        p[j] = expf(p[j] - mx);
-        sum += p[j];
+    for (int j = lane; j < T; j += 32) {
+        const float e = expf(p[j] - mx);
+        p[j] = e;
+        sum += e;
     }
-    for (int j = 0; j < T; ++j) p[j] /= sum;
+    sum = alpa_warp_sum(sum);
+    for (int j = lane; j < T; j += 32) p[j] /= sum;
+}
+
+// |x|² and v_r·x over D columns, in order.
+__device__ __forceinline__ void alpa_dots(const float* vr, const float* xr, int D, float* xx,
+                                          float* ux) {
+    float b = 0.f, c = 0.f;
+    for (int i = 0; i < D; ++i) {
+        const float x = xr[i];
+        b += x * x;
+        c += vr[i] * x;
+    }
+    *xx = b;
+    *ux = c;
+}
+
+__device__ __forceinline__ float alpa_sq_norm(const float* vr, int D) {
+    float a = 0.f;
+    for (int i = 0; i < D; ++i) a += vr[i] * vr[i];
+    return a;
 }
 
 extern "C" __global__ void __launch_bounds__(128)
-alpa_cross_rows(const float* q, const float* k, const float* v, int M, int T, int D, float inv,
-                float* probs, float* cosv) {
-    const long long R = (long long)M * T;
-    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (long long)M * R) return;
-    const int a = (int)(i / R);
-    const long long r = i % R;
-    const float* ka = k + (long long)a * T * D;
-    const float* va = v + (long long)a * T * D;
-    const float* vr = v + r * D;
-    float* p = probs + i * T;
-    alpa_probs(q + r * D, ka, T, D, inv, p);
-    float uu = 0.f, xx = 0.f, ux = 0.f;
-    for (int c = 0; c < D; ++c) {
-        float x = 0.f;
-        for (int j = 0; j < T; ++j) x += p[j] * va[(long long)j * D + c];
-        uu += vr[c] * vr[c];
-        xx += x * x;
-        ux += vr[c] * x;
-    }
-    cosv[i] = ux / (fmaxf(sqrtf(uu), 1e-8f) * fmaxf(sqrtf(xx), 1e-8f));
-}
-
-extern "C" __global__ void __launch_bounds__(128)
-alpa_cross_sum(const float* cosv, int M, int T, float* terms) {
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= M * M) return;
-    const int b = i / M, a = i % M;
-    const long long R = (long long)M * T;
+alpa_cos_terms(const float* v, const float* x, int M, int T, int D, int b0, int nb, int a0,
+               int na, float* terms) {
+    const int pair = blockIdx.x * blockDim.x + threadIdx.x;
+    if (pair >= nb * na) return;
+    const int bi = pair / na, ai = pair % na;
     float t = 0.f;
-    for (int p = 0; p < T; ++p) t += cosv[a * R + (long long)b * T + p];
-    terms[i] = t;
+    for (int p = 0; p < T; ++p) {
+        const long long r = (long long)bi * T + p;
+        const float* vr = v + ((long long)b0 * T + r) * D;
+        float xx, ux;
+        alpa_dots(vr, x + (r * na + ai) * D, D, &xx, &ux);
+        t += ux / (fmaxf(sqrtf(alpa_sq_norm(vr, D)), 1e-8f) * fmaxf(sqrtf(xx), 1e-8f));
+    }
+    terms[(b0 + bi) * M + a0 + ai] = t;
 }
 
 extern "C" __global__ void __launch_bounds__(128)
-alpa_cross_backward_rows(const float* q, const float* k, const float* v, int M, int T, int D,
-                         float inv, const float* g, float* probs, float* dsc, float* dx,
-                         float* dq, float* dv) {
-    const long long R = (long long)M * T;
+alpa_cos_backward(const float* v, float* x, const float* g, int M, int T, int D, int b0, int nb,
+                  int a0, int na, float* dv) {
     const long long r = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (r >= R) return;
-    const int b = (int)(r / T);
-    const float* qr = q + r * D;
-    const float* vr = v + r * D;
-    for (int c = 0; c < D; ++c) {
-        dq[r * D + c] = 0.f;
-        dv[r * D + c] = 0.f;
-    }
-    for (int a = 0; a < M; ++a) {
-        const long long i = (long long)a * R + r;
-        const float* ka = k + (long long)a * T * D;
-        const float* va = v + (long long)a * T * D;
-        float* p = probs + i * T;
-        float* ds = dsc + i * T;
-        float* xr = dx + i * D;
-        alpa_probs(qr, ka, T, D, inv, p);
-        float uu = 0.f, xx = 0.f, ux = 0.f;
-        for (int c = 0; c < D; ++c) {
-            float x = 0.f;
-            for (int j = 0; j < T; ++j) x += p[j] * va[(long long)j * D + c];
-            xr[c] = x;
-            uu += vr[c] * vr[c];
-            xx += x * x;
-            ux += vr[c] * x;
+    if (r >= (long long)nb * T) return;
+    const int b = b0 + (int)(r / T);
+    const float* vr = v + ((long long)b0 * T + r) * D;
+    float* dvr = dv + ((long long)b0 * T + r) * D;
+    const float nu = fmaxf(sqrtf(alpa_sq_norm(vr, D)), 1e-8f);
+    for (int ai = 0; ai < na; ++ai) {
+        float* xr = x + (r * na + ai) * D;
+        const float gc = g[b * M + a0 + ai];
+        if (gc == 0.f) {
+            for (int i = 0; i < D; ++i) xr[i] = 0.f;
+            continue;
         }
-        const float gc = g[b * M + a];
-        if (gc != 0.f) {
-            const float nu = fmaxf(sqrtf(uu), 1e-8f), nx = fmaxf(sqrtf(xx), 1e-8f);
-            const float cs = ux / (nu * nx);
-            const float inv_ux = gc / (nu * nx), cu = gc * cs / (nu * nu),
-                        cx = gc * cs / (nx * nx);
-            for (int c = 0; c < D; ++c) {
-                const float x = xr[c];
-                dv[r * D + c] += x * inv_ux - vr[c] * cu;
-                xr[c] = vr[c] * inv_ux - x * cx;
-            }
-        } else {
-            for (int c = 0; c < D; ++c) xr[c] = 0.f;
-        }
-        float dot = 0.f;
-        for (int j = 0; j < T; ++j) {
-            float s = 0.f;
-            for (int c = 0; c < D; ++c) s += xr[c] * va[(long long)j * D + c];
-            ds[j] = s;
-            dot += p[j] * s;
-        }
-        for (int j = 0; j < T; ++j) ds[j] = p[j] * (ds[j] - dot) * inv;
-        for (int c = 0; c < D; ++c) {
-            float s = 0.f;
-            for (int j = 0; j < T; ++j) s += ds[j] * ka[(long long)j * D + c];
-            dq[r * D + c] += s;
+        float xx, ux;
+        alpa_dots(vr, xr, D, &xx, &ux);
+        const float nx = fmaxf(sqrtf(xx), 1e-8f);
+        const float cs = ux / (nu * nx);
+        const float inv_ux = gc / (nu * nx), cu = gc * cs / (nu * nu), cx = gc * cs / (nx * nx);
+        for (int i = 0; i < D; ++i) {
+            const float xv = xr[i], u = vr[i];
+            dvr[i] += xv * inv_ux - u * cu;
+            xr[i] = u * inv_ux - xv * cx;
         }
     }
 }
 
 extern "C" __global__ void __launch_bounds__(128)
-alpa_cross_backward_keys(const float* q, int M, int T, int D, const float* probs,
-                         const float* dsc, const float* dx, float* dk, float* dv) {
-    const long long R = (long long)M * T;
-    const long long kr = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (kr >= R) return;
-    const int a = (int)(kr / T), j = (int)(kr % T);
-    for (int c = 0; c < D; ++c) {
-        float sk = 0.f, sv = 0.f;
-        for (long long r = 0; r < R; ++r) {
-            const long long i = (long long)a * R + r;
-            sk += dsc[i * T + j] * q[r * D + c];
-            sv += probs[i * T + j] * dx[i * D + c];
-        }
-        dk[kr * D + c] = sk;
-        dv[kr * D + c] += sv;
-    }
+alpa_softmax_backward(const float* p, float* dp, long long segments, int T, float inv) {
+    const int lane = threadIdx.x & 31;
+    const long long seg = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (seg >= segments) return;
+    const float* pr = p + seg * T;
+    float* dr = dp + seg * T;
+    float dot = 0.f;
+    for (int j = lane; j < T; j += 32) dot += pr[j] * dr[j];
+    dot = alpa_warp_sum(dot);
+    for (int j = lane; j < T; j += 32) dr[j] = pr[j] * (dr[j] - dot) * inv;
 }

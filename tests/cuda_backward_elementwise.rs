@@ -7,8 +7,9 @@
 //!     exceptions are the masked-row sum (chunks of 64 masked rows against the CPU's single pass)
 //!     and LayerNorm's dγ/dβ (per-block partials), still far inside 1e-5.
 //!   - AdamW: 1e-6 (it is bit-exact by construction: every operation rounded on its own).
-//!   - ALPA's cross-view attention terms and their backward: 1e-5 (f32, one thread per row
-//!     against the CPU's GEMMs); its ReLU: exact.
+//!   - ALPA's cross-view attention terms and their backward: 1e-5 (f32 GEMMs over blocks of view
+//!     pairs and warp-summed cosines, against the CPU's GEMMs in another order), also with a
+//!     scratch budget small enough to split the pairs into blocks; its ReLU: exact.
 //!   - grad norm, cross-entropy and MOS's group softmax: 1e-6 (both f64 inside; only the order of f64 sums differs).
 //!
 //! Every reduction is also run twice on the same inputs and must repeat bit for bit, and every
@@ -513,10 +514,25 @@ fn alpa_relu(n: usize) -> Case {
 }
 
 /// ALPA's cross-view attention terms [M, M] and their backward (dq, dk, dv) against
-/// `train::alpa::alpa_terms{,_backward}`; g has zeros on the diagonal, as SupCon's does.
-fn alpa_terms(m: usize, t: usize, d: usize) -> Case {
+/// `train::alpa::alpa_terms{,_backward}`; g has zeros on the diagonal, as SupCon's does. With
+/// `scratch`, the launchers get that budget instead of `ALPA_SCRATCH_BYTES`, so that the view
+/// pairs go in several blocks (the case checks that they do).
+fn alpa_terms(m: usize, t: usize, d: usize, scratch: Option<usize>) -> Case {
+    let budget = scratch.unwrap_or(cu::loss::ALPA_SCRATCH_BYTES);
     let run: Run = Box::new(move |dev, rng| {
         let n = m * t * d;
+        if scratch.is_some() {
+            // One view pair's scratch: the floor whatever the budget.
+            let pair = |grads| 4 * t * (t * if grads { 2 } else { 1 } + d);
+            for grads in [false, true] {
+                let used = cu::loss::alpa_scratch_bytes((m, t, d), grads, budget);
+                assert!(
+                    used <= budget.max(pair(grads)) && used < m * m * pair(grads),
+                    "alpa scratch {used} B for budget {budget} B (all pairs: {} B)",
+                    m * m * pair(grads)
+                );
+            }
+        }
         let (q, k, v) = (randn(rng, n, 1.0), randn(rng, n, 1.0), randn(rng, n, 1.0));
         let g: Vec<f32> = (0..m * m)
             .map(|i| {
@@ -530,9 +546,16 @@ fn alpa_terms(m: usize, t: usize, d: usize) -> Case {
         let terms_want = mood::train::alpa::alpa_terms(&q, &k, &v, m, d);
         let (dq_w, dk_w, dv_w) = mood::train::alpa::alpa_terms_backward(&q, &k, &v, m, d, &g);
         let (qd, kd, vd) = (dev.upload(&q)?, dev.upload(&k)?, dev.upload(&v)?);
-        let terms = cu::loss::alpa_terms(dev, &qd, &kd, &vd, (m, t, d))?;
-        let (dq, dk, dv) =
-            cu::loss::alpa_terms_backward(dev, &qd, &kd, &vd, &dev.upload(&g)?, (m, t, d))?;
+        let terms = cu::loss::alpa_terms_with_scratch(dev, &qd, &kd, &vd, (m, t, d), budget)?;
+        let (dq, dk, dv) = cu::loss::alpa_terms_backward_with_scratch(
+            dev,
+            &qd,
+            &kd,
+            &vd,
+            &dev.upload(&g)?,
+            (m, t, d),
+            budget,
+        )?;
         Ok(vec![
             out("terms", dev.download(&terms)?, terms_want, F32_TOL),
             out("dq", dev.download(&dq)?, dq_w, F32_TOL),
@@ -540,7 +563,11 @@ fn alpa_terms(m: usize, t: usize, d: usize) -> Case {
             out("dv", dev.download(&dv)?, dv_w, F32_TOL),
         ])
     });
-    Case("alpa_terms", format!("M = {m}, T = {t}, d = {d}"), run)
+    let shape = match scratch {
+        Some(b) => format!("M = {m}, T = {t}, d = {d}, {b} B"),
+        None => format!("M = {m}, T = {t}, d = {d}"),
+    };
+    Case("alpa_terms", shape, run)
 }
 
 fn mse(r: usize, k: usize) -> Case {
@@ -638,9 +665,15 @@ fn cases() -> Vec<Case> {
         group_softmax(64, &[40, 1, 70, 3]),
         group_softmax(3, &[1]),
         alpa_relu(1000),
-        alpa_terms(6, 16, 8),
-        alpa_terms(4, 49, 80),
-        alpa_terms(2, 1, 3),
+        alpa_terms(6, 16, 8, None),
+        alpa_terms(4, 49, 80, None),
+        alpa_terms(2, 1, 3, None),
+        alpa_terms(1, 7, 5, None),
+        // 6 pairs' backward scratch (9 of the forward's): blocks of 1 query view × 4, then 3,
+        // source views backward, 1 × 7 forward.
+        alpa_terms(7, 9, 8, Some(6 * 4 * (2 * 81 + 9 * 8))),
+        // Less than one pair: one pair per block.
+        alpa_terms(3, 5, 4, Some(1)),
         mse(37, 48),
         mse(3, 1),
         layernorm_bwd(300, 64),
@@ -955,4 +988,68 @@ fn bad_lengths_are_errors() {
     }
     // Empty inputs are fine, not errors.
     assert_eq!(cu::optim::grad_norm(dev, &[]).unwrap(), 0.0);
+}
+
+/// ALPA's cross terms and their backward at a training-like size (M = 16 views, T = 49 tokens,
+/// d = 64), under the default scratch budget and one that splits the view pairs into blocks:
+/// each twice, the same bits, and the time of one forward + backward printed (on the CPU stand-in
+/// only a relative figure, not a GPU time).
+#[test]
+fn alpa_terms_repeat_at_size() {
+    let Some(dev) = common::cuda::device("alpa_terms_repeat_at_size") else {
+        return;
+    };
+    let dev = &dev;
+    let (m, t, d) = (16, 49, 64);
+    let mut rng = Rng::new(4242);
+    let n = m * t * d;
+    let (q, k, v) = (
+        dev.upload(&randn(&mut rng, n, 1.0)).unwrap(),
+        dev.upload(&randn(&mut rng, n, 1.0)).unwrap(),
+        dev.upload(&randn(&mut rng, n, 1.0)).unwrap(),
+    );
+    let g = dev.upload(&randn(&mut rng, m * m, 1.0)).unwrap();
+    let once = |budget: usize| -> Result<(Vec<u32>, f64)> {
+        let started = std::time::Instant::now();
+        let terms = cu::loss::alpa_terms_with_scratch(dev, &q, &k, &v, (m, t, d), budget)?;
+        let (dq, dk, dv) =
+            cu::loss::alpa_terms_backward_with_scratch(dev, &q, &k, &v, &g, (m, t, d), budget)?;
+        let mut out = bits(&dev.download(&terms)?);
+        for x in [dq, dk, dv] {
+            out.extend(bits(&dev.download(&x)?));
+        }
+        Ok((out, started.elapsed().as_secs_f64()))
+    };
+    for budget in [cu::loss::ALPA_SCRATCH_BYTES, 1 << 20] {
+        let (a, ta) = once(budget).unwrap();
+        let (b, tb) = once(budget).unwrap();
+        assert_eq!(
+            a, b,
+            "alpa_terms at M = {m}, T = {t}, d = {d}: two runs differ"
+        );
+        println!(
+            "alpa_terms + backward, M = {m}, T = {t}, d = {d}, scratch {} B of {budget} B: \
+             {ta:.3} s, {tb:.3} s (identical bits)",
+            cu::loss::alpa_scratch_bytes((m, t, d), true, budget)
+        );
+    }
+}
+
+/// ALPA's scratch at BEiT's sizes (M = 64 views, T = 196 tokens, d = 80) stays within
+/// `ALPA_SCRATCH_BYTES`, forward and backward, and is printed.
+#[test]
+fn alpa_scratch_is_bounded() {
+    let budget = cu::loss::ALPA_SCRATCH_BYTES;
+    for dims in [(64, 196, 80), (64, 196, 64), (256, 196, 80), (2, 4096, 80)] {
+        for grads in [false, true] {
+            let used = cu::loss::alpa_scratch_bytes(dims, grads, budget);
+            println!(
+                "alpa scratch (M, T, d) = {dims:?} {}: {used} B ({:.1} MiB, budget {} MiB)",
+                if grads { "backward" } else { "forward" },
+                used as f64 / (1 << 20) as f64,
+                budget >> 20
+            );
+            assert!(used <= budget, "{dims:?}: {used} B > {budget} B");
+        }
+    }
 }
