@@ -13,7 +13,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use common::run_mood;
+use common::{photo_crops, run_mood};
 use mood::model::resnet::ResNetConfig;
 use mood::train::checkpoint::Progress;
 use mood::train::mode::{self, ModeSettings};
@@ -287,29 +287,6 @@ fn a_resumed_run_writes_the_bytes_of_an_unbroken_one() {
         sha(&straight),
         "resumed = unbroken, bit for bit"
     );
-}
-
-/// `n` square crops of each bundled photograph, as PNGs under `root/<photo>/` (as
-/// tests/train_folders.rs makes them).
-fn photo_crops(root: &Path, n: usize) {
-    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("data");
-    for name in ["china", "flower"] {
-        let img = image::open(data.join(format!("{name}.jpg")))
-            .unwrap()
-            .to_rgb8();
-        std::fs::create_dir_all(root.join(name)).unwrap();
-        for i in 0..n {
-            let s = 60 + (i * 37) % 140;
-            let (x, y) = (
-                (i * 53) % (img.width() as usize - s),
-                (i * 29) % (img.height() as usize - s),
-            );
-            let crop =
-                image::imageops::crop_imm(&img, x as u32, y as u32, s as u32, s as u32).to_image();
-            crop.save(root.join(name).join(format!("{i:03}.png")))
-                .unwrap();
-        }
-    }
 }
 
 #[test]

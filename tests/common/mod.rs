@@ -322,3 +322,26 @@ pub fn synthetic_store(dir: &Path, n: usize, seed: u64, s: Synthetic) {
     )
     .unwrap();
 }
+
+/// `n` square crops of each bundled photograph, as PNGs under `root/<photo>/` (an image folder
+/// with two classes).
+pub fn photo_crops(root: &Path, n: usize) {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("data");
+    for name in ["china", "flower"] {
+        let img = image::open(data.join(format!("{name}.jpg")))
+            .unwrap()
+            .to_rgb8();
+        std::fs::create_dir_all(root.join(name)).unwrap();
+        for i in 0..n {
+            let s = 60 + (i * 37) % 140;
+            let (x, y) = (
+                (i * 53) % (img.width() as usize - s),
+                (i * 29) % (img.height() as usize - s),
+            );
+            let crop =
+                image::imageops::crop_imm(&img, x as u32, y as u32, s as u32, s as u32).to_image();
+            crop.save(root.join(name).join(format!("{i:03}.png")))
+                .unwrap();
+        }
+    }
+}
