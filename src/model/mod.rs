@@ -6,6 +6,7 @@ pub mod backbone;
 pub mod bit;
 pub mod config;
 pub mod conv_exec;
+pub mod conv_train_exec;
 pub mod cpu_train;
 #[cfg(feature = "cuda")]
 pub mod cuda_attention;
