@@ -167,8 +167,8 @@ pub fn mean_hw_backward((b, h, w, c): (usize, usize, usize, usize)) -> Case {
     )
 }
 
-/// conv2d_backward of x [B, H, W, Cin] by `cv`; `chunk_bytes` Some runs it over chunks of that
-/// many im2col bytes (one image each here).
+/// conv2d_backward of x [B, H, W, Cin] by `cv`; `chunk_bytes` Some runs it over chunks of at most
+/// that many im2col bytes (at least one image each).
 pub fn conv2d_backward(
     (b, h, w): (usize, usize, usize),
     cv: Conv,
@@ -203,11 +203,7 @@ pub fn conv2d_backward(
             cv.k,
             cv.stride,
             cv.pad,
-            if chunk_bytes.is_some() {
-                " chunked"
-            } else {
-                ""
-            }
+            chunk_bytes.map_or(String::new(), |n| format!(" chunks ≤ {n} B"))
         ),
         "f32",
         F32_SUM_TOL,
@@ -460,6 +456,12 @@ pub fn cases() -> Vec<Case> {
         conv2d_backward((3, 7, 7), geometry(64, 128, 1, 1, 0), None),
         conv2d_backward((2, 9, 11), geometry(8, 16, 3, 1, 1), None),
         conv2d_backward((3, 9, 11), geometry(8, 16, 3, 2, 1), Some(1)),
+        // Two images' rows (5·6 rows of 72 f32 each) per chunk: chunks of 2 and 1 images.
+        conv2d_backward(
+            (3, 9, 11),
+            geometry(8, 16, 3, 2, 1),
+            Some(2 * 5 * 6 * 72 * 4),
+        ),
         sgd_momentum(10_007),
         conv_grad_repeat(),
         conv_grad_refusals(),
