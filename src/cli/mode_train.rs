@@ -1,8 +1,10 @@
-//! `mood mode-train`: MODE's supervised-contrastive training of a ResNet encoder on the CPU
-//! (SupCon on the pooled features, optionally ALPA on the last stage's map); see train/mode.rs.
+//! `mood mode-train`: MODE's supervised-contrastive training of a ResNet encoder on the CPU or a
+//! CUDA device (SupCon on the pooled features, optionally ALPA on the last stage's map); see
+//! train/mode.rs.
 
 use std::path::PathBuf;
 
+use crate::backend::{Device, Precision};
 use crate::error::{Error, Result};
 use crate::model::resnet::ResNetConfig;
 use crate::train::mode::{self, ModeSettings};
@@ -49,6 +51,10 @@ pub struct Args {
     /// Replace an existing --output checkpoint.
     #[arg(long)]
     pub overwrite: bool,
+    /// Where to train: cpu, cuda (the encoder and its SGD state on the device, the losses on the
+    /// host), or auto (cuda if a device is usable, else cpu with a note).
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    pub device: Device,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -83,7 +89,9 @@ pub fn run(args: Args) -> Result<()> {
     };
     mode::add_heads(&mut params, cfg.feature_dim(), &s);
     let quiet = crate::progress::quiet();
-    mode::train(
+    let on = crate::pipeline::device::train_on(args.device, Precision::F32, "MODE's training")?;
+    mode::train_on(
+        &on,
         &cfg,
         &mut params,
         &data,

@@ -15,6 +15,8 @@ pub mod cuda_conv;
 #[cfg(feature = "cuda")]
 pub mod cuda_conv_memory;
 #[cfg(feature = "cuda")]
+pub mod cuda_conv_train;
+#[cfg(feature = "cuda")]
 pub mod cuda_exec;
 #[cfg(feature = "cuda")]
 pub mod cuda_model;

@@ -1,4 +1,4 @@
-//! MODE's training of a ResNet encoder on the CPU (SPEC E): two augmented views of every image go
+//! MODE's training of a ResNet encoder, on the CPU or a CUDA device (SPEC E; mode_device.rs): two augmented views of every image go
 //! through the network in one batch (BatchNorm in training mode), and
 //!   L = w_SupCon·SupCon(head(pooled features)) + w_ALPA·ALPA(last stage's map as tokens [h·w, C]),
 //! optimised by SGD (momentum 0.9, weight decay 1e-4 on every parameter, as torch.optim.SGD) with
@@ -14,13 +14,16 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use crate::error::{Error, Result};
+use crate::model::conv_exec::Nhwc;
 use crate::model::resnet::ResNetConfig;
 use crate::model::resnet_train::{init_params, ResNetTrain};
 use crate::rng::Rng;
 use crate::tensor::Tensor;
 use crate::train::alpa::{Alpa, WEIGHT_NAMES};
 use crate::train::checkpoint::Progress;
+use crate::train::device::TrainOn;
 use crate::train::loops::Dataset;
+use crate::train::mode_device::ModeStep;
 use crate::train::supcon::{SupCon, HEAD_NAMES};
 use crate::weights::{safetensors, RawTensor, WDType};
 
@@ -263,17 +266,25 @@ fn get<'p>(params: &'p BTreeMap<String, Tensor>, name: &str) -> Result<&'p [f32]
         .ok_or_else(|| Error::Usage(format!("MODE's training needs `{name}` (add_heads)")))
 }
 
-/// The loss of views [2B, C, S, S] (labels repeated) and the gradient of every trained
-/// parameter; the BatchNorm running statistics in `params` move to the batch's.
-pub fn loss_and_grads(
-    net: &ResNetTrain,
-    params: &mut BTreeMap<String, Tensor>,
-    views: &Tensor,
+/// What the heads make of a forward's pooled features [2B, F] and last map [dims] on the host:
+/// the loss terms, the heads' gradients (SupCon's projection, ALPA's MLPs, by name) and the
+/// gradients to send back into the encoder, each already scaled by its term's weight.
+pub struct HeadLosses {
+    pub loss: StepLoss,
+    pub grads: Vec<(String, Vec<f32>)>,
+    pub d_map: Option<Vec<f32>>,
+    pub d_features: Option<Vec<f32>>,
+}
+
+/// SupCon on the features and ALPA on the map (as `s` asks) with the heads in `params`.
+pub fn head_losses(
+    params: &BTreeMap<String, Tensor>,
+    features: &[f32],
+    map: &[f32],
+    d: Nhwc,
     labels: &[usize],
     s: &ModeSettings,
-) -> Result<(StepLoss, HashMap<String, Vec<f32>>)> {
-    let fw = net.forward(params, views)?;
-    let d = fw.map_dims;
+) -> Result<HeadLosses> {
     let f = d.c;
     let mut loss = StepLoss::default();
     let mut extra: Vec<(String, Vec<f32>)> = Vec::new();
@@ -285,7 +296,7 @@ pub fn loss_and_grads(
         let head = [head[0], head[1], head[2], head[3]];
         let out = s
             .supcon
-            .forward_backward(head, &fw.features, labels, (f, s.head_dim));
+            .forward_backward(head, features, labels, (f, s.head_dim));
         loss.supcon = out.loss;
         let w = s.supcon_weight;
         for (name, g) in HEAD_NAMES.iter().zip(out.d_head) {
@@ -313,7 +324,7 @@ pub fn loss_and_grads(
                 proj: s.alpa_dim,
                 scale: 10.0,
             };
-            let out = alpa.forward_backward(&fw.map, labels, d.h * d.w);
+            let out = alpa.forward_backward(map, labels, d.h * d.w);
             loss.alpa = out.loss;
             for (name, g) in names.into_iter().zip(out.d_weights) {
                 extra.push((name, g.into_iter().map(|v| v * w).collect()));
@@ -328,15 +339,34 @@ pub fn loss_and_grads(
         _ => None,
     };
     loss.total = s.supcon_weight * loss.supcon + s.alpa_weight.unwrap_or(0.0) * loss.alpa;
-    let grads = net.backward(params, &fw, d_map.as_deref(), d_features.as_deref())?;
+    Ok(HeadLosses {
+        loss,
+        grads: extra,
+        d_map,
+        d_features,
+    })
+}
+
+/// The loss of views [2B, C, S, S] (labels repeated) and the gradient of every trained
+/// parameter; the BatchNorm running statistics in `params` move to the batch's.
+pub fn loss_and_grads(
+    net: &ResNetTrain,
+    params: &mut BTreeMap<String, Tensor>,
+    views: &Tensor,
+    labels: &[usize],
+    s: &ModeSettings,
+) -> Result<(StepLoss, HashMap<String, Vec<f32>>)> {
+    let fw = net.forward(params, views)?;
+    let h = head_losses(params, &fw.features, &fw.map, fw.map_dims, labels, s)?;
+    let grads = net.backward(params, &fw, h.d_map.as_deref(), h.d_features.as_deref())?;
     for (name, v) in fw.running {
         if let Some(t) = params.get_mut(&name) {
             t.as_mut_slice().copy_from_slice(&v);
         }
     }
     let mut all = grads.params;
-    all.extend(extra);
-    Ok((loss, all))
+    all.extend(h.grads);
+    Ok((h.loss, all))
 }
 
 /// torch.optim.SGD: d = g + λ·p, buf = μ·buf + d, p −= lr·buf.
@@ -413,6 +443,19 @@ pub fn train(
     checkpoint: Option<&Path>,
     on_epoch: &mut dyn FnMut(usize, StepLoss),
 ) -> Result<History> {
+    train_on(&TrainOn::Cpu, cfg, params, data, s, checkpoint, on_epoch)
+}
+
+/// `train` with its steps on `on` (train/mode_device.rs); the checkpoint records the device.
+pub fn train_on(
+    on: &TrainOn,
+    cfg: &ResNetConfig,
+    params: &mut BTreeMap<String, Tensor>,
+    data: &Dataset,
+    s: &ModeSettings,
+    checkpoint: Option<&Path>,
+    on_epoch: &mut dyn FnMut(usize, StepLoss),
+) -> Result<History> {
     s.check()?;
     if s.batch > data.len() {
         return Err(Error::Usage(format!(
@@ -430,8 +473,10 @@ pub fn train(
     }
     let net = ResNetTrain::new(cfg);
     let per_epoch = data.len() / s.batch;
-    let settings = settings_record(s, data);
+    let mut settings = settings_record(s, data);
+    settings["device"] = on.describe().into();
     let mut momentum = BTreeMap::new();
+    let mut device = ModeStep::new(on, &net, params, &momentum)?;
     let mut history = Vec::new();
     for epoch in 0..s.epochs {
         let mut order: Vec<usize> = (0..data.len()).collect();
@@ -445,20 +490,14 @@ pub fn train(
             let (x, y) = data.batch(&order[it * s.batch..(it + 1) * s.batch])?;
             let views = two_views(&x, s.seed ^ (0xa0_0000_0000 + step as u64))?;
             let labels: Vec<usize> = y.iter().chain(&y).copied().collect();
-            let (loss, grads) = loss_and_grads(&net, params, &views, &labels, s)?;
+            let lr = learning_rate(s, epoch, it, per_epoch);
+            let loss = device.step(&net, params, &mut momentum, &views, &labels, s, lr)?;
             if !loss.total.is_finite() {
                 return Err(Error::Data(format!(
                     "the loss is {} at epoch {epoch} step {it}: lower --lr",
                     loss.total
                 )));
             }
-            sgd_update(
-                params,
-                &mut momentum,
-                &grads,
-                learning_rate(s, epoch, it, per_epoch),
-                s,
-            );
             sum.total += loss.total / per_epoch as f32;
             sum.supcon += loss.supcon / per_epoch as f32;
             sum.alpa += loss.alpa / per_epoch as f32;
@@ -474,9 +513,11 @@ pub fn train(
                 optimizer_step: ((epoch + 1) * per_epoch) as u32,
                 settings: settings.clone(),
             };
+            device.sync(params, &mut momentum)?;
             save(path, params, &momentum, &progress)?;
         }
     }
+    device.sync(params, &mut momentum)?;
     Ok(history)
 }
 
