@@ -8,7 +8,8 @@
 //!   - two steps of MODE's training (SupCon + ALPA, SGD with momentum) on CPU and on CUDA: the
 //!     losses within 1e-4 relative and every checkpoint tensor (weights, running statistics,
 //!     heads, momentum buffers) within 1e-3 of the CPU's (SGD at lr 0.5 amplifies the 1e-5 level
-//!     gradient differences); two CUDA runs write the same bytes.
+//!     gradient differences); two CUDA runs write the same bytes;
+//!   - `mood mode-train --device cuda` writes a checkpoint whose settings record the device.
 //!
 //! Without a usable GPU they run on the CPU stand-in for CUDA (tests/common/cuda.rs).
 
@@ -264,4 +265,42 @@ fn two_mode_train_steps_on_cuda_match_the_cpu_and_repeat() {
         std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(),
         "two CUDA runs write the same bytes"
     );
+}
+
+#[test]
+fn mode_train_cli_on_cuda_records_the_device() {
+    let (env, _stand_in) = common::cuda::cli_env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("cuda.st");
+    let args = [
+        "mode-train",
+        "--arch",
+        "test_tiny_resnet_basic_cifar",
+        "--data",
+        "digits:0-1",
+        "--recipe",
+        "mode-t",
+        "--epochs",
+        "1",
+        "--batch",
+        "64",
+        "--alpa-dim",
+        "8",
+        "--device",
+        "cuda",
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    let (rc, _, err) = common::run_mood_env(&args, &env);
+    assert_eq!(rc, 0, "{err}");
+    assert!(err.contains("epoch 0: loss"), "{err}");
+    let p = mood::train::checkpoint::read_progress(&out)
+        .unwrap()
+        .unwrap();
+    let device = p.settings["device"].as_str().unwrap_or_default();
+    println!("mode-train --device cuda: {device}");
+    assert!(device.starts_with("cuda"), "settings record {}", p.settings);
+    let store = WeightStore::open(&out).unwrap();
+    assert!(store.names().any(|n| n == "optim.momentum.conv1.weight"));
 }
