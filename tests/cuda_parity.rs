@@ -55,6 +55,9 @@ use fused::{layernorm_from_f32, residual_layernorm};
 // The convolutional nets' kernels (ResNet, BiT): convolution, pooling, GroupNorm on NHWC maps.
 #[path = "cuda_parity/conv.rs"]
 mod conv;
+// The ResNet training kernels: BatchNorm (train), the pooling/ReLU/convolution backward, SGD.
+#[path = "cuda_parity/conv_grad.rs"]
+mod conv_grad;
 
 /// One output of a case: its name, the GPU values and the CPU reference (both as f32).
 struct Out(&'static str, Vec<f32>, Vec<f32>);
@@ -562,6 +565,8 @@ fn cases() -> Vec<Case> {
     .chain(flash_attention::cases())
     // Convolution, max-pool, global average pool and GroupNorm (ResNet, BiT).
     .chain(conv::cases())
+    // BatchNorm training, the convolutional backward and SGD with momentum (ResNet training).
+    .chain(conv_grad::cases())
     .collect()
 }
 

@@ -227,16 +227,12 @@ fn a_resumed_run_writes_the_bytes_of_an_unbroken_one() {
     let data = mode::digits_data("digits:0-1", cfg.img_size).unwrap();
     let mut params = mode::initial_params(&cfg, &s);
     let broken = tmp.path().join("broken.st");
-    let done = mode::train_from(
-        &cfg,
-        &mut params,
-        &data,
-        &s,
-        Some(&broken),
-        None,
-        &mut |_, _| false,
-    )
-    .unwrap();
+    let run = mode::Run {
+        on: &mood::train::device::TrainOn::Cpu,
+        checkpoint: Some(&broken),
+        resume: None,
+    };
+    let done = mode::train_from(&cfg, &mut params, &data, &s, run, &mut |_, _| false).unwrap();
     assert_eq!(done.len(), 1, "stopped after one epoch");
     let after_one = sha(&broken);
     assert_ne!(after_one, sha(&straight));

@@ -1,8 +1,10 @@
-//! `mood mode-train`: MODE's supervised-contrastive training of a ResNet encoder on the CPU
-//! (SupCon on the pooled features, optionally ALPA on the last stage's map); see train/mode.rs.
+//! `mood mode-train`: MODE's supervised-contrastive training of a ResNet encoder on the CPU or a
+//! CUDA device (SupCon on the pooled features, optionally ALPA on the last stage's map); see
+//! train/mode.rs.
 
 use std::path::PathBuf;
 
+use crate::backend::{Device, Precision};
 use crate::error::{Error, Result};
 use crate::model::resnet::ResNetConfig;
 use crate::train::mode::{self, ModeSettings};
@@ -52,12 +54,16 @@ pub struct Args {
     #[arg(long)]
     pub overwrite: bool,
     /// Continue the --output checkpoint from the epoch it reached (its recorded settings must be
-    /// these).
+    /// these; the device may differ, and the record then says where each part ran).
     #[arg(long, conflicts_with = "overwrite")]
     pub resume: bool,
     /// Leave out MODE's colour jitter and grayscale of the views (crop and flip only).
     #[arg(long)]
     pub no_color_aug: bool,
+    /// Where to train: cpu, cuda (the encoder and its SGD state on the device, the losses on the
+    /// host), or auto (cuda if a device is usable, else cpu with a note).
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    pub device: Device,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -109,6 +115,7 @@ pub fn run(args: Args) -> Result<()> {
     }
     mode::add_heads(&mut params, cfg.feature_dim(), &s);
     let quiet = crate::progress::quiet();
+    let on = crate::pipeline::device::train_on(args.device, Precision::F32, "MODE's training")?;
     let mut each = |e: usize, l: mode::StepLoss| {
         if !quiet {
             eprintln!(
@@ -118,8 +125,12 @@ pub fn run(args: Args) -> Result<()> {
         }
         true
     };
-    let out = Some(args.output.as_path());
-    mode::train_from(&cfg, &mut params, &data, &s, out, resume, &mut each)?;
+    let run = mode::Run {
+        on: &on,
+        checkpoint: Some(args.output.as_path()),
+        resume,
+    };
+    mode::train_from(&cfg, &mut params, &data, &s, run, &mut each)?;
     println!("wrote {}", args.output.display());
     Ok(())
 }

@@ -6,6 +6,7 @@ pub mod backbone;
 pub mod bit;
 pub mod config;
 pub mod conv_exec;
+pub mod conv_train_exec;
 pub mod cpu_train;
 #[cfg(feature = "cuda")]
 pub mod cuda_attention;
@@ -13,6 +14,8 @@ pub mod cuda_attention;
 pub mod cuda_conv;
 #[cfg(feature = "cuda")]
 pub mod cuda_conv_memory;
+#[cfg(feature = "cuda")]
+pub mod cuda_conv_train;
 #[cfg(feature = "cuda")]
 pub mod cuda_exec;
 #[cfg(feature = "cuda")]

@@ -1,6 +1,7 @@
-//! The ResNets of resnet.rs in training mode, on the CPU: the forward with every BatchNorm on its
-//! batch statistics (torch's `model.train()`), keeping what the backward needs, and the backward
-//! composed of backend/cpu/conv_grad.rs's ops. For MODE's supervised-contrastive training.
+//! The ResNets of resnet.rs in training mode: the forward with every BatchNorm on its batch
+//! statistics (torch's `model.train()`), keeping what the backward needs, and the backward, written
+//! once over `ConvTrainExec` (conv_train_exec.rs: the CPU ops of backend/cpu/conv_grad.rs, or the
+//! kernels of model/cuda_conv_train.rs). For MODE's supervised-contrastive training.
 //!
 //! Each convolution and its BatchNorm form a unit, z = BN(conv(x)) (no bias: timm's convolutions
 //! have none), followed by a ReLU except where a residual is added first:
@@ -11,15 +12,17 @@
 //! The backward takes ∂L/∂map (ALPA's local tokens) and/or ∂L/∂features (SupCon's pooled
 //! features) and returns ∂L/∂ every convolution weight (torch's [Cout, Cin, kh, kw]) and every
 //! BatchNorm γ, β under timm's names, and ∂L/∂images (NCHW). The forward also returns each
-//! BatchNorm's running statistics after torch's update (momentum 0.1). Inference stays in
+//! BatchNorm's running statistics after torch's update (momentum 0.1). `forward` and `backward`
+//! run on the CPU over host parameters; `forward_on` and `backward_on` on any executor. Inference stays in
 //! resnet.rs (BatchNorm folded into the convolutions).
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::backend::cpu::conv::{self, Conv, Epilogue};
-use crate::backend::cpu::conv_grad::{self, BatchNormSaved};
+use crate::backend::cpu::conv::Conv;
+use crate::backend::cpu::conv_grad::BatchNormSaved;
 use crate::error::{Error, Result};
 use crate::model::conv_exec::{image_dims, window_out, Nhwc};
+use crate::model::conv_train_exec::{ConvTrainExec, CpuConvTrain};
 use crate::model::resnet::{BlockKind, ResNetConfig};
 use crate::tensor::Tensor;
 
@@ -61,25 +64,56 @@ fn unit(conv: String, bn: String, cin: usize, cout: usize, k: usize, stride: usi
     }
 }
 
-/// What one unit's backward needs: its input, its weight in the CPU layout and BatchNorm's saved
-/// normalised values.
-struct UnitTape {
-    x: Vec<f32>,
+/// What one unit's backward needs: its input and BatchNorm's saved normalised values.
+struct UnitTape<S, B> {
+    x: S,
     dims: Nhwc,
-    w_hwc: Vec<f32>,
-    bn: BatchNormSaved,
+    bn: B,
 }
 
-struct BlockTape {
-    units: Vec<UnitTape>,
+/// A unit's output z, its shape and its tape.
+type UnitOut<E> = (
+    <E as ConvTrainExec>::S,
+    Nhwc,
+    UnitTape<<E as ConvTrainExec>::S, <E as ConvTrainExec>::BnSaved>,
+);
+
+struct BlockTape<S, B> {
+    units: Vec<UnitTape<S, B>>,
     /// The ReLU outputs of every unit but the last.
-    hidden: Vec<Vec<f32>>,
-    downsample: Option<UnitTape>,
+    hidden: Vec<S>,
+    downsample: Option<UnitTape<S, B>>,
     /// The block's output (after its final ReLU).
-    out: Vec<f32>,
+    out: S,
 }
 
-/// A training forward's results and what its backward reads.
+/// What a training forward on an executor with storage S (BatchNorm's saved values B) keeps for
+/// its backward.
+pub struct Tape<S, B> {
+    stem: UnitTape<S, B>,
+    /// The stem's ReLU output (the max-pool's input).
+    stem_out: S,
+    stem_dims: Nhwc,
+    blocks: Vec<BlockTape<S, B>>,
+}
+
+/// A training forward's results on an executor: the last stage's map NHWC [B, h, w, F], the
+/// globally pooled features [B, F] and the tape of its backward.
+pub struct Forward<S, B> {
+    pub map: S,
+    pub map_dims: Nhwc,
+    pub features: S,
+    pub tape: Tape<S, B>,
+}
+
+/// A backward's gradients on an executor: each parameter's by checkpoint name (a convolution's
+/// in the executor's weight layout), and ∂L/∂ the NHWC input map.
+pub struct Backward<S> {
+    pub params: HashMap<String, S>,
+    pub input: S,
+}
+
+/// A training forward's results on the CPU and what its backward reads.
 pub struct TrainForward {
     /// The last stage's map, NHWC [B, h, w, F].
     pub map: Vec<f32>,
@@ -88,34 +122,15 @@ pub struct TrainForward {
     pub features: Vec<f32>,
     /// Every BatchNorm's (`running_mean`, `running_var`) after this batch, by checkpoint name.
     pub running: Vec<(String, Vec<f32>)>,
-    stem: UnitTape,
-    /// The stem's ReLU output (the max-pool's input).
-    stem_out: Vec<f32>,
-    stem_dims: Nhwc,
-    blocks: Vec<BlockTape>,
+    tape: Tape<Vec<f32>, BatchNormSaved>,
 }
 
-/// The gradients of a backward pass.
+/// The gradients of a backward pass on the CPU.
 pub struct TrainGrads {
     /// By checkpoint name, in the checkpoint's layout.
     pub params: HashMap<String, Vec<f32>>,
     /// ∂L/∂images [B, C, H, W].
     pub images: Vec<f32>,
-}
-
-/// [Cout, kh, kw, Cin] (the CPU layout) back to torch's [Cout, Cin, kh, kw].
-fn hwc_to_oihw(w: &[f32], cout: usize, cin: usize, k: usize) -> Vec<f32> {
-    let mut out = vec![0.0f32; w.len()];
-    for o in 0..cout {
-        for c in 0..cin {
-            for i in 0..k {
-                for j in 0..k {
-                    out[((o * cin + c) * k + i) * k + j] = w[((o * k + i) * k + j) * cin + c];
-                }
-            }
-        }
-    }
-    out
 }
 
 /// NHWC [B, H, W, C] → NCHW.
@@ -132,25 +147,6 @@ fn nhwc_to_nchw(x: &[f32], d: Nhwc) -> Vec<f32> {
         }
     }
     out
-}
-
-fn param<'p>(
-    params: &'p BTreeMap<String, Tensor>,
-    name: &str,
-    shape: &[usize],
-) -> Result<&'p [f32]> {
-    let t = params
-        .get(name)
-        .ok_or_else(|| Error::Usage(format!("training a ResNet needs `{name}`")))?;
-    if t.shape() != shape {
-        return Err(Error::Shape {
-            name: name.to_string(),
-            expected: shape.to_vec(),
-            got: t.shape().to_vec(),
-            file: None,
-        });
-    }
-    Ok(t.as_slice())
 }
 
 impl ResNetTrain {
@@ -236,26 +232,15 @@ impl ResNetTrain {
         )
     }
 
-    /// z = BN(conv(x)) in training mode; the running statistics after the batch go to `running`.
-    fn unit_forward(
+    /// z = BN(conv(x)) in training mode on `ex` (which moves the running statistics).
+    fn unit_forward<E: ConvTrainExec>(
         &self,
+        ex: &mut E,
         u: &ConvBn,
-        params: &BTreeMap<String, Tensor>,
-        x: Vec<f32>,
+        x: E::S,
         dims: Nhwc,
-        running: &mut Vec<(String, Vec<f32>)>,
-    ) -> Result<(Vec<f32>, Nhwc, UnitTape)> {
+    ) -> Result<UnitOut<E>> {
         let cv = &u.cv;
-        let w = param(
-            params,
-            &format!("{}.weight", u.conv),
-            &[cv.cout, cv.cin, cv.k, cv.k],
-        )?;
-        let c = [cv.cout];
-        let gamma = param(params, &format!("{}.weight", u.bn), &c)?;
-        let beta = param(params, &format!("{}.bias", u.bn), &c)?;
-        let mut rm = param(params, &format!("{}.running_mean", u.bn), &c)?.to_vec();
-        let mut rv = param(params, &format!("{}.running_var", u.bn), &c)?.to_vec();
         let out = window_out(dims, cv.cout, (cv.k, cv.stride, cv.pad));
         if dims.c != cv.cin || out.is_empty() {
             return Err(Error::Data(format!(
@@ -263,81 +248,57 @@ impl ResNetTrain {
                 u.conv
             )));
         }
-        let w_hwc = conv::weight_to_hwc(w, cv.cout, cv.cin, cv.k);
-        let z = conv::conv2d(
-            &x,
-            (dims.b, dims.h, dims.w),
-            &w_hwc,
-            cv,
-            &Epilogue::default(),
-        );
-        let (y, bn) = conv_grad::batch_norm_train(
-            &z,
-            cv.cout,
-            (gamma, beta),
-            (&mut rm, &mut rv),
-            BN_MOMENTUM,
-            BN_EPS,
-        );
-        running.push((format!("{}.running_mean", u.bn), rm));
-        running.push((format!("{}.running_var", u.bn), rv));
-        Ok((y, out, UnitTape { x, dims, w_hwc, bn }))
+        let z = ex.conv2d(&x, dims, &format!("{}.weight", u.conv), cv)?;
+        let (y, bn) = ex.batch_norm_train(&z, &u.bn, cv.cout, BN_MOMENTUM, BN_EPS)?;
+        Ok((y, out, UnitTape { x, dims, bn }))
     }
 
-    /// The training forward of images [B, C, S, S] (NCHW, normalised).
-    pub fn forward(
+    /// The training forward of images [B, C, S, S] (NCHW, normalised) on `ex`.
+    pub fn forward_on<E: ConvTrainExec>(
         &self,
-        params: &BTreeMap<String, Tensor>,
+        ex: &mut E,
         images: &Tensor,
-    ) -> Result<TrainForward> {
-        let d = image_dims(images, self.cfg.in_chans, &self.cfg.name)?;
-        let x0 = conv::nchw_to_nhwc(images.as_slice(), d.b, d.c, d.h, d.w);
-        let d0 = Nhwc {
-            b: d.b,
-            h: d.h,
-            w: d.w,
-            c: d.c,
-        };
-        let mut running = Vec::new();
-        let (mut z, stem_dims, stem) =
-            self.unit_forward(&self.stem, params, x0, d0, &mut running)?;
-        relu(&mut z);
+    ) -> Result<Forward<E::S, E::BnSaved>> {
+        let d0 = image_dims(images, self.cfg.in_chans, &self.cfg.name)?;
+        let x0 = ex.input(images)?;
+        let (mut z, stem_dims, stem) = self.unit_forward(ex, &self.stem, x0, d0)?;
+        ex.relu(&mut z)?;
         let stem_out = z;
         let (mut x, mut dims) = if self.cfg.cifar_stem {
-            (stem_out.clone(), stem_dims)
+            (ex.copy(&stem_out)?, stem_dims)
         } else {
-            let sd = stem_dims;
-            let p = conv::max_pool(&stem_out, (sd.b, sd.h, sd.w, sd.c), 3, 2, 1);
-            (p, window_out(sd, sd.c, (3, 2, 1)))
+            let p = ex.max_pool(&stem_out, stem_dims, (3, 2, 1))?;
+            (p, window_out(stem_dims, stem_dims.c, (3, 2, 1)))
         };
         let mut blocks = Vec::with_capacity(self.blocks.len());
         for blk in &self.blocks {
             let (short, downsample) = match &blk.downsample {
                 Some(u) => {
-                    let (s, _, t) = self.unit_forward(u, params, x.clone(), dims, &mut running)?;
+                    let xc = ex.copy(&x)?;
+                    let (s, _, t) = self.unit_forward(ex, u, xc, dims)?;
                     (s, Some(t))
                 }
-                None => (x.clone(), None),
+                None => (ex.copy(&x)?, None),
             };
             let (mut h, mut hd) = (x, dims);
             let mut units = Vec::with_capacity(blk.units.len());
             let mut hidden = Vec::new();
             let last = blk.units.len() - 1;
             for (j, u) in blk.units.iter().enumerate() {
-                let (mut z, zd, t) = self.unit_forward(u, params, h, hd, &mut running)?;
+                let (mut z, zd, t) = self.unit_forward(ex, u, h, hd)?;
                 units.push(t);
                 if j == last {
-                    if short.len() != z.len() {
+                    if E::len(&short) != E::len(&z) {
                         return Err(Error::Data(format!(
                             "{}: the shortcut does not match the block's output {zd:?}",
                             u.conv
                         )));
                     }
-                    z.iter_mut().zip(&short).for_each(|(a, s)| *a += s);
-                    relu(&mut z);
+                    ex.add(&mut z, &short)?;
+                    ex.relu(&mut z)?;
                 } else {
-                    relu(&mut z);
-                    hidden.push(z.clone());
+                    ex.relu(&mut z)?;
+                    hidden.push(ex.copy(&z)?);
                 }
                 (h, hd) = (z, zd);
             }
@@ -345,47 +306,123 @@ impl ResNetTrain {
                 units,
                 hidden,
                 downsample,
-                out: h.clone(),
+                out: ex.copy(&h)?,
             });
             (x, dims) = (h, hd);
         }
-        let features = conv::mean_hw(&x, (dims.b, dims.h, dims.w, dims.c));
-        Ok(TrainForward {
+        let features = ex.mean_hw(&x, dims)?;
+        Ok(Forward {
             map: x,
             map_dims: dims,
             features,
-            running,
-            stem,
-            stem_out,
-            stem_dims,
-            blocks,
+            tape: Tape {
+                stem,
+                stem_out,
+                stem_dims,
+                blocks,
+            },
         })
     }
 
     /// Back through one unit from ∂L/∂z: stores ∂L/∂weight, ∂L/∂γ, ∂L/∂β; returns ∂L/∂x.
-    fn unit_backward(
+    fn unit_backward<E: ConvTrainExec>(
         &self,
+        ex: &mut E,
         u: &ConvBn,
-        t: &UnitTape,
-        params: &BTreeMap<String, Tensor>,
-        dz: &[f32],
-        grads: &mut HashMap<String, Vec<f32>>,
-    ) -> Result<Vec<f32>> {
+        t: &UnitTape<E::S, E::BnSaved>,
+        dz: &E::S,
+        grads: &mut HashMap<String, E::S>,
+    ) -> Result<E::S> {
         let cv = &u.cv;
-        let gamma = param(params, &format!("{}.weight", u.bn), &[cv.cout])?;
-        let (dconv, dgamma, dbeta) = conv_grad::batch_norm_backward(dz, cv.cout, gamma, &t.bn);
-        let (dx, dw, _) =
-            conv_grad::conv2d_backward(&t.x, (t.dims.b, t.dims.h, t.dims.w), &t.w_hwc, cv, &dconv);
-        grads.insert(
-            format!("{}.weight", u.conv),
-            hwc_to_oihw(&dw, cv.cout, cv.cin, cv.k),
-        );
+        let (dconv, dgamma, dbeta) = ex.batch_norm_backward(dz, &u.bn, cv.cout, &t.bn)?;
+        let weight = format!("{}.weight", u.conv);
+        let (dx, dw) = ex.conv2d_backward(&t.x, t.dims, &weight, cv, &dconv)?;
+        grads.insert(weight, dw);
         grads.insert(format!("{}.weight", u.bn), dgamma);
         grads.insert(format!("{}.bias", u.bn), dbeta);
         Ok(dx)
     }
 
-    /// The backward of `fw` from ∂L/∂map [B, h, w, F] and/or ∂L/∂features [B, F].
+    /// The backward on `ex` of a forward whose map is [map_dims] from ∂L/∂map and/or
+    /// ∂L/∂features [B, F] (both on `ex`; neither: a zero gradient).
+    pub fn backward_on<E: ConvTrainExec>(
+        &self,
+        ex: &mut E,
+        tape: &Tape<E::S, E::BnSaved>,
+        map_dims: Nhwc,
+        d_map: Option<E::S>,
+        d_features: Option<&E::S>,
+    ) -> Result<Backward<E::S>> {
+        let md = map_dims;
+        let mut g = match d_map {
+            Some(d) if E::len(&d) == md.len() => d,
+            Some(d) => {
+                return Err(Error::Data(format!(
+                    "the map's gradient has {} values, the map {}",
+                    E::len(&d),
+                    md.len()
+                )))
+            }
+            None => ex.upload(&vec![0.0f32; md.len()])?,
+        };
+        if let Some(df) = d_features {
+            if E::len(df) != md.b * md.c {
+                return Err(Error::Data(format!(
+                    "the features' gradient has {} values, the features {}",
+                    E::len(df),
+                    md.b * md.c
+                )));
+            }
+            let dp = ex.mean_hw_backward(df, md)?;
+            ex.add(&mut g, &dp)?;
+        }
+        let mut grads = HashMap::new();
+        for (blk, bt) in self.blocks.iter().zip(&tape.blocks).rev() {
+            // Through the final ReLU: the sum's gradient feeds both the branch and the shortcut.
+            let g_sum = ex.relu_backward(&bt.out, &g)?;
+            let mut gm = ex.copy(&g_sum)?;
+            for (j, (u, t)) in blk.units.iter().zip(&bt.units).enumerate().rev() {
+                if j < bt.hidden.len() {
+                    gm = ex.relu_backward(&bt.hidden[j], &gm)?;
+                }
+                gm = self.unit_backward(ex, u, t, &gm, &mut grads)?;
+            }
+            let gs = match (&blk.downsample, &bt.downsample) {
+                (Some(u), Some(t)) => self.unit_backward(ex, u, t, &g_sum, &mut grads)?,
+                _ => g_sum,
+            };
+            ex.add(&mut gm, &gs)?;
+            g = gm;
+        }
+        if !self.cfg.cifar_stem {
+            g = ex.max_pool_backward(&tape.stem_out, tape.stem_dims, (3, 2, 1), &g)?;
+        }
+        let g = ex.relu_backward(&tape.stem_out, &g)?;
+        let input = self.unit_backward(ex, &self.stem, &tape.stem, &g, &mut grads)?;
+        Ok(Backward {
+            params: grads,
+            input,
+        })
+    }
+
+    /// The training forward of images [B, C, S, S] (NCHW, normalised) on the CPU.
+    pub fn forward(
+        &self,
+        params: &BTreeMap<String, Tensor>,
+        images: &Tensor,
+    ) -> Result<TrainForward> {
+        let mut ex = CpuConvTrain::new(params);
+        let fw = self.forward_on(&mut ex, images)?;
+        Ok(TrainForward {
+            map: fw.map,
+            map_dims: fw.map_dims,
+            features: fw.features,
+            running: ex.running,
+            tape: fw.tape,
+        })
+    }
+
+    /// The backward of `fw` on the CPU from ∂L/∂map [B, h, w, F] and/or ∂L/∂features [B, F].
     pub fn backward(
         &self,
         params: &BTreeMap<String, Tensor>,
@@ -393,62 +430,20 @@ impl ResNetTrain {
         d_map: Option<&[f32]>,
         d_features: Option<&[f32]>,
     ) -> Result<TrainGrads> {
-        let md = fw.map_dims;
-        let mut g = match d_map {
-            Some(d) if d.len() == fw.map.len() => d.to_vec(),
-            Some(d) => {
-                return Err(Error::Data(format!(
-                    "the map's gradient has {} values, the map {}",
-                    d.len(),
-                    fw.map.len()
-                )))
-            }
-            None => vec![0.0f32; fw.map.len()],
-        };
-        if let Some(df) = d_features {
-            if df.len() != md.b * md.c {
-                return Err(Error::Data(format!(
-                    "the features' gradient has {} values, the features {}",
-                    df.len(),
-                    md.b * md.c
-                )));
-            }
-            let dp = conv_grad::mean_hw_backward(df, (md.b, md.h, md.w, md.c));
-            g.iter_mut().zip(&dp).for_each(|(a, b)| *a += b);
-        }
-        let mut grads = HashMap::new();
-        for (blk, bt) in self.blocks.iter().zip(&fw.blocks).rev() {
-            // Through the final ReLU: the sum's gradient feeds both the branch and the shortcut.
-            let g_sum = conv_grad::relu_backward(&bt.out, &g);
-            let mut gm = g_sum.clone();
-            for (j, (u, t)) in blk.units.iter().zip(&bt.units).enumerate().rev() {
-                if j < bt.hidden.len() {
-                    gm = conv_grad::relu_backward(&bt.hidden[j], &gm);
-                }
-                gm = self.unit_backward(u, t, params, &gm, &mut grads)?;
-            }
-            let gs = match (&blk.downsample, &bt.downsample) {
-                (Some(u), Some(t)) => self.unit_backward(u, t, params, &g_sum, &mut grads)?,
-                _ => g_sum,
-            };
-            gm.iter_mut().zip(&gs).for_each(|(a, b)| *a += b);
-            g = gm;
-        }
-        let sd = fw.stem_dims;
-        if !self.cfg.cifar_stem {
-            g = conv_grad::max_pool_backward(&fw.stem_out, (sd.b, sd.h, sd.w, sd.c), (3, 2, 1), &g);
-        }
-        let g = conv_grad::relu_backward(&fw.stem_out, &g);
-        let dx = self.unit_backward(&self.stem, &fw.stem, params, &g, &mut grads)?;
+        let mut ex = CpuConvTrain::new(params);
+        let d_features = d_features.map(|d| d.to_vec());
+        let bw = self.backward_on(
+            &mut ex,
+            &fw.tape,
+            fw.map_dims,
+            d_map.map(|d| d.to_vec()),
+            d_features.as_ref(),
+        )?;
         Ok(TrainGrads {
-            params: grads,
-            images: nhwc_to_nchw(&dx, fw.stem.dims),
+            params: bw.params,
+            images: nhwc_to_nchw(&bw.input, fw.tape.stem.dims),
         })
     }
-}
-
-fn relu(x: &mut [f32]) {
-    x.iter_mut().for_each(|v| *v = v.max(0.0));
 }
 
 /// A fresh ResNet as torch initialises timm's: convolutions Kaiming-normal over fan-out

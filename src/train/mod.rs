@@ -10,6 +10,7 @@ pub mod loops;
 pub mod loss;
 pub mod mim;
 pub mod mode;
+pub mod mode_device;
 pub mod mode_resume;
 pub mod mos_head;
 pub mod optim;

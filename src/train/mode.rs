@@ -1,4 +1,4 @@
-//! MODE's training of a ResNet encoder on the CPU (SPEC E): two augmented views of every image go
+//! MODE's training of a ResNet encoder, on the CPU or a CUDA device (SPEC E; mode_device.rs): two augmented views of every image go
 //! through the network in one batch (BatchNorm in training mode), and
 //!   L = w_SupCon·SupCon(head(pooled features)) + w_ALPA·ALPA(last stage's map as tokens [h·w, C]),
 //! optimised by SGD (momentum 0.9, weight decay 1e-4 on every parameter, as torch.optim.SGD) with
@@ -19,13 +19,16 @@ use std::path::Path;
 
 use crate::data::color_jitter::ColorAug;
 use crate::error::{Error, Result};
+use crate::model::conv_exec::Nhwc;
 use crate::model::resnet::ResNetConfig;
 use crate::model::resnet_train::{init_params, ResNetTrain};
 use crate::rng::Rng;
 use crate::tensor::Tensor;
 use crate::train::alpa::{Alpa, WEIGHT_NAMES};
 use crate::train::checkpoint::Progress;
+use crate::train::device::TrainOn;
 use crate::train::loops::Dataset;
+use crate::train::mode_device::ModeStep;
 pub use crate::train::mode_resume::{resume_from, Resume};
 use crate::train::supcon::{SupCon, HEAD_NAMES};
 use crate::weights::{safetensors, RawTensor, WDType};
@@ -319,17 +322,25 @@ fn get<'p>(params: &'p BTreeMap<String, Tensor>, name: &str) -> Result<&'p [f32]
         .ok_or_else(|| Error::Usage(format!("MODE's training needs `{name}` (add_heads)")))
 }
 
-/// The loss of views [2B, C, S, S] (labels repeated) and the gradient of every trained
-/// parameter; the BatchNorm running statistics in `params` move to the batch's.
-pub fn loss_and_grads(
-    net: &ResNetTrain,
-    params: &mut BTreeMap<String, Tensor>,
-    views: &Tensor,
+/// What the heads make of a forward's pooled features [2B, F] and last map [dims] on the host:
+/// the loss terms, the heads' gradients (SupCon's projection, ALPA's MLPs, by name) and the
+/// gradients to send back into the encoder, each already scaled by its term's weight.
+pub struct HeadLosses {
+    pub loss: StepLoss,
+    pub grads: Vec<(String, Vec<f32>)>,
+    pub d_map: Option<Vec<f32>>,
+    pub d_features: Option<Vec<f32>>,
+}
+
+/// SupCon on the features and ALPA on the map (as `s` asks) with the heads in `params`.
+pub fn head_losses(
+    params: &BTreeMap<String, Tensor>,
+    features: &[f32],
+    map: &[f32],
+    d: Nhwc,
     labels: &[usize],
     s: &ModeSettings,
-) -> Result<(StepLoss, HashMap<String, Vec<f32>>)> {
-    let fw = net.forward(params, views)?;
-    let d = fw.map_dims;
+) -> Result<HeadLosses> {
     let f = d.c;
     let mut loss = StepLoss::default();
     let mut extra: Vec<(String, Vec<f32>)> = Vec::new();
@@ -341,7 +352,7 @@ pub fn loss_and_grads(
         let head = [head[0], head[1], head[2], head[3]];
         let out = s
             .supcon
-            .forward_backward(head, &fw.features, labels, (f, s.head_dim));
+            .forward_backward(head, features, labels, (f, s.head_dim));
         loss.supcon = out.loss;
         let w = s.supcon_weight;
         for (name, g) in HEAD_NAMES.iter().zip(out.d_head) {
@@ -369,7 +380,7 @@ pub fn loss_and_grads(
                 proj: s.alpa_dim,
                 scale: 10.0,
             };
-            let out = alpa.forward_backward(&fw.map, labels, d.h * d.w);
+            let out = alpa.forward_backward(map, labels, d.h * d.w);
             loss.alpa = out.loss;
             for (name, g) in names.into_iter().zip(out.d_weights) {
                 extra.push((name, g.into_iter().map(|v| v * w).collect()));
@@ -384,15 +395,34 @@ pub fn loss_and_grads(
         _ => None,
     };
     loss.total = s.supcon_weight * loss.supcon + s.alpa_weight.unwrap_or(0.0) * loss.alpa;
-    let grads = net.backward(params, &fw, d_map.as_deref(), d_features.as_deref())?;
+    Ok(HeadLosses {
+        loss,
+        grads: extra,
+        d_map,
+        d_features,
+    })
+}
+
+/// The loss of views [2B, C, S, S] (labels repeated) and the gradient of every trained
+/// parameter; the BatchNorm running statistics in `params` move to the batch's.
+pub fn loss_and_grads(
+    net: &ResNetTrain,
+    params: &mut BTreeMap<String, Tensor>,
+    views: &Tensor,
+    labels: &[usize],
+    s: &ModeSettings,
+) -> Result<(StepLoss, HashMap<String, Vec<f32>>)> {
+    let fw = net.forward(params, views)?;
+    let h = head_losses(params, &fw.features, &fw.map, fw.map_dims, labels, s)?;
+    let grads = net.backward(params, &fw, h.d_map.as_deref(), h.d_features.as_deref())?;
     for (name, v) in fw.running {
         if let Some(t) = params.get_mut(&name) {
             t.as_mut_slice().copy_from_slice(&v);
         }
     }
     let mut all = grads.params;
-    all.extend(extra);
-    Ok((loss, all))
+    all.extend(h.grads);
+    Ok((h.loss, all))
 }
 
 /// torch.optim.SGD: d = g + λ·p, buf = μ·buf + d, p −= lr·buf.
@@ -473,18 +503,32 @@ pub fn train(
         on_epoch(e, l);
         true
     };
-    train_from(cfg, params, data, s, checkpoint, None, &mut each)
+    let run = Run {
+        on: &TrainOn::Cpu,
+        checkpoint,
+        resume: None,
+    };
+    train_from(cfg, params, data, s, run, &mut each)
 }
 
-/// `train` continuing from `resume` (the epochs it has done and its momentum buffers) when
-/// given; `on_epoch` returning false stops after that epoch's checkpoint (an interrupted run).
+/// Where `train_from` trains, where it saves and what it continues.
+pub struct Run<'a> {
+    /// The CPU or a CUDA device (train/mode_device.rs); the checkpoint records it.
+    pub on: &'a TrainOn,
+    /// Written after every epoch.
+    pub checkpoint: Option<&'a Path>,
+    /// The epochs done and momentum buffers of a checkpoint to continue.
+    pub resume: Option<Resume>,
+}
+
+/// `train` on `run.on`, continuing from `run.resume` when given; `on_epoch` returning false
+/// stops after that epoch's checkpoint (an interrupted run).
 pub fn train_from(
     cfg: &ResNetConfig,
     params: &mut BTreeMap<String, Tensor>,
     data: &Dataset,
     s: &ModeSettings,
-    checkpoint: Option<&Path>,
-    resume: Option<Resume>,
+    run: Run,
     on_epoch: &mut dyn FnMut(usize, StepLoss) -> bool,
 ) -> Result<History> {
     s.check()?;
@@ -504,9 +548,22 @@ pub fn train_from(
     }
     let net = ResNetTrain::new(cfg);
     let per_epoch = data.len() / s.batch;
-    let settings = settings_record(s, data);
-    let (mut momentum, first) =
-        resume.map_or((BTreeMap::new(), 0), |r| (r.momentum, r.epochs_done));
+    let mut settings = settings_record(s, data);
+    let now = run.on.describe();
+    // A resume may change the device (the same f32 arithmetic up to rounding); the record says
+    // which epochs ran where.
+    settings["device"] = match &run.resume {
+        Some(r) if r.device != now => {
+            format!("{} to epoch {}, then {now}", r.device, r.epochs_done)
+        }
+        Some(r) => r.device.clone(),
+        None => now,
+    }
+    .into();
+    let (mut momentum, first) = run
+        .resume
+        .map_or((BTreeMap::new(), 0), |r| (r.momentum, r.epochs_done));
+    let mut device = ModeStep::new(run.on, &net, params, &momentum)?;
     let mut history = Vec::new();
     for epoch in first..s.epochs {
         let mut order: Vec<usize> = (0..data.len()).collect();
@@ -520,27 +577,21 @@ pub fn train_from(
             let (x, y) = data.batch(&order[it * s.batch..(it + 1) * s.batch])?;
             let views = two_views(&x, s.seed ^ (0xa0_0000_0000 + step as u64), s)?;
             let labels: Vec<usize> = y.iter().chain(&y).copied().collect();
-            let (loss, grads) = loss_and_grads(&net, params, &views, &labels, s)?;
+            let lr = learning_rate(s, epoch, it, per_epoch);
+            let loss = device.step(&net, params, &mut momentum, &views, &labels, s, lr)?;
             if !loss.total.is_finite() {
                 return Err(Error::Data(format!(
                     "the loss is {} at epoch {epoch} step {it}: lower --lr",
                     loss.total
                 )));
             }
-            sgd_update(
-                params,
-                &mut momentum,
-                &grads,
-                learning_rate(s, epoch, it, per_epoch),
-                s,
-            );
             sum.total += loss.total / per_epoch as f32;
             sum.supcon += loss.supcon / per_epoch as f32;
             sum.alpa += loss.alpa / per_epoch as f32;
         }
         history.push(sum);
         let go_on = on_epoch(epoch, sum);
-        if let Some(path) = checkpoint {
+        if let Some(path) = run.checkpoint {
             let progress = Progress {
                 arch: cfg.name.clone(),
                 stage: "mode".into(),
@@ -549,12 +600,14 @@ pub fn train_from(
                 optimizer_step: ((epoch + 1) * per_epoch) as u32,
                 settings: settings.clone(),
             };
+            device.sync(params, &mut momentum)?;
             save(path, params, &momentum, &progress)?;
         }
         if !go_on {
             break;
         }
     }
+    device.sync(params, &mut momentum)?;
     Ok(history)
 }
 

@@ -18,6 +18,8 @@ pub struct Resume {
     pub momentum: BTreeMap<String, Vec<f32>>,
     /// Epochs the checkpoint has finished (the next to run, counted from 0).
     pub epochs_done: usize,
+    /// Where those epochs ran, as the checkpoint records it ("cpu" before it recorded one).
+    pub device: String,
 }
 
 /// The settings record's fields as the command line names them (a field under one of these is
@@ -66,7 +68,8 @@ fn shown(v: &serde_json::Value) -> String {
 }
 
 /// "flag (the checkpoint: x, this run: y)" for every recorded setting this run changes; a
-/// setting the checkpoint did not record is not compared.
+/// setting the checkpoint did not record is not compared, nor the device (a run may continue
+/// on another one, and the record then says where each part ran).
 pub fn settings_differences(old: &serde_json::Value, new: &serde_json::Value) -> Vec<String> {
     let (mut a, mut b) = (BTreeMap::new(), BTreeMap::new());
     flatten(old, "", &mut a);
@@ -74,7 +77,7 @@ pub fn settings_differences(old: &serde_json::Value, new: &serde_json::Value) ->
     let (mut out, mut seen) = (Vec::new(), std::collections::BTreeSet::new());
     for (k, y) in &b {
         let Some(x) = a.get(k) else { continue };
-        if x == y {
+        if x == y || k == "device" {
             continue;
         }
         let (flag, field) = match FLAGS.iter().find(|(key, _)| k == key) {
@@ -139,6 +142,7 @@ pub fn resume_from(
         Resume {
             momentum,
             epochs_done: p.epoch + 1,
+            device: p.settings["device"].as_str().unwrap_or("cpu").to_string(),
         },
     ))
 }

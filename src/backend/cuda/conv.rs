@@ -35,7 +35,7 @@ pub fn nchw_to_nhwc<T: Storage>(
     unsafe { launch!(dev, f, name, dev.grid_stride(n), [x, y, &bi, &ci, &hwi]) }
 }
 
-fn geometry_ok(what: &str, cv: &Conv, (h, w): (usize, usize)) -> Result<(usize, usize)> {
+pub(crate) fn geometry_ok(what: &str, cv: &Conv, (h, w): (usize, usize)) -> Result<(usize, usize)> {
     if cv.k == 0 || cv.stride == 0 {
         return Err(Error::Cuda(format!(
             "{what}: kernel {} stride {}",
@@ -65,7 +65,7 @@ pub fn im2col<T: Storage>(
 }
 
 /// `im2col` on views: a batch-chunked convolution writes one chunk of images at a time.
-fn im2col_view<T: Storage>(
+pub(crate) fn im2col_view<T: Storage>(
     dev: &CudaDevice,
     x: &CudaView<f32>,
     cols: &mut CudaViewMut<T>,

@@ -30,6 +30,7 @@ macro_rules! launch {
 
 pub mod attention;
 pub mod conv;
+pub mod conv_grad;
 pub mod device;
 pub mod distance;
 pub mod elementwise;
@@ -297,6 +298,7 @@ mod tests {
         for want in [
             "attention",
             "conv",
+            "conv_grad",
             "distance",
             "elementwise",
             "flash_attention",
