@@ -11,7 +11,9 @@
 //!     gradient differences); two CUDA runs write the same bytes;
 //!   - `mood mode-train --device cuda` writes a checkpoint whose settings record the device;
 //!   - a CPU run stopped after one of two epochs and resumed with `--device cuda` ends within
-//!     1e-3 of two epochs on the CPU (momentum carried to the device), its record naming both.
+//!     1e-3 of two epochs on the CPU (momentum carried to the device), its record naming both;
+//!   - a batch too large for the device (the stand-in's `MOOD_CUDA_SIM_MEMORY_MIB`) is refused
+//!     in one line naming --batch.
 //!
 //! Without a usable GPU they run on the CPU stand-in for CUDA (tests/common/cuda.rs).
 
@@ -388,4 +390,42 @@ fn a_cpu_run_resumed_on_cuda_continues_it() {
         worst = worst.max(e);
     }
     println!("1 epoch cpu + 1 resumed on cuda vs 2 on the cpu: worst {worst:.2e}");
+}
+
+#[test]
+fn a_batch_too_large_for_the_device_names_batch() {
+    let (env, _stand_in) = common::cuda::cli_env();
+    let mut env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    // A 40 MiB device: cuBLASLt's 32 MiB workspace and the tiny encoder fit, a step of 64
+    // images (128 views at 32×32) does not.
+    env.push(("MOOD_CUDA_SIM_MEMORY_MIB", "40"));
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("oom.st");
+    let args = [
+        "mode-train",
+        "--arch",
+        "test_tiny_resnet_basic_cifar",
+        "--data",
+        "digits:0-1",
+        "--epochs",
+        "1",
+        "--batch",
+        "64",
+        "--device",
+        "cuda",
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    let (rc, _, err) = common::run_mood_env(&args, &env);
+    println!("{err}");
+    assert_ne!(rc, 0);
+    // The device's description, then the error in one line.
+    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error")).collect();
+    assert_eq!(errors.len(), 1, "one line: {err}");
+    assert!(
+        errors[0].contains("out of GPU memory at --batch 64") && err.contains("smaller --batch"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(!out.exists(), "no checkpoint from a failed first epoch");
 }

@@ -72,6 +72,10 @@ fn show(v: &serde_json::Value) -> String {
         serde_json::Value::Array(a) if a.len() == 2 && a.iter().all(|x| x.is_u64()) => {
             format!("{}/{}", a[0], a[1])
         }
+        serde_json::Value::Array(a) => {
+            let each: Vec<String> = a.iter().map(show).collect();
+            format!("[{}]", each.join(", "))
+        }
         serde_json::Value::Null => "(none)".into(),
         // Settings are f32: shown as the f32 they are, not as the f64 JSON widened them to.
         serde_json::Value::Number(n) if n.is_f64() => {

@@ -106,3 +106,47 @@ pub fn read_progress(path: &Path) -> Result<Option<Progress>> {
             .map_err(|e| Error::format(path, format!("bad mood_progress: {e}"))),
     }
 }
+
+/// A settings record's fields under dotted names, `{"schedule": {"lr": 1}}` as
+/// `{"schedule.lr": 1}`, descending only into the top-level objects named in `descend` (the
+/// others, and arrays, are compared whole).
+pub fn flatten_settings(
+    v: &serde_json::Value,
+    descend: &[&str],
+) -> serde_json::Map<String, serde_json::Value> {
+    let mut out = serde_json::Map::new();
+    if let serde_json::Value::Object(top) = v {
+        for (k, x) in top {
+            match x {
+                serde_json::Value::Object(m) if descend.contains(&k.as_str()) => {
+                    for (kk, y) in m {
+                        out.insert(format!("{k}.{kk}"), y.clone());
+                    }
+                }
+                _ => {
+                    out.insert(k.clone(), x.clone());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The settings of a checkpoint (`old`) that this run (`new`, both flattened) changes, one
+/// "--flag (the checkpoint: x, this run: y)" each, named by `flags`; a setting the checkpoint did
+/// not record (an older checkpoint) is not compared, nor those in `skip`.
+pub fn settings_differences(
+    old: serde_json::Map<String, serde_json::Value>,
+    mut new: serde_json::Map<String, serde_json::Value>,
+    flags: &[(&str, &str)],
+    skip: &[&str],
+) -> Vec<String> {
+    new.retain(|k, _| old.contains_key(k));
+    crate::store::differences(
+        &serde_json::Value::Object(old),
+        &serde_json::Value::Object(new),
+        flags,
+        ("the checkpoint", "this run"),
+        skip,
+    )
+}

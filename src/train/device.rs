@@ -71,6 +71,12 @@ pub trait TrainDevice {
     }
 }
 
+/// The scratch bound of ALPA's cross terms on CUDA (backend::cuda::loss::ALPA_SCRATCH_BYTES; the
+/// same figure here, where a CPU-only build has no CUDA backend), counted by `train_step_bytes`.
+pub const ALPA_STEP_SCRATCH_BYTES: usize = 256 << 20;
+#[cfg(feature = "cuda")]
+const _: () = assert!(ALPA_STEP_SCRATCH_BYTES == crate::backend::cuda::loss::ALPA_SCRATCH_BYTES);
+
 /// Device bytes of one training step (`train_step_bytes`): `fixed` whatever the batch, plus
 /// `per_image` for each image.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,6 +97,7 @@ pub struct TrainBytes {
 /// [H, N, N] twice; then one block's backward scratch in flight (four [N, D], one [N, M], two
 /// [H, N, N]), the patch embedding and final norm (four [N, D]), and the head's logits and their
 /// gradient over every token ([N, V] twice, V the widest head: the classes, or MIM's vocabulary).
+/// With ALPA's MLPs among the parameters, the fixed part also holds ALPA's scratch bound.
 pub fn train_step_bytes(
     cfg: &VitConfig,
     params: &BTreeMap<String, Tensor>,
@@ -110,7 +117,12 @@ pub fn train_step_bytes(
         .max()
         .unwrap_or(cfg.num_classes);
     let (nd, nm, hnn) = (n * d, n * m, h * n * n);
-    let fixed = p * (4 * 4 + low) + l * hnn * 4;
+    let mut fixed = p * (4 * 4 + low) + l * hnn * 4;
+    // ALPA (finetune --alpa) allocates its cross terms' scratch per step, bounded whatever the
+    // batch.
+    if params.keys().any(|k| k.starts_with("alpa.")) {
+        fixed += ALPA_STEP_SCRATCH_BYTES;
+    }
     let per_block = 10 * nd + 2 * nm + 2 * hnn;
     let values = cfg.in_chans * cfg.img_size * cfg.img_size
         + l * per_block

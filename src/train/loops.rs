@@ -252,38 +252,15 @@ const SETTING_FLAGS: &[(&str, &str)] = &[
     ("precision", "--precision"),
 ];
 
-/// `{"a": {"b": 1}}` as `{"a.b": 1}`: nested settings compared (and named) one by one.
-fn flatten(
-    v: &serde_json::Value,
-    prefix: &str,
-    out: &mut serde_json::Map<String, serde_json::Value>,
-) {
-    match v {
-        serde_json::Value::Object(m)
-            if prefix.is_empty() || prefix == "schedule" || prefix == "data" =>
-        {
-            for (k, x) in m {
-                let key = if prefix.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{prefix}.{k}")
-                };
-                flatten(x, &key, out);
-            }
-        }
-        other => {
-            out.insert(prefix.to_string(), other.clone());
-        }
-    }
-}
-
 /// The settings of a checkpoint (`old`) that this run (`new`) changes, one "--flag (the
 /// checkpoint: x, this run: y)" each. Settings an older checkpoint did not record are not
 /// compared.
 fn settings_differences(old: &serde_json::Value, new: &serde_json::Value) -> Vec<String> {
-    let (mut a, mut b) = (serde_json::Map::new(), serde_json::Map::new());
-    flatten(old, "", &mut a);
-    flatten(new, "", &mut b);
+    let descend = ["schedule", "data"];
+    let (mut a, mut b) = (
+        checkpoint::flatten_settings(old, &descend),
+        checkpoint::flatten_settings(new, &descend),
+    );
     // An f32 run records no precision (`record_precision`): absent means f32, so a bf16
     // checkpoint resumed at f32, or the reverse, is named with both precisions.
     if a.contains_key("precision") || b.contains_key("precision") {
@@ -291,14 +268,7 @@ fn settings_differences(old: &serde_json::Value, new: &serde_json::Value) -> Vec
             m.entry("precision").or_insert_with(|| "f32".into());
         }
     }
-    b.retain(|k, _| a.contains_key(k));
-    crate::store::differences(
-        &serde_json::Value::Object(a),
-        &serde_json::Value::Object(b),
-        SETTING_FLAGS,
-        ("the checkpoint", "this run"),
-        &[],
-    )
+    checkpoint::settings_differences(a, b, SETTING_FLAGS, &[])
 }
 
 /// One training step of a loop on device D: (device, params, optimizer, global step, image

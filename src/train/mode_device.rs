@@ -64,8 +64,20 @@ impl ModeStep {
                 Ok(loss)
             }
             #[cfg(feature = "cuda")]
+            // No estimate of a ResNet step's memory up front: a batch that does not fit fails at
+            // its first allocation, named here with the option that fixes it.
             ModeStep::Cuda(ex) => {
-                cuda_step(ex.as_mut(), net, params, momentum, views, labels, s, lr)
+                cuda_step(ex.as_mut(), net, params, momentum, views, labels, s, lr).map_err(|e| {
+                    match e {
+                        crate::error::Error::CudaOutOfMemory(what) => {
+                            crate::error::Error::Cuda(format!(
+                                "out of GPU memory at --batch {} ({what}): use a smaller --batch",
+                                s.batch
+                            ))
+                        }
+                        e => e,
+                    }
+                })
             }
         }
     }

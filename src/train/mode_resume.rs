@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use crate::error::{Error, Result};
 use crate::model::resnet::ResNetConfig;
 use crate::tensor::Tensor;
-use crate::train::checkpoint::Loaded;
+use crate::train::checkpoint::{self, Loaded};
 
 /// Where a resumed run picks up.
 pub struct Resume {
@@ -22,11 +22,11 @@ pub struct Resume {
     pub device: String,
 }
 
-/// The settings record's fields as the command line names them (a field under one of these is
-/// named by it).
+/// The settings record's fields as the command line names them.
 const FLAGS: &[(&str, &str)] = &[
     ("mode.recipe", "--recipe"),
-    ("data", "--data"),
+    ("data.images", "--data (number of images)"),
+    ("data.sha256", "--data (images and labels)"),
     ("mode.pixel_mean", "--data (its normalisation)"),
     ("mode.pixel_std", "--data (its normalisation)"),
     ("mode.epochs", "--epochs"),
@@ -39,66 +39,17 @@ const FLAGS: &[(&str, &str)] = &[
     ("mode.color", "--no-color-aug"),
 ];
 
-/// `v`'s leaves under dotted keys (objects only; arrays stay whole).
-fn flatten(v: &serde_json::Value, prefix: &str, out: &mut BTreeMap<String, serde_json::Value>) {
-    match v {
-        serde_json::Value::Object(m) => {
-            for (k, x) in m {
-                let key = if prefix.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{prefix}.{k}")
-                };
-                flatten(x, &key, out);
-            }
-        }
-        other => {
-            out.insert(prefix.to_string(), other.clone());
-        }
-    }
-}
-
-/// A recorded value as its flag takes it: the settings' f32 numbers (recorded widened to f64)
-/// at f32's shortest, 0.1 rather than 0.10000000149011612.
-fn shown(v: &serde_json::Value) -> String {
-    match v.as_f64() {
-        Some(f) if v.is_f64() && (f as f32) as f64 == f => (f as f32).to_string(),
-        _ => v.to_string(),
-    }
-}
-
 /// "flag (the checkpoint: x, this run: y)" for every recorded setting this run changes; a
 /// setting the checkpoint did not record is not compared, nor the device (a run may continue
 /// on another one, and the record then says where each part ran).
-pub fn settings_differences(old: &serde_json::Value, new: &serde_json::Value) -> Vec<String> {
-    let (mut a, mut b) = (BTreeMap::new(), BTreeMap::new());
-    flatten(old, "", &mut a);
-    flatten(new, "", &mut b);
-    let (mut out, mut seen) = (Vec::new(), std::collections::BTreeSet::new());
-    for (k, y) in &b {
-        let Some(x) = a.get(k) else { continue };
-        if x == y || k == "device" {
-            continue;
-        }
-        let (flag, field) = match FLAGS.iter().find(|(key, _)| k == key) {
-            Some(f) => (f.1, String::new()),
-            None => match FLAGS
-                .iter()
-                .find(|(key, _)| k.starts_with(&format!("{key}.")))
-            {
-                Some(f) => (f.1, format!(" {k}")),
-                None => (k.as_str(), String::new()),
-            },
-        };
-        // One entry per flag (--no-color-aug changes several fields): its first field.
-        if seen.insert(flag) {
-            let (x, y) = (shown(x), shown(y));
-            out.push(format!(
-                "{flag}{field} (the checkpoint: {x}, this run: {y})"
-            ));
-        }
-    }
-    out
+fn settings_differences(old: &serde_json::Value, new: &serde_json::Value) -> Vec<String> {
+    let descend = ["mode", "data"];
+    checkpoint::settings_differences(
+        checkpoint::flatten_settings(old, &descend),
+        checkpoint::flatten_settings(new, &descend),
+        FLAGS,
+        &["device"],
+    )
 }
 
 /// The parameters and `Resume` of `loaded` (a `mood mode-train` output) for a run of `cfg`

@@ -177,7 +177,7 @@ pub(crate) fn alloc_in_capture(stream: *mut c_void, p: *mut u64, bytes: usize) -
     let Some(a) = memory::alloc(bytes) else {
         return fail(
             CUDA_ERROR_OUT_OF_MEMORY,
-            format!("cannot map {bytes} bytes of host memory"),
+            format!("cannot allocate {bytes} bytes: past MOOD_CUDA_SIM_MEMORY_MIB or out of host memory"),
         );
     };
     let rc = record(stream, "cuMemAllocAsync", move || {

@@ -28,8 +28,14 @@ fn allocs() -> std::sync::MutexGuard<'static, BTreeMap<u64, Alloc>> {
     ALLOCS.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A new buffer of `size` bytes filled with POISON; None when the mapping fails.
+/// A new buffer of `size` bytes filled with POISON; None when the mapping fails or the live
+/// buffers would exceed the device size the environment sets (`reported_memory::limit`).
 pub fn alloc(size: usize) -> Option<u64> {
+    if let Some(total) = crate::reported_memory::limit() {
+        if in_use().saturating_add(size) > total {
+            return None;
+        }
+    }
     let body = size.checked_add(ALIGN - 1)? & !(ALIGN - 1);
     let map_len = body.checked_add(PAGE - 1)? / PAGE * PAGE + PAGE;
     // SAFETY: an anonymous private mapping; the result is checked.

@@ -29,7 +29,7 @@ unsafe fn alloc(p: *mut u64, bytes: usize) -> Result {
         }
         None => fail(
             CUDA_ERROR_OUT_OF_MEMORY,
-            format!("cannot map {bytes} bytes of host memory"),
+            format!("cannot allocate {bytes} bytes: past MOOD_CUDA_SIM_MEMORY_MIB or out of host memory"),
         ),
     }
 }
