@@ -276,18 +276,31 @@ fn two_mode_train_steps_on_cuda_match_the_cpu_and_repeat() {
     );
 }
 
-#[test]
-fn mode_train_cli_on_cuda_records_the_device() {
-    let (env, _stand_in) = common::cuda::cli_env();
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("cuda.st");
-    let args = [
+/// `mood mode-train --arch test_tiny_resnet_basic_cifar --data digits:0-1 -o OUT` plus `extra`,
+/// on the CUDA stand-in with `env` added to its environment: (exit code, stderr).
+fn mode_train_cli(out: &std::path::Path, extra: &[&str], env: &[(&str, &str)]) -> (i32, String) {
+    let (base, _stand_in) = common::cuda::cli_env();
+    let mut all: Vec<(&str, &str)> = base.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    all.extend_from_slice(env);
+    let mut args = vec![
         "mode-train",
         "--arch",
         "test_tiny_resnet_basic_cifar",
         "--data",
         "digits:0-1",
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let (rc, _, err) = common::run_mood_env(&args, &all);
+    (rc, err)
+}
+
+#[test]
+fn mode_train_cli_on_cuda_records_the_device() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("cuda.st");
+    let flags = [
         "--recipe",
         "mode-t",
         "--epochs",
@@ -298,10 +311,8 @@ fn mode_train_cli_on_cuda_records_the_device() {
         "8",
         "--device",
         "cuda",
-        "-o",
-        out.to_str().unwrap(),
     ];
-    let (rc, _, err) = common::run_mood_env(&args, &env);
+    let (rc, err) = mode_train_cli(&out, &flags, &[]);
     assert_eq!(rc, 0, "{err}");
     assert!(err.contains("epoch 0: loss"), "{err}");
     let p = mood::train::checkpoint::read_progress(&out)
@@ -316,17 +327,10 @@ fn mode_train_cli_on_cuda_records_the_device() {
 
 #[test]
 fn a_cpu_run_resumed_on_cuda_continues_it() {
-    let (env, _stand_in) = common::cuda::cli_env();
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let tmp = tempfile::tempdir().unwrap();
     let arch = "test_tiny_resnet_basic_cifar";
     let mode_t = |out: &std::path::Path, device: &str, resume: bool| {
-        let mut args = vec![
-            "mode-train",
-            "--arch",
-            arch,
-            "--data",
-            "digits:0-1",
+        let mut flags = vec![
             "--recipe",
             "mode-t",
             "--epochs",
@@ -337,13 +341,11 @@ fn a_cpu_run_resumed_on_cuda_continues_it() {
             "8",
             "--device",
             device,
-            "-o",
-            out.to_str().unwrap(),
         ];
         if resume {
-            args.push("--resume");
+            flags.push("--resume");
         }
-        let (rc, _, err) = common::run_mood_env(&args, &env);
+        let (rc, err) = mode_train_cli(out, &flags, &[]);
         assert_eq!(rc, 0, "{err}");
         err
     };
@@ -394,29 +396,12 @@ fn a_cpu_run_resumed_on_cuda_continues_it() {
 
 #[test]
 fn a_batch_too_large_for_the_device_names_batch() {
-    let (env, _stand_in) = common::cuda::cli_env();
-    let mut env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    // A 40 MiB device: cuBLASLt's 32 MiB workspace and the tiny encoder fit, a step of 64
-    // images (128 views at 32×32) does not.
-    env.push(("MOOD_CUDA_SIM_MEMORY_MIB", "40"));
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("oom.st");
-    let args = [
-        "mode-train",
-        "--arch",
-        "test_tiny_resnet_basic_cifar",
-        "--data",
-        "digits:0-1",
-        "--epochs",
-        "1",
-        "--batch",
-        "64",
-        "--device",
-        "cuda",
-        "-o",
-        out.to_str().unwrap(),
-    ];
-    let (rc, _, err) = common::run_mood_env(&args, &env);
+    // A 40 MiB device: cuBLASLt's 32 MiB workspace and the tiny encoder fit, a step of 64
+    // images (128 views at 32×32) does not.
+    let flags = ["--epochs", "1", "--batch", "64", "--device", "cuda"];
+    let (rc, err) = mode_train_cli(&out, &flags, &[("MOOD_CUDA_SIM_MEMORY_MIB", "40")]);
     println!("{err}");
     assert_ne!(rc, 0);
     // The device's description, then the error in one line.
