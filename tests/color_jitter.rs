@@ -9,32 +9,15 @@ mod common;
 use mood::data::color_jitter::{self as cj, ColorAug, Jitter};
 use mood::rng::Rng;
 
-struct Fixture {
-    bytes: Vec<u8>,
-}
+use common::SafetensorsFixture as Fixture;
 
 impl Fixture {
     fn open() -> Fixture {
-        let path = common::fixture("color_jitter/color_jitter.safetensors");
-        Fixture {
-            bytes: std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
-        }
-    }
-
-    /// (shape, values) of an f32 tensor; f64 tensors are read as f64 by `factors`.
-    fn get(&self, name: &str) -> (Vec<usize>, Vec<f32>) {
-        let st = safetensors::SafeTensors::deserialize(&self.bytes).unwrap();
-        let t = st.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
-        let v = t
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
-        (t.shape().to_vec(), v)
+        Fixture::read("color_jitter/color_jitter.safetensors")
     }
 
     fn factors(&self, op: &str) -> Vec<f64> {
-        let st = safetensors::SafeTensors::deserialize(&self.bytes).unwrap();
+        let st = self.st();
         let t = st.tensor(&format!("{op}.factors")).unwrap();
         t.data()
             .chunks_exact(8)

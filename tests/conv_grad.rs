@@ -8,28 +8,11 @@ mod common;
 use mood::backend::cpu::conv::{self, Conv};
 use mood::backend::cpu::conv_grad;
 
-struct Fixture {
-    bytes: Vec<u8>,
-}
+use common::SafetensorsFixture as Fixture;
 
 impl Fixture {
     fn open() -> Fixture {
-        let path = common::fixture("conv_grad/conv_grad.safetensors");
-        Fixture {
-            bytes: std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
-        }
-    }
-
-    /// (shape, values) of tensor `name`.
-    fn get(&self, name: &str) -> (Vec<usize>, Vec<f32>) {
-        let st = safetensors::SafeTensors::deserialize(&self.bytes).unwrap();
-        let t = st.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
-        let v = t
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
-        (t.shape().to_vec(), v)
+        Fixture::read("conv_grad/conv_grad.safetensors")
     }
 
     /// NCHW tensor `name` as NHWC, with its (B, C, H, W).

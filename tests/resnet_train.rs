@@ -15,31 +15,11 @@ use mood::model::resnet_train::ResNetTrain;
 use mood::tensor::Tensor;
 use mood::train::supcon::{SupCon, HEAD_NAMES};
 
-struct Fixture {
-    bytes: Vec<u8>,
-}
+use common::SafetensorsFixture as Fixture;
 
 impl Fixture {
     fn open() -> Fixture {
-        let path = common::fixture("resnet_train/resnet_train.safetensors");
-        Fixture {
-            bytes: std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
-        }
-    }
-
-    fn st(&self) -> safetensors::SafeTensors<'_> {
-        safetensors::SafeTensors::deserialize(&self.bytes).unwrap()
-    }
-
-    fn get(&self, name: &str) -> (Vec<usize>, Vec<f32>) {
-        let st = self.st();
-        let t = st.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
-        let v = t
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
-        (t.shape().to_vec(), v)
+        Fixture::read("resnet_train/resnet_train.safetensors")
     }
 
     fn tensor(&self, name: &str) -> Tensor {

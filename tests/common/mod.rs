@@ -345,3 +345,33 @@ pub fn photo_crops(root: &Path, n: usize) {
         }
     }
 }
+
+/// A safetensors fixture under tests/fixtures, read whole; the tests add their own accessors.
+pub struct SafetensorsFixture {
+    pub bytes: Vec<u8>,
+}
+
+impl SafetensorsFixture {
+    pub fn read(rel: &str) -> SafetensorsFixture {
+        let path = fixture(rel);
+        SafetensorsFixture {
+            bytes: std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+        }
+    }
+
+    pub fn st(&self) -> safetensors::SafeTensors<'_> {
+        safetensors::SafeTensors::deserialize(&self.bytes).unwrap()
+    }
+
+    /// (shape, values) of the f32 tensor `name`.
+    pub fn get(&self, name: &str) -> (Vec<usize>, Vec<f32>) {
+        let st = self.st();
+        let t = st.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let v = t
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        (t.shape().to_vec(), v)
+    }
+}
