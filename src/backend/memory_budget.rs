@@ -6,6 +6,17 @@
 /// allocator's rounding, the driver's own reservations after a first launch.
 pub const HEADROOM_BYTES: usize = 128 << 20;
 
+/// The most scratch, in bytes, that ALPA's cross terms (and their backward) take at once: the
+/// M × M view pairs are processed in blocks of query views × source views small enough that a
+/// block's scores, their gradients and its attended values fit. At BEiT's sizes (M = 64 views,
+/// T = 196 tokens, d = 80) all pairs at once would take about 1.5 GB; 256 MiB still makes each
+/// block's GEMMs large (hundreds of view pairs, K = T or N = T·views), so the GPU stays busy while
+/// the loss leaves most of the memory to the model. A single pair larger than this (T above
+/// about 5,800 tokens) still runs, one pair per block.
+/// (Here, outside the CUDA backend, so that the training memory estimate counts it in every
+/// build.)
+pub const ALPA_SCRATCH_BYTES: usize = 256 << 20;
+
 /// The largest batch whose activations fit in `free_bytes` after `fixed_bytes`; 0 if not even one.
 pub fn max_batch_that_fits(free_bytes: usize, per_image_bytes: usize, fixed_bytes: usize) -> usize {
     free_bytes.saturating_sub(fixed_bytes) / per_image_bytes.max(1)

@@ -71,12 +71,6 @@ pub trait TrainDevice {
     }
 }
 
-/// The scratch bound of ALPA's cross terms on CUDA (backend::cuda::loss::ALPA_SCRATCH_BYTES; the
-/// same figure here, where a CPU-only build has no CUDA backend), counted by `train_step_bytes`.
-pub const ALPA_STEP_SCRATCH_BYTES: usize = 256 << 20;
-#[cfg(feature = "cuda")]
-const _: () = assert!(ALPA_STEP_SCRATCH_BYTES == crate::backend::cuda::loss::ALPA_SCRATCH_BYTES);
-
 /// Device bytes of one training step (`train_step_bytes`): `fixed` whatever the batch, plus
 /// `per_image` for each image.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -121,7 +115,7 @@ pub fn train_step_bytes(
     // ALPA (finetune --alpa) allocates its cross terms' scratch per step, bounded whatever the
     // batch.
     if params.keys().any(|k| k.starts_with("alpa.")) {
-        fixed += ALPA_STEP_SCRATCH_BYTES;
+        fixed += crate::backend::memory_budget::ALPA_SCRATCH_BYTES;
     }
     let per_block = 10 * nd + 2 * nm + 2 * hnn;
     let values = cfg.in_chans * cfg.img_size * cfg.img_size

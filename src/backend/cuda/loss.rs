@@ -247,14 +247,7 @@ pub fn alpa_relu_backward(
     unsafe { launch!(dev, f, "alpa_relu_backward", per_item(y.len()), [y, dy, &n]) }
 }
 
-/// The most scratch, in bytes, that ALPA's cross terms (and their backward) take at once: the
-/// M × M view pairs are processed in blocks of query views × source views small enough that a
-/// block's scores, their gradients and its attended values fit. At BEiT's sizes (M = 64 views,
-/// T = 196 tokens, d = 80) all pairs at once would take about 1.5 GB; 256 MiB still makes each
-/// block's GEMMs large (hundreds of view pairs, K = T or N = T·views), so the GPU stays busy while
-/// the loss leaves most of the memory to the model. A single pair larger than this (T above
-/// about 5,800 tokens) still runs, one pair per block.
-pub const ALPA_SCRATCH_BYTES: usize = 256 << 20;
+pub use crate::backend::memory_budget::ALPA_SCRATCH_BYTES;
 
 /// One block of ALPA's view pairs: query views b0.. (nb of them) × source views a0.. (na).
 #[derive(Clone, Copy)]
